@@ -1,0 +1,321 @@
+"""Configuration: one dataclass per concern, a YAML file as defaults, `section.field=value` overrides.
+
+Unknown keys are rejected with the offending name; the resolved config is saved into the run
+directory by the command that used it. This module knows nothing of data, models or training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from genrec.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "movielens", "sequences", "unisrec", "table"] = "synthetic"
+    """Loader: synthetic demo data, MovieLens 100K/1M folder, one-line-per-user sequence file,
+    UniSRec `.text`/`.inter` folder, or a generic CSV/JSONL/Parquet interaction table."""
+    path: str | None = None
+    """File or folder to load (not used by `synthetic`)."""
+    items_path: str | None = None
+    """`table` only: optional item table (CSV/JSONL/Parquet) with the item id and text columns."""
+    user_col: str = "user_id"
+    """`table` only: column holding the user id."""
+    item_col: str = "item_id"
+    """`table` only: column holding the item id (in interactions and in the item table)."""
+    time_col: str | None = "timestamp"
+    """`table` only: column to order interactions by; None keeps file order."""
+    text_cols: list[str] = field(default_factory=lambda: ["title"])
+    """`table` only: item-table columns joined into the item text; the first is the title."""
+    min_rating: float | None = None
+    """Drop interactions rated below this (MovieLens); None keeps all."""
+    kcore: int = 5
+    """Iteratively keep users and items with at least this many interactions (0 disables)."""
+    max_seq_len: int | None = None
+    """Keep only each user's most recent N interactions (None keeps all)."""
+    synthetic_items: int = 2000
+    """`synthetic` only: catalogue size."""
+    synthetic_users: int = 2000
+    """`synthetic` only: number of users."""
+    seed: int = 0
+    """Seed for the synthetic generator."""
+
+
+@dataclass
+class IdsConfig:
+    scheme: Literal["semantic", "atomic"] = "semantic"
+    """`semantic`: residual k-means codes + collision level; `atomic`: one token per item."""
+    levels: int = 3
+    """Residual k-means levels (the ID has levels + 1 tokens)."""
+    codes: int = 32
+    """Codes per level (clusters per k-means)."""
+    collision_headroom: int = 2
+    """Spare collision tokens reserved for cold-start items."""
+    embedding: Literal["auto", "text", "collaborative"] = "auto"
+    """Item embedding source: text (sentence-transformers), collaborative (co-occurrence SVD),
+    or auto (text when the catalogue has text, else collaborative)."""
+    encoder: str = "minilm"
+    """sentence-transformers model name or path; `minilm` = the installed all-MiniLM-L6-v2."""
+    collaborative_dim: int = 64
+    """Dimension of collaborative (SVD) embeddings."""
+    seed: int = 0
+    """Seed for k-means."""
+
+
+@dataclass
+class PromptConfig:
+    template: str = "default"
+    """Template name in prompts/ (or a path to a .jinja file)."""
+    max_history: int = 10
+    """Most recent items shown in the prompt."""
+    title_words: int = 8
+    """Words of each item's title shown (0 hides titles)."""
+
+
+@dataclass
+class ModelConfig:
+    base: str = "tiny"
+    """`tiny` (built here, random init) or any Hugging Face causal LM path / hub name."""
+    hidden_size: int = 192
+    """`tiny` only: hidden width."""
+    num_layers: int = 3
+    """`tiny` only: transformer blocks."""
+    num_heads: int = 6
+    """`tiny` only: attention heads."""
+    num_kv_heads: int = 2
+    """`tiny` only: key/value heads (grouped-query attention)."""
+    intermediate_size: int = 512
+    """`tiny` only: MLP width."""
+    vocab_size: int = 3000
+    """`tiny` only: BPE vocabulary trained on catalogue text and templates (before ID tokens)."""
+    max_position_embeddings: int = 1024
+    """`tiny` only: context length."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Load dtype for pretrained bases (`auto`: bf16 on GPU, fp32 on CPU)."""
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["auto", "full", "lora"] = "auto"
+    """`full` fine-tuning, `lora` (PEFT, new ID-token rows trainable), `auto`: full for tiny, else lora."""
+    epochs: float = 3.0
+    """Passes over the training examples."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: use epochs)."""
+    learning_rate: float = 2e-3
+    """Peak learning rate (cosine schedule with warmup)."""
+    warmup_ratio: float = 0.05
+    """Fraction of steps used for linear warmup."""
+    batch_size: int = 32
+    """Per-device batch size."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_length: int = 512
+    """Truncate examples longer than this many tokens (from the left of the history)."""
+    examples_per_user: int = 0
+    """Training targets per user: 0 = every position of the training sequence, N = the last N."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Modules that get LoRA adapters (embed_tokens and lm_head are trained in full)."""
+    logging_steps: int = 10
+    """Log loss every N steps."""
+    save_steps: int = 200
+    """Checkpoint every N steps (resume with `genrec train --resume`)."""
+    seed: int = 0
+    """Training seed."""
+    bf16: bool | None = None
+    """bf16 mixed precision; None: on when a CUDA device supports it."""
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["valid", "test"] = "test"
+    """Which leave-one-out target to score."""
+    beam_width: int = 20
+    """Beams in constrained beam search; also the number of items returned."""
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    """Cut-offs for Recall@K and NDCG@K."""
+    candidates: Literal["all", "retriever"] = "all"
+    """`all`: full ranking over the catalogue minus seen items; `retriever`: top-N retrieved."""
+    n_candidates: int = 200
+    """Retriever candidates per user when candidates=retriever."""
+    batch_size: int = 32
+    """Users per forward pass."""
+    max_users: int | None = None
+    """Evaluate on the first N users only (None: all). Reported in the output."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Run name (the run directory's name)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    ids: IdsConfig = field(default_factory=IdsConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML or CLI value against a dataclass field type; name `where` on failure."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg, source=source)
+    return cfg  # type: ignore[no-any-return]
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.field=value` strings (the CLI's `--set`), re-validating the result."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"--set {item!r}: unknown section {p!r}; known: {sorted(raw)}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"--set {item!r}: unknown field {parts[-1]!r}; known: {sorted(node)}")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    try:
+        return config_from_dict(raw, source="--set")
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}") from None
+
+
+def validate(cfg: RunConfig, *, source: str = "config") -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    d, i, p, t, e = cfg.data, cfg.ids, cfg.prompt, cfg.train, cfg.eval
+    need(d.source == "synthetic" or d.path is not None, f"data.path is required for data.source={d.source!r}")
+    need(d.kcore >= 0, "data.kcore must be >= 0")
+    need(d.synthetic_items >= 50, "data.synthetic_items must be >= 50")
+    need(d.synthetic_users >= 10, "data.synthetic_users must be >= 10")
+    need(i.levels >= 1, "ids.levels must be >= 1")
+    need(i.codes >= 2, "ids.codes must be >= 2")
+    need(i.collision_headroom >= 0, "ids.collision_headroom must be >= 0")
+    need(p.max_history >= 1, "prompt.max_history must be >= 1")
+    need(p.title_words >= 0, "prompt.title_words must be >= 0")
+    need(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size must be divisible by model.num_heads")
+    need(
+        cfg.model.num_heads % cfg.model.num_kv_heads == 0, "model.num_heads must be divisible by model.num_kv_heads"
+    )
+    need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
+    need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+    need(e.beam_width >= 1, "eval.beam_width must be >= 1")
+    need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
+    need(max(e.ks) <= e.beam_width, f"eval.ks max {max(e.ks)} exceeds eval.beam_width {e.beam_width}")
+    need(cfg.name.replace("-", "").replace("_", "").replace(".", "").isalnum(), f"name {cfg.name!r}: use letters, digits, -_.")

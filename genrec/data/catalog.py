@@ -1,0 +1,211 @@
+"""The item catalogue and chronological user sequences, plus cleaning and the leave-one-out split.
+
+Owns: item identity (external id <-> row index), item text, per-user chronological item lists,
+k-core filtering, deduplication and the split. Knows nothing of file formats (see loaders) or IDs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from genrec.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Catalog:
+    """Items in a fixed order; row index is the item's internal index everywhere in genrec."""
+
+    item_ids: list[str]
+    titles: list[str]
+    texts: list[str]
+    attributes: list[dict[str, str]] = field(default_factory=list)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if not self.item_ids:
+            raise DataError("the catalogue is empty", path=self.source)
+        if not (len(self.item_ids) == len(self.titles) == len(self.texts)):
+            raise DataError("item_ids, titles and texts differ in length", path=self.source)
+        if not self.attributes:
+            self.attributes = [{} for _ in self.item_ids]
+        self.index: dict[str, int] = {}
+        for row, item in enumerate(self.item_ids):
+            if item in self.index:
+                raise DataError(f"duplicate item id {item!r} (rows {self.index[item]} and {row})",
+                                path=self.source, field="item_id")
+            self.index[item] = row
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def has_text(self) -> bool:
+        """True when most items have text worth embedding."""
+        return sum(bool(t.strip()) for t in self.texts) >= 0.5 * len(self.texts)
+
+    def subset(self, rows: list[int]) -> Catalog:
+        return Catalog(
+            [self.item_ids[r] for r in rows],
+            [self.titles[r] for r in rows],
+            [self.texts[r] for r in rows],
+            [self.attributes[r] for r in rows],
+            source=self.source,
+        )
+
+    def to_parquet(self, path: str | Path) -> None:
+        df = pd.DataFrame({"item_id": self.item_ids, "title": self.titles, "text": self.texts})
+        keys = sorted({k for a in self.attributes for k in a})
+        for k in keys:
+            df[f"attr_{k}"] = [a.get(k, "") for a in self.attributes]
+        df.to_parquet(path, index=False)
+
+    @classmethod
+    def from_parquet(cls, path: str | Path) -> Catalog:
+        df = pd.read_parquet(path)
+        attr_cols = [c for c in df.columns if c.startswith("attr_")]
+        attrs = [{c[5:]: str(v) for c, v in zip(attr_cols, row, strict=True)} for row in df[attr_cols].itertuples(index=False)]
+        return cls(df["item_id"].astype(str).tolist(), df["title"].tolist(), df["text"].tolist(), attrs, source=str(path))
+
+
+@dataclass
+class Interactions:
+    """Chronological item sequences, one per user, as catalogue row indices."""
+
+    catalog: Catalog
+    users: list[str]
+    sequences: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def user_index(self) -> dict[str, int]:
+        return {u: i for i, u in enumerate(self.users)}
+
+    def to_parquet(self, path: str | Path) -> None:
+        ids = self.catalog.item_ids
+        pd.DataFrame({"user_id": self.users, "items": [[ids[i] for i in s] for s in self.sequences]}).to_parquet(
+            path, index=False
+        )
+
+    @classmethod
+    def from_parquet(cls, path: str | Path, catalog: Catalog) -> Interactions:
+        df = pd.read_parquet(path)
+        seqs = []
+        for line, items in enumerate(df["items"], start=1):
+            try:
+                seqs.append([catalog.index[str(i)] for i in items])
+            except KeyError as e:
+                raise DataError(f"unknown item {e.args[0]!r}", path=path, line=line, field="items") from None
+        return cls(catalog, df["user_id"].astype(str).tolist(), seqs)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prediction task: a user's history (oldest first) and the item that came next."""
+
+    user: str
+    history: tuple[int, ...]
+    target: int
+
+
+def dedupe(sequences: list[list[int]]) -> tuple[list[list[int]], int]:
+    """Keep each user's first interaction with an item; return sequences and the number dropped."""
+    out, dropped = [], 0
+    for seq in sequences:
+        seen: set[int] = set()
+        kept = [i for i in seq if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
+        dropped += len(seq) - len(kept)
+        out.append(kept)
+    return out, dropped
+
+
+def kcore(users: list[str], sequences: list[list[int]], k: int) -> tuple[list[str], list[list[int]]]:
+    """Iteratively drop users and items with fewer than k interactions until stable."""
+    if k <= 1:
+        return users, sequences
+    while True:
+        counts = Counter(i for s in sequences for i in s)
+        kept_seqs = [[i for i in s if counts[i] >= k] for s in sequences]
+        pairs = [(u, s) for u, s in zip(users, kept_seqs, strict=True) if len(s) >= k]
+        changed = len(pairs) != len(users) or any(len(a) != len(b) for a, b in zip(kept_seqs, sequences, strict=True))
+        users, sequences = [u for u, _ in pairs], [s for _, s in pairs]
+        if not changed:
+            return users, sequences
+
+
+def clean(
+    catalog: Catalog,
+    users: list[str],
+    sequences: list[list[int]],
+    *,
+    kcore_k: int,
+    deduplicate: bool = True,
+    max_seq_len: int | None = None,
+) -> Interactions:
+    """Dedupe, k-core, drop too-short users and unused items; log every count that changes."""
+    n_before = sum(len(s) for s in sequences)
+    if deduplicate:
+        sequences, dropped = dedupe(sequences)
+        if dropped:
+            logger.info("dedupe: dropped %d repeated (user, item) interactions", dropped)
+    if max_seq_len:
+        sequences = [s[-max_seq_len:] for s in sequences]
+    users, sequences = kcore(users, sequences, kcore_k)
+    short = sum(len(s) < 3 for s in sequences)
+    if short:
+        logger.info("dropped %d users with fewer than 3 interactions (leave-one-out needs 3)", short)
+    pairs = [(u, s) for u, s in zip(users, sequences, strict=True) if len(s) >= 3]
+    if not pairs:
+        raise DataError(f"no user has >= 3 interactions after {kcore_k}-core filtering", path=catalog.source)
+    used = sorted({i for _, s in pairs for i in s})
+    remap = {old: new for new, old in enumerate(used)}
+    if len(used) < len(catalog):
+        logger.info("catalogue: kept %d of %d items (the rest have no interactions left)", len(used), len(catalog))
+    sub = catalog.subset(used)
+    seqs = [[remap[i] for i in s] for _, s in pairs]
+    n_after = sum(len(s) for s in seqs)
+    logger.info(
+        "cleaned: %d users, %d items, %d interactions (%d dropped)", len(pairs), len(sub), n_after, n_before - n_after
+    )
+    return Interactions(sub, [u for u, _ in pairs], seqs)
+
+
+def leave_one_out(data: Interactions, split: str) -> list[Example]:
+    """Chronological leave-one-out: `test` predicts the last item, `valid` the second-last."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    cut = 1 if split == "test" else 2
+    return [Example(u, tuple(s[:-cut]), s[-cut]) for u, s in zip(data.users, data.sequences, strict=True)]
+
+
+def train_examples(data: Interactions, *, per_user: int = 0, min_history: int = 1) -> list[Example]:
+    """Every next-item prediction inside each user's training part (all but the last two items)."""
+    out = []
+    for u, s in zip(data.users, data.sequences, strict=True):
+        train = s[:-2]
+        positions = range(min_history, len(train))
+        if per_user > 0:
+            positions = range(max(min_history, len(train) - per_user), len(train))
+        out.extend(Example(u, tuple(train[:t]), train[t]) for t in positions)
+    return out
+
+
+def popularity(data: Interactions, *, split: str = "test") -> np.ndarray:
+    """Interaction counts per item from the part of the data visible before `split`'s targets."""
+    cut = 1 if split == "test" else 2
+    counts = np.zeros(len(data.catalog), dtype=np.int64)
+    for s in data.sequences:
+        np.add.at(counts, s[:-cut], 1)
+    return counts

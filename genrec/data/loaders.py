@@ -1,0 +1,265 @@
+"""Readers for interaction logs and catalogues. Each returns a raw (catalog, users, sequences).
+
+Formats: MovieLens 100K/1M, one-line-per-user sequences (`user item1 item2 ...`), UniSRec
+(`X.text` + `X.*.inter`), and generic CSV / JSONL / Parquet tables with a column mapping.
+Every malformed row raises a DataError naming the file, the line and the field. Cleaning
+(k-core, dedupe) happens later in `catalog.clean`; this module only parses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from genrec.data.catalog import Catalog
+from genrec.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Raw = tuple[Catalog, list[str], list[list[int]]]
+
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]  # fmt: skip
+
+
+def _need_file(path: Path) -> Path:
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    return path
+
+
+def _group(
+    rows: Iterable[tuple[str, int, float, int]],
+) -> tuple[list[str], list[list[int]]]:
+    """(user, item_row, time, line) -> users and item sequences sorted by (time, line)."""
+    per_user: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    for user, item, time, line in rows:
+        per_user[user].append((time, line, item))
+    users = list(per_user)
+    return users, [[item for _, _, item in sorted(per_user[u])] for u in users]
+
+
+def load_movielens(folder: str | Path, *, min_rating: float | None = None) -> Raw:
+    """MovieLens 100K (`u.data`, `u.item`) or 1M (`ratings.dat`, `movies.dat`) folder."""
+    folder = Path(folder)
+    if (folder / "u.data").is_file():
+        items_path, ratings_path, sep, ml1m = folder / "u.item", folder / "u.data", "\t", False
+    elif (folder / "ratings.dat").is_file():
+        items_path, ratings_path, sep, ml1m = folder / "movies.dat", folder / "ratings.dat", "::", True
+    else:
+        raise DataError("not a MovieLens folder (expected u.data or ratings.dat)", path=folder)
+    ids, titles, texts, attrs = [], [], [], []
+    with open(_need_file(items_path), encoding="latin-1") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("::" if ml1m else "|")
+            if ml1m:
+                if len(parts) != 3:
+                    raise DataError(f"expected 3 fields, got {len(parts)}", path=items_path, line=line_no)
+                genres = parts[2].split("|")
+            else:
+                if len(parts) != 24:
+                    raise DataError(f"expected 24 fields, got {len(parts)}", path=items_path, line=line_no)
+                genres = [g for g, flag in zip(ML100K_GENRES, parts[5:], strict=True) if flag == "1"]
+            ids.append(parts[0])
+            titles.append(parts[1])
+            texts.append(f"{parts[1]}. Genres: {', '.join(genres)}.")
+            attrs.append({"genres": "|".join(genres)})
+    catalog = Catalog(ids, titles, texts, attrs, source=str(items_path))
+
+    def rows() -> Iterable[tuple[str, int, float, int]]:
+        with open(_need_file(ratings_path), encoding="latin-1") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\n").split(sep)
+                if len(parts) != 4:
+                    raise DataError(f"expected 4 fields, got {len(parts)}", path=ratings_path, line=line_no)
+                user, item, rating, ts = parts
+                if item not in catalog.index:
+                    raise DataError(f"unknown item {item!r} (not in {items_path.name})", path=ratings_path,
+                                    line=line_no, field="item_id")
+                try:
+                    r, t = float(rating), float(ts)
+                except ValueError:
+                    raise DataError(f"rating/timestamp not numeric: {rating!r}, {ts!r}", path=ratings_path,
+                                    line=line_no, field="rating" if not _is_float(rating) else "timestamp") from None
+                if min_rating is None or r >= min_rating:
+                    yield user, catalog.index[item], t, line_no
+
+    users, seqs = _group(rows())
+    return catalog, users, seqs
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def load_sequences(path: str | Path) -> Raw:
+    """One line per user, `user item1 item2 ...` in time order; ids only (no item text)."""
+    path = _need_file(Path(path))
+    item_index: dict[str, int] = {}
+    users, seqs = [], []
+    seen_users: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise DataError("a user with no items", path=path, line=line_no, field="items")
+            if parts[0] in seen_users:
+                raise DataError(f"user {parts[0]!r} already listed on line {seen_users[parts[0]]}", path=path,
+                                line=line_no, field="user")
+            seen_users[parts[0]] = line_no
+            users.append(parts[0])
+            seqs.append([item_index.setdefault(i, len(item_index)) for i in parts[1:]])
+    ids = list(item_index)
+    return Catalog(ids, [""] * len(ids), [""] * len(ids), source=str(path)), users, seqs
+
+
+def load_unisrec(folder: str | Path) -> Raw:
+    """UniSRec downstream folder: `X.text`, `X.item2index`, `X.test.inter` (full sequences)."""
+    folder = Path(folder)
+    texts_found = sorted(folder.glob("*.text"))
+    if not texts_found:
+        raise DataError("no *.text file (UniSRec format)", path=folder)
+    stem = texts_found[0].name[: -len(".text")]
+    text_path, map_path, inter_path = texts_found[0], folder / f"{stem}.item2index", folder / f"{stem}.test.inter"
+    texts: dict[str, str] = {}
+    with open(text_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line_no == 1 and line.startswith("item_id:"):
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2:
+                raise DataError(f"expected 2 tab-separated fields, got {len(parts)}", path=text_path, line=line_no)
+            texts[parts[0]] = parts[1].strip()
+    index_to_asin: dict[str, str] = {}
+    with open(_need_file(map_path), encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(f"expected 2 fields, got {len(parts)}", path=map_path, line=line_no)
+            index_to_asin[parts[1]] = parts[0]
+    ids = list(index_to_asin.values())
+    full = [texts.get(a, "") for a in ids]
+    titles = [t.split(". ")[0] for t in full]
+    catalog = Catalog(ids, titles, full, source=str(text_path))
+    users, seqs = [], []
+    with open(_need_file(inter_path), encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line_no == 1 and line.startswith("user_id:"):
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 3:
+                raise DataError(f"expected 3 tab-separated fields, got {len(parts)}", path=inter_path, line=line_no)
+            seq = []
+            for idx in [*parts[1].split(), parts[2]]:
+                if idx not in index_to_asin:
+                    raise DataError(f"unknown item index {idx!r}", path=inter_path, line=line_no, field="item_id")
+                seq.append(catalog.index[index_to_asin[idx]])
+            users.append(parts[0])
+            seqs.append(seq)
+    return catalog, users, seqs
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """CSV, JSONL or Parquet by extension; JSONL errors name the line."""
+    path = _need_file(Path(path))
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"malformed JSON: {e.msg}", path=path, line=line_no) from None
+                if not isinstance(row, dict):
+                    raise DataError("expected a JSON object", path=path, line=line_no)
+                rows.append(row)
+        return pd.DataFrame(rows)
+    raise DataError(f"unsupported extension {suffix!r} (use .csv, .jsonl or .parquet)", path=path)
+
+
+def _line(path: Path, row: int) -> int:
+    """File line of a 0-based table row (CSV has a header line; JSONL/Parquet count rows from 1)."""
+    return row + (2 if path.suffix.lower() == ".csv" else 1)
+
+
+def _column(df: pd.DataFrame, col: str, path: Path, flag: str) -> pd.Series:
+    if col not in df.columns:
+        raise DataError(f"missing column {col!r} (set {flag}); columns: {list(df.columns)}", path=path, field=col)
+    return df[col]
+
+
+def load_table(
+    path: str | Path,
+    *,
+    items_path: str | Path | None,
+    user_col: str,
+    item_col: str,
+    time_col: str | None,
+    text_cols: list[str],
+) -> Raw:
+    """Interaction table (user, item[, time]) plus an optional item table (item, text columns)."""
+    path = Path(path)
+    df = read_table(path)
+    users_s = _column(df, user_col, path, "data.user_col").astype(str)
+    items_s = _column(df, item_col, path, "data.item_col").astype(str)
+    if time_col:
+        raw_t = _column(df, time_col, path, "data.time_col")
+        times = pd.to_numeric(raw_t, errors="coerce")
+        if times.isna().any():
+            times = pd.to_datetime(raw_t, errors="coerce", utc=True).astype("int64").where(
+                pd.to_datetime(raw_t, errors="coerce", utc=True).notna()
+            )
+        bad = times.isna().to_numpy().nonzero()[0]
+        if len(bad):
+            raise DataError(f"unparseable time {raw_t.iloc[bad[0]]!r}", path=path, line=_line(path, int(bad[0])),
+                            field=time_col)
+        time_vals = times.astype(float).tolist()
+    else:
+        time_vals = [0.0] * len(df)
+    for name, s in ((user_col, users_s), (item_col, items_s)):
+        empty = (s.str.strip() == "") | df[name].isna()
+        if empty.any():
+            raise DataError("empty value", path=path, line=_line(path, int(empty.to_numpy().nonzero()[0][0])), field=name)
+    if items_path is not None:
+        ipath = Path(items_path)
+        idf = read_table(ipath)
+        ids = _column(idf, item_col, ipath, "data.item_col").astype(str).tolist()
+        cols = [_column(idf, c, ipath, "data.text_cols").fillna("").astype(str) for c in text_cols]
+        titles = cols[0].tolist() if cols else [""] * len(ids)
+        texts = [". ".join(v for v in vals if v) for vals in zip(*[c.tolist() for c in cols], strict=True)] if cols else titles
+        catalog = Catalog(ids, titles, texts, source=str(ipath))
+        unknown = ~items_s.isin(catalog.index)
+        if unknown.any():
+            row = int(unknown.to_numpy().nonzero()[0][0])
+            raise DataError(f"unknown item {items_s.iloc[row]!r} (not in {ipath.name}); {int(unknown.sum())} such rows",
+                            path=path, line=_line(path, row), field=item_col)
+    else:
+        ids = list(dict.fromkeys(items_s.tolist()))
+        catalog = Catalog(ids, [""] * len(ids), [""] * len(ids), source=str(path))
+    rows = ((u, catalog.index[i], t, n) for n, (u, i, t) in enumerate(zip(users_s, items_s, time_vals, strict=True)))
+    users, seqs = _group(rows)
+    return catalog, users, seqs

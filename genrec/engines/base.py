@@ -1,0 +1,31 @@
+"""The engine interface: turn chat messages into prompt token ids and rank trie candidates.
+
+Engines own a model and its tokenizer; the shared constrained beam search (genrec.decoding)
+drives them through a StepModel. Front ends (CLI, batch, server) talk only to this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from genrec.decoding import Ranked, Trie
+
+
+class Engine(Protocol):
+    name: str
+    tokenizer: Any
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids: the chat template with the assistant turn opened."""
+        ...
+
+    def rank(self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int) -> list[Ranked]:
+        """Constrained beam search: up to beam_width distinct trie items per prompt, best first."""
+        ...
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` with the generation prompt, exactly as TRL tokenizes training prompts."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])

@@ -1,0 +1,169 @@
+"""Item identifiers: semantic IDs (residual k-means + a collision level) or atomic (one token per item).
+
+Owns the mapping item row <-> code tuple <-> token strings, the codebooks, and cold-start
+assignment of a new item from its embedding. Every item has the same number of tokens, so a
+constrained beam search of fixed depth ranks complete IDs. Knows nothing of tokenizers or models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from genrec.errors import GenrecError
+
+logger = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
+
+
+def level_name(level: int, scheme: str) -> str:
+    return "item" if scheme == "atomic" else chr(ord("a") + level)
+
+
+@dataclass
+class ItemIds:
+    """Per-item code tuples (rows align with the catalogue) and the token vocabulary they use."""
+
+    scheme: str
+    codes: np.ndarray
+    """[n_items, depth] int codes."""
+    level_sizes: list[int]
+    """Number of distinct tokens at each level (the last semantic level is the collision level)."""
+    codebooks: list[np.ndarray] = field(default_factory=list)
+    """Residual k-means centroids per level (semantic only), for cold start."""
+
+    def __post_init__(self) -> None:
+        self.codes = np.asarray(self.codes, dtype=np.int64)
+        self._by_code = {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
+        if len(self._by_code) != len(self.codes):
+            raise GenrecError("item IDs are not unique")
+
+    @property
+    def depth(self) -> int:
+        return int(self.codes.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    def token(self, level: int, code: int) -> str:
+        return f"<{level_name(level, self.scheme)}_{code}>"
+
+    def vocabulary(self) -> list[str]:
+        """Every ID token, level by level: the tokens to add to a tokenizer."""
+        return [self.token(lv, c) for lv, n in enumerate(self.level_sizes) for c in range(n)]
+
+    def item_tokens(self, item: int) -> list[str]:
+        return [self.token(lv, int(c)) for lv, c in enumerate(self.codes[item])]
+
+    def item_string(self, item: int) -> str:
+        return "".join(self.item_tokens(item))
+
+    def parse(self, text: str) -> int | None:
+        """Item row for an ID string like `<a_3><b_1><c_7><d_0>`, or None if it is not an item."""
+        found = _TOKEN.findall(text)
+        if len(found) != self.depth:
+            return None
+        names = [level_name(lv, self.scheme) for lv in range(self.depth)]
+        if [n for n, _ in found] != names:
+            return None
+        return self._by_code.get(tuple(int(c) for _, c in found))
+
+    def assign(self, embedding: np.ndarray) -> tuple[int, ...]:
+        """Cold start: the code tuple a new item with this embedding gets (not yet registered)."""
+        if self.scheme != "semantic" or not self.codebooks:
+            raise GenrecError("cold start needs semantic IDs with saved codebooks (ids.scheme=semantic)")
+        residual = np.asarray(embedding, dtype=np.float32).copy()
+        prefix = []
+        for book in self.codebooks:
+            c = int(np.argmin(((book - residual) ** 2).sum(1)))
+            prefix.append(c)
+            residual -= book[c]
+        used = {int(row[-1]) for row in self.codes if tuple(int(x) for x in row[:-1]) == tuple(prefix)}
+        free = [c for c in range(self.level_sizes[-1]) if c not in used]
+        if not free:
+            raise GenrecError(
+                f"no free collision code for prefix {prefix}: all {self.level_sizes[-1]} are used; "
+                "rebuild IDs with a larger ids.collision_headroom"
+            )
+        return (*prefix, free[0])
+
+    def add(self, codes: Sequence[int]) -> int:
+        """Register a new item's code tuple; returns its row."""
+        key = tuple(int(c) for c in codes)
+        if key in self._by_code:
+            raise GenrecError(f"ID {key} is already taken by item row {self._by_code[key]}")
+        self.codes = np.vstack([self.codes, np.asarray(key, dtype=np.int64)[None]])
+        self._by_code[key] = len(self.codes) - 1
+        return len(self.codes) - 1
+
+    def save(self, folder: str | Path, item_ids: Sequence[str]) -> None:
+        folder = Path(folder)
+        payload = {
+            "scheme": self.scheme,
+            "level_sizes": self.level_sizes,
+            "items": {item: self.item_string(i) for i, item in enumerate(item_ids)},
+            "codes": self.codes.tolist(),
+        }
+        (folder / "item_ids.json").write_text(json.dumps(payload))
+        if self.codebooks:
+            np.savez(folder / "codebooks.npz", *self.codebooks)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ItemIds:
+        folder = Path(folder)
+        payload = json.loads((folder / "item_ids.json").read_text())
+        books: list[np.ndarray] = []
+        if (folder / "codebooks.npz").is_file():
+            with np.load(folder / "codebooks.npz") as z:
+                books = [z[f"arr_{i}"] for i in range(len(z.files))]
+        return cls(payload["scheme"], np.asarray(payload["codes"]), payload["level_sizes"], books)
+
+
+def atomic_ids(n_items: int) -> ItemIds:
+    return ItemIds("atomic", np.arange(n_items)[:, None], [n_items])
+
+
+def semantic_ids(
+    embeddings: np.ndarray, *, levels: int = 3, codes: int = 32, collision_headroom: int = 2, seed: int = 0
+) -> ItemIds:
+    """Residual k-means: level l clusters the residual left by levels < l; a final collision
+    level numbers items that share all l codes, so every item gets a unique ID."""
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    residual = x.copy()
+    all_codes, books = [], []
+    for level in range(levels):
+        k = min(codes, len(np.unique(residual.round(6), axis=0)))
+        km = KMeans(n_clusters=k, n_init=3, random_state=seed + level).fit(residual)
+        centroids = km.cluster_centers_.astype(np.float32)
+        if k < codes:  # keep a fixed-size codebook; unused rows are far away
+            centroids = np.vstack([centroids, np.full((codes - k, x.shape[1]), 1e6, dtype=np.float32)])
+        labels = km.labels_.astype(np.int64)
+        all_codes.append(labels)
+        books.append(centroids)
+        residual = residual - centroids[labels]
+    groups: dict[tuple[int, ...], int] = defaultdict(int)
+    collision = np.zeros(len(x), dtype=np.int64)
+    for i, key in enumerate(zip(*all_codes, strict=True)):
+        collision[i] = groups[key]
+        groups[key] += 1
+    max_group = max(groups.values())
+    logger.info(
+        "semantic IDs: %d items, %d distinct prefixes, largest collision group %d",
+        len(x), len(groups), max_group,
+    )
+    return ItemIds(
+        "semantic",
+        np.stack([*all_codes, collision], axis=1),
+        [codes] * levels + [max_group + collision_headroom],
+        books,
+    )

@@ -1,0 +1,116 @@
+"""Models: the offline `tiny` Qwen2 built here, or any Hugging Face causal LM, with ID tokens added.
+
+Owns tokenizer construction (a BPE trained on catalogue text + templates for `tiny`), adding the
+item-ID tokens (ordinary added tokens, not special, so they survive decoding), resizing
+embeddings, and loading a trained model back from a run. Knows nothing of training loops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genrec.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> Any:
+    """Byte-level BPE trained on `texts`, wrapped as a fast tokenizer with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def add_id_tokens(tokenizer: Any, tokens: list[str]) -> int:
+    """Add item-ID tokens as ordinary tokens; returns how many were new."""
+    added = int(tokenizer.add_tokens(tokens, special_tokens=False))
+    logger.info("tokenizer: added %d ID tokens (vocabulary now %d)", added, len(tokenizer))
+    return added
+
+
+def build_tiny(cfg: ModelConfig, tokenizer: Any) -> Any:
+    """A randomly initialised Qwen2 sized by `cfg`, with tied input/output embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    n = sum(p.numel() for p in model.parameters())
+    logger.info("tiny Qwen2: %.2fM parameters, vocabulary %d", n / 1e6, len(tokenizer))
+    return model
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_pretrained(cfg: ModelConfig, id_tokens: list[str]) -> tuple[Any, Any]:
+    """A Hugging Face causal LM (local path or hub name) with the ID tokens added and rows resized.
+
+    New rows start at the mean of the existing embeddings (transformers' default on resize).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        logger.info("%s has no chat template; using ChatML", cfg.base)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    add_id_tokens(tokenizer, id_tokens)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=resolve_dtype(cfg.dtype))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model, tokenizer
+
+
+def load_trained(folder: str | Path, *, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
+    """Model + tokenizer saved by training or `genrec merge` (runs/<name>/merged)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return model, tokenizer

