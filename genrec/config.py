@@ -309,13 +309,20 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     need(i.collision_headroom >= 0, "ids.collision_headroom must be >= 0")
     need(p.max_history >= 1, "prompt.max_history must be >= 1")
     need(p.title_words >= 0, "prompt.title_words must be >= 0")
-    need(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size must be divisible by model.num_heads")
     need(
-        cfg.model.num_heads % cfg.model.num_kv_heads == 0, "model.num_heads must be divisible by model.num_kv_heads"
+        cfg.model.hidden_size % cfg.model.num_heads == 0,
+        "model.hidden_size must be divisible by model.num_heads",
+    )
+    need(
+        cfg.model.num_heads % cfg.model.num_kv_heads == 0,
+        "model.num_heads must be divisible by model.num_kv_heads",
     )
     need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
     need(max(e.ks) <= e.beam_width, f"eval.ks max {max(e.ks)} exceeds eval.beam_width {e.beam_width}")
-    need(cfg.name.replace("-", "").replace("_", "").replace(".", "").isalnum(), f"name {cfg.name!r}: use letters, digits, -_.")
+    need(
+        cfg.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+        f"name {cfg.name!r}: use letters, digits, -_.",
+    )

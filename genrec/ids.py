@@ -159,7 +159,9 @@ def semantic_ids(
     max_group = max(groups.values())
     logger.info(
         "semantic IDs: %d items, %d distinct prefixes, largest collision group %d",
-        len(x), len(groups), max_group,
+        len(x),
+        len(groups),
+        max_group,
     )
     return ItemIds(
         "semantic",

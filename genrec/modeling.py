@@ -82,7 +82,9 @@ def build_tiny(cfg: ModelConfig, tokenizer: Any) -> Any:
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -110,7 +112,7 @@ def load_trained(folder: str | Path, *, device: str | None = None, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return model, tokenizer

@@ -47,7 +47,9 @@ def _words(text: str, n: int) -> str:
 
 
 def _environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True)
+    env = SandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True
+    )
     env.filters["words"] = _words
     return env
 
@@ -69,7 +71,9 @@ class PromptTemplate:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variables) - KNOWN_VARIABLES)
         if unknown:
-            raise TemplateProblem(f"{self.source}: unknown variable(s) {unknown}; available: {sorted(KNOWN_VARIABLES)}")
+            raise TemplateProblem(
+                f"{self.source}: unknown variable(s) {unknown}; available: {sorted(KNOWN_VARIABLES)}"
+            )
         env = _environment()
         self._body = self._compile(env, self.body, self.body_line)
         self._system = self._compile(env, self.system, None) if self.system else None
@@ -121,7 +125,9 @@ def parse_template(text: str, *, source: str = "<string>") -> PromptTemplate:
         try:
             end = lines.index("---", 1)
         except ValueError:
-            raise TemplateProblem(f"{source}: front matter starts on line 1 but has no closing '---'") from None
+            raise TemplateProblem(
+                f"{source}: front matter starts on line 1 but has no closing '---'"
+            ) from None
         try:
             meta = yaml.safe_load("\n".join(lines[1:end])) or {}
         except yaml.YAMLError as e:
@@ -130,7 +136,9 @@ def parse_template(text: str, *, source: str = "<string>") -> PromptTemplate:
             raise TemplateProblem(f"{source}: front matter must be a mapping")
         unknown = sorted(set(meta) - FRONT_KEYS)
         if unknown:
-            raise TemplateProblem(f"{source}: unknown front-matter key(s) {unknown}; known: {sorted(FRONT_KEYS)}")
+            raise TemplateProblem(
+                f"{source}: unknown front-matter key(s) {unknown}; known: {sorted(FRONT_KEYS)}"
+            )
         body, body_line = "\n".join(lines[end + 1 :]), end + 2
     name = str(meta.get("name") or Path(source).stem)
     return PromptTemplate(

@@ -48,13 +48,18 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 128, progress: bool = False) -> np.ndarray:
         emb = self.model.encode(
-            list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress,
+            list(texts),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            show_progress_bar=progress,
             convert_to_numpy=True,
         )
         return np.asarray(emb, dtype=np.float32)
 
 
-def collaborative_embeddings(data: Interactions, *, dim: int = 64, window: int = 5, seed: int = 0) -> np.ndarray:
+def collaborative_embeddings(
+    data: Interactions, *, dim: int = 64, window: int = 5, seed: int = 0
+) -> np.ndarray:
     """Item vectors from the training part of the sequences: windowed co-occurrence, PPMI, SVD.
 
     Only items before each user's validation target are used, so no test information leaks.
@@ -82,7 +87,9 @@ def collaborative_embeddings(data: Interactions, *, dim: int = 64, window: int =
     # Items with no co-occurrence get a small random vector so they still receive distinct IDs.
     empty = np.linalg.norm(vecs, axis=1) < 1e-8
     if empty.any():
-        logger.info("collaborative embeddings: %d items never co-occur; random vectors for them", int(empty.sum()))
+        logger.info(
+            "collaborative embeddings: %d items never co-occur; random vectors for them", int(empty.sum())
+        )
         vecs[empty] = np.random.default_rng(seed).normal(scale=1e-3, size=(int(empty.sum()), k))
     return _normalise(vecs.astype(np.float32))
 
@@ -129,7 +136,9 @@ class Retriever:
                 out_i[q, j], out_s[q, j] = i, s
         return out_i, out_s
 
-    def for_histories(self, histories: Sequence[Sequence[int]], k: int, *, exclude_seen: bool = True) -> list[list[int]]:
+    def for_histories(
+        self, histories: Sequence[Sequence[int]], k: int, *, exclude_seen: bool = True
+    ) -> list[list[int]]:
         """Candidate lists for user histories (unfilled slots dropped)."""
         q = np.stack([self.history_query(h) for h in histories])
         items, _ = self.search(q, k, exclude=histories if exclude_seen else None)

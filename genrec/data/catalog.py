@@ -39,8 +39,11 @@ class Catalog:
         self.index: dict[str, int] = {}
         for row, item in enumerate(self.item_ids):
             if item in self.index:
-                raise DataError(f"duplicate item id {item!r} (rows {self.index[item]} and {row})",
-                                path=self.source, field="item_id")
+                raise DataError(
+                    f"duplicate item id {item!r} (rows {self.index[item]} and {row})",
+                    path=self.source,
+                    field="item_id",
+                )
             self.index[item] = row
 
     def __len__(self) -> int:
@@ -71,8 +74,17 @@ class Catalog:
     def from_parquet(cls, path: str | Path) -> Catalog:
         df = pd.read_parquet(path)
         attr_cols = [c for c in df.columns if c.startswith("attr_")]
-        attrs = [{c[5:]: str(v) for c, v in zip(attr_cols, row, strict=True)} for row in df[attr_cols].itertuples(index=False)]
-        return cls(df["item_id"].astype(str).tolist(), df["title"].tolist(), df["text"].tolist(), attrs, source=str(path))
+        attrs = [
+            {c[5:]: str(v) for c, v in zip(attr_cols, row, strict=True)}
+            for row in df[attr_cols].itertuples(index=False)
+        ]
+        return cls(
+            df["item_id"].astype(str).tolist(),
+            df["title"].tolist(),
+            df["text"].tolist(),
+            attrs,
+            source=str(path),
+        )
 
 
 @dataclass
@@ -95,9 +107,9 @@ class Interactions:
 
     def to_parquet(self, path: str | Path) -> None:
         ids = self.catalog.item_ids
-        pd.DataFrame({"user_id": self.users, "items": [[ids[i] for i in s] for s in self.sequences]}).to_parquet(
-            path, index=False
-        )
+        pd.DataFrame(
+            {"user_id": self.users, "items": [[ids[i] for i in s] for s in self.sequences]}
+        ).to_parquet(path, index=False)
 
     @classmethod
     def from_parquet(cls, path: str | Path, catalog: Catalog) -> Interactions:
@@ -139,7 +151,9 @@ def kcore(users: list[str], sequences: list[list[int]], k: int) -> tuple[list[st
         counts = Counter(i for s in sequences for i in s)
         kept_seqs = [[i for i in s if counts[i] >= k] for s in sequences]
         pairs = [(u, s) for u, s in zip(users, kept_seqs, strict=True) if len(s) >= k]
-        changed = len(pairs) != len(users) or any(len(a) != len(b) for a, b in zip(kept_seqs, sequences, strict=True))
+        changed = len(pairs) != len(users) or any(
+            len(a) != len(b) for a, b in zip(kept_seqs, sequences, strict=True)
+        )
         users, sequences = [u for u, _ in pairs], [s for _, s in pairs]
         if not changed:
             return users, sequences
@@ -172,12 +186,18 @@ def clean(
     used = sorted({i for _, s in pairs for i in s})
     remap = {old: new for new, old in enumerate(used)}
     if len(used) < len(catalog):
-        logger.info("catalogue: kept %d of %d items (the rest have no interactions left)", len(used), len(catalog))
+        logger.info(
+            "catalogue: kept %d of %d items (the rest have no interactions left)", len(used), len(catalog)
+        )
     sub = catalog.subset(used)
     seqs = [[remap[i] for i in s] for _, s in pairs]
     n_after = sum(len(s) for s in seqs)
     logger.info(
-        "cleaned: %d users, %d items, %d interactions (%d dropped)", len(pairs), len(sub), n_after, n_before - n_after
+        "cleaned: %d users, %d items, %d interactions (%d dropped)",
+        len(pairs),
+        len(sub),
+        n_after,
+        n_before - n_after,
     )
     return Interactions(sub, [u for u, _ in pairs], seqs)
 
@@ -192,7 +212,7 @@ def leave_one_out(data: Interactions, split: str) -> list[Example]:
 
 def train_examples(data: Interactions, *, per_user: int = 0, min_history: int = 1) -> list[Example]:
     """Every next-item prediction inside each user's training part (all but the last two items)."""
-    out = []
+    out: list[Example] = []
     for u, s in zip(data.users, data.sequences, strict=True):
         train = s[:-2]
         positions = range(min_history, len(train))

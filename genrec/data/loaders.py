@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from genrec.data.catalog import Catalog
@@ -85,13 +86,21 @@ def load_movielens(folder: str | Path, *, min_rating: float | None = None) -> Ra
                     raise DataError(f"expected 4 fields, got {len(parts)}", path=ratings_path, line=line_no)
                 user, item, rating, ts = parts
                 if item not in catalog.index:
-                    raise DataError(f"unknown item {item!r} (not in {items_path.name})", path=ratings_path,
-                                    line=line_no, field="item_id")
+                    raise DataError(
+                        f"unknown item {item!r} (not in {items_path.name})",
+                        path=ratings_path,
+                        line=line_no,
+                        field="item_id",
+                    )
                 try:
                     r, t = float(rating), float(ts)
                 except ValueError:
-                    raise DataError(f"rating/timestamp not numeric: {rating!r}, {ts!r}", path=ratings_path,
-                                    line=line_no, field="rating" if not _is_float(rating) else "timestamp") from None
+                    raise DataError(
+                        f"rating/timestamp not numeric: {rating!r}, {ts!r}",
+                        path=ratings_path,
+                        line=line_no,
+                        field="rating" if not _is_float(rating) else "timestamp",
+                    ) from None
                 if min_rating is None or r >= min_rating:
                     yield user, catalog.index[item], t, line_no
 
@@ -121,8 +130,12 @@ def load_sequences(path: str | Path) -> Raw:
             if len(parts) < 2:
                 raise DataError("a user with no items", path=path, line=line_no, field="items")
             if parts[0] in seen_users:
-                raise DataError(f"user {parts[0]!r} already listed on line {seen_users[parts[0]]}", path=path,
-                                line=line_no, field="user")
+                raise DataError(
+                    f"user {parts[0]!r} already listed on line {seen_users[parts[0]]}",
+                    path=path,
+                    line=line_no,
+                    field="user",
+                )
             seen_users[parts[0]] = line_no
             users.append(parts[0])
             seqs.append([item_index.setdefault(i, len(item_index)) for i in parts[1:]])
@@ -137,7 +150,11 @@ def load_unisrec(folder: str | Path) -> Raw:
     if not texts_found:
         raise DataError("no *.text file (UniSRec format)", path=folder)
     stem = texts_found[0].name[: -len(".text")]
-    text_path, map_path, inter_path = texts_found[0], folder / f"{stem}.item2index", folder / f"{stem}.test.inter"
+    text_path, map_path, inter_path = (
+        texts_found[0],
+        folder / f"{stem}.item2index",
+        folder / f"{stem}.test.inter",
+    )
     texts: dict[str, str] = {}
     with open(text_path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -145,7 +162,9 @@ def load_unisrec(folder: str | Path) -> Raw:
                 continue
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2:
-                raise DataError(f"expected 2 tab-separated fields, got {len(parts)}", path=text_path, line=line_no)
+                raise DataError(
+                    f"expected 2 tab-separated fields, got {len(parts)}", path=text_path, line=line_no
+                )
             texts[parts[0]] = parts[1].strip()
     index_to_asin: dict[str, str] = {}
     with open(_need_file(map_path), encoding="utf-8") as f:
@@ -165,11 +184,15 @@ def load_unisrec(folder: str | Path) -> Raw:
                 continue
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 3:
-                raise DataError(f"expected 3 tab-separated fields, got {len(parts)}", path=inter_path, line=line_no)
+                raise DataError(
+                    f"expected 3 tab-separated fields, got {len(parts)}", path=inter_path, line=line_no
+                )
             seq = []
             for idx in [*parts[1].split(), parts[2]]:
                 if idx not in index_to_asin:
-                    raise DataError(f"unknown item index {idx!r}", path=inter_path, line=line_no, field="item_id")
+                    raise DataError(
+                        f"unknown item index {idx!r}", path=inter_path, line=line_no, field="item_id"
+                    )
                 seq.append(catalog.index[index_to_asin[idx]])
             users.append(parts[0])
             seqs.append(seq)
@@ -201,6 +224,15 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise DataError(f"unsupported extension {suffix!r} (use .csv, .jsonl or .parquet)", path=path)
 
 
+def _parse_times(raw: pd.Series) -> pd.Series:
+    """Numbers (unix time) or dates, whichever most rows are; rows that fit neither become NaN."""
+    num = pd.to_numeric(raw, errors="coerce")
+    if num.notna().mean() >= 0.5:
+        return num.astype(float)
+    dt = pd.to_datetime(raw.astype(str), errors="coerce", utc=True, format="mixed")
+    return pd.Series(np.where(dt.notna(), dt.astype("int64") / 1e9, np.nan), index=raw.index)
+
+
 def _line(path: Path, row: int) -> int:
     """File line of a 0-based table row (CSV has a header line; JSONL/Parquet count rows from 1)."""
     return row + (2 if path.suffix.lower() == ".csv" else 1)
@@ -208,7 +240,9 @@ def _line(path: Path, row: int) -> int:
 
 def _column(df: pd.DataFrame, col: str, path: Path, flag: str) -> pd.Series:
     if col not in df.columns:
-        raise DataError(f"missing column {col!r} (set {flag}); columns: {list(df.columns)}", path=path, field=col)
+        raise DataError(
+            f"missing column {col!r} (set {flag}); columns: {list(df.columns)}", path=path, field=col
+        )
     return df[col]
 
 
@@ -228,38 +262,51 @@ def load_table(
     items_s = _column(df, item_col, path, "data.item_col").astype(str)
     if time_col:
         raw_t = _column(df, time_col, path, "data.time_col")
-        times = pd.to_numeric(raw_t, errors="coerce")
-        if times.isna().any():
-            times = pd.to_datetime(raw_t, errors="coerce", utc=True).astype("int64").where(
-                pd.to_datetime(raw_t, errors="coerce", utc=True).notna()
-            )
+        times = _parse_times(raw_t)
         bad = times.isna().to_numpy().nonzero()[0]
         if len(bad):
-            raise DataError(f"unparseable time {raw_t.iloc[bad[0]]!r}", path=path, line=_line(path, int(bad[0])),
-                            field=time_col)
+            raise DataError(
+                f"unparseable time {raw_t.iloc[bad[0]]!r}",
+                path=path,
+                line=_line(path, int(bad[0])),
+                field=time_col,
+            )
         time_vals = times.astype(float).tolist()
     else:
         time_vals = [0.0] * len(df)
     for name, s in ((user_col, users_s), (item_col, items_s)):
         empty = (s.str.strip() == "") | df[name].isna()
         if empty.any():
-            raise DataError("empty value", path=path, line=_line(path, int(empty.to_numpy().nonzero()[0][0])), field=name)
+            raise DataError(
+                "empty value", path=path, line=_line(path, int(empty.to_numpy().nonzero()[0][0])), field=name
+            )
     if items_path is not None:
         ipath = Path(items_path)
         idf = read_table(ipath)
         ids = _column(idf, item_col, ipath, "data.item_col").astype(str).tolist()
         cols = [_column(idf, c, ipath, "data.text_cols").fillna("").astype(str) for c in text_cols]
         titles = cols[0].tolist() if cols else [""] * len(ids)
-        texts = [". ".join(v for v in vals if v) for vals in zip(*[c.tolist() for c in cols], strict=True)] if cols else titles
+        texts = (
+            [". ".join(v for v in vals if v) for vals in zip(*[c.tolist() for c in cols], strict=True)]
+            if cols
+            else titles
+        )
         catalog = Catalog(ids, titles, texts, source=str(ipath))
         unknown = ~items_s.isin(catalog.index)
         if unknown.any():
             row = int(unknown.to_numpy().nonzero()[0][0])
-            raise DataError(f"unknown item {items_s.iloc[row]!r} (not in {ipath.name}); {int(unknown.sum())} such rows",
-                            path=path, line=_line(path, row), field=item_col)
+            raise DataError(
+                f"unknown item {items_s.iloc[row]!r} (not in {ipath.name}); {int(unknown.sum())} such rows",
+                path=path,
+                line=_line(path, row),
+                field=item_col,
+            )
     else:
         ids = list(dict.fromkeys(items_s.tolist()))
         catalog = Catalog(ids, [""] * len(ids), [""] * len(ids), source=str(path))
-    rows = ((u, catalog.index[i], t, n) for n, (u, i, t) in enumerate(zip(users_s, items_s, time_vals, strict=True)))
+    rows = (
+        (u, catalog.index[i], t, n)
+        for n, (u, i, t) in enumerate(zip(users_s, items_s, time_vals, strict=True))
+    )
     users, seqs = _group(rows)
     return catalog, users, seqs

@@ -15,37 +15,101 @@ from genrec.data.catalog import Catalog
 
 # category -> (brands, line words, item nouns, step names, complementary category)
 CATEGORIES: dict[str, tuple[list[str], list[str], list[str], list[str], str]] = {
-    "Skincare": (["Lumiere", "Dermaleaf", "Aquavera", "Solenne"], ["Hydra", "Glow", "Calm", "Pure", "Velvet", "Radiance"],
-                 ["Routine"], ["Cleanser", "Toner", "Serum", "Moisturizer", "Night Cream", "Eye Cream"], "Makeup"),
-    "Makeup": (["Rougeline", "Petalia", "Noirelle", "Kiss&Co"], ["Matte", "Silk", "Bloom", "Nude", "Velour", "Studio"],
-               ["Collection"], ["Primer", "Foundation", "Concealer", "Blush", "Mascara", "Setting Spray"], "Skincare"),
-    "Haircare": (["Tressa", "Volumo", "Curlique", "Argana"], ["Repair", "Volume", "Curl", "Shine", "Color Safe"],
-                 ["System"], ["Shampoo", "Conditioner", "Hair Mask", "Leave-In", "Styling Oil"], "Skincare"),
-    "Fantasy Books": (["Ember Press", "Oakshield", "Starfall House", "Runebound"],
-                      ["Dragon", "Shadow", "Crown", "Storm", "Silver", "Wolf", "Ash", "Frost"],
-                      ["Saga", "Chronicles", "Cycle"], ["Book 1", "Book 2", "Book 3", "Book 4", "Book 5", "Book 6"],
-                      "Board Games"),
-    "Mystery Books": (["Inkwell", "Foggy Lane", "Quill & Key", "Midnight"],
-                      ["Harbor", "Manor", "Alley", "Orchid", "Raven", "Canal"], ["Mysteries", "Casebook"],
-                      ["Case 1", "Case 2", "Case 3", "Case 4", "Case 5"], "Tea"),
-    "Coffee": (["Roastwell", "Bean Theory", "Altura", "Crema Co"], ["Espresso", "Morning", "Dark", "Single Origin"],
-               ["Kit"], ["Beans", "Grinder", "Filter Papers", "Milk Frother", "Descaler"], "Kitchen"),
-    "Tea": (["Leafhouse", "Jadeleaf", "Chai Lab", "Darjeel"], ["Green", "Oolong", "Chai", "Herbal", "Earl Grey"],
-            ["Set"], ["Sampler", "Loose Leaf", "Teapot", "Infuser", "Honey"], "Mystery Books"),
-    "Running": (["Stridex", "Tempo", "Trailfox", "Pacer"], ["Road", "Trail", "Marathon", "Sprint", "Tempo"],
-                ["Gear"], ["Shoes", "Socks", "Shorts", "Energy Gels", "GPS Watch", "Foam Roller"], "Cycling"),
-    "Cycling": (["Velocity", "Spoke&Co", "Gravelo", "Peloton Labs"], ["Road", "Gravel", "Commuter", "Climb"],
-                ["Kit"], ["Helmet", "Gloves", "Bike Lights", "Water Bottle", "Saddle Bag", "Chain Lube"], "Running"),
-    "Board Games": (["Meeple Works", "Dicetower", "Cardboard Co", "Tabletop Guild"],
-                    ["Castle", "Galaxy", "Harvest", "Pirate", "Railway", "Quest"], ["Game"],
-                    ["Base Game", "Expansion 1", "Expansion 2", "Expansion 3", "Card Sleeves"], "Fantasy Books"),
-    "Kitchen": (["Cuisina", "Ironleaf", "Panhaus", "Copperline"], ["Chef", "Everyday", "Pro", "Rustic", "Nordic"],
-                ["Series"], ["Skillet", "Saucepan", "Knife", "Cutting Board", "Dutch Oven", "Spatula"], "Coffee"),
-    "Programming Courses": (["CodePath", "ByteAcademy", "DevForge", "Lambda School"],
-                            ["Python", "Rust", "SQL", "Go", "TypeScript", "Data Science"], ["Track"],
-                            ["Beginner", "Intermediate", "Advanced", "Projects", "Interview Prep"], "Board Games"),
+    "Skincare": (
+        ["Lumiere", "Dermaleaf", "Aquavera", "Solenne"],
+        ["Hydra", "Glow", "Calm", "Pure", "Velvet", "Radiance"],
+        ["Routine"],
+        ["Cleanser", "Toner", "Serum", "Moisturizer", "Night Cream", "Eye Cream"],
+        "Makeup",
+    ),
+    "Makeup": (
+        ["Rougeline", "Petalia", "Noirelle", "Kiss&Co"],
+        ["Matte", "Silk", "Bloom", "Nude", "Velour", "Studio"],
+        ["Collection"],
+        ["Primer", "Foundation", "Concealer", "Blush", "Mascara", "Setting Spray"],
+        "Skincare",
+    ),
+    "Haircare": (
+        ["Tressa", "Volumo", "Curlique", "Argana"],
+        ["Repair", "Volume", "Curl", "Shine", "Color Safe"],
+        ["System"],
+        ["Shampoo", "Conditioner", "Hair Mask", "Leave-In", "Styling Oil"],
+        "Skincare",
+    ),
+    "Fantasy Books": (
+        ["Ember Press", "Oakshield", "Starfall House", "Runebound"],
+        ["Dragon", "Shadow", "Crown", "Storm", "Silver", "Wolf", "Ash", "Frost"],
+        ["Saga", "Chronicles", "Cycle"],
+        ["Book 1", "Book 2", "Book 3", "Book 4", "Book 5", "Book 6"],
+        "Board Games",
+    ),
+    "Mystery Books": (
+        ["Inkwell", "Foggy Lane", "Quill & Key", "Midnight"],
+        ["Harbor", "Manor", "Alley", "Orchid", "Raven", "Canal"],
+        ["Mysteries", "Casebook"],
+        ["Case 1", "Case 2", "Case 3", "Case 4", "Case 5"],
+        "Tea",
+    ),
+    "Coffee": (
+        ["Roastwell", "Bean Theory", "Altura", "Crema Co"],
+        ["Espresso", "Morning", "Dark", "Single Origin"],
+        ["Kit"],
+        ["Beans", "Grinder", "Filter Papers", "Milk Frother", "Descaler"],
+        "Kitchen",
+    ),
+    "Tea": (
+        ["Leafhouse", "Jadeleaf", "Chai Lab", "Darjeel"],
+        ["Green", "Oolong", "Chai", "Herbal", "Earl Grey"],
+        ["Set"],
+        ["Sampler", "Loose Leaf", "Teapot", "Infuser", "Honey"],
+        "Mystery Books",
+    ),
+    "Running": (
+        ["Stridex", "Tempo", "Trailfox", "Pacer"],
+        ["Road", "Trail", "Marathon", "Sprint", "Tempo"],
+        ["Gear"],
+        ["Shoes", "Socks", "Shorts", "Energy Gels", "GPS Watch", "Foam Roller"],
+        "Cycling",
+    ),
+    "Cycling": (
+        ["Velocity", "Spoke&Co", "Gravelo", "Peloton Labs"],
+        ["Road", "Gravel", "Commuter", "Climb"],
+        ["Kit"],
+        ["Helmet", "Gloves", "Bike Lights", "Water Bottle", "Saddle Bag", "Chain Lube"],
+        "Running",
+    ),
+    "Board Games": (
+        ["Meeple Works", "Dicetower", "Cardboard Co", "Tabletop Guild"],
+        ["Castle", "Galaxy", "Harvest", "Pirate", "Railway", "Quest"],
+        ["Game"],
+        ["Base Game", "Expansion 1", "Expansion 2", "Expansion 3", "Card Sleeves"],
+        "Fantasy Books",
+    ),
+    "Kitchen": (
+        ["Cuisina", "Ironleaf", "Panhaus", "Copperline"],
+        ["Chef", "Everyday", "Pro", "Rustic", "Nordic"],
+        ["Series"],
+        ["Skillet", "Saucepan", "Knife", "Cutting Board", "Dutch Oven", "Spatula"],
+        "Coffee",
+    ),
+    "Programming Courses": (
+        ["CodePath", "ByteAcademy", "DevForge", "Lambda School"],
+        ["Python", "Rust", "SQL", "Go", "TypeScript", "Data Science"],
+        ["Track"],
+        ["Beginner", "Intermediate", "Advanced", "Projects", "Interview Prep"],
+        "Board Games",
+    ),
 }
-ADJECTIVES = ["Classic", "Premium", "Travel Size", "Limited Edition", "Eco", "Deluxe", "Essential", "Signature"]
+ADJECTIVES = [
+    "Classic",
+    "Premium",
+    "Travel Size",
+    "Limited Edition",
+    "Eco",
+    "Deluxe",
+    "Essential",
+    "Signature",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +122,11 @@ class Line:
 
 def make_catalog(n_items: int, rng: np.random.Generator) -> tuple[Catalog, list[Line], np.ndarray]:
     """Items in product lines; returns the catalogue, the lines and each item's base popularity."""
-    ids, titles, texts, attrs, lines = [], [], [], [], []
+    ids: list[str] = []
+    titles: list[str] = []
+    texts: list[str] = []
+    attrs: list[dict[str, str]] = []
+    lines: list[Line] = []
     cats = list(CATEGORIES)
     while len(ids) < n_items:
         cat = cats[len(lines) % len(cats)]
@@ -74,7 +142,9 @@ def make_catalog(n_items: int, rng: np.random.Generator) -> tuple[Catalog, list[
             ids.append(f"I{row:05d}")
             title = f"{brand} {word} {noun} {edition}: {step}"
             titles.append(title)
-            texts.append(f"{title}. Category: {cat}. Brand: {brand}. Line: {word} {noun}. Edition: {edition}.")
+            texts.append(
+                f"{title}. Category: {cat}. Brand: {brand}. Line: {word} {noun}. Edition: {edition}."
+            )
             attrs.append({"category": cat, "brand": str(brand), "line": f"{word} {noun}", "step": step})
             members.append(row)
         lines.append(Line(cat, tuple(members)))
@@ -136,7 +206,9 @@ def _pick_start(starts: list[int], pop: np.ndarray, rng: np.random.Generator) ->
     return int(starts[int(rng.choice(len(starts), p=w / w.sum()))])
 
 
-def generate(n_items: int = 2000, n_users: int = 2000, *, seed: int = 0) -> tuple[Catalog, list[str], list[list[int]]]:
+def generate(
+    n_items: int = 2000, n_users: int = 2000, *, seed: int = 0
+) -> tuple[Catalog, list[str], list[list[int]]]:
     """The embedded default dataset: (catalog, users, chronological item sequences)."""
     rng = np.random.default_rng(seed)
     catalog, lines, pop = make_catalog(n_items, rng)

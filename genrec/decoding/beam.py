@@ -106,13 +106,18 @@ def _expand_all(
         return [[] for _ in beams]
     all_toks = torch.cat(toks)
     gathered = logp[torch.cat(rows).to(logp.device), all_toks.to(logp.device)].double().cpu()
-    out, offset = [], 0
+    out: list[list[tuple[int, int, float]]] = []
+    offset = 0
     for req_beams, n in zip(beams, sizes, strict=True):
         if n == 0:
             out.append([])
             continue
-        base = torch.cat([torch.full((len(b.node.allowed()),), b.score, dtype=torch.float64) for b in req_beams])
-        which = torch.cat([torch.full((len(b.node.allowed()),), i, dtype=torch.long) for i, b in enumerate(req_beams)])
+        base = torch.cat(
+            [torch.full((len(b.node.allowed()),), b.score, dtype=torch.float64) for b in req_beams]
+        )
+        which = torch.cat(
+            [torch.full((len(b.node.allowed()),), i, dtype=torch.long) for i, b in enumerate(req_beams)]
+        )
         scores = base + gathered[offset : offset + n]
         req_toks = all_toks[offset : offset + n]
         offset += n

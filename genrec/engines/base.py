@@ -20,7 +20,9 @@ class Engine(Protocol):
         """Prompt token ids: the chat template with the assistant turn opened."""
         ...
 
-    def rank(self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int) -> list[Ranked]:
+    def rank(
+        self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
+    ) -> list[Ranked]:
         """Constrained beam search: up to beam_width distinct trie items per prompt, best first."""
         ...
 

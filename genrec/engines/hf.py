@@ -45,11 +45,17 @@ class HFStepModel:
         assert self.mask is not None and self.next_pos is not None, "start() first"
         idx = torch.tensor(list(parents), dtype=torch.long, device=self.device)
         self.cache.reorder_cache(idx)
-        mask = torch.cat([self.mask[idx], torch.ones((len(idx), 1), dtype=torch.long, device=self.device)], dim=1)
+        mask = torch.cat(
+            [self.mask[idx], torch.ones((len(idx), 1), dtype=torch.long, device=self.device)], dim=1
+        )
         pos = self.next_pos[idx]
         toks = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
         out = self.model(
-            input_ids=toks, attention_mask=mask, position_ids=pos[:, None], past_key_values=self.cache, use_cache=True
+            input_ids=toks,
+            attention_mask=mask,
+            position_ids=pos[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
         )
         self.cache, self.mask, self.next_pos = out.past_key_values, mask, pos + 1
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -73,11 +79,17 @@ class HFEngine:
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    def rank(self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int) -> list[Ranked]:
-        return constrained_beam_search(HFStepModel(self.model, pad_id=self.pad_id), prompts, tries, beam_width=beam_width)
+    def rank(
+        self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
+    ) -> list[Ranked]:
+        return constrained_beam_search(
+            HFStepModel(self.model, pad_id=self.pad_id), prompts, tries, beam_width=beam_width
+        )
 
     @torch.inference_mode()
-    def score(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *, batch_size: int = 64) -> list[float]:
+    def score(
+        self, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *, batch_size: int = 64
+    ) -> list[float]:
         """Exact log P(continuation | prompt) for each continuation, one full forward each (reference)."""
         out: list[float] = []
         p = list(prompt)

@@ -1,0 +1,264 @@
+"""The `genrec` command line. Each command is a thin function over the library; all take --run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from genrec.config import RunConfig, apply_overrides, load_config
+from genrec.errors import GenrecError
+from genrec.run import RunDir
+
+app = typer.Typer(
+    help="genrec: generative recommendation. A causal LM writes the ID of the next item; decoding is "
+    "constrained so only real catalogue items come out. Every command reads and writes one run "
+    "directory (--run runs/<name>). Start with `genrec quickstart`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+logger = logging.getLogger("genrec")
+
+RunOpt = Annotated[
+    Path, typer.Option("--run", "-r", help="Run directory, e.g. runs/demo. Created by `prepare`.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a config field: section.field=value (repeatable), "
+        "e.g. -s train.epochs=2 -s eval.beam_width=10. Sections: data ids prompt model train eval.",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Recipe YAML (e.g. training/configs/ml-100k.yaml).")
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("httpx", "faiss.loader", "sentence_transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(
+    run: RunDir, config: Path | None, overrides: list[str] | None, *, fresh: bool = False
+) -> RunConfig:
+    """Recipe file if given, else the run's saved config (or defaults for a new run), then --set."""
+    if config is not None:
+        cfg = load_config(config)
+    elif run.config_file.is_file():
+        cfg = run.load_config()
+    elif fresh:
+        cfg = RunConfig()
+    else:
+        cfg = run.load_config()  # raises a RunError that says what to run first
+    cfg.name = run.path.name
+    return apply_overrides(cfg, overrides or [])
+
+
+@app.command()
+def prepare(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Load the data (synthetic, MovieLens, sequences, UniSRec or a table), clean it, save it into the run."""
+    from genrec.evaluation import popularity_only
+    from genrec.pipeline import prepare as do_prepare
+
+    rd = RunDir(run)
+    cfg = _config(rd, config, set_, fresh=True)
+    data = do_prepare(rd, cfg)
+    pop = popularity_only(data, "test", cfg.eval.ks)
+    typer.echo(
+        f"prepared {rd}: {len(data)} users, {len(data.catalog)} items, {data.n_interactions} interactions; "
+        f"popularity test Recall@10={pop.get('recall@10', float('nan')):.4f}"
+    )
+
+
+@app.command("build-ids")
+def build_ids(run: RunOpt, set_: SetOpt = None) -> None:
+    """Embed items (text encoder, or collaborative for ids-only data) and assign semantic or atomic IDs."""
+    from genrec.pipeline import build_ids as do_build
+
+    rd = RunDir(run)
+    cfg = _config(rd, None, set_)
+    ids = do_build(rd, cfg)
+    typer.echo(
+        f"built {ids.scheme} IDs for {len(ids)} items: {ids.depth} tokens each, "
+        f"{len(ids.vocabulary())} ID tokens; e.g. {ids.item_string(0)}"
+    )
+
+
+@app.command()
+def train(
+    run: RunOpt,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint in runs/<name>/checkpoints.")
+    ] = False,
+) -> None:
+    """Fine-tune with TRL (full for tiny, LoRA for pretrained bases); writes runs/<name>/merged."""
+    from genrec.training import train as do_train
+
+    rd = RunDir(run)
+    cfg = _config(rd, None, set_)
+    rd.save_config(cfg)
+    summary = do_train(rd, cfg, resume=resume)
+    typer.echo(
+        f"trained ({summary['method']}, {summary['steps']} steps, {summary['seconds']} s): "
+        f"train loss {summary['train_loss']:.4f}, validation loss {summary['eval_loss']:.4f}; "
+        f"model in {rd.merged_dir}"
+    )
+
+
+@app.command()
+def merge(run: RunOpt) -> None:
+    """Merge the LoRA adapter (runs/<name>/adapter) into its base: runs/<name>/merged, what vLLM serves."""
+    from genrec.training import merge as do_merge
+
+    typer.echo(f"merged model written to {do_merge(RunDir(run))}")
+
+
+def _print_recs(recs: list[Any]) -> None:
+    for rank, r in enumerate(recs, start=1):
+        typer.echo(f"{rank:3d}. {r.item_id:<12} {r.score:9.4f}  {r.title}")
+
+
+@app.command()
+def recommend(
+    run: RunOpt,
+    user: Annotated[
+        str | None, typer.Option(help="A user id from the run's data (history as of the test split).")
+    ] = None,
+    history: Annotated[
+        str | None, typer.Option(help="Comma-separated item ids, ID strings or exact titles, oldest first.")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Free text with no history: cold-start retrieval.")] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Items to return.")] = 10,
+    candidates: Annotated[
+        str, typer.Option(help="`retriever` (top --n-candidates by embedding) or `all` (whole catalogue).")
+    ] = "retriever",
+    n_candidates: Annotated[
+        int, typer.Option(help="Retriever candidates when --candidates retriever.")
+    ] = 200,
+    beam_width: Annotated[int | None, typer.Option(help="Beams (default: --n).")] = None,
+) -> None:
+    """Recommend for a known user, an inline history or free text. Every item returned is a real catalogue item."""
+    from genrec.recommender import Recommender
+
+    if sum(x is not None for x in (user, history, text)) != 1:
+        raise GenrecError("give exactly one of --user, --history, --text")
+    if candidates not in ("retriever", "all"):
+        raise GenrecError(f"--candidates must be 'retriever' or 'all', got {candidates!r}")
+    if n < 1:
+        raise GenrecError("--n must be >= 1")
+    rec = Recommender.load(RunDir(run))
+    if text is not None:
+        _print_recs(rec.recommend_text(text, n_items=n))
+        return
+    hist = (
+        rec.user_history(user)
+        if user is not None
+        else rec.resolve_items([h for h in (history or "").split(",") if h.strip()])
+    )
+    if not hist:
+        raise GenrecError("--history is empty")
+    typer.echo(
+        "history (most recent last): "
+        + " | ".join(rec.catalog.titles[i] or rec.catalog.item_ids[i] for i in hist[-5:])
+    )
+    recs = rec.rank_histories(
+        [hist],
+        n_items=n,
+        beam_width=beam_width,
+        mode=candidates,  # type: ignore[arg-type]
+        n_candidates=n_candidates,
+        users=[user],
+    )[0]
+    _print_recs(recs)
+
+
+@app.command()
+def evaluate(
+    run: RunOpt,
+    split: Annotated[str, typer.Option(help="`test` (last item) or `valid` (second-last).")] = "test",
+    set_: SetOpt = None,
+) -> None:
+    """Full-ranking leave-one-out evaluation vs popularity; writes eval_<split>.json, report_<split>.md, plots."""
+    from genrec.evaluation import evaluate as do_eval
+
+    rd = RunDir(run)
+    cfg = _config(rd, None, [*(set_ or []), f"eval.split={split}"])
+    rd.save_config(cfg)
+    report = do_eval(rd, cfg)
+    _print_report(report)
+    typer.echo(f"report: {rd / ('report_' + split + '.md')}")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    res = report["results"]
+    cols = ["recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr", "validity"]
+    cols = [c for c in cols if c in next(iter(res.values()))]
+    typer.echo(
+        f"{report['split']} split, {report['users']} users, {report['items']} items ({report['protocol']})"
+    )
+    typer.echo(f"{'method':<12}" + "".join(f"{c:>11}" for c in cols))
+    for name, r in res.items():
+        typer.echo(f"{name:<12}" + "".join(f"{r[c]:>11.4f}" for c in cols))
+
+
+@app.command()
+def quickstart(
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run directory to create.")] = Path("runs/demo"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """End to end on the embedded default: synthetic data -> IDs -> tiny model -> evaluation -> a recommendation."""
+    from genrec.evaluation import evaluate as do_eval
+    from genrec.pipeline import build_ids as do_build
+    from genrec.pipeline import prepare as do_prepare
+    from genrec.recommender import Recommender
+    from genrec.training import train as do_train
+
+    started = time.time()
+    rd = RunDir(run)
+    default_recipe = Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny.yaml"
+    cfg = _config(rd, config or (default_recipe if default_recipe.is_file() else None), set_, fresh=True)
+    steps = ["prepare", "build-ids", "train", "evaluate"]
+    typer.echo(f"[1/{len(steps)}] prepare")
+    data = do_prepare(rd, cfg)
+    typer.echo(f"[2/{len(steps)}] build-ids")
+    do_build(rd, cfg)
+    typer.echo(f"[3/{len(steps)}] train")
+    do_train(rd, cfg)
+    typer.echo(f"[4/{len(steps)}] evaluate")
+    report = do_eval(rd, cfg)
+    _print_report(report)
+    rec = Recommender.load(rd)
+    user = data.users[0]
+    typer.echo(f"\nrecommendations for user {user} (`genrec recommend --run {rd} --user {user}`):")
+    _print_recs(rec.rank_histories([rec.user_history(user)], n_items=5, users=[user])[0])
+    rd.update_meta(quickstart_seconds=round(time.time() - started, 1))
+    typer.echo(
+        f"\nquickstart finished in {time.time() - started:.0f} s; everything is in {rd}/ "
+        f"(report_test.md, eval_test_metrics.png, train_loss.png)"
+    )
+
+
+def main() -> None:
+    _setup_logging()
+    try:
+        app()
+    except GenrecError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

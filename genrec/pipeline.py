@@ -1,0 +1,87 @@
+"""The steps a run goes through before training: prepare the data, embed items, build IDs.
+
+Each step reads and writes only the run directory, so any step can be re-run on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from genrec.config import RunConfig
+from genrec.data import Interactions, load_dataset
+from genrec.ids import ItemIds, atomic_ids, semantic_ids
+from genrec.retrieval import TextEncoder, collaborative_embeddings
+from genrec.run import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(run: RunDir, cfg: RunConfig) -> Interactions:
+    """Load and clean the data; write catalog.parquet, interactions.parquet and config.yaml."""
+    started = time.time()
+    data = load_dataset(cfg.data)
+    run.save_config(cfg)
+    run.save_data(data)
+    lengths = [len(s) for s in data.sequences]
+    run.update_meta(
+        data={
+            "users": len(data),
+            "items": len(data.catalog),
+            "interactions": data.n_interactions,
+            "mean_length": round(float(np.mean(lengths)), 2),
+            "has_text": data.catalog.has_text,
+            "seconds": round(time.time() - started, 1),
+        }
+    )
+    return data
+
+
+def item_embeddings(data: Interactions, cfg: RunConfig) -> tuple[np.ndarray, str]:
+    """Text embeddings when the catalogue has text (or ids.embedding=text), else collaborative."""
+    source = cfg.ids.embedding
+    if source == "auto":
+        source = "text" if data.catalog.has_text else "collaborative"
+    if source == "text":
+        if not data.catalog.has_text:
+            logger.warning("ids.embedding=text but most items have no text; embeddings will be poor")
+        encoder = TextEncoder(cfg.ids.encoder)
+        texts = [
+            t or title or item
+            for t, title, item in zip(
+                data.catalog.texts, data.catalog.titles, data.catalog.item_ids, strict=True
+            )
+        ]
+        return encoder.encode(texts, progress=True), f"text:{cfg.ids.encoder}"
+    return collaborative_embeddings(data, dim=cfg.ids.collaborative_dim, seed=cfg.ids.seed), "collaborative"
+
+
+def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
+    """Embed items and assign IDs; write item_embeddings.npy, item_ids.json, codebooks.npz."""
+    data = run.load_data()
+    emb, source = item_embeddings(data, cfg)
+    np.save(run.embeddings_file, emb)
+    if cfg.ids.scheme == "atomic":
+        ids = atomic_ids(len(data.catalog))
+    else:
+        ids = semantic_ids(
+            emb,
+            levels=cfg.ids.levels,
+            codes=cfg.ids.codes,
+            collision_headroom=cfg.ids.collision_headroom,
+            seed=cfg.ids.seed,
+        )
+    ids.save(run.path, data.catalog.item_ids)
+    run.save_config(cfg)
+    run.update_meta(
+        ids={
+            "scheme": ids.scheme,
+            "embedding": source,
+            "depth": ids.depth,
+            "level_sizes": ids.level_sizes,
+            "tokens": len(ids.vocabulary()),
+        }
+    )
+    return ids

@@ -1,0 +1,179 @@
+"""A trained run loaded for inference: history or free text in, ranked catalogue items out.
+
+Owns resolving user ids, item ids and titles into catalogue rows, choosing candidates
+(retriever top-N or the whole catalogue minus seen items), building tries of their ID token
+sequences, and calling an engine. Front ends (CLI, batch, server) use only this class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from genrec.config import RunConfig
+from genrec.data import Interactions
+from genrec.decoding import Trie
+from genrec.engines import Engine, HFEngine
+from genrec.errors import GenrecError
+from genrec.ids import ItemIds
+from genrec.modeling import load_trained
+from genrec.prompts import PromptBuilder
+from genrec.retrieval import Retriever
+from genrec.run import RunDir
+from genrec.training import prompt_builder
+
+logger = logging.getLogger(__name__)
+
+CandidateMode = Literal["all", "retriever"]
+
+
+@dataclass
+class Recommendation:
+    item: int
+    item_id: str
+    title: str
+    score: float
+
+
+class UnknownItems(GenrecError):
+    def __init__(self, unknown: Sequence[str]) -> None:
+        self.unknown = list(unknown)
+        super().__init__(f"unknown item(s): {', '.join(map(repr, self.unknown[:10]))}")
+
+
+class Recommender:
+    def __init__(
+        self,
+        run: RunDir,
+        cfg: RunConfig,
+        data: Interactions,
+        ids: ItemIds,
+        engine: Engine,
+        retriever: Retriever,
+    ) -> None:
+        self.run, self.cfg, self.data, self.ids, self.engine, self.retriever = (
+            run,
+            cfg,
+            data,
+            ids,
+            engine,
+            retriever,
+        )
+        self.catalog = data.catalog
+        self.builder: PromptBuilder = prompt_builder(run, cfg, data, ids)
+        self.item_tokens = self._item_token_ids()
+        self._users = data.user_index()
+        self._titles = {t.lower(): i for i, t in enumerate(self.catalog.titles) if t}
+        self._all = Trie(self.item_tokens.tolist())
+
+    @classmethod
+    def load(cls, run: RunDir, *, device: str | None = None) -> Recommender:
+        cfg = run.load_config()
+        data = run.load_data()
+        ids = run.load_ids()
+        model, tokenizer = load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype)
+        return cls(run, cfg, data, ids, HFEngine(model, tokenizer), Retriever(run.load_embeddings()))
+
+    def _item_token_ids(self) -> np.ndarray:
+        tok = self.engine.tokenizer
+        rows = [tok.convert_tokens_to_ids(self.ids.item_tokens(i)) for i in range(len(self.ids))]
+        arr = np.asarray(rows, dtype=np.int64)
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is not None and (arr == unk).any():
+            raise GenrecError(
+                "the model's tokenizer lacks some item-ID tokens; was it trained on this run's IDs?"
+            )
+        return arr
+
+    # -- resolving inputs -------------------------------------------------------------------------
+    def resolve_items(self, refs: Sequence[str]) -> list[int]:
+        """Catalogue rows for item ids, ID strings (`<a_1>...`) or exact titles; unknowns raise, all named."""
+        rows, unknown = [], []
+        for ref in refs:
+            ref = str(ref).strip()
+            row = self.catalog.index.get(ref)
+            if row is None and ref.startswith("<"):
+                row = self.ids.parse(ref)
+            if row is None:
+                row = self._titles.get(ref.lower())
+            if row is None:
+                unknown.append(ref)
+            else:
+                rows.append(row)
+        if unknown:
+            raise UnknownItems(unknown)
+        return rows
+
+    def user_history(self, user: str, *, split: str = "test") -> list[int]:
+        """A known user's history as of `split` (test: all but the last item; full: everything)."""
+        if user not in self._users:
+            raise GenrecError(f"unknown user {user!r}")
+        seq = self.data.sequences[self._users[user]]
+        return seq[:-1] if split == "test" else seq[:-2] if split == "valid" else list(seq)
+
+    # -- candidates ------------------------------------------------------------------------------
+    def candidates(
+        self, history: Sequence[int], *, mode: CandidateMode, n: int, exclude: Sequence[int] = ()
+    ) -> list[int]:
+        banned = set(history) | set(exclude)
+        if mode == "all":
+            return [i for i in range(len(self.catalog)) if i not in banned]
+        if not history:
+            raise GenrecError("candidates=retriever needs a history (or use free text)")
+        items, _ = self.retriever.search(
+            self.retriever.history_query(history)[None], n, exclude=[sorted(banned)]
+        )
+        return [int(i) for i in items[0] if i >= 0]
+
+    def trie(self, candidates: Sequence[int]) -> Trie:
+        if len(candidates) == len(self.catalog):
+            return self._all
+        return Trie(self.item_tokens[list(candidates)].tolist(), list(candidates))
+
+    # -- ranking ---------------------------------------------------------------------------------
+    def rank_histories(
+        self,
+        histories: Sequence[Sequence[int]],
+        *,
+        n_items: int,
+        mode: CandidateMode = "retriever",
+        n_candidates: int = 200,
+        beam_width: int | None = None,
+        users: Sequence[str | None] | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
+    ) -> list[list[Recommendation]]:
+        """Top `n_items` per history; every item is in its candidate set, none repeats or was seen."""
+        width = max(beam_width or n_items, n_items)
+        users = users or [None] * len(histories)
+        prompts, tries = [], []
+        for k, (h, u) in enumerate(zip(histories, users, strict=True)):
+            prompts.append(self.engine.encode_messages(self.builder.messages(h, u)))
+            cands = self.candidates(h, mode=mode, n=n_candidates, exclude=exclude[k] if exclude else ())
+            tries.append(self.trie(cands))
+        ranked = self.engine.rank(prompts, tries, beam_width=width)
+        return [
+            [
+                Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)
+                for i, s in zip(r.items[:n_items], r.scores[:n_items], strict=True)
+            ]
+            for r in ranked
+        ]
+
+    def recommend_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
+        """Cold start: no history, rank by the retriever on the text's embedding."""
+        from genrec.retrieval import TextEncoder
+
+        meta = self.run.meta().get("ids", {})
+        if not str(meta.get("embedding", "")).startswith("text"):
+            raise GenrecError("free-text queries need text item embeddings; this run uses collaborative ones")
+        query = TextEncoder(self.cfg.ids.encoder).encode([text])
+        items, scores = self.retriever.search(query, n_items, exclude=[list(exclude)])
+        return [
+            Recommendation(int(i), self.catalog.item_ids[i], self.catalog.titles[i], float(s))
+            for i, s in zip(items[0], scores[0], strict=True)
+            if i >= 0
+        ]

@@ -1,0 +1,99 @@
+"""The run directory: the one place every command reads from and writes to.
+
+`runs/<name>/` holds config.yaml (resolved config), catalog.parquet, interactions.parquet,
+item_embeddings.npy, item_ids.json (+ codebooks.npz), base/ (tiny base + tokenizer),
+checkpoints/, adapter/ (LoRA), merged/ (servable model + tokenizer), train_log.jsonl,
+run.json (provenance: template hash used in training, timings), eval.json, report.md, plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genrec.config import RunConfig, load_config
+from genrec.data import Catalog, Interactions
+from genrec.errors import RunError
+from genrec.ids import ItemIds
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    catalog_file = property(lambda self: self.path / "catalog.parquet")
+    interactions_file = property(lambda self: self.path / "interactions.parquet")
+    embeddings_file = property(lambda self: self.path / "item_embeddings.npy")
+    ids_file = property(lambda self: self.path / "item_ids.json")
+    base_dir = property(lambda self: self.path / "base")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    adapter_dir = property(lambda self: self.path / "adapter")
+    merged_dir = property(lambda self: self.path / "merged")
+    train_log_file = property(lambda self: self.path / "train_log.jsonl")
+    meta_file = property(lambda self: self.path / "run.json")
+
+    def require(self, path: Path, hint: str) -> Path:
+        if not path.exists():
+            raise RunError(self.path, path.name, hint)
+        return path
+
+    def load_config(self) -> RunConfig:
+        return load_config(self.require(self.config_file, "run `genrec prepare --run DIR` first"))
+
+    def save_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(self.config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def load_data(self) -> Interactions:
+        catalog = Catalog.from_parquet(
+            self.require(self.catalog_file, "run `genrec prepare --run DIR` first")
+        )
+        return Interactions.from_parquet(self.interactions_file, catalog)
+
+    def save_data(self, data: Interactions) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        data.catalog.to_parquet(self.catalog_file)
+        data.to_parquet(self.interactions_file)
+
+    def load_embeddings(self) -> np.ndarray:
+        return np.load(self.require(self.embeddings_file, "run `genrec build-ids --run DIR` first"))
+
+    def load_ids(self) -> ItemIds:
+        self.require(self.ids_file, "run `genrec build-ids --run DIR` first")
+        return ItemIds.load(self.path)
+
+    def model_dir(self) -> Path:
+        return self.require(
+            self.merged_dir, "run `genrec train --run DIR` (and `genrec merge` for LoRA) first"
+        )
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.meta_file.read_text()) if self.meta_file.is_file() else {}
+
+    def update_meta(self, **fields: Any) -> None:
+        meta = self.meta()
+        meta.update(fields)
+        atomic_write_text(self.meta_file, json.dumps(meta, indent=2))

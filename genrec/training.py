@@ -1,0 +1,214 @@
+"""Supervised fine-tuning with TRL: prompt-completion chat data, completion-only loss.
+
+`tiny` bases are trained in full; pretrained bases get LoRA adapters (PEFT) with the embedding
+and LM-head rows trainable (`modules_to_save`), so new ID tokens learn. After training, the
+servable model is written to runs/<name>/merged (LoRA merged with merge_and_unload).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from genrec.config import RunConfig
+from genrec.data import Interactions, leave_one_out, train_examples
+from genrec.ids import ItemIds
+from genrec.modeling import add_id_tokens, build_tiny, load_pretrained, train_tokenizer
+from genrec.prompts import PromptBuilder, load_template
+from genrec.run import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def prompt_builder(run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds) -> PromptBuilder:
+    template = load_template(cfg.prompt.template, [run / "prompts"])
+    return PromptBuilder(
+        template, data.catalog, ids, max_history=cfg.prompt.max_history, title_words=cfg.prompt.title_words
+    )
+
+
+def sft_rows(builder: PromptBuilder, examples: list[Any]) -> list[dict[str, Any]]:
+    """Conversational prompt-completion rows, the format TRL masks to completion-only loss."""
+    return [
+        {
+            "prompt": builder.messages(ex.history, ex.user),
+            "completion": [{"role": "assistant", "content": builder.target(ex.target)}],
+        }
+        for ex in examples
+    ]
+
+
+def tokenizer_corpus(builder: PromptBuilder, data: Interactions) -> list[str]:
+    """Text the tiny tokenizer learns from: catalogue text and rendered sample prompts."""
+    corpus = [t for t in data.catalog.texts if t] + [t for t in data.catalog.titles if t]
+    for u, seq in list(zip(data.users, data.sequences, strict=True))[:200]:
+        corpus.extend(m["content"] for m in builder.messages(seq[:-2], u))
+    corpus.extend(["system", "user", "assistant"])
+    return corpus
+
+
+def prepare_model(run: RunDir, cfg: RunConfig, builder: PromptBuilder, data: Interactions) -> tuple[Any, Any]:
+    """Build (tiny) or load (pretrained) the base with ID tokens; tiny bases are saved to base/."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    id_tokens = builder.ids.vocabulary()
+    if cfg.model.base != "tiny":
+        return load_pretrained(cfg.model, id_tokens)
+    if (run.base_dir / "config.json").is_file():  # resume: the same tokenizer and initial weights
+        return AutoModelForCausalLM.from_pretrained(run.base_dir), AutoTokenizer.from_pretrained(run.base_dir)
+    tokenizer = train_tokenizer(tokenizer_corpus(builder, data), vocab_size=cfg.model.vocab_size)
+    add_id_tokens(tokenizer, id_tokens)
+    model = build_tiny(cfg.model, tokenizer)
+    model.save_pretrained(run.base_dir)
+    tokenizer.save_pretrained(run.base_dir)
+    model.config._name_or_path = str(run.base_dir.resolve())  # what a LoRA adapter records as its base
+    return model, tokenizer
+
+
+def use_lora(cfg: RunConfig) -> bool:
+    return cfg.train.method == "lora" or (cfg.train.method == "auto" and cfg.model.base != "tiny")
+
+
+def lora_config(cfg: RunConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.train.lora_r,
+        lora_alpha=cfg.train.lora_alpha,
+        lora_dropout=cfg.train.lora_dropout,
+        target_modules=cfg.train.lora_targets,
+        # New ID-token rows must learn: train embeddings and LM head in full (TRL refuses LoRA on lm_head).
+        modules_to_save=["embed_tokens", "lm_head"],
+        ensure_weight_tying=True,
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(run: RunDir, cfg: RunConfig) -> Any:
+    from trl import SFTConfig
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    return SFTConfig(
+        output_dir=str(run.checkpoints_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        save_only_model=False,
+        report_to="none",
+        seed=t.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        max_length=t.max_length,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+class _LossLog:
+    """TrainerCallback appending every logged loss to train_log.jsonl (kept across resumes)."""
+
+    def __new__(cls, path: Any) -> Any:
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+            ) -> None:
+                if logs and state.is_world_process_zero:
+                    with open(path, "a") as f:
+                        f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+        return Callback()
+
+
+def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train on every next-item position of the training sequences; write merged/ (and adapter/)."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    data = run.load_data()
+    ids = run.load_ids()
+    builder = prompt_builder(run, cfg, data, ids)
+    examples = train_examples(data, per_user=cfg.train.examples_per_user)
+    valid = leave_one_out(data, "valid")[:512]
+    logger.info("training examples: %d (validation examples: %d)", len(examples), len(valid))
+    train_ds = Dataset.from_list(sft_rows(builder, examples))
+    valid_ds = Dataset.from_list(sft_rows(builder, valid))
+    model, tokenizer = prepare_model(run, cfg, builder, data)
+    peft_cfg = lora_config(cfg) if use_lora(cfg) else None
+    if not resume and run.train_log_file.exists():
+        run.train_log_file.unlink()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(run, cfg),
+        train_dataset=train_ds,
+        eval_dataset=valid_ds,
+        processing_class=tokenizer,
+        peft_config=peft_cfg,
+        callbacks=[_LossLog(run.train_log_file)],
+    )
+    has_ckpt = run.checkpoints_dir.is_dir() and any(run.checkpoints_dir.glob("checkpoint-*"))
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=bool(resume and has_ckpt))
+    seconds = time.time() - started
+    metrics = trainer.evaluate()
+    logger.info("validation loss %.4f", metrics.get("eval_loss", float("nan")))
+    if peft_cfg is not None:
+        trained: Any = trainer.model
+        trained.save_pretrained(run.adapter_dir)
+        tokenizer.save_pretrained(run.adapter_dir)
+        merge(run, model=trained, tokenizer=tokenizer)
+    else:
+        final: Any = trainer.model
+        final.save_pretrained(run.merged_dir)
+        tokenizer.save_pretrained(run.merged_dir)
+    summary = {
+        "train_loss": result.training_loss,
+        "eval_loss": metrics.get("eval_loss"),
+        "steps": result.global_step,
+        "examples": len(examples),
+        "seconds": round(seconds, 1),
+        "method": "lora" if peft_cfg is not None else "full",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    run.update_meta(
+        train=summary,
+        template={
+            "name": builder.template.name,
+            "hash": builder.template.hash,
+            "source": builder.template.source,
+        },
+    )
+    return summary
+
+
+def merge(run: RunDir, *, model: Any = None, tokenizer: Any = None) -> str:
+    """Merge the LoRA adapter into its base and save model + tokenizer to merged/."""
+    if model is None:
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        adapter = run.require(run.adapter_dir, "train with train.method=lora first")
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(run.merged_dir)
+    tokenizer.save_pretrained(run.merged_dir)
+    logger.info("merged model written to %s", run.merged_dir)
+    return str(run.merged_dir)

@@ -1,0 +1,49 @@
+import pytest
+
+from genrec.config import RunConfig, apply_overrides, config_from_dict, load_config
+from genrec.errors import ConfigError
+
+
+def test_defaults_roundtrip(tmp_path):
+    cfg = RunConfig()
+    cfg.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_unknown_key_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*train.*unknown key\(s\) \['epoch'\]"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_bad_type_names_field():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        config_from_dict({"train": {"batch_size": "many"}})
+
+
+def test_literal_choices_listed():
+    with pytest.raises(ConfigError, match=r"ids.scheme.*'semantic', 'atomic'"):
+        config_from_dict({"ids": {"scheme": "fancy"}})
+
+
+def test_overrides_coerce_and_validate():
+    cfg = apply_overrides(
+        RunConfig(), ["train.epochs=2", "eval.ks=5,10", "train.bf16=false", "data.path=none"]
+    )
+    assert (
+        cfg.train.epochs == 2.0
+        and cfg.eval.ks == [5, 10]
+        and cfg.train.bf16 is False
+        and cfg.data.path is None
+    )
+    with pytest.raises(ConfigError, match="unknown field 'nope'"):
+        apply_overrides(RunConfig(), ["train.nope=1"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_overrides(RunConfig(), ["train.epochs"])
+    with pytest.raises(ConfigError, match="eval.ks max 50 exceeds eval.beam_width"):
+        apply_overrides(RunConfig(), ["eval.ks=[5,50]"])
+
+
+def test_path_required_for_file_sources():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        config_from_dict({"data": {"source": "movielens"}})

@@ -1,0 +1,108 @@
+"""Property tests: the trie against a brute-force set; beam search against exhaustive scoring."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genrec.decoding import Trie, constrained_beam_search
+from genrec.engines import HFEngine
+
+seqs_strategy = st.lists(st.tuples(*[st.integers(0, 5)] * 3), min_size=1, max_size=40, unique=True)
+
+
+@given(seqs_strategy, st.lists(st.integers(0, 5), max_size=3))
+def test_trie_matches_brute_force(seqs, prefix):
+    trie = Trie(seqs)
+    expected = {s[len(prefix)] for s in seqs if len(prefix) < 3 and list(s[: len(prefix)]) == prefix}
+    assert set(trie.allowed(prefix)) == expected
+    assert len(trie) == len(seqs)
+    assert {items for _, items in trie} == set(range(len(seqs)))
+    for i, s in enumerate(seqs):
+        assert trie.get(s) == i
+
+
+def test_trie_rejects_ragged_and_conflicting():
+    with pytest.raises(ValueError, match="length"):
+        Trie([[1, 2], [1]])
+    with pytest.raises(ValueError, match="share the sequence"):
+        Trie([[1, 2], [1, 2]], [0, 1])
+
+
+class TableModel:
+    """A StepModel whose log-probs depend only on the prefix: exact scores are enumerable."""
+
+    def __init__(self, vocab, seed):
+        self.vocab, self.seed = vocab, seed
+        self.prefixes: list[tuple[int, ...]] = []
+
+    def _logp(self, prompt, prefix):
+        g = torch.Generator().manual_seed(hash((self.seed, tuple(prompt), prefix)) % (2**31))
+        return torch.log_softmax(torch.randn(self.vocab, generator=g) * 3, -1)
+
+    def start(self, prompts):
+        self.prompts = [tuple(p) for p in prompts]
+        self.rows = [(i, ()) for i in range(len(prompts))]
+        return torch.stack([self._logp(self.prompts[i], ()) for i, _ in self.rows])
+
+    def step(self, parents, tokens):
+        self.rows = [(self.rows[p][0], (*self.rows[p][1], t)) for p, t in zip(parents, tokens, strict=True)]
+        return torch.stack([self._logp(self.prompts[i], pre) for i, pre in self.rows])
+
+    def exact(self, prompt, seq):
+        return sum(float(self._logp(tuple(prompt), tuple(seq[:k]))[seq[k]]) for k in range(len(seq)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs_strategy, st.integers(0, 10_000), st.integers(1, 50))
+def test_beam_search_exact_and_valid(seqs, seed, width):
+    model = TableModel(6, seed)
+    trie = Trie(seqs, [100 + i for i in range(len(seqs))])
+    out = constrained_beam_search(model, [[1, 2], [3]], [trie, trie], beam_width=width)
+    for prompt, ranked in zip([[1, 2], [3]], out, strict=True):
+        assert len(ranked.items) == min(width, len(seqs))
+        assert len(set(ranked.items)) == len(ranked.items)  # distinct
+        assert set(ranked.items) <= {100 + i for i in range(len(seqs))}  # only candidates
+        exact = {100 + i: model.exact(prompt, s) for i, s in enumerate(seqs)}
+        for item, score in zip(ranked.items, ranked.scores, strict=True):
+            assert score == pytest.approx(exact[item], abs=1e-6)
+        if width >= len(seqs):  # exhaustive beam: ranking equals brute force
+            assert ranked.scores == sorted(exact.values(), reverse=True) or all(
+                a == pytest.approx(b, abs=1e-6)
+                for a, b in zip(ranked.scores, sorted(exact.values(), reverse=True), strict=True)
+            )
+
+
+def test_empty_trie_gives_empty_result():
+    out = constrained_beam_search(TableModel(4, 0), [[1], [2]], [Trie([]), Trie([[1, 2]])], beam_width=3)
+    assert out[0].items == [] and out[1].items == [0]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 1000), st.integers(5, 40))
+def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates):
+    """On a real tiny Qwen2 with KV cache and left padding, beam = brute-force teacher forcing."""
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok)
+    all_seqs = [
+        tok.convert_tokens_to_ids([f"<{lv}_{c}>" for lv, c in zip("abcd", cs, strict=True)])
+        for cs in itertools.product(range(4), repeat=4)
+    ]
+    g = torch.Generator().manual_seed(seed)
+    cands = [all_seqs[i] for i in torch.randperm(len(all_seqs), generator=g)[:n_candidates].tolist()]
+    prompts = [
+        engine.encode_messages([{"role": "user", "content": "the cat"}]),
+        engine.encode_messages(
+            [{"role": "user", "content": "next item recent items oldest first on the mat"}]
+        ),
+    ]
+    tries = [Trie(cands), Trie(cands[: max(1, n_candidates // 2)])]
+    ranked = engine.rank(prompts, tries, beam_width=n_candidates)
+    for prompt, trie, r in zip(prompts, tries, ranked, strict=True):
+        seqs = [s for s, _ in sorted(trie, key=lambda x: x[1])]
+        exact = engine.score(prompt, seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -exact[i])
+        assert [round(s, 3) for s in r.scores] == [round(exact[i], 3) for i in order]
+        assert sorted(r.items) == list(range(len(seqs)))

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from genrec.errors import GenrecError
+from genrec.ids import ItemIds, atomic_ids, semantic_ids
+from genrec.retrieval import Retriever, collaborative_embeddings
+
+
+def clustered(n=200, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, dim))
+    x = centers[rng.integers(0, 8, n)] + 0.1 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_semantic_ids_unique_fixed_depth_and_roundtrip(tmp_path):
+    emb = clustered()
+    ids = semantic_ids(emb, levels=2, codes=8, seed=0)
+    assert ids.codes.shape == (200, 3) and ids.depth == 3
+    strings = [ids.item_string(i) for i in range(len(ids))]
+    assert len(set(strings)) == len(strings)
+    assert all(ids.parse(s) == i for i, s in enumerate(strings))
+    assert ids.parse("<a_0><b_0>") is None and ids.parse("hello") is None
+    ids.save(tmp_path, [f"I{i}" for i in range(200)])
+    again = ItemIds.load(tmp_path)
+    assert np.array_equal(again.codes, ids.codes) and len(again.codebooks) == 2
+    assert ids.vocabulary()[0] == "<a_0>" and len(ids.vocabulary()) == sum(ids.level_sizes)
+
+
+def test_semantic_ids_are_semantic():
+    emb = clustered()
+    ids = semantic_ids(emb, levels=2, codes=8, seed=0)
+    # nearest neighbours share the first code far more often than random pairs
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -1)
+    nn = sims.argmax(1)
+    assert np.mean(ids.codes[:, 0] == ids.codes[nn, 0]) > 0.9
+
+
+def test_cold_start_item_gets_an_id_without_retraining():
+    emb = clustered()
+    ids = semantic_ids(emb, levels=2, codes=8, collision_headroom=2, seed=0)
+    new = emb[5] + 0.01  # a new item very close to item 5
+    codes = ids.assign(new / np.linalg.norm(new))
+    assert codes[:2] == tuple(int(c) for c in ids.codes[5, :2])  # same semantic prefix
+    assert all(c < n for c, n in zip(codes, ids.level_sizes, strict=True))  # uses existing tokens only
+    row = ids.add(codes)
+    assert ids.parse(ids.item_string(row)) == row
+    with pytest.raises(GenrecError, match="already taken"):
+        ids.add(codes)
+
+
+def test_cold_start_reports_full_collision_group():
+    emb = clustered()
+    ids = semantic_ids(emb, levels=2, codes=8, collision_headroom=0, seed=0)
+    # with no headroom the largest prefix group uses every collision code; its members' region is full
+    row = int(np.nonzero(ids.codes[:, -1] == ids.level_sizes[-1] - 1)[0][0])
+    with pytest.raises(GenrecError, match="collision_headroom"):
+        ids.assign(emb[row])
+
+
+def test_atomic_ids():
+    ids = atomic_ids(5)
+    assert ids.item_string(3) == "<item_3>" and ids.parse("<item_3>") == 3 and ids.depth == 1
+
+
+def test_collaborative_embeddings_capture_cooccurrence(small_data):
+    emb = collaborative_embeddings(small_data, dim=16)
+    assert emb.shape == (len(small_data.catalog), 16)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+
+def test_retriever_excludes_seen_and_weights_recency():
+    emb = np.eye(4, dtype=np.float32)
+    r = Retriever(emb, recency_decay=0.5)
+    items, _scores = r.search(r.history_query([0, 1]), 3, exclude=[[1]])
+    assert 1 not in items[0] and items[0][0] == 0
+    # most recent item dominates the query
+    q = r.history_query([2, 3])
+    assert q[3] > q[2]
+    assert r.for_histories([[0, 1, 2]], 5) == [[3]]
