@@ -65,8 +65,8 @@ def prepare_model(run: RunDir, cfg: RunConfig, builder: PromptBuilder, data: Int
     model = build_tiny(cfg.model, tokenizer)
     model.save_pretrained(run.base_dir)
     tokenizer.save_pretrained(run.base_dir)
-    model.config._name_or_path = str(run.base_dir.resolve())  # what a LoRA adapter records as its base
-    return model, tokenizer
+    # Reload so the model's name_or_path is base/: what a LoRA adapter records as its base.
+    return AutoModelForCausalLM.from_pretrained(run.base_dir.resolve()), tokenizer
 
 
 def use_lora(cfg: RunConfig) -> bool:
