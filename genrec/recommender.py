@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,6 +37,20 @@ class Recommendation:
     item_id: str
     title: str
     score: float
+
+
+@dataclass
+class RankRequest:
+    """One ranking request: a history (catalogue rows, oldest first) and its options."""
+
+    history: list[int]
+    n_items: int = 10
+    mode: CandidateMode = "retriever"
+    n_candidates: int = 200
+    beam_width: int | None = None
+    user: str | None = None
+    exclude: list[int] = field(default_factory=list)
+    template: str | None = None
 
 
 class UnknownItems(GenrecError):
@@ -69,6 +83,8 @@ class Recommender:
         self._users = data.user_index()
         self._titles = {t.lower(): i for i, t in enumerate(self.catalog.titles) if t}
         self._all = Trie(self.item_tokens.tolist())
+        self._builders: dict[str, PromptBuilder] = {}
+        self._encoder: Any = None
 
     @classmethod
     def load(cls, run: RunDir, *, device: str | None = None) -> Recommender:
@@ -135,6 +151,48 @@ class Recommender:
         return Trie(self.item_tokens[list(candidates)].tolist(), list(candidates))
 
     # -- ranking ---------------------------------------------------------------------------------
+    def builder_for(self, template: str | None) -> PromptBuilder:
+        """The run's prompt builder, or one for another template (cached by name)."""
+        if template is None or template == self.builder.template.name:
+            return self.builder
+        if template not in self._builders:
+            from genrec.prompts import load_template
+
+            t = load_template(template, [self.run / "prompts"])
+            self._builders[template] = PromptBuilder(
+                t,
+                self.catalog,
+                self.ids,
+                max_history=self.cfg.prompt.max_history,
+                title_words=self.cfg.prompt.title_words,
+            )
+        return self._builders[template]
+
+    def rank_requests(self, requests: Sequence[RankRequest]) -> list[list[Recommendation]]:
+        """One batched constrained beam search for requests with their own options.
+
+        The beam width is the largest any request needs, so each gets at least its own width.
+        """
+        if not requests:
+            return []
+        prompts, tries = [], []
+        for r in requests:
+            prompts.append(
+                self.engine.encode_messages(self.builder_for(r.template).messages(r.history, r.user))
+            )
+            tries.append(
+                self.trie(self.candidates(r.history, mode=r.mode, n=r.n_candidates, exclude=r.exclude))
+            )
+        width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
+        ranked = self.engine.rank(prompts, tries, beam_width=width)
+        return [
+            [
+                Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)
+                for i, s in zip(out.items[: r.n_items], out.scores[: r.n_items], strict=True)
+            ]
+            for r, out in zip(requests, ranked, strict=True)
+        ]
+
     def rank_histories(
         self,
         histories: Sequence[Sequence[int]],
@@ -147,21 +205,21 @@ class Recommender:
         exclude: Sequence[Sequence[int]] | None = None,
     ) -> list[list[Recommendation]]:
         """Top `n_items` per history; every item is in its candidate set, none repeats or was seen."""
-        width = max(beam_width or n_items, n_items)
         users = users or [None] * len(histories)
-        prompts, tries = [], []
-        for k, (h, u) in enumerate(zip(histories, users, strict=True)):
-            prompts.append(self.engine.encode_messages(self.builder.messages(h, u)))
-            cands = self.candidates(h, mode=mode, n=n_candidates, exclude=exclude[k] if exclude else ())
-            tries.append(self.trie(cands))
-        ranked = self.engine.rank(prompts, tries, beam_width=width)
-        return [
+        return self.rank_requests(
             [
-                Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)
-                for i, s in zip(r.items[:n_items], r.scores[:n_items], strict=True)
+                RankRequest(
+                    list(h),
+                    n_items=n_items,
+                    mode=mode,
+                    n_candidates=n_candidates,
+                    beam_width=beam_width,
+                    user=u,
+                    exclude=list(exclude[k]) if exclude else [],
+                )
+                for k, (h, u) in enumerate(zip(histories, users, strict=True))
             ]
-            for r in ranked
-        ]
+        )
 
     def recommend_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
         """Cold start: no history, rank by the retriever on the text's embedding."""
@@ -170,7 +228,9 @@ class Recommender:
         meta = self.run.meta().get("ids", {})
         if not str(meta.get("embedding", "")).startswith("text"):
             raise GenrecError("free-text queries need text item embeddings; this run uses collaborative ones")
-        query = TextEncoder(self.cfg.ids.encoder).encode([text])
+        if self._encoder is None:  # loaded once, on the first free-text query
+            self._encoder = TextEncoder(self.cfg.ids.encoder)
+        query = self._encoder.encode([text])
         items, scores = self.retriever.search(query, n_items, exclude=[list(exclude)])
         return [
             Recommendation(int(i), self.catalog.item_ids[i], self.catalog.titles[i], float(s))

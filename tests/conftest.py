@@ -10,10 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from genrec.config import ModelConfig
+from genrec.config import ModelConfig, RunConfig, apply_overrides
 from genrec.data import clean
 from genrec.data.synthetic import generate
 from genrec.modeling import add_id_tokens, build_tiny, train_tokenizer
+from genrec.pipeline import build_ids, prepare
+from genrec.run import RunDir
+from genrec.training import train
 
 torch.set_num_threads(2)
 
@@ -35,3 +38,32 @@ def tiny_lm():
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
     model = build_tiny(cfg, tok).eval()
     return model, tok, id_tokens
+
+
+TINY = [
+    "data.synthetic_items=240", "data.synthetic_users=150", "data.kcore=2",
+    "ids.levels=2", "ids.codes=8", "ids.embedding=collaborative", "ids.collaborative_dim=16",
+    "prompt.max_history=4", "prompt.title_words=3",
+    "model.hidden_size=48", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.intermediate_size=96", "model.vocab_size=400",
+    "train.max_steps=40", "train.batch_size=16", "train.logging_steps=5", "train.save_steps=20",
+    "train.examples_per_user=4", "train.learning_rate=0.005",
+    "eval.beam_width=10", "eval.ks=[5,10]", "eval.max_users=40", "eval.batch_size=16",
+]  # fmt: skip
+
+
+def make_run(tmp_path, name, extra=()):
+    """A prepared run with IDs built, on tiny synthetic data."""
+    run = RunDir(tmp_path / name)
+    cfg = apply_overrides(RunConfig(name=name), [*TINY, *extra])
+    prepare(run, cfg)
+    build_ids(run, cfg)
+    return run, cfg
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny run trained for 40 steps (about 10 s on 2 CPU cores), shared by pipeline and server tests."""
+    run, cfg = make_run(tmp_path_factory.mktemp("runs"), "full")
+    summary = train(run, cfg)
+    return run, cfg, summary

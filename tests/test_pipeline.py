@@ -8,56 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.config import RunConfig, apply_overrides
+from genrec.config import apply_overrides
 from genrec.evaluation import evaluate
-from genrec.pipeline import build_ids, prepare
 from genrec.recommender import Recommender, UnknownItems
-from genrec.run import RunDir
 from genrec.training import train
-
-TINY = [
-    "data.synthetic_items=240",
-    "data.synthetic_users=150",
-    "data.kcore=2",
-    "ids.levels=2",
-    "ids.codes=8",
-    "ids.embedding=collaborative",
-    "ids.collaborative_dim=16",
-    "prompt.max_history=4",
-    "prompt.title_words=3",
-    "model.hidden_size=48",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.intermediate_size=96",
-    "model.vocab_size=400",
-    "train.max_steps=40",
-    "train.batch_size=16",
-    "train.logging_steps=5",
-    "train.save_steps=20",
-    "train.examples_per_user=4",
-    "train.learning_rate=0.005",
-    "eval.beam_width=10",
-    "eval.ks=[5,10]",
-    "eval.max_users=40",
-    "eval.batch_size=16",
-]
-
-
-def make_run(tmp_path, name, extra=()):
-    run = RunDir(tmp_path / name)
-    cfg = apply_overrides(RunConfig(name=name), [*TINY, *extra])
-    prepare(run, cfg)
-    build_ids(run, cfg)
-    return run, cfg
+from tests.conftest import make_run
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("runs")
-    run, cfg = make_run(tmp, "full")
-    summary = train(run, cfg)
-    return run, cfg, summary
+def trained(trained_run):
+    return trained_run
 
 
 @pytest.mark.slow

@@ -1,0 +1,220 @@
+"""The HTTP surface: OpenAI-compatible routes over RecService, one place mapping errors to statuses.
+
+Routes: GET /v1/models, POST /v1/chat/completions (JSON or SSE stream), POST /v1/completions,
+GET /health, GET /metrics (Prometheus). Bearer API keys when configured. Every client input error
+is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genrec.recommender import Recommendation
+from serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    RecommendedItem,
+    Usage,
+)
+from serve.service import RecService
+
+logger = logging.getLogger(__name__)
+
+
+def format_text(recs: list[Recommendation]) -> str:
+    if not recs:
+        return "No items to recommend."
+    return "\n".join(
+        f"{k}. {r.title or r.item_id} (item {r.item_id}, score {r.score:.4f})" for k, r in enumerate(recs, 1)
+    )
+
+
+def items(recs: list[Recommendation]) -> list[RecommendedItem]:
+    return [
+        RecommendedItem(rank=k, item_id=r.item_id, title=r.title, score=round(r.score, 6))
+        for k, r in enumerate(recs, 1)
+    ]
+
+
+def create_app(service: RecService, *, api_keys: list[str] | None = None) -> FastAPI:
+    keys = set(api_keys or [])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="genrec", lifespan=lifespan)
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error(APIError(400, "malformed JSON body", code="invalid_json"))
+        param = ".".join(loc) or None
+        return error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        if path.startswith("/v1/") and keys:
+            auth = request.headers.get("authorization", "")
+            if not (auth.startswith("Bearer ") and auth[7:].strip() in keys):
+                response: Response = error(
+                    APIError(
+                        401,
+                        "missing or invalid API key (Authorization: Bearer …)",
+                        type="authentication_error",
+                        code="invalid_api_key",
+                    )
+                )
+                service.metrics.requests.labels(path, "401").inc()
+                return response
+        try:
+            response = await call_next(request)
+        except APIError as e:
+            response = error(e)
+        except Exception:
+            logger.exception("unhandled error on %s", path)
+            response = error(APIError(500, "internal error", type="server_error"))
+        if path.startswith("/v1/"):
+            service.metrics.requests.labels(path, str(response.status_code)).inc()
+            service.metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    def check_model(model: str, n: int) -> None:
+        if model != service.model_name:
+            raise APIError(
+                400,
+                f"unknown model {model!r}; this server serves {service.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        if n != 1:
+            raise APIError(400, f"n={n}: only n=1 is supported (use n_items for more items)", param="n")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": service.model_name, "queue": service._pending}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=service.model_name)])
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest) -> Any:
+        try:
+            check_model(req.model, req.n)
+            user_msgs = [m for m in req.messages if m.role == "user"]
+            text = user_msgs[-1].text() if user_msgs else ""
+            q = service.parse(req, text=text, user=req.user)
+            recs = await service.recommend(q, req)
+        except APIError as e:
+            return error(e)
+        fmt = req.response_format.type if req.response_format else "text"
+        content = (
+            json.dumps({"items": [i.model_dump() for i in items(recs)]})
+            if fmt != "text"
+            else format_text(recs)
+        )
+        usage = Usage(
+            prompt_tokens=service.prompt_tokens(q, req.template),
+            completion_tokens=len(recs) * service.rec.ids.depth,
+        )
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        resp = ChatCompletionResponse(
+            model=req.model,
+            choices=[ChatChoice(message=AssistantMessage(content=content))],
+            usage=usage,
+            recommendations=items(recs),
+            template=service.template_info(req.template),
+        )
+        if not req.stream:
+            return resp
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse_chunks(resp, content, include_usage), media_type="text/event-stream")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        try:
+            check_model(req.model, req.n)
+            prompt = req.prompt if isinstance(req.prompt, str) else "\n".join(req.prompt)
+            if req.stream:
+                raise APIError(400, "stream=true is supported on /v1/chat/completions only", param="stream")
+            q = service.parse(req, text=prompt, user=req.user)
+            recs = await service.recommend(q, req)
+        except APIError as e:
+            return error(e)
+        usage = Usage(
+            prompt_tokens=service.prompt_tokens(q, req.template),
+            completion_tokens=len(recs) * service.rec.ids.depth,
+        )
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return CompletionResponse(
+            model=req.model,
+            choices=[CompletionChoice(text=format_text(recs))],
+            usage=usage,
+            recommendations=items(recs),
+        )
+
+    return app
+
+
+async def sse_chunks(resp: ChatCompletionResponse, content: str, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI chunk stream: role, one chunk per line of the reply, finish, optional usage, [DONE]."""
+
+    def chunk(delta: Delta, finish: Any = None, usage: Usage | None = None, choices: bool = True) -> str:
+        c = ChatCompletionChunk(
+            id=resp.id,
+            created=resp.created,
+            model=resp.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [],
+            usage=usage,
+        )
+        return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
+
+    yield chunk(Delta(role="assistant", content=""))
+    lines = content.split("\n")
+    for k, line in enumerate(lines):
+        yield chunk(Delta(content=line + ("\n" if k + 1 < len(lines) else "")))
+    yield chunk(Delta(), finish="stop")
+    if include_usage:
+        yield chunk(Delta(), usage=resp.usage, choices=False)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,58 @@
+"""Server entry point: load a run, build the app, run uvicorn (graceful shutdown drains requests)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genrec.run import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeArgs:
+    run: Path
+    backend: str = "hf"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    device: str | None = None
+    max_queue: int = 256
+    max_batch: int = 32
+    max_history: int = 512
+    timeout_s: float = 60.0
+
+
+def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
+    from genrec.recommender import Recommender
+    from serve.app import create_app
+    from serve.service import RecService, ServeLimits
+
+    run = RunDir(args.run)
+    if args.backend == "hf":
+        rec = Recommender.load(run, device=args.device)
+    elif args.backend == "vllm":
+        from genrec.engines.vllm import load_vllm_recommender
+
+        rec = load_vllm_recommender(run)
+    else:
+        raise ValueError(f"--backend must be 'hf' or 'vllm', got {args.backend!r}")
+    limits = ServeLimits(
+        max_history=args.max_history,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        request_timeout_s=args.timeout_s,
+    )
+    service = RecService(rec, model_name=args.model_name or run.path.name, limits=limits)
+    return create_app(service, api_keys=args.api_keys)
+
+
+def serve(args: ServeArgs) -> None:
+    import uvicorn
+
+    app = build_app(args)
+    logger.info("serving %s on http://%s:%d/v1 (backend %s)", args.run, args.host, args.port, args.backend)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)

@@ -1,0 +1,302 @@
+"""The recommendation service behind the HTTP API: input parsing, micro-batching, limits, metrics.
+
+Knows nothing of HTTP: it raises APIError values that the app maps to status codes. The engine
+is driven by one worker task that batches concurrent requests into one constrained beam search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from genrec.errors import GenrecError
+from genrec.prompts import TemplateProblem
+from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems
+from serve.protocol import APIError, RecommendationOptions
+
+logger = logging.getLogger(__name__)
+
+ID_TOKEN = re.compile(r"<[a-z]+_\d+>")
+SPLIT = re.compile(r"[\n,;]+")
+
+
+@dataclass
+class ServeLimits:
+    max_history: int = 512
+    """Longest history a request may carry (items)."""
+    max_queue: int = 256
+    """Requests waiting for the engine before new ones get 429."""
+    max_batch: int = 32
+    """Requests ranked together in one beam search."""
+    batch_wait_ms: float = 5.0
+    """How long the worker waits to fill a batch."""
+    request_timeout_s: float = 60.0
+    """A request still waiting after this gets 503."""
+
+
+@dataclass
+class Query:
+    """What a request asks for, after parsing: a history, or free text for cold start."""
+
+    history: list[int] = field(default_factory=list)
+    text: str | None = None
+    user: str | None = None
+    exclude: list[int] = field(default_factory=list)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("genrec_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "genrec_request_latency_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.prompt_tokens = Counter("genrec_prompt_tokens_total", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("genrec_completion_tokens_total", "ID tokens generated", registry=r)
+        self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting for the engine", registry=r)
+        self.batch_size = Histogram(
+            "genrec_batch_size",
+            "Requests per engine batch",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.items = Counter("genrec_items_returned_total", "Items returned", registry=r)
+        self.invalid = Counter("genrec_invalid_items_total", "Returned items that were not valid", registry=r)
+
+
+@dataclass
+class _Job:
+    request: RankRequest
+    future: asyncio.Future[list[Recommendation]]
+
+
+class RecService:
+    def __init__(self, rec: Recommender, *, model_name: str, limits: ServeLimits | None = None) -> None:
+        self.rec = rec
+        self.model_name = model_name
+        self.limits = limits or ServeLimits()
+        self.metrics = Metrics()
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._pending = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._work())
+
+    async def stop(self, *, drain_s: float = 30.0) -> None:
+        """Finish queued requests (up to drain_s), then stop the worker."""
+        deadline = time.monotonic() + drain_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._worker:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    # -- parsing ---------------------------------------------------------------------------------
+    def resolve(self, refs: Sequence[str], *, param: str) -> list[int]:
+        try:
+            return self.rec.resolve_items(refs)
+        except UnknownItems as e:
+            raise APIError(
+                400,
+                f"unknown item(s) in {param}: {', '.join(map(repr, e.unknown[:20]))}",
+                param=param,
+                code="unknown_items",
+            ) from None
+
+    def parse(self, opts: RecommendationOptions, *, text: str, user: str | None) -> Query:
+        """History from `history`, else a known `user`, else the message text; free text -> cold start."""
+        q = Query(user=user, exclude=self.resolve(opts.exclude, param="exclude") if opts.exclude else [])
+        if opts.history is not None:
+            q.history = self.resolve(opts.history, param="history")
+            if not q.history:
+                raise APIError(400, "history is empty", param="history", code="empty_history")
+        elif user is not None and user in self.rec._users:
+            q.history = self.rec.user_history(user, split="full")
+        else:
+            q.history, q.text = self.parse_text(text)
+        if not q.history and not (q.text and q.text.strip()):
+            raise APIError(
+                400,
+                "no history and no text: send item ids/titles, a known user, or a description",
+                param="messages",
+                code="empty_history",
+            )
+        if len(q.history) > self.limits.max_history:
+            raise APIError(
+                400,
+                f"history has {len(q.history)} items; the limit is {self.limits.max_history}",
+                param="history",
+                code="history_too_long",
+            )
+        return q
+
+    def parse_text(self, text: str) -> tuple[list[int], str | None]:
+        """ID strings, or lines/commas that are all item ids or titles -> history; none -> free text."""
+        body = re.sub(r"^\s*(history|items)\s*:\s*", "", text.strip(), flags=re.I)
+        tokens = ID_TOKEN.findall(body)
+        if tokens:  # item ID strings, possibly back to back: one item per `depth` tokens
+            d = self.rec.ids.depth
+            if len(tokens) % d:
+                raise APIError(
+                    400,
+                    f"{len(tokens)} ID tokens do not form whole item IDs of {d} tokens",
+                    param="messages",
+                    code="unknown_items",
+                )
+            return self.resolve(
+                ["".join(tokens[k : k + d]) for k in range(0, len(tokens), d)], param="messages"
+            ), None
+        parts = [p.strip() for p in SPLIT.split(body) if p.strip()]
+        known = []
+        for p in parts:
+            with contextlib.suppress(UnknownItems):
+                known.append(self.rec.resolve_items([p])[0])
+        if parts and len(known) == len(parts):
+            return known, None
+        if known:  # some parts are items, others are not: name the unknown ones
+            self.resolve(parts, param="messages")
+        return [], text
+
+    # -- ranking ---------------------------------------------------------------------------------
+    async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
+        if not q.history:
+            assert q.text is not None
+            try:
+                return await asyncio.to_thread(
+                    self.rec.recommend_text, q.text, n_items=opts.n_items, exclude=q.exclude
+                )
+            except GenrecError as e:
+                raise APIError(400, str(e), param="messages") from None
+        if opts.template is not None:
+            try:
+                self.rec.builder_for(opts.template)
+            except TemplateProblem as e:
+                raise APIError(400, str(e), param="template", code="bad_template") from None
+        width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
+        req = RankRequest(
+            q.history,
+            n_items=width,
+            mode=opts.candidates,
+            n_candidates=opts.n_candidates,
+            user=q.user,
+            exclude=q.exclude,
+            template=opts.template,
+        )
+        recs = await self._submit(req)
+        if opts.explore > 0:
+            recs = self.diversify(recs, opts.n_items, opts.explore)
+        self._count(recs, q)
+        return recs
+
+    async def _submit(self, req: RankRequest) -> list[Recommendation]:
+        assert self._queue is not None, "start() first"
+        if self._pending >= self.limits.max_queue:
+            raise APIError(
+                429,
+                f"server busy: {self._pending} requests queued",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        fut: asyncio.Future[list[Recommendation]] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        self.metrics.queue_depth.set(self._pending)
+        await self._queue.put(_Job(req, fut))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                503,
+                f"timed out after {self.limits.request_timeout_s:.0f} s",
+                type="timeout",
+                code="timeout",
+                headers={"Retry-After": "5"},
+            ) from None
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            jobs = [await self._queue.get()]
+            deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+            while len(jobs) < self.limits.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            self.metrics.batch_size.observe(len(jobs))
+            try:
+                results = await asyncio.to_thread(self.rec.rank_requests, [j.request for j in jobs])
+            except Exception as e:  # one bad batch must not kill the worker; each waiter gets the error
+                logger.exception("engine batch failed")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+            else:
+                for j, r in zip(jobs, results, strict=True):
+                    if not j.future.done():
+                        j.future.set_result(r)
+            finally:
+                self._pending -= len(jobs)
+                self.metrics.queue_depth.set(self._pending)
+
+    def diversify(self, recs: list[Recommendation], n: int, explore: float) -> list[Recommendation]:
+        """Maximal marginal relevance: relevance (softmax of scores) vs similarity to items already picked."""
+        if len(recs) <= 1:
+            return recs[:n]
+        emb = self.rec.retriever.embeddings[[r.item for r in recs]]
+        scores = np.array([r.score for r in recs])
+        rel = np.exp(scores - scores.max())
+        rel = rel / rel.max()
+        picked: list[int] = []
+        left = list(range(len(recs)))
+        while left and len(picked) < n:
+            sim = (emb[left] @ emb[picked].T).max(axis=1) if picked else np.zeros(len(left))
+            best = int(np.argmax((1 - explore) * rel[left] - explore * sim))
+            picked.append(left.pop(best))
+        return [recs[i] for i in picked]
+
+    def _count(self, recs: list[Recommendation], q: Query) -> None:
+        seen = set(q.history) | set(q.exclude)
+        valid = [r for r in recs if 0 <= r.item < len(self.rec.catalog) and r.item not in seen]
+        invalid = len(recs) - len(valid) + (len(recs) - len({r.item for r in recs}))
+        self.metrics.items.inc(len(recs))
+        self.metrics.invalid.inc(invalid)
+        self.metrics.completion_tokens.inc(len(recs) * self.rec.ids.depth)
+
+    def prompt_tokens(self, q: Query, template: str | None) -> int:
+        if not q.history:
+            return 0
+        n = len(self.rec.engine.encode_messages(self.rec.builder_for(template).messages(q.history, q.user)))
+        self.metrics.prompt_tokens.inc(n)
+        return n
+
+    def template_info(self, template: str | None) -> dict[str, Any]:
+        b = self.rec.builder_for(template)
+        trained = self.rec.run.meta().get("template", {})
+        return {
+            "name": b.template.name,
+            "hash": b.template.hash,
+            "trained_hash": trained.get("hash"),
+            "differs_from_training": trained.get("hash") not in (None, b.template.hash),
+        }

@@ -1,0 +1,295 @@
+"""A real server (uvicorn on 127.0.0.1, random port) driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from genrec.recommender import Recommender
+from serve.app import create_app
+from serve.service import RecService, ServeLimits
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def rec(trained_run):
+    return Recommender.load(trained_run[0], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(rec):
+    service = RecService(rec, model_name="tiny-run", limits=ServeLimits(max_history=50))
+    with LiveServer(create_app(service, api_keys=[KEY])) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def history_of(rec, k=3):
+    return rec.user_history(rec.data.users[5])[-k:]
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-run"]
+
+
+def test_chat_with_history_returns_valid_distinct_items(client, rec):
+    hist = history_of(rec)
+    refs = [rec.catalog.item_ids[i] for i in hist]
+    resp = client.chat.completions.create(
+        model="tiny-run", messages=[{"role": "user", "content": ", ".join(refs)}], extra_body={"n_items": 6}
+    )
+    lines = resp.choices[0].message.content.splitlines()
+    assert len(lines) == 6 and lines[0].startswith("1. ")
+    recs = resp.model_extra["recommendations"]
+    ids = [r["item_id"] for r in recs]
+    assert len(set(ids)) == 6 and all(i in rec.catalog.index for i in ids) and not set(ids) & set(refs)
+    assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens == 6 * rec.ids.depth
+
+
+def test_history_forms_agree(client, rec):
+    hist = history_of(rec)
+    by_ids = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "recommend"}],
+        extra_body={"history": [rec.catalog.item_ids[i] for i in hist], "n_items": 5, "candidates": "all"},
+    )
+    by_sid = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "".join(rec.ids.item_string(i) for i in hist)}],
+        extra_body={"n_items": 5, "candidates": "all"},
+    )
+    titles = "\n".join(rec.catalog.titles[i] for i in hist)
+    by_title = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": titles}],
+        extra_body={"n_items": 5, "candidates": "all"},
+    )
+    a, b, c = (x.choices[0].message.content for x in (by_ids, by_sid, by_title))
+    assert a == b == c
+
+
+def test_known_user_and_json_output(client, rec):
+    user = rec.data.users[2]
+    resp = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "what next?"}],
+        user=user,
+        response_format={"type": "json_object"},
+        extra_body={"n_items": 4},
+    )
+    data = json.loads(resp.choices[0].message.content)
+    assert [x["rank"] for x in data["items"]] == [1, 2, 3, 4]
+    seen = {rec.catalog.item_ids[i] for i in rec.data.sequences[rec.data.users.index(user)]}
+    assert not {x["item_id"] for x in data["items"]} & seen
+
+
+def test_streaming_matches_non_streaming(client, rec):
+    body = {
+        "model": "tiny-run",
+        "messages": [{"role": "user", "content": rec.catalog.item_ids[history_of(rec)[0]]}],
+        "extra_body": {"n_items": 5},
+    }
+    full = client.chat.completions.create(**body).choices[0].message.content
+    stream = client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_completions_endpoint(client, rec):
+    resp = client.completions.create(
+        model="tiny-run", prompt=rec.catalog.item_ids[history_of(rec)[0]], extra_body={"n_items": 3}
+    )
+    assert len(resp.choices[0].text.splitlines()) == 3
+
+
+def test_explore_diversifies_but_stays_valid(client, rec):
+    hist = [rec.catalog.item_ids[i] for i in history_of(rec)]
+    resp = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "x"}],
+        extra_body={"history": hist, "n_items": 5, "explore": 0.9},
+    )
+    ids = [r["item_id"] for r in resp.model_extra["recommendations"]]
+    assert len(set(ids)) == 5 and not set(ids) & set(hist)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"model": "other"}, "unknown model 'other'"),
+        ({"extra_body": {"history": ["nope-1", "nope-2"]}}, "unknown item.*'nope-1', 'nope-2'"),
+        ({"extra_body": {"history": []}}, "history is empty"),
+        ({"extra_body": {"history": ["I00001"] * 51}}, "limit is 50"),
+        ({"n": 2}, "only n=1"),
+        ({"extra_body": {"n_items": 0}}, "n_items"),
+        ({"extra_body": {"template": "../../etc/passwd", "history": ["I00001"]}}, "invalid template name"),
+        ({"extra_body": {"candidates": "some"}}, "candidates"),
+        ({"messages": [{"role": "user", "content": ""}]}, "no history and no text"),
+    ],
+)
+def test_client_errors_are_400(client, kwargs, match):
+    body = {"model": "tiny-run", "messages": [{"role": "user", "content": "I00001"}]}
+    body.update(kwargs)
+    with pytest.raises(openai.BadRequestError, match=match):
+        client.chat.completions.create(**body)
+
+
+def test_free_text_needs_text_embeddings(client):
+    with pytest.raises(openai.BadRequestError, match="text item embeddings"):
+        client.chat.completions.create(
+            model="tiny-run", messages=[{"role": "user", "content": "something cosy to read"}]
+        )
+
+
+def test_auth(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_malformed_json_and_fuzz_never_5xx(server):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    rng = random.Random(0)
+    values = [
+        None,
+        1,
+        -5,
+        1e9,
+        "",
+        "x" * 5000,
+        [],
+        {},
+        [1, "a"],
+        {"a": 1},
+        True,
+        "I00001",
+        ["I00001", "I00002"],
+    ]
+    fields = [
+        "model",
+        "messages",
+        "n_items",
+        "history",
+        "exclude",
+        "explore",
+        "candidates",
+        "n",
+        "stream",
+        "response_format",
+        "user",
+        "template",
+        "n_candidates",
+    ]
+    for _ in range(150):
+        body = {"model": "tiny-run", "messages": [{"role": "user", "content": "I00001"}]}
+        for f in rng.sample(fields, rng.randint(1, 4)):
+            body[f] = rng.choice(values)
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            r = httpx.post(server.url + path, json=body, headers=h, timeout=60)
+            assert r.status_code < 500, (path, body, r.text)
+            if r.status_code >= 400:
+                assert "error" in r.json() and r.json()["error"]["message"]
+
+
+def test_metrics_exposed(server, client, rec):
+    client.chat.completions.create(
+        model="tiny-run", messages=[{"role": "user", "content": rec.catalog.item_ids[0]}]
+    )
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "genrec_requests_total",
+        "genrec_request_latency_seconds_bucket",
+        "genrec_queue_depth",
+        "genrec_items_returned_total",
+        "genrec_invalid_items_total 0.0",
+        "genrec_prompt_tokens_total",
+    ):
+        assert name in text, name
+
+
+def test_queue_full_gives_429_with_retry_after(rec):
+    service = RecService(rec, model_name="m", limits=ServeLimits(max_queue=0))
+    with LiveServer(create_app(service)) as s:
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}]},
+        )
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_concurrent_requests_are_batched_and_valid(server, rec):
+    import concurrent.futures
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+    def one(i: int) -> list[str]:
+        hist = rec.user_history(rec.data.users[i % len(rec.data.users)])[-3:]
+        resp = client.chat.completions.create(
+            model="tiny-run",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"history": [rec.catalog.item_ids[j] for j in hist], "n_items": 5},
+        )
+        ids = [r["item_id"] for r in resp.model_extra["recommendations"]]
+        assert len(set(ids)) == 5 and not set(ids) & {rec.catalog.item_ids[j] for j in hist}
+        return ids
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(48)))
+    assert len(results) == 48
+    text = httpx.get(server.url + "/metrics").text
+    batches = [ln for ln in text.splitlines() if ln.startswith("genrec_batch_size_count")]
+    count = float(batches[0].split()[-1])
+    assert count < 48 + 30  # concurrent requests shared engine batches
