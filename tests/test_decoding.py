@@ -42,14 +42,14 @@ class TableModel:
         g = torch.Generator().manual_seed(hash((self.seed, tuple(prompt), prefix)) % (2**31))
         return torch.log_softmax(torch.randn(self.vocab, generator=g) * 3, -1)
 
-    def start(self, prompts):
+    def start(self, prompts, allowed):
         self.prompts = [tuple(p) for p in prompts]
         self.rows = [(i, ()) for i in range(len(prompts))]
-        return torch.stack([self._logp(self.prompts[i], ()) for i, _ in self.rows])
+        return [self._logp(self.prompts[i], ())[a] for (i, _), a in zip(self.rows, allowed, strict=True)]
 
-    def step(self, parents, tokens):
+    def step(self, parents, tokens, allowed):
         self.rows = [(self.rows[p][0], (*self.rows[p][1], t)) for p, t in zip(parents, tokens, strict=True)]
-        return torch.stack([self._logp(self.prompts[i], pre) for i, pre in self.rows])
+        return [self._logp(self.prompts[i], pre)[a] for (i, pre), a in zip(self.rows, allowed, strict=True)]
 
     def exact(self, prompt, seq):
         return sum(float(self._logp(tuple(prompt), tuple(seq[:k]))[seq[k]]) for k in range(len(seq)))

@@ -19,12 +19,16 @@ from genrec.decoding.trie import Trie, TrieNode
 
 
 class StepModel(Protocol):
-    def start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """[len(prompts), vocab] log-probabilities of the first generated token."""
+    """Next-token log-probabilities (full-vocabulary normalised) for just the tokens each row may take."""
+
+    def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Row i is prompts[i]; returns log P(allowed[i][j] | prompts[i]) as a 1-D tensor per row."""
         ...
 
-    def step(self, parents: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
-        """Row j continues the previous call's row parents[j] with tokens[j]; [len(tokens), vocab]."""
+    def step(
+        self, parents: Sequence[int], tokens: Sequence[int], allowed: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Row j continues the previous call's row parents[j] with tokens[j]; log-probs of allowed[j]."""
         ...
 
 
@@ -61,16 +65,16 @@ def constrained_beam_search(
     depth = depths.pop() if depths else 0
     if depth == 0:
         return [Ranked([], []) for _ in prompts]
-    logp = model.start(prompts)
     beams = [[_Beam(t.root, 0.0, r)] if len(t) else [] for r, t in enumerate(tries)]
+    # Requests with an empty trie still get a row (a prompt) but no beams; they are never expanded.
+    logp = model.start(prompts, [t.root.allowed() for t in tries])
     for level in range(depth):
-        chosen = _expand_all(beams, logp, beam_width)
         parents: list[int] = []
         tokens: list[int] = []
         new_beams: list[list[_Beam]] = []
-        for req_beams, req_chosen in zip(beams, chosen, strict=True):
+        for req_beams in beams:
             kept = []
-            for beam_idx, tok, score in req_chosen:
+            for beam_idx, tok, score in _expand(req_beams, logp, beam_width):
                 parent = req_beams[beam_idx]
                 kept.append(_Beam(parent.node.children[tok], score, len(parents)))
                 parents.append(parent.row)
@@ -78,7 +82,8 @@ def constrained_beam_search(
             new_beams.append(kept)
         beams = new_beams
         if level + 1 < depth and parents:
-            logp = model.step(parents, tokens)
+            allowed = [b.node.allowed() for req_beams in beams for b in req_beams]
+            logp = model.step(parents, tokens, allowed)
     out = []
     for req_beams in beams:
         assert all(b.node.item is not None for b in req_beams), "beam ended inside the trie"
@@ -86,42 +91,14 @@ def constrained_beam_search(
     return out
 
 
-def _expand_all(
-    beams: list[list[_Beam]], logp: torch.Tensor, width: int
-) -> list[list[tuple[int, int, float]]]:
-    """Per request, the best `width` (beam index, token, score) continuations across its beams.
-
-    One gather over all requests' allowed tokens per step keeps device syncs to one.
-    """
-    rows, toks, sizes = [], [], []
-    for req_beams in beams:
-        n = 0
-        for b in req_beams:
-            allowed = b.node.allowed()
-            rows.append(torch.full((len(allowed),), b.row, dtype=torch.long))
-            toks.append(allowed)
-            n += len(allowed)
-        sizes.append(n)
-    if not rows:
-        return [[] for _ in beams]
-    all_toks = torch.cat(toks)
-    gathered = logp[torch.cat(rows).to(logp.device), all_toks.to(logp.device)].double().cpu()
-    out: list[list[tuple[int, int, float]]] = []
-    offset = 0
-    for req_beams, n in zip(beams, sizes, strict=True):
-        if n == 0:
-            out.append([])
-            continue
-        base = torch.cat(
-            [torch.full((len(b.node.allowed()),), b.score, dtype=torch.float64) for b in req_beams]
-        )
-        which = torch.cat(
-            [torch.full((len(b.node.allowed()),), i, dtype=torch.long) for i, b in enumerate(req_beams)]
-        )
-        scores = base + gathered[offset : offset + n]
-        req_toks = all_toks[offset : offset + n]
-        offset += n
-        # Stable order for ties: score descending, then candidate position.
-        order = torch.argsort(-scores, stable=True)[: min(width, n)]
-        out.append([(int(which[i]), int(req_toks[i]), float(scores[i])) for i in order])
-    return out
+def _expand(beams: list[_Beam], logp: list[torch.Tensor], width: int) -> list[tuple[int, int, float]]:
+    """The best `width` (beam index, token, score) continuations across one request's beams."""
+    if not beams:
+        return []
+    allowed = [b.node.allowed() for b in beams]
+    scores = torch.cat([b.score + logp[b.row].double() for b in beams])
+    toks = torch.cat(allowed)
+    which = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)])
+    # Stable order for ties: score descending, then candidate position.
+    order = torch.argsort(-scores, stable=True)[: min(width, len(scores))]
+    return [(int(which[i]), int(toks[i]), float(scores[i])) for i in order]

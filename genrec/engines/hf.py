@@ -26,8 +26,15 @@ class HFStepModel:
         self.mask: torch.Tensor | None = None
         self.next_pos: torch.Tensor | None = None
 
+    def _gather(self, logits: torch.Tensor, allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Full-vocabulary log-softmax, then only each row's allowed tokens move to the CPU."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        rows = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)])
+        flat = logp[rows.to(self.device), torch.cat(list(allowed)).to(self.device)].cpu()
+        return list(flat.split([len(a) for a in allowed]))
+
     @torch.inference_mode()
-    def start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -38,10 +45,12 @@ class HFStepModel:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         self.cache, self.mask, self.next_pos = out.past_key_values, mask, pos[:, -1] + 1
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return self._gather(out.logits[:, -1], allowed)
 
     @torch.inference_mode()
-    def step(self, parents: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    def step(
+        self, parents: Sequence[int], tokens: Sequence[int], allowed: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
         assert self.mask is not None and self.next_pos is not None, "start() first"
         idx = torch.tensor(list(parents), dtype=torch.long, device=self.device)
         self.cache.reorder_cache(idx)
@@ -58,7 +67,7 @@ class HFStepModel:
             use_cache=True,
         )
         self.cache, self.mask, self.next_pos = out.past_key_values, mask, pos + 1
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return self._gather(out.logits[:, -1], allowed)
 
 
 class HFEngine:

