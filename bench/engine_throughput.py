@@ -1,0 +1,153 @@
+"""Engine throughput and latency: genrec constrained beam search vs unconstrained greedy decoding of
+the same number of tokens vs vLLM's built-in beam search at the same width, same model, same prompts.
+
+    python -m bench.engine_throughput --run runs/demo --engine vllm --users 2000 --beam 10
+    python -m bench.engine_throughput --run runs/demo --engine vllm --build-model 1024,8,16,4,2816 ...
+
+--build-model H,L,heads,kv_heads,mlp builds a random-init Qwen2 of that size with the run's tokenizer
+(for speed only: a >= 100M-parameter model without training it). Prints and saves JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def build_model(run: Any, spec: str, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    h, layers, heads, kv, mlp = (int(x) for x in spec.split(","))
+    tok = AutoTokenizer.from_pretrained(run.model_dir())
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=h,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=mlp,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"built random Qwen2 with {n / 1e6:.1f}M parameters")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--beam", type=int, default=10)
+    p.add_argument("--batch", type=int, default=512, help="users per engine call for throughput")
+    p.add_argument("--candidates", choices=["all", "retriever"], default="all")
+    p.add_argument("--latency-requests", type=int, default=50)
+    p.add_argument("--build-model", default=None, help="H,L,heads,kv_heads,mlp: random Qwen2 for speed tests")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from bench.common import percentiles, save
+    from genrec.data import leave_one_out
+    from genrec.recommender import RankRequest, Recommender
+    from genrec.retrieval import Retriever
+    from genrec.run import RunDir
+
+    run = RunDir(args.run)
+    model_dir = run.model_dir()
+    if args.build_model:
+        model_dir = build_model(run, args.build_model, Path("/tmp/genrec-bench-model"))
+    if args.engine == "vllm":
+        from genrec.engines.vllm import VLLMEngine
+
+        engine: Any = VLLMEngine(model_dir, dtype=args.dtype)
+    else:
+        from genrec.engines.hf import HFEngine
+        from genrec.modeling import load_trained
+
+        engine = HFEngine(*load_trained(model_dir))
+    rec = Recommender(
+        run, run.load_config(), run.load_data(), run.load_ids(), engine, Retriever(run.load_embeddings())
+    )
+    examples = leave_one_out(rec.data, "test")
+    examples = (examples * (args.users // len(examples) + 1))[: args.users]
+    reqs = [
+        RankRequest(list(e.history), n_items=args.beam, mode=args.candidates, user=e.user) for e in examples
+    ]
+    prompts = [engine.encode_messages(rec.builder.messages(r.history, r.user)) for r in reqs]
+    depth = rec.ids.depth
+    results: dict[str, Any] = {
+        "engine": args.engine,
+        "users": args.users,
+        "beam": args.beam,
+        "depth": depth,
+        "candidates": args.candidates,
+        "items": len(rec.catalog),
+        "mean_prompt_tokens": round(statistics.mean(map(len, prompts)), 1),
+    }
+    # warm-up (compilation, CUDA graphs, caches)
+    rec.rank_requests(reqs[:8])
+    if args.engine == "vllm":
+        engine.greedy(prompts[:8], max_tokens=depth)
+
+    def constrained() -> None:
+        for s in range(0, len(reqs), args.batch):
+            out = rec.rank_requests(reqs[s : s + args.batch])
+            assert all(len({x.item for x in o}) == len(o) for o in out)
+
+    secs = timed(constrained)
+    results["constrained_users_per_s"] = round(args.users / secs, 1)
+    if args.engine == "vllm":
+        secs_g = timed(
+            lambda: [
+                engine.greedy(prompts[s : s + args.batch], max_tokens=depth)
+                for s in range(0, len(prompts), args.batch)
+            ]
+        )
+        results["greedy_users_per_s"] = round(args.users / secs_g, 1)
+        n_beam = min(args.users, 500)
+        secs_b = timed(
+            lambda: engine.builtin_beam_search(prompts[:n_beam], beam_width=args.beam, max_tokens=depth)
+        )
+        results["vllm_beam_search_users_per_s"] = round(n_beam / secs_b, 1)
+        results["constrained_vs_vllm_beam"] = round(
+            results["constrained_users_per_s"] / results["vllm_beam_search_users_per_s"], 2
+        )
+        results["constrained_vs_greedy_throughput"] = round(
+            results["constrained_users_per_s"] / results["greedy_users_per_s"], 3
+        )
+    lat_c = [timed(lambda r=r: rec.rank_requests([r])) for r in reqs[: args.latency_requests]]
+    results["constrained_latency"] = percentiles(lat_c)
+    if args.engine == "vllm":
+        lat_g = [
+            timed(lambda p=p: engine.greedy([p], max_tokens=depth)) for p in prompts[: args.latency_requests]
+        ]
+        results["greedy_latency"] = percentiles(lat_g)
+        results["latency_ratio_p50"] = round(
+            results["constrained_latency"]["p50_ms"] / results["greedy_latency"]["p50_ms"], 2
+        )
+    save(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
