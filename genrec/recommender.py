@@ -145,6 +145,12 @@ class Recommender:
         )
         return [int(i) for i in items[0] if i >= 0]
 
+    def candidate_trie(self, r: RankRequest) -> Trie:
+        if r.mode == "all":  # the catalogue trie minus seen/excluded items, sharing untouched subtrees
+            banned = sorted(set(r.history) | set(r.exclude))
+            return self._all.without(self.item_tokens[banned].tolist())
+        return self.trie(self.candidates(r.history, mode=r.mode, n=r.n_candidates, exclude=r.exclude))
+
     def trie(self, candidates: Sequence[int]) -> Trie:
         if len(candidates) == len(self.catalog):
             return self._all
@@ -180,9 +186,7 @@ class Recommender:
             prompts.append(
                 self.engine.encode_messages(self.builder_for(r.template).messages(r.history, r.user))
             )
-            tries.append(
-                self.trie(self.candidates(r.history, mode=r.mode, n=r.n_candidates, exclude=r.exclude))
-            )
+            tries.append(self.candidate_trie(r))
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         ranked = self.engine.rank(prompts, tries, beam_width=width)
         return [

@@ -24,6 +24,24 @@ def test_trie_matches_brute_force(seqs, prefix):
         assert trie.get(s) == i
 
 
+@given(seqs_strategy, st.data())
+def test_trie_without_equals_rebuilt_trie(seqs, data):
+    removed = data.draw(st.lists(st.sampled_from(seqs), unique=True))
+    full = Trie(seqs)
+    pruned = full.without([*removed, (9, 9, 9)])  # a sequence not in the trie is ignored
+    kept = [s for s in seqs if s not in removed]
+    rebuilt = Trie(kept, [seqs.index(s) for s in kept])
+    assert sorted(pruned, key=lambda x: x[1]) == sorted(rebuilt, key=lambda x: x[1]) and len(pruned) == len(
+        kept
+    )
+    for s in seqs:
+        for k in range(3):
+            assert set(pruned.allowed(s[:k])) == set(rebuilt.allowed(s[:k]))
+    assert len(full) == len(seqs) and sorted(x[1] for x in full) == list(
+        range(len(seqs))
+    )  # original untouched
+
+
 def test_trie_rejects_ragged_and_conflicting():
     with pytest.raises(ValueError, match="length"):
         Trie([[1, 2], [1]])

@@ -52,6 +52,38 @@ class Trie:
     def __len__(self) -> int:
         return self._len
 
+    def without(self, sequences: Sequence[Sequence[int]]) -> Trie:
+        """A trie minus some sequences, sharing every untouched subtree with this one.
+
+        Costs O(len(sequences) x depth), not O(trie): nodes on the removed paths are copied, the
+        rest is shared, and emptied branches are pruned so every remaining prefix reaches an item.
+        """
+        new = Trie([])
+        new.depth, new._len = self.depth, self._len
+        new.root = _copy(self.root)
+        copied = {id(new.root)}
+        for seq in sequences:
+            path = [new.root]
+            for tok in seq:
+                node = path[-1]
+                child = node.children.get(int(tok))
+                if child is None:
+                    break
+                if id(child) not in copied:
+                    child = node.children[int(tok)] = _copy(child)
+                    copied.add(id(child))
+                path.append(child)
+            if len(path) != len(seq) + 1 or path[-1].item is None:
+                continue
+            path[-1].item = None
+            new._len -= 1
+            for level in range(len(seq) - 1, -1, -1):
+                child = path[level + 1]
+                if child.children or child.item is not None:
+                    break
+                del path[level].children[int(seq[level])]
+        return new
+
     def node(self, prefix: Sequence[int]) -> TrieNode | None:
         node: TrieNode | None = self.root
         for tok in prefix:
@@ -76,3 +108,10 @@ class Trie:
             if node.item is not None:
                 yield prefix, node.item
             stack.extend((child, (*prefix, tok)) for tok, child in node.children.items())
+
+
+def _copy(node: TrieNode) -> TrieNode:
+    out = TrieNode()
+    out.children = dict(node.children)
+    out.item = node.item
+    return out
