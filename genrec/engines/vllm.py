@@ -26,8 +26,9 @@ MAX_IDS_PER_REQUEST = 128
 
 
 class VLLMStepModel:
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, *, mask_allowed: bool = False) -> None:
         self.llm = llm
+        self.mask_allowed = mask_allowed
         self.rows: list[list[int]] = []
 
     def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -55,7 +56,9 @@ class VLLMStepModel:
                         max_tokens=1,
                         temperature=0.0,
                         logprob_token_ids=chunk,
-                        allowed_token_ids=chunk,
+                        # The sampled token is discarded (max_tokens=1): masking it with allowed_token_ids
+                        # would only add a per-request logits processor.
+                        allowed_token_ids=chunk if self.mask_allowed else None,
                         detokenize=False,
                     )
                 )
@@ -83,7 +86,7 @@ class VLLMEngine:
         model_dir: str | Path,
         *,
         dtype: str = "auto",
-        max_model_len: int = 2048,
+        max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
         seed: int = 0,
         llm: Any = None,
