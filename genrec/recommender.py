@@ -51,6 +51,8 @@ class RankRequest:
     user: str | None = None
     exclude: list[int] = field(default_factory=list)
     template: str | None = None
+    prompt_tokens: int = 0
+    """Filled in by Recommender.rank_requests: the prompt's length in tokens (for usage reporting)."""
 
 
 class UnknownItems(GenrecError):
@@ -186,6 +188,7 @@ class Recommender:
             prompts.append(
                 self.engine.encode_messages(self.builder_for(r.template).messages(r.history, r.user))
             )
+            r.prompt_tokens = len(prompts[-1])
             tries.append(self.candidate_trie(r))
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         ranked = self.engine.rank(prompts, tries, beam_width=width)

@@ -155,7 +155,7 @@ def create_app(service: RecService, *, api_keys: list[str] | None = None) -> Fas
             else format_text(recs)
         )
         usage = Usage(
-            prompt_tokens=service.prompt_tokens(q, req.template),
+            prompt_tokens=q.prompt_tokens,
             completion_tokens=len(recs) * service.rec.ids.depth,
         )
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -183,7 +183,7 @@ def create_app(service: RecService, *, api_keys: list[str] | None = None) -> Fas
         except APIError as e:
             return error(e)
         usage = Usage(
-            prompt_tokens=service.prompt_tokens(q, req.template),
+            prompt_tokens=q.prompt_tokens,
             completion_tokens=len(recs) * service.rec.ids.depth,
         )
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens

@@ -51,6 +51,8 @@ class Query:
     text: str | None = None
     user: str | None = None
     exclude: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    """Set once ranked: the prompt's length in tokens."""
 
 
 class Metrics:
@@ -201,6 +203,8 @@ class RecService:
             template=opts.template,
         )
         recs = await self._submit(req)
+        q.prompt_tokens = req.prompt_tokens
+        self.metrics.prompt_tokens.inc(req.prompt_tokens)
         if opts.explore > 0:
             recs = self.diversify(recs, opts.n_items, opts.explore)
         self._count(recs, q)
@@ -283,13 +287,6 @@ class RecService:
         self.metrics.items.inc(len(recs))
         self.metrics.invalid.inc(invalid)
         self.metrics.completion_tokens.inc(len(recs) * self.rec.ids.depth)
-
-    def prompt_tokens(self, q: Query, template: str | None) -> int:
-        if not q.history:
-            return 0
-        n = len(self.rec.engine.encode_messages(self.rec.builder_for(template).messages(q.history, q.user)))
-        self.metrics.prompt_tokens.inc(n)
-        return n
 
     def template_info(self, template: str | None) -> dict[str, Any]:
         b = self.rec.builder_for(template)

@@ -116,6 +116,20 @@ def _is_float(s: str) -> bool:
     return True
 
 
+def _tsv(path: Path, n_fields: int, *, header: str | None = None) -> Iterable[tuple[int, list[str]]]:
+    """(line number, fields) of a tab-separated file, skipping a header line that starts with `header`."""
+    with open(_need_file(path), encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if (line_no == 1 and header and line.startswith(header)) or not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != n_fields:
+                raise DataError(
+                    f"expected {n_fields} tab-separated fields, got {len(parts)}", path=path, line=line_no
+                )
+            yield line_no, parts
+
+
 def load_sequences(path: str | Path) -> Raw:
     """One line per user, `user item1 item2 ...` in time order; ids only (no item text)."""
     path = _need_file(Path(path))
@@ -155,47 +169,21 @@ def load_unisrec(folder: str | Path) -> Raw:
         folder / f"{stem}.item2index",
         folder / f"{stem}.test.inter",
     )
-    texts: dict[str, str] = {}
-    with open(text_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line_no == 1 and line.startswith("item_id:"):
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2:
-                raise DataError(
-                    f"expected 2 tab-separated fields, got {len(parts)}", path=text_path, line=line_no
-                )
-            texts[parts[0]] = parts[1].strip()
-    index_to_asin: dict[str, str] = {}
-    with open(_need_file(map_path), encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            parts = line.split()
-            if len(parts) != 2:
-                raise DataError(f"expected 2 fields, got {len(parts)}", path=map_path, line=line_no)
-            index_to_asin[parts[1]] = parts[0]
+    texts = {parts[0]: parts[1].strip() for _, parts in _tsv(text_path, 2, header="item_id:")}
+    index_to_asin = {parts[1]: parts[0] for _, parts in _tsv(map_path, 2)}
     ids = list(index_to_asin.values())
     full = [texts.get(a, "") for a in ids]
     titles = [t.split(". ")[0] for t in full]
     catalog = Catalog(ids, titles, full, source=str(text_path))
     users, seqs = [], []
-    with open(_need_file(inter_path), encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line_no == 1 and line.startswith("user_id:"):
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 3:
-                raise DataError(
-                    f"expected 3 tab-separated fields, got {len(parts)}", path=inter_path, line=line_no
-                )
-            seq = []
-            for idx in [*parts[1].split(), parts[2]]:
-                if idx not in index_to_asin:
-                    raise DataError(
-                        f"unknown item index {idx!r}", path=inter_path, line=line_no, field="item_id"
-                    )
-                seq.append(catalog.index[index_to_asin[idx]])
-            users.append(parts[0])
-            seqs.append(seq)
+    for line_no, parts in _tsv(inter_path, 3, header="user_id:"):
+        seq = []
+        for idx in [*parts[1].split(), parts[2]]:
+            if idx not in index_to_asin:
+                raise DataError(f"unknown item index {idx!r}", path=inter_path, line=line_no, field="item_id")
+            seq.append(catalog.index[index_to_asin[idx]])
+        users.append(parts[0])
+        seqs.append(seq)
     return catalog, users, seqs
 
 
