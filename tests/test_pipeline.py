@@ -118,3 +118,20 @@ def test_text_embeddings_with_installed_minilm(tmp_path):
     emb = np.load(run.embeddings_file)
     assert emb.shape[1] == 384 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     assert run.meta()["ids"]["embedding"] == "text:minilm"
+
+
+@pytest.mark.slow
+def test_recommend_cli_answers_for_a_history(trained):
+    from typer.testing import CliRunner
+
+    from genrec.cli import app
+
+    run, _, _ = trained
+    data = Recommender.load(run, device="cpu").data
+    hist = ",".join(data.catalog.item_ids[i] for i in data.sequences[0][:3])
+    result = CliRunner().invoke(app, ["recommend", "--run", str(run), "--history", hist, "-n", "4"])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()[:2] in ("1.", "2.", "3.", "4.")]
+    assert len(lines) == 4
+    result = CliRunner().invoke(app, ["recommend", "--run", str(run), "--history", "nope"])
+    assert "unknown item(s): 'nope'" in str(result.exception)

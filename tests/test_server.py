@@ -293,3 +293,24 @@ def test_concurrent_requests_are_batched_and_valid(server, rec):
     batches = [ln for ln in text.splitlines() if ln.startswith("genrec_batch_size_count")]
     count = float(batches[0].split()[-1])
     assert count < 48 + 30  # concurrent requests shared engine batches
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(rec):
+    import concurrent.futures
+
+    # The worker holds a batch open for 1.5 s, so all 8 requests are queued when shutdown starts.
+    service = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=1500))
+    s = LiveServer(create_app(service)).__enter__()
+    body = {"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}], "n_items": 5}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [
+            pool.submit(httpx.post, s.url + "/v1/chat/completions", json=body, timeout=60) for _ in range(8)
+        ]
+        deadline = time.time() + 20
+        while service._pending < 8 and time.time() < deadline:
+            time.sleep(0.01)
+        assert service._pending == 8
+        s.server.should_exit = True
+        codes = [f.result().status_code for f in futures]
+    s.thread.join(timeout=60)
+    assert codes == [200] * 8 and not s.thread.is_alive()
