@@ -126,6 +126,9 @@ class Recommender:
             raise UnknownItems(unknown)
         return rows
 
+    def knows_user(self, user: str) -> bool:
+        return user in self._users
+
     def user_history(self, user: str, *, split: str = "test") -> list[int]:
         """A known user's history as of `split` (test: all but the last item; full: everything)."""
         if user not in self._users:

@@ -130,7 +130,7 @@ class RecService:
             q.history = self.resolve(opts.history, param="history")
             if not q.history:
                 raise APIError(400, "history is empty", param="history", code="empty_history")
-        elif user is not None and user in self.rec._users:
+        elif user is not None and self.rec.knows_user(user):
             q.history = self.rec.user_history(user, split="full")
         else:
             q.history, q.text = self.parse_text(text)
