@@ -214,6 +214,79 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 @app.command()
+def generate(
+    run: RunOpt,
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input", "-i", help="Users to rank: .jsonl or .parquet rows with `user` and/or `history`."
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Result file (.jsonl or .parquet); work in progress goes to <output>.parts/.",
+        ),
+    ],
+    resume: Annotated[
+        bool, typer.Option(help="Continue a killed job from its last committed chunk.")
+    ] = False,
+    shard: Annotated[
+        str, typer.Option(help="i/n: take every n-th input row starting at row i (manual fan-out).")
+    ] = "0/1",
+    n: Annotated[int, typer.Option("--n", "-n", help="Items per user.")] = 10,
+    candidates: Annotated[
+        str, typer.Option(help="`all` (whole catalogue minus seen) or `retriever`.")
+    ] = "all",
+    n_candidates: Annotated[
+        int, typer.Option(help="Retriever candidates when --candidates retriever.")
+    ] = 200,
+    chunk_size: Annotated[
+        int, typer.Option(help="Rows per committed chunk (the most a crash can redo).")
+    ] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Users per engine batch.")] = 32,
+    backend: Annotated[str, typer.Option(help="`hf` (transformers) or `vllm`.")] = "hf",
+) -> None:
+    """Offline batch generation for many users: streamed, chunked, resumable, bad rows to a rejects file."""
+    from genrec.batch import generate as do_generate
+    from genrec.recommender import Recommender
+
+    try:
+        k, m = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise GenrecError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    if candidates not in ("all", "retriever"):
+        raise GenrecError(f"--candidates must be 'all' or 'retriever', got {candidates!r}")
+    rd = RunDir(run)
+    if backend == "vllm":
+        from genrec.engines.vllm import load_vllm_recommender
+
+        rec = load_vllm_recommender(rd)
+    elif backend == "hf":
+        rec = Recommender.load(rd)
+    else:
+        raise GenrecError(f"--backend must be 'hf' or 'vllm', got {backend!r}")
+    summary = do_generate(
+        rec,
+        input,
+        output,
+        resume=resume,
+        shard=(k, m),
+        chunk_size=chunk_size,
+        n_items=n,
+        mode=candidates,
+        n_candidates=n_candidates,
+        batch_size=batch_size,
+    )
+    typer.echo(
+        f"{summary['rows']} users ranked -> {summary['output']}; {summary['rejects']} rejected rows -> "
+        f"{summary['rejects_file']}"
+    )
+
+
+@app.command()
 def serve(
     run: RunOpt,
     backend: Annotated[
