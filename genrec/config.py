@@ -160,6 +160,10 @@ class EvalConfig:
     """Users per forward pass."""
     max_users: int | None = None
     """Evaluate on the first N users only (None: all). Reported in the output."""
+    baselines: list[str] = field(default_factory=lambda: ["popularity", "itemknn", "retriever", "sasrec"])
+    """Baselines run on the same split: popularity, itemknn, retriever (embeddings alone), sasrec (CE loss)."""
+    sasrec_epochs: int = 30
+    """Training epochs of the SASRec baseline."""
 
 
 @dataclass
@@ -321,6 +325,10 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
+    unknown = sorted(set(e.baselines) - {"popularity", "itemknn", "retriever", "sasrec"})
+    need(
+        not unknown, f"eval.baselines: unknown {unknown}; choose from popularity, itemknn, retriever, sasrec"
+    )
     need(max(e.ks) <= e.beam_width, f"eval.ks max {max(e.ks)} exceeds eval.beam_width {e.beam_width}")
     need(
         cfg.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),

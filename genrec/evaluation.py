@@ -65,6 +65,7 @@ def summarize(
     n_items: int,
     item_pop: np.ndarray,
     n_users_train: int,
+    embeddings: np.ndarray | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     per_user = [user_metrics(lst, ex.target, ks) for lst, ex in zip(lists, examples, strict=True)]
     summary = {k: float(np.mean([u[k] for u in per_user])) for k in per_user[0]}
@@ -78,9 +79,28 @@ def summarize(
     summary[f"novelty@{kmax}"] = (
         float(np.mean([-np.log2(prob[i]) for lst in top for i in lst])) if any(top) else 0.0
     )
+    head = set(np.argsort(-item_pop, kind="stable")[: max(1, n_items // 5)].tolist())  # top 20% by popularity
+    recs = [i for lst in top for i in lst]
+    summary[f"tail_share@{kmax}"] = float(np.mean([i not in head for i in recs])) if recs else 0.0
+    if embeddings is not None:
+        summary[f"diversity@{kmax}"] = intra_list_diversity(top, embeddings)
     summary["full_lists"] = float(np.mean([len(lst) >= kmax for lst in lists]))
     logger.info("%s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     return summary, per_user
+
+
+def intra_list_diversity(lists: Sequence[Sequence[int]], embeddings: np.ndarray) -> float:
+    """Mean pairwise cosine distance between the items of each list (0 = identical items)."""
+    vals = []
+    for lst in lists:
+        if len(lst) < 2:
+            continue
+        e = embeddings[list(lst)]
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sim = e @ e.T
+        n = len(lst)
+        vals.append(1.0 - (sim.sum() - np.trace(sim)) / (n * (n - 1)))
+    return float(np.mean(vals)) if vals else 0.0
 
 
 def popularity_lists(examples: Sequence[Example], counts: np.ndarray, k: int) -> list[list[int]]:
@@ -121,6 +141,28 @@ def model_lists(
     return out
 
 
+def baseline_lists(
+    rec: Any, examples: list[Example], cfg: RunConfig, counts: np.ndarray, *, progress: bool
+) -> dict[str, list[list[int]]]:
+    from genrec import baselines
+
+    k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
+    for name in cfg.eval.baselines:
+        logger.info("baseline %s", name)
+        if name == "popularity":
+            out[name] = popularity_lists(examples, counts, k)
+        elif name == "itemknn":
+            out[name] = baselines.itemknn_lists(rec.data, examples, split=split, k=k)
+        elif name == "retriever":
+            out[name] = baselines.retriever_lists(rec.retriever, examples, k=k)
+        elif name == "sasrec":
+            sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs)
+            out[name] = baselines.sasrec_lists(
+                rec.data, examples, split=split, k=k, cfg=sas, progress=progress
+            )
+    return out
+
+
 def evaluate(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Score the model and the baselines on one split; write eval.json, report.md and plots."""
     from genrec.recommender import Recommender
@@ -132,11 +174,17 @@ def evaluate(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> dict[str,
         examples = examples[: cfg.eval.max_users]
     ks = sorted(cfg.eval.ks)
     counts = popularity(data, split=cfg.eval.split)
-    common = {"ks": ks, "n_items": len(data.catalog), "item_pop": counts, "n_users_train": len(data)}
+    common = {
+        "ks": ks,
+        "n_items": len(data.catalog),
+        "item_pop": counts,
+        "n_users_train": len(data),
+        "embeddings": rec.retriever.embeddings,
+    }
     started = time.time()
     lists = {"genrec": model_lists(rec, examples, cfg, progress=progress)}
     seconds = time.time() - started
-    lists["popularity"] = popularity_lists(examples, counts, max(ks))
+    lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress))
     results, per_user = {}, {}
     for name, lst in lists.items():
         results[name], per_user[name] = summarize(name, lst, examples, **common)  # type: ignore[arg-type]
@@ -194,6 +242,23 @@ def write_plots(run: RunDir, report: dict[str, Any]) -> list[str]:
     fig.tight_layout()
     out = [f"eval_{split}_metrics.png"]
     fig.savefig(run / out[0], dpi=110)
+    plt.close(fig)
+    tail_key = next(m for m in next(iter(results.values())) if m.startswith("tail_share@"))
+    cov_key = next(m for m in next(iter(results.values())) if m.startswith("coverage@"))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(results)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [results[n][cov_key] for n in names], 0.4, label=f"catalogue {cov_key}")
+    ax.bar(
+        x + 0.2, [results[n][tail_key] for n in names], 0.4, label=f"long-tail {tail_key} (outside top 20%)"
+    )
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("coverage and long tail")
+    fig.tight_layout()
+    out.append(f"eval_{split}_longtail.png")
+    fig.savefig(run / out[-1], dpi=110)
     plt.close(fig)
     if run.train_log_file.is_file():
         logs = [json.loads(line) for line in run.train_log_file.read_text().splitlines() if line.strip()]

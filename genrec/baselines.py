@@ -1,0 +1,183 @@
+"""Baselines scored on the same split as genrec: popularity, item-kNN, the retriever alone, SASRec (CE).
+
+Each baseline sees only what the model saw: interactions before the split's targets (for `test`,
+every item but each user's last; for `valid`, all but the last two). Each returns, per example,
+the top-k items over the whole catalogue minus the user's history (full ranking).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from genrec.data import Example, Interactions
+
+logger = logging.getLogger(__name__)
+
+
+def visible_sequences(data: Interactions, split: str) -> list[list[int]]:
+    cut = 1 if split == "test" else 2
+    return [s[:-cut] for s in data.sequences]
+
+
+def _top_k_unseen(scores: np.ndarray, history: Sequence[int], k: int) -> list[int]:
+    scores = scores.astype(np.float64, copy=True)
+    scores[list(history)] = -np.inf
+    top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [int(i) for i in top if np.isfinite(scores[i])]
+
+
+def itemknn_lists(
+    data: Interactions,
+    examples: Sequence[Example],
+    *,
+    split: str,
+    k: int,
+    neighbours: int = 100,
+    shrink: float = 10.0,
+) -> list[list[int]]:
+    """Item-based kNN: cosine similarity of item columns of the user-item matrix, top neighbours kept."""
+    from scipy import sparse
+
+    seqs = visible_sequences(data, split)
+    n = len(data.catalog)
+    rows = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+    cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+    x = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(seqs), n))
+    x.data[:] = 1.0
+    co = (x.T @ x).tocsr().astype(np.float32)
+    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
+    co = co.tocoo()
+    sim = co.data / (norms[co.row] * norms[co.col] + shrink)
+    sim[co.row == co.col] = 0.0
+    s = sparse.csr_matrix((sim, (co.row, co.col)), shape=(n, n))
+    # keep the top `neighbours` similarities per item row
+    kept_rows, kept_cols, kept_vals = [], [], []
+    for i in range(n):
+        start, end = s.indptr[i], s.indptr[i + 1]
+        vals, idx = s.data[start:end], s.indices[start:end]
+        if len(vals) > neighbours:
+            sel = np.argpartition(-vals, neighbours)[:neighbours]
+            vals, idx = vals[sel], idx[sel]
+        kept_rows.append(np.full(len(idx), i))
+        kept_cols.append(idx)
+        kept_vals.append(vals)
+    s = sparse.csr_matrix(
+        (np.concatenate(kept_vals), (np.concatenate(kept_rows), np.concatenate(kept_cols))), shape=(n, n)
+    )
+    out = []
+    for ex in examples:
+        scores = np.asarray(s[list(ex.history)].sum(axis=0)).ravel()
+        out.append(_top_k_unseen(scores, ex.history, k))
+    return out
+
+
+def retriever_lists(retriever: object, examples: Sequence[Example], *, k: int) -> list[list[int]]:
+    """The embedding retriever alone (recency-weighted history embedding, inner product), no LM."""
+    return retriever.for_histories([ex.history for ex in examples], k)  # type: ignore[attr-defined]
+
+
+@dataclass
+class SASRecConfig:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    max_len: int = 50
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommendation (Kang & McAuley 2018) trained with full-softmax CE."""
+
+    def __init__(self, n_items: int, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)  # 0 = padding, item i -> i + 1
+        self.pos = nn.Embedding(cfg.max_len, cfg.hidden)
+        layer = nn.TransformerEncoderLayer(
+            cfg.hidden,
+            cfg.heads,
+            cfg.hidden * 4,
+            cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """[B, L] item ids (+1, left-padded with 0) -> [B, L, n_items] logits over the next item."""
+        length = seq.shape[1]
+        h = self.items(seq) * math.sqrt(self.cfg.hidden) + self.pos(torch.arange(length, device=seq.device))
+        # As in SASRec, padding positions are zeroed instead of masked as keys: a key-padding mask leaves
+        # the left-padded rows with nothing to attend to, whose NaNs then poison the gradients.
+        h = self.drop(h) * (seq != 0).unsqueeze(-1)
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=seq.device), diagonal=1)
+        h = self.encoder(h, mask=causal, is_causal=False)
+        return self.norm(h) @ self.items.weight[1:].T
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    out = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = [x + 1 for x in s[-length:]]
+        if s:
+            out[i, length - len(s) :] = torch.tensor(s)
+    return out
+
+
+def sasrec_lists(
+    data: Interactions,
+    examples: Sequence[Example],
+    *,
+    split: str,
+    k: int,
+    cfg: SASRecConfig | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Train SASRec on the sequences visible before the split's targets, then rank for each example."""
+    cfg = cfg or SASRecConfig()
+    torch.manual_seed(cfg.seed)
+    train = [s[:-1] for s in visible_sequences(data, split) if len(s) >= 2]  # inputs; targets shifted by one
+    targets = [s[1:] for s in visible_sequences(data, split) if len(s) >= 2]
+    x, y = _left_pad(train, cfg.max_len), _left_pad(targets, cfg.max_len) - 1  # y: -1 = padding
+    model = SASRec(len(data.catalog), cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    bar = tqdm(range(cfg.epochs), desc="SASRec", unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        perm = torch.randperm(len(x))
+        total = 0.0
+        for s in range(0, len(x), cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            logits = model(x[idx])
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y[idx].reshape(-1), ignore_index=-1
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{total / len(x):.3f}")
+    model.eval()
+    out: list[list[int]] = []
+    with torch.no_grad():
+        for s in range(0, len(examples), 256):
+            batch = examples[s : s + 256]
+            scores = model(_left_pad([ex.history for ex in batch], cfg.max_len))[:, -1].numpy()
+            out.extend(_top_k_unseen(sc, ex.history, k) for sc, ex in zip(scores, batch, strict=True))
+    return out

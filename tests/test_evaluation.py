@@ -1,0 +1,30 @@
+import math
+
+import numpy as np
+import pytest
+
+from genrec.data import Example
+from genrec.evaluation import intra_list_diversity, popularity_lists, user_metrics, validity
+
+
+def test_user_metrics_by_hand():
+    m = user_metrics([7, 3, 9], target=9, ks=[1, 3])
+    assert m["recall@1"] == 0 and m["recall@3"] == 1
+    assert m["ndcg@3"] == pytest.approx(1 / math.log2(4)) and m["mrr"] == pytest.approx(1 / 3)
+    assert user_metrics([1, 2], target=5, ks=[2]) == {"recall@2": 0.0, "ndcg@2": 0.0, "mrr": 0.0}
+
+
+def test_validity_counts_seen_duplicate_and_unknown_items():
+    assert validity([1, 2, 3], history=[0], n_items=10) == 1.0
+    assert validity([1, 1, 0, 99], history=[0], n_items=10) == 0.25
+
+
+def test_diversity_of_identical_and_orthogonal_items():
+    emb = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
+    assert intra_list_diversity([[0, 1]], emb) == pytest.approx(0.0)
+    assert intra_list_diversity([[0, 2]], emb) == pytest.approx(1.0)
+
+
+def test_popularity_skips_seen_items():
+    counts = np.array([5, 9, 1, 7])
+    assert popularity_lists([Example("u", (1,), 0)], counts, 2) == [[3, 0]]
