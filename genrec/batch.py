@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from genrec.data.loaders import iter_jsonl
 from genrec.errors import GenrecError
 from genrec.recommender import RankRequest, Recommender, UnknownItems
 from genrec.run import atomic_write_text
@@ -43,7 +44,7 @@ class Reject:
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line, parsed row or None when malformed, raw text), streamed."""
+    """(line, parsed row, "") or (line, None, what is wrong), streamed."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -55,21 +56,13 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
         return
     if path.suffix not in (".jsonl", ".json"):
         raise GenrecError(f"{path}: input must be .jsonl or .parquet")
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError:
-                yield line, None, text.strip()[:200]
-                continue
-            yield line, rec if isinstance(rec, dict) else None, text.strip()[:200]
+    yield from iter_jsonl(path)
 
 
-def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, raw: str) -> Row | Reject:
+def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
     if obj is None:
-        return Reject(line, "malformed JSON (expected an object)", raw)
+        return Reject(line, problem, "")
+    raw = json.dumps(obj)[:200]
     user = obj.get("user", obj.get("user_id"))
     user = str(user) if user is not None else None
     hist = obj.get("history")

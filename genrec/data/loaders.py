@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -187,6 +188,23 @@ def load_unisrec(folder: str | Path) -> Raw:
     return catalog, users, seqs
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line, object, "") per non-empty line, or (line, None, what is wrong) for a bad one; streamed."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"malformed JSON ({e.msg}): {line.strip()[:80]!r}"
+                continue
+            if isinstance(row, dict):
+                yield line_no, row, ""
+            else:
+                yield line_no, None, "expected a JSON object"
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """CSV, JSONL or Parquet by extension; JSONL errors name the line."""
     path = _need_file(Path(path))
@@ -197,17 +215,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     if suffix in (".jsonl", ".json"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"malformed JSON: {e.msg}", path=path, line=line_no) from None
-                if not isinstance(row, dict):
-                    raise DataError("expected a JSON object", path=path, line=line_no)
-                rows.append(row)
+        for line_no, row, problem in iter_jsonl(path):
+            if row is None:
+                raise DataError(problem, path=path, line=line_no)
+            rows.append(row)
         return pd.DataFrame(rows)
     raise DataError(f"unsupported extension {suffix!r} (use .csv, .jsonl or .parquet)", path=path)
 
