@@ -74,9 +74,9 @@ class IdsConfig:
 class PromptConfig:
     template: str = "default"
     """Template name in prompts/ (or a path to a .jinja file)."""
-    max_history: int = 10
+    max_history: int = 6
     """Most recent items shown in the prompt."""
-    title_words: int = 8
+    title_words: int = 5
     """Words of each item's title shown (0 hides titles)."""
 
 
@@ -106,11 +106,11 @@ class ModelConfig:
 class TrainConfig:
     method: Literal["auto", "full", "lora"] = "auto"
     """`full` fine-tuning, `lora` (PEFT, new ID-token rows trainable), `auto`: full for tiny, else lora."""
-    epochs: float = 3.0
+    epochs: float = 1.0
     """Passes over the training examples."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: use epochs)."""
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     """Peak learning rate (cosine schedule with warmup)."""
     warmup_ratio: float = 0.05
     """Fraction of steps used for linear warmup."""
@@ -122,7 +122,7 @@ class TrainConfig:
     """AdamW weight decay."""
     max_length: int = 512
     """Truncate examples longer than this many tokens (from the left of the history)."""
-    examples_per_user: int = 0
+    examples_per_user: int = 12
     """Training targets per user: 0 = every position of the training sequence, N = the last N."""
     lora_r: int = 16
     """LoRA rank."""
@@ -134,7 +134,7 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Modules that get LoRA adapters (embed_tokens and lm_head are trained in full)."""
-    logging_steps: int = 10
+    logging_steps: int = 20
     """Log loss every N steps."""
     save_steps: int = 200
     """Checkpoint every N steps (resume with `genrec train --resume`)."""

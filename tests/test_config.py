@@ -47,3 +47,20 @@ def test_overrides_coerce_and_validate():
 def test_path_required_for_file_sources():
     with pytest.raises(ConfigError, match="data.path is required"):
         config_from_dict({"data": {"source": "movielens"}})
+
+
+def test_builtin_defaults_are_the_embedded_tiny_recipe():
+    """An installed package (without training/configs/) must run the same quickstart as the recipe."""
+    from pathlib import Path
+
+    recipe = load_config(
+        Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny.yaml"
+    ).to_dict()
+    defaults = RunConfig().to_dict()
+    recipe["ids"]["embedding"], recipe["train"]["method"] = (
+        "auto",
+        "auto",
+    )  # what auto resolves to for tiny + text
+    for section, fields in defaults.items():
+        if isinstance(fields, dict):
+            assert fields == recipe[section], section
