@@ -212,12 +212,10 @@ def _run_chunks(
         pending.append(parse_row(rec, line, obj, raw))
         last_read = line
         if len(pending) >= chunk_size:
-            _flush(rec, manifest, index, pending, last_read, batch_size, row_fields, options)
-            bar.update(len(pending))
+            _flush(rec, manifest, index, pending, last_read, batch_size, row_fields, options, bar)
             index, pending = index + 1, []
     if pending:
-        _flush(rec, manifest, index, pending, last_read, batch_size, row_fields, options)
-        bar.update(len(pending))
+        _flush(rec, manifest, index, pending, last_read, batch_size, row_fields, options, bar)
     bar.close()
 
 
@@ -230,6 +228,7 @@ def _flush(
     batch_size: int,
     row_fields: dict[str, Any],
     options: dict[str, Any],
+    bar: Any,
 ) -> None:
     rows = [p for p in pending if isinstance(p, Row)]
     rejects = [p for p in pending if isinstance(p, Reject)]
@@ -252,7 +251,9 @@ def _flush(
                 for i, x in enumerate(recs)
             ]
             out.append({"line": r.line, "user": r.user, "items": items, **row_fields})
+        bar.update(len(batch))
     manifest.commit(index, out, rejects, last_line)
+    bar.update(len(rejects))
 
 
 def _rejects_path(output: Path) -> Path:
