@@ -22,26 +22,23 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 def build_model(run: Any, spec: str, out: Path) -> Path:
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
+
+    from genrec.config import ModelConfig
+    from genrec.modeling import build_tiny
 
     h, layers, heads, kv, mlp = (int(x) for x in spec.split(","))
     tok = AutoTokenizer.from_pretrained(run.model_dir())
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
+    cfg = ModelConfig(
         hidden_size=h,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
         intermediate_size=mlp,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
     )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"built random Qwen2 with {n / 1e6:.1f}M parameters")
+    model = build_tiny(cfg, tok).to(torch.bfloat16)
+    print(f"built random Qwen2 with {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

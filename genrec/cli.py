@@ -260,14 +260,7 @@ def generate(
     if candidates not in ("all", "retriever"):
         raise GenrecError(f"--candidates must be 'all' or 'retriever', got {candidates!r}")
     rd = RunDir(run)
-    if backend == "vllm":
-        from genrec.engines.vllm import load_vllm_recommender
-
-        rec = load_vllm_recommender(rd)
-    elif backend == "hf":
-        rec = Recommender.load(rd)
-    else:
-        raise GenrecError(f"--backend must be 'hf' or 'vllm', got {backend!r}")
+    rec = Recommender.load(rd, backend=backend)
     summary = do_generate(
         rec,
         input,
@@ -350,9 +343,9 @@ def quickstart(
     typer.echo(f"[3/{len(steps)}] train")
     do_train(rd, cfg)
     typer.echo(f"[4/{len(steps)}] evaluate")
-    report = do_eval(rd, cfg)
-    _print_report(report)
     rec = Recommender.load(rd)
+    report = do_eval(rd, cfg, rec=rec)
+    _print_report(report)
     user = data.users[0]
     typer.echo(f"\nrecommendations for user {user} (`genrec recommend --run {rd} --user {user}`):")
     _print_recs(rec.rank_histories([rec.user_history(user)], n_items=5, users=[user])[0])

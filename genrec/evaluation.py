@@ -163,11 +163,14 @@ def baseline_lists(
     return out
 
 
-def evaluate(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Score the model and the baselines on one split; write eval.json, report.md and plots."""
+def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Score the model and the baselines on one split; write eval.json, report.md and plots.
+
+    `rec` is the run's loaded Recommender when the caller already has one (it is loaded otherwise).
+    """
     from genrec.recommender import Recommender
 
-    rec = Recommender.load(run)
+    rec = rec or Recommender.load(run)
     data = rec.data
     examples = leave_one_out(data, cfg.eval.split)
     if cfg.eval.max_users:

@@ -89,12 +89,19 @@ class Recommender:
         self._encoder: Any = None
 
     @classmethod
-    def load(cls, run: RunDir, *, device: str | None = None) -> Recommender:
+    def load(cls, run: RunDir, *, backend: str = "hf", device: str | None = None) -> Recommender:
+        """The run's merged model behind the `hf` (transformers) or `vllm` engine."""
         cfg = run.load_config()
-        data = run.load_data()
-        ids = run.load_ids()
-        model, tokenizer = load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype)
-        return cls(run, cfg, data, ids, HFEngine(model, tokenizer), Retriever(run.load_embeddings()))
+        engine: Engine
+        if backend == "hf":
+            engine = HFEngine(*load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype))
+        elif backend == "vllm":
+            from genrec.engines.vllm import VLLMEngine
+
+            engine = VLLMEngine(run.model_dir())
+        else:
+            raise GenrecError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+        return cls(run, cfg, run.load_data(), run.load_ids(), engine, Retriever(run.load_embeddings()))
 
     def _item_token_ids(self) -> np.ndarray:
         tok = self.engine.tokenizer
@@ -137,29 +144,21 @@ class Recommender:
         return seq[:-1] if split == "test" else seq[:-2] if split == "valid" else list(seq)
 
     # -- candidates ------------------------------------------------------------------------------
-    def candidates(
-        self, history: Sequence[int], *, mode: CandidateMode, n: int, exclude: Sequence[int] = ()
-    ) -> list[int]:
-        banned = set(history) | set(exclude)
-        if mode == "all":
-            return [i for i in range(len(self.catalog)) if i not in banned]
+    def retrieved(self, history: Sequence[int], *, n: int, exclude: Sequence[int] = ()) -> list[int]:
+        """The retriever's top-n items for a history, skipping the history and `exclude`."""
         if not history:
             raise GenrecError("candidates=retriever needs a history (or use free text)")
-        items, _ = self.retriever.search(
-            self.retriever.history_query(history)[None], n, exclude=[sorted(banned)]
-        )
+        banned = sorted(set(history) | set(exclude))
+        items, _ = self.retriever.search(self.retriever.history_query(history)[None], n, exclude=[banned])
         return [int(i) for i in items[0] if i >= 0]
 
     def candidate_trie(self, r: RankRequest) -> Trie:
-        if r.mode == "all":  # the catalogue trie minus seen/excluded items, sharing untouched subtrees
+        """Trie of the request's candidates: the catalogue minus seen/excluded items, or the retrieved ones."""
+        if r.mode == "all":  # shares every untouched subtree with the catalogue trie
             banned = sorted(set(r.history) | set(r.exclude))
             return self._all.without(self.item_tokens[banned].tolist())
-        return self.trie(self.candidates(r.history, mode=r.mode, n=r.n_candidates, exclude=r.exclude))
-
-    def trie(self, candidates: Sequence[int]) -> Trie:
-        if len(candidates) == len(self.catalog):
-            return self._all
-        return Trie(self.item_tokens[list(candidates)].tolist(), list(candidates))
+        cands = self.retrieved(r.history, n=r.n_candidates, exclude=r.exclude)
+        return Trie(self.item_tokens[cands].tolist(), cands)
 
     # -- ranking ---------------------------------------------------------------------------------
     def builder_for(self, template: str | None) -> PromptBuilder:

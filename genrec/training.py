@@ -120,21 +120,19 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
     )
 
 
-class _LossLog:
-    """TrainerCallback appending every logged loss to train_log.jsonl (kept across resumes)."""
+def loss_log_callback(path: Any) -> Any:
+    """A TrainerCallback appending every logged loss to train_log.jsonl (kept across resumes)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: Any) -> Any:
-        from transformers import TrainerCallback
+    class LossLog(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if logs and state.is_world_process_zero:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
-        class Callback(TrainerCallback):
-            def on_log(
-                self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-            ) -> None:
-                if logs and state.is_world_process_zero:
-                    with open(path, "a") as f:
-                        f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-        return Callback()
+    return LossLog()
 
 
 def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -161,7 +159,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         eval_dataset=valid_ds,
         processing_class=tokenizer,
         peft_config=peft_cfg,
-        callbacks=[_LossLog(run.train_log_file)],
+        callbacks=[loss_log_callback(run.train_log_file)],
     )
     has_ckpt = run.checkpoints_dir.is_dir() and any(run.checkpoints_dir.glob("checkpoint-*"))
     started = time.time()

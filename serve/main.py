@@ -32,14 +32,7 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
     from serve.service import RecService, ServeLimits
 
     run = RunDir(args.run)
-    if args.backend == "hf":
-        rec = Recommender.load(run, device=args.device)
-    elif args.backend == "vllm":
-        from genrec.engines.vllm import load_vllm_recommender
-
-        rec = load_vllm_recommender(run)
-    else:
-        raise ValueError(f"--backend must be 'hf' or 'vllm', got {args.backend!r}")
+    rec = Recommender.load(run, backend=args.backend, device=args.device)
     limits = ServeLimits(
         max_history=args.max_history,
         max_queue=args.max_queue,

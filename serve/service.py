@@ -19,6 +19,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from genrec.errors import GenrecError
+from genrec.evaluation import validity
 from genrec.prompts import TemplateProblem
 from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems
 from serve.protocol import APIError, RecommendationOptions
@@ -281,12 +282,11 @@ class RecService:
         return [recs[i] for i in picked]
 
     def _count(self, recs: list[Recommendation], q: Query) -> None:
-        seen = set(q.history) | set(q.exclude)
-        valid = [r for r in recs if 0 <= r.item < len(self.rec.catalog) and r.item not in seen]
-        invalid = len(recs) - len(valid) + (len(recs) - len({r.item for r in recs}))
-        self.metrics.items.inc(len(recs))
-        self.metrics.invalid.inc(invalid)
-        self.metrics.completion_tokens.inc(len(recs) * self.rec.ids.depth)
+        items = [r.item for r in recs]
+        good = round(validity(items, [*q.history, *q.exclude], len(self.rec.catalog)) * len(items))
+        self.metrics.items.inc(len(items))
+        self.metrics.invalid.inc(len(items) - good)
+        self.metrics.completion_tokens.inc(len(items) * self.rec.ids.depth)
 
     def template_info(self, template: str | None) -> dict[str, Any]:
         b = self.rec.builder_for(template)

@@ -66,7 +66,7 @@ def test_recommendations_are_valid_catalogue_items(trained):
             assert all(rec.catalog.item_ids[r.item] == r.item_id for r in recs)
             assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
     # retriever mode: results are inside the retriever's candidate set
-    cands = set(rec.candidates(hist, mode="retriever", n=30))
+    cands = set(rec.retrieved(hist, n=30))
     assert {r.item for r in rec.rank_histories([hist], n_items=10, n_candidates=30)[0]} <= cands
     # histories given as ids, ID strings or titles resolve to the same rows
     refs = [rec.catalog.item_ids[hist[0]], rec.ids.item_string(hist[1]), rec.catalog.titles[hist[2]]]

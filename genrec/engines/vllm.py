@@ -136,14 +136,3 @@ class VLLMEngine:
         params = BeamSearchParams(beam_width=beam_width, max_tokens=max_tokens, ignore_eos=True)
         outs = self.llm.beam_search([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
         return [[list(s.tokens) for s in o.sequences] for o in outs]
-
-
-def load_vllm_recommender(run: Any, **engine_kwargs: Any) -> Any:
-    """A Recommender over a run's merged model, with the vLLM engine."""
-    from genrec.recommender import Recommender
-    from genrec.retrieval import Retriever
-
-    cfg = run.load_config()
-    data, ids = run.load_data(), run.load_ids()
-    engine = VLLMEngine(run.model_dir(), **engine_kwargs)
-    return Recommender(run, cfg, data, ids, engine, Retriever(run.load_embeddings()))
