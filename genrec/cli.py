@@ -290,6 +290,14 @@ def serve(
     api_key: Annotated[
         list[str] | None, typer.Option(help="Require `Authorization: Bearer KEY` (repeatable).")
     ] = None,
+    admin_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="`LABEL=KEY` allowed to edit templates (API and /editor); LABEL is recorded as the "
+            "author. Repeatable. Without one, templates are read-only over HTTP.",
+            envvar="GENREC_ADMIN_KEY",
+        ),
+    ] = None,
     model_name: Annotated[
         str | None, typer.Option(help="Model id clients send (default: the run's name).")
     ] = None,
@@ -298,7 +306,8 @@ def serve(
     max_history: Annotated[int, typer.Option(help="Longest history accepted (items).")] = 512,
     timeout: Annotated[float, typer.Option(help="Seconds a request may wait before 503.")] = 60.0,
 ) -> None:
-    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
+    the template API (/v1/templates) and the template editor page (/editor)."""
     from serve.main import ServeArgs
     from serve.main import serve as do_serve
 
@@ -309,6 +318,7 @@ def serve(
             host=host,
             port=port,
             api_keys=api_key or [],
+            admin_keys=admin_key or [],
             model_name=model_name,
             max_queue=max_queue,
             max_batch=max_batch,

@@ -8,10 +8,15 @@ File format (`prompts/<name>.jinja`)::
     ---
     name: default
     description: what it shows
-    variables: [history, user]
-    system: optional system message (itself a template)
-    ---
+    task: next_item
+    variables: [history, user]          # declared inputs (checked against KNOWN_VARIABLES)
+    system: optional system message     # the default chat roles: this system turn, then
+    ---                                 # the body as the user turn
     body: the user message (Jinja2)
+
+Templates are untrusted code (they are edited over HTTP); they render in `genrec.sandbox`'s
+bounded sandbox. Helpers: `history | recent(n)` (the last n items), `item | format_item`
+(ID plus the first `title_words` title words), `text | words(n)`, and Jinja's own `join`.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import SecurityError
 
 from genrec.data import Catalog
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds
+from genrec.sandbox import TEMPLATE_FILENAME, BoundedSandbox, RenderLimits, TemplateLimitExceeded
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 KNOWN_VARIABLES = {"history", "user", "max_history", "title_words", "n_history_total"}
@@ -40,18 +47,49 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class TemplateProblem(GenrecError):
     """A template that cannot be loaded or rendered; names the file, line and column when known."""
 
+    def __init__(self, message: str, *, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(message)
+        self.line, self.column = line, column
+
 
 def _words(text: str, n: int) -> str:
     parts = str(text).split()
     return " ".join(parts[:n]) if n > 0 else ""
 
 
-def _environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(
-        undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True
+def _recent(items: Sequence[Any], n: int) -> list[Any]:
+    return list(items)[-n:] if n > 0 else []
+
+
+def _format_item(item: dict[str, Any], title_words: int = 8) -> str:
+    title = _words(item.get("title") or "", title_words)
+    return f"{item['sid']} {title}".strip()
+
+
+@lru_cache(maxsize=4)
+def environment(limits: RenderLimits = RenderLimits()) -> BoundedSandbox:
+    """The shared bounded sandbox (one per set of limits)."""
+    env = BoundedSandbox(
+        limits, undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True
     )
-    env.filters["words"] = _words
+    env.filters.update(
+        {"words": env._guard(_words), "recent": env._guard(_recent), "format_item": env._guard(_format_item)}
+    )
     return env
+
+
+_UNCLOSED = re.compile(r"innermost block that needs to be closed is '(\w+)'")
+_QUOTED = re.compile(r"'([^']{1,80})'")
+
+
+def _column(line_text: str, message: str) -> int | None:
+    """1-based column of the token an error message names (Jinja reports lines only)."""
+    for token in _QUOTED.findall(message):
+        at = line_text.find(token)
+        if at >= 0:
+            return at + 1
+    tag = re.search(r"\{[{%]", line_text)
+    return tag.start() + 1 if tag else None
 
 
 @dataclass
@@ -68,55 +106,86 @@ class PromptTemplate:
     text: str = ""
     """The whole file as read; hashed for provenance."""
 
+    limits: RenderLimits = field(default_factory=RenderLimits)
+
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variables) - KNOWN_VARIABLES)
         if unknown:
             raise TemplateProblem(
-                f"{self.source}: unknown variable(s) {unknown}; available: {sorted(KNOWN_VARIABLES)}"
+                f"{self.source}: unknown variable(s) {unknown}; available: {sorted(KNOWN_VARIABLES)}",
+                line=1,
+                column=1,
             )
-        env = _environment()
-        self._body = self._compile(env, self.body, self.body_line)
-        self._system = self._compile(env, self.system, None) if self.system else None
+        self._env = environment(self.limits)
+        self._body = self._compile(self.body, self.body_line)
+        self._system = self._compile(self.system, None) if self.system else None
 
-    def _compile(self, env: SandboxedEnvironment, text: str, first_line: int | None) -> Any:
+    def _problem(
+        self, message: str, template_line: int | None, *, in_system: bool = False
+    ) -> TemplateProblem:
+        """An error located in the file: line (and column of the named token) of the template source."""
+        if in_system or template_line is None:
+            where = "front matter 'system'" if in_system else ""
+            return TemplateProblem(f"{self.source}: {where + ': ' if where else ''}{message}")
+        line = self.body_line + template_line - 1
+        lines = self.text.split("\n") if self.text else self.body.split("\n")
+        unclosed = _UNCLOSED.search(message)
+        if unclosed:  # Jinja reports the end of the file; the useful place is the unclosed tag
+            opener = re.compile(r"\{%-?\s*" + re.escape(unclosed.group(1)) + r"\b")
+            for k in range(min(line, len(lines)) - 1, self.body_line - 2, -1):
+                m = opener.search(lines[k])
+                if m:
+                    line, message = k + 1, f"{message} (the unclosed '{unclosed.group(1)}' opens here)"
+                    break
+        col = _column(lines[line - 1], message) if 0 < line <= len(lines) else None
+        col = col or 1
+        at = f"line {line}" + (f", column {col}" if col else "")
+        return TemplateProblem(f"{self.source}: {at}: {message}", line=line, column=col)
+
+    def _compile(self, text: str, first_line: int | None) -> Any:
         try:
-            return env.from_string(text)
+            return self._env.from_string(text)
         except TemplateSyntaxError as e:
-            where = f"line {first_line + e.lineno - 1}" if first_line else "front matter 'system'"
-            raise TemplateProblem(f"{self.source}: {where}: {e.message}") from None
+            raise self._problem(e.message or str(e), e.lineno, in_system=first_line is None) from None
 
     @property
     def hash(self) -> str:
         return hashlib.sha256((self.text or self.body).encode()).hexdigest()[:16]
 
     def render(self, variables: dict[str, Any]) -> list[dict[str, str]]:
-        """Chat messages (system first when the template has one, then the user turn)."""
-        try:
-            user = self._body.render(**variables).strip()
-            messages = []
-            if self._system is not None:
-                messages.append({"role": "system", "content": self._system.render(**variables).strip()})
-        except UndefinedError as e:
-            raise TemplateProblem(f"{self.source}: {e.message}") from None
-        except TemplateError as e:
-            line = _template_line(e)
-            where = f" line {self.body_line + line - 1}:" if line else ""
-            raise TemplateProblem(f"{self.source}:{where} {e}") from None
-        messages.append({"role": "user", "content": user})
+        """Chat messages (system first when the template has one, then the user turn).
+
+        Bounded by `self.limits` (time, size); any failure is a TemplateProblem with the line.
+        """
+        messages = []
+        if self._system is not None:
+            messages.append({"role": "system", "content": self._render(self._system, variables, True)})
+        messages.append({"role": "user", "content": self._render(self._body, variables, False)})
         return messages
+
+    def _render(self, compiled: Any, variables: dict[str, Any], in_system: bool) -> str:
+        try:
+            return self._env.render_bounded(lambda: compiled.generate(**variables)).strip()
+        except (UndefinedError, SecurityError, TemplateLimitExceeded) as e:
+            raise self._problem(str(e.message or e), _template_line(e), in_system=in_system) from None
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+            message = "recursion too deep" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+            raise self._problem(message, _template_line(e), in_system=in_system) from None
 
 
 def _template_line(e: Exception) -> int | None:
     tb = e.__traceback__
     line = None
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<template>":
+        if tb.tb_frame.f_code.co_filename == TEMPLATE_FILENAME:
             line = tb.tb_lineno
         tb = tb.tb_next
     return line
 
 
-def parse_template(text: str, *, source: str = "<string>") -> PromptTemplate:
+def parse_template(
+    text: str, *, source: str = "<string>", limits: RenderLimits | None = None
+) -> PromptTemplate:
     """Split front matter from body and build a template (compiled, not yet rendered)."""
     meta: dict[str, Any] = {}
     body, body_line = text, 1
@@ -126,18 +195,29 @@ def parse_template(text: str, *, source: str = "<string>") -> PromptTemplate:
             end = lines.index("---", 1)
         except ValueError:
             raise TemplateProblem(
-                f"{source}: front matter starts on line 1 but has no closing '---'"
+                f"{source}: line 1: front matter starts here but has no closing '---'", line=1, column=1
             ) from None
         try:
             meta = yaml.safe_load("\n".join(lines[1:end])) or {}
         except yaml.YAMLError as e:
-            raise TemplateProblem(f"{source}: front matter is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            line, col = (mark.line + 2, mark.column + 1) if mark else (2, 1)
+            raise TemplateProblem(
+                f"{source}: line {line}, column {col}: front matter is not valid YAML: "
+                f"{getattr(e, 'problem', None) or e}",
+                line=line,
+                column=col,
+            ) from None
         if not isinstance(meta, dict):
-            raise TemplateProblem(f"{source}: front matter must be a mapping")
+            raise TemplateProblem(f"{source}: line 2: front matter must be a mapping", line=2, column=1)
         unknown = sorted(set(meta) - FRONT_KEYS)
         if unknown:
+            line = next((i + 1 for i, ln in enumerate(lines[:end]) if ln.startswith(unknown[0])), 2)
             raise TemplateProblem(
-                f"{source}: unknown front-matter key(s) {unknown}; known: {sorted(FRONT_KEYS)}"
+                f"{source}: line {line}, column 1: unknown front-matter key(s) {unknown}; "
+                f"known: {sorted(FRONT_KEYS)}",
+                line=line,
+                column=1,
             )
         body, body_line = "\n".join(lines[end + 1 :]), end + 2
     name = str(meta.get("name") or Path(source).stem)
@@ -151,6 +231,7 @@ def parse_template(text: str, *, source: str = "<string>") -> PromptTemplate:
         source=source,
         body_line=body_line,
         text=text,
+        limits=limits or RenderLimits(),
     )
 
 

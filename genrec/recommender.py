@@ -21,10 +21,10 @@ from genrec.engines import Engine, HFEngine
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds
 from genrec.modeling import load_trained
-from genrec.prompts import PromptBuilder
+from genrec.prompt_store import TemplateStore, TemplateVersion
+from genrec.prompts import PromptBuilder, PromptTemplate
 from genrec.retrieval import Retriever
 from genrec.run import RunDir
-from genrec.training import prompt_builder
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ class RankRequest:
     user: str | None = None
     exclude: list[int] = field(default_factory=list)
     template: str | None = None
+    template_version: int | None = None
+    """Pinned when the request is admitted (Recommender.pin_template), so a template activated
+    while it waits does not change the prompt it was accepted with; None: the active version."""
+    messages: list[dict[str, str]] | None = None
+    """Already rendered prompt (the server renders at admission, so a template error is that
+    request's 4xx and never fails a batch); None: rendered here with the pinned template."""
     prompt_tokens: int = 0
     """Filled in by Recommender.rank_requests: the prompt's length in tokens (for usage reporting)."""
 
@@ -80,12 +86,13 @@ class Recommender:
             retriever,
         )
         self.catalog = data.catalog
-        self.builder: PromptBuilder = prompt_builder(run, cfg, data, ids)
+        self.templates = TemplateStore.for_run(run.path)
+        self.template_name = cfg.prompt.template
         self.item_tokens = self._item_token_ids()
         self._users = data.user_index()
         self._titles = {t.lower(): i for i, t in enumerate(self.catalog.titles) if t}
         self._all = Trie(self.item_tokens.tolist())
-        self._builders: dict[str, PromptBuilder] = {}
+        self._builders: dict[tuple[str, int], PromptBuilder] = {}
         self._encoder: Any = None
 
     @classmethod
@@ -161,22 +168,36 @@ class Recommender:
         return Trie(self.item_tokens[cands].tolist(), cands)
 
     # -- ranking ---------------------------------------------------------------------------------
-    def builder_for(self, template: str | None) -> PromptBuilder:
-        """The run's prompt builder, or one for another template (cached by name)."""
-        if template is None or template == self.builder.template.name:
-            return self.builder
-        if template not in self._builders:
-            from genrec.prompts import load_template
+    @property
+    def builder(self) -> PromptBuilder:
+        """The prompt builder of the run's template at its active version."""
+        return self.builder_for(None)
 
-            t = load_template(template, [self.run / "prompts"])
-            self._builders[template] = PromptBuilder(
-                t,
-                self.catalog,
-                self.ids,
-                max_history=self.cfg.prompt.max_history,
-                title_words=self.cfg.prompt.title_words,
-            )
-        return self._builders[template]
+    def pin_template(self, template: str | None) -> TemplateVersion:
+        """The version of `template` (None: the run's) that is active now."""
+        return self.templates.active(template or self.template_name)
+
+    def builder_for(self, template: str | None, version: int | None = None) -> PromptBuilder:
+        """A prompt builder for a template (None: the run's) at a version (None: the active one).
+
+        Versions are immutable, so builders are cached by (name, version); activating another
+        version changes what the next call returns without a restart.
+        """
+        v, t = self.templates.template(template or self.template_name, version)
+        key = (v.name, v.version)
+        if key not in self._builders:
+            self._builders[key] = self.builder_with(t)
+        return self._builders[key]
+
+    def builder_with(self, template: PromptTemplate) -> PromptBuilder:
+        """A prompt builder for an unsaved template (editor previews); not cached."""
+        return PromptBuilder(
+            template,
+            self.catalog,
+            self.ids,
+            max_history=self.cfg.prompt.max_history,
+            title_words=self.cfg.prompt.title_words,
+        )
 
     def rank_requests(self, requests: Sequence[RankRequest]) -> list[list[Recommendation]]:
         """One batched constrained beam search for requests with their own options.
@@ -187,9 +208,9 @@ class Recommender:
             return []
         prompts, tries = [], []
         for r in requests:
-            prompts.append(
-                self.engine.encode_messages(self.builder_for(r.template).messages(r.history, r.user))
-            )
+            if r.messages is None:
+                r.messages = self.builder_for(r.template, r.template_version).messages(r.history, r.user)
+            prompts.append(self.engine.encode_messages(r.messages))
             r.prompt_tokens = len(prompts[-1])
             tries.append(self.candidate_trie(r))
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)

@@ -18,14 +18,16 @@ from genrec.config import RunConfig
 from genrec.data import Interactions, leave_one_out, train_examples
 from genrec.ids import ItemIds
 from genrec.modeling import add_id_tokens, build_tiny, load_pretrained, train_tokenizer
-from genrec.prompts import PromptBuilder, load_template
+from genrec.prompt_store import TemplateStore
+from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
 
 logger = logging.getLogger(__name__)
 
 
 def prompt_builder(run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds) -> PromptBuilder:
-    template = load_template(cfg.prompt.template, [run / "prompts"])
+    """The builder for the run's template at its active version (templates/, else prompts/)."""
+    _, template = TemplateStore.for_run(run.path).template(cfg.prompt.template)
     return PromptBuilder(
         template, data.catalog, ids, max_history=cfg.prompt.max_history, title_words=cfg.prompt.title_words
     )

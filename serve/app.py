@@ -1,7 +1,7 @@
 """The HTTP surface: OpenAI-compatible routes over RecService, one place mapping errors to statuses.
 
 Routes: GET /v1/models, POST /v1/chat/completions (JSON or SSE stream), POST /v1/completions,
-GET /health, GET /metrics (Prometheus). Bearer API keys when configured. Every client input error
+GET /health, GET /metrics (Prometheus), the template API and /editor (serve.templates_api). Bearer API keys when configured. Every client input error
 is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx.
 """
 
@@ -39,6 +39,7 @@ from serve.protocol import (
     Usage,
 )
 from serve.service import RecService
+from serve.templates_api import template_router
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,12 @@ def items(recs: list[Recommendation]) -> list[RecommendedItem]:
     ]
 
 
-def create_app(service: RecService, *, api_keys: list[str] | None = None) -> FastAPI:
-    keys = set(api_keys or [])
+def create_app(
+    service: RecService, *, api_keys: list[str] | None = None, admin_keys: dict[str, str] | None = None
+) -> FastAPI:
+    """The app; `admin_keys` (key -> label) may also edit templates, and count as API keys."""
+    admins = dict(admin_keys or {})
+    keys = set(api_keys or []) | (set(admins) if api_keys else set())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -164,7 +169,7 @@ def create_app(service: RecService, *, api_keys: list[str] | None = None) -> Fas
             choices=[ChatChoice(message=AssistantMessage(content=content))],
             usage=usage,
             recommendations=items(recs),
-            template=service.template_info(req.template),
+            template=service.template_info(q.template),
         )
         if not req.stream:
             return resp
@@ -194,6 +199,7 @@ def create_app(service: RecService, *, api_keys: list[str] | None = None) -> Fas
             recommendations=items(recs),
         )
 
+    app.include_router(template_router(service, admin_keys=admins))
     return app
 
 

@@ -18,6 +18,8 @@ class ServeArgs:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)
+    """`LABEL=KEY` (or a bare KEY, labelled `admin`): may edit templates; the label is the author."""
     model_name: str | None = None
     device: str | None = None
     max_queue: int = 256
@@ -40,7 +42,19 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
         request_timeout_s=args.timeout_s,
     )
     service = RecService(rec, model_name=args.model_name or run.path.name, limits=limits)
-    return create_app(service, api_keys=args.api_keys)
+    return create_app(service, api_keys=args.api_keys, admin_keys=parse_admin_keys(args.admin_keys))
+
+
+def parse_admin_keys(specs: list[str]) -> dict[str, str]:
+    """`alice=KEY` -> {KEY: 'alice'}; a bare key is labelled 'admin'."""
+    out = {}
+    for spec in specs:
+        label, sep, key = spec.partition("=")
+        label, key = (label.strip(), key.strip()) if sep else ("admin", spec.strip())
+        if not key or not label:
+            raise ValueError(f"--admin-key {spec!r}: expected LABEL=KEY")
+        out[key] = label
+    return out
 
 
 def serve(args: ServeArgs) -> None:

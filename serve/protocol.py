@@ -19,6 +19,9 @@ class ErrorInfo(BaseModel):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+    line: int | None = None
+    """Template errors: the 1-based line (and column) in the template file."""
+    column: int | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -37,14 +40,28 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        line: int | None = None,
+        column: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
+        self.line, self.column = line, column
 
     def body(self) -> dict[str, Any]:
-        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
-        return ErrorResponse(error=info).model_dump()
+        info = ErrorInfo(
+            message=self.message,
+            type=self.type,
+            param=self.param,
+            code=self.code,
+            line=self.line,
+            column=self.column,
+        )
+        body = ErrorResponse(error=info).model_dump()
+        for key in ("line", "column"):  # OpenAI's four fields always; template positions when known
+            if body["error"][key] is None:
+                del body["error"][key]
+        return body
 
 
 class RecommendationOptions(BaseModel):
@@ -210,3 +227,87 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- prompt templates (the /v1/templates API and the /editor page) -------------------------------
+class TemplateVersionInfo(BaseModel):
+    name: str
+    version: int
+    hash: str
+    etag: str
+    author: str
+    created: str
+    message: str
+    parent: int | None = None
+    active: bool = False
+    matches_training: bool = Field(description="Same text (hash) as the template the model was trained with.")
+
+
+class TemplateSummary(TemplateVersionInfo):
+    description: str = ""
+    is_default: bool = Field(False, description="The run's template: what requests without `template` use.")
+
+
+class TemplateList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TemplateSummary]
+    trained: dict[str, Any] = Field(
+        default_factory=dict, description="Name and hash the model was trained with."
+    )
+
+
+class TemplateDetail(TemplateSummary):
+    text: str
+
+
+class TemplateHistory(BaseModel):
+    name: str
+    active: int
+    versions: list[TemplateVersionInfo]
+    activations: list[dict[str, Any]]
+
+
+class TemplateSaveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(max_length=65_536, description="The whole file: front matter and body.")
+    message: str = Field("", max_length=500, description="What changed and why (like a commit message).")
+    activate: bool = Field(True, description="Serve the new version at once.")
+    base_version: int | None = Field(
+        None, description="The active version the edit started from (or send its ETag as If-Match)."
+    )
+
+
+class TemplateActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class TemplatePreviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(
+        None, max_length=65_536, description="Unsaved text to preview (else a saved version)."
+    )
+    version: int | None = Field(None, ge=1, description="Saved version to preview (default: the active one).")
+    user: str | None = Field(
+        None, max_length=200, description="A user of the run's data (default: a sample user)."
+    )
+    history: list[str] | None = Field(
+        None, max_length=512, description="Items instead of a user, oldest first."
+    )
+    n_items: int = Field(
+        10, ge=0, le=50, description="Recommendations to compute with this prompt (0: none)."
+    )
+
+
+class TemplatePreview(BaseModel):
+    template: dict[str, Any]
+    user: str | None
+    messages: list[dict[str, str]]
+    prompt_tokens: int
+    recommendations: list[RecommendedItem]
+
+
+class TemplateDiff(BaseModel):
+    from_: str = Field(alias="from")
+    to: str
+    diff: str

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from genrec.errors import GenrecError
 from genrec.evaluation import validity
-from genrec.prompts import TemplateProblem
+from genrec.prompt_store import TemplateNotFound, TemplateVersion
+from genrec.prompts import PromptTemplate, TemplateProblem
 from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems
 from serve.protocol import APIError, RecommendationOptions
 
@@ -54,6 +55,9 @@ class Query:
     exclude: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     """Set once ranked: the prompt's length in tokens."""
+    template: TemplateVersion | None = None
+    """The template version the prompt was rendered with (pinned at admission)."""
+    messages: list[dict[str, str]] | None = None
 
 
 class Metrics:
@@ -188,11 +192,8 @@ class RecService:
                 )
             except GenrecError as e:
                 raise APIError(400, str(e), param="messages") from None
-        if opts.template is not None:
-            try:
-                self.rec.builder_for(opts.template)
-            except TemplateProblem as e:
-                raise APIError(400, str(e), param="template", code="bad_template") from None
+        if q.messages is None:
+            self.render(q, opts.template)
         width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
         req = RankRequest(
             q.history,
@@ -201,7 +202,7 @@ class RecService:
             n_candidates=opts.n_candidates,
             user=q.user,
             exclude=q.exclude,
-            template=opts.template,
+            messages=q.messages,
         )
         recs = await self._submit(req)
         q.prompt_tokens = req.prompt_tokens
@@ -210,6 +211,30 @@ class RecService:
             recs = self.diversify(recs, opts.n_items, opts.explore)
         self._count(recs, q)
         return recs
+
+    def render(self, q: Query, template: str | None, *, draft: PromptTemplate | None = None) -> None:
+        """Render the prompt now, with the version active at admission (or an unsaved `draft`).
+
+        A request in flight keeps the prompt it was admitted with when another version is activated.
+        """
+        try:
+            if draft is None:
+                q.template = self.rec.pin_template(template)
+                builder = self.rec.builder_for(q.template.name, q.template.version)
+            else:
+                builder = self.rec.builder_with(draft)
+            q.messages = builder.messages(q.history, q.user)
+        except TemplateNotFound as e:
+            raise APIError(400, str(e), param="template", code="template_not_found") from None
+        except TemplateProblem as e:
+            raise APIError(
+                422 if draft is not None else 400,
+                str(e),
+                param="template",
+                code="template_error",
+                line=e.line,
+                column=e.column,
+            ) from None
 
     async def _submit(self, req: RankRequest) -> list[Recommendation]:
         assert self._queue is not None, "start() first"
@@ -288,12 +313,15 @@ class RecService:
         self.metrics.invalid.inc(len(items) - good)
         self.metrics.completion_tokens.inc(len(items) * self.rec.ids.depth)
 
-    def template_info(self, template: str | None) -> dict[str, Any]:
-        b = self.rec.builder_for(template)
+    def template_info(self, v: TemplateVersion | None) -> dict[str, Any] | None:
+        """Name, version and hash of a template version, and whether the model was trained with it."""
+        if v is None:
+            return None
         trained = self.rec.run.meta().get("template", {})
         return {
-            "name": b.template.name,
-            "hash": b.template.hash,
+            "name": v.name,
+            "version": v.version,
+            "hash": v.hash,
             "trained_hash": trained.get("hash"),
-            "differs_from_training": trained.get("hash") not in (None, b.template.hash),
+            "matches_training": v.hash == trained.get("hash"),
         }

@@ -37,7 +37,7 @@ def test_all_shipped_templates_render(small_data):
 
 
 def test_syntax_error_names_file_and_line():
-    with pytest.raises(TemplateProblem, match=r"t.jinja: line 5: "):
+    with pytest.raises(TemplateProblem, match=r"t.jinja: line 5, column 4: Unexpected end of template"):
         parse_template("---\nname: x\n---\nok\n{% for i in history %}\n", source="t.jinja")
 
 

@@ -1,0 +1,108 @@
+"""Hostile templates: every one is refused or bounded in time and size, never runs code or hangs."""
+
+import time
+
+import pytest
+
+from genrec.ids import atomic_ids
+from genrec.prompts import PromptBuilder, TemplateProblem, parse_template
+from genrec.sandbox import RenderLimits
+
+HOSTILE = {
+    # sandbox escapes / SSTI
+    "mro": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "globals": "{{ history.__class__.__init__.__globals__ }}",
+    "cycler_os": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "joiner_os": "{{ joiner.__init__.__globals__['os'] }}",
+    "self_module": "{{ self._TemplateReference__context.environment }}",
+    "attr_filter": "{{ history | attr('__class__') }}",
+    "format_escape": "{{ '{0.__class__.__mro__}'.format('') }}",
+    "lipsum_globals": "{{ lipsum.__globals__ }}",
+    "request_config": "{{ config.items() }}",
+    # mutation of the caller's data
+    "mutate_list": "{% set _ = history.append(1) %}x",
+    "mutate_dict": "{% set _ = history[0].update({'sid': 'x'}) %}x",
+    # time
+    "nested_loops": "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+    "loop_over_string": "{% for a in 'x' * 60000 %}{% for b in 'x' * 60000 %}{% endfor %}{% endfor %}",
+    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "recursive_loop": "{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}",
+    "huge_range": "{% for i in range(10 ** 9) %}{% endfor %}",
+    # size
+    "str_mul": "{{ 'x' * 10 ** 9 }}",
+    "list_mul": "{{ [1] * 10 ** 8 }}",
+    "pow_bomb": "{{ 7 ** 100000000 }}",
+    "concat_doubling": "{% macro d(s, n) %}{{ d(s ~ s, n - 1) if n else s }}{% endmacro %}{{ d('ab', 40) }}",
+    "namespace_doubling": (
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+    ),
+    "plus_doubling": "{% macro d(s, n) %}{{ d(s + s, n - 1) if n else s }}{% endmacro %}{{ d('ab', 40) }}",
+    "center": "{{ 'x'.center(10 ** 9) }}",
+    "ljust": "{{ 'x'.ljust(10 ** 9) }}",
+    "expandtabs": "{{ ('\t' * 1000).expandtabs(60000) }}",
+    "format_width": "{{ '{:>999999999}'.format(1) }}",
+    "percent_width": "{{ '%999999999s' % 1 }}",
+    "replace_empty": "{{ ('x' * 1000).replace('', 'y' * 1000) }}",
+    "replace_filter": "{{ ('x' * 1000) | replace('', 'y' * 1000) }}",
+    "join_sep": "{{ range(10000) | join('y' * 10000) }}",
+    "indent_filter": "{{ ('\n' * 60000) | indent(60000) }}",
+    "wordwrap_filter": "{{ 'x' | wordwrap(10) }}",
+    "output_flood": "{% for i in range(10000) %}{{ 'x' * 1000 }}{% endfor %}",
+}
+
+
+@pytest.fixture(scope="module")
+def ids(small_data):
+    return atomic_ids(len(small_data.catalog))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_template_is_refused_quickly(small_data, ids, name):
+    limits = RenderLimits(max_seconds=0.5, max_chars=65_536)
+    start = time.monotonic()
+    with pytest.raises(TemplateProblem) as err:
+        t = parse_template(HOSTILE[name], source=f"{name}.jinja", limits=limits)
+        PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
+    assert time.monotonic() - start < 5.0, f"{name} was not stopped in time"
+    assert f"{name}.jinja" in str(err.value)  # names the file
+
+
+def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_data, ids):
+    text = (
+        "{% set ns = namespace(n=0) %}{% for it in history | recent(2) %}{% set ns.n = ns.n + 1 %}"
+        "{{ it | format_item(1) }}{{ '|' ~ loop.index }}\n{% endfor %}{{ ns.n }} {{ '%05d' % 7 }} "
+        "{{ '{:>4}'.format(user) }} {{ range(3) | join(',') }} {{ 'ab'.replace('a', 'c') }}"
+    )
+    b = PromptBuilder(parse_template(text), small_data.catalog, ids, max_history=5, title_words=2)
+    out = b.messages([0, 1, 2], "u1")[-1]["content"]
+    lines = out.splitlines()
+    assert lines[0].startswith("<item_1> ") and lines[0].endswith("|1")
+    assert lines[1].startswith("<item_2> ")
+    assert lines[2] == "2 00007   u1 0,1,2 cb"
+
+
+def test_time_limit_applies_per_render_and_releases_the_trace_hook(small_data, ids):
+    import sys
+
+    t = parse_template(HOSTILE["nested_loops"], limits=RenderLimits(max_seconds=0.2))
+    b = PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2)
+    with pytest.raises(TemplateProblem, match=r"longer than 0.2 s"):
+        b.messages([0])
+    assert sys.gettrace() is None or "genrec" not in repr(sys.gettrace())
+
+
+def test_runtime_error_names_line_and_column(small_data, ids):
+    text = "---\nname: x\n---\nfirst line\n  {{ history[0].nope }}\n"
+    b = PromptBuilder(
+        parse_template(text, source="x.jinja"), small_data.catalog, ids, max_history=5, title_words=2
+    )
+    with pytest.raises(TemplateProblem) as err:
+        b.messages([0])
+    assert err.value.line == 5 and err.value.column == 17
+    assert "x.jinja: line 5, column 17" in str(err.value)
+
+
+def test_yaml_error_in_front_matter_has_a_line():
+    with pytest.raises(TemplateProblem) as err:
+        parse_template("---\nname: x\ndescription: [unclosed\n---\nbody", source="y.jinja")
+    assert err.value.line is not None and err.value.line >= 3
