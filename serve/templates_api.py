@@ -251,7 +251,11 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
                 "trained_hash": trained_hash(),
                 "matches_training": draft.hash == trained_hash(),
             }
-        recs = await service.recommend(q, RecommendationOptions(n_items=body.n_items)) if body.n_items else []
+        recs = (
+            await service.recommend(q, RecommendationOptions.model_validate({"n_items": body.n_items}))
+            if body.n_items
+            else []
+        )
         if not recs:
             q.prompt_tokens = len(r.engine.encode_messages(q.messages or []))
         return TemplatePreview(
