@@ -366,6 +366,11 @@ def quickstart(
     )
 
 
+from genrec.cli_prompts import prompts_app  # noqa: E402  (the sub-app registers after the commands above)
+
+app.add_typer(prompts_app, name="prompts")
+
+
 def main() -> None:
     _setup_logging()
     try:

@@ -8,7 +8,29 @@ from genrec.cli import app
 from genrec.errors import GenrecError, RunError
 
 runner = CliRunner()
-COMMANDS = ["quickstart", "prepare", "build-ids", "train", "merge", "recommend", "evaluate"]
+COMMANDS = [
+    "quickstart",
+    "prepare",
+    "build-ids",
+    "train",
+    "merge",
+    "recommend",
+    "evaluate",
+    "generate",
+    "serve",
+]
+PROMPT_COMMANDS = [
+    "list",
+    "show",
+    "render",
+    "validate",
+    "diff",
+    "history",
+    "new",
+    "save",
+    "activate",
+    "rollback",
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -16,6 +38,12 @@ def test_every_command_explains_itself(cmd):
     result = runner.invoke(app, [cmd, "--help"])
     assert result.exit_code == 0
     assert "--run" in result.output
+
+
+@pytest.mark.parametrize("cmd", PROMPT_COMMANDS)
+def test_every_prompts_command_explains_itself(cmd):
+    result = runner.invoke(app, ["prompts", cmd, "--help"])
+    assert result.exit_code == 0 and "--run" in result.output
 
 
 def test_missing_run_names_the_missing_file_and_the_fix(tmp_path):

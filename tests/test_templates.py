@@ -262,3 +262,54 @@ def test_editor_page_is_served_without_external_resources(api):
     js = c.get("/editor/editor.js")
     assert js.status_code == 200 and "innerHTML" not in js.text  # everything shown goes through textContent
     assert c.get("/editor/..%2Fapp.py").status_code == 404
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def test_prompts_cli_new_render_validate_save_diff_rollback(tmp_path, run_copy):
+    from typer.testing import CliRunner
+
+    from genrec.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    shutil.copytree(
+        run_copy.path, run, ignore=shutil.ignore_patterns("merged", "checkpoints", "base", "templates")
+    )
+
+    def cli(*args):
+        result = runner.invoke(app, ["prompts", args[0], "--run", str(run), *args[1:]])
+        return result
+
+    listing = cli("list")
+    assert listing.exit_code == 0 and "* default" in listing.output and "as trained" in listing.output
+    assert cli("validate").exit_code == 0
+    assert cli("new", "brief", "--from", "default", "-m", "shorter", "--author", "bob").exit_code == 0
+    shown = cli("show", "brief")
+    assert shown.exit_code == 0 and "name: brief" in shown.output
+    rendered = cli("render", "brief", "--history", "I00001,I00002", "--json")
+    assert rendered.exit_code == 0, rendered.output
+    import json as _json
+
+    msgs = _json.loads(rendered.output)
+    assert msgs[-1]["role"] == "user" and msgs[-1]["content"].count("<") >= 2
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("---\nname: brief\n---\nok\n{{ history | nosuch }}\n")
+    v = cli("validate", "--file", str(bad))
+    assert v.exit_code == 1 and f"{bad}:5:" in v.output
+    s = cli("save", "brief", "--file", str(bad))
+    assert isinstance(s.exception, TemplateProblem) and "line 5" in str(s.exception)
+
+    good = tmp_path / "good.jinja"
+    good.write_text(
+        "---\nname: brief\n---\n{% for it in history | recent(2) %}{{ it | format_item }}\n{% endfor %}Next?\n"
+    )
+    assert cli("save", "brief", "--file", str(good), "-m", "two items", "--author", "bob").exit_code == 0
+    stale = cli("save", "brief", "--file", str(good), "--base", "1")
+    assert isinstance(stale.exception, VersionConflict)
+    d = cli("diff", "brief@v1", "brief")
+    assert d.exit_code == 0 and "+{% endfor %}Next?" in d.output
+    h = cli("history", "brief")
+    assert h.exit_code == 0 and "* v2" in h.output and "two items" in h.output and "bob" in h.output
+    assert "rolled back to v1" in cli("rollback", "brief").output
+    assert "v2 is active" in cli("activate", "brief", "2").output
