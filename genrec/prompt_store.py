@@ -271,7 +271,8 @@ class TemplateStore:
         shipped = self._shipped_version(name)
         if shipped is not None:
             meta, text = shipped
-            v1 = TemplateVersion(name, 1, meta.hash, "genrec", _now(), f"imported from {meta.source}")
+            shipped_as = f"{Path(meta.source).parent.name}/{Path(meta.source).name}"
+            v1 = TemplateVersion(name, 1, meta.hash, "genrec", _now(), f"imported from {shipped_as}")
             atomic_write_text(self.root / name / "v0001.jinja", text)
             atomic_write_text(self.root / name / "v0001.json", json.dumps(asdict(v1)))
             state = {

@@ -140,8 +140,9 @@ async function loadHistory() {
       el("button", { type: "button", onclick: () => showDiff(v.version) }, "diff"), " ",
       v.active ? "active" : el("button", { type: "button", onclick: () => activate(v.version) }, "activate"));
     body.append(el("tr", { class: v.active ? "active" : "" },
-      el("td", {}, "v" + v.version), el("td", {}, v.author), el("td", {}, v.created),
-      el("td", {}, v.message), el("td", {}, v.hash + (v.matches_training ? " (trained)" : "")), actions));
+      el("td", {}, "v" + v.version, el("small", { class: "muted" }, ` ${v.hash}${v.matches_training ? " (trained)" : ""}`)),
+      el("td", {}, v.author), el("td", {}, (v.created || "").slice(0, 16).replace("T", " ")),
+      el("td", {}, v.message), actions));
   }
 }
 
