@@ -313,3 +313,38 @@ def test_prompts_cli_new_render_validate_save_diff_rollback(tmp_path, run_copy):
     assert h.exit_code == 0 and "* v2" in h.output and "two items" in h.output and "bob" in h.output
     assert "rolled back to v1" in cli("rollback", "brief").output
     assert "v2 is active" in cli("activate", "brief", "2").output
+
+
+def test_a_request_admitted_before_a_save_keeps_its_version(api):
+    """The prompt is rendered when a request is admitted; a later save changes the next request only."""
+    import asyncio
+
+    from serve.protocol import RecommendationOptions
+    from serve.service import Query
+
+    _, rec = api
+    service = RecService(rec, model_name="tiny-run")
+    hist = rec.user_history(rec.data.users[2])[-3:]
+
+    async def scenario():
+        await service.start()
+        try:
+            q = Query(history=list(hist))
+            service.render(q, None)
+            admitted = q.template
+            store = rec.templates
+            text = store.text("default").replace("Next item ID", "Next item ID (in-flight test)")
+            store.save("default", text, author="t", base_version=admitted.version)
+            opts = RecommendationOptions.model_validate({"n_items": 3})
+            recs = await service.recommend(q, opts)
+            later = Query(history=list(hist))
+            await service.recommend(later, opts)
+            store.rollback("default", by="t")
+            return admitted, q, later, recs
+        finally:
+            await service.stop()
+
+    admitted, q, later, recs = asyncio.run(scenario())
+    assert q.template.version == admitted.version and "(in-flight test)" not in q.messages[-1]["content"]
+    assert later.template.version > admitted.version and "(in-flight test)" in later.messages[-1]["content"]
+    assert len(recs) == 3

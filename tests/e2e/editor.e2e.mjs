@@ -57,8 +57,10 @@ try {
   await page.fill("#message", "e2e: reworded the question");
   await page.click("#save");
   await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("Saved default v"));
-  await page.waitForFunction(() => document.querySelector("#history tbody tr.active td").textContent !== "v1");
-  const version = Number((await page.textContent("#current-version")).slice(1));
+  const version = Number((await page.textContent("#status")).replace("Saved default v", ""));
+  // the page reloads the saved version: its badge, and the history's active row
+  await page.waitForFunction((v) => document.querySelector("#current-version").textContent === "v" + v, version);
+  await page.waitForFunction((v) => document.querySelector("#history tbody tr.active td").textContent.startsWith("v" + v + " "), version);
   const hash = (await page.textContent("#templates li.selected small")).split(" · ")[1];
   await page.waitForFunction(() => document.querySelector("#messages").textContent.includes("Which item comes next? (e2e)"));
   if (process.env.E2E_SCREENSHOT) await page.screenshot({ path: process.env.E2E_SCREENSHOT, fullPage: true });

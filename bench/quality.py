@@ -1,0 +1,133 @@
+"""Quality on real data: genrec and its baselines on the same chronological leave-one-out split.
+
+    python -m bench.quality                                   # every dataset present in ../shared/data
+    python -m bench.quality --datasets scientific --set train.epochs=4
+    python -m bench.quality --reuse                           # collect runs already evaluated
+
+For each dataset: prepare -> build-ids -> train -> evaluate (with popularity, item-kNN, the retriever
+alone and SASRec in the same command), using the recipe in training/configs/. Writes
+bench/results/quality_<dataset>.json and prints a markdown table with the published figures from
+../shared/data/README.md next to ours. A dataset whose files are absent is skipped with a message
+(the data's terms forbid copying it into this repository, so CI never has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import save
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATASETS = {
+    # name: (recipe, folder under ../shared/data, published figures under the same protocol)
+    "beauty": (
+        "training/configs/amazon-beauty.yaml",
+        "amazon-beauty",
+        {
+            "TIGER (Rajput et al. 2023)": {
+                "recall@5": 0.0454,
+                "ndcg@5": 0.0321,
+                "recall@10": 0.0648,
+                "ndcg@10": 0.0384,
+            },
+            "SASRec (as reported by TIGER)": {"recall@10": 0.0605, "ndcg@10": 0.0318},
+            "cross-entropy SASRec (stretch)": {"recall@10": 0.08, "ndcg@10": 0.045},
+        },
+    ),
+    "ml-100k": ("training/configs/ml-100k.yaml", "ml-100k", {}),
+    "scientific": ("training/configs/amazon-scientific.yaml", "amazon-scientific", {}),
+}
+METRICS = [
+    "recall@5",
+    "ndcg@5",
+    "recall@10",
+    "ndcg@10",
+    "recall@20",
+    "ndcg@20",
+    "mrr",
+    "validity",
+    "coverage@20",
+]
+
+
+def run_dataset(name: str, *, runs: Path, overrides: list[str], reuse: bool) -> dict[str, Any] | None:
+    from genrec.cli import _config
+    from genrec.evaluation import evaluate
+    from genrec.pipeline import build_ids, prepare
+    from genrec.run import RunDir
+    from genrec.training import train
+
+    recipe, folder, published = DATASETS[name]
+    if not (SHARED / folder).is_dir():
+        print(f"[{name}] skipped: {SHARED / folder} is absent (benchmarks read ../shared/data only)")
+        return None
+    run = RunDir(runs / name)
+    report_file = run / "eval_test.json"
+    started = time.time()
+    if reuse and report_file.is_file():
+        print(f"[{name}] reusing {report_file}")
+        cfg = run.load_config()
+    else:
+        cfg = _config(run, Path(recipe), overrides, fresh=True)
+        cfg.data.path = str(SHARED / folder)
+        prepare(run, cfg)
+        build_ids(run, cfg)
+        train(run, cfg)
+        evaluate(run, cfg)
+    report = json.loads(report_file.read_text())
+    return {
+        "dataset": name,
+        "recipe": recipe,
+        "overrides": overrides,
+        "wall_s": round(time.time() - started, 1),
+        "users": report["users"],
+        "items": report["items"],
+        "beam_width": report["beam_width"],
+        "train": run.meta().get("train", {}),
+        "results": {k: {m: v.get(m) for m in METRICS} for k, v in report["results"].items()},
+        "published": published,
+    }
+
+
+def table(out: dict[str, Any]) -> str:
+    cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr"]
+    lines = [f"**{out['dataset']}** ({out['users']} test users, {out['items']} items, full ranking)", ""]
+    lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    for model, m in out["results"].items():
+        lines.append(f"| {model} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+    for model, m in out["published"].items():
+        lines.append(f"| *{model}, published* | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="Where the runs go (runs/<dataset>).")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="Config override, repeatable."
+    )
+    p.add_argument("--reuse", action="store_true", help="Use a run's existing eval_test.json when present.")
+    p.add_argument("--out", default="bench/results", help="Folder for quality_<dataset>.json.")
+    args = p.parse_args(argv)
+    done = 0
+    for name in args.datasets:
+        out = run_dataset(name, runs=args.runs, overrides=args.overrides, reuse=args.reuse)
+        if out is None:
+            continue
+        save(f"{args.out}/quality_{name}.json", out)
+        print(table(out))
+        done += 1
+    if not done:
+        print("no dataset found under ../shared/data; nothing measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

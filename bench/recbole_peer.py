@@ -1,0 +1,207 @@
+"""genrec's SASRec baseline against the reference implementation (RecBole 1.2.1) on the same split.
+
+    bash bench/recbole_setup.sh                      # once: RecBole in its own venv (.venv-recbole)
+    python -m bench.recbole_peer --epochs 50         # ml-100k from ../shared/data
+
+1. Loads ml-100k with the ml-100k recipe's cleaning (genrec.data), so both see identical sequences.
+2. Exports them as RecBole atomic files (`user_id:token item_id:token timestamp:float`, the timestamp
+   being the position in the user's sequence, so RecBole's time order equals ours).
+3. Runs RecBole's SASRec with `loss_type: CE`, `eval_args: {split: {LS: valid_and_test}, order: TO,
+   mode: full}` in the separate venv (RecBole pins numpy<2 / pandas<2.3, which genrec does not).
+4. Trains genrec's SASRec with the same sizes on the same training part (each user's sequence minus
+   the validation and test items, as RecBole's LS split does) and scores the same test users with
+   full ranking minus seen items.
+5. Prints both side by side and writes bench/results/recbole_peer.json.
+
+Skips cleanly when ../shared/data/ml-100k or the RecBole venv is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import save
+from bench.quality import SHARED
+
+ROOT = Path(__file__).resolve().parent.parent
+RECBOLE_PY = ROOT / ".venv-recbole" / "bin" / "python"
+KS = (10, 20)
+
+RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    from recbole.quick_start import run_recbole
+    cfg = json.loads(sys.argv[1])
+    out = run_recbole(model="SASRec", dataset=cfg.pop("dataset"), config_dict=cfg, saved=False)
+    print("RECBOLE_RESULT " + json.dumps({k: {m: float(v) for m, v in out[k].items()} if isinstance(out[k], dict)
+                                         else out[k] for k in ("best_valid_result", "test_result")}))
+    """
+)
+
+
+def export_atomic(data: Any, folder: Path, name: str) -> Path:
+    """RecBole atomic .inter file of the sequences; positions as timestamps keep the order exact."""
+    d = folder / name
+    d.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for user, seq in zip(data.users, data.sequences, strict=True):
+        lines += [f"{user}\t{data.catalog.item_ids[i]}\t{t}" for t, i in enumerate(seq)]
+    (d / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def recbole_config(folder: Path, name: str, *, epochs: int, sizes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "dataset": name,
+        "data_path": str(folder),
+        "USER_ID_FIELD": "user_id",
+        "ITEM_ID_FIELD": "item_id",
+        "TIME_FIELD": "timestamp",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "MAX_ITEM_LIST_LENGTH": sizes["max_len"],
+        "hidden_size": sizes["hidden"],
+        "inner_size": sizes["hidden"] * 4,
+        "n_layers": sizes["layers"],
+        "n_heads": sizes["heads"],
+        "hidden_dropout_prob": sizes["dropout"],
+        "attn_dropout_prob": sizes["dropout"],
+        "loss_type": "CE",
+        "train_neg_sample_args": None,
+        "epochs": epochs,
+        "train_batch_size": sizes["batch_size"],
+        "learning_rate": sizes["lr"],
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
+        "metrics": ["Recall", "NDCG", "MRR"],
+        "topk": list(KS),
+        "valid_metric": "NDCG@10",
+        "eval_step": max(1, epochs // 10),
+        "stopping_step": 5,
+        "user_inter_num_interval": "[0,inf)",
+        "item_inter_num_interval": "[0,inf)",
+        "device": "cpu",
+        "use_gpu": False,
+        "seed": 0,
+        "reproducibility": True,
+        "show_progress": False,
+        "checkpoint_dir": str(folder / "saved"),
+        "log_wandb": False,
+    }
+
+
+def run_recbole(cfg: dict[str, Any], timeout_s: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [str(RECBOLE_PY), "-c", RUNNER, json.dumps(cfg)], capture_output=True, text=True, timeout=timeout_s
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RECBOLE_RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RECBOLE_RESULT ") :])
+            return result
+    raise RuntimeError(
+        f"RecBole failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+
+
+def genrec_sasrec(data: Any, *, epochs: int, sizes: dict[str, Any]) -> dict[str, float]:
+    """genrec's SASRec trained on the LS training part (minus valid and test), scored on test."""
+    from genrec.baselines import SASRecConfig, sasrec_lists
+    from genrec.data.catalog import leave_one_out
+    from genrec.evaluation import user_metrics
+
+    cfg = SASRecConfig(
+        hidden=sizes["hidden"],
+        layers=sizes["layers"],
+        heads=sizes["heads"],
+        dropout=sizes["dropout"],
+        max_len=sizes["max_len"],
+        epochs=epochs,
+        batch_size=sizes["batch_size"],
+        lr=sizes["lr"],
+    )
+    examples = leave_one_out(data, "test")
+    lists = sasrec_lists(data, examples, split="valid", k=max(KS), cfg=cfg)  # trains on s[:-2], like LS
+    per_user = [user_metrics(lst, ex.target, KS) for lst, ex in zip(lists, examples, strict=True)]
+    return {k: float(np.mean([u[k] for u in per_user])) for k in per_user[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--epochs", type=int, default=50, help="Epochs for both (RecBole may stop early on valid)."
+    )
+    p.add_argument(
+        "--recbole-epochs", type=int, default=None, help="Epochs for RecBole only (default --epochs)."
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--timeout", type=int, default=6 * 3600, help="Seconds RecBole may run.")
+    p.add_argument("--out", default="bench/results/recbole_peer.json")
+    args = p.parse_args(argv)
+    if not (SHARED / "ml-100k").is_dir():
+        print(f"skipped: {SHARED / 'ml-100k'} is absent")
+        return 0
+    if not RECBOLE_PY.exists():
+        print(f"skipped: {RECBOLE_PY} is absent; run `bash bench/recbole_setup.sh` first")
+        return 0
+    from genrec.config import load_config
+    from genrec.data import load_dataset
+
+    cfg = load_config(ROOT / "training/configs/ml-100k.yaml")
+    cfg.data.path = str(SHARED / "ml-100k")
+    data = load_dataset(cfg.data)
+    sizes = {
+        "hidden": 64,
+        "layers": 2,
+        "heads": 2,
+        "dropout": 0.2,
+        "max_len": 50,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+    }
+    results: dict[str, Any] = {
+        "dataset": "ml-100k",
+        "users": len(data),
+        "items": len(data.catalog),
+        "sizes": sizes,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        export_atomic(data, folder, "ml100k_genrec")
+        rb_epochs = args.recbole_epochs or args.epochs
+        started = time.time()
+        rb = run_recbole(recbole_config(folder, "ml100k_genrec", epochs=rb_epochs, sizes=sizes), args.timeout)
+        results["recbole"] = {"epochs": rb_epochs, "seconds": round(time.time() - started, 1), **rb}
+    started = time.time()
+    ours = genrec_sasrec(data, epochs=args.epochs, sizes=sizes)
+    results["genrec"] = {
+        "epochs": args.epochs,
+        "seconds": round(time.time() - started, 1),
+        "test_result": ours,
+    }
+    rb_test = {k.lower(): v for k, v in results["recbole"]["test_result"].items()}
+    results["ndcg@10_ratio"] = ours["ndcg@10"] / rb_test["ndcg@10"] if rb_test.get("ndcg@10") else None
+    save(args.out, results)
+    print("\n| | recall@10 | ndcg@10 | recall@20 | ndcg@20 | mrr |\n|---|---|---|---|---|---|")
+    for name, m in (("RecBole 1.2.1 SASRec (CE)", rb_test), ("genrec SASRec (CE)", ours)):
+        print(
+            f"| {name} | "
+            + " | ".join(
+                f"{m.get(k, float('nan')):.4f}"
+                for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
+            )
+            + " |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The benchmark scripts' own logic (not their figures): exports, skips, tables."""
+
+from __future__ import annotations
+
+import bench.quality as quality
+import bench.recbole_peer as peer
+
+
+def test_recbole_export_keeps_every_sequence_in_order(small_data, tmp_path):
+    folder = peer.export_atomic(small_data, tmp_path, "x")
+    lines = (folder / "x.inter").read_text().splitlines()
+    assert lines[0] == "user_id:token\titem_id:token\ttimestamp:float"
+    rows = [ln.split("\t") for ln in lines[1:]]
+    assert len(rows) == small_data.n_interactions
+    by_user: dict[str, list[tuple[float, str]]] = {}
+    for u, i, t in rows:
+        by_user.setdefault(u, []).append((float(t), i))
+    for user, seq in zip(small_data.users, small_data.sequences, strict=True):
+        assert [i for _, i in sorted(by_user[user])] == [small_data.catalog.item_ids[k] for k in seq]
+
+
+def test_recbole_config_uses_the_issue_protocol(tmp_path):
+    sizes = {
+        "hidden": 64,
+        "layers": 2,
+        "heads": 2,
+        "dropout": 0.2,
+        "max_len": 50,
+        "batch_size": 256,
+        "lr": 1e-3,
+    }
+    cfg = peer.recbole_config(tmp_path, "x", epochs=10, sizes=sizes)
+    assert cfg["loss_type"] == "CE" and cfg["train_neg_sample_args"] is None
+    assert cfg["eval_args"]["split"] == {"LS": "valid_and_test"} and cfg["eval_args"]["order"] == "TO"
+    assert cfg["eval_args"]["mode"] == "full"
+
+
+def test_quality_skips_cleanly_without_shared_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quality, "SHARED", tmp_path / "absent")
+    assert (
+        quality.main(["--datasets", "beauty", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "skipped" in out and "nothing measured" in out and not (tmp_path / "o").exists()
+
+
+def test_quality_table_puts_published_figures_beside_ours():
+    out = {
+        "dataset": "beauty",
+        "users": 10,
+        "items": 5,
+        "results": {"genrec": {"recall@10": 0.07, "ndcg@10": 0.04}},
+        "published": quality.DATASETS["beauty"][2],
+    }
+    t = quality.table(out)
+    assert (
+        "| genrec | 0.0700 | 0.0400 |" in t
+        and "*TIGER (Rajput et al. 2023), published* | 0.0648 | 0.0384 |" in t
+    )
