@@ -59,6 +59,20 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     yield from iter_jsonl(path)
 
 
+def count_rows(path: Path) -> int:
+    """Rows in the input without parsing it: parquet metadata, or newlines read in 1 MiB blocks."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
 def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
     if obj is None:
         return Reject(line, problem, "")
@@ -146,7 +160,10 @@ def generate(
             f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
         )
     parts.mkdir(parents=True, exist_ok=True)
-    template = rec.builder.template
+    pinned = rec.pin_template(None)
+    if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
+        started = json.loads((parts / "manifest.json").read_text())["settings"]
+        pinned = rec.templates.version(started.get("template", pinned.name), started.get("template_version", 1))
     settings = {
         "input": str(input_path.resolve()),
         "shard": f"{k}/{n}",
@@ -154,7 +171,9 @@ def generate(
         "mode": mode,
         "n_candidates": n_candidates,
         "chunk_size": chunk_size,
-        "template_hash": template.hash,
+        "template": pinned.name,
+        "template_version": pinned.version,
+        "template_hash": pinned.hash,
     }
     manifest = Manifest(parts, settings)
     model_id = str(rec.run.path.name)
@@ -167,8 +186,14 @@ def generate(
             chunk_size=chunk_size,
             batch_size=batch_size,
             progress=progress,
-            row_fields={"template_hash": template.hash, "model": model_id},
-            options={"n_items": n_items, "mode": mode, "n_candidates": n_candidates},
+            row_fields={"template_hash": pinned.hash, "model": model_id},
+            options={
+                "n_items": n_items,
+                "mode": mode,
+                "n_candidates": n_candidates,
+                "template": pinned.name,
+                "template_version": pinned.version,
+            },
         )
         _finalize(manifest, output)
     chunks = manifest.data["chunks"]
@@ -200,9 +225,11 @@ def _run_chunks(
     index = len(manifest.data["chunks"])
     pending: list[Row | Reject] = []
     last_read = skip
+    total = count_rows(input_path)
     bar = tqdm(
         desc="generate",
         unit="user",
+        total=len(range(k, total, n)),  # this shard's rows: users/s and ETA
         disable=not progress,
         initial=sum(c["rows"] + c["rejects"] for c in manifest.data["chunks"]),
     )
@@ -242,6 +269,8 @@ def _flush(
                 mode=options["mode"],
                 n_candidates=options["n_candidates"],
                 user=r.user,
+                template=options["template"],
+                template_version=options["template_version"],
             )
             for r in batch
         ]

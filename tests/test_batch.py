@@ -142,3 +142,53 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
         n_items=5,
         progress=False,
     )["rows"] == len(good)
+
+
+def test_count_rows_without_parsing(tmp_path):
+    from genrec.batch import count_rows
+
+    (tmp_path / "a.jsonl").write_text('{"user": "a"}\n{"user": "b"}\n{"user": "c"}')  # no final newline
+    (tmp_path / "b.jsonl").write_text('{"user": "a"}\n')
+    pd.DataFrame({"user": ["a", "b"]}).to_parquet(tmp_path / "c.parquet")
+    assert [count_rows(tmp_path / f) for f in ("a.jsonl", "b.jsonl", "c.parquet")] == [3, 1, 2]
+
+
+def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, tmp_path, monkeypatch):
+    """A template activated between the crash and --resume does not mix two prompts in one output."""
+    import shutil
+
+    from genrec.batch import Manifest
+    from genrec.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(trained_run[0].path, run.path, ignore=shutil.ignore_patterns("checkpoints", "templates"))
+    rec = Recommender.load(run, device="cpu")
+    write_input(rec, tmp_path / "users.jsonl", n=36)
+    started_hash = rec.builder.template.hash
+    real_commit = Manifest.commit
+
+    def crash_after_first(self, index, *args, **kw):
+        if index >= 1:
+            raise KeyboardInterrupt("simulated crash")
+        return real_commit(self, index, *args, **kw)
+
+    monkeypatch.setattr(Manifest, "commit", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        generate(
+            rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", chunk_size=12, n_items=3, progress=False
+        )
+    monkeypatch.undo()
+    text = rec.templates.text("default").replace("Next item ID?", "Next?")
+    rec.templates.save("default", text, author="t", base_version=1)
+    assert rec.builder.template.hash != started_hash  # new requests would use the new version
+    generate(
+        rec,
+        tmp_path / "users.jsonl",
+        tmp_path / "recs.jsonl",
+        chunk_size=12,
+        n_items=3,
+        resume=True,
+        progress=False,
+    )
+    rows = [json.loads(x) for x in (tmp_path / "recs.jsonl").read_text().splitlines()]
+    assert rows and {r["template_hash"] for r in rows} == {started_hash}
