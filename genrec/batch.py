@@ -163,7 +163,9 @@ def generate(
     pinned = rec.pin_template(None)
     if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
         started = json.loads((parts / "manifest.json").read_text())["settings"]
-        pinned = rec.templates.version(started.get("template", pinned.name), started.get("template_version", 1))
+        pinned = rec.templates.version(
+            started.get("template", pinned.name), started.get("template_version", 1)
+        )
     settings = {
         "input": str(input_path.resolve()),
         "shard": f"{k}/{n}",

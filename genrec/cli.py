@@ -247,7 +247,20 @@ def generate(
         int, typer.Option(help="Rows per committed chunk (the most a crash can redo).")
     ] = 1000,
     batch_size: Annotated[int, typer.Option(help="Users per engine batch.")] = 32,
-    backend: Annotated[str, typer.Option(help="`hf` (transformers) or `vllm`.")] = "hf",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="`hf` (transformers), `vllm`, or `ray`: fan shards out to --workers Ray tasks, each "
+            "running --engine (see genrec/batch_ray.py)."
+        ),
+    ] = "hf",
+    workers: Annotated[int, typer.Option(help="--backend ray: number of shards/Ray tasks.")] = 2,
+    engine: Annotated[str, typer.Option(help="--backend ray: each worker's engine, `hf` or `vllm`.")] = "hf",
+    gpus_per_worker: Annotated[float, typer.Option(help="--backend ray: GPUs per task (1 for vLLM).")] = 0.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--backend ray: cluster address (`auto` on a cluster node); none: local."),
+    ] = None,
 ) -> None:
     """Offline batch generation for many users: streamed, chunked, resumable, bad rows to a rejects file."""
     from genrec.batch import generate as do_generate
@@ -260,6 +273,31 @@ def generate(
     if candidates not in ("all", "retriever"):
         raise GenrecError(f"--candidates must be 'all' or 'retriever', got {candidates!r}")
     rd = RunDir(run)
+    if backend == "ray":
+        from genrec.batch_ray import generate_ray
+
+        if (k, m) != (0, 1):
+            raise GenrecError("--shard and --backend ray both split the input; use one")
+        summary = generate_ray(
+            rd.path,
+            input,
+            output,
+            workers=workers,
+            resume=resume,
+            engine=engine,
+            gpus_per_worker=gpus_per_worker,
+            address=ray_address,
+            chunk_size=chunk_size,
+            n_items=n,
+            mode=candidates,
+            n_candidates=n_candidates,
+            batch_size=batch_size,
+        )
+        typer.echo(
+            f"{summary['rows']} users ranked by {workers} Ray workers -> {summary['output']}; "
+            f"{summary['rejects']} rejected rows -> {summary['rejects_file']}"
+        )
+        return
     rec = Recommender.load(rd, backend=backend)
     summary = do_generate(
         rec,
