@@ -36,6 +36,16 @@ from bench.quality import SHARED
 ROOT = Path(__file__).resolve().parent.parent
 RECBOLE_PY = ROOT / ".venv-recbole" / "bin" / "python"
 KS = (10, 20)
+SIZES: dict[str, Any] = {
+    "hidden": 64,
+    "layers": 2,
+    "heads": 2,
+    "dropout": 0.2,
+    "max_len": 50,
+    "batch_size": 256,
+    "lr": 1e-3,
+}
+"""The same model for both: genrec's SASRecConfig defaults, in RecBole's terms too."""
 
 RUNNER = textwrap.dedent(
     """
@@ -158,15 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(ROOT / "training/configs/ml-100k.yaml")
     cfg.data.path = str(SHARED / "ml-100k")
     data = load_dataset(cfg.data)
-    sizes = {
-        "hidden": 64,
-        "layers": 2,
-        "heads": 2,
-        "dropout": 0.2,
-        "max_len": 50,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-    }
+    sizes = {**SIZES, "batch_size": args.batch_size, "lr": args.lr}
     results: dict[str, Any] = {
         "dataset": "ml-100k",
         "users": len(data),

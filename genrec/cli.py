@@ -273,6 +273,13 @@ def generate(
     if candidates not in ("all", "retriever"):
         raise GenrecError(f"--candidates must be 'all' or 'retriever', got {candidates!r}")
     rd = RunDir(run)
+    opts: dict[str, Any] = {
+        "chunk_size": chunk_size,
+        "n_items": n,
+        "mode": candidates,
+        "n_candidates": n_candidates,
+        "batch_size": batch_size,
+    }
     if backend == "ray":
         from genrec.batch_ray import generate_ray
 
@@ -287,11 +294,7 @@ def generate(
             engine=engine,
             gpus_per_worker=gpus_per_worker,
             address=ray_address,
-            chunk_size=chunk_size,
-            n_items=n,
-            mode=candidates,
-            n_candidates=n_candidates,
-            batch_size=batch_size,
+            **opts,
         )
         typer.echo(
             f"{summary['rows']} users ranked by {workers} Ray workers -> {summary['output']}; "
@@ -299,18 +302,7 @@ def generate(
         )
         return
     rec = Recommender.load(rd, backend=backend)
-    summary = do_generate(
-        rec,
-        input,
-        output,
-        resume=resume,
-        shard=(k, m),
-        chunk_size=chunk_size,
-        n_items=n,
-        mode=candidates,
-        n_candidates=n_candidates,
-        batch_size=batch_size,
-    )
+    summary = do_generate(rec, input, output, resume=resume, shard=(k, m), **opts)
     typer.echo(
         f"{summary['rows']} users ranked -> {summary['output']}; {summary['rejects']} rejected rows -> "
         f"{summary['rejects_file']}"

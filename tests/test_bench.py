@@ -20,16 +20,7 @@ def test_recbole_export_keeps_every_sequence_in_order(small_data, tmp_path):
 
 
 def test_recbole_config_uses_the_issue_protocol(tmp_path):
-    sizes = {
-        "hidden": 64,
-        "layers": 2,
-        "heads": 2,
-        "dropout": 0.2,
-        "max_len": 50,
-        "batch_size": 256,
-        "lr": 1e-3,
-    }
-    cfg = peer.recbole_config(tmp_path, "x", epochs=10, sizes=sizes)
+    cfg = peer.recbole_config(tmp_path, "x", epochs=10, sizes=peer.SIZES)
     assert cfg["loss_type"] == "CE" and cfg["train_neg_sample_args"] is None
     assert cfg["eval_args"]["split"] == {"LS": "valid_and_test"} and cfg["eval_args"]["order"] == "TO"
     assert cfg["eval_args"]["mode"] == "full"
