@@ -1,16 +1,17 @@
 """genrec's SASRec baseline against the reference implementation (RecBole 1.2.1) on the same split.
 
     bash bench/recbole_setup.sh                      # once: RecBole in its own venv (.venv-recbole)
-    python -m bench.recbole_peer --epochs 50         # ml-100k from ../shared/data
+    python -m bench.recbole_peer --recbole-epochs 20   # ml-100k from ../shared/data
 
 1. Loads ml-100k with the ml-100k recipe's cleaning (genrec.data), so both see identical sequences.
 2. Exports them as RecBole atomic files (`user_id:token item_id:token timestamp:float`, the timestamp
    being the position in the user's sequence, so RecBole's time order equals ours).
 3. Runs RecBole's SASRec with `loss_type: CE`, `eval_args: {split: {LS: valid_and_test}, order: TO,
    mode: full}` in the separate venv (RecBole pins numpy<2 / pandas<2.3, which genrec does not).
-4. Trains genrec's SASRec with the same sizes on the same training part (each user's sequence minus
-   the validation and test items, as RecBole's LS split does) and scores the same test users with
-   full ranking minus seen items.
+4. Trains genrec's SASRec exactly as `genrec evaluate` does (SASRecConfig: the same sizes as the
+   RecBole model) on the same training part (each user's sequence minus the validation and test
+   items, as RecBole's LS split does) and scores the same test users with full ranking minus seen
+   items.
 5. Prints both side by side and writes bench/results/recbole_peer.json.
 
 Skips cleanly when ../shared/data/ml-100k or the RecBole venv is absent.
@@ -95,7 +96,7 @@ def recbole_config(folder: Path, name: str, *, epochs: int, sizes: dict[str, Any
         "topk": list(KS),
         "valid_metric": "NDCG@10",
         "eval_step": max(1, epochs // 10),
-        "stopping_step": 5,
+        "stopping_step": 3,
         "user_inter_num_interval": "[0,inf)",
         "item_inter_num_interval": "[0,inf)",
         "device": "cpu",
@@ -108,10 +109,20 @@ def recbole_config(folder: Path, name: str, *, epochs: int, sizes: dict[str, Any
     }
 
 
-def run_recbole(cfg: dict[str, Any], timeout_s: int) -> dict[str, Any]:
+def run_recbole(cfg: dict[str, Any], timeout_s: int, *, log: Path | None = None) -> dict[str, Any]:
+    """Run RecBole in its venv, inside the data folder (it writes log/ and log_tensorboard/ to its cwd)."""
     proc = subprocess.run(
-        [str(RECBOLE_PY), "-c", RUNNER, json.dumps(cfg)], capture_output=True, text=True, timeout=timeout_s
+        [str(RECBOLE_PY), "-c", RUNNER, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cfg["data_path"],
     )
+    if log is not None:
+        logs = sorted(Path(cfg["data_path"]).glob("log/SASRec/*.log"))
+        if logs:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(logs[-1].read_text())
     for line in proc.stdout.splitlines():
         if line.startswith("RECBOLE_RESULT "):
             result: dict[str, Any] = json.loads(line[len("RECBOLE_RESULT ") :])
@@ -121,26 +132,20 @@ def run_recbole(cfg: dict[str, Any], timeout_s: int) -> dict[str, Any]:
     )
 
 
-def genrec_sasrec(data: Any, *, epochs: int, sizes: dict[str, Any]) -> dict[str, float]:
-    """genrec's SASRec trained on the LS training part (minus valid and test), scored on test."""
+def genrec_sasrec(data: Any, *, epochs: int | None) -> tuple[dict[str, float], dict[str, Any]]:
+    """genrec's SASRec as `genrec evaluate` runs it (SASRecConfig defaults), trained on the LS
+    training part (minus valid and test, as RecBole's split), scored on the test users."""
+    from dataclasses import asdict, replace
+
     from genrec.baselines import SASRecConfig, sasrec_lists
     from genrec.data.catalog import leave_one_out
     from genrec.evaluation import user_metrics
 
-    cfg = SASRecConfig(
-        hidden=sizes["hidden"],
-        layers=sizes["layers"],
-        heads=sizes["heads"],
-        dropout=sizes["dropout"],
-        max_len=sizes["max_len"],
-        epochs=epochs,
-        batch_size=sizes["batch_size"],
-        lr=sizes["lr"],
-    )
+    cfg = SASRecConfig() if epochs is None else replace(SASRecConfig(), epochs=epochs)
     examples = leave_one_out(data, "test")
     lists = sasrec_lists(data, examples, split="valid", k=max(KS), cfg=cfg)  # trains on s[:-2], like LS
     per_user = [user_metrics(lst, ex.target, KS) for lst, ex in zip(lists, examples, strict=True)]
-    return {k: float(np.mean([u[k] for u in per_user])) for k in per_user[0]}
+    return {k: float(np.mean([u[k] for u in per_user])) for k in per_user[0]}, asdict(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,17 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         export_atomic(data, folder, "ml100k_genrec")
-        rb_epochs = args.recbole_epochs or args.epochs
+        rb_epochs = args.recbole_epochs
         started = time.time()
-        rb = run_recbole(recbole_config(folder, "ml100k_genrec", epochs=rb_epochs, sizes=sizes), args.timeout)
+        rb = run_recbole(
+            recbole_config(folder, "ml100k_genrec", epochs=rb_epochs, sizes=sizes),
+            args.timeout,
+            log=Path(args.out).with_suffix(".recbole.log"),
+        )
         results["recbole"] = {"epochs": rb_epochs, "seconds": round(time.time() - started, 1), **rb}
     started = time.time()
-    ours = genrec_sasrec(data, epochs=args.epochs, sizes=sizes)
-    results["genrec"] = {
-        "epochs": args.epochs,
-        "seconds": round(time.time() - started, 1),
-        "test_result": ours,
-    }
+    ours, ours_cfg = genrec_sasrec(data, epochs=args.genrec_epochs)
+    results["genrec"] = {"config": ours_cfg, "seconds": round(time.time() - started, 1), "test_result": ours}
     rb_test = {k.lower(): v for k, v in results["recbole"]["test_result"].items()}
     results["ndcg@10_ratio"] = ours["ndcg@10"] / rb_test["ndcg@10"] if rb_test.get("ndcg@10") else None
     save(args.out, results)
