@@ -97,7 +97,8 @@ class Recommender:
 
     @classmethod
     def load(cls, run: RunDir, *, backend: str = "hf", device: str | None = None) -> Recommender:
-        """The run's merged model behind the `hf` (transformers) or `vllm` engine."""
+        """The run's merged model behind the `hf` (transformers), `vllm` (offline `vllm.LLM`: batch,
+        evaluation) or `vllm-async` (`AsyncLLM`: the server) engine."""
         cfg = run.load_config()
         engine: Engine
         if backend == "hf":
@@ -106,8 +107,12 @@ class Recommender:
             from genrec.engines.vllm import VLLMEngine
 
             engine = VLLMEngine(run.model_dir())
+        elif backend == "vllm-async":
+            from genrec.engines.vllm import AsyncVLLMEngine
+
+            engine = AsyncVLLMEngine(run.model_dir())
         else:
-            raise GenrecError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+            raise GenrecError(f"backend must be 'hf', 'vllm' or 'vllm-async', got {backend!r}")
         return cls(run, cfg, run.load_data(), run.load_ids(), engine, Retriever(run.load_embeddings()))
 
     def _item_token_ids(self) -> np.ndarray:

@@ -34,7 +34,9 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
     from serve.service import RecService, ServeLimits
 
     run = RunDir(args.run)
-    rec = Recommender.load(run, backend=args.backend, device=args.device)
+    # the server drives vLLM through AsyncLLM, so concurrent batches share the engine
+    backend = "vllm-async" if args.backend == "vllm" else args.backend
+    rec = Recommender.load(run, backend=backend, device=args.device)
     limits = ServeLimits(
         max_history=args.max_history,
         max_queue=args.max_queue,

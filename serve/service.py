@@ -43,6 +43,8 @@ class ServeLimits:
     """How long the worker waits to fill a batch."""
     request_timeout_s: float = 60.0
     """A request still waiting after this gets 503."""
+    concurrent_batches: int = 4
+    """Batches in flight at once when the engine allows it (AsyncLLM); the transformers engine runs one."""
 
 
 @dataclass
@@ -98,23 +100,24 @@ class RecService:
         self.limits = limits or ServeLimits()
         self.metrics = Metrics()
         self._queue: asyncio.Queue[_Job] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._pending = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._work())
+        n = self.limits.concurrent_batches if getattr(self.rec.engine, "concurrent", False) else 1
+        self._workers = [asyncio.create_task(self._work()) for _ in range(max(1, n))]
 
     async def stop(self, *, drain_s: float = 30.0) -> None:
         """Finish queued requests (up to drain_s), then stop the worker."""
         deadline = time.monotonic() + drain_s
         while self._pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._worker:
-            self._worker.cancel()
+        for w in self._workers:
+            w.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await w
 
     # -- parsing ---------------------------------------------------------------------------------
     def resolve(self, refs: Sequence[str], *, param: str) -> list[int]:

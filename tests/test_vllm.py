@@ -57,15 +57,61 @@ def test_vllm_rows_wider_than_128_tokens_are_split(recs):
     assert a.scores == pytest.approx(b.scores, abs=2e-3)
 
 
-def test_server_on_vllm_backend(recs):
+@pytest.fixture(scope="module")
+def async_rec(recs):
+    """The server's engine: AsyncLLM (its engine core runs in a separate process)."""
+    from genrec.engines.vllm import AsyncVLLMEngine
+
+    hf, _ = recs
+    engine = AsyncVLLMEngine(
+        hf.run.model_dir(), dtype="float32", max_model_len=512, gpu_memory_utilization=0.15
+    )
+    yield Recommender(hf.run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
+    engine.shutdown()
+
+
+def test_async_engine_matches_offline_engine_also_from_concurrent_threads(recs, async_rec):
+    from concurrent.futures import ThreadPoolExecutor
+
     _, vl = recs
-    with LiveServer(create_app(RecService(vl, model_name="tiny-vllm"))) as s:
-        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-        hist = [vl.catalog.item_ids[i] for i in vl.user_history(vl.data.users[1])[-3:]]
-        resp = client.chat.completions.create(
-            model="tiny-vllm",
-            messages=[{"role": "user", "content": ", ".join(hist)}],
-            extra_body={"n_items": 5},
+    histories = [vl.user_history(u) for u in vl.data.users[:8]]
+    want = vl.rank_histories(histories, n_items=6, beam_width=6, mode="retriever", n_candidates=40)
+    with ThreadPoolExecutor(4) as pool:  # four beam searches in flight on one AsyncLLM
+        got = list(
+            pool.map(
+                lambda h: async_rec.rank_histories(
+                    [h], n_items=6, beam_width=6, mode="retriever", n_candidates=40
+                )[0],
+                histories,
+            )
         )
-        ids = [r["item_id"] for r in resp.model_extra["recommendations"]]
-        assert len(set(ids)) == 5 and not set(ids) & set(hist)
+    for x, y in zip(want, got, strict=True):
+        assert [r.score for r in x] == pytest.approx([r.score for r in y], abs=2e-3)
+
+
+def test_server_on_vllm_backend(async_rec):
+    """The server on AsyncLLM, several batches in flight: every reply valid and distinct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.service import ServeLimits
+
+    vl = async_rec
+    service = RecService(vl, model_name="tiny-vllm", limits=ServeLimits(max_batch=2, concurrent_batches=3))
+    with LiveServer(create_app(service)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+
+        def ask(u):
+            hist = [vl.catalog.item_ids[i] for i in vl.user_history(u)[-3:]]
+            resp = client.chat.completions.create(
+                model="tiny-vllm",
+                messages=[{"role": "user", "content": ", ".join(hist)}],
+                extra_body={"n_items": 5},
+            )
+            ids = [r["item_id"] for r in resp.model_extra["recommendations"]]
+            return ids, hist
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(ask, vl.data.users[:12]))
+        for ids, hist in results:
+            assert len(set(ids)) == 5 and not set(ids) & set(hist)
+        assert len(service._workers) == 3

@@ -15,6 +15,8 @@ from genrec.decoding import Ranked, Trie
 class Engine(Protocol):
     name: str
     tokenizer: Any
+    concurrent: bool
+    """True when rank() may run in several threads at once (the engine batches across them)."""
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt token ids: the chat template with the assistant turn opened."""

