@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--recbole-epochs", type=int, default=None, help="Epochs for RecBole only (default --epochs)."
     )
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="RecBole learning rate.")
+    p.add_argument("--batch-size", type=int, default=512, help="RecBole batch size (prefixes).")
     p.add_argument("--timeout", type=int, default=6 * 3600, help="Seconds RecBole may run.")
     p.add_argument("--out", default="bench/results/recbole_peer.json")
     args = p.parse_args(argv)
