@@ -348,3 +348,14 @@ def test_a_request_admitted_before_a_save_keeps_its_version(api):
     assert q.template.version == admitted.version and "(in-flight test)" not in q.messages[-1]["content"]
     assert later.template.version > admitted.version and "(in-flight test)" in later.messages[-1]["content"]
     assert len(recs) == 3
+
+
+def test_a_save_by_another_process_is_seen_without_restart(tmp_path):
+    """The server's store re-reads state.json when it changes (the CLI writes through its own store)."""
+    server, cli = store_at(tmp_path), store_at(tmp_path)
+    assert server.template("default")[0].version == 1
+    cli.save("default", EDITED, author="cli", base_version=1)
+    v, t = server.template("default")
+    assert v.version == 2 and "(edited)" in t.body
+    cli.rollback("default", by="cli")
+    assert server.active("default").version == 1
