@@ -60,9 +60,14 @@ def items(recs: list[Recommendation]) -> list[RecommendedItem]:
 
 
 def create_app(
-    service: RecService, *, api_keys: list[str] | None = None, admin_keys: dict[str, str] | None = None
+    service: RecService,
+    *,
+    api_keys: list[str] | None = None,
+    admin_keys: dict[str, str] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app; `admin_keys` (key -> label) may also edit templates, and count as API keys."""
+    """The app; `admin_keys` (key -> label) may also edit templates, and count as API keys;
+    `on_shutdown` runs after in-flight requests drained (the server stops its engine there)."""
     admins = dict(admin_keys or {})
     keys = set(api_keys or []) | (set(admins) if api_keys else set())
 
@@ -71,6 +76,8 @@ def create_app(
         await service.start()
         yield
         await service.stop()
+        if on_shutdown is not None:
+            on_shutdown()
 
     app = FastAPI(title="genrec", lifespan=lifespan)
 

@@ -44,7 +44,14 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
         request_timeout_s=args.timeout_s,
     )
     service = RecService(rec, model_name=args.model_name or run.path.name, limits=limits)
-    return create_app(service, api_keys=args.api_keys, admin_keys=parse_admin_keys(args.admin_keys))
+    return create_app(
+        service,
+        api_keys=args.api_keys,
+        admin_keys=parse_admin_keys(args.admin_keys),
+        # AsyncLLM's engine core is a child process: it stops with the app (uvicorn re-raises SIGTERM
+        # after the lifespan ends, so code after uvicorn.run() would never run)
+        on_shutdown=getattr(rec.engine, "shutdown", None),
+    )
 
 
 def parse_admin_keys(specs: list[str]) -> dict[str, str]:

@@ -300,7 +300,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(rec):
 
     # The worker holds a batch open for 1.5 s, so all 8 requests are queued when shutdown starts.
     service = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=1500))
-    s = LiveServer(create_app(service)).__enter__()
+    stopped_engine_with_pending = []  # the engine stops only after the queue drained
+    s = LiveServer(
+        create_app(service, on_shutdown=lambda: stopped_engine_with_pending.append(service._pending))
+    ).__enter__()
     body = {"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}], "n_items": 5}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [
@@ -314,3 +317,4 @@ def test_graceful_shutdown_finishes_in_flight_requests(rec):
         codes = [f.result().status_code for f in futures]
     s.thread.join(timeout=60)
     assert codes == [200] * 8 and not s.thread.is_alive()
+    assert stopped_engine_with_pending == [0]

@@ -190,6 +190,9 @@ class _AsyncLLMBridge:
         raise NotImplementedError("vLLM's built-in beam search runs on the offline engine (VLLMEngine)")
 
     def shutdown(self) -> None:
+        """Stop the engine core process and the loop thread (idempotent)."""
+        if self.loop.is_closed() or not self.loop.is_running():
+            return
         self.llm.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
 
