@@ -81,34 +81,40 @@ def default_memory_fraction() -> float:
     return 0.85 if torch.cuda.is_available() else 0.25
 
 
+def engine_options(
+    model_dir: str,
+    *,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Engine arguments both `vllm.LLM` and `AsyncEngineArgs` take (prefix caching always on)."""
+    out: dict[str, Any] = {
+        "model": model_dir,
+        "dtype": dtype,
+        "enable_prefix_caching": True,
+        "gpu_memory_utilization": gpu_memory_utilization or default_memory_fraction(),
+        "seed": seed,
+    }
+    if max_model_len:
+        out["max_model_len"] = max_model_len
+    return out
+
+
 class VLLMEngine:
     name = "vllm"
     concurrent = False
     """Whether rank() may be called from several threads at once (AsyncVLLMEngine: yes)."""
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        gpu_memory_utilization: float | None = None,
-        seed: int = 0,
-        llm: Any = None,
-    ) -> None:
+    def __init__(self, model_dir: str | Path, *, llm: Any = None, **options: Any) -> None:
+        """`options`: dtype, max_model_len, gpu_memory_utilization, seed (see `engine_options`)."""
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.llm = llm or LLM(
-            model=self.model_dir,
-            dtype=cast(Any, dtype),
-            enable_prefix_caching=True,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization or default_memory_fraction(),
-            seed=seed,
-        )
+        self.llm = llm or LLM(**engine_options(self.model_dir, **options))
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
@@ -206,27 +212,10 @@ class AsyncVLLMEngine(VLLMEngine):
 
     concurrent = True
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        gpu_memory_utilization: float | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, model_dir: str | Path, **options: Any) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        kwargs: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            dtype=cast(Any, dtype),
-            enable_prefix_caching=True,
-            gpu_memory_utilization=gpu_memory_utilization or default_memory_fraction(),
-            seed=seed,
-            **kwargs,
-        )
-        self.bridge = _AsyncLLMBridge(args)
+        self.bridge = _AsyncLLMBridge(AsyncEngineArgs(**engine_options(str(model_dir), **options)))
         super().__init__(model_dir, llm=self.bridge)
 
     def shutdown(self) -> None:
