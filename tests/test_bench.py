@@ -49,3 +49,14 @@ def test_quality_table_puts_published_figures_beside_ours():
         "| genrec | 0.0700 | 0.0400 |" in t
         and "*TIGER (Rajput et al. 2023), published* | 0.0648 | 0.0384 |" in t
     )
+
+
+def test_recbole_results_are_read_back_from_its_log():
+    log = (
+        "Sun 22 Nov 2026 15:33:55 INFO  epoch 6 training [time: 150.37s, train loss: 1051.9013]\n"
+        "Sun 22 Nov 2026 15:37:18 INFO  best valid : OrderedDict([('recall@10', 0.141), ('ndcg@10', 0.0624)])\n"
+        "Sun 22 Nov 2026 15:37:18 INFO  test result: OrderedDict([('recall@10', 0.1304), ('ndcg@10', 0.0589)])\n"
+    )
+    out = peer.parse_recbole_log(log)
+    assert out["test_result"] == {"recall@10": 0.1304, "ndcg@10": 0.0589}
+    assert out["best_valid_result"]["ndcg@10"] == 0.0624 and out["epochs_run"] == 7
