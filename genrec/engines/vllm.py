@@ -199,8 +199,11 @@ class _AsyncLLMBridge:
         """Stop the engine core process and the loop thread (idempotent)."""
         if self.loop.is_closed() or not self.loop.is_running():
             return
-        self.llm.shutdown()
+        self._run(self._shutdown())  # on the loop: its output handler is cancelled before the core stops
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _shutdown(self) -> None:
+        self.llm.shutdown()
 
 
 class AsyncVLLMEngine(VLLMEngine):
