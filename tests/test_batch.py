@@ -116,32 +116,26 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
     proc.wait()
     committed = len(json.loads(manifest.read_text())["chunks"])
     assert 3 <= committed < 18 and not out.exists()
-    summary = generate(
-        rec,
-        tmp_path / "users.jsonl",
-        out,
-        resume=True,
-        chunk_size=10,
-        batch_size=4,
-        n_items=5,
-        progress=False,
-    )
+
+    def resume():
+        return generate(
+            rec,
+            tmp_path / "users.jsonl",
+            out,
+            resume=True,
+            chunk_size=10,
+            batch_size=4,
+            n_items=5,
+            progress=False,
+        )
+
+    summary = resume()
     lines = [json.loads(x)["line"] for x in out.read_text().splitlines()]
     assert sorted(lines) == sorted(good) and len(lines) == len(
         set(lines)
     )  # exactly one row per accepted user
     assert summary["rejects"] == 180 - len(good)
-    # A finished job resumed again changes nothing.
-    assert generate(
-        rec,
-        tmp_path / "users.jsonl",
-        out,
-        resume=True,
-        chunk_size=10,
-        batch_size=4,
-        n_items=5,
-        progress=False,
-    )["rows"] == len(good)
+    assert resume()["rows"] == len(good)  # a finished job resumed again changes nothing
 
 
 def test_count_rows_without_parsing(tmp_path):
