@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from genrec.batch import count_rows
 from genrec.errors import GenrecError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def generate_ray(
     cpus_per_worker: float = 1.0,
     address: str | None = None,
     device: str | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Rank every input row with `workers` Ray tasks; `options` go to `genrec.batch.generate`."""
@@ -81,7 +83,9 @@ def generate_ray(
             )
             for k, o in enumerate(outs)
         ]
-        summaries = ray.get(refs)
+        summaries = _wait_with_progress(
+            ray, refs, outs, total=count_rows(Path(input_path)), progress=progress
+        )
     finally:
         if started_here:
             ray.shutdown()
@@ -102,6 +106,35 @@ def generate_ray(
         output,
     )
     return summary
+
+
+def _committed(out: Path) -> int:
+    """Input rows a shard has committed so far (its manifest; the final file once merged)."""
+    if out.exists():  # finished: the parts were merged into the shard's output and rejects files
+        rejects = out.with_name(out.stem + ".rejects.jsonl")
+        return count_rows(out) + (count_rows(rejects) if rejects.exists() else 0)
+    manifest = out.with_name(out.name + ".parts") / "manifest.json"
+    try:
+        chunks = json.loads(manifest.read_text())["chunks"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+    return sum(c["rows"] + c["rejects"] for c in chunks)
+
+
+def _wait_with_progress(
+    ray: Any, refs: list[Any], outs: list[Path], *, total: int, progress: bool
+) -> list[Any]:
+    """ray.get with a progress bar fed by the shards' manifests (users/s and ETA over all workers)."""
+    from tqdm.auto import tqdm
+
+    pending = list(refs)
+    with tqdm(total=total, desc="generate (ray)", unit="user", disable=not progress) as bar:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            done = sum(_committed(o) for o in outs)
+            bar.update(max(0, done - bar.n))
+        bar.update(total - bar.n)
+    return list(ray.get(refs))
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, str]]:
