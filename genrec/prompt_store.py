@@ -35,7 +35,6 @@ from typing import Any
 
 from genrec.data import Interactions
 from genrec.errors import GenrecError
-from genrec.ids import ItemIds
 from genrec.prompts import _NAME, PROMPTS_DIR, PromptBuilder, PromptTemplate, TemplateProblem, parse_template
 from genrec.run import RunDir, atomic_write_text
 
@@ -94,7 +93,10 @@ class TemplateStore:
         self.root = Path(root)
         self.shipped = [Path(p) for p in shipped]
         self._cache: dict[tuple[str, int], PromptTemplate] = {}
-        self._state_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+        self._meta: dict[tuple[str, int], TemplateVersion] = {}
+        """Saved versions' metadata: immutable, so read from disk once."""
+        self._files = _FileCache()
+        """state.json and shipped files, re-read only when they change on disk (another process saved)."""
         self._mutex = threading.Lock()
 
     @classmethod
@@ -112,28 +114,22 @@ class TemplateStore:
         return next((f / f"{name}.jinja" for f in self.shipped if (f / f"{name}.jinja").is_file()), None)
 
     def _state(self, name: str) -> dict[str, Any] | None:
-        path = self.root / name / "state.json"
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        key = (st.st_mtime_ns, st.st_size)
-        cached = self._state_cache.get(name)
-        if cached and cached[0] == key:
-            return cached[1]
-        state = json.loads(path.read_text())
-        self._state_cache[name] = (key, state)
+        state: dict[str, Any] | None = self._files.get(self.root / name / "state.json", json.loads)
         return state
 
     def _shipped_version(self, name: str) -> tuple[TemplateVersion, str] | None:
         path = self._shipped_file(name)
         if path is None:
             return None
-        text = path.read_text(encoding="utf-8")
-        meta = TemplateVersion(
-            name, 1, _hash(text), "genrec", "", f"shipped file {path.name}", None, str(path)
-        )
-        return meta, text
+
+        def parse(text: str) -> tuple[TemplateVersion, str]:
+            meta = TemplateVersion(
+                name, 1, _hash(text), "genrec", "", f"shipped file {path.name}", None, str(path)
+            )
+            return meta, text
+
+        found: tuple[TemplateVersion, str] | None = self._files.get(path, parse)
+        return found
 
     def versions(self, name: str) -> list[TemplateVersion]:
         """Every version, oldest first."""
@@ -143,9 +139,8 @@ class TemplateStore:
             if shipped is None:
                 raise TemplateNotFound(f"template {name!r} not found (known: {', '.join(self.names())})")
             return [shipped[0]]
-        return [
-            TemplateVersion(**json.loads(p.read_text())) for p in sorted((self.root / name).glob("v*.json"))
-        ]
+        numbers = sorted(int(p.stem[1:]) for p in (self.root / name).glob("v*.json"))
+        return [self.version(name, n) for n in numbers]
 
     def activations(self, name: str) -> list[dict[str, Any]]:
         state = self._state(check_name(name))
@@ -163,15 +158,20 @@ class TemplateStore:
             if version != only.version:
                 raise TemplateNotFound(f"template {name!r} has no version {version} (it has 1)")
             return only
-        path = self.root / name / f"v{version:04d}.json"
-        if not path.is_file():
-            raise TemplateNotFound(f"template {name!r} has no version {version}")
-        return TemplateVersion(**json.loads(path.read_text()))
+        meta = self._meta.get((name, version))
+        if meta is None:
+            path = self.root / name / f"v{version:04d}.json"
+            if not path.is_file():
+                raise TemplateNotFound(f"template {name!r} has no version {version}")
+            meta = self._meta[(name, version)] = TemplateVersion(**json.loads(path.read_text()))
+        return meta
 
     def text(self, name: str, version: int | None = None) -> str:
         v = self.active(name) if version is None else self.version(name, version)
         if v.source != "store":
-            return Path(v.source).read_text(encoding="utf-8")
+            shipped = self._shipped_version(name)
+            assert shipped is not None  # v came from it
+            return shipped[1]
         return (self.root / name / f"v{v.version:04d}.jinja").read_text(encoding="utf-8")
 
     def template(self, name: str, version: int | None = None) -> tuple[TemplateVersion, PromptTemplate]:
@@ -234,7 +234,7 @@ class TemplateStore:
         if len(text.encode()) > MAX_TEMPLATE_BYTES:
             raise TemplateProblem(f"template {name!r} is larger than {MAX_TEMPLATE_BYTES} bytes")
         with self._locked():
-            self._state_cache.pop(name, None)
+            self._files.forget(self.root / name / "state.json")
             current = self.active(name) if self.exists(name) else None
             if current is not None and base_version != current.version:
                 raise VersionConflict(name, base_version, current)
@@ -288,14 +288,14 @@ class TemplateStore:
 
     def _write_state(self, name: str, state: dict[str, Any]) -> None:
         atomic_write_text(self.root / name / "state.json", json.dumps(state, indent=1))
-        self._state_cache.pop(name, None)
+        self._files.forget(self.root / name / "state.json")
 
     def activate(
         self, name: str, version: int, *, by: str, base_version: int | None = None
     ) -> TemplateVersion:
         """Make `version` the one serving uses (`base_version`, when given, must be the active one)."""
         with self._locked():
-            self._state_cache.pop(name, None)
+            self._files.forget(self.root / name / "state.json")
             current = self.active(name)
             if base_version is not None and base_version != current.version:
                 raise VersionConflict(name, base_version, current)
@@ -309,7 +309,7 @@ class TemplateStore:
     def rollback(self, name: str, *, by: str, base_version: int | None = None) -> TemplateVersion:
         """Re-activate the version that was active before the current one."""
         with self._locked():
-            self._state_cache.pop(name, None)
+            self._files.forget(self.root / name / "state.json")
             current = self.active(name)
             if base_version is not None and base_version != current.version:
                 raise VersionConflict(name, base_version, current)
@@ -321,6 +321,29 @@ class TemplateStore:
                 name, dict(state, activations=list(state["activations"])), stack[-2], by, "rollback"
             )
             return self.version(name, stack[-2])
+
+
+class _FileCache:
+    """Parsed small files, re-parsed only when their (mtime, size) changes; missing files are None."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Path, tuple[tuple[int, int], Any]] = {}
+
+    def get(self, path: Path, parse: Callable[[str], Any]) -> Any:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        hit = self._entries.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = parse(path.read_text(encoding="utf-8"))
+        self._entries[path] = (key, value)
+        return value
+
+    def forget(self, path: Path) -> None:
+        self._entries.pop(path, None)
 
 
 def _undo_stack(activations: list[dict[str, Any]]) -> list[int]:
@@ -346,10 +369,9 @@ class TemplateChecker:
     """
 
     def __init__(
-        self, data: Interactions, ids: ItemIds, *, max_history: int, title_words: int, n: int = 16
+        self, data: Interactions, make_builder: Callable[[PromptTemplate], PromptBuilder], *, n: int = 16
     ) -> None:
-        self.data, self.ids = data, ids
-        self.max_history, self.title_words = max_history, title_words
+        self.data, self.builder = data, make_builder
         by_length = sorted(range(len(data)), key=lambda u: (len(data.sequences[u]), u))
         picks = (
             {by_length[round(k * (len(by_length) - 1) / max(n - 1, 1))] for k in range(n)}
@@ -360,19 +382,8 @@ class TemplateChecker:
 
     @classmethod
     def for_run(cls, run: RunDir, n: int = 16) -> TemplateChecker:
-        cfg = run.load_config()
-        return cls(
-            run.load_data(),
-            run.load_ids(),
-            max_history=cfg.prompt.max_history,
-            title_words=cfg.prompt.title_words,
-            n=n,
-        )
-
-    def builder(self, template: PromptTemplate) -> PromptBuilder:
-        return PromptBuilder(
-            template, self.data.catalog, self.ids, max_history=self.max_history, title_words=self.title_words
-        )
+        cfg, data, ids = run.load_config(), run.load_data(), run.load_ids()
+        return cls(data, lambda t: PromptBuilder.for_config(t, data.catalog, ids, cfg.prompt), n=n)
 
     def __call__(self, template: PromptTemplate) -> list[dict[str, Any]]:
         """Rendered messages per sample user; TemplateProblem (with the user named) on the first failure."""

@@ -33,6 +33,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SecurityError
 
+from genrec.config import PromptConfig
 from genrec.data import Catalog
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds
@@ -137,10 +138,8 @@ class PromptTemplate:
                 if m:
                     line, message = k + 1, f"{message} (the unclosed '{unclosed.group(1)}' opens here)"
                     break
-        col = _column(lines[line - 1], message) if 0 < line <= len(lines) else None
-        col = col or 1
-        at = f"line {line}" + (f", column {col}" if col else "")
-        return TemplateProblem(f"{self.source}: {at}: {message}", line=line, column=col)
+        col = (_column(lines[line - 1], message) if 0 < line <= len(lines) else None) or 1
+        return TemplateProblem(f"{self.source}: line {line}, column {col}: {message}", line=line, column=col)
 
     def _compile(self, text: str, first_line: int | None) -> Any:
         try:
@@ -262,6 +261,13 @@ class PromptBuilder:
     ) -> None:
         self.template, self.catalog, self.ids = template, catalog, ids
         self.max_history, self.title_words = max_history, title_words
+
+    @classmethod
+    def for_config(
+        cls, template: PromptTemplate, catalog: Catalog, ids: ItemIds, cfg: PromptConfig
+    ) -> PromptBuilder:
+        """A builder with the run's prompt settings (`prompt.max_history`, `prompt.title_words`)."""
+        return cls(template, catalog, ids, max_history=cfg.max_history, title_words=cfg.title_words)
 
     def item_view(self, item: int) -> dict[str, Any]:
         return {

@@ -88,6 +88,8 @@ class Recommender:
         self.catalog = data.catalog
         self.templates = TemplateStore.for_run(run.path)
         self.template_name = cfg.prompt.template
+        self.trained_template: dict[str, Any] = run.meta().get("template", {})
+        """Name and hash of the template the loaded model was trained with (read once, at load)."""
         self.item_tokens = self._item_token_ids()
         self._users = data.user_index()
         self._titles = {t.lower(): i for i, t in enumerate(self.catalog.titles) if t}
@@ -178,9 +180,10 @@ class Recommender:
         """The prompt builder of the run's template at its active version."""
         return self.builder_for(None)
 
-    def pin_template(self, template: str | None) -> TemplateVersion:
-        """The version of `template` (None: the run's) that is active now."""
-        return self.templates.active(template or self.template_name)
+    def pin_template(self, template: str | None, version: int | None = None) -> TemplateVersion:
+        """A saved version of `template` (None: the run's); by default the one active now."""
+        name = template or self.template_name
+        return self.templates.active(name) if version is None else self.templates.version(name, version)
 
     def builder_for(self, template: str | None, version: int | None = None) -> PromptBuilder:
         """A prompt builder for a template (None: the run's) at a version (None: the active one).
@@ -196,13 +199,7 @@ class Recommender:
 
     def builder_with(self, template: PromptTemplate) -> PromptBuilder:
         """A prompt builder for an unsaved template (editor previews); not cached."""
-        return PromptBuilder(
-            template,
-            self.catalog,
-            self.ids,
-            max_history=self.cfg.prompt.max_history,
-            title_words=self.cfg.prompt.title_words,
-        )
+        return PromptBuilder.for_config(template, self.catalog, self.ids, self.cfg.prompt)
 
     def rank_requests(self, requests: Sequence[RankRequest]) -> list[list[Recommendation]]:
         """One batched constrained beam search for requests with their own options.

@@ -28,9 +28,7 @@ logger = logging.getLogger(__name__)
 def prompt_builder(run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds) -> PromptBuilder:
     """The builder for the run's template at its active version (templates/, else prompts/)."""
     _, template = TemplateStore.for_run(run.path).template(cfg.prompt.template)
-    return PromptBuilder(
-        template, data.catalog, ids, max_history=cfg.prompt.max_history, title_words=cfg.prompt.title_words
-    )
+    return PromptBuilder.for_config(template, data.catalog, ids, cfg.prompt)
 
 
 def sft_rows(builder: PromptBuilder, examples: list[Any]) -> list[dict[str, Any]]:

@@ -35,11 +35,10 @@ from serve.protocol import (
     Delta,
     ModelCard,
     ModelList,
-    RecommendedItem,
     Usage,
 )
-from serve.service import RecService
-from serve.templates_api import template_router
+from serve.service import RecService, recommended_items
+from serve.templates_api import bearer, template_router
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +49,6 @@ def format_text(recs: list[Recommendation]) -> str:
     return "\n".join(
         f"{k}. {r.title or r.item_id} (item {r.item_id}, score {r.score:.4f})" for k, r in enumerate(recs, 1)
     )
-
-
-def items(recs: list[Recommendation]) -> list[RecommendedItem]:
-    return [
-        RecommendedItem(rank=k, item_id=r.item_id, title=r.title, score=round(r.score, 6))
-        for k, r in enumerate(recs, 1)
-    ]
 
 
 def create_app(
@@ -102,19 +94,17 @@ def create_app(
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         path = request.url.path
-        if path.startswith("/v1/") and keys:
-            auth = request.headers.get("authorization", "")
-            if not (auth.startswith("Bearer ") and auth[7:].strip() in keys):
-                response: Response = error(
-                    APIError(
-                        401,
-                        "missing or invalid API key (Authorization: Bearer …)",
-                        type="authentication_error",
-                        code="invalid_api_key",
-                    )
+        if path.startswith("/v1/") and keys and bearer(request) not in keys:
+            response: Response = error(
+                APIError(
+                    401,
+                    "missing or invalid API key (Authorization: Bearer …)",
+                    type="authentication_error",
+                    code="invalid_api_key",
                 )
-                service.metrics.requests.labels(path, "401").inc()
-                return response
+            )
+            service.metrics.requests.labels(path, "401").inc()
+            return response
         try:
             response = await call_next(request)
         except APIError as e:
@@ -162,7 +152,7 @@ def create_app(
             return error(e)
         fmt = req.response_format.type if req.response_format else "text"
         content = (
-            json.dumps({"items": [i.model_dump() for i in items(recs)]})
+            json.dumps({"items": [i.model_dump() for i in recommended_items(recs)]})
             if fmt != "text"
             else format_text(recs)
         )
@@ -175,8 +165,10 @@ def create_app(
             model=req.model,
             choices=[ChatChoice(message=AssistantMessage(content=content))],
             usage=usage,
-            recommendations=items(recs),
-            template=service.template_info(q.template),
+            recommendations=recommended_items(recs),
+            template=service.template_info(q.template.name, q.template.hash, q.template.version)
+            if q.template
+            else None,
         )
         if not req.stream:
             return resp
@@ -203,7 +195,7 @@ def create_app(
             model=req.model,
             choices=[CompletionChoice(text=format_text(recs))],
             usage=usage,
-            recommendations=items(recs),
+            recommendations=recommended_items(recs),
         )
 
     app.include_router(template_router(service, admin_keys=admins))

@@ -23,7 +23,7 @@ from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
 from genrec.prompts import PromptTemplate, TemplateProblem
 from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems
-from serve.protocol import APIError, RecommendationOptions
+from serve.protocol import APIError, RecommendationOptions, RecommendedItem
 
 logger = logging.getLogger(__name__)
 
@@ -215,14 +215,19 @@ class RecService:
         self._count(recs, q)
         return recs
 
-    def render(self, q: Query, template: str | None, *, draft: PromptTemplate | None = None) -> None:
-        """Render the prompt now, with the version active at admission (or an unsaved `draft`).
-
-        A request in flight keeps the prompt it was admitted with when another version is activated.
-        """
+    def render(
+        self,
+        q: Query,
+        template: str | None,
+        *,
+        version: int | None = None,
+        draft: PromptTemplate | None = None,
+    ) -> None:
+        """Render the prompt now: with a saved version (default: the one active at admission) or an
+        unsaved `draft`. A request in flight keeps its prompt when another version is activated."""
         try:
             if draft is None:
-                q.template = self.rec.pin_template(template)
+                q.template = self.rec.pin_template(template, version)
                 builder = self.rec.builder_for(q.template.name, q.template.version)
             else:
                 builder = self.rec.builder_with(draft)
@@ -316,15 +321,21 @@ class RecService:
         self.metrics.invalid.inc(len(items) - good)
         self.metrics.completion_tokens.inc(len(items) * self.rec.ids.depth)
 
-    def template_info(self, v: TemplateVersion | None) -> dict[str, Any] | None:
-        """Name, version and hash of a template version, and whether the model was trained with it."""
-        if v is None:
-            return None
-        trained = self.rec.run.meta().get("template", {})
+    def template_info(self, name: str, hash: str, version: int | None = None) -> dict[str, Any]:
+        """A template's name, version (None: unsaved) and hash, and whether the model was trained with it."""
+        trained = self.rec.trained_template.get("hash")
         return {
-            "name": v.name,
-            "version": v.version,
-            "hash": v.hash,
-            "trained_hash": trained.get("hash"),
-            "matches_training": v.hash == trained.get("hash"),
+            "name": name,
+            "version": version,
+            "hash": hash,
+            "trained_hash": trained,
+            "matches_training": hash == trained,
         }
+
+
+def recommended_items(recs: Sequence[Recommendation]) -> list[RecommendedItem]:
+    """The wire form of a ranked list (rank from 1, scores rounded)."""
+    return [
+        RecommendedItem(rank=k, item_id=r.item_id, title=r.title, score=round(r.score, 6))
+        for k, r in enumerate(recs, 1)
+    ]

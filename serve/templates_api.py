@@ -23,7 +23,6 @@ from genrec.prompts import TemplateProblem, parse_template
 from serve.protocol import (
     APIError,
     RecommendationOptions,
-    RecommendedItem,
     TemplateActivateRequest,
     TemplateDetail,
     TemplateDiff,
@@ -36,7 +35,7 @@ from serve.protocol import (
     TemplateVersionInfo,
 )
 from serve.service import Query as RecQuery
-from serve.service import RecService
+from serve.service import RecService, recommended_items
 
 STATIC = Path(__file__).resolve().parent / "static"
 EDITOR_FILES = {"editor.js": "text/javascript", "editor.css": "text/css"}
@@ -51,18 +50,14 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
     """Routes for templates; `admin_keys` maps key -> label (the author recorded on writes)."""
     store = service.rec.templates
     r = service.rec
-    checker = TemplateChecker(
-        r.data, r.ids, max_history=r.cfg.prompt.max_history, title_words=r.cfg.prompt.title_words
-    )
+    checker = TemplateChecker(r.data, r.builder_with)
     router = APIRouter()
-
-    def trained_hash() -> str | None:
-        return r.run.meta().get("template", {}).get("hash")
 
     def info(v: TemplateVersion, cls: Callable[..., Any] = TemplateVersionInfo, **extra: Any) -> Any:
         fields = {k: val for k, val in v.to_dict().items() if k != "source"}
         active = store.active(v.name).version
-        return cls(**fields, active=v.version == active, matches_training=v.hash == trained_hash(), **extra)
+        trained = r.trained_template.get("hash")
+        return cls(**fields, active=v.version == active, matches_training=v.hash == trained, **extra)
 
     def admin(request: Request) -> str:
         if not admin_keys:
@@ -131,7 +126,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             out.append(
                 info(v, TemplateSummary, description=t.description, is_default=name == r.template_name)
             )
-        return TemplateList(data=out, trained=r.run.meta().get("template", {}))
+        return TemplateList(data=out, trained=r.trained_template)
 
     @router.get("/v1/templates/{name}")
     async def get_template(name: str, version: int | None = Query(None, ge=1)) -> JSONResponse:
@@ -236,21 +231,17 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             raise APIError(
                 400, "the preview needs a non-empty history", param="history", code="empty_history"
             )
+        if draft is None and not read(lambda: store.exists(name)):
+            raise APIError(
+                404, f"template {name!r} not found", type="not_found_error", code="template_not_found"
+            )
         q = RecQuery(history=history, user=user)
-        if draft is None:
-            v = read(lambda: store.version(name, body.version) if body.version else store.active(name))
-            q.template = v
-            q.messages = read(lambda: r.builder_for(v.name, v.version)).messages(history, user)
-            meta = service.template_info(v) or {}
+        service.render(q, name, version=body.version, draft=draft)
+        if draft is not None:
+            meta = service.template_info(name, draft.hash)
         else:
-            service.render(q, None, draft=draft)
-            meta = {
-                "name": name,
-                "version": None,
-                "hash": draft.hash,
-                "trained_hash": trained_hash(),
-                "matches_training": draft.hash == trained_hash(),
-            }
+            assert q.template is not None  # render pinned the saved version
+            meta = service.template_info(name, q.template.hash, q.template.version)
         recs = (
             await service.recommend(q, RecommendationOptions.model_validate({"n_items": body.n_items}))
             if body.n_items
@@ -263,10 +254,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             user=user,
             messages=q.messages or [],
             prompt_tokens=q.prompt_tokens,
-            recommendations=[
-                RecommendedItem(rank=k, item_id=x.item_id, title=x.title, score=round(x.score, 6))
-                for k, x in enumerate(recs, 1)
-            ],
+            recommendations=recommended_items(recs),
         )
 
     @router.get("/editor", response_class=HTMLResponse)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from genrec.prompt_store import TemplateChecker, TemplateNotFound, TemplateStore, VersionConflict
-from genrec.prompts import PROMPTS_DIR, TemplateProblem
+from genrec.prompts import PROMPTS_DIR, PromptBuilder, TemplateProblem
 from genrec.recommender import Recommender
 from genrec.run import RunDir
 from serve.app import create_app
@@ -96,7 +96,10 @@ def test_invalid_templates_and_names_are_refused_before_anything_is_written(tmp_
     from genrec.ids import atomic_ids
 
     s = store_at(tmp_path)
-    check = TemplateChecker(small_data, atomic_ids(len(small_data.catalog)), max_history=5, title_words=2)
+    ids = atomic_ids(len(small_data.catalog))
+    check = TemplateChecker(
+        small_data, lambda t: PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2)
+    )
     bad = DEFAULT.replace("{% endfor %}", "")
     with pytest.raises(TemplateProblem) as err:
         s.save("default", bad, author="a", base_version=1, check=check)
