@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite, run on the lent GPU machine after ../shared/tools/device-vllm.sh has
-# unpacked vLLM 0.26 to /tmp/site. Needs a slim copy of a run (data, IDs, embeddings, tokenizer):
+# The GPU speed suite, run on the lent GPU machine after ../shared/tools/device-vllm.sh has unpacked
+# vLLM 0.26 to /tmp/site. Needs a slim copy of a run (data, IDs, embeddings, tokenizer):
 #   mkdir -p runs/gpu && cp -r runs/demo/{config.yaml,catalog.parquet,interactions.parquet,\
 #     item_embeddings.npy,item_ids.json,codebooks.npz,run.json,merged} runs/gpu/
 # then, on the device: RUN=runs/gpu OUT=$OUT bash bench/gpu_suite.sh
-# 1. replaces runs/gpu/merged with a random-init Qwen2 of ~105M parameters (same tokenizer, bf16),
+# 1. replaces runs/gpu/merged with a random-init Qwen2 of ~100M parameters (same tokenizer, bf16),
 # 2. engine throughput/latency: genrec constrained beam vs greedy vs vLLM beam_search (same width),
-# 3. the HF engine's constrained beam search on the same GPU,
-# 4. `genrec serve --backend vllm` + bench/load.py at 1/8/32/128 clients (SOAK=N adds an N-request soak).
-set -euo pipefail
+#    through the offline vllm.LLM that `genrec generate --backend vllm` and `evaluate` use,
+# 3. the transformers engine's constrained beam search on the same GPU,
+# 4. `genrec serve --backend vllm` (AsyncLLM) + bench/load.py at 1/8/32/128 clients, then a soak of
+#    SOAK requests at 64 clients; the server's /metrics at the end.
+# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, REQUESTS (per level), SOAK, PORT.
+set -uo pipefail
 RUN=${RUN:-runs/gpu}
 OUT=${OUT:-/tmp/genrec-bench}
 MODEL=${MODEL:-1024,8,16,4,2816}
+USERS=${USERS:-2000}
+HF_USERS=${HF_USERS:-1000}
+REQUESTS=${REQUESTS:-300}
+SOAK=${SOAK:-10000}
+PORT=${PORT:-8011}
 mkdir -p "$OUT"
-export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
-nvidia-smi -L | tee "$OUT/gpu.txt"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=20
+START=$(date +%s)
+stamp() { echo "== $* ($(( $(date +%s) - START ))s)"; }
+quiet() { grep -v -E "^(INFO|DEBUG|\(EngineCore)" | tail -"$1"; }
+nvidia-smi -L 2>/dev/null | tee "$OUT/gpu.txt"
+stamp "build model $MODEL"
 python3 - <<PY
 from pathlib import Path
 from bench.engine_throughput import build_model
@@ -22,23 +34,35 @@ from genrec.run import RunDir
 run = RunDir("$RUN")
 build_model(run, "$MODEL", Path("$RUN/merged"))
 PY
-timeout 240 python3 -m bench.engine_throughput --run "$RUN" --engine vllm --users 2000 --beam 10 --batch 1000 \
-  --out "$OUT/engine_vllm.json" 2>&1 | grep -v -E "^(INFO|WARNING|\(EngineCore)" | tail -40
-timeout 200 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users 2000 --beam 10 --batch 256 \
-  --out "$OUT/engine_hf.json" 2>&1 | tail -25
+stamp "engine throughput: vllm"
+timeout 260 python3 -m bench.engine_throughput --run "$RUN" --engine vllm --users "$USERS" --beam 10 --batch 1000 \
+  --out "$OUT/engine_vllm.json" 2>&1 | quiet 45
+stamp "engine throughput: hf"
+timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 500 \
+  --latency-requests 20 --out "$OUT/engine_hf.json" 2>&1 | quiet 25
+stamp "serve --backend vllm"
 python3 -c "
 from serve.main import ServeArgs, serve
-serve(ServeArgs(run='$RUN', backend='vllm', port=8011, max_queue=4096, max_batch=256, timeout_s=120))
+serve(ServeArgs(run='$RUN', backend='vllm', port=$PORT, max_queue=4096, max_batch=256, timeout_s=120))
 " > "$OUT/server.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 180); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
-curl -sf http://127.0.0.1:8011/health
-timeout 150 python3 -m bench.load --run "$RUN" --url http://127.0.0.1:8011 --model gpu --concurrency 1,8,32,128 \
-  --requests 300 --out "$OUT/load_vllm.json" | tail -8
-if [ "${SOAK:-0}" != 0 ]; then
-  timeout 400 python3 -m bench.load --run "$RUN" --url http://127.0.0.1:8011 --model gpu --concurrency 64 \
-    --requests "$SOAK" --out "$OUT/soak_vllm.json" | tail -3
+health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
+for _ in $(seq 200); do health && break; kill -0 $SERVER 2>/dev/null || break; sleep 1; done
+health || { echo "server did not come up"; tail -30 "$OUT/server.log"; exit 1; }
+stamp "load 1/8/32/128"
+timeout 200 python3 -m bench.load --run "$RUN" --url "http://127.0.0.1:$PORT" --concurrency 1,8,32,128 \
+  --requests "$REQUESTS" --out "$OUT/load_vllm.json" | tail -8
+if [ "$SOAK" != 0 ]; then
+  stamp "soak $SOAK requests"
+  timeout 240 python3 -m bench.load --run "$RUN" --url "http://127.0.0.1:$PORT" --concurrency 64 \
+    --requests "$SOAK" --out "$OUT/soak_vllm.json" | tail -14
 fi
-curl -sf http://127.0.0.1:8011/metrics | grep -E "^genrec_(requests_total|invalid_items_total|items_returned_total)" | tee "$OUT/metrics.txt"
-kill -TERM $SERVER; wait $SERVER || true
-tail -5 "$OUT/server.log"
+python3 -c "
+import urllib.request
+text = urllib.request.urlopen('http://127.0.0.1:$PORT/metrics', timeout=5).read().decode()
+print('\n'.join(l for l in text.splitlines() if l.startswith(('genrec_requests_total', 'genrec_invalid', 'genrec_items_returned'))))
+" | tee "$OUT/metrics.txt"
+kill -TERM $SERVER; wait $SERVER
+stamp "server exited with $?"
+grep -c -E " 5[0-9][0-9] " "$OUT/server.log" | sed 's/^/5xx lines in server log: /'
+tail -3 "$OUT/server.log"

@@ -155,7 +155,8 @@ def sasrec_lists(
     train = [s[:-1] for s in visible_sequences(data, split) if len(s) >= 2]  # inputs; targets shifted by one
     targets = [s[1:] for s in visible_sequences(data, split) if len(s) >= 2]
     x, y = _left_pad(train, cfg.max_len), _left_pad(targets, cfg.max_len) - 1  # y: -1 = padding
-    model = SASRec(len(data.catalog), cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = SASRec(len(data.catalog), cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     bar = tqdm(range(cfg.epochs), desc="SASRec", unit="epoch", disable=not progress)
     for _ in bar:
@@ -164,9 +165,9 @@ def sasrec_lists(
         total = 0.0
         for s in range(0, len(x), cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
-            logits = model(x[idx])
+            logits = model(x[idx].to(device))
             loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y[idx].reshape(-1), ignore_index=-1
+                logits.reshape(-1, logits.shape[-1]), y[idx].to(device).reshape(-1), ignore_index=-1
             )
             opt.zero_grad()
             loss.backward()
@@ -178,6 +179,7 @@ def sasrec_lists(
     with torch.no_grad():
         for s in range(0, len(examples), 256):
             batch = examples[s : s + 256]
-            scores = model(_left_pad([ex.history for ex in batch], cfg.max_len))[:, -1].numpy()
+            seqs = _left_pad([ex.history for ex in batch], cfg.max_len).to(device)
+            scores = model(seqs)[:, -1].float().cpu().numpy()
             out.extend(_top_k_unseen(sc, ex.history, k) for sc, ex in zip(scores, batch, strict=True))
     return out

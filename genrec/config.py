@@ -110,6 +110,8 @@ class TrainConfig:
     """Passes over the training examples."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: use epochs)."""
+    max_minutes: float | None = None
+    """Wall-clock budget: stop after the step that passes it, save the model and record where it stopped."""
     learning_rate: float = 3e-3
     """Peak learning rate (cosine schedule with warmup)."""
     warmup_ratio: float = 0.05

@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,16 +99,38 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+class _NumpyFlatIP:
+    """The part of faiss.IndexFlatIP the retriever uses, for machines without faiss."""
+
+    def __init__(self, embeddings: np.ndarray) -> None:
+        self.embeddings = embeddings
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = queries @ self.embeddings.T
+        top = (
+            np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            if k < scores.shape[1]
+            else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+        )
+        top_s = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_s, axis=1, kind="stable")
+        return np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+
 class Retriever:
     """Exact inner-product search over normalised item embeddings (FAISS IndexFlatIP)."""
 
     def __init__(self, embeddings: np.ndarray, *, recency_decay: float = 0.8) -> None:
-        import faiss
-
         self.embeddings = _normalise(np.ascontiguousarray(embeddings, dtype=np.float32))
         self.recency_decay = recency_decay
-        self.index = faiss.IndexFlatIP(self.embeddings.shape[1])
-        self.index.add(self.embeddings)
+        try:
+            import faiss
+        except ImportError:  # exact search either way; numpy is only slower on large catalogues
+            logger.info("faiss is not installed: exact inner-product search with numpy")
+            self.index: Any = _NumpyFlatIP(self.embeddings)
+        else:
+            self.index = faiss.IndexFlatIP(self.embeddings.shape[1])
+            self.index.add(self.embeddings)
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])

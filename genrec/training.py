@@ -135,6 +135,22 @@ def loss_log_callback(path: Any) -> Any:
     return LossLog()
 
 
+def time_budget_callback(minutes: float) -> Any:
+    """A TrainerCallback that ends training (model still saved) once `minutes` of wall clock have passed."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def __init__(self) -> None:
+            self.deadline = time.time() + 60 * minutes
+            self.hit = False
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if time.time() >= self.deadline:
+                self.hit = control.should_training_stop = True
+
+    return TimeBudget()
+
+
 def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train on every next-item position of the training sequences; write merged/ (and adapter/)."""
     from datasets import Dataset
@@ -152,6 +168,10 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     peft_cfg = lora_config(cfg) if use_lora(cfg) else None
     if not resume and run.train_log_file.exists():
         run.train_log_file.unlink()
+    callbacks = [loss_log_callback(run.train_log_file)]
+    budget = time_budget_callback(cfg.train.max_minutes) if cfg.train.max_minutes else None
+    if budget is not None:
+        callbacks.append(budget)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(run, cfg),
@@ -159,7 +179,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         eval_dataset=valid_ds,
         processing_class=tokenizer,
         peft_config=peft_cfg,
-        callbacks=[loss_log_callback(run.train_log_file)],
+        callbacks=callbacks,
     )
     has_ckpt = run.checkpoints_dir.is_dir() and any(run.checkpoints_dir.glob("checkpoint-*"))
     started = time.time()
@@ -167,6 +187,13 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     seconds = time.time() - started
     metrics = trainer.evaluate()
     logger.info("validation loss %.4f", metrics.get("eval_loss", float("nan")))
+    if budget is not None and budget.hit:
+        logger.warning(
+            "train.max_minutes=%s reached: stopped at epoch %.2f of %s",
+            cfg.train.max_minutes,
+            trainer.state.epoch or 0.0,
+            cfg.train.epochs,
+        )
     if peft_cfg is not None:
         trained: Any = trainer.model
         trained.save_pretrained(run.adapter_dir)
@@ -180,6 +207,8 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         "train_loss": result.training_loss,
         "eval_loss": metrics.get("eval_loss"),
         "steps": result.global_step,
+        "epochs": round(float(trainer.state.epoch or 0.0), 2),
+        "stopped_by_time_budget": bool(budget is not None and budget.hit),
         "examples": len(examples),
         "seconds": round(seconds, 1),
         "method": "lora" if peft_cfg is not None else "full",

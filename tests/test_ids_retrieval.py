@@ -79,3 +79,27 @@ def test_retriever_excludes_seen_and_weights_recency():
     q = r.history_query([2, 3])
     assert q[3] > q[2]
     assert r.for_histories([[0, 1, 2]], 5) == [[3]]
+
+
+def test_retriever_without_faiss_matches_faiss(monkeypatch):
+    """Machines without faiss (the GPU image) fall back to exact numpy search with the same results."""
+    import builtins
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(300, 16)).astype(np.float32)
+    histories = [list(rng.choice(300, size=n, replace=False)) for n in (1, 4, 9)]
+    with_faiss = Retriever(emb)
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("no faiss here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    without = Retriever(emb)
+    assert type(without.index).__name__ == "_NumpyFlatIP"
+    for k in (1, 10, 300):
+        assert with_faiss.for_histories(histories, k) == without.for_histories(histories, k)
+    q = np.stack([with_faiss.history_query(h) for h in histories])
+    np.testing.assert_allclose(with_faiss.search(q, 7)[1], without.search(q, 7)[1], rtol=1e-5)

@@ -86,6 +86,15 @@ def test_resume_continues_from_checkpoint(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_time_budget_stops_training_and_still_saves_the_model(tmp_path):
+    run, cfg = make_run(tmp_path, "budget", ["train.max_steps=500", "train.max_minutes=0.0001"])
+    summary = train(run, cfg)
+    assert summary["stopped_by_time_budget"] is True and 1 <= summary["steps"] < 500
+    assert (run.merged_dir / "config.json").is_file()
+    assert run.meta()["train"]["stopped_by_time_budget"] is True
+
+
+@pytest.mark.slow
 def test_lora_merge_reproduces_adapter_logits(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
