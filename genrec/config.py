@@ -112,6 +112,8 @@ class TrainConfig:
     """Stop after this many optimizer steps (-1: use epochs)."""
     max_minutes: float | None = None
     """Wall-clock budget: stop after the step that passes it, save the model and record where it stopped."""
+    dataset_workers: int | None = None
+    """Processes that tokenize the training set (None: one; 8 saves minutes on 100k+ examples)."""
     learning_rate: float = 3e-3
     """Peak learning rate (cosine schedule with warmup)."""
     warmup_ratio: float = 0.05

@@ -114,7 +114,7 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
         use_cpu=not cuda,
         max_length=t.max_length,
         completion_only_loss=True,
-        dataset_num_proc=None,
+        dataset_num_proc=t.dataset_workers,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -136,13 +136,16 @@ def loss_log_callback(path: Any) -> Any:
 
 
 def time_budget_callback(minutes: float) -> Any:
-    """A TrainerCallback that ends training (model still saved) once `minutes` of wall clock have passed."""
+    """A TrainerCallback that ends training (model still saved) after `minutes` of training wall clock."""
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
         def __init__(self) -> None:
-            self.deadline = time.time() + 60 * minutes
+            self.deadline = float("inf")
             self.hit = False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.deadline = time.time() + 60 * minutes  # training time only, not data preparation
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if time.time() >= self.deadline:
