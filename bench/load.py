@@ -113,7 +113,7 @@ def make_jobs(run: Any, mode: str, n_items: int) -> tuple[list[Job], Target]:
     """Histories of the run's users (last 5 items before the test item) and, for vLLM modes, prompts."""
     data = run.load_data()
     ids = data.catalog.item_ids
-    seqs = [s[:-1][-5:] for s in data.sequences]
+    seqs = [s[:-1][-5:] for s in data.sequences if len(s) >= 2]  # an empty history is a 400, by design
     tg = Target(mode=mode, model=run.path.name, n_items=n_items, catalog=set(ids))
     if mode == "genrec":
         return [Job([ids[i] for i in s]) for s in seqs], tg

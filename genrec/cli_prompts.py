@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -154,7 +155,9 @@ def validate(
         except TemplateProblem as e:
             failed += 1
             where = f"{label}:{e.line or 0}:{e.column or 0}"
-            typer.echo(f"{where}: error: {e}", err=True)
+            # the message starts with "SOURCE: line N, column M: " too; say the location once
+            detail = re.sub(r"^.*?: line \d+(, column \d+)?: ", "", str(e), count=1) if e.line else str(e)
+            typer.echo(f"{where}: error: {detail}", err=True)
             continue
         longest = max(len(r["messages"][-1]["content"]) for r in rendered)
         typer.echo(f"{label}: ok ({len(rendered)} users, longest prompt {longest} characters)")

@@ -300,6 +300,8 @@ def test_prompts_cli_new_render_validate_save_diff_rollback(tmp_path, run_copy):
     bad.write_text("---\nname: brief\n---\nok\n{{ history | nosuch }}\n")
     v = cli("validate", "--file", str(bad))
     assert v.exit_code == 1 and f"{bad}:5:" in v.output
+    # the location is said once, as FILE:LINE:COL
+    assert v.output.count("line 5") == 0 and "nosuch" in v.output
     s = cli("save", "brief", "--file", str(bad))
     assert isinstance(s.exception, TemplateProblem) and "line 5" in str(s.exception)
 
