@@ -148,8 +148,8 @@ def time_budget_callback(minutes: float) -> Any:
             self.deadline = time.time() + 60 * minutes  # training time only, not data preparation
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if time.time() >= self.deadline:
-                self.hit = control.should_training_stop = True
+            if time.time() >= self.deadline:  # a checkpoint too, so that `train --resume` goes on from here
+                self.hit = control.should_training_stop = control.should_save = True
 
     return TimeBudget()
 

@@ -92,6 +92,7 @@ def test_time_budget_stops_training_and_still_saves_the_model(tmp_path):
     assert summary["stopped_by_time_budget"] is True and 1 <= summary["steps"] < 500
     assert (run.merged_dir / "config.json").is_file()
     assert run.meta()["train"]["stopped_by_time_budget"] is True
+    assert (run.checkpoints_dir / f"checkpoint-{summary['steps']}").is_dir()  # `--resume` goes on from there
 
 
 @pytest.mark.slow
