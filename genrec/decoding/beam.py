@@ -72,9 +72,9 @@ def constrained_beam_search(
         parents: list[int] = []
         tokens: list[int] = []
         new_beams: list[list[_Beam]] = []
-        for req_beams in beams:
+        for req_beams, chosen in zip(beams, _expand(beams, logp, beam_width), strict=True):
             kept = []
-            for beam_idx, tok, score in _expand(req_beams, logp, beam_width):
+            for beam_idx, tok, score in chosen:
                 parent = req_beams[beam_idx]
                 kept.append(_Beam(parent.node.children[tok], score, len(parents)))
                 parents.append(parent.row)
@@ -91,14 +91,34 @@ def constrained_beam_search(
     return out
 
 
-def _expand(beams: list[_Beam], logp: list[torch.Tensor], width: int) -> list[tuple[int, int, float]]:
-    """The best `width` (beam index, token, score) continuations across one request's beams."""
-    if not beams:
-        return []
-    allowed = [b.node.allowed() for b in beams]
-    scores = torch.cat([b.score + logp[b.row].double() for b in beams])
+def _expand(
+    beams: list[list[_Beam]], logp: list[torch.Tensor], width: int
+) -> list[list[tuple[int, int, float]]]:
+    """Per request, the best `width` (beam index, token, score) continuations across its beams.
+
+    One pass over every request's candidates at once (no per-request tensor work): candidates are laid
+    out request by request, beam by beam, token by token; a stable sort by score then a stable sort by
+    request keep, inside each request, score descending with ties in that order.
+    """
+    flat = [b for req in beams for b in req]
+    if not flat:
+        return [[] for _ in beams]
+    allowed = [b.node.allowed() for b in flat]
+    counts = torch.tensor([len(a) for a in allowed])
+    beam_of = torch.repeat_interleave(torch.arange(len(flat)), counts)
+    scores = torch.tensor([b.score for b in flat], dtype=torch.float64)[beam_of]
+    scores += torch.cat([logp[b.row] for b in flat]).double()
     toks = torch.cat(allowed)
-    which = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)])
-    # Stable order for ties: score descending, then candidate position.
-    order = torch.argsort(-scores, stable=True)[: min(width, len(scores))]
-    return [(int(which[i]), int(toks[i]), float(scores[i])) for i in order]
+    sizes = [len(req) for req in beams]
+    first_beam = torch.tensor([0, *sizes]).cumsum(0)[:-1]  # each request's first flat beam
+    req_of = torch.repeat_interleave(torch.arange(len(beams)), torch.tensor(sizes))[beam_of]
+    order = torch.argsort(-scores, stable=True)
+    order = order[torch.argsort(req_of[order], stable=True)]
+    grouped = req_of[order]
+    rank = torch.arange(len(order)) - torch.searchsorted(grouped, grouped)  # position inside its request
+    order = order[rank < width]
+    out: list[list[tuple[int, int, float]]] = [[] for _ in beams]
+    reqs, local = req_of[order].tolist(), (beam_of[order] - first_beam[req_of[order]]).tolist()
+    for r, b, t, sc in zip(reqs, local, toks[order].tolist(), scores[order].tolist(), strict=True):
+        out[r].append((b, t, sc))
+    return out
