@@ -327,6 +327,10 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     )
     need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+    need(
+        t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be positive (or null: no budget)"
+    )
+    need(t.dataset_workers is None or t.dataset_workers >= 1, "train.dataset_workers must be >= 1 (or null)")
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
     unknown = sorted(set(e.baselines) - {"popularity", "itemknn", "retriever", "sasrec"})

@@ -42,6 +42,9 @@ def test_overrides_coerce_and_validate():
         apply_overrides(RunConfig(), ["train.epochs"])
     with pytest.raises(ConfigError, match="eval.ks max 50 exceeds eval.beam_width"):
         apply_overrides(RunConfig(), ["eval.ks=[5,50]"])
+    with pytest.raises(ConfigError, match="train.max_minutes must be positive"):
+        apply_overrides(RunConfig(), ["train.max_minutes=-1"])
+    assert apply_overrides(RunConfig(), ["train.max_minutes=2.5"]).train.max_minutes == 2.5
 
 
 def test_path_required_for_file_sources():
