@@ -25,7 +25,7 @@ one() {
   for s in $EXTRA_SET; do sets+=(-s "$s"); done
   {
     echo "== train $run ($(date -u +%T))"
-    python3 -m genrec train --run "$run" "${sets[@]}" || echo "TRAIN FAILED: $?"
+    python3 -m genrec train --run "$run" "${sets[@]}" || { echo "TRAIN FAILED: $?"; return; }
     local left=$(( DEADLINE - ($(date +%s) - START) - 15 ))
     echo "== evaluate $run, ${left}s left ($(date -u +%T))"
     if [ "$left" -gt 30 ]; then

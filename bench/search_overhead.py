@@ -17,7 +17,7 @@ import torch
 
 
 class FreeModel:
-    """A StepModel whose log-probs are precomputed-cheap: only the search's own work is timed."""
+    """A StepModel that does no model work (fixed, distinct log-probs): what is timed is the search itself."""
 
     def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [-0.001 * torch.arange(len(a), dtype=torch.float32) for a in allowed]

@@ -117,8 +117,11 @@ def _expand(
     grouped = req_of[order]
     rank = torch.arange(len(order)) - torch.searchsorted(grouped, grouped)  # position inside its request
     order = order[rank < width]
+    kept_req = req_of[order]
+    local = beam_of[order] - first_beam[kept_req]  # beam index inside its request
     out: list[list[tuple[int, int, float]]] = [[] for _ in beams]
-    reqs, local = req_of[order].tolist(), (beam_of[order] - first_beam[req_of[order]]).tolist()
-    for r, b, t, sc in zip(reqs, local, toks[order].tolist(), scores[order].tolist(), strict=True):
+    for r, b, t, sc in zip(
+        kept_req.tolist(), local.tolist(), toks[order].tolist(), scores[order].tolist(), strict=True
+    ):
         out[r].append((b, t, sc))
     return out
