@@ -58,6 +58,14 @@ def main() -> None:
     p.add_argument("--beam", type=int, default=10)
     p.add_argument("--batch", type=int, default=512, help="users per engine call for throughput")
     p.add_argument("--candidates", choices=["all", "retriever"], default="all")
+    p.add_argument("--n-candidates", type=int, default=200, help="retriever candidates per user")
+    p.add_argument(
+        "--search",
+        choices=["auto", "beam", "exact"],
+        default="auto",
+        help="hf engine: exact tree scoring for small tries (auto), or always beam / exact",
+    )
+    p.add_argument("--max-tree-tokens", type=int, default=1024, help="hf engine: auto's tree size limit")
     p.add_argument("--latency-requests", type=int, default=50)
     p.add_argument("--build-model", default=None, help="H,L,heads,kv_heads,mlp: random Qwen2 for speed tests")
     p.add_argument("--dtype", default="auto")
@@ -82,14 +90,21 @@ def main() -> None:
         from genrec.engines.hf import HFEngine
         from genrec.modeling import load_trained
 
-        engine = HFEngine(*load_trained(model_dir))
+        engine = HFEngine(*load_trained(model_dir), search=args.search, max_tree_tokens=args.max_tree_tokens)
     rec = Recommender(
         run, run.load_config(), run.load_data(), run.load_ids(), engine, Retriever(run.load_embeddings())
     )
     examples = leave_one_out(rec.data, "test")
     examples = (examples * (args.users // len(examples) + 1))[: args.users]
     reqs = [
-        RankRequest(list(e.history), n_items=args.beam, mode=args.candidates, user=e.user) for e in examples
+        RankRequest(
+            list(e.history),
+            n_items=args.beam,
+            mode=args.candidates,
+            n_candidates=args.n_candidates,
+            user=e.user,
+        )
+        for e in examples
     ]
     prompts = [engine.encode_messages(rec.builder.messages(r.history, r.user)) for r in reqs]
     depth = rec.ids.depth
@@ -99,13 +114,14 @@ def main() -> None:
         "beam": args.beam,
         "depth": depth,
         "candidates": args.candidates,
+        "n_candidates": args.n_candidates if args.candidates == "retriever" else None,
+        "search": args.search if args.engine == "hf" else "beam",
         "items": len(rec.catalog),
         "mean_prompt_tokens": round(statistics.mean(map(len, prompts)), 1),
     }
     # warm-up (compilation, CUDA graphs, caches)
     rec.rank_requests(reqs[:8])
-    if args.engine == "vllm":
-        engine.greedy(prompts[:8], max_tokens=depth)
+    engine.greedy(prompts[:8], max_tokens=depth)
 
     def constrained() -> None:
         for s in range(0, len(reqs), args.batch):
@@ -114,14 +130,17 @@ def main() -> None:
 
     secs = timed(constrained)
     results["constrained_users_per_s"] = round(args.users / secs, 1)
+    secs_g = timed(
+        lambda: [
+            engine.greedy(prompts[s : s + args.batch], max_tokens=depth)
+            for s in range(0, len(prompts), args.batch)
+        ]
+    )
+    results["greedy_users_per_s"] = round(args.users / secs_g, 1)
+    results["constrained_vs_greedy_throughput"] = round(
+        results["constrained_users_per_s"] / results["greedy_users_per_s"], 3
+    )
     if args.engine == "vllm":
-        secs_g = timed(
-            lambda: [
-                engine.greedy(prompts[s : s + args.batch], max_tokens=depth)
-                for s in range(0, len(prompts), args.batch)
-            ]
-        )
-        results["greedy_users_per_s"] = round(args.users / secs_g, 1)
         n_beam = min(args.users, 500)
         secs_b = timed(
             lambda: engine.builtin_beam_search(prompts[:n_beam], beam_width=args.beam, max_tokens=depth)
@@ -130,19 +149,15 @@ def main() -> None:
         results["constrained_vs_vllm_beam"] = round(
             results["constrained_users_per_s"] / results["vllm_beam_search_users_per_s"], 2
         )
-        results["constrained_vs_greedy_throughput"] = round(
-            results["constrained_users_per_s"] / results["greedy_users_per_s"], 3
-        )
     lat_c = [timed(lambda r=r: rec.rank_requests([r])) for r in reqs[: args.latency_requests]]
     results["constrained_latency"] = percentiles(lat_c)
-    if args.engine == "vllm":
-        lat_g = [
-            timed(lambda p=p: engine.greedy([p], max_tokens=depth)) for p in prompts[: args.latency_requests]
-        ]
-        results["greedy_latency"] = percentiles(lat_g)
-        results["latency_ratio_p50"] = round(
-            results["constrained_latency"]["p50_ms"] / results["greedy_latency"]["p50_ms"], 2
-        )
+    lat_g = [
+        timed(lambda p=p: engine.greedy([p], max_tokens=depth)) for p in prompts[: args.latency_requests]
+    ]
+    results["greedy_latency"] = percentiles(lat_g)
+    results["latency_ratio_p50"] = round(
+        results["constrained_latency"]["p50_ms"] / results["greedy_latency"]["p50_ms"], 2
+    )
     save(args.out, results)
 
 

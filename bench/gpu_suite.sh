@@ -7,10 +7,13 @@
 # 1. replaces runs/gpu/merged with a random-init Qwen2 of ~100M parameters (same tokenizer, bf16),
 # 2. engine throughput/latency: genrec constrained beam vs greedy vs vLLM beam_search (same width),
 #    through the offline vllm.LLM that `genrec generate --backend vllm` and `evaluate` use,
-# 3. the transformers engine's constrained beam search on the same GPU,
+# 3. the transformers engine on the same GPU: beam search over the full catalogue, then exact tree
+#    scoring and beam search over 200 retrieved candidates (what the server ranks by default),
 # 4. `genrec serve --backend vllm` (AsyncLLM) + bench/load.py at 1/8/32/128 clients, then a soak of
-#    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end.
-# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, REQUESTS (per level), SOAK, PORT.
+#    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
+# 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
+# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, REQUESTS (per level), SOAK, PORT,
+# PARTS (a subset of "vllm hf hf-tree serve-vllm serve-hf"; all by default).
 set -uo pipefail
 RUN=${RUN:-runs/gpu}
 OUT=${OUT:-/tmp/genrec-bench}
@@ -20,6 +23,8 @@ HF_USERS=${HF_USERS:-1000}
 REQUESTS=${REQUESTS:-300}
 SOAK=${SOAK:-10000}
 PORT=${PORT:-8011}
+PARTS=${PARTS:-vllm hf hf-tree serve-vllm serve-hf}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=20
 START=$(date +%s)
@@ -34,35 +39,52 @@ from genrec.run import RunDir
 run = RunDir("$RUN")
 build_model(run, "$MODEL", Path("$RUN/merged"))
 PY
-stamp "engine throughput: vllm"
-timeout 260 python3 -m bench.engine_throughput --run "$RUN" --engine vllm --users "$USERS" --beam 10 --batch 1000 \
-  --out "$OUT/engine_vllm.json" 2>&1 | quiet 45
-stamp "engine throughput: hf"
-timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 500 \
-  --latency-requests 20 --out "$OUT/engine_hf.json" 2>&1 | quiet 25
-stamp "serve --backend vllm"
-python3 -c "
-from serve.main import ServeArgs, serve
-serve(ServeArgs(run='$RUN', backend='vllm', port=$PORT, max_queue=4096, max_batch=256, timeout_s=120))
-" > "$OUT/server.log" 2>&1 &
-SERVER=$!
-health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
-for _ in $(seq 200); do health && break; kill -0 $SERVER 2>/dev/null || break; sleep 1; done
-health || { echo "server did not come up"; tail -30 "$OUT/server.log"; exit 1; }
-stamp "load 1/8/32/128"
-timeout 200 python3 -m bench.load --run "$RUN" --url "http://127.0.0.1:$PORT" --concurrency 1,8,32,128 \
-  --requests "$REQUESTS" --out "$OUT/load_vllm.json" | tail -8
-if [ "$SOAK" != 0 ]; then
-  stamp "soak $SOAK requests"
-  timeout $(( SOAK / 30 + 60 )) python3 -m bench.load --run "$RUN" --url "http://127.0.0.1:$PORT" --concurrency 64 \
-    --requests "$SOAK" --out "$OUT/soak_vllm.json" | tail -14
+if want vllm; then
+  stamp "engine throughput: vllm"
+  timeout 260 python3 -m bench.engine_throughput --run "$RUN" --engine vllm --users "$USERS" --beam 10 --batch 1000 \
+    --out "$OUT/engine_vllm.json" 2>&1 | quiet 45
 fi
-python3 -c "
+if want hf; then
+  stamp "engine throughput: hf, full catalogue (beam search)"
+  timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 500 \
+    --latency-requests 20 --out "$OUT/engine_hf.json" 2>&1 | quiet 25
+fi
+if want hf-tree; then
+  for search in exact beam; do
+    stamp "engine throughput: hf, 200 retrieved candidates, search $search"
+    timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
+      --candidates retriever --search "$search" --latency-requests 50 --out "$OUT/engine_hf_retriever_$search.json" 2>&1 | quiet 25
+  done
+fi
+health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
+# serve_load BACKEND SOAK: start `genrec serve`, load it at 1/8/32/128 clients, soak, print its counters, stop it
+serve_load() {
+  local backend=$1 soak=$2
+  stamp "serve --backend $backend"
+  python3 -c "
+from serve.main import ServeArgs, serve
+serve(ServeArgs(run='$RUN', backend='$backend', port=$PORT, max_queue=4096, max_batch=256, timeout_s=120))
+" > "$OUT/server_$backend.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 200); do health && break; kill -0 $server 2>/dev/null || break; sleep 1; done
+  health || { echo "server did not come up"; tail -30 "$OUT/server_$backend.log"; return 1; }
+  stamp "load 1/8/32/128 ($backend)"
+  timeout 200 python3 -m bench.load --run "$RUN" --url "http://127.0.0.1:$PORT" --concurrency 1,8,32,128 \
+    --requests "$REQUESTS" --out "$OUT/load_$backend.json" | tail -8
+  if [ "$soak" != 0 ]; then
+    stamp "soak $soak requests ($backend)"
+    timeout $(( soak / 30 + 60 )) python3 -m bench.load --run "$RUN" --url "http://127.0.0.1:$PORT" --concurrency 64 \
+      --requests "$soak" --out "$OUT/soak_$backend.json" | tail -14
+  fi
+  python3 -c "
 import urllib.request
 text = urllib.request.urlopen('http://127.0.0.1:$PORT/metrics', timeout=5).read().decode()
 print('\n'.join(l for l in text.splitlines() if l.startswith(('genrec_requests_total', 'genrec_invalid', 'genrec_items_returned'))))
-" | tee "$OUT/metrics.txt"
-kill -TERM $SERVER; wait $SERVER
-stamp "server exited with $?"
-grep -c -E " 5[0-9][0-9] " "$OUT/server.log" | sed 's/^/5xx lines in server log: /'
-tail -3 "$OUT/server.log"
+" | tee "$OUT/metrics_$backend.txt"
+  kill -TERM $server; wait $server
+  stamp "server exited with $?"
+  grep -c -E " 5[0-9][0-9] " "$OUT/server_$backend.log" | sed 's/^/5xx lines in server log: /'
+  tail -3 "$OUT/server_$backend.log"
+}
+want serve-vllm && serve_load vllm "$SOAK"
+want serve-hf && serve_load hf 0

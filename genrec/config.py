@@ -160,6 +160,14 @@ class EvalConfig:
     """`all`: full ranking over the catalogue minus seen items; `retriever`: top-N retrieved."""
     n_candidates: int = 200
     """Retriever candidates per user when candidates=retriever."""
+    search: Literal["auto", "beam", "exact"] = "auto"
+    """How the transformers engine ranks, in every command (evaluate, generate, serve): `exact` scores
+    every candidate in one forward pass with tree attention (exact log P(item | prompt)); `beam` runs
+    the constrained beam search (one model call per ID level); `auto`: exact where a request's trie
+    feeds at most max_tree_tokens tree tokens, beam search otherwise. The vLLM engine always uses beam."""
+    max_tree_tokens: int = 1024
+    """`auto`'s limit: internal trie nodes fed as tokens (200 retrieved candidates feed 90-200 on the demo
+    run, at most 200 x (ID length - 1)); a full catalogue usually exceeds it and gets beam search."""
     batch_size: int = 32
     """Users per forward pass."""
     max_users: int | None = None
@@ -332,6 +340,7 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     )
     need(t.dataset_workers is None or t.dataset_workers >= 1, "train.dataset_workers must be >= 1 (or null)")
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
+    need(e.max_tree_tokens >= 1, "eval.max_tree_tokens must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
     unknown = sorted(set(e.baselines) - {"popularity", "itemknn", "retriever", "sasrec"})
     need(

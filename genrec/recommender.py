@@ -104,7 +104,11 @@ class Recommender:
         cfg = run.load_config()
         engine: Engine
         if backend == "hf":
-            engine = HFEngine(*load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype))
+            engine = HFEngine(
+                *load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype),
+                search=cfg.eval.search,
+                max_tree_tokens=cfg.eval.max_tree_tokens,
+            )
         elif backend == "vllm":
             from genrec.engines.vllm import VLLMEngine
 

@@ -45,6 +45,10 @@ def test_overrides_coerce_and_validate():
     with pytest.raises(ConfigError, match="train.max_minutes must be positive"):
         apply_overrides(RunConfig(), ["train.max_minutes=-1"])
     assert apply_overrides(RunConfig(), ["train.max_minutes=2.5"]).train.max_minutes == 2.5
+    with pytest.raises(ConfigError, match="eval.max_tree_tokens must be >= 1"):
+        apply_overrides(RunConfig(), ["eval.max_tree_tokens=0"])
+    with pytest.raises(ConfigError, match="eval.search"):
+        apply_overrides(RunConfig(), ["eval.search=greedy"])
 
 
 def test_path_required_for_file_sources():

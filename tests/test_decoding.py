@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genrec.decoding import Trie, constrained_beam_search
+from genrec.decoding.tree import layout
 from genrec.engines import HFEngine
 
 seqs_strategy = st.lists(st.tuples(*[st.integers(0, 5)] * 3), min_size=1, max_size=40, unique=True)
@@ -98,16 +99,54 @@ def test_empty_trie_gives_empty_result():
     assert out[0].items == [] and out[1].items == [0]
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 1000), st.integers(5, 40))
-def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates):
-    """On a real tiny Qwen2 with KV cache and left padding, beam = brute-force teacher forcing."""
-    model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok)
-    all_seqs = [
+@given(seqs_strategy)
+def test_tree_layout_matches_the_trie(seqs):
+    trie = Trie(seqs, [100 + i for i in range(len(seqs))])
+    lay = layout(trie)
+    assert lay is not None
+    # each node's full prefix, rebuilt from parent pointers
+    prefix: list[tuple[int, ...]] = [()]
+    for i in range(1, len(lay.token)):
+        assert lay.parent[i] < i  # parents come first
+        prefix.append((*prefix[lay.parent[i]], int(lay.token[i])))
+        assert len(prefix[i]) == lay.depth[i]
+    internal = [p for p in prefix[1:] if len(p) < 3]
+    assert lay.n_inputs == len(internal) == len(set(internal))
+    assert set(internal) == {s[:k] for s in seqs for k in (1, 2)}
+    leaves = prefix[1 + lay.n_inputs :]
+    assert [trie.get(p) for p in leaves] == lay.items.tolist() and len(leaves) == len(seqs)
+    anc = lay.ancestors()
+    for i, pi in enumerate(internal):
+        for j, pj in enumerate(internal):
+            assert bool(anc[i, j]) == (pi[: len(pj)] == pj)  # j is a prefix of i (or i itself)
+    assert lay.positions.tolist() == [len(p) - 1 for p in internal]
+    # item scores: sums of edge log-probs along each path
+    edge = torch.randn(len(lay.token))
+    edge[0] = 0
+    expected = [
+        sum(float(edge[k]) for k in range(1, len(prefix)) if leaf[: len(prefix[k])] == prefix[k])
+        for leaf in leaves
+    ]
+    assert lay.item_scores(edge).tolist() == pytest.approx(expected, abs=1e-5)
+    assert layout(trie, max_inputs=lay.n_inputs) is not None
+    assert layout(trie, max_inputs=lay.n_inputs - 1) is None
+
+
+def code_sequences(tok):
+    return [
         tok.convert_tokens_to_ids([f"<{lv}_{c}>" for lv, c in zip("abcd", cs, strict=True)])
         for cs in itertools.product(range(4), repeat=4)
     ]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 1000), st.integers(5, 40), st.sampled_from(["beam", "exact"]))
+def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates, search):
+    """On a real tiny Qwen2, beam search (KV cache, left padding) with a width covering every candidate
+    and tree scoring (one forward, tree attention) both equal brute-force teacher forcing."""
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok, search=search)
+    all_seqs = code_sequences(tok)
     g = torch.Generator().manual_seed(seed)
     cands = [all_seqs[i] for i in torch.randperm(len(all_seqs), generator=g)[:n_candidates].tolist()]
     prompts = [
@@ -124,3 +163,49 @@ def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates):
         order = sorted(range(len(seqs)), key=lambda i: -exact[i])
         assert [round(s, 3) for s in r.scores] == [round(exact[i], 3) for i in order]
         assert sorted(r.items) == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tree_scoring_top_k_is_the_exact_top_k(tiny_lm, attn):
+    """With fewer slots than candidates, tree scoring returns brute force's best k, in a batch of
+    prompts of different lengths and tries of different sizes (one a single item)."""
+    model, tok, _ = tiny_lm
+    model.config._attn_implementation = attn
+    try:
+        engine = HFEngine(model, tok, search="exact")
+        seqs = code_sequences(tok)
+        g = torch.Generator().manual_seed(7)
+        perm = torch.randperm(len(seqs), generator=g).tolist()
+        tries = [
+            Trie([seqs[i] for i in perm[:60]]),
+            Trie([seqs[perm[60]]]),
+            Trie([seqs[i] for i in perm[:25]]),
+        ]
+        texts = ["the cat", "next item recent items oldest first on the mat", "mat"]
+        prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
+        ranked = engine.rank(prompts, tries, beam_width=10)
+        for prompt, trie, r in zip(prompts, tries, ranked, strict=True):
+            pairs = sorted(trie, key=lambda x: x[1])
+            exact = engine.score(prompt, [s for s, _ in pairs])
+            best = sorted(range(len(pairs)), key=lambda i: -exact[i])[:10]
+            assert len(r.items) == min(10, len(pairs)) == len(set(r.items))
+            assert r.scores == pytest.approx([exact[i] for i in best], abs=1e-3)
+            assert set(r.items) <= {item for _, item in pairs}
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_auto_search_uses_beam_for_tries_over_the_tree_limit(tiny_lm):
+    """`auto` ranks small tries exactly and large ones by beam search, in the same call."""
+    model, tok, _ = tiny_lm
+    seqs = code_sequences(tok)
+    small, large = Trie(seqs[:3]), Trie(seqs)  # 3 leaves under one depth-3 path; 256 leaves
+    prompts = [HFEngine(model, tok).encode_messages([{"role": "user", "content": "the cat"}])] * 2
+    assert layout(small).n_inputs == 3 and layout(large).n_inputs == 4 + 16 + 64
+    auto = HFEngine(model, tok, search="auto", max_tree_tokens=10).rank(prompts, [small, large], beam_width=2)
+    beam = HFEngine(model, tok, search="beam").rank(prompts, [small, large], beam_width=2)
+    exact = HFEngine(model, tok, search="exact").rank(prompts, [small, large], beam_width=2)
+    assert auto[0].items == exact[0].items and auto[0].scores == pytest.approx(exact[0].scores, abs=1e-4)
+    assert auto[1] == beam[1]  # the large trie went to beam search: the same result, bit for bit
+    with pytest.raises(ValueError, match="search must be"):
+        HFEngine(model, tok, search="greedy")

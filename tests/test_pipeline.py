@@ -145,3 +145,18 @@ def test_recommend_cli_answers_for_a_history(trained):
     assert len(lines) == 4
     result = CliRunner().invoke(app, ["recommend", "--run", str(run), "--history", "nope"])
     assert "unknown item(s): 'nope'" in str(result.exception)
+
+
+@pytest.mark.parametrize("search", ["beam", "exact"])
+def test_run_config_chooses_how_the_transformers_engine_ranks(trained, monkeypatch, search):
+    """eval.search reaches the engine every command loads; both ways return valid, distinct candidates."""
+    from genrec.run import RunDir
+
+    run, cfg, _ = trained
+    override = apply_overrides(cfg, [f"eval.search={search}", "eval.max_tree_tokens=64"])
+    monkeypatch.setattr(RunDir, "load_config", lambda self: override)
+    rec = Recommender.load(run, device="cpu")
+    assert rec.engine.search == search and rec.engine.max_tree_tokens == 64
+    history = [int(i) for i in rec.data.sequences[0][:3]]
+    (recs,) = rec.rank_histories([history], n_items=5, mode="retriever", n_candidates=30)
+    assert len({r.item for r in recs}) == 5 and not {r.item for r in recs} & set(history)

@@ -1,7 +1,10 @@
-"""Transformers engine: batched prompt prefill with a KV cache, then one token per beam per step.
+"""Transformers engine: exact tree scoring of small tries, beam search with a KV cache for large ones.
 
-Works on CPU and GPU; always available. Also offers exact brute-force scoring of candidate
-sequences (teacher forcing), the reference the beam search is tested against.
+Works on CPU and GPU; always available. A request whose trie feeds at most `max_tree_tokens` tree
+tokens (retrieved candidates, small catalogues) is ranked exactly in one forward pass with tree
+attention (genrec.decoding.tree); larger tries (the full catalogue of a big run) get the constrained
+beam search: batched prompt prefill, then one token per beam per ID level. Also offers brute-force
+scoring of candidate sequences (teacher forcing), the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from typing import Any
 import torch
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
+from genrec.decoding.tree import TreeLayout, layout, top_items
 from genrec.engines.base import encode_chat
+
+SEARCHES = ("auto", "beam", "exact")
+TREE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take the custom 4-D mask tree scoring needs (flash kernels do not)."""
 
 
 class HFStepModel:
@@ -70,17 +78,111 @@ class HFStepModel:
         return self._gather(out.logits[:, -1], allowed)
 
 
+class TreeScorer:
+    """log P(item | prompt) for every item of each request's trie, one forward per batch of requests.
+
+    Each row is [left padding, prompt, tree tokens]; a 4-D additive mask lets the prompt attend
+    causally and each tree token attend to the prompt, its ancestors and itself; position ids put
+    a tree token where it would sit in its own sequence. Rows are packed by length so that a batch's
+    mask stays under `mask_budget` elements and its kept logits under `logits_budget`.
+    """
+
+    def __init__(
+        self, model: Any, *, pad_id: int, mask_budget: int = 1 << 26, logits_budget: int = 1 << 27
+    ) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.mask_budget = mask_budget
+        self.logits_budget = logits_budget
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab = int(model.get_output_embeddings().weight.shape[0])
+
+    def rank(self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int) -> list[Ranked]:
+        out: list[Ranked] = [Ranked([], []) for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + layouts[i].n_inputs)
+        batch: list[int] = []
+        for i in order:
+            trial = [*batch, i]
+            width = max(len(prompts[j]) + layouts[j].n_inputs for j in trial)
+            kept = max(layouts[j].n_inputs for j in trial) + 1
+            if batch and (
+                len(trial) * width * width > self.mask_budget
+                or len(trial) * kept * self.vocab > self.logits_budget
+            ):
+                self._run(prompts, layouts, batch, k, out)
+                trial = [i]
+            batch = trial
+        if batch:
+            self._run(prompts, layouts, batch, k, out)
+        return out
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        layouts: Sequence[TreeLayout],
+        rows: list[int],
+        k: int,
+        out: list[Ranked],
+    ) -> None:
+        width = max(len(prompts[r]) + layouts[r].n_inputs for r in rows)
+        kept = max(layouts[r].n_inputs for r in rows) + 1
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        allow = torch.zeros((len(rows), width, width), dtype=torch.bool)
+        for b, r in enumerate(rows):
+            p, lay = list(prompts[r]), layouts[r]
+            n, t = len(p), lay.n_inputs
+            o = width - n - t
+            ids[b, o : o + n] = torch.tensor(p, dtype=torch.long)
+            ids[b, o + n :] = lay.tokens
+            pos[b, o : o + n] = torch.arange(n)
+            pos[b, o + n :] = n + lay.positions
+            allow[b, o : o + n, o : o + n] = torch.ones((n, n), dtype=torch.bool).tril()
+            allow[b, o + n :, o : o + n] = True
+            allow[b, o + n :, o + n :] = lay.ancestors()
+            allow[b, torch.arange(o), torch.arange(o)] = True  # padding sees itself: no empty softmax rows
+        mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(~allow, torch.finfo(self.dtype).min)
+        logits = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask[:, None].to(self.device),
+            position_ids=pos.to(self.device),
+            logits_to_keep=kept,
+        ).logits
+        for b, r in enumerate(rows):
+            lay = layouts[r]
+            lg = logits[b, kept - lay.n_inputs - 1 :].float()  # slot 0: the prompt's last token
+            lse = torch.logsumexp(lg, dim=-1)
+            slot, tok = lay.parent[1:].to(self.device), lay.token[1:].to(self.device)
+            edge = torch.cat([torch.zeros(1), (lg[slot, tok] - lse[slot]).cpu()])
+            out[r] = Ranked(*top_items(lay, lay.item_scores(edge), k))
+
+
 class HFEngine:
-    """Engine over a transformers model already loaded (see genrec.modeling.load_trained)."""
+    """Engine over a transformers model already loaded (see genrec.modeling.load_trained).
+
+    `search`: "auto" ranks a request exactly (tree scoring) when its trie feeds at most
+    `max_tree_tokens` tree tokens and by beam search otherwise; "beam" and "exact" force one way.
+    """
 
     name = "hf"
     concurrent = False
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, search: str = "auto", max_tree_tokens: int = 1024
+    ) -> None:
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)
+        attn = getattr(model.config, "_attn_implementation", None)
+        if search == "exact" and attn not in TREE_ATTENTION:
+            raise ValueError(f"search='exact' needs attention {TREE_ATTENTION}, the model uses {attn!r}")
+        self.search = search if attn in TREE_ATTENTION else "beam"
+        self.max_tree_tokens = max_tree_tokens
 
     @property
     def device(self) -> torch.device:
@@ -92,9 +194,53 @@ class HFEngine:
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
     ) -> list[Ranked]:
-        return constrained_beam_search(
-            HFStepModel(self.model, pad_id=self.pad_id), prompts, tries, beam_width=beam_width
+        """Top `beam_width` items per request: exact where the trie is small enough, else beam search."""
+        if len(prompts) != len(tries):
+            raise ValueError("one trie per prompt")
+        limit = None if self.search == "exact" else self.max_tree_tokens
+        layouts: dict[int, TreeLayout] = {}
+        if self.search != "beam":
+            for i, t in enumerate(tries):
+                lay = layout(t, max_inputs=limit) if len(t) and t.depth else None
+                if lay is not None:
+                    layouts[i] = lay
+        out: list[Ranked] = [Ranked([], []) for _ in prompts]
+        if layouts:
+            tree = list(layouts)
+            scorer = TreeScorer(self.model, pad_id=self.pad_id)
+            ranked = scorer.rank([prompts[i] for i in tree], [layouts[i] for i in tree], beam_width)
+            for i, r in zip(tree, ranked, strict=True):
+                out[i] = r
+        rest = [i for i in range(len(prompts)) if i not in layouts]
+        if rest:
+            ranked = constrained_beam_search(
+                HFStepModel(self.model, pad_id=self.pad_id),
+                [prompts[i] for i in rest],
+                [tries[i] for i in rest],
+                beam_width=beam_width,
+            )
+            for i, r in zip(rest, ranked, strict=True):
+                out[i] = r
+        return out
+
+    @torch.inference_mode()
+    def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
+        """Unconstrained greedy decoding of max_tokens tokens with `generate` (the speed reference)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
         )
+        return [row[width:].tolist() for row in out]
 
     @torch.inference_mode()
     def score(

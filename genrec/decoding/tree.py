@@ -1,0 +1,120 @@
+"""Exact ranking of every item in a trie with one forward pass (tree attention).
+
+Beam search needs one model call per ID level and can miss an item whose first tokens score
+poorly. When a request's trie is small (retrieved candidates: a few hundred items), it is cheaper
+and exact to feed the whole trie at once: the prompt, then every internal trie node as one token,
+each node attending to the prompt and to its own ancestors only, at the position it would have in
+its own sequence. The logits at the prompt's last token and at each node give the next-token
+distribution under every prefix, so log P(item | prompt) is a sum along the item's path, for every
+item, from a single forward (the idea of speculative decoding's tree verification).
+
+This module lays tries out as tensors; the transformers engine runs the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from genrec.decoding.trie import Trie, TrieNode
+
+
+@dataclass
+class TreeLayout:
+    """A trie's nodes in breadth-first order: node 0 is the root, leaves come last.
+
+    Nodes 1..n_inputs are the internal ones fed to the model (input token `tokens[i-1]`); the logits
+    that score node i's children are read at slot i, where slot 0 is the prompt's last token.
+    """
+
+    token: torch.Tensor
+    """(N,) the token leading into each node (root: -1)."""
+    parent: torch.Tensor
+    """(N,) each node's parent (root: -1)."""
+    depth: torch.Tensor
+    """(N,) 0 for the root, the ID length for leaves."""
+    n_inputs: int
+    """Internal non-root nodes: the tree tokens appended to the prompt."""
+    items: torch.Tensor
+    """(N - first_leaf,) the item of each leaf, in node order."""
+    level_starts: list[int]
+    """Where each depth's nodes start; level_starts[-1] is the first leaf, plus a final N."""
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The input tokens of nodes 1..n_inputs."""
+        return self.token[1 : 1 + self.n_inputs]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Offset of each input node's position after the prompt's last one (its depth - 1)."""
+        return self.depth[1 : 1 + self.n_inputs] - 1
+
+    def ancestors(self) -> torch.Tensor:
+        """(n_inputs, n_inputs) bool: input node i may attend to input node j (an ancestor, or itself)."""
+        n = self.n_inputs
+        anc = torch.zeros((n, n), dtype=torch.bool)
+        for d in range(2, len(self.level_starts) - 1):  # depth-1 nodes see only the prompt and themselves
+            lo, hi = self.level_starts[d], min(self.level_starts[d + 1], 1 + n)
+            if lo >= hi:
+                break
+            anc[lo - 1 : hi - 1] = anc[self.parent[lo:hi] - 1]
+            anc[torch.arange(lo - 1, hi - 1), self.parent[lo:hi] - 1] = True
+        anc[torch.arange(n), torch.arange(n)] = True
+        return anc
+
+    def item_scores(self, edge_logp: torch.Tensor) -> torch.Tensor:
+        """log P(item | prompt) per leaf from edge_logp[i] = log P(token of node i | its parent's prefix)."""
+        score = torch.zeros(len(self.token), dtype=torch.float64)
+        for d in range(1, len(self.level_starts) - 1):
+            lo, hi = self.level_starts[d], self.level_starts[d + 1]
+            score[lo:hi] = score[self.parent[lo:hi]] + edge_logp[lo:hi].double()
+        return score[self.level_starts[-2] :]
+
+
+def layout(trie: Trie, *, max_inputs: int | None = None) -> TreeLayout | None:
+    """Breadth-first layout of a trie of depth >= 1 with at least one item.
+
+    None when it would feed more than `max_inputs` tree tokens (found without laying out the rest).
+    """
+    if trie.depth < 1 or not len(trie):
+        raise ValueError("an empty trie has no layout")
+    token, parent, depth, items = [-1], [-1], [0], []
+    level: list[TrieNode] = [trie.root]
+    starts = [0]
+    for d in range(1, trie.depth + 1):
+        if (
+            max_inputs is not None
+            and d < trie.depth
+            and len(token) - 1 + sum(len(n.children) for n in level) > max_inputs
+        ):
+            return None
+        starts.append(len(token))
+        first = starts[-2]
+        nxt: list[TrieNode] = []
+        for k, node in enumerate(level):
+            for tok, child in node.children.items():
+                token.append(tok)
+                parent.append(first + k)
+                depth.append(d)
+                nxt.append(child)
+        level = nxt
+    starts.append(len(token))
+    for node in level:
+        assert node.item is not None, "trie leaf without an item"
+        items.append(node.item)
+    return TreeLayout(
+        token=torch.tensor(token, dtype=torch.long),
+        parent=torch.tensor(parent, dtype=torch.long),
+        depth=torch.tensor(depth, dtype=torch.long),
+        n_inputs=starts[-2] - 1,
+        items=torch.tensor(items, dtype=torch.long),
+        level_starts=starts,
+    )
+
+
+def top_items(lay: TreeLayout, scores: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """The k best items, score descending; ties in trie order (stable)."""
+    order = torch.argsort(-scores, stable=True)[:k]
+    return lay.items[order].tolist(), scores[order].tolist()
