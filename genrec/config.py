@@ -142,6 +142,9 @@ class TrainConfig:
     """Log loss every N steps."""
     save_steps: int = 200
     """Checkpoint every N steps (resume with `genrec train --resume`)."""
+    early_stopping_patience: int | None = None
+    """Evaluate the validation loss every save_steps; stop after this many evaluations without a new best,
+    and keep the best checkpoint's weights (None: train to the end, keep the last weights)."""
     seed: int = 0
     """Training seed."""
     bf16: bool | None = None
@@ -339,6 +342,10 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
         t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be positive (or null: no budget)"
     )
     need(t.dataset_workers is None or t.dataset_workers >= 1, "train.dataset_workers must be >= 1 (or null)")
+    need(
+        t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+        "train.early_stopping_patience must be >= 1 (or null: no early stopping)",
+    )
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(e.max_tree_tokens >= 1, "eval.max_tree_tokens must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")

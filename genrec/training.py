@@ -94,6 +94,15 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
     t = cfg.train
     cuda = torch.cuda.is_available()
     bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    early: dict[str, Any] = {}
+    if t.early_stopping_patience is not None:  # validate at every checkpoint; keep the best one's weights
+        early = {
+            "eval_strategy": "steps",
+            "eval_steps": t.save_steps,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
         num_train_epochs=t.epochs,
@@ -117,6 +126,7 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
         dataset_num_proc=t.dataset_workers,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **early,
     )
 
 
@@ -154,6 +164,18 @@ def time_budget_callback(minutes: float) -> Any:
     return TimeBudget()
 
 
+def early_stopping_summary(stopper: Any, state: Any) -> dict[str, Any]:
+    """What early stopping did: the kept checkpoint's step and validation loss, and whether it ended training."""
+    if stopper is None:
+        return {}
+    best = state.best_model_checkpoint
+    return {
+        "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
+        "best_eval_loss": state.best_metric,
+        "stopped_early": bool(stopper.early_stopping_patience_counter >= stopper.early_stopping_patience),
+    }
+
+
 def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train on every next-item position of the training sequences; write merged/ (and adapter/)."""
     from datasets import Dataset
@@ -175,6 +197,12 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     budget = time_budget_callback(cfg.train.max_minutes) if cfg.train.max_minutes else None
     if budget is not None:
         callbacks.append(budget)
+    stopper = None
+    if cfg.train.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        stopper = EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience)
+        callbacks.append(stopper)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(run, cfg),
@@ -212,6 +240,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         "steps": result.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 2),
         "stopped_by_time_budget": bool(budget is not None and budget.hit),
+        **early_stopping_summary(stopper, trainer.state),
         "examples": len(examples),
         "seconds": round(seconds, 1),
         "method": "lora" if peft_cfg is not None else "full",

@@ -96,6 +96,29 @@ def test_time_budget_stops_training_and_still_saves_the_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    """A learning rate far too high makes the validation loss worsen: training stops after `patience`
+    evaluations without a new best, and the saved model is the best checkpoint's, not the last step's."""
+    run, cfg = make_run(
+        tmp_path,
+        "early",
+        [
+            "train.max_steps=200",
+            "train.save_steps=5",
+            "train.early_stopping_patience=2",
+            "train.learning_rate=0.3",
+        ],
+    )
+    summary = train(run, cfg)
+    assert summary["stopped_early"] is True and summary["steps"] < 200
+    assert summary["best_step"] is not None and summary["best_step"] <= summary["steps"] - 10
+    assert summary["eval_loss"] == pytest.approx(
+        summary["best_eval_loss"], rel=1e-4
+    )  # the best weights were kept
+    assert run.meta()["train"]["best_step"] == summary["best_step"]
+
+
+@pytest.mark.slow
 def test_lora_merge_reproduces_adapter_logits(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
