@@ -76,3 +76,49 @@ def test_search_overhead_free_model_keeps_the_search_exact(trained_run):
     for ranked, h in zip(out, hist, strict=True):
         assert len(ranked.items) == 5 == len(set(ranked.items)) and not set(ranked.items) & set(h)
         assert ranked.scores == sorted(ranked.scores, reverse=True)
+
+
+def test_engine_throughput_runs_the_tree_path_and_greedy_reference(trained_run, tmp_path, monkeypatch):
+    """bench.engine_throughput on the transformers engine: exact tree scoring over retrieved candidates,
+    and the greedy reference it is compared with; greedy matches a plain argmax loop (left padding
+    changes nothing)."""
+    import json
+    import sys
+
+    import torch
+
+    import bench.engine_throughput as et
+    from genrec.recommender import Recommender
+
+    run, _, _ = trained_run
+    out = tmp_path / "engine.json"
+    argv = ["x", "--run", str(run.path), "--engine", "hf", "--users", "12", "--batch", "6"]
+    argv += [
+        "--candidates",
+        "retriever",
+        "--n-candidates",
+        "30",
+        "--search",
+        "exact",
+        "--latency-requests",
+        "3",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    et.main()
+    res = json.loads(out.read_text())
+    assert res["search"] == "exact" and res["constrained_users_per_s"] > 0 and res["greedy_users_per_s"] > 0
+    assert res["latency_ratio_p50"] > 0
+
+    engine = Recommender.load(run, device="cpu").engine
+    prompts = [
+        engine.encode_messages([{"role": "user", "content": t}]) for t in ("a", "a longer prompt here")
+    ]
+    batched = engine.greedy(prompts, max_tokens=3)
+    for p, got in zip(prompts, batched, strict=True):
+        ids = list(p)
+        for _ in range(3):  # min_new_tokens: end-of-sequence is never picked before the last token
+            with torch.no_grad():
+                logits = engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits[engine.tokenizer.eos_token_id] = -float("inf")
+            ids.append(int(logits.argmax()))
+        assert got == ids[len(p) :]

@@ -209,3 +209,15 @@ def test_auto_search_uses_beam_for_tries_over_the_tree_limit(tiny_lm):
     assert auto[1] == beam[1]  # the large trie went to beam search: the same result, bit for bit
     with pytest.raises(ValueError, match="search must be"):
         HFEngine(model, tok, search="greedy")
+
+
+def test_tree_scoring_of_one_token_ids(tiny_lm):
+    """Atomic IDs (one token per item) feed no tree tokens: the prompt's last logits rank them all."""
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok, search="exact")
+    seqs = [[t] for t in tok.convert_tokens_to_ids([f"<a_{c}>" for c in range(4)])]
+    prompt = engine.encode_messages([{"role": "user", "content": "the cat"}])
+    assert layout(Trie(seqs)).n_inputs == 0
+    (r,) = engine.rank([prompt], [Trie(seqs)], beam_width=3)
+    exact = engine.score(prompt, seqs)
+    assert r.scores == pytest.approx(sorted(exact, reverse=True)[:3], abs=1e-4)

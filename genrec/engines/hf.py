@@ -23,6 +23,17 @@ TREE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the custom 4-D mask tree scoring needs (flash kernels do not)."""
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: token ids and the attention mask (1 on real tokens)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 class HFStepModel:
     """StepModel over a transformers causal LM, left-padded batches, explicit position ids."""
 
@@ -43,12 +54,7 @@ class HFStepModel:
 
     @torch.inference_mode()
     def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
@@ -226,12 +232,7 @@ class HFEngine:
     @torch.inference_mode()
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
         """Unconstrained greedy decoding of max_tokens tokens with `generate` (the speed reference)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_pad(prompts, self.pad_id)
         out = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -240,7 +241,7 @@ class HFEngine:
             do_sample=False,
             pad_token_id=self.pad_id,
         )
-        return [row[width:].tolist() for row in out]
+        return [row[ids.shape[1] :].tolist() for row in out]
 
     @torch.inference_mode()
     def score(
