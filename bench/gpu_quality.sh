@@ -44,7 +44,7 @@ import json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
 meta = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-print(run.name, "train:", {k: meta.get("train", {}).get(k) for k in ("steps", "epochs", "seconds", "eval_loss", "stopped_by_time_budget")})
+print(run.name, "train:", {k: meta.get("train", {}).get(k) for k in ("steps", "epochs", "seconds", "eval_loss", "stopped_by_time_budget", "best_step", "stopped_early")})
 f = run / "eval_test.json"
 if f.exists():
     rep = json.loads(f.read_text())

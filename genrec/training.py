@@ -216,6 +216,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     started = time.time()
     result = trainer.train(resume_from_checkpoint=bool(resume and has_ckpt))
     seconds = time.time() - started
+    stopped = early_stopping_summary(stopper, trainer.state)  # before evaluate(): it would count once more
     metrics = trainer.evaluate()
     logger.info("validation loss %.4f", metrics.get("eval_loss", float("nan")))
     if budget is not None and budget.hit:
@@ -240,7 +241,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         "steps": result.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 2),
         "stopped_by_time_budget": bool(budget is not None and budget.hit),
-        **early_stopping_summary(stopper, trainer.state),
+        **stopped,
         "examples": len(examples),
         "seconds": round(seconds, 1),
         "method": "lora" if peft_cfg is not None else "full",

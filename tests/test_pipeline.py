@@ -116,6 +116,12 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
         summary["best_eval_loss"], rel=1e-4
     )  # the best weights were kept
     assert run.meta()["train"]["best_step"] == summary["best_step"]
+    # training that runs to its end while still improving is not reported as stopped early
+    run2, cfg2 = make_run(
+        tmp_path, "patient", ["train.max_steps=10", "train.save_steps=5", "train.early_stopping_patience=1"]
+    )
+    summary2 = train(run2, cfg2)
+    assert summary2["steps"] == 10 and summary2["stopped_early"] is False and summary2["best_step"] == 10
 
 
 @pytest.mark.slow
