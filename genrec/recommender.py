@@ -176,7 +176,7 @@ class Recommender:
             banned = sorted(set(r.history) | set(r.exclude))
             return self._all.without(self.item_tokens[banned].tolist())
         cands = self.retrieved(r.history, n=r.n_candidates, exclude=r.exclude)
-        return Trie(self.item_tokens[cands].tolist(), cands)
+        return Trie.from_array(self.item_tokens[cands], cands)
 
     # -- ranking ---------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,9 +15,18 @@ from genrec.engines import HFEngine
 seqs_strategy = st.lists(st.tuples(*[st.integers(0, 5)] * 3), min_size=1, max_size=40, unique=True)
 
 
-@given(seqs_strategy, st.lists(st.integers(0, 5), max_size=3))
-def test_trie_matches_brute_force(seqs, prefix):
-    trie = Trie(seqs)
+def make_trie(seqs, items=None, *, array=False):
+    """A trie built node by node, or array-backed (nodes built lazily; what retrieved candidates use)."""
+    if not array:
+        return Trie(seqs, items)
+    return Trie.from_array(
+        np.array(seqs).reshape(len(seqs), -1), range(len(seqs)) if items is None else items
+    )
+
+
+@given(seqs_strategy, st.lists(st.integers(0, 5), max_size=3), st.booleans())
+def test_trie_matches_brute_force(seqs, prefix, array):
+    trie = make_trie(seqs, array=array)
     expected = {s[len(prefix)] for s in seqs if len(prefix) < 3 and list(s[: len(prefix)]) == prefix}
     assert set(trie.allowed(prefix)) == expected
     assert len(trie) == len(seqs)
@@ -25,10 +35,10 @@ def test_trie_matches_brute_force(seqs, prefix):
         assert trie.get(s) == i
 
 
-@given(seqs_strategy, st.data())
-def test_trie_without_equals_rebuilt_trie(seqs, data):
+@given(seqs_strategy, st.data(), st.booleans())
+def test_trie_without_equals_rebuilt_trie(seqs, data, array):
     removed = data.draw(st.lists(st.sampled_from(seqs), unique=True))
-    full = Trie(seqs)
+    full = make_trie(seqs, array=array)
     pruned = full.without([*removed, (9, 9, 9)])  # a sequence not in the trie is ignored
     kept = [s for s in seqs if s not in removed]
     rebuilt = Trie(kept, [seqs.index(s) for s in kept])
@@ -48,6 +58,10 @@ def test_trie_rejects_ragged_and_conflicting():
         Trie([[1, 2], [1]])
     with pytest.raises(ValueError, match="share the sequence"):
         Trie([[1, 2], [1, 2]], [0, 1])
+    with pytest.raises(ValueError, match="items 0 and 1 share the sequence"):
+        Trie.from_array(np.array([[1, 2], [3, 4], [1, 2]]), [0, 2, 1])
+    same = Trie.from_array(np.array([[1, 2], [1, 2], [3, 4]]), [7, 7, 8])  # a repeated row is one item
+    assert len(same) == 2 and sorted(x[1] for x in same) == [7, 8]
 
 
 class TableModel:
@@ -75,10 +89,10 @@ class TableModel:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seqs_strategy, st.integers(0, 10_000), st.integers(1, 50))
-def test_beam_search_exact_and_valid(seqs, seed, width):
+@given(seqs_strategy, st.integers(0, 10_000), st.integers(1, 50), st.booleans())
+def test_beam_search_exact_and_valid(seqs, seed, width, array):
     model = TableModel(6, seed)
-    trie = Trie(seqs, [100 + i for i in range(len(seqs))])
+    trie = make_trie(seqs, [100 + i for i in range(len(seqs))], array=array)
     out = constrained_beam_search(model, [[1, 2], [3]], [trie, trie], beam_width=width)
     for prompt, ranked in zip([[1, 2], [3]], out, strict=True):
         assert len(ranked.items) == min(width, len(seqs))
@@ -99,9 +113,9 @@ def test_empty_trie_gives_empty_result():
     assert out[0].items == [] and out[1].items == [0]
 
 
-@given(seqs_strategy)
-def test_tree_layout_matches_the_trie(seqs):
-    trie = Trie(seqs, [100 + i for i in range(len(seqs))])
+@given(seqs_strategy, st.booleans())
+def test_tree_layout_matches_the_trie(seqs, array):
+    trie = make_trie(seqs, [100 + i for i in range(len(seqs))], array=array)
     lay = layout(trie)
     assert lay is not None
     # each node's full prefix, rebuilt from parent pointers
@@ -155,7 +169,8 @@ def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates, searc
             [{"role": "user", "content": "next item recent items oldest first on the mat"}]
         ),
     ]
-    tries = [Trie(cands), Trie(cands[: max(1, n_candidates // 2)])]
+    half = cands[: max(1, n_candidates // 2)]
+    tries = [Trie(cands), Trie.from_array(np.array(half), range(len(half)))]  # node-built and array-backed
     ranked = engine.rank(prompts, tries, beam_width=n_candidates)
     for prompt, trie, r in zip(prompts, tries, ranked, strict=True):
         seqs = [s for s, _ in sorted(trie, key=lambda x: x[1])]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from genrec.decoding.trie import Trie, TrieNode
@@ -80,6 +81,8 @@ def layout(trie: Trie, *, max_inputs: int | None = None) -> TreeLayout | None:
     """
     if trie.depth < 1 or not len(trie):
         raise ValueError("an empty trie has no layout")
+    if trie.array is not None:
+        return _layout_array(*trie.array, max_inputs=max_inputs)
     token, parent, depth, items = [-1], [-1], [0], []
     level: list[TrieNode] = [trie.root]
     starts = [0]
@@ -110,6 +113,35 @@ def layout(trie: Trie, *, max_inputs: int | None = None) -> TreeLayout | None:
         depth=torch.tensor(depth, dtype=torch.long),
         n_inputs=starts[-2] - 1,
         items=torch.tensor(items, dtype=torch.long),
+        level_starts=starts,
+    )
+
+
+def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | None) -> TreeLayout | None:
+    """`layout` straight from distinct (n, depth) token rows: each depth's nodes are the distinct
+    (parent node, token) pairs, found with one np.unique per depth; no node objects."""
+    n, depth = tokens.shape
+    token, parent, level = [np.array([-1])], [np.array([-1])], [np.array([0])]
+    starts, at = [0], np.zeros(n, dtype=np.int64)  # `at`: each row's node at the current depth
+    size = 1
+    for d in range(depth):
+        key = at * (int(tokens[:, d].max()) + 1) + tokens[:, d]
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        if max_inputs is not None and d < depth - 1 and size - 1 + len(first) > max_inputs:
+            return None
+        starts.append(size)
+        token.append(tokens[first, d])
+        parent.append(at[first])
+        level.append(np.full(len(first), d + 1))
+        at = size + inverse.reshape(-1)
+        size += len(first)
+    starts.append(size)
+    return TreeLayout(
+        token=torch.from_numpy(np.concatenate(token)),
+        parent=torch.from_numpy(np.concatenate(parent)),
+        depth=torch.from_numpy(np.concatenate(level)),
+        n_inputs=starts[-2] - 1,
+        items=torch.from_numpy(items[first]),  # rows are distinct: one leaf per row
         level_starts=starts,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 
@@ -27,27 +28,56 @@ class TrieNode:
 
 
 class Trie:
-    """Immutable trie of equal-length sequences; `sequences[i]` leads to `items[i]`."""
+    """Immutable trie of equal-length sequences; `sequences[i]` leads to `items[i]`.
+
+    `Trie.from_array` keeps the sequences as one array and builds nodes only when something walks
+    them: exact tree scoring lays the array out directly (genrec.decoding.tree), so a request
+    ranked that way never pays for hundreds of node objects.
+    """
 
     def __init__(self, sequences: Sequence[Sequence[int]], items: Sequence[int] | None = None) -> None:
         items = list(range(len(sequences))) if items is None else list(items)
         if len(items) != len(sequences):
             raise ValueError("sequences and items differ in length")
-        self.root = TrieNode()
+        self._root: TrieNode | None = TrieNode()
+        self.array: tuple[np.ndarray, np.ndarray] | None = None
+        """(tokens (n, depth), items (n,)) with distinct rows, for tries made by from_array."""
         self.depth = len(sequences[0]) if len(sequences) else 0
         self._len = 0
         for seq, item in zip(sequences, items, strict=True):
             if len(seq) != self.depth:
                 raise ValueError(f"all sequences must have length {self.depth}; item {item} has {len(seq)}")
-            node = self.root
-            for tok in seq:
-                node = node.children.setdefault(int(tok), TrieNode())
-            if node.item is not None:
-                if node.item == item:
-                    continue
-                raise ValueError(f"items {node.item} and {item} share the sequence {list(seq)}")
-            node.item = int(item)
-            self._len += 1
+            self._len += _insert(self._root, seq, int(item))
+
+    @classmethod
+    def from_array(cls, tokens: np.ndarray, items: Sequence[int] | np.ndarray) -> Trie:
+        """A trie over the rows of a (n, depth) token array; nodes are built on first use."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        if tokens.ndim != 2 or len(items) != len(tokens):
+            raise ValueError("tokens must be (n, depth) with one item per row")
+        _, first, inverse = np.unique(tokens, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        clash = np.flatnonzero(items != items[first][inverse])
+        if len(clash):
+            r = int(clash[0])
+            raise ValueError(
+                f"items {int(items[first[inverse[r]]])} and {int(items[r])} share the sequence {tokens[r].tolist()}"
+            )
+        keep = np.sort(first)
+        new = cls([])
+        new._root, new.array = None, (tokens[keep], items[keep])
+        new.depth, new._len = (int(tokens.shape[1]), len(keep)) if len(keep) else (0, 0)
+        return new
+
+    @property
+    def root(self) -> TrieNode:
+        if self._root is None:
+            assert self.array is not None
+            self._root = TrieNode()
+            for seq, item in zip(self.array[0].tolist(), self.array[1].tolist(), strict=True):
+                _insert(self._root, seq, item)
+        return self._root
 
     def __len__(self) -> int:
         return self._len
@@ -60,10 +90,10 @@ class Trie:
         """
         new = Trie([])
         new.depth, new._len = self.depth, self._len
-        new.root = _copy(self.root)
-        copied = {id(new.root)}
+        new._root = _copy(self.root)
+        copied = {id(new._root)}
         for seq in sequences:
-            path = [new.root]
+            path = [new._root]
             for tok in seq:
                 node = path[-1]
                 child = node.children.get(int(tok))
@@ -108,6 +138,22 @@ class Trie:
             if node.item is not None:
                 yield prefix, node.item
             stack.extend((child, (*prefix, tok)) for tok, child in node.children.items())
+
+
+def _insert(root: TrieNode, seq: Sequence[int], item: int) -> int:
+    """Add one sequence; 1 if it is new, 0 if it was there with the same item (another item: an error)."""
+    node = root
+    for tok in seq:
+        child = node.children.get(int(tok))
+        if child is None:
+            child = node.children[int(tok)] = TrieNode()
+        node = child
+    if node.item is not None:
+        if node.item == item:
+            return 0
+        raise ValueError(f"items {node.item} and {item} share the sequence {list(seq)}")
+    node.item = item
+    return 1
 
 
 def _copy(node: TrieNode) -> TrieNode:

@@ -149,20 +149,27 @@ class TreeScorer:
             allow[b, o + n :, o : o + n] = True
             allow[b, o + n :, o + n :] = lay.ancestors()
             allow[b, torch.arange(o), torch.arange(o)] = True  # padding sees itself: no empty softmax rows
-        mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(~allow, torch.finfo(self.dtype).min)
+        allow = allow.to(self.device)  # moved as bools; the additive mask is made on the device
+        mask = torch.zeros(allow.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allow, torch.finfo(self.dtype).min)
         logits = self.model(
             input_ids=ids.to(self.device),
-            attention_mask=mask[:, None].to(self.device),
+            attention_mask=mask[:, None],
             position_ids=pos.to(self.device),
             logits_to_keep=kept,
         ).logits
-        for b, r in enumerate(rows):
-            lay = layouts[r]
-            lg = logits[b, kept - lay.n_inputs - 1 :].float()  # slot 0: the prompt's last token
-            lse = torch.logsumexp(lg, dim=-1)
-            slot, tok = lay.parent[1:].to(self.device), lay.token[1:].to(self.device)
-            edge = torch.cat([torch.zeros(1), (lg[slot, tok] - lse[slot]).cpu()])
-            out[r] = Ranked(*top_items(lay, lay.item_scores(edge), k))
+        step = max(1, (1 << 25) // (kept * logits.shape[-1]))  # float32 log-normalisers, a few rows at a time
+        lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(step)])
+        # every edge's log-prob in one gather and one transfer; slot 0 of a row is its prompt's last token
+        lays = [layouts[r] for r in rows]
+        sizes = [len(lay.token) - 1 for lay in lays]
+        row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(sizes)).to(self.device)
+        slot = torch.cat([lay.parent[1:] + kept - lay.n_inputs - 1 for lay in lays]).to(self.device)
+        tok = torch.cat([lay.token[1:] for lay in lays]).to(self.device)
+        edges = (logits[row, slot, tok].float() - lse[row, slot]).cpu().split(sizes)
+        for r, lay, edge in zip(rows, lays, edges, strict=True):
+            scores = lay.item_scores(torch.cat([torch.zeros(1), edge]))
+            out[r] = Ranked(*top_items(lay, scores, k))
 
 
 class HFEngine:
