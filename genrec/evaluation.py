@@ -184,9 +184,10 @@ def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = T
         "n_users_train": len(data),
         "embeddings": rec.retriever.embeddings,
     }
-    started = time.time()
+    started, before = time.time(), dict(rec.engine.ranked_by)
     lists = {"genrec": model_lists(rec, examples, cfg, progress=progress)}
     seconds = time.time() - started
+    ranked_by = {k: v - before.get(k, 0) for k, v in rec.engine.ranked_by.items() if v - before.get(k, 0)}
     lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress))
     results, per_user = {}, {}
     for name, lst in lists.items():
@@ -199,6 +200,7 @@ def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = T
         "users": len(examples),
         "items": len(data.catalog),
         "beam_width": cfg.eval.beam_width,
+        "ranked_by": ranked_by,
         "genrec_seconds": round(seconds, 1),
         "genrec_users_per_s": round(len(examples) / max(seconds, 1e-9), 2),
         "template": rec.builder.template.name,
@@ -278,13 +280,24 @@ def write_plots(run: RunDir, report: dict[str, Any]) -> list[str]:
     return out
 
 
+def ranking_text(report: dict[str, Any]) -> str:
+    """How genrec's lists were ranked: beam search of the report's width, exact tree scoring, or both."""
+    by = report.get("ranked_by") or {"beam": report["users"]}
+    beam = f"beam search (width {report['beam_width']})"
+    if set(by) == {"beam"}:
+        return f"ranked by {beam}"
+    if set(by) == {"exact"}:
+        return f"ranked exactly (tree scoring; top {report['beam_width']})"
+    return f"ranked exactly for {by.get('exact', 0)} users and by {beam} for {by.get('beam', 0)}"
+
+
 def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
     results = report["results"]
     cols = list(next(iter(results.values())))
     lines = [
         f"# genrec evaluation — {report['split']} split",
         "",
-        f"{report['protocol']}. {report['users']} users, {report['items']} items, beam width {report['beam_width']}, "
+        f"{report['protocol']}. {report['users']} users, {report['items']} items, {ranking_text(report)}, "
         f"template `{report['template']}` ({report['template_hash']}).",
         f"genrec ranked {report['genrec_users_per_s']} users/s.",
         "",

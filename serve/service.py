@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from genrec.errors import GenrecError
 from genrec.evaluation import validity
@@ -62,10 +63,29 @@ class Query:
     messages: list[dict[str, str]] | None = None
 
 
+class _RankedBy:
+    """Exposes the engine's own count of requests ranked by each search (exact tree scoring or beam)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "genrec_ranked_requests",
+            "Requests ranked, by search: exact (tree scoring) or beam",
+            labels=["search"],
+        )
+        for search, n in sorted(getattr(self.engine, "ranked_by", {}).items()):
+            family.add_metric([search], n)
+        yield family
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, engine: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if engine is not None:
+            r.register(_RankedBy(engine))
         self.requests = Counter("genrec_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
         self.latency = Histogram(
             "genrec_request_latency_seconds",
@@ -98,7 +118,7 @@ class RecService:
         self.rec = rec
         self.model_name = model_name
         self.limits = limits or ServeLimits()
-        self.metrics = Metrics()
+        self.metrics = Metrics(rec.engine)
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0

@@ -28,3 +28,14 @@ def test_diversity_of_identical_and_orthogonal_items():
 def test_popularity_skips_seen_items():
     counts = np.array([5, 9, 1, 7])
     assert popularity_lists([Example("u", (1,), 0)], counts, 2) == [[3, 0]]
+
+
+def test_report_says_how_genrec_ranked():
+    from genrec.evaluation import ranking_text
+
+    base = {"users": 10, "beam_width": 20}
+    assert ranking_text({**base, "ranked_by": {"beam": 10}}) == "ranked by beam search (width 20)"
+    assert ranking_text(base) == "ranked by beam search (width 20)"  # reports from before ranked_by existed
+    assert ranking_text({**base, "ranked_by": {"exact": 10}}) == "ranked exactly (tree scoring; top 20)"
+    mixed = ranking_text({**base, "ranked_by": {"exact": 7, "beam": 3}})
+    assert mixed == "ranked exactly for 7 users and by beam search (width 20) for 3"

@@ -50,6 +50,9 @@ def test_evaluation_report_and_validity(trained):
     ):
         assert (run / f).is_file(), f
     assert "| genrec |" in (run / "report_test.md").read_text()
+    # the tiny catalogue's trie is under eval.max_tree_tokens: every user was ranked exactly, and it says so
+    assert report["ranked_by"] == {"exact": report["users"]}
+    assert "ranked exactly (tree scoring; top 10)" in (run / "report_test.md").read_text()
 
 
 @pytest.mark.slow

@@ -255,6 +255,7 @@ def test_metrics_exposed(server, client, rec):
         "genrec_items_returned_total",
         "genrec_invalid_items_total 0.0",
         "genrec_prompt_tokens_total",
+        'genrec_ranked_requests_total{search="exact"}',  # 200 retrieved candidates: exact tree scoring
     ):
         assert name in text, name
 

@@ -6,6 +6,7 @@ drives them through a StepModel. Front ends (CLI, batch, server) talk only to th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -17,6 +18,8 @@ class Engine(Protocol):
     tokenizer: Any
     concurrent: bool
     """True when rank() may run in several threads at once (the engine batches across them)."""
+    ranked_by: Counter[str]
+    """Requests ranked so far by each search: "exact" (tree scoring) or "beam"."""
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt token ids: the chat template with the assistant turn opened."""

@@ -9,6 +9,7 @@ scoring of candidate sequences (teacher forcing), the reference both are tested 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -196,6 +197,7 @@ class HFEngine:
             raise ValueError(f"search='exact' needs attention {TREE_ATTENTION}, the model uses {attn!r}")
         self.search = search if attn in TREE_ATTENTION else "beam"
         self.max_tree_tokens = max_tree_tokens
+        self.ranked_by: Counter[str] = Counter()
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +227,7 @@ class HFEngine:
             for i, r in zip(tree, ranked, strict=True):
                 out[i] = r
         rest = [i for i in range(len(prompts)) if i not in layouts]
+        self.ranked_by.update(exact=len(layouts), beam=len(rest))
         if rest:
             ranked = constrained_beam_search(
                 HFStepModel(self.model, pad_id=self.pad_id),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -115,6 +116,7 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.llm = llm or LLM(**engine_options(self.model_dir, **options))
+        self.ranked_by: Counter[str] = Counter()
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
@@ -122,6 +124,7 @@ class VLLMEngine:
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
     ) -> list[Ranked]:
+        self.ranked_by["beam"] += len(prompts)
         return constrained_beam_search(VLLMStepModel(self.llm), prompts, tries, beam_width=beam_width)
 
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
