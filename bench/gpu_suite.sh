@@ -8,7 +8,8 @@
 # 2. engine throughput/latency: genrec constrained beam vs greedy vs vLLM beam_search (same width),
 #    through the offline vllm.LLM that `genrec generate --backend vllm` and `evaluate` use,
 # 3. the transformers engine on the same GPU: beam search over the full catalogue, then exact tree
-#    scoring and beam search over 200 retrieved candidates (what the server ranks by default),
+#    scoring and beam search over 200 retrieved candidates (what the server ranks by default), and exact
+#    tree scoring of the full catalogue (is it worth raising eval.max_tree_tokens on a GPU?),
 # 4. `genrec serve --backend vllm` (AsyncLLM) + bench/load.py at 1/8/32/128 clients, then a soak of
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
@@ -55,6 +56,9 @@ if want hf-tree; then
     timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
       --candidates retriever --search "$search" --latency-requests 50 --out "$OUT/engine_hf_retriever_$search.json" 2>&1 | quiet 25
   done
+  stamp "engine throughput: hf, full catalogue, exact (~2,000 tree tokens per user)"
+  timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 64 \
+    --candidates all --search exact --latency-requests 20 --out "$OUT/engine_hf_all_exact.json" 2>&1 | quiet 25
 fi
 health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
 # serve_load BACKEND SOAK: start `genrec serve`, load it at 1/8/32/128 clients, soak, print its counters, stop it
