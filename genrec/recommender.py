@@ -164,19 +164,42 @@ class Recommender:
     # -- candidates ------------------------------------------------------------------------------
     def retrieved(self, history: Sequence[int], *, n: int, exclude: Sequence[int] = ()) -> list[int]:
         """The retriever's top-n items for a history, skipping the history and `exclude`."""
-        if not history:
+        return self.retrieved_many([history], n=[n], exclude=[exclude])[0]
+
+    def retrieved_many(
+        self, histories: Sequence[Sequence[int]], *, n: Sequence[int], exclude: Sequence[Sequence[int]]
+    ) -> list[list[int]]:
+        """`retrieved` for several histories in one index search (each with its own n and exclusions)."""
+        if not all(histories):
             raise GenrecError("candidates=retriever needs a history (or use free text)")
-        banned = sorted(set(history) | set(exclude))
-        items, _ = self.retriever.search(self.retriever.history_query(history)[None], n, exclude=[banned])
-        return [int(i) for i in items[0] if i >= 0]
+        if not histories:
+            return []
+        queries = np.stack([self.retriever.history_query(h) for h in histories])
+        banned = [sorted(set(h) | set(ex)) for h, ex in zip(histories, exclude, strict=True)]
+        items, _ = self.retriever.search(queries, max(n), exclude=banned)
+        return [[int(i) for i in row[:k] if i >= 0] for row, k in zip(items, n, strict=True)]
 
     def candidate_trie(self, r: RankRequest) -> Trie:
         """Trie of the request's candidates: the catalogue minus seen/excluded items, or the retrieved ones."""
-        if r.mode == "all":  # shares every untouched subtree with the catalogue trie
-            banned = sorted(set(r.history) | set(r.exclude))
-            return self._all.without(self.item_tokens[banned].tolist())
-        cands = self.retrieved(r.history, n=r.n_candidates, exclude=r.exclude)
-        return Trie.from_array(self.item_tokens[cands], cands)
+        return self.candidate_tries([r])[0]
+
+    def candidate_tries(self, requests: Sequence[RankRequest]) -> list[Trie]:
+        """`candidate_trie` for a batch: the retriever-mode requests share one index search."""
+        out: list[Trie | None] = [None] * len(requests)
+        for k, r in enumerate(requests):
+            if r.mode == "all":  # shares every untouched subtree with the catalogue trie
+                banned = sorted(set(r.history) | set(r.exclude))
+                out[k] = self._all.without(self.item_tokens[banned].tolist())
+        ret = [k for k, t in enumerate(out) if t is None]
+        found = self.retrieved_many(
+            [requests[k].history for k in ret],
+            n=[requests[k].n_candidates for k in ret],
+            exclude=[requests[k].exclude for k in ret],
+        )
+        for k, cands in zip(ret, found, strict=True):
+            # catalogue items have distinct ID sequences (checked when the catalogue trie was built)
+            out[k] = Trie.from_array(self.item_tokens[cands], cands, distinct=True)
+        return [t for t in out if t is not None]
 
     # -- ranking ---------------------------------------------------------------------------------
     @property
@@ -212,13 +235,13 @@ class Recommender:
         """
         if not requests:
             return []
-        prompts, tries = [], []
+        prompts = []
         for r in requests:
             if r.messages is None:
                 r.messages = self.builder_for(r.template, r.template_version).messages(r.history, r.user)
             prompts.append(self.engine.encode_messages(r.messages))
             r.prompt_tokens = len(prompts[-1])
-            tries.append(self.candidate_trie(r))
+        tries = self.candidate_tries(requests)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         ranked = self.engine.rank(prompts, tries, beam_width=width)
         return [

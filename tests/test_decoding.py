@@ -15,18 +15,21 @@ from genrec.engines import HFEngine
 seqs_strategy = st.lists(st.tuples(*[st.integers(0, 5)] * 3), min_size=1, max_size=40, unique=True)
 
 
-def make_trie(seqs, items=None, *, array=False):
-    """A trie built node by node, or array-backed (nodes built lazily; what retrieved candidates use)."""
-    if not array:
+BUILDS = st.sampled_from(["nodes", "array", "distinct"])
+
+
+def make_trie(seqs, items=None, *, build="nodes"):
+    """A trie built node by node, or array-backed (nodes built lazily; what retrieved candidates use),
+    with its rows checked for repeats or promised distinct (the strategies' sequences are unique)."""
+    if build == "nodes":
         return Trie(seqs, items)
-    return Trie.from_array(
-        np.array(seqs).reshape(len(seqs), -1), range(len(seqs)) if items is None else items
-    )
+    items = range(len(seqs)) if items is None else items
+    return Trie.from_array(np.array(seqs).reshape(len(seqs), -1), items, distinct=build == "distinct")
 
 
-@given(seqs_strategy, st.lists(st.integers(0, 5), max_size=3), st.booleans())
-def test_trie_matches_brute_force(seqs, prefix, array):
-    trie = make_trie(seqs, array=array)
+@given(seqs_strategy, st.lists(st.integers(0, 5), max_size=3), BUILDS)
+def test_trie_matches_brute_force(seqs, prefix, build):
+    trie = make_trie(seqs, build=build)
     expected = {s[len(prefix)] for s in seqs if len(prefix) < 3 and list(s[: len(prefix)]) == prefix}
     assert set(trie.allowed(prefix)) == expected
     assert len(trie) == len(seqs)
@@ -35,10 +38,10 @@ def test_trie_matches_brute_force(seqs, prefix, array):
         assert trie.get(s) == i
 
 
-@given(seqs_strategy, st.data(), st.booleans())
-def test_trie_without_equals_rebuilt_trie(seqs, data, array):
+@given(seqs_strategy, st.data(), BUILDS)
+def test_trie_without_equals_rebuilt_trie(seqs, data, build):
     removed = data.draw(st.lists(st.sampled_from(seqs), unique=True))
-    full = make_trie(seqs, array=array)
+    full = make_trie(seqs, build=build)
     pruned = full.without([*removed, (9, 9, 9)])  # a sequence not in the trie is ignored
     kept = [s for s in seqs if s not in removed]
     rebuilt = Trie(kept, [seqs.index(s) for s in kept])
@@ -89,10 +92,10 @@ class TableModel:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seqs_strategy, st.integers(0, 10_000), st.integers(1, 50), st.booleans())
-def test_beam_search_exact_and_valid(seqs, seed, width, array):
+@given(seqs_strategy, st.integers(0, 10_000), st.integers(1, 50), BUILDS)
+def test_beam_search_exact_and_valid(seqs, seed, width, build):
     model = TableModel(6, seed)
-    trie = make_trie(seqs, [100 + i for i in range(len(seqs))], array=array)
+    trie = make_trie(seqs, [100 + i for i in range(len(seqs))], build=build)
     out = constrained_beam_search(model, [[1, 2], [3]], [trie, trie], beam_width=width)
     for prompt, ranked in zip([[1, 2], [3]], out, strict=True):
         assert len(ranked.items) == min(width, len(seqs))
@@ -113,9 +116,9 @@ def test_empty_trie_gives_empty_result():
     assert out[0].items == [] and out[1].items == [0]
 
 
-@given(seqs_strategy, st.booleans())
-def test_tree_layout_matches_the_trie(seqs, array):
-    trie = make_trie(seqs, [100 + i for i in range(len(seqs))], array=array)
+@given(seqs_strategy, BUILDS)
+def test_tree_layout_matches_the_trie(seqs, build):
+    trie = make_trie(seqs, [100 + i for i in range(len(seqs))], build=build)
     lay = layout(trie)
     assert lay is not None
     # each node's full prefix, rebuilt from parent pointers

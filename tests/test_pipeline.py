@@ -10,7 +10,7 @@ import torch
 
 from genrec.config import apply_overrides
 from genrec.evaluation import evaluate
-from genrec.recommender import Recommender, UnknownItems
+from genrec.recommender import RankRequest, Recommender, UnknownItems
 from genrec.training import train
 from tests.conftest import make_run
 
@@ -71,6 +71,22 @@ def test_recommendations_are_valid_catalogue_items(trained):
     # retriever mode: results are inside the retriever's candidate set
     cands = set(rec.retrieved(hist, n=30))
     assert {r.item for r in rec.rank_histories([hist], n_items=10, n_candidates=30)[0]} <= cands
+    # a batch's retriever-mode requests share one index search; each keeps its own n and exclusions
+    reqs = [
+        RankRequest(hist, mode="retriever", n_candidates=30),
+        RankRequest(hist[:2], mode="retriever", n_candidates=12, exclude=[hist[5]]),
+        RankRequest(hist, mode="all"),
+        RankRequest(hist[1:], mode="retriever", n_candidates=40),
+    ]
+    tries = rec.candidate_tries(reqs)
+    for r, trie in zip(reqs, tries, strict=True):
+        items = {item for _, item in trie}
+        if r.mode == "all":
+            assert items == set(range(len(rec.catalog))) - set(r.history)
+            continue
+        q = rec.retriever.history_query(r.history)[None]
+        expected, _ = rec.retriever.search(q, r.n_candidates, exclude=[sorted({*r.history, *r.exclude})])
+        assert items == {int(i) for i in expected[0] if i >= 0} and len(items) == r.n_candidates
     # histories given as ids, ID strings or titles resolve to the same rows
     refs = [rec.catalog.item_ids[hist[0]], rec.ids.item_string(hist[1]), rec.catalog.titles[hist[2]]]
     assert rec.resolve_items(refs) == hist[:3]

@@ -50,12 +50,25 @@ class Trie:
             self._len += _insert(self._root, seq, int(item))
 
     @classmethod
-    def from_array(cls, tokens: np.ndarray, items: Sequence[int] | np.ndarray) -> Trie:
-        """A trie over the rows of a (n, depth) token array; nodes are built on first use."""
+    def from_array(
+        cls, tokens: np.ndarray, items: Sequence[int] | np.ndarray, *, distinct: bool = False
+    ) -> Trie:
+        """A trie over the rows of a (n, depth) token array; nodes are built on first use.
+
+        `distinct=True` promises the rows are distinct already (e.g. distinct catalogue items) and
+        skips the check for repeated rows.
+        """
         tokens = np.asarray(tokens, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
+        if tokens.size == 0:
+            tokens = tokens.reshape(0, 0)
         if tokens.ndim != 2 or len(items) != len(tokens):
             raise ValueError("tokens must be (n, depth) with one item per row")
+        new = cls([])
+        if distinct:
+            new._root, new.array = None, (tokens, items)
+            new.depth, new._len = (int(tokens.shape[1]), len(tokens)) if len(tokens) else (0, 0)
+            return new
         _, first, inverse = np.unique(tokens, axis=0, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
         clash = np.flatnonzero(items != items[first][inverse])
@@ -65,7 +78,6 @@ class Trie:
                 f"items {int(items[first[inverse[r]]])} and {int(items[r])} share the sequence {tokens[r].tolist()}"
             )
         keep = np.sort(first)
-        new = cls([])
         new._root, new.array = None, (tokens[keep], items[keep])
         new.depth, new._len = (int(tokens.shape[1]), len(keep)) if len(keep) else (0, 0)
         return new
