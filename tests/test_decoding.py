@@ -239,3 +239,23 @@ def test_tree_scoring_of_one_token_ids(tiny_lm):
     (r,) = engine.rank([prompt], [Trie(seqs)], beam_width=3)
     exact = engine.score(prompt, seqs)
     assert r.scores == pytest.approx(sorted(exact, reverse=True)[:3], abs=1e-4)
+
+
+def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm):
+    """Rows are packed under the mask and logits budgets; one row per forward gives the same scores."""
+    from genrec.engines.hf import TreeScorer
+
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok)
+    seqs = code_sequences(tok)
+    texts = ["the cat", "next item recent items oldest first on the mat", "mat", "the mat"]
+    prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
+    lays = [layout(Trie(seqs[k : k + 30 + 9 * k])) for k in range(4)]
+    together = TreeScorer(model, pad_id=engine.pad_id).rank(prompts, lays, 5)
+    calls = []
+    apart = TreeScorer(model, pad_id=engine.pad_id, mask_budget=1)
+    run = apart._run
+    apart._run = lambda *a: calls.append(len(a[2])) or run(*a)
+    for a, b in zip(together, apart.rank(prompts, lays, 5), strict=True):
+        assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-4)
+    assert calls == [1, 1, 1, 1]

@@ -107,19 +107,18 @@ class TreeScorer:
 
     def rank(self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int) -> list[Ranked]:
         out: list[Ranked] = [Ranked([], []) for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + layouts[i].n_inputs)
+        size = [len(p) + lay.n_inputs for p, lay in zip(prompts, layouts, strict=True)]
         batch: list[int] = []
-        for i in order:
-            trial = [*batch, i]
-            width = max(len(prompts[j]) + layouts[j].n_inputs for j in trial)
-            kept = max(layouts[j].n_inputs for j in trial) + 1
+        kept = 0
+        for i in sorted(range(len(prompts)), key=size.__getitem__):  # the row joining is the widest so far
+            kept = max(kept, layouts[i].n_inputs + 1)
+            rows = len(batch) + 1
             if batch and (
-                len(trial) * width * width > self.mask_budget
-                or len(trial) * kept * self.vocab > self.logits_budget
+                rows * size[i] ** 2 > self.mask_budget or rows * kept * self.vocab > self.logits_budget
             ):
                 self._run(prompts, layouts, batch, k, out)
-                trial = [i]
-            batch = trial
+                batch, kept = [], layouts[i].n_inputs + 1
+            batch.append(i)
         if batch:
             self._run(prompts, layouts, batch, k, out)
         return out
