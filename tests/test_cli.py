@@ -83,3 +83,31 @@ def test_prepare_cli_on_synthetic(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "prepared" in result.output and (tmp_path / "r" / "config.yaml").is_file()
+
+
+def test_search_option_on_the_ranking_commands(trained_run):
+    """--search picks how the transformers engine ranks; a bad value or exact on vLLM names the fix."""
+    run, _, _ = trained_run
+    from genrec.recommender import Recommender
+
+    user = Recommender.load(run, device="cpu").data.users[0]
+    outs = []
+    for search in ("exact", "beam"):
+        result = runner.invoke(
+            app, ["recommend", "--run", str(run.path), "--user", user, "-n", "3", "--search", search]
+        )
+        assert result.exit_code == 0, result.output
+        outs.append(
+            [line.split()[1] for line in result.output.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
+        )
+    assert len(outs[0]) == 3 and len(set(outs[0])) == 3  # both ways list three distinct items
+    assert len(outs[1]) == 3 and len(set(outs[1])) == 3
+    bad = runner.invoke(app, ["recommend", "--run", str(run.path), "--user", user, "--search", "greedy"])
+    assert isinstance(bad.exception, GenrecError) and "search must be 'auto', 'beam' or 'exact'" in str(
+        bad.exception
+    )
+    args = ["generate", "--run", str(run.path), "-i", "x.jsonl", "-o", "y.jsonl", "--backend", "vllm"]
+    vllm = runner.invoke(app, [*args, "--search", "exact"])
+    assert isinstance(vllm.exception, GenrecError) and "use --backend hf" in str(vllm.exception)
+    for cmd in ("serve", "generate", "recommend"):
+        assert "--search" in runner.invoke(app, [cmd, "--help"]).output
