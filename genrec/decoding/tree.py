@@ -40,7 +40,7 @@ class TreeLayout:
     items: torch.Tensor
     """(N - first_leaf,) the item of each leaf, in node order."""
     level_starts: list[int]
-    """Where each depth's nodes start; level_starts[-1] is the first leaf, plus a final N."""
+    """level_starts[d]: the first node of depth d (level_starts[-2]: the first leaf); the last entry is N."""
 
     @property
     def tokens(self) -> torch.Tensor:
