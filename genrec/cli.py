@@ -347,6 +347,17 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Requests ranked together per engine batch.")] = 32,
     max_history: Annotated[int, typer.Option(help="Longest history accepted (items).")] = 512,
     timeout: Annotated[float, typer.Option(help="Seconds a request may wait before 503.")] = 60.0,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="Longest wait to fill an engine batch with more requests (ms).")
+    ] = 5.0,
+    adaptive_wait: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive-wait/--fixed-wait",
+            help="Wait only while requests arrive faster than --batch-wait-ms (a lone client never "
+            "waits), or always hold the window.",
+        ),
+    ] = True,
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     the template API (/v1/templates) and the template editor page (/editor)."""
@@ -366,6 +377,8 @@ def serve(
             max_batch=max_batch,
             max_history=max_history,
             timeout_s=timeout,
+            batch_wait_ms=batch_wait_ms,
+            adaptive_wait=adaptive_wait,
             search=search,
         )
     )

@@ -28,6 +28,8 @@ class ServeArgs:
     max_batch: int = 32
     max_history: int = 512
     timeout_s: float = 60.0
+    batch_wait_ms: float = 5.0
+    adaptive_wait: bool = True
 
 
 def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
@@ -44,6 +46,8 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         request_timeout_s=args.timeout_s,
+        batch_wait_ms=args.batch_wait_ms,
+        adaptive_wait=args.adaptive_wait,
     )
     service = RecService(rec, model_name=args.model_name or run.path.name, limits=limits)
     return create_app(

@@ -7,9 +7,11 @@ is driven by one worker task that batches concurrent requests into one constrain
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +43,10 @@ class ServeLimits:
     max_batch: int = 32
     """Requests ranked together in one beam search."""
     batch_wait_ms: float = 5.0
-    """How long the worker waits to fill a batch."""
+    """How long the worker may wait to fill a batch."""
+    adaptive_wait: bool = True
+    """Wait only while requests arrive less than batch_wait_ms apart (the median of the last 8 gaps): a
+    lone client's request starts at once, busy traffic still fills batches. False: always wait."""
     request_timeout_s: float = 60.0
     """A request still waiting after this gets 503."""
     concurrent_batches: int = 4
@@ -122,6 +127,9 @@ class RecService:
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0
+        self._last_arrival: float | None = None
+        self._gaps_ms: collections.deque[float] = collections.deque(maxlen=8)
+        """The last gaps between admitted requests."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -275,6 +283,7 @@ class RecService:
                 headers={"Retry-After": "1"},
             )
         fut: asyncio.Future[list[Recommendation]] = asyncio.get_running_loop().create_future()
+        self._note_arrival(time.monotonic())
         self._pending += 1
         self.metrics.queue_depth.set(self._pending)
         await self._queue.put(_Job(req, fut))
@@ -289,11 +298,25 @@ class RecService:
                 headers={"Retry-After": "5"},
             ) from None
 
+    def _note_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            self._gaps_ms.append(1000 * (now - self._last_arrival))
+        self._last_arrival = now
+
+    def _should_wait(self) -> bool:
+        """Hold a batch open for more requests? Adaptive: only while the median of the last gaps between
+        arrivals is under the window (a burst after a pause counts at once; one slow gap does not)."""
+        if not self.limits.adaptive_wait:
+            return True
+        return bool(self._gaps_ms) and statistics.median(self._gaps_ms) < self.limits.batch_wait_ms
+
     async def _work(self) -> None:
         assert self._queue is not None
         while True:
             jobs = [await self._queue.get()]
-            deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+            while len(jobs) < self.limits.max_batch and not self._queue.empty():  # whatever is queued now
+                jobs.append(self._queue.get_nowait())
+            deadline = time.monotonic() + (self.limits.batch_wait_ms / 1000 if self._should_wait() else 0)
             while len(jobs) < self.limits.max_batch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -300,7 +300,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(rec):
     import concurrent.futures
 
     # The worker holds a batch open for 1.5 s, so all 8 requests are queued when shutdown starts.
-    service = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=1500))
+    service = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=1500, adaptive_wait=False))
     stopped_engine_with_pending = []  # the engine stops only after the queue drained
     s = LiveServer(
         create_app(service, on_shutdown=lambda: stopped_engine_with_pending.append(service._pending))
@@ -319,3 +319,18 @@ def test_graceful_shutdown_finishes_in_flight_requests(rec):
     s.thread.join(timeout=60)
     assert codes == [200] * 8 and not s.thread.is_alive()
     assert stopped_engine_with_pending == [0]
+
+
+def test_batch_window_is_held_open_only_for_busy_traffic(rec):
+    """A lone client's request starts at once; requests arriving faster than the window wait to share
+    a batch; with adaptive_wait off the window is always held."""
+    service = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=5))
+    assert not service._should_wait()  # nothing seen yet
+    for k in range(5):
+        service._note_arrival(10.0 + 0.05 * k)  # one request every 50 ms: one client, one at a time
+    assert not service._should_wait()
+    for k in range(10):
+        service._note_arrival(11.0 + 0.001 * k)  # a burst, 1 ms apart
+    assert service._should_wait()
+    always = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=5, adaptive_wait=False))
+    assert always._should_wait()
