@@ -4,7 +4,8 @@
 #   mkdir -p runs/gpu && cp -r runs/demo/{config.yaml,catalog.parquet,interactions.parquet,\
 #     item_embeddings.npy,item_ids.json,codebooks.npz,run.json,merged} runs/gpu/
 # then, on the device: RUN=runs/gpu OUT=$OUT bash bench/gpu_suite.sh
-# 1. replaces runs/gpu/merged with a random-init Qwen2 of ~100M parameters (same tokenizer, bf16),
+# 1. replaces runs/gpu/merged with a random-init Qwen2 of 102.8M parameters (the issues ask for >= 100M;
+#    the earlier H100 runs used 8 layers, 91.5M), same tokenizer, bf16,
 # 2. engine throughput/latency: genrec constrained beam vs greedy vs vLLM beam_search (same width),
 #    through the offline vllm.LLM that `genrec generate --backend vllm` and `evaluate` use,
 # 3. the transformers engine on the same GPU: beam search over the full catalogue, then exact tree
@@ -18,7 +19,7 @@
 set -uo pipefail
 RUN=${RUN:-runs/gpu}
 OUT=${OUT:-/tmp/genrec-bench}
-MODEL=${MODEL:-1024,8,16,4,2816}
+MODEL=${MODEL:-1024,9,16,4,2816}
 USERS=${USERS:-2000}
 HF_USERS=${HF_USERS:-1000}
 REQUESTS=${REQUESTS:-300}
