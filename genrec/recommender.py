@@ -18,6 +18,7 @@ from genrec.config import RunConfig
 from genrec.data import Interactions
 from genrec.decoding import Trie
 from genrec.engines import Engine, HFEngine
+from genrec.engines.hf import SEARCHES
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds
 from genrec.modeling import load_trained
@@ -106,7 +107,7 @@ class Recommender:
         eval.search (auto | beam | exact; the vLLM engines only beam-search)."""
         cfg = run.load_config()
         search = search or cfg.eval.search
-        if search not in ("auto", "beam", "exact"):
+        if search not in SEARCHES:
             raise GenrecError(f"search must be 'auto', 'beam' or 'exact', got {search!r}")
         if search == "exact" and backend != "hf":
             raise GenrecError(

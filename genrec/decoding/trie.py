@@ -64,22 +64,21 @@ class Trie:
             tokens = tokens.reshape(0, 0)
         if tokens.ndim != 2 or len(items) != len(tokens):
             raise ValueError("tokens must be (n, depth) with one item per row")
+        if not distinct:  # drop repeated rows; one sequence may not lead to two items
+            _, first, inverse = np.unique(tokens, axis=0, return_index=True, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            clash = np.flatnonzero(items != items[first][inverse])
+            if len(clash):
+                r = int(clash[0])
+                raise ValueError(
+                    f"items {int(items[first[inverse[r]]])} and {int(items[r])} share the sequence "
+                    f"{tokens[r].tolist()}"
+                )
+            keep = np.sort(first)
+            tokens, items = tokens[keep], items[keep]
         new = cls([])
-        if distinct:
-            new._root, new.array = None, (tokens, items)
-            new.depth, new._len = (int(tokens.shape[1]), len(tokens)) if len(tokens) else (0, 0)
-            return new
-        _, first, inverse = np.unique(tokens, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        clash = np.flatnonzero(items != items[first][inverse])
-        if len(clash):
-            r = int(clash[0])
-            raise ValueError(
-                f"items {int(items[first[inverse[r]]])} and {int(items[r])} share the sequence {tokens[r].tolist()}"
-            )
-        keep = np.sort(first)
-        new._root, new.array = None, (tokens[keep], items[keep])
-        new.depth, new._len = (int(tokens.shape[1]), len(keep)) if len(keep) else (0, 0)
+        new._root, new.array = None, (tokens, items)
+        new.depth, new._len = (int(tokens.shape[1]), len(tokens)) if len(tokens) else (0, 0)
         return new
 
     @property
