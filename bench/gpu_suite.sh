@@ -15,7 +15,8 @@
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
 # Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, REQUESTS (per level), SOAK, PORT,
-# PARTS (a subset of "vllm hf hf-tree serve-vllm serve-hf"; all by default).
+# PARTS (a subset of "vllm hf hf-tree serve-vllm serve-hf"; all by default). All of it takes longer than one
+# 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
 RUN=${RUN:-runs/gpu}
 OUT=${OUT:-/tmp/genrec-bench}
