@@ -52,17 +52,26 @@ class TreeLayout:
         """Offset of each input node's position after the prompt's last one (its depth - 1)."""
         return self.depth[1 : 1 + self.n_inputs] - 1
 
+    def ancestor_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, key) input-node indices where node `query` may attend to node `key`: the node itself
+        and each of its ancestors below the root (at most ID length - 1 pairs per node)."""
+        node = torch.arange(1, 1 + self.n_inputs)
+        queries, keys = [], []
+        cur = node.clone()
+        while len(cur):
+            queries.append(node - 1)
+            keys.append(cur - 1)
+            up = self.parent[cur]
+            keep = up >= 1  # stop at the root: the prompt is attended to separately
+            node, cur = node[keep], up[keep]
+        if not queries:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(queries), torch.cat(keys)
+
     def ancestors(self) -> torch.Tensor:
         """(n_inputs, n_inputs) bool: input node i may attend to input node j (an ancestor, or itself)."""
-        n = self.n_inputs
-        anc = torch.zeros((n, n), dtype=torch.bool)
-        for d in range(2, len(self.level_starts) - 1):  # depth-1 nodes see only the prompt and themselves
-            lo, hi = self.level_starts[d], min(self.level_starts[d + 1], 1 + n)
-            if lo >= hi:
-                break
-            anc[lo - 1 : hi - 1] = anc[self.parent[lo:hi] - 1]
-            anc[torch.arange(lo - 1, hi - 1), self.parent[lo:hi] - 1] = True
-        anc[torch.arange(n), torch.arange(n)] = True
+        anc = torch.zeros((self.n_inputs, self.n_inputs), dtype=torch.bool)
+        anc[self.ancestor_pairs()] = True
         return anc
 
     def item_scores(self, edge_logp: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ class HFStepModel:
 class TreeScorer:
     """log P(item | prompt) for every item of each request's trie, one forward per batch of requests.
 
-    Each row is [left padding, prompt, tree tokens]; a 4-D additive mask lets the prompt attend
+    Each row is [left padding, prompt, tree tokens]; a 4-D mask lets the prompt attend
     causally and each tree token attend to the prompt, its ancestors and itself; position ids put
     a tree token where it would sit in its own sequence. Rows are packed by length so that a batch's
     mask stays under `mask_budget` elements and its kept logits under `logits_budget`.
@@ -123,6 +123,18 @@ class TreeScorer:
             self._run(prompts, layouts, batch, k, out)
         return out
 
+    def _tree_mask(self, width: int, prompt_at: torch.Tensor, tree_at: torch.Tensor) -> torch.Tensor:
+        """(rows, width, width) bool, built on the device: the prompt attends causally, tree tokens attend
+        to the whole prompt (their ancestors are added by the caller), padding attends to itself."""
+        at = torch.arange(width, device=self.device)
+        prompt = (at >= prompt_at[:, None]) & (at < tree_at[:, None])
+        tree, pad = at >= tree_at[:, None], at < prompt_at[:, None]
+        causal = at[None, :] <= at[:, None]
+        allow = prompt[:, :, None] & prompt[:, None, :] & causal
+        allow |= tree[:, :, None] & prompt[:, None, :]
+        allow |= pad[:, :, None] & torch.eye(width, dtype=torch.bool, device=self.device)  # no empty rows
+        return allow
+
     @torch.inference_mode()
     def _run(
         self,
@@ -136,22 +148,29 @@ class TreeScorer:
         kept = max(layouts[r].n_inputs for r in rows) + 1
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
-        allow = torch.zeros((len(rows), width, width), dtype=torch.bool)
+        prompt_at = torch.zeros(len(rows), dtype=torch.long)  # where each row's prompt starts
+        tree_at = torch.zeros(len(rows), dtype=torch.long)  # and its tree tokens
+        pairs_b, pairs_q, pairs_k = [], [], []
         for b, r in enumerate(rows):
-            p, lay = list(prompts[r]), layouts[r]
+            p, lay = prompts[r], layouts[r]
             n, t = len(p), lay.n_inputs
             o = width - n - t
-            ids[b, o : o + n] = torch.tensor(p, dtype=torch.long)
+            prompt_at[b], tree_at[b] = o, o + n
+            ids[b, o : o + n] = torch.tensor(list(p), dtype=torch.long)
             ids[b, o + n :] = lay.tokens
             pos[b, o : o + n] = torch.arange(n)
             pos[b, o + n :] = n + lay.positions
-            allow[b, o : o + n, o : o + n] = torch.ones((n, n), dtype=torch.bool).tril()
-            allow[b, o + n :, o : o + n] = True
-            allow[b, o + n :, o + n :] = lay.ancestors()
-            allow[b, torch.arange(o), torch.arange(o)] = True  # padding sees itself: no empty softmax rows
-        allow = allow.to(self.device)  # moved as bools; the additive mask is made on the device
-        mask = torch.zeros(allow.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allow, torch.finfo(self.dtype).min)
+            query, key = lay.ancestor_pairs()
+            pairs_b.append(torch.full((len(query),), b))
+            pairs_q.append(query + o + n)
+            pairs_k.append(key + o + n)
+        allow = self._tree_mask(width, prompt_at.to(self.device), tree_at.to(self.device))
+        pairs = [torch.cat(x).to(self.device) for x in (pairs_b, pairs_q, pairs_k)]
+        allow[pairs[0], pairs[1], pairs[2]] = True  # tree tokens see themselves and their ancestors
+        mask = allow  # sdpa takes a boolean mask (True: attend), as transformers' own sdpa masks are
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":  # eager adds it to the scores
+            mask = torch.zeros(allow.shape, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(~allow, torch.finfo(self.dtype).min)
         logits = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask[:, None],
