@@ -1,8 +1,12 @@
-"""Engine throughput and latency: genrec constrained beam search vs unconstrained greedy decoding of
-the same number of tokens vs vLLM's built-in beam search at the same width, same model, same prompts.
+"""Engine throughput and latency: genrec's constrained ranking (beam search, or exact tree scoring on
+the transformers engine) vs unconstrained greedy decoding of the same number of tokens vs vLLM's
+built-in beam search at the same width, same model, same prompts. Greedy is timed on prompts already
+tokenized (`greedy_users_per_s`) and with rendering and tokenizing them, as a batch job must
+(`greedy_with_prompts_users_per_s`); genrec's figure always includes that work and retrieval.
 
     python -m bench.engine_throughput --run runs/demo --engine vllm --users 2000 --beam 10
-    python -m bench.engine_throughput --run runs/demo --engine vllm --build-model 1024,8,16,4,2816 ...
+    python -m bench.engine_throughput --run runs/demo --engine vllm --build-model 1024,9,16,4,2816 ...
+    python -m bench.engine_throughput --run runs/demo --engine hf --candidates retriever --search exact
 
 --build-model H,L,heads,kv_heads,mlp builds a random-init Qwen2 of that size with the run's tokenizer
 (for speed only: a >= 100M-parameter model without training it). Prints and saves JSON.
@@ -137,6 +141,14 @@ def main() -> None:
         ]
     )
     results["greedy_users_per_s"] = round(args.users / secs_g, 1)
+
+    def greedy_with_prompts() -> None:  # the same job end to end: render and tokenize the prompts too
+        for s in range(0, len(reqs), args.batch):
+            batch = reqs[s : s + args.batch]
+            ids = [engine.encode_messages(rec.builder.messages(r.history, r.user)) for r in batch]
+            engine.greedy(ids, max_tokens=depth)
+
+    results["greedy_with_prompts_users_per_s"] = round(args.users / timed(greedy_with_prompts), 1)
     results["constrained_vs_greedy_throughput"] = round(
         results["constrained_users_per_s"] / results["greedy_users_per_s"], 3
     )

@@ -107,6 +107,7 @@ def test_engine_throughput_runs_the_tree_path_and_greedy_reference(trained_run, 
     et.main()
     res = json.loads(out.read_text())
     assert res["search"] == "exact" and res["constrained_users_per_s"] > 0 and res["greedy_users_per_s"] > 0
+    assert res["greedy_with_prompts_users_per_s"] > 0
     assert res["latency_ratio_p50"] > 0
 
     engine = Recommender.load(run, device="cpu").engine
