@@ -108,7 +108,7 @@ class Recommender:
         cfg = run.load_config()
         search = search or cfg.eval.search
         if search not in SEARCHES:
-            raise GenrecError(f"search must be 'auto', 'beam' or 'exact', got {search!r}")
+            raise GenrecError(f"--search / eval.search must be one of {', '.join(SEARCHES)}; got {search!r}")
         if search == "exact" and backend != "hf":
             raise GenrecError(
                 "exact tree scoring runs on the transformers engine: use --backend hf (or --search beam)"
@@ -196,21 +196,23 @@ class Recommender:
 
     def candidate_tries(self, requests: Sequence[RankRequest]) -> list[Trie]:
         """`candidate_trie` for a batch: the retriever-mode requests share one index search."""
-        out: list[Trie | None] = [None] * len(requests)
-        for k, r in enumerate(requests):
+        retrieve = [r for r in requests if r.mode != "all"]
+        found = iter(
+            self.retrieved_many(
+                [r.history for r in retrieve],
+                n=[r.n_candidates for r in retrieve],
+                exclude=[r.exclude for r in retrieve],
+            )
+        )
+        out = []
+        for r in requests:
             if r.mode == "all":  # shares every untouched subtree with the catalogue trie
                 banned = sorted(set(r.history) | set(r.exclude))
-                out[k] = self._all.without(self.item_tokens[banned].tolist())
-        ret = [k for k, t in enumerate(out) if t is None]
-        found = self.retrieved_many(
-            [requests[k].history for k in ret],
-            n=[requests[k].n_candidates for k in ret],
-            exclude=[requests[k].exclude for k in ret],
-        )
-        for k, cands in zip(ret, found, strict=True):
-            # catalogue items have distinct ID sequences (checked when the catalogue trie was built)
-            out[k] = Trie.from_array(self.item_tokens[cands], cands, distinct=True)
-        return [t for t in out if t is not None]
+                out.append(self._all.without(self.item_tokens[banned].tolist()))
+            else:  # catalogue items have distinct ID sequences (checked when the catalogue trie was built)
+                cands = next(found)
+                out.append(Trie.from_array(self.item_tokens[cands], cands, distinct=True))
+        return out
 
     # -- ranking ---------------------------------------------------------------------------------
     @property

@@ -1,7 +1,8 @@
 """The recommendation service behind the HTTP API: input parsing, micro-batching, limits, metrics.
 
 Knows nothing of HTTP: it raises APIError values that the app maps to status codes. The engine
-is driven by one worker task that batches concurrent requests into one constrained beam search.
+is driven by one worker task that batches concurrent requests into one ranking call (several tasks
+when the engine batches concurrent calls itself, as AsyncLLM does).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ServeLimits:
     max_queue: int = 256
     """Requests waiting for the engine before new ones get 429."""
     max_batch: int = 32
-    """Requests ranked together in one beam search."""
+    """Requests ranked together in one engine call."""
     batch_wait_ms: float = 5.0
     """How long the worker may wait to fill a batch."""
     adaptive_wait: bool = True
@@ -304,8 +305,9 @@ class RecService:
         self._last_arrival = now
 
     def _should_wait(self) -> bool:
-        """Hold a batch open for more requests? Adaptive: only while the median of the last gaps between
-        arrivals is under the window (a burst after a pause counts at once; one slow gap does not)."""
+        """Hold a batch open for more requests? Adaptive: only while the median of the last 8 gaps between
+        arrivals is under the window (a burst after a pause counts after a few arrivals; one slow gap
+        in a busy stream does not stop the waiting)."""
         if not self.limits.adaptive_wait:
             return True
         return bool(self._gaps_ms) and statistics.median(self._gaps_ms) < self.limits.batch_wait_ms

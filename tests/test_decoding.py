@@ -132,10 +132,10 @@ def test_tree_layout_matches_the_trie(seqs, build):
     assert set(internal) == {s[:k] for s in seqs for k in (1, 2)}
     leaves = prefix[1 + lay.n_inputs :]
     assert [trie.get(p) for p in leaves] == lay.items.tolist() and len(leaves) == len(seqs)
-    anc = lay.ancestors()
+    pairs = set(zip(*(x.tolist() for x in lay.ancestor_pairs()), strict=True))
     for i, pi in enumerate(internal):
         for j, pj in enumerate(internal):
-            assert bool(anc[i, j]) == (pi[: len(pj)] == pj)  # j is a prefix of i (or i itself)
+            assert ((i, j) in pairs) == (pi[: len(pj)] == pj)  # j is a prefix of i (or i itself)
     assert lay.positions.tolist() == [len(p) - 1 for p in internal]
     # item scores: sums of edge log-probs along each path
     edge = torch.randn(len(lay.token))

@@ -68,12 +68,6 @@ class TreeLayout:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return torch.cat(queries), torch.cat(keys)
 
-    def ancestors(self) -> torch.Tensor:
-        """(n_inputs, n_inputs) bool: input node i may attend to input node j (an ancestor, or itself)."""
-        anc = torch.zeros((self.n_inputs, self.n_inputs), dtype=torch.bool)
-        anc[self.ancestor_pairs()] = True
-        return anc
-
     def item_scores(self, edge_logp: torch.Tensor) -> torch.Tensor:
         """log P(item | prompt) per leaf from edge_logp[i] = log P(token of node i | its parent's prefix)."""
         score = torch.zeros(len(self.token), dtype=torch.float64)
