@@ -100,6 +100,15 @@ class ModelConfig:
     """`tiny` only: context length."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Load dtype for pretrained bases (`auto`: bf16 on GPU, fp32 on CPU)."""
+    id_init: Literal["items", "default"] = "items"
+    """How the ID tokens' embedding rows start. `items`: from the run's item embeddings (text or
+    collaborative), projected to the model width (PCA), so similar items start close: an atomic token
+    gets its item's vector, a semantic token its residual k-means centroid (an item's tokens then sum
+    to its vector); collision tokens keep the default. `default`: the base's own init (random rows
+    for `tiny`, the mean row for pretrained bases)."""
+    id_init_scale: float = 3.0
+    """`items` only: spread of those rows as a multiple of the base's (tiny: initializer_range; pretrained:
+    the std of its existing embedding rows)."""
 
 
 @dataclass
@@ -336,6 +345,7 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
         cfg.model.num_heads % cfg.model.num_kv_heads == 0,
         "model.num_heads must be divisible by model.num_kv_heads",
     )
+    need(cfg.model.id_init_scale > 0, "model.id_init_scale must be positive")
     need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
     need(

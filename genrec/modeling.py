@@ -12,9 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from genrec.config import ModelConfig
+from genrec.ids import ItemIds
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,64 @@ def add_id_tokens(tokenizer: Any, tokens: list[str]) -> int:
     return added
 
 
+def id_token_vectors(ids: ItemIds, item_vectors: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """What each ID token stands for in item-embedding space, projected to `width` dimensions.
+
+    The projection is the PCA of the item vectors (zero-padded when `width` exceeds their rank).
+    Atomic IDs: a token is its item's vector. Semantic IDs: a token is the residual k-means centroid
+    of its code (level 0 centred on the mean item), so an item's tokens sum to about its vector;
+    collision tokens carry no meaning and are left out.
+    """
+    x = np.asarray(item_vectors, dtype=np.float64)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    basis = np.zeros((x.shape[1], width))
+    k = min(width, vt.shape[0])
+    basis[:, :k] = vt[:k].T
+
+    def project(v: np.ndarray) -> np.ndarray:
+        return np.asarray(v @ basis, dtype=np.float32)
+
+    if ids.scheme == "atomic":
+        rows = project(x - mean)
+        return {ids.token(0, int(c)): rows[i] for i, c in enumerate(ids.codes[:, 0])}
+    out: dict[str, np.ndarray] = {}
+    for level, book in enumerate(ids.codebooks):
+        centred = np.asarray(book, dtype=np.float64) - (mean if level == 0 else 0.0)
+        for code, row in enumerate(project(centred)):
+            out[ids.token(level, code)] = row
+    return out
+
+
+def init_id_embeddings(
+    model: Any, tokenizer: Any, vectors: dict[str, np.ndarray], *, scale: float, pretrained: bool
+) -> int:
+    """Set ID-token embedding rows from `vectors` (see id_token_vectors); returns how many were set.
+
+    The vectors are rescaled together to `scale` times the base's spread (tiny: initializer_range;
+    pretrained: the std of its own rows) and centred on zero (tiny) or on the mean row a pretrained
+    base's resize gave them. Untied output embeddings get the same rows.
+    """
+    names = sorted(vectors)
+    token_ids = tokenizer.convert_tokens_to_ids(names)
+    mat = torch.from_numpy(np.stack([vectors[n] for n in names]))
+    mat = mat / mat.std().clamp(min=1e-12)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        new = torch.zeros(emb.shape[0], dtype=torch.bool)
+        new[token_ids] = True
+        if pretrained:
+            spread, centre = emb[~new].float().std(), emb[new].float().mean(0)
+        else:
+            spread, centre = torch.tensor(float(model.config.initializer_range)), torch.zeros(emb.shape[1])
+        rows = (centre + mat * spread * scale).to(emb.dtype)
+        emb[token_ids] = rows
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[token_ids] = rows.to(out.weight.dtype)
+    return len(names)
+
+
 def build_tiny(cfg: ModelConfig, tokenizer: Any) -> Any:
     """A randomly initialised Qwen2 sized by `cfg`, with tied input/output embeddings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -88,8 +148,9 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_pretrained(cfg: ModelConfig, id_tokens: list[str]) -> tuple[Any, Any]:
-    """A Hugging Face causal LM (local path or hub name) with the ID tokens added and rows resized.
+def load_pretrained(cfg: ModelConfig, id_tokens: list[str]) -> tuple[Any, Any, list[str]]:
+    """A Hugging Face causal LM (local path or hub name) with the ID tokens added and rows resized,
+    and the ID tokens that were new to it (a base trained by genrec already has its own).
 
     New rows start at the mean of the existing embeddings (transformers' default on resize).
     """
@@ -101,10 +162,11 @@ def load_pretrained(cfg: ModelConfig, id_tokens: list[str]) -> tuple[Any, Any]:
     if not getattr(tokenizer, "chat_template", None):
         logger.info("%s has no chat template; using ChatML", cfg.base)
         tokenizer.chat_template = CHATML_TEMPLATE
+    known = set(tokenizer.get_vocab())
     add_id_tokens(tokenizer, id_tokens)
     model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=resolve_dtype(cfg.dtype))
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return model, tokenizer
+    return model, tokenizer, [t for t in id_tokens if t not in known]
 
 
 def load_trained(folder: str | Path, *, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:

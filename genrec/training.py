@@ -12,12 +12,20 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from genrec.config import RunConfig
 from genrec.data import Interactions, leave_one_out, train_examples
 from genrec.ids import ItemIds
-from genrec.modeling import add_id_tokens, build_tiny, load_pretrained, train_tokenizer
+from genrec.modeling import (
+    add_id_tokens,
+    build_tiny,
+    id_token_vectors,
+    init_id_embeddings,
+    load_pretrained,
+    train_tokenizer,
+)
 from genrec.prompt_store import TemplateStore
 from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
@@ -57,16 +65,43 @@ def prepare_model(run: RunDir, cfg: RunConfig, builder: PromptBuilder, data: Int
 
     id_tokens = builder.ids.vocabulary()
     if cfg.model.base != "tiny":
-        return load_pretrained(cfg.model, id_tokens)
+        model, tokenizer, new_tokens = load_pretrained(cfg.model, id_tokens)
+        init_ids_from_items(run, cfg, builder.ids, model, tokenizer, only=set(new_tokens))
+        return model, tokenizer
     if (run.base_dir / "config.json").is_file():  # resume: the same tokenizer and initial weights
         return AutoModelForCausalLM.from_pretrained(run.base_dir), AutoTokenizer.from_pretrained(run.base_dir)
     tokenizer = train_tokenizer(tokenizer_corpus(builder, data), vocab_size=cfg.model.vocab_size)
     add_id_tokens(tokenizer, id_tokens)
     model = build_tiny(cfg.model, tokenizer)
+    init_ids_from_items(run, cfg, builder.ids, model, tokenizer)
     model.save_pretrained(run.base_dir)
     tokenizer.save_pretrained(run.base_dir)
     # Reload so the model's name_or_path is base/: what a LoRA adapter records as its base.
     return AutoModelForCausalLM.from_pretrained(run.base_dir.resolve()), tokenizer
+
+
+def init_ids_from_items(
+    run: RunDir, cfg: RunConfig, ids: ItemIds, model: Any, tokenizer: Any, *, only: set[str] | None = None
+) -> None:
+    """model.id_init=items: start the ID-token rows from the run's item embeddings.
+
+    `only`: a pretrained base's new tokens (rows it already had, e.g. from an earlier genrec run, are
+    kept); None: a tiny base built just now.
+    """
+    if cfg.model.id_init != "items":
+        return
+    item_vectors = np.load(run.require(run.embeddings_file, "run `genrec build-ids --run DIR` first"))
+    width = model.get_input_embeddings().weight.shape[1]
+    vectors = id_token_vectors(ids, item_vectors, width)
+    if only is not None:
+        vectors = {t: v for t, v in vectors.items() if t in only}
+    if not vectors:
+        logger.info("ID tokens: the base already has all of them; their rows are kept")
+        return
+    n = init_id_embeddings(
+        model, tokenizer, vectors, scale=cfg.model.id_init_scale, pretrained=only is not None
+    )
+    logger.info("ID tokens: %d of %d rows start from the item embeddings", n, len(ids.vocabulary()))
 
 
 def use_lora(cfg: RunConfig) -> bool:
