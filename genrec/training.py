@@ -207,7 +207,11 @@ def early_stopping_summary(stopper: Any, state: Any) -> dict[str, Any]:
     return {
         "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
         "best_eval_loss": state.best_metric,
-        "stopped_early": bool(stopper.early_stopping_patience_counter >= stopper.early_stopping_patience),
+        # Patience can run out on the very last step; that is not stopping early.
+        "stopped_early": bool(
+            stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+            and state.global_step < state.max_steps
+        ),
     }
 
 

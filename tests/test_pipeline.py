@@ -143,6 +143,26 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert summary2["steps"] == 10 and summary2["stopped_early"] is False and summary2["best_step"] == 10
 
 
+def test_patience_running_out_on_the_last_step_is_not_stopping_early():
+    from types import SimpleNamespace
+
+    from genrec.training import early_stopping_summary
+
+    stopper = SimpleNamespace(early_stopping_patience=2, early_stopping_patience_counter=2)
+
+    def state(step):
+        return SimpleNamespace(
+            best_model_checkpoint="ckpt/checkpoint-510", best_metric=2.2, global_step=step, max_steps=680
+        )
+
+    assert early_stopping_summary(stopper, state(680))["stopped_early"] is False
+    assert early_stopping_summary(stopper, state(595)) == {
+        "best_step": 510,
+        "best_eval_loss": 2.2,
+        "stopped_early": True,
+    }
+
+
 @pytest.mark.slow
 def test_lora_merge_reproduces_adapter_logits(tmp_path):
     from peft import AutoPeftModelForCausalLM
