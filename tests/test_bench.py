@@ -123,3 +123,23 @@ def test_engine_throughput_runs_the_tree_path_and_greedy_reference(trained_run, 
             logits[engine.tokenizer.eos_token_id] = -float("inf")
             ids.append(int(logits.argmax()))
         assert got == ids[len(p) :]
+
+
+def test_id_init_probe_layouts_and_a_short_run(tmp_path):
+    """The probe's prompt layouts (what its figures rest on), then one epoch end to end on a generated run."""
+    import argparse
+
+    import bench.id_init_probe as probe
+    from tests.conftest import make_run
+
+    fmt = argparse.Namespace(fmt=True, suffix=3, hist_loss=True, all_pos=False, maxlen=20)
+    toks, at = probe.prompt([100, 101], fmt)
+    assert toks == [*probe.PREFIX, 100, probe.SEP, 101, probe.SEP, 15, 16, 17] and at == [12, 14]
+    rows = probe.training_rows([[0, 1, 2, 3, 4]], fmt)  # the last two items are validation and test
+    assert rows == [([*probe.PREFIX, 40, probe.SEP, 41, probe.SEP, 15, 16, 17, 42], [14, 19])]
+    plain = argparse.Namespace(fmt=False, hist_loss=False, all_pos=False, maxlen=20)
+    assert probe.training_rows([[0, 1, 2, 3, 4]], plain) == [([1, 40, 41], [2]), ([1, 40, 41, 42], [3])]
+
+    run, _ = make_run(tmp_path, "probe", ["ids.scheme=atomic"])
+    out = probe.main(["--run", str(run.path), "--fmt", "--content-init", "--epochs", "1", "--hidden", "32"])
+    assert out["best"]["epoch"] == 1 and 0.0 <= out["best"]["test_recall10"] <= 1.0
