@@ -141,6 +141,7 @@ def rank_metrics(model: Any, seqs: list[list[int]], split: str, a: argparse.Name
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse(argv)
+    np.random.seed(0)  # batch order; the model is seeded in build_model
     data = pd.read_parquet(f"{a.run}/interactions.parquet")
     catalog = pd.read_parquet(f"{a.run}/catalog.parquet")
     index = {x: i for i, x in enumerate(catalog.item_id)}
