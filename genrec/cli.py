@@ -196,18 +196,24 @@ def recommend(
 @app.command()
 def evaluate(
     run: RunOpt,
-    split: Annotated[str, typer.Option(help="`test` (last item) or `valid` (second-last).")] = "test",
+    split: Annotated[
+        str | None,
+        typer.Option(help="`test` (last item) or `valid` (second-last); default test, or -s eval.split=..."),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Full-ranking leave-one-out evaluation vs popularity; writes eval_<split>.json, report_<split>.md, plots."""
     from genrec.evaluation import evaluate as do_eval
 
     rd = RunDir(run)
+    # The split is this command's choice, never a leftover of an earlier run's saved config.
+    given = [s.split("=", 1)[1] for s in set_ or [] if s.replace(" ", "").startswith("eval.split=")]
+    split = split or (given[-1].strip() if given else "test")
     cfg = _config(rd, None, [*(set_ or []), f"eval.split={split}"])
     rd.save_config(cfg)
     report = do_eval(rd, cfg)
     _print_report(report)
-    typer.echo(f"report: {rd / ('report_' + split + '.md')}")
+    typer.echo(f"report: {rd / ('report_' + cfg.eval.split + '.md')}")
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -215,6 +215,26 @@ def test_recommend_cli_answers_for_a_history(trained):
     assert "unknown item(s): 'nope'" in str(result.exception)
 
 
+def test_evaluate_cli_split_comes_from_the_command_not_a_saved_config(trained, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from genrec.cli import app
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained[0].path, run)
+    base = ["evaluate", "--run", str(run), "-s", "eval.baselines=[]", "-s", "eval.max_users=10"]
+    result = CliRunner().invoke(app, [*base, "-s", "eval.split=valid"])
+    assert result.exit_code == 0, result.output
+    assert "valid split" in result.output and (run / "eval_valid.json").is_file()
+    result = CliRunner().invoke(app, base)  # the saved config now says valid; the default is still test
+    assert result.exit_code == 0, result.output
+    assert (
+        "test split" in result.output and json.loads((run / "eval_test.json").read_text())["split"] == "test"
+    )
+
+
 @pytest.mark.parametrize("search", ["beam", "exact"])
 def test_run_config_chooses_how_the_transformers_engine_ranks(trained, monkeypatch, search):
     """eval.search reaches the engine every command loads; both ways return valid, distinct candidates."""
