@@ -23,7 +23,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def recs(trained_run):
     run = trained_run[0]
-    hf = Recommender.load(run, device="cpu")
+    hf = Recommender.load(run, device="cpu", search="beam")  # the same search on both engines
     engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512)
     vl = Recommender(run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
     return hf, vl
@@ -41,6 +41,11 @@ def test_vllm_matches_transformers(recs):
             assert {r.item for r in x[:7]} <= {r.item for r in y} or all(
                 abs(p.score - q.score) < 2e-3 for p, q in zip(x, y, strict=True)
             )
+    # Exact tree scoring can only find better items than any beam search: rank by rank, its scores are higher.
+    exact = Recommender.load(hf.run, device="cpu", search="exact")
+    b = vl.rank_histories(histories, n_items=8, beam_width=8, mode="all")
+    for x, y in zip(exact.rank_histories(histories, n_items=8, mode="all"), b, strict=True):
+        assert all(p.score >= q.score - 2e-3 for p, q in zip(x, y, strict=True))
 
 
 def test_vllm_rows_wider_than_128_tokens_are_split(recs):
