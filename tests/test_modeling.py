@@ -102,7 +102,7 @@ def test_a_pretrained_base_gets_item_rows_only_for_id_tokens_new_to_it(tmp_path)
     from genrec.training import prepare_model, prompt_builder
     from tests.conftest import make_run
 
-    run, cfg = make_run(tmp_path, "pre")
+    run, cfg = make_run(tmp_path, "pre", ["model.id_init=items"])
     data, ids = run.load_data(), run.load_ids()
     tok = train_tokenizer(["recent items", "next item please"] * 10, vocab_size=280)
     mcfg = ModelConfig(hidden_size=WIDTH, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
@@ -110,8 +110,8 @@ def test_a_pretrained_base_gets_item_rows_only_for_id_tokens_new_to_it(tmp_path)
     tok.save_pretrained(tmp_path / "plain")
     level0 = [ids.token(0, c) for c in range(ids.level_sizes[0])]
 
-    def level0_rows(base):
-        c = apply_overrides(cfg, [f"model.base={base}", "model.dtype=float32"])
+    def level0_rows(base, *extra):
+        c = apply_overrides(cfg, [f"model.base={base}", "model.dtype=float32", *extra])
         model, tokenizer = prepare_model(run, c, prompt_builder(run, c, data, ids), data)
         return (
             model,
@@ -119,6 +119,10 @@ def test_a_pretrained_base_gets_item_rows_only_for_id_tokens_new_to_it(tmp_path)
             model.get_input_embeddings().weight.detach()[tokenizer.convert_tokens_to_ids(level0)],
         )
 
+    _, _, mean_rows = level0_rows(tmp_path / "plain", "model.id_init=default")
+    torch.testing.assert_close(
+        mean_rows, mean_rows[:1].expand_as(mean_rows)
+    )  # the base's own init: the mean row
     model, tokenizer, rows = level0_rows(tmp_path / "plain")
     assert cosine(rows)[~torch.eye(len(level0), dtype=torch.bool)].max() < 0.999  # not all the mean row
     with torch.no_grad():  # an earlier run trained them: mark its rows so re-initialising would show
