@@ -68,10 +68,12 @@ def id_token_vectors(ids: ItemIds, item_vectors: np.ndarray, width: int) -> dict
     """
     x = np.asarray(item_vectors, dtype=np.float64)
     mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    # Principal axes from the d x d covariance (memory O(d^2), not O(n d) as an SVD of the items would take).
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False) if len(x) > 1 else np.eye(x.shape[1]))
+    axes = vectors[:, np.argsort(values)[::-1]]
     basis = np.zeros((x.shape[1], width))
-    k = min(width, vt.shape[0])
-    basis[:, :k] = vt[:k].T
+    k = min(width, axes.shape[1])
+    basis[:, :k] = axes[:, :k]
 
     def project(v: np.ndarray) -> np.ndarray:
         return np.asarray(v @ basis, dtype=np.float32)
