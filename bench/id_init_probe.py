@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 PAD, START, SEP = 0, 1, 14
 PREFIX = list(range(2, 14))  # system prompt + "History:"
@@ -124,7 +125,7 @@ def rank_metrics(model: Any, seqs: list[list[int]], split: str, a: argparse.Name
     hits = ndcg = 0.0
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(users), 256):
+        for i in tqdm(range(0, len(users), 256), desc=f"ranking {split}", unit="batch", leave=False):
             chunk = users[i : i + 256]
             prompts = [prompt([x + OFFSET for x in h[-a.maxlen :]], a)[0] for h, _ in chunk]
             ids, att, pos, _ = batch_of([(p, []) for p in prompts])
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     for epoch in range(1, a.epochs + 1):
         losses = []
-        for i in np.array_split(np.random.permutation(len(rows)), math.ceil(len(rows) / a.batch)):
+        batches = np.array_split(np.random.permutation(len(rows)), math.ceil(len(rows) / a.batch))
+        for i in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False):
             ids, att, pos, labels = batch_of([rows[j] for j in i])
             loss = model(input_ids=ids, attention_mask=att, position_ids=pos, labels=labels).loss
             opt.zero_grad()
