@@ -21,12 +21,16 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
+
+from genrec.data import Interactions, leave_one_out
+from genrec.evaluation import user_metrics
+from genrec.run import RunDir
 
 PAD, START, SEP = 0, 1, 14
 PREFIX = list(range(2, 14))  # system prompt + "History:"
@@ -118,38 +122,36 @@ def batch_of(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...
     return ids, att, (att.cumsum(1) - 1).clamp(min=0), labels
 
 
-def rank_metrics(model: Any, seqs: list[list[int]], split: str, a: argparse.Namespace) -> tuple[float, float]:
-    """Recall@10 and NDCG@10, full ranking minus the user's earlier items."""
-    cut = 2 if split == "valid" else 1
-    users = [(s[:-cut], s[-cut]) for s in seqs]
-    hits = ndcg = 0.0
+def rank_metrics(model: Any, data: Interactions, split: str, a: argparse.Namespace) -> tuple[float, float]:
+    """Recall@10 and NDCG@10 over genrec's own split and metrics: full ranking minus the user's items."""
+    examples = leave_one_out(data, split)
+    totals = {"recall@10": 0.0, "ndcg@10": 0.0}
     model.eval()
     with torch.no_grad():
-        for i in tqdm(range(0, len(users), 256), desc=f"ranking {split}", unit="batch", leave=False):
-            chunk = users[i : i + 256]
-            prompts = [prompt([x + OFFSET for x in h[-a.maxlen :]], a)[0] for h, _ in chunk]
+        for i in tqdm(range(0, len(examples), 256), desc=f"ranking {split}", unit="batch", leave=False):
+            chunk = examples[i : i + 256]
+            prompts = [prompt([x + OFFSET for x in ex.history[-a.maxlen :]], a)[0] for ex in chunk]
             ids, att, pos, _ = batch_of([(p, []) for p in prompts])
             logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -1, OFFSET:]
-            for k, (hist, target) in enumerate(chunk):
+            for k, ex in enumerate(chunk):
                 scores = logits[k].clone()
-                scores[list(set(hist))] = -1e9
-                rank = int((scores > scores[target]).sum())
-                if rank < 10:
-                    hits, ndcg = hits + 1, ndcg + 1 / math.log2(rank + 2)
+                scores[list(ex.history)] = -torch.inf
+                ranked = scores.topk(10).indices.tolist()
+                for name, value in user_metrics(ranked, ex.target, [10]).items():
+                    if name in totals:
+                        totals[name] += value
     model.train()
-    return hits / len(users), ndcg / len(users)
+    return totals["recall@10"] / len(examples), totals["ndcg@10"] / len(examples)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse(argv)
     np.random.seed(0)  # batch order; the model is seeded in build_model
-    data = pd.read_parquet(f"{a.run}/interactions.parquet")
-    catalog = pd.read_parquet(f"{a.run}/catalog.parquet")
-    index = {x: i for i, x in enumerate(catalog.item_id)}
-    seqs = [[index[x] for x in items] for items in data["items"]]
+    data = RunDir(Path(a.run)).load_data()
+    seqs = [list(s) for s in data.sequences]
     rows = training_rows(seqs, a)
     print(f"{len(rows)} rows, {sum(len(r[1]) for r in rows)} loss positions", flush=True)
-    model = build_model(a, len(index), a.run)
+    model = build_model(a, len(data.catalog), a.run)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     total = math.ceil(len(rows) / a.batch) * a.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -170,10 +172,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             opt.step()
             sched.step()
             losses.append(loss.item())
-        r, n = rank_metrics(model, seqs, "valid", a)
+        r, n = rank_metrics(model, data, "valid", a)
         print(f"epoch {epoch}: loss {np.mean(losses):.3f}, valid R@10 {r:.4f} N@10 {n:.4f}", flush=True)
         if n > best["valid_ndcg10"]:
-            test = rank_metrics(model, seqs, "test", a)
+            test = rank_metrics(model, data, "test", a)
             best = {"epoch": epoch, "valid_ndcg10": n, "test_recall10": test[0], "test_ndcg10": test[1]}
     result = {"args": vars(a), "best": best, "seconds": round(time.time() - started, 1)}
     print(json.dumps(result))

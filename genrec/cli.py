@@ -206,10 +206,9 @@ def evaluate(
     from genrec.evaluation import evaluate as do_eval
 
     rd = RunDir(run)
-    # The split is this command's choice, never a leftover of an earlier run's saved config.
-    given = [s.split("=", 1)[1] for s in set_ or [] if s.replace(" ", "").startswith("eval.split=")]
-    split = split or (given[-1].strip() if given else "test")
-    cfg = _config(rd, None, [*(set_ or []), f"eval.split={split}"])
+    # Overrides apply in order: test unless -s eval.split=... says otherwise, and --split over both; a split
+    # saved in the run's config by an earlier evaluate is never reused.
+    cfg = _config(rd, None, ["eval.split=test", *(set_ or []), *([f"eval.split={split}"] if split else [])])
     rd.save_config(cfg)
     report = do_eval(rd, cfg)
     _print_report(report)
