@@ -12,7 +12,7 @@ the best validation epoch.
     python -m bench.id_init_probe --run runs/sci-atomic --all-pos --epochs 40             # SASRec-like
 
 `--content-init` is what `model.id_init=items` does for atomic IDs; `--hist-loss` also puts loss on
-every history item (genrec does not); `--all-pos` drops the prompt layout altogether.
+every history item (genrec's `train.history_loss`); `--all-pos` drops the prompt layout altogether.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ directory by the command that used it. This module knows nothing of data, models
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from genrec.errors import ConfigError
+
+SELECT_METRIC = re.compile(r"loss|mrr|(ndcg|recall)@[1-9][0-9]*")
+"""Values of train.select_metric."""
 
 
 @dataclass
@@ -135,9 +139,15 @@ class TrainConfig:
     weight_decay: float = 0.01
     """AdamW weight decay."""
     max_length: int = 512
-    """Truncate examples longer than this many tokens (from the left of the history)."""
+    """Longest training row in tokens. TRL cuts longer rows at the end (a row cut before its answer is
+    dropped); with history_loss they are left out, and the count is logged. If rows are that long, lower
+    prompt.max_history or prompt.title_words rather than train on cut prompts."""
     examples_per_user: int = 12
     """Training targets per user: 0 = every position of the training sequence, N = the last N."""
+    history_loss: bool = False
+    """Also train on the ID tokens of the history items (each one predicted from the items before it): one row
+    per window of prompt.max_history + 1 items instead of one per target, so every position of a user's
+    sequence is learned from one forward pass. Needs a template that shows the history's IDs oldest first."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -153,8 +163,14 @@ class TrainConfig:
     save_steps: int = 200
     """Checkpoint every N steps (resume with `genrec train --resume`)."""
     early_stopping_patience: int | None = None
-    """Evaluate the validation loss every save_steps; stop after this many evaluations without a new best,
-    and keep the best checkpoint's weights (None: train to the end, keep the last weights)."""
+    """Validate every save_steps; stop after this many evaluations without a new best, and keep the best
+    checkpoint's weights (None: train to the end, keep the last weights)."""
+    select_metric: str = "loss"
+    """What "best" means for early stopping: the validation `loss` (of the answer tokens), or a ranking
+    metric of the validation users' held-out items, full ranking minus seen items: `ndcg@K`, `recall@K`
+    or `mrr` (ranked by the model being trained, as `genrec evaluate` ranks)."""
+    valid_users: int = 512
+    """Validation users (the first N of the data; 0: all) for the validation loss and select_metric."""
     seed: int = 0
     """Training seed."""
     bf16: bool | None = None
@@ -357,6 +373,15 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
         t.early_stopping_patience is None or t.early_stopping_patience >= 1,
         "train.early_stopping_patience must be >= 1 (or null: no early stopping)",
     )
+    need(
+        SELECT_METRIC.fullmatch(t.select_metric) is not None,
+        f"train.select_metric: {t.select_metric!r}; use loss, mrr, ndcg@K or recall@K (e.g. ndcg@10)",
+    )
+    need(
+        t.select_metric == "loss" or t.early_stopping_patience is not None,
+        "train.select_metric picks among validation checkpoints: set train.early_stopping_patience too",
+    )
+    need(t.valid_users >= 0, "train.valid_users must be >= 0 (0: all)")
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(e.max_tree_tokens >= 1, "eval.max_tree_tokens must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")

@@ -7,6 +7,7 @@ servable model is written to runs/<name>/merged (LoRA merged with merge_and_unlo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 
 from genrec.config import RunConfig
-from genrec.data import Interactions, leave_one_out, train_examples
+from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
+from genrec.engines.base import encode_chat
+from genrec.errors import GenrecError
 from genrec.ids import ItemIds
 from genrec.modeling import (
     add_id_tokens,
@@ -48,6 +51,76 @@ def sft_rows(builder: PromptBuilder, examples: list[Any]) -> list[dict[str, Any]
         }
         for ex in examples
     ]
+
+
+def history_loss_rows(
+    builder: PromptBuilder,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    max_length: int | None = None,
+    history: bool = True,
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Tokenized rows for train.history_loss: the loss is on ID tokens only, the answer's and those of every
+    shown history item after the first (each predicted from the items before it). The end-of-turn tokens
+    after the answer are not trained: constrained decoding never needs them, and on amazon-scientific
+    training them too halved the validation NDCG@10 after one epoch (BENCHMARKS.md). TRL trains on
+    `input_ids` + `labels` rows as they are. `history=False`: the answer's ID only (validation rows, so
+    that the validation loss is the answer's). Rows longer than `max_length` tokens are left out; returns
+    (rows, how many)."""
+    item_tokens: dict[int, list[int]] = {}
+
+    def tokens_of(item: int) -> list[int]:
+        if item not in item_tokens:
+            item_tokens[item] = list(tokenizer.convert_tokens_to_ids(builder.ids.item_tokens(item)))
+        return item_tokens[item]
+
+    rows, too_long = [], 0
+    for ex in examples:
+        prompt = builder.messages(ex.history, ex.user)
+        completion = [{"role": "assistant", "content": builder.target(ex.target)}]
+        prompt_ids = encode_chat(tokenizer, prompt)
+        full = list(
+            tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+        )
+        n = 0  # where the completion starts: the common prefix, as TRL finds it
+        while n < min(len(prompt_ids), len(full)) and prompt_ids[n] == full[n]:
+            n += 1
+        labels = [-100] * len(full)
+        answer = tokens_of(ex.target)
+        pos = _find(full, answer, n, len(full))
+        if pos < 0:
+            raise GenrecError(
+                f"train.history_loss: the tokenized completion does not hold the answer's ID {answer}"
+            )
+        labels[pos : pos + len(answer)] = answer
+        at = 0
+        for k, item in enumerate(list(ex.history)[-builder.max_history :]):
+            toks = tokens_of(item)
+            pos = _find(full, toks, at, n)
+            if pos < 0:
+                raise GenrecError(
+                    f"train.history_loss: template {builder.template.name!r} does not show the history's item IDs "
+                    f"oldest first (history item {builder.catalog.item_ids[item]!r}, number {k + 1}, is not in "
+                    "the rendered prompt after the ones before it); render {{ item.sid }} for every history item "
+                    "in order, or set train.history_loss=false"
+                )
+            if k and history:
+                labels[pos : pos + len(toks)] = toks
+            at = pos + len(toks)
+        if max_length is not None and len(full) > max_length:
+            too_long += 1
+            continue
+        rows.append({"input_ids": full, "labels": labels})
+    return rows, too_long
+
+
+def _find(seq: list[int], sub: list[int], start: int, stop: int) -> int:
+    """First index >= start where `sub` lies wholly inside seq[:stop], else -1."""
+    for i in range(start, stop - len(sub) + 1):
+        if seq[i] == sub[0] and seq[i : i + len(sub)] == sub:
+            return i
+    return -1
 
 
 def tokenizer_corpus(builder: PromptBuilder, data: Interactions) -> list[str]:
@@ -135,8 +208,8 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
             "eval_strategy": "steps",
             "eval_steps": t.save_steps,
             "load_best_model_at_end": True,
-            "metric_for_best_model": "eval_loss",
-            "greater_is_better": False,
+            "metric_for_best_model": f"eval_{t.select_metric}",
+            "greater_is_better": t.select_metric != "loss",
         }
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
@@ -180,6 +253,57 @@ def loss_log_callback(path: Any) -> Any:
     return LossLog()
 
 
+def ranking_callback(
+    run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds, valid: list[Example]
+) -> Any:
+    """A TrainerCallback that ranks the validation users with the model being trained at every evaluation
+    and adds `eval_<train.select_metric>` to the metrics, before early stopping and checkpoint selection
+    read them. Ranking is `genrec evaluate`'s: full catalogue minus seen items, constrained search."""
+    from transformers import TrainerCallback
+
+    from genrec.engines.hf import HFEngine
+    from genrec.evaluation import model_lists, user_metrics
+    from genrec.recommender import Recommender
+    from genrec.retrieval import Retriever
+
+    metric = cfg.train.select_metric
+    k = int(metric.split("@")[1]) if "@" in metric else cfg.eval.beam_width
+    ranking = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, beam_width=max(k, cfg.eval.beam_width))
+    )
+    retriever = Retriever(run.load_embeddings())
+
+    class ValidationRanking(TrainerCallback):
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
+        ) -> None:
+            model, tokenizer = kw["model"], kw["processing_class"]
+            was_training = model.training
+            engine = HFEngine(
+                model, tokenizer, search=cfg.eval.search, max_tree_tokens=cfg.eval.max_tree_tokens
+            )
+            rec = Recommender(run, ranking, data, ids, engine, retriever)
+            with torch.no_grad():
+                lists = model_lists(rec, valid, ranking, progress=state.is_world_process_zero)
+            model.train(was_training)
+            value = float(
+                np.mean([user_metrics(r, ex.target, [k])[metric] for r, ex in zip(lists, valid, strict=True)])
+            )
+            if metrics is not None:
+                metrics[f"eval_{metric}"] = value
+            logger.info(
+                "step %d: validation %s %.4f (%d users)", state.global_step, metric, value, len(valid)
+            )
+            if state.is_world_process_zero:
+                with open(run.train_log_file, "a") as f:
+                    f.write(
+                        json.dumps({"step": state.global_step, "epoch": state.epoch, f"eval_{metric}": value})
+                        + "\n"
+                    )
+
+    return ValidationRanking()
+
+
 def time_budget_callback(minutes: float) -> Any:
     """A TrainerCallback that ends training (model still saved) after `minutes` of training wall clock."""
     from transformers import TrainerCallback
@@ -199,14 +323,14 @@ def time_budget_callback(minutes: float) -> Any:
     return TimeBudget()
 
 
-def early_stopping_summary(stopper: Any, state: Any) -> dict[str, Any]:
-    """What early stopping did: the kept checkpoint's step and validation loss, and whether it ended training."""
+def early_stopping_summary(stopper: Any, state: Any, metric: str = "loss") -> dict[str, Any]:
+    """What early stopping did: the kept checkpoint's step and validation `metric`, and whether it ended training."""
     if stopper is None:
         return {}
     best = state.best_model_checkpoint
     return {
         "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
-        "best_eval_loss": state.best_metric,
+        f"best_eval_{metric}": state.best_metric,
         # Patience can run out on the very last step; that is not stopping early.
         "stopped_early": bool(
             stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
@@ -223,12 +347,32 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     data = run.load_data()
     ids = run.load_ids()
     builder = prompt_builder(run, cfg, data, ids)
-    examples = train_examples(data, per_user=cfg.train.examples_per_user)
-    valid = leave_one_out(data, "valid")[:512]
-    logger.info("training examples: %d (validation examples: %d)", len(examples), len(valid))
-    train_ds = Dataset.from_list(sft_rows(builder, examples))
-    valid_ds = Dataset.from_list(sft_rows(builder, valid))
+    t = cfg.train
+    valid = leave_one_out(data, "valid")
+    valid = valid[: t.valid_users] if t.valid_users else valid
     model, tokenizer = prepare_model(run, cfg, builder, data)
+    if t.history_loss:  # one row per window; the loss also covers the history items' IDs
+        examples = history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
+        rows, too_long = history_loss_rows(builder, tokenizer, examples, max_length=t.max_length)
+        if too_long:
+            logger.warning(
+                "%d of %d windows are longer than train.max_length=%d tokens: left out",
+                too_long,
+                len(examples),
+                t.max_length,
+            )
+        train_ds = Dataset.from_list(rows)
+        valid_ds = Dataset.from_list(history_loss_rows(builder, tokenizer, valid, history=False)[0])
+    else:
+        examples = train_examples(data, per_user=t.examples_per_user)
+        train_ds = Dataset.from_list(sft_rows(builder, examples))
+        valid_ds = Dataset.from_list(sft_rows(builder, valid))
+    logger.info(
+        "training %s: %d (validation users: %d)",
+        "windows" if t.history_loss else "examples",
+        len(examples),
+        len(valid),
+    )
     peft_cfg = lora_config(cfg) if use_lora(cfg) else None
     if not resume and run.train_log_file.exists():
         run.train_log_file.unlink()
@@ -237,10 +381,13 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     if budget is not None:
         callbacks.append(budget)
     stopper = None
-    if cfg.train.early_stopping_patience is not None:
+    if t.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
-        stopper = EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience)
+        if t.select_metric != "loss":  # before the stopper: it reads the metric this adds
+            callbacks.append(ranking_callback(run, cfg, data, ids, valid))
+
+        stopper = EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)
         callbacks.append(stopper)
     trainer = SFTTrainer(
         model=model,
@@ -255,7 +402,9 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     started = time.time()
     result = trainer.train(resume_from_checkpoint=bool(resume and has_ckpt))
     seconds = time.time() - started
-    stopped = early_stopping_summary(stopper, trainer.state)  # before evaluate(): it would count once more
+    stopped = early_stopping_summary(
+        stopper, trainer.state, t.select_metric
+    )  # before evaluate(): it would count once more
     metrics = trainer.evaluate()
     logger.info("validation loss %.4f", metrics.get("eval_loss", float("nan")))
     if budget is not None and budget.hit:
@@ -277,11 +426,17 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     summary = {
         "train_loss": result.training_loss,
         "eval_loss": metrics.get("eval_loss"),
+        **(
+            {f"eval_{t.select_metric}": metrics.get(f"eval_{t.select_metric}")}
+            if t.select_metric != "loss"
+            else {}
+        ),
         "steps": result.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 2),
         "stopped_by_time_budget": bool(budget is not None and budget.hit),
         **stopped,
         "examples": len(examples),
+        "history_loss": t.history_loss,
         "seconds": round(seconds, 1),
         "method": "lora" if peft_cfg is not None else "full",
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -49,6 +49,17 @@ def test_overrides_coerce_and_validate():
         apply_overrides(RunConfig(), ["eval.max_tree_tokens=0"])
     with pytest.raises(ConfigError, match="eval.search"):
         apply_overrides(RunConfig(), ["eval.search=greedy"])
+    patient = "train.early_stopping_patience=2"
+    for metric in ("loss", "mrr", "ndcg@10", "recall@20"):
+        assert (
+            apply_overrides(RunConfig(), [patient, f"train.select_metric={metric}"]).train.select_metric
+            == metric
+        )
+    for bad in ("ndcg", "ndcg@0", "hit@10", "Loss"):
+        with pytest.raises(ConfigError, match="train.select_metric: .* use loss, mrr, ndcg@K or recall@K"):
+            apply_overrides(RunConfig(), [patient, f"train.select_metric={bad}"])
+    with pytest.raises(ConfigError, match="set train.early_stopping_patience too"):
+        apply_overrides(RunConfig(), ["train.select_metric=ndcg@10"])
 
 
 def test_path_required_for_file_sources():

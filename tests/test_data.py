@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from genrec.config import DataConfig
-from genrec.data import clean, leave_one_out, load_dataset, popularity, train_examples
+from genrec.data import clean, history_windows, leave_one_out, load_dataset, popularity, train_examples
 from genrec.data.catalog import Catalog, dedupe, kcore
 from genrec.data.loaders import load_movielens, load_sequences, load_table, load_unisrec
 from genrec.data.synthetic import generate
@@ -156,6 +156,30 @@ def test_leave_one_out_is_chronological(small_data):
     assert max(len(e.history) for e in u0) == len(s) - 3
     counts = popularity(small_data, split="test")
     assert counts.sum() == sum(len(x) - 1 for x in small_data.sequences)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4, 50])
+def test_history_windows_make_every_training_position_a_target_once(small_data, window):
+    windows = history_windows(small_data, window=window)
+    for u, s in zip(small_data.users, small_data.sequences, strict=True):
+        train = s[:-2]
+        mine = [w for w in windows if w.user == u]
+        # oldest window first, each one starting on the item the one before it ended with: together they
+        # are exactly the training part, so each item after the first is a target (an item after a window's
+        # first) exactly once, and no window reaches the valid or test item
+        chained: list[int] = []
+        for w in reversed(mine):
+            items = [*w.history, w.target]
+            assert 2 <= len(items) <= window + 1
+            assert not chained or items[0] == chained[-1]
+            chained.extend(items[1:] if chained else items)
+        assert chained == (train if len(train) >= 2 else [])
+    # per_user N: the last N targets of each user only
+    last2 = history_windows(small_data, window=window, per_user=2)
+    for u, s in zip(small_data.users, small_data.sequences, strict=True):
+        items = [[*w.history, w.target] for w in last2 if w.user == u]
+        assert sum(len(x) - 1 for x in items) == min(2, len(s) - 3)
+        assert all(x[-1] in s[-4:-2] for x in items)
 
 
 def test_synthetic_is_deterministic_and_sequential():

@@ -143,6 +143,88 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert summary2["steps"] == 10 and summary2["stopped_early"] is False and summary2["best_step"] == 10
 
 
+def test_history_loss_rows_label_the_answer_and_every_shown_history_id_after_the_first(tmp_path):
+    from genrec.data import history_windows
+    from genrec.errors import GenrecError
+    from genrec.prompts import PromptBuilder, parse_template
+    from genrec.training import history_loss_rows, prepare_model, prompt_builder
+
+    run, cfg = make_run(tmp_path, "hist")
+    data, ids = run.load_data(), run.load_ids()
+    builder = prompt_builder(run, cfg, data, ids)  # the default template: titles and IDs
+    _, tok = prepare_model(run, cfg, builder, data)
+    windows = history_windows(data, window=cfg.prompt.max_history)
+    rows, too_long = history_loss_rows(builder, tok, windows)
+    assert too_long == 0 and len(rows) == len(windows)
+    for w, row in zip(windows[:30], rows[:30], strict=True):
+        ids_, labels = row["input_ids"], row["labels"]
+        first_label = next(i for i, x in enumerate(labels) if x != -100)
+        answer_at = len(ids_) - len(
+            tok.encode(ids.item_string(w.target) + "<|im_end|>\n", add_special_tokens=False)
+        )
+        # labelled prompt tokens: the IDs of history items 2.. in order; then the answer's ID, not the
+        # end-of-turn tokens after it
+        labelled = tok.convert_ids_to_tokens([x for x in labels[:answer_at] if x != -100])
+        assert labelled == [t for item in w.history[1:] for t in ids.item_tokens(item)]
+        answer = tok.convert_tokens_to_ids(ids.item_tokens(w.target))
+        assert labels[answer_at:] == answer + [-100] * (len(ids_) - answer_at - len(answer))
+        assert ids_[answer_at : answer_at + len(answer)] == answer
+        assert all(x in (-100, y) for x, y in zip(labels, ids_, strict=True))
+        # the first history item is shown but not labelled: nothing before it to predict it from
+        assert first_label > ids_.index(tok.convert_tokens_to_ids(ids.item_tokens(w.history[0])[0]))
+    # validation rows: the answer's ID only
+    answer_only, _ = history_loss_rows(builder, tok, windows[:5], history=False)
+    for w, row in zip(windows[:5], answer_only, strict=True):
+        labelled = [x for x in row["labels"] if x != -100]
+        assert labelled == tok.convert_tokens_to_ids(ids.item_tokens(w.target))
+    # too long rows are left out and counted
+    longest = max(len(r["input_ids"]) for r in rows)
+    kept, dropped = history_loss_rows(builder, tok, windows, max_length=longest - 1)
+    assert dropped >= 1 and len(kept) + dropped == len(windows)
+    # a template that does not show the history's IDs is refused, naming it
+    titles_only = parse_template(
+        "---\nname: titles\n---\n{% for item in history %}{{ item.title }}; {% endfor %}",
+        source="titles.jinja",
+    )
+    bad = PromptBuilder.for_config(titles_only, data.catalog, ids, cfg.prompt)
+    with pytest.raises(
+        GenrecError, match="template 'titles' does not show the history's item IDs oldest first"
+    ):
+        history_loss_rows(bad, tok, windows[:3])
+
+
+@pytest.mark.slow
+def test_history_loss_training_keeps_the_checkpoint_with_the_best_validation_ranking(tmp_path):
+    """train.select_metric=ndcg@10: every evaluation ranks the validation users; the kept weights are the
+    best-ranking checkpoint's, and `genrec evaluate` on those users gives the same figure."""
+    run, cfg = make_run(
+        tmp_path,
+        "select",
+        [
+            "train.history_loss=true",
+            "train.max_steps=40",
+            "train.save_steps=8",
+            "train.early_stopping_patience=5",
+            "train.select_metric=ndcg@10",
+            "train.valid_users=40",
+        ],
+    )
+    summary = train(run, cfg)
+    assert summary["history_loss"] is True and summary["examples"] > 0
+    logged = [json.loads(x) for x in run.train_log_file.read_text().splitlines()]
+    figures = [(x["step"], x["eval_ndcg@10"]) for x in logged if "eval_ndcg@10" in x]
+    # one per checkpoint, then the final evaluation of the kept weights
+    assert [step for step, _ in figures] == [8, 16, 24, 32, 40, 40]
+    ranked = dict(figures[:-1])
+    best = max(ranked, key=lambda s: (ranked[s], -s))  # the first of equals wins
+    assert summary["best_step"] == best and summary["best_eval_ndcg@10"] == pytest.approx(ranked[best])
+    assert summary["eval_ndcg@10"] == pytest.approx(ranked[best]) == figures[-1][1]
+    cfg_valid = apply_overrides(cfg, ["eval.split=valid", "eval.baselines=[]"])
+    report = evaluate(run, cfg_valid, progress=False)
+    assert report["users"] == 40
+    assert report["results"]["genrec"]["ndcg@10"] == pytest.approx(ranked[best], abs=1e-6)
+
+
 def test_patience_running_out_on_the_last_step_is_not_stopping_early():
     from types import SimpleNamespace
 

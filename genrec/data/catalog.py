@@ -222,6 +222,24 @@ def train_examples(data: Interactions, *, per_user: int = 0, min_history: int = 
     return out
 
 
+def history_windows(data: Interactions, *, window: int, per_user: int = 0) -> list[Example]:
+    """Rows for the history loss: up to `window` history items and the item after them.
+
+    Windows are cut from the end of each user's training part (all but the last two items) and overlap by
+    one item, so every position after a user's first is a target exactly once: as the answer of one window
+    or as a history item after that window's first. `per_user` N > 0 keeps only the last N targets.
+    """
+    out: list[Example] = []
+    for u, s in zip(data.users, data.sequences, strict=True):
+        train = s[:-2]
+        if per_user > 0:
+            train = train[-(per_user + 1) :]
+        for end in range(len(train), 1, -window):
+            seg = train[max(0, end - window - 1) : end]
+            out.append(Example(u, tuple(seg[:-1]), seg[-1]))
+    return out
+
+
 def popularity(data: Interactions, *, split: str = "test") -> np.ndarray:
     """Interaction counts per item from the part of the data visible before `split`'s targets."""
     cut = 1 if split == "test" else 2
