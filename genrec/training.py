@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from genrec.config import RunConfig
 from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
@@ -76,7 +77,7 @@ def history_loss_rows(
         return item_tokens[item]
 
     rows, too_long = [], 0
-    for ex in examples:
+    for ex in tqdm(examples, desc="tokenizing", unit="row", leave=False, disable=len(examples) < 10_000):
         prompt = builder.messages(ex.history, ex.user)
         completion = [{"role": "assistant", "content": builder.target(ex.target)}]
         prompt_ids = encode_chat(tokenizer, prompt)
