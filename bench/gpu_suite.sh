@@ -14,7 +14,7 @@
 # 4. `genrec serve --backend vllm` (AsyncLLM) + bench/load.py at 1/8/32/128 clients, then a soak of
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
-# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, REQUESTS (per level), SOAK, PORT,
+# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK, PORT,
 # PARTS (a subset of "vllm hf hf-tree serve-vllm serve-hf"; all by default). All of it takes longer than one
 # 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
@@ -26,6 +26,7 @@ HF_USERS=${HF_USERS:-1000}
 REQUESTS=${REQUESTS:-300}
 SOAK=${SOAK:-10000}
 PORT=${PORT:-8011}
+LATENCY=${LATENCY:-50}
 PARTS=${PARTS:-vllm hf hf-tree serve-vllm serve-hf}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
@@ -50,17 +51,17 @@ fi
 if want hf; then
   stamp "engine throughput: hf, full catalogue (beam search)"
   timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 500 \
-    --latency-requests 20 --out "$OUT/engine_hf.json" 2>&1 | quiet 25
+    --latency-requests "$LATENCY" --out "$OUT/engine_hf.json" 2>&1 | quiet 25
 fi
 if want hf-tree; then
   for search in exact beam; do
     stamp "engine throughput: hf, 200 retrieved candidates, search $search"
     timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
-      --candidates retriever --search "$search" --latency-requests 50 --out "$OUT/engine_hf_retriever_$search.json" 2>&1 | quiet 25
+      --candidates retriever --search "$search" --latency-requests "$LATENCY" --out "$OUT/engine_hf_retriever_$search.json" 2>&1 | quiet 25
   done
   stamp "engine throughput: hf, full catalogue, exact (~2,000 tree tokens per user)"
   timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 64 \
-    --candidates all --search exact --latency-requests 20 --out "$OUT/engine_hf_all_exact.json" 2>&1 | quiet 25
+    --candidates all --search exact --latency-requests "$LATENCY" --out "$OUT/engine_hf_all_exact.json" 2>&1 | quiet 25
 fi
 health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
 # serve_load BACKEND SOAK: start `genrec serve`, load it at 1/8/32/128 clients, soak, print its counters, stop it

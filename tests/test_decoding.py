@@ -259,3 +259,20 @@ def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm)
     for a, b in zip(together, apart.rank(prompts, lays, 5), strict=True):
         assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-4)
     assert calls == [1, 1, 1, 1]
+
+
+def test_engine_keeps_cudnn_attention_out_on_gpu_only():
+    """cuDNN's SDPA plans every new shape on the CPU (~5 ms per layer call on an H100): the engine's GPU
+    model calls run with the other kernels, and the process-wide switches are restored afterwards."""
+    from genrec.engines.hf import attention_kernels
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+    with attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert (
+        torch.backends.cuda.cudnn_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+    ) == before
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]

@@ -10,10 +10,12 @@ scoring of candidate sequences (teacher forcing), the reference both are tested 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout, layout, top_items
@@ -22,6 +24,20 @@ from genrec.engines.base import encode_chat
 SEARCHES = ("auto", "beam", "exact")
 TREE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the custom 4-D mask tree scoring needs (flash kernels do not)."""
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Every SDPA kernel but cuDNN's, which plans each new shape on the CPU first: about 5 ms per layer
+call on an H100 with the masks of tree scoring and padded batches (measured, BENCHMARKS.md), and
+every request brings its own length."""
+
+
+@contextmanager
+def attention_kernels(device: torch.device) -> Iterator[None]:
+    """Keep cuDNN attention out of the engine's model calls on a GPU; nothing changes on a CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    with sdpa_kernel(SDPA_BACKENDS):
+        yield
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +192,7 @@ class TreeScorer:
             attention_mask=mask[:, None],
             position_ids=pos.to(self.device),
             logits_to_keep=kept,
+            use_cache=False,  # one pass: a KV cache would only be filled and thrown away
         ).logits
         step = max(1, (1 << 25) // (kept * logits.shape[-1]))  # float32 log-normalisers, a few rows at a time
         lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(step)])
@@ -230,6 +247,10 @@ class HFEngine:
         """Top `beam_width` items per request: exact where the trie is small enough, else beam search."""
         if len(prompts) != len(tries):
             raise ValueError("one trie per prompt")
+        with attention_kernels(self.device):
+            return self._rank(prompts, tries, beam_width)
+
+    def _rank(self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], beam_width: int) -> list[Ranked]:
         limit = None if self.search == "exact" else self.max_tree_tokens
         layouts: dict[int, TreeLayout] = {}
         if self.search != "beam":
@@ -261,14 +282,15 @@ class HFEngine:
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
         """Unconstrained greedy decoding of max_tokens tokens with `generate` (the speed reference)."""
         ids, mask = left_pad(prompts, self.pad_id)
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-        )
+        with attention_kernels(self.device):
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
         return [row[ids.shape[1] :].tolist() for row in out]
 
     @torch.inference_mode()
@@ -284,7 +306,8 @@ class HFEngine:
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             for i, c in enumerate(chunk):  # right padding: positions stay 0..n-1
                 ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            logits = self.model(input_ids=ids.to(self.device)).logits.float()
+            with attention_kernels(self.device):
+                logits = self.model(input_ids=ids.to(self.device)).logits.float()
             logp = torch.log_softmax(logits, dim=-1).cpu()
             for i, c in enumerate(chunk):
                 positions = torch.arange(len(p) - 1, len(p) - 1 + len(c))
