@@ -6,7 +6,10 @@ template is untrusted code. Jinja's `ImmutableSandboxedEnvironment` already refu
 adds what the sandbox leaves to the embedder: **time** and **size**.
 
 - Time: while a template renders, a per-thread trace hook watches the template's own frames
-  and aborts once the deadline passes, so nested loops, recursion and `loop.cycle` tricks end.
+  and aborts once the render has used its CPU budget, so nested loops, recursion and
+  `loop.cycle` tricks end. The clock is the thread's CPU time less the garbage collector's
+  pauses: a busy machine, another thread holding the GIL or a collection of a big heap must not
+  fail a render that costs a millisecond (it once stopped a GPU training run, BENCHMARKS.md).
 - Size: every operator that can amplify (`*`, `**`, `+`, `%`, `~`), every method call and
   every filter is checked *before* it allocates (estimated result size, integer arguments)
   and its result after; the rendered output is capped while it streams.
@@ -18,8 +21,10 @@ Knows nothing of recommendation; `genrec.prompts` builds its templates on this e
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +46,7 @@ TEMPLATE_FILENAME = "<template>"
 @dataclass(frozen=True)
 class RenderLimits:
     max_seconds: float = 0.5
-    """Wall-clock budget of one render."""
+    """CPU-time budget of one render (the rendering thread's, garbage collection left out)."""
     max_chars: int = 65_536
     """Largest rendered prompt, and largest string or list a template may build on the way."""
     max_range: int = 10_000
@@ -216,7 +221,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         """Join a template's output stream under the time and size limits."""
         out: list[str] = []
         size = 0
-        with _deadline(time.monotonic() + self.limits.max_seconds, self.limits.max_seconds):
+        with _cpu_budget(self.limits.max_seconds):
             for chunk in chunks():
                 size += len(chunk)
                 if size > self.limits.max_chars:
@@ -226,23 +231,41 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
 
 @contextmanager
-def _deadline(deadline: float, budget: float) -> Iterator[None]:
-    """Abort the template's own frames (loops, macros, recursion) once `deadline` passes."""
+def _cpu_budget(budget: float) -> Iterator[None]:
+    """Abort the template's own frames (loops, macros, recursion) once this thread has spent `budget`
+    seconds of CPU on the render, not counting the garbage collector's runs inside it."""
+    me = threading.get_ident()
+    start = time.thread_time()
+    collected = 0.0  # CPU seconds the collector took in this thread during the render
+    gc_from: float | None = None
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        nonlocal collected, gc_from
+        if threading.get_ident() != me:
+            return
+        if phase == "start":
+            gc_from = time.thread_time()
+        elif gc_from is not None:
+            collected += time.thread_time() - gc_from
+            gc_from = None
+
     ticks = 0
 
     def local(frame: FrameType, event: str, arg: Any) -> Any:
         nonlocal ticks
         ticks += 1
-        if ticks % 64 == 0 and time.monotonic() > deadline:
-            raise TemplateLimitExceeded(f"rendering took longer than {budget:g} s")
+        if ticks % 64 == 0 and time.thread_time() - start - collected > budget:
+            raise TemplateLimitExceeded(f"rendering took longer than {budget:g} s of CPU time")
         return local
 
     def global_(frame: FrameType, event: str, arg: Any) -> Any:
         return local if frame.f_code.co_filename == TEMPLATE_FILENAME else None
 
     previous = sys.gettrace()
+    gc.callbacks.append(on_gc)
     sys.settrace(global_)
     try:
         yield
     finally:
         sys.settrace(previous)
+        gc.callbacks.remove(on_gc)

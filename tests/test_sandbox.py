@@ -106,3 +106,39 @@ def test_yaml_error_in_front_matter_has_a_line():
     with pytest.raises(TemplateProblem) as err:
         parse_template("---\nname: x\ndescription: [unclosed\n---\nbody", source="y.jinja")
     assert err.value.line is not None and err.value.line >= 3
+
+
+def _sandbox(budget: float, **helpers):
+    from genrec.sandbox import BoundedSandbox
+
+    env = BoundedSandbox(RenderLimits(max_seconds=budget))
+    env.globals.update(helpers)
+    return env
+
+
+def test_time_limit_counts_the_renders_cpu_not_waiting():
+    """A render that waits (descheduled, GIL held elsewhere: here a sleep in a helper) without spending CPU
+    is not cut off; one that spends the CPU still is."""
+    env = _sandbox(0.05, nap=lambda: time.sleep(0.3) or "")
+    t = env.from_string("{{ nap() }}{% for i in range(300) %}{{ i }}{% endfor %}")
+    start = time.monotonic()
+    out = env.render_bounded(lambda: t.generate())
+    assert time.monotonic() - start >= 0.3 and out.endswith("299")
+    spin = env.from_string("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}")
+    with pytest.raises(Exception, match="longer than 0.05 s of CPU time"):
+        env.render_bounded(lambda: spin.generate())
+
+
+def test_time_limit_leaves_out_garbage_collection():
+    """A collection of a big heap that happens to run inside a render is not the template's cost."""
+    import gc
+
+    heap = [[i] for i in range(1_000_000)]  # tracked containers make a full collection slow
+    t0 = time.thread_time()
+    gc.collect()
+    pause = time.thread_time() - t0
+    assert pause > 0.01, "the heap is too small to test with"
+    env = _sandbox(pause / 4, collect=lambda: [gc.collect() for _ in range(2)] and "")
+    t = env.from_string("{{ collect() }}{% for i in range(300) %}{{ i }}{% endfor %}")
+    assert env.render_bounded(lambda: t.generate()).endswith("299")
+    del heap
