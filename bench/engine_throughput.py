@@ -110,7 +110,7 @@ def main() -> None:
         )
         for e in examples
     ]
-    prompts = [engine.encode_messages(rec.builder.messages(r.history, r.user)) for r in reqs]
+    prompts = engine.encode_many([rec.builder.messages(r.history, r.user) for r in reqs])
     depth = rec.ids.depth
     results: dict[str, Any] = {
         "engine": args.engine,
@@ -145,7 +145,7 @@ def main() -> None:
     def greedy_with_prompts() -> None:  # the same job end to end: render and tokenize the prompts too
         for s in range(0, len(reqs), args.batch):
             batch = reqs[s : s + args.batch]
-            ids = [engine.encode_messages(rec.builder.messages(r.history, r.user)) for r in batch]
+            ids = engine.encode_many([rec.builder.messages(r.history, r.user) for r in batch])
             engine.greedy(ids, max_tokens=depth)
 
     results["greedy_with_prompts_users_per_s"] = round(args.users / timed(greedy_with_prompts), 1)

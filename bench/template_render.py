@@ -1,4 +1,6 @@
-"""Cost of the bounded sandbox: render the run's template for one user, bounded vs plain Jinja sandbox.
+"""Cost of building prompts: render the run's template for one user, bounded vs plain Jinja sandbox; then
+turn rendered conversations into token ids, one tokenizer call each vs one call per batch (what
+`Recommender.rank_requests` does), checking that both give the same ids.
 
 python -m bench.template_render --run runs/demo
 """
@@ -23,9 +25,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True)
     p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--users", type=int, default=1024, help="conversations to encode")
+    p.add_argument("--batch", type=int, default=256, help="conversations per batched tokenizer call")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    from transformers import AutoTokenizer
+
     from bench.common import save
+    from genrec.data import leave_one_out
+    from genrec.engines import encode_chat, encode_chats
     from genrec.prompt_store import TemplateChecker, TemplateStore
     from genrec.run import RunDir
 
@@ -38,6 +46,19 @@ def main() -> None:
     body, system = env.from_string(t.body), env.from_string(t.system or "")
     bounded = per_call(lambda: t.render(v), args.n)
     plain = per_call(lambda: (system.render(**v), body.render(**v)), args.n)
+
+    tok = AutoTokenizer.from_pretrained(run.model_dir())
+    builder = checker.builder(t)
+    examples = leave_one_out(checker.data, "test")
+    convs = [builder.messages(list(e.history), e.user) for e in examples[: args.users]]
+    start = time.perf_counter()
+    one = [encode_chat(tok, c) for c in convs]
+    single = (time.perf_counter() - start) / len(convs) * 1e6
+    start = time.perf_counter()
+    many = [x for s in range(0, len(convs), args.batch) for x in encode_chats(tok, convs[s : s + args.batch])]
+    batched = (time.perf_counter() - start) / len(convs) * 1e6
+    if many != one:
+        raise SystemExit("batched encoding gave other ids than one call per conversation")
     save(
         args.out,
         {
@@ -45,6 +66,9 @@ def main() -> None:
             "history_items": len(v["history"]),
             "bounded_us": round(bounded, 1),
             "plain_sandbox_us": round(plain, 1),
+            "conversations": len(convs),
+            "encode_one_call_each_us": round(single, 1),
+            f"encode_batched_{args.batch}_us": round(batched, 1),
         },
     )
 

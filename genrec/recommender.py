@@ -248,12 +248,12 @@ class Recommender:
         """
         if not requests:
             return []
-        prompts = []
         for r in requests:
             if r.messages is None:
                 r.messages = self.builder_for(r.template, r.template_version).messages(r.history, r.user)
-            prompts.append(self.engine.encode_messages(r.messages))
-            r.prompt_tokens = len(prompts[-1])
+        prompts = self.engine.encode_many([r.messages or [] for r in requests])
+        for r, p in zip(requests, prompts, strict=True):
+            r.prompt_tokens = len(p)
         tries = self.candidate_tries(requests)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         ranked = self.engine.rank(prompts, tries, beam_width=width)

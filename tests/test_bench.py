@@ -143,3 +143,21 @@ def test_id_init_probe_layouts_and_a_short_run(tmp_path):
     run, _ = make_run(tmp_path, "probe", ["ids.scheme=atomic"])
     out = probe.main(["--run", str(run.path), "--fmt", "--content-init", "--epochs", "1", "--hidden", "32"])
     assert out["best"]["epoch"] == 1 and 0.0 <= out["best"]["test_recall10"] <= 1.0
+
+
+def test_template_render_bench_times_rendering_and_both_encodings(trained_run, tmp_path, monkeypatch):
+    """bench.template_render on a trained run: the sandbox timings and the two prompt encodings, which it
+    has checked give the same ids."""
+    import json
+    import sys
+
+    import bench.template_render as tr
+
+    run, _, _ = trained_run
+    out = tmp_path / "render.json"
+    argv = ["x", "--run", str(run.path), "--n", "20", "--users", "9", "--batch", "4", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    tr.main()
+    res = json.loads(out.read_text())
+    assert res["conversations"] == 9 and res["encode_one_call_each_us"] > 0 and res["encode_batched_4_us"] > 0
+    assert res["bounded_us"] > 0 and res["plain_sandbox_us"] > 0

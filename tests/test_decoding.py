@@ -276,3 +276,29 @@ def test_engine_keeps_cudnn_attention_out_on_gpu_only():
     ) == before
     with attention_kernels(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+
+
+def test_batched_prompt_encoding_gives_the_same_ids(tiny_lm, small_data):
+    """`encode_many` (one tokenizer call for a batch) gives each conversation exactly `encode_messages`' ids:
+    system turns or none, ID tokens, titles, odd whitespace and characters, an empty turn."""
+    from genrec.engines import encode_chats
+    from genrec.ids import atomic_ids
+    from genrec.prompts import PromptBuilder, load_template
+
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok)
+    ids = atomic_ids(len(small_data.catalog))
+    convs = [
+        PromptBuilder(load_template(name), small_data.catalog, ids, max_history=5, title_words=3).messages(
+            list(range(k, k + n))
+        )
+        for name in ("default", "ids_only")
+        for k, n in ((0, 1), (3, 5), (7, 9))
+    ]
+    convs += [
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": "  the  cat\n\n\tsat — «ünïcode» 猫 🐈  "}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "the cat"}],
+    ]
+    assert engine.encode_many(convs) == [engine.encode_messages(c) for c in convs]
+    assert encode_chats(tok, []) == []

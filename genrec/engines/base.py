@@ -25,6 +25,10 @@ class Engine(Protocol):
         """Prompt token ids: the chat template with the assistant turn opened."""
         ...
 
+    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+        """`encode_messages` for a batch, in one tokenizer call."""
+        ...
+
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
     ) -> list[Ranked]:
@@ -36,3 +40,14 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` with the generation prompt, exactly as TRL tokenizes training prompts."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(out["input_ids"])
+
+
+def encode_chats(tokenizer: Any, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+    """`encode_chat` of each conversation, the same ids, with one batched tokenizer call: half the cost
+    per prompt of one call each (BENCHMARKS.md, "Prompts in batches")."""
+    if not conversations:
+        return []
+    out = tokenizer.apply_chat_template(
+        list(conversations), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return [list(ids) for ids in out["input_ids"]]

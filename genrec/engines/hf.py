@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout, layout, top_items
-from genrec.engines.base import encode_chat
+from genrec.engines.base import encode_chat, encode_chats
 
 SEARCHES = ("auto", "beam", "exact")
 TREE_ATTENTION = ("sdpa", "eager")
@@ -240,6 +240,9 @@ class HFEngine:
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
+
+    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+        return encode_chats(self.tokenizer, conversations)
 
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int

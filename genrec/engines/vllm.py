@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
-from genrec.engines.base import encode_chat
+from genrec.engines.base import encode_chat, encode_chats
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ class VLLMEngine:
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
+
+    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+        return encode_chats(self.tokenizer, conversations)
 
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
