@@ -8,6 +8,7 @@ python -m bench.template_render --run runs/demo
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jinja2
@@ -51,14 +52,23 @@ def main() -> None:
     builder = checker.builder(t)
     examples = leave_one_out(checker.data, "test")
     convs = [builder.messages(list(e.history), e.user) for e in examples[: args.users]]
-    start = time.perf_counter()
     one = [encode_chat(tok, c) for c in convs]
-    single = (time.perf_counter() - start) / len(convs) * 1e6
-    start = time.perf_counter()
     many = [x for s in range(0, len(convs), args.batch) for x in encode_chats(tok, convs[s : s + args.batch])]
-    batched = (time.perf_counter() - start) / len(convs) * 1e6
     if many != one:
         raise SystemExit("batched encoding gave other ids than one call per conversation")
+    singles, batches = [], []
+    for _ in range(5):  # alternated, median of five: these two cores are noisy
+        singles.append(per_call(lambda: [encode_chat(tok, c) for c in convs], 1) / len(convs))
+        batches.append(
+            per_call(
+                lambda: [
+                    encode_chats(tok, convs[s : s + args.batch]) for s in range(0, len(convs), args.batch)
+                ],
+                1,
+            )
+            / len(convs)
+        )
+    single, batched = statistics.median(singles), statistics.median(batches)
     save(
         args.out,
         {
