@@ -15,14 +15,21 @@ from genrec.engines import HFEngine
 seqs_strategy = st.lists(st.tuples(*[st.integers(0, 5)] * 3), min_size=1, max_size=40, unique=True)
 
 
-BUILDS = st.sampled_from(["nodes", "array", "distinct"])
+BUILDS = st.sampled_from(["nodes", "array", "distinct", "without"])
 
 
 def make_trie(seqs, items=None, *, build="nodes"):
     """A trie built node by node, or array-backed (nodes built lazily; what retrieved candidates use),
-    with its rows checked for repeats or promised distinct (the strategies' sequences are unique)."""
+    with its rows checked for repeats or promised distinct (the strategies' sequences are unique), or
+    made by `without` from a larger one, in two steps (what the whole-catalogue candidates use):
+    extra leaves beside real ones and a whole extra branch, removed again."""
     if build == "nodes":
         return Trie(seqs, items)
+    if build == "without":
+        items = list(range(len(seqs))) if items is None else list(items)
+        extra = [*dict.fromkeys((*s[:-1], 6) for s in seqs[:3]), (9, 9, 9), (9, 8, 9)]
+        base = Trie([*seqs, *extra], [*items, *range(1000, 1000 + len(extra))])
+        return base.without(extra[:2]).without(extra[2:])
     items = range(len(seqs)) if items is None else items
     return Trie.from_array(np.array(seqs).reshape(len(seqs), -1), items, distinct=build == "distinct")
 
@@ -302,3 +309,15 @@ def test_batched_prompt_encoding_gives_the_same_ids(tiny_lm, small_data):
     ]
     assert engine.encode_many(convs) == [engine.encode_messages(c) for c in convs]
     assert encode_chats(tok, []) == []
+
+
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=200), st.integers(1, 30))
+def test_top_items_equals_a_full_stable_sort(values, k):
+    """Top k by score with ties in trie order, the partial way (large tries) and the full sort agree."""
+    from genrec.decoding.tree import top_items
+
+    seqs = [(i // 36, i // 6 % 6, i % 6) for i in range(len(values))]
+    lay = layout(Trie(seqs, [500 + i for i in range(len(seqs))]))
+    scores = torch.tensor(values, dtype=torch.float64)  # few distinct values: many ties
+    order = torch.argsort(-scores, stable=True)[:k]
+    assert top_items(lay, scores, k) == (lay.items[order].tolist(), scores[order].tolist())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from genrec.decoding.trie import Trie, TrieNode
+from genrec.decoding.trie import Trie
 
 
 @dataclass
@@ -80,44 +80,67 @@ class TreeLayout:
 def layout(trie: Trie, *, max_inputs: int | None = None) -> TreeLayout | None:
     """Breadth-first layout of a trie of depth >= 1 with at least one item.
 
-    None when it would feed more than `max_inputs` tree tokens (found without laying out the rest).
+    None when it would feed more than `max_inputs` tree tokens. A trie made by `without` (the
+    catalogue minus a user's items) is laid out by pruning its base's layout, computed once and
+    kept with the base: no walk over the catalogue's nodes per request.
     """
     if trie.depth < 1 or not len(trie):
         raise ValueError("an empty trie has no layout")
-    if trie.array is not None:
-        return _layout_array(*trie.array, max_inputs=max_inputs)
-    token, parent, depth, items = [-1], [-1], [0], []
-    level: list[TrieNode] = [trie.root]
-    starts = [0]
-    for d in range(1, trie.depth + 1):
-        if (
-            max_inputs is not None
-            and d < trie.depth
-            and len(token) - 1 + sum(len(n.children) for n in level) > max_inputs
-        ):
-            return None
-        starts.append(len(token))
-        first = starts[-2]
-        nxt: list[TrieNode] = []
-        for k, node in enumerate(level):
-            for tok, child in node.children.items():
-                token.append(tok)
-                parent.append(first + k)
-                depth.append(d)
-                nxt.append(child)
-        level = nxt
-    starts.append(len(token))
-    for node in level:
-        assert node.item is not None, "trie leaf without an item"
-        items.append(node.item)
-    return TreeLayout(
-        token=torch.tensor(token, dtype=torch.long),
-        parent=torch.tensor(parent, dtype=torch.long),
-        depth=torch.tensor(depth, dtype=torch.long),
-        n_inputs=starts[-2] - 1,
-        items=torch.tensor(items, dtype=torch.long),
-        level_starts=starts,
+    if trie.derived is not None:
+        base, removed = trie.derived
+        return _layout_without(base, removed, max_inputs=max_inputs)
+    assert trie.array is not None, "every trie but a derived one keeps its sequences as an array"
+    return _layout_array(*trie.array, max_inputs=max_inputs)
+
+
+def _layout_without(
+    base: Trie, removed: list[tuple[int, ...]], *, max_inputs: int | None
+) -> TreeLayout | None:
+    """`base`'s layout minus the leaves of `removed` and the internal nodes left without a leaf."""
+    full = base.cache.get("layout")
+    if full is None:
+        assert base.array is not None
+        full = base.cache["layout"] = _layout_array(*base.array, max_inputs=None)
+    assert isinstance(full, TreeLayout)
+    starts, depth = full.level_starts, len(full.level_starts) - 2
+    if max_inputs is not None and full.n_inputs - len(removed) * (depth - 1) > max_inputs:
+        return None  # pruning cannot bring it under the limit
+    leaf_of = base.cache.get("leaf_of")
+    if leaf_of is None:  # each leaf's sequence, read back up the parent pointers
+        leaves = torch.arange(starts[-2], len(full.token))
+        seqs = torch.empty((len(leaves), depth), dtype=torch.long)
+        node = leaves
+        for d in range(depth - 1, -1, -1):
+            seqs[:, d] = full.token[node]
+            node = full.parent[node]
+        leaf_of = base.cache["leaf_of"] = dict(zip(map(tuple, seqs.tolist()), leaves.tolist(), strict=True))
+    assert isinstance(leaf_of, dict)
+    n = len(full.token)
+    keep = np.ones(n, dtype=bool)
+    gone = [leaf_of[s] for s in removed if s in leaf_of]
+    keep[gone] = False
+    parent = full.parent.numpy()
+    for d in range(depth, 1, -1):  # a node of depth d - 1 stays if one of its children does
+        lo, hi = starts[d], starts[d + 1]
+        has_child = np.zeros(n, dtype=bool)
+        has_child[parent[lo:hi][keep[lo:hi]]] = True
+        keep[starts[d - 1] : lo] &= has_child[starts[d - 1] : lo]
+    index = np.cumsum(keep) - 1
+    new_parent = parent[keep]
+    new_parent = np.where(new_parent >= 0, index[np.maximum(new_parent, 0)], -1)
+    new_starts = [
+        0,
+        *np.cumsum([int(keep[starts[d] : starts[d + 1]].sum()) for d in range(depth + 1)]).tolist(),
+    ]
+    lay = TreeLayout(
+        token=full.token[torch.from_numpy(keep)],
+        parent=torch.from_numpy(new_parent),
+        depth=full.depth[torch.from_numpy(keep)],
+        n_inputs=new_starts[-2] - 1,
+        items=full.items[torch.from_numpy(keep[starts[-2] :])],
+        level_starts=new_starts,
     )
+    return None if max_inputs is not None and lay.n_inputs > max_inputs else lay
 
 
 def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | None) -> TreeLayout | None:
@@ -151,5 +174,10 @@ def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | No
 
 def top_items(lay: TreeLayout, scores: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
     """The k best items, score descending; ties in trie order (stable)."""
-    order = torch.argsort(-scores, stable=True)[:k]
+    if len(scores) > 4 * k:  # sort only what can make the top k: every score >= the k-th best
+        kth = torch.topk(scores, k).values[-1]
+        candidates = torch.nonzero(scores >= kth).squeeze(1)  # in trie order
+        order = candidates[torch.argsort(-scores[candidates], stable=True)[:k]]
+    else:
+        order = torch.argsort(-scores, stable=True)[:k]
     return lay.items[order].tolist(), scores[order].tolist()

@@ -32,7 +32,8 @@ class Trie:
 
     `Trie.from_array` keeps the sequences as one array and builds nodes only when something walks
     them: exact tree scoring lays the array out directly (genrec.decoding.tree), so a request
-    ranked that way never pays for hundreds of node objects.
+    ranked that way never pays for hundreds of node objects. A trie made by `without` remembers
+    its base and what was removed, and tree scoring derives its layout from the base's.
     """
 
     def __init__(self, sequences: Sequence[Sequence[int]], items: Sequence[int] | None = None) -> None:
@@ -41,13 +42,24 @@ class Trie:
             raise ValueError("sequences and items differ in length")
         self._root: TrieNode | None = TrieNode()
         self.array: tuple[np.ndarray, np.ndarray] | None = None
-        """(tokens (n, depth), items (n,)) with distinct rows, for tries made by from_array."""
+        """(tokens (n, depth), items (n,)): the distinct sequences, in first-seen order (None: `without`)."""
+        self.derived: tuple[Trie, list[tuple[int, ...]]] | None = None
+        """(base trie, removed sequences) for a trie made by `without`."""
+        self.cache: dict[str, object] = {}
+        """Derived structures that other modules keep with the (immutable) trie: its tree layout."""
         self.depth = len(sequences[0]) if len(sequences) else 0
         self._len = 0
+        rows: list[Sequence[int]] = []
+        kept: list[int] = []
         for seq, item in zip(sequences, items, strict=True):
             if len(seq) != self.depth:
                 raise ValueError(f"all sequences must have length {self.depth}; item {item} has {len(seq)}")
-            self._len += _insert(self._root, seq, int(item))
+            if _insert(self._root, seq, int(item)):
+                rows.append(seq)
+                kept.append(int(item))
+        self._len = len(kept)
+        tokens = np.asarray(rows, dtype=np.int64).reshape(len(rows), self.depth)
+        self.array = (tokens, np.asarray(kept, dtype=np.int64))
 
     @classmethod
     def from_array(
@@ -84,45 +96,33 @@ class Trie:
     @property
     def root(self) -> TrieNode:
         if self._root is None:
-            assert self.array is not None
-            self._root = TrieNode()
-            for seq, item in zip(self.array[0].tolist(), self.array[1].tolist(), strict=True):
-                _insert(self._root, seq, item)
+            if self.derived is not None:  # made by `without`: prune a copy of the base's paths
+                base, removed = self.derived
+                self._root = _pruned(base.root, removed)
+            else:
+                assert self.array is not None
+                self._root = TrieNode()
+                for seq, item in zip(self.array[0].tolist(), self.array[1].tolist(), strict=True):
+                    _insert(self._root, seq, item)
         return self._root
 
     def __len__(self) -> int:
         return self._len
 
     def without(self, sequences: Sequence[Sequence[int]]) -> Trie:
-        """A trie minus some sequences, sharing every untouched subtree with this one.
+        """A trie minus some sequences (those it does not hold are ignored).
 
-        Costs O(len(sequences) x depth), not O(trie): nodes on the removed paths are copied, the
-        rest is shared, and emptied branches are pruned so every remaining prefix reaches an item.
+        Costs O(len(sequences) x depth), not O(trie), and nothing is built until something walks
+        the nodes: then only the nodes on the removed paths are copied, the rest is shared with the
+        base, and emptied branches are pruned so every remaining prefix reaches an item. Exact tree
+        scoring never walks them (genrec.decoding.tree derives the layout from the base's).
         """
+        base, removed = self.derived or (self, [])
+        gone = {tuple(int(t) for t in seq) for seq in sequences}
+        gone = {seq for seq in gone if seq not in set(removed) and base.get(seq) is not None}
         new = Trie([])
-        new.depth, new._len = self.depth, self._len
-        new._root = _copy(self.root)
-        copied = {id(new._root)}
-        for seq in sequences:
-            path = [new._root]
-            for tok in seq:
-                node = path[-1]
-                child = node.children.get(int(tok))
-                if child is None:
-                    break
-                if id(child) not in copied:
-                    child = node.children[int(tok)] = _copy(child)
-                    copied.add(id(child))
-                path.append(child)
-            if len(path) != len(seq) + 1 or path[-1].item is None:
-                continue
-            path[-1].item = None
-            new._len -= 1
-            for level in range(len(seq) - 1, -1, -1):
-                child = path[level + 1]
-                if child.children or child.item is not None:
-                    break
-                del path[level].children[int(seq[level])]
+        new.depth, new._len, new.array, new._root = self.depth, self._len - len(gone), None, None
+        new.derived = (base, [*removed, *sorted(gone)])
         return new
 
     def node(self, prefix: Sequence[int]) -> TrieNode | None:
@@ -172,3 +172,25 @@ def _copy(node: TrieNode) -> TrieNode:
     out.children = dict(node.children)
     out.item = node.item
     return out
+
+
+def _pruned(root: TrieNode, removed: Sequence[Sequence[int]]) -> TrieNode:
+    """A copy of `root` without the `removed` sequences (each held by it), sharing untouched subtrees."""
+    new_root = _copy(root)
+    copied = {id(new_root)}
+    for seq in removed:
+        path = [new_root]
+        for tok in seq:
+            node = path[-1]
+            child = node.children[tok]
+            if id(child) not in copied:
+                child = node.children[tok] = _copy(child)
+                copied.add(id(child))
+            path.append(child)
+        path[-1].item = None
+        for level in range(len(seq) - 1, -1, -1):
+            child = path[level + 1]
+            if child.children or child.item is not None:
+                break
+            del path[level].children[seq[level]]
+    return new_root
