@@ -118,8 +118,9 @@ class Trie:
         scoring never walks them (genrec.decoding.tree derives the layout from the base's).
         """
         base, removed = self.derived or (self, [])
-        gone = {tuple(int(t) for t in seq) for seq in sequences}
-        gone = {seq for seq in gone if seq not in set(removed) and base.get(seq) is not None}
+        already = set(removed)
+        gone = {tuple(int(t) for t in seq) for seq in sequences} - already
+        gone = {seq for seq in gone if base.get(seq) is not None}
         new = Trie([])
         new.depth, new._len, new.array, new._root = self.depth, self._len - len(gone), None, None
         new.derived = (base, [*removed, *sorted(gone)])
