@@ -70,7 +70,9 @@ serve_load() {
   stamp "serve --backend $backend"
   python3 -c "
 from serve.main import ServeArgs, serve
-serve(ServeArgs(run='$RUN', backend='$backend', port=$PORT, max_queue=4096, max_batch=256, timeout_s=120))
+from serve.service import ServeLimits
+limits = ServeLimits(max_queue=4096, max_batch=256, request_timeout_s=120)
+serve(ServeArgs(run='$RUN', backend='$backend', port=$PORT, limits=limits))
 " > "$OUT/server_$backend.log" 2>&1 &
   local server=$!
   for _ in $(seq 200); do health && break; kill -0 $server 2>/dev/null || break; sleep 1; done

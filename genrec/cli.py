@@ -368,7 +368,16 @@ def serve(
     the template API (/v1/templates) and the template editor page (/editor)."""
     from serve.main import ServeArgs
     from serve.main import serve as do_serve
+    from serve.service import ServeLimits
 
+    limits = ServeLimits(
+        max_history=max_history,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        adaptive_wait=adaptive_wait,
+        request_timeout_s=timeout,
+    )
     do_serve(
         ServeArgs(
             run=run,
@@ -378,13 +387,8 @@ def serve(
             api_keys=api_key or [],
             admin_keys=admin_key or [],
             model_name=model_name,
-            max_queue=max_queue,
-            max_batch=max_batch,
-            max_history=max_history,
-            timeout_s=timeout,
-            batch_wait_ms=batch_wait_ms,
-            adaptive_wait=adaptive_wait,
             search=search,
+            limits=limits,
         )
     )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genrec.run import RunDir
+from serve.service import ServeLimits
 
 logger = logging.getLogger(__name__)
 
@@ -24,32 +25,20 @@ class ServeArgs:
     device: str | None = None
     search: str | None = None
     """auto | beam | exact (transformers engine); None: the run's eval.search."""
-    max_queue: int = 256
-    max_batch: int = 32
-    max_history: int = 512
-    timeout_s: float = 60.0
-    batch_wait_ms: float = 5.0
-    adaptive_wait: bool = True
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    """Queue, batch, history and timeout limits (serve.service.ServeLimits)."""
 
 
 def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
     from genrec.recommender import Recommender
     from serve.app import create_app
-    from serve.service import RecService, ServeLimits
+    from serve.service import RecService
 
     run = RunDir(args.run)
     # the server drives vLLM through AsyncLLM, so concurrent batches share the engine
     backend = "vllm-async" if args.backend == "vllm" else args.backend
     rec = Recommender.load(run, backend=backend, device=args.device, search=args.search)
-    limits = ServeLimits(
-        max_history=args.max_history,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        request_timeout_s=args.timeout_s,
-        batch_wait_ms=args.batch_wait_ms,
-        adaptive_wait=args.adaptive_wait,
-    )
-    service = RecService(rec, model_name=args.model_name or run.path.name, limits=limits)
+    service = RecService(rec, model_name=args.model_name or run.path.name, limits=args.limits)
     return create_app(
         service,
         api_keys=args.api_keys,

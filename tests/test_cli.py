@@ -111,3 +111,21 @@ def test_search_option_on_the_ranking_commands(trained_run):
     assert isinstance(vllm.exception, GenrecError) and "use --backend hf" in str(vllm.exception)
     for cmd in ("serve", "generate", "recommend"):
         assert "--search" in runner.invoke(app, [cmd, "--help"]).output
+
+
+def test_serve_options_reach_the_server_limits(tmp_path, monkeypatch):
+    """`genrec serve`'s queue, batch, history, timeout and wait options end up in the service's limits."""
+    import serve.main
+    from serve.service import ServeLimits
+
+    seen = []
+    monkeypatch.setattr(serve.main, "serve", seen.append)
+    argv = ["serve", "--run", str(tmp_path), "--max-queue", "7", "--max-batch", "3", "--max-history", "40"]
+    argv += ["--timeout", "9", "--batch-wait-ms", "2", "--fixed-wait", "--api-key", "k", "--port", "9"]
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    (args,) = seen
+    assert args.limits == ServeLimits(
+        max_history=40, max_queue=7, max_batch=3, batch_wait_ms=2, adaptive_wait=False, request_timeout_s=9
+    )
+    assert (args.port, args.api_keys, args.backend) == (9, ["k"], "hf")
