@@ -13,6 +13,7 @@ This module lays tries out as tensors; the transformers engine runs the forward.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,28 +94,36 @@ def layout(trie: Trie, *, max_inputs: int | None = None) -> TreeLayout | None:
     return _layout_array(*trie.array, max_inputs=max_inputs)
 
 
+_BASES: weakref.WeakKeyDictionary[Trie, tuple[TreeLayout, dict[tuple[int, ...], int]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per base trie (kept while it lives): its full layout and each leaf's node, keyed by the leaf's sequence."""
+
+
+def _base_layout(base: Trie) -> tuple[TreeLayout, dict[tuple[int, ...], int]]:
+    assert base.array is not None
+    full = _layout_array(*base.array, max_inputs=None)
+    assert full is not None
+    starts, depth = full.level_starts, len(full.level_starts) - 2
+    leaves = torch.arange(starts[-2], len(full.token))
+    seqs = torch.empty((len(leaves), depth), dtype=torch.long)
+    node = leaves
+    for d in range(depth - 1, -1, -1):  # each leaf's sequence, read back up the parent pointers
+        seqs[:, d] = full.token[node]
+        node = full.parent[node]
+    return full, dict(zip(map(tuple, seqs.tolist()), leaves.tolist(), strict=True))
+
+
 def _layout_without(
     base: Trie, removed: list[tuple[int, ...]], *, max_inputs: int | None
 ) -> TreeLayout | None:
     """`base`'s layout minus the leaves of `removed` and the internal nodes left without a leaf."""
-    full = base.cache.get("layout")
-    if full is None:
-        assert base.array is not None
-        full = base.cache["layout"] = _layout_array(*base.array, max_inputs=None)
-    assert isinstance(full, TreeLayout)
+    if base not in _BASES:
+        _BASES[base] = _base_layout(base)
+    full, leaf_of = _BASES[base]
     starts, depth = full.level_starts, len(full.level_starts) - 2
     if max_inputs is not None and full.n_inputs - len(removed) * (depth - 1) > max_inputs:
         return None  # pruning cannot bring it under the limit
-    leaf_of = base.cache.get("leaf_of")
-    if leaf_of is None:  # each leaf's sequence, read back up the parent pointers
-        leaves = torch.arange(starts[-2], len(full.token))
-        seqs = torch.empty((len(leaves), depth), dtype=torch.long)
-        node = leaves
-        for d in range(depth - 1, -1, -1):
-            seqs[:, d] = full.token[node]
-            node = full.parent[node]
-        leaf_of = base.cache["leaf_of"] = dict(zip(map(tuple, seqs.tolist()), leaves.tolist(), strict=True))
-    assert isinstance(leaf_of, dict)
     n = len(full.token)
     keep = np.ones(n, dtype=bool)
     gone = [leaf_of[s] for s in removed if s in leaf_of]

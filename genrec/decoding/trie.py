@@ -45,8 +45,6 @@ class Trie:
         """(tokens (n, depth), items (n,)): the distinct sequences, in first-seen order (None: `without`)."""
         self.derived: tuple[Trie, list[tuple[int, ...]]] | None = None
         """(base trie, removed sequences) for a trie made by `without`."""
-        self.cache: dict[str, object] = {}
-        """Derived structures that other modules keep with the (immutable) trie: its tree layout."""
         self.depth = len(sequences[0]) if len(sequences) else 0
         self._len = 0
         rows: list[Sequence[int]] = []
