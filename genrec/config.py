@@ -172,7 +172,8 @@ class TrainConfig:
     valid_users: int = 512
     """Validation users (the first N of the data; 0: all) for the validation loss and select_metric."""
     seed: int = 0
-    """Training seed."""
+    """Training seed: genrec's model, and the SASRec baseline trained by `genrec evaluate` (so that runs with
+    different seeds give both methods' run-to-run spread)."""
     bf16: bool | None = None
     """bf16 mixed precision; None: on when a CUDA device supports it."""
 

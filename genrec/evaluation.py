@@ -156,7 +156,7 @@ def baseline_lists(
         elif name == "retriever":
             out[name] = baselines.retriever_lists(rec.retriever, examples, k=k)
         elif name == "sasrec":
-            sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs)
+            sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
             out[name] = baselines.sasrec_lists(
                 rec.data, examples, split=split, k=k, cfg=sas, progress=progress
             )

@@ -276,15 +276,23 @@ def ranking_callback(
     retriever = Retriever(run.load_embeddings())
 
     class ValidationRanking(TrainerCallback):
+        model: Any = None
+        rec: Recommender | None = None
+        """Built at the first evaluation and kept: the catalogue trie, user index and the trie layouts
+        cached for it are the same at every evaluation; only the model's weights change."""
+
         def on_evaluate(
             self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
         ) -> None:
             model, tokenizer = kw["model"], kw["processing_class"]
             was_training = model.training
-            engine = HFEngine(
-                model, tokenizer, search=cfg.eval.search, max_tree_tokens=cfg.eval.max_tree_tokens
-            )
-            rec = Recommender(run, ranking, data, ids, engine, retriever)
+            if self.rec is None or self.model is not model:
+                engine = HFEngine(
+                    model, tokenizer, search=cfg.eval.search, max_tree_tokens=cfg.eval.max_tree_tokens
+                )
+                self.rec, self.model = Recommender(run, ranking, data, ids, engine, retriever), model
+            rec = self.rec
+            model.eval()  # dropout off while ranking; restored below
             with torch.no_grad():
                 lists = model_lists(rec, valid, ranking, progress=state.is_world_process_zero)
             model.train(was_training)

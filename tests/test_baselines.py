@@ -45,3 +45,22 @@ def test_retriever_baseline_excludes_history():
     test = leave_one_out(data, "test")
     lists = retriever_lists(Retriever(emb), test, k=2)
     assert all(len(lst) == 2 and not set(lst) & set(ex.history) for lst, ex in zip(lists, test, strict=True))
+
+
+def test_evaluate_trains_sasrec_with_the_runs_seed(monkeypatch):
+    """train.seed reaches the SASRec baseline, so runs with other seeds show both methods' spread."""
+    from types import SimpleNamespace
+
+    from genrec import baselines
+    from genrec.config import RunConfig, apply_overrides
+    from genrec.evaluation import baseline_lists
+
+    seen = []
+    monkeypatch.setattr(baselines, "sasrec_lists", lambda *a, cfg, **kw: seen.append(cfg) or [[0]])
+    for seed in (0, 3):
+        cfg = apply_overrides(
+            RunConfig(), ["eval.baselines=[sasrec]", f"train.seed={seed}", "eval.sasrec_epochs=7"]
+        )
+        out = baseline_lists(SimpleNamespace(data=None), [], cfg, np.zeros(1), progress=False)
+        assert out == {"sasrec": [[0]]}
+    assert [(c.seed, c.epochs) for c in seen] == [(0, 7), (3, 7)]

@@ -194,9 +194,17 @@ def test_history_loss_rows_label_the_answer_and_every_shown_history_id_after_the
 
 
 @pytest.mark.slow
-def test_history_loss_training_keeps_the_checkpoint_with_the_best_validation_ranking(tmp_path):
+def test_history_loss_training_keeps_the_checkpoint_with_the_best_validation_ranking(tmp_path, monkeypatch):
     """train.select_metric=ndcg@10: every evaluation ranks the validation users; the kept weights are the
-    best-ranking checkpoint's, and `genrec evaluate` on those users gives the same figure."""
+    best-ranking checkpoint's, and `genrec evaluate` on those users gives the same figure. The ranking
+    Recommender (catalogue trie, user index) is built once, not at each of the six evaluations."""
+    from genrec import recommender
+
+    built = []
+    init = recommender.Recommender.__init__
+    monkeypatch.setattr(
+        recommender.Recommender, "__init__", lambda self, *a, **kw: built.append(1) or init(self, *a, **kw)
+    )
     run, cfg = make_run(
         tmp_path,
         "select",
@@ -211,6 +219,7 @@ def test_history_loss_training_keeps_the_checkpoint_with_the_best_validation_ran
     )
     summary = train(run, cfg)
     assert summary["history_loss"] is True and summary["examples"] > 0
+    assert len(built) == 1
     logged = [json.loads(x) for x in run.train_log_file.read_text().splitlines()]
     figures = [(x["step"], x["eval_ndcg@10"]) for x in logged if "eval_ndcg@10" in x]
     # one per checkpoint, then the final evaluation of the kept weights
