@@ -51,3 +51,15 @@ def encode_chats(tokenizer: Any, conversations: Sequence[list[dict[str, str]]]) 
         list(conversations), add_generation_prompt=True, tokenize=True, return_dict=True
     )
     return [list(ids) for ids in out["input_ids"]]
+
+
+class ChatPrompts:
+    """`Engine.encode_messages` and `encode_many` for an engine whose `tokenizer` holds the chat template."""
+
+    tokenizer: Any
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+        return encode_chats(self.tokenizer, conversations)

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout, layout, top_items
-from genrec.engines.base import encode_chat, encode_chats
+from genrec.engines.base import ChatPrompts
 
 SEARCHES = ("auto", "beam", "exact")
 TREE_ATTENTION = ("sdpa", "eager")
@@ -208,7 +208,7 @@ class TreeScorer:
             out[r] = Ranked(*top_items(lay, scores, k))
 
 
-class HFEngine:
+class HFEngine(ChatPrompts):
     """Engine over a transformers model already loaded (see genrec.modeling.load_trained).
 
     `search`: "auto" ranks a request exactly (tree scoring) when its trie feeds at most
@@ -237,12 +237,6 @@ class HFEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
-
-    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
-        return encode_chats(self.tokenizer, conversations)
 
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int

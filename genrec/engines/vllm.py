@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
-from genrec.engines.base import encode_chat, encode_chats
+from genrec.engines.base import ChatPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def engine_options(
     return out
 
 
-class VLLMEngine:
+class VLLMEngine(ChatPrompts):
     name = "vllm"
     concurrent = False
     """Whether rank() may be called from several threads at once (AsyncVLLMEngine: yes)."""
@@ -117,12 +117,6 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.llm = llm or LLM(**engine_options(self.model_dir, **options))
         self.ranked_by: Counter[str] = Counter()
-
-    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
-
-    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
-        return encode_chats(self.tokenizer, conversations)
 
     def rank(
         self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
