@@ -1,4 +1,5 @@
-"""Baselines scored on the same split as genrec: popularity, item-kNN, the retriever alone, SASRec (CE).
+"""Baselines scored on the same split as genrec: popularity, item-kNN, a Markov chain over the last items,
+the retriever alone, SASRec (CE).
 
 Each baseline sees only what the model saw: interactions before the split's targets (for `test`,
 every item but each user's last; for `valid`, all but the last two). Each returns, per example,
@@ -76,6 +77,43 @@ def itemknn_lists(
     out = []
     for ex in examples:
         scores = np.asarray(s[list(ex.history)].sum(axis=0)).ravel()
+        out.append(_top_k_unseen(scores, ex.history, k))
+    return out
+
+
+def markov_lists(
+    data: Interactions,
+    examples: Sequence[Example],
+    *,
+    split: str,
+    k: int,
+    last: int = 3,
+    decay: float = 0.5,
+) -> list[list[int]]:
+    """A first-order Markov chain: P(next | item) from the consecutive pairs of the visible sequences; a user's
+    score for an item is the sum over their `last` items of decay^age * P(item | that item), the most recent
+    at age 0. Popularity breaks ties and fills the list where transitions run out, so every list is full.
+    The simplest sequential baseline: where it is strong, what comes next depends on the last few items."""
+    from scipy import sparse
+
+    seqs = [s for s in visible_sequences(data, split) if len(s) >= 2]
+    n = len(data.catalog)
+    src = np.concatenate([np.asarray(s[:-1], dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, int)
+    dst = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, int)
+    counts = sparse.csr_matrix((np.ones(len(src), dtype=np.float64), (src, dst)), shape=(n, n))
+    out_degree = np.asarray(counts.sum(axis=1)).ravel()
+    trans = sparse.diags(1.0 / np.maximum(out_degree, 1.0)) @ counts  # rows: P(next | item)
+    pop = np.bincount(
+        np.concatenate([np.asarray(s, dtype=np.int64) for s in visible_sequences(data, split)]), minlength=n
+    )
+    tie = 1e-9 * pop / max(int(pop.max()), 1)  # below any transition's weight
+    out = []
+    for ex in examples:
+        recent = list(ex.history[-last:])[::-1]
+        weights = sparse.csr_matrix(
+            (decay ** np.arange(len(recent)), (np.zeros(len(recent), dtype=np.int64), recent)), shape=(1, n)
+        )
+        scores = np.asarray((weights @ trans).todense()).ravel() + tie
         out.append(_top_k_unseen(scores, ex.history, k))
     return out
 

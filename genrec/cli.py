@@ -202,7 +202,8 @@ def evaluate(
     ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Full-ranking leave-one-out evaluation vs popularity; writes eval_<split>.json, report_<split>.md, plots."""
+    """Full-ranking leave-one-out evaluation of the model and, on the same split, the baselines in eval.baselines
+    (popularity, item-kNN, Markov chain, retriever alone, SASRec); writes eval_<split>.json, report_<split>.md, plots."""
     from genrec.evaluation import evaluate as do_eval
 
     rd = RunDir(run)

@@ -202,8 +202,11 @@ class EvalConfig:
     """Users per forward pass."""
     max_users: int | None = None
     """Evaluate on the first N users only (None: all). Reported in the output."""
-    baselines: list[str] = field(default_factory=lambda: ["popularity", "itemknn", "retriever", "sasrec"])
-    """Baselines run on the same split: popularity, itemknn, retriever (embeddings alone), sasrec (CE loss)."""
+    baselines: list[str] = field(
+        default_factory=lambda: ["popularity", "itemknn", "markov", "retriever", "sasrec"]
+    )
+    """Baselines run on the same split: popularity, itemknn, markov (transitions from the last items),
+    retriever (embeddings alone), sasrec (CE loss)."""
     sasrec_epochs: int = 100
     """Training epochs of the SASRec baseline."""
 
@@ -386,9 +389,10 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(e.max_tree_tokens >= 1, "eval.max_tree_tokens must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
-    unknown = sorted(set(e.baselines) - {"popularity", "itemknn", "retriever", "sasrec"})
+    unknown = sorted(set(e.baselines) - {"popularity", "itemknn", "markov", "retriever", "sasrec"})
     need(
-        not unknown, f"eval.baselines: unknown {unknown}; choose from popularity, itemknn, retriever, sasrec"
+        not unknown,
+        f"eval.baselines: unknown {unknown}; choose from popularity, itemknn, markov, retriever, sasrec",
     )
     need(max(e.ks) <= e.beam_width, f"eval.ks max {max(e.ks)} exceeds eval.beam_width {e.beam_width}")
     need(

@@ -153,6 +153,8 @@ def baseline_lists(
             out[name] = popularity_lists(examples, counts, k)
         elif name == "itemknn":
             out[name] = baselines.itemknn_lists(rec.data, examples, split=split, k=k)
+        elif name == "markov":
+            out[name] = baselines.markov_lists(rec.data, examples, split=split, k=k)
         elif name == "retriever":
             out[name] = baselines.retriever_lists(rec.retriever, examples, k=k)
         elif name == "sasrec":

@@ -37,7 +37,7 @@ def test_evaluation_report_and_validity(trained):
     run, cfg, _ = trained
     report = evaluate(run, cfg, progress=False)
     res = report["results"]
-    assert set(res) == {"genrec", "popularity", "itemknn", "retriever", "sasrec"}
+    assert set(res) == {"genrec", "popularity", "itemknn", "markov", "retriever", "sasrec"}
     assert res["genrec"]["validity"] == 1.0 and res["genrec"]["full_lists"] == 1.0
     for r in res.values():
         assert 0.0 <= r["ndcg@10"] <= r["recall@10"] <= 1.0
