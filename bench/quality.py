@@ -4,9 +4,10 @@
     python -m bench.quality --datasets scientific --set train.epochs=4
     python -m bench.quality --reuse                           # collect runs already evaluated
 
-For each dataset: prepare -> build-ids -> train -> evaluate (with popularity, item-kNN, the retriever
-alone and SASRec in the same command), using the dataset's best CPU recipe in training/configs/ (Beauty and Scientific: the `*-atomic.yaml`
-ones; `--set` overrides any field). Writes
+For each dataset: prepare -> build-ids -> train -> evaluate, with the recipe's eval.baselines in the same
+command (popularity, item-kNN, a Markov chain, the retriever alone, and SASRec but in Beauty's CPU recipe),
+using the dataset's best CPU recipe in training/configs/ (the `*-atomic.yaml` ones; `--set` overrides any
+field). Writes
 bench/results/quality_<dataset>.json and prints a markdown table with the published figures from
 ../shared/data/README.md next to ours. A dataset whose files are absent is skipped with a message
 (the data's terms forbid copying it into this repository, so CI never has it).
@@ -40,7 +41,7 @@ DATASETS = {
             "cross-entropy SASRec (stretch)": {"recall@10": 0.08, "ndcg@10": 0.045},
         },
     ),
-    "ml-100k": ("training/configs/ml-100k.yaml", "ml-100k", {}),
+    "ml-100k": ("training/configs/ml-100k-atomic.yaml", "ml-100k", {}),  # ~12 min on the 2-core CPU
     "scientific": ("training/configs/amazon-scientific-atomic.yaml", "amazon-scientific", {}),
 }
 METRICS = [

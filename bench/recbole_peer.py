@@ -10,8 +10,8 @@
    mode: full}` in the separate venv (RecBole pins numpy<2 / pandas<2.3, which genrec does not).
 4. Trains genrec's SASRec exactly as `genrec evaluate` does (SASRecConfig: the same sizes as the
    RecBole model) on the same training part (each user's sequence minus the validation and test
-   items, as RecBole's LS split does) and scores the same test users with full ranking minus seen
-   items.
+   items, as RecBole's LS split does), keeps the epoch with the best validation NDCG@10 (RecBole's
+   early stopping does the same) and scores the same test users with full ranking minus seen items.
 5. Prints both side by side and writes bench/results/recbole_peer.json.
 
 Skips cleanly when ../shared/data/ml-100k or the RecBole venv is absent.
@@ -151,8 +151,9 @@ def parse_recbole_log(text: str) -> dict[str, Any]:
 
 
 def genrec_sasrec(data: Any, *, epochs: int | None) -> tuple[dict[str, float], dict[str, Any]]:
-    """genrec's SASRec as `genrec evaluate` runs it (SASRecConfig defaults), trained on the LS
-    training part (minus valid and test, as RecBole's split), scored on the test users."""
+    """genrec's SASRec as `genrec evaluate` runs it (SASRecConfig defaults): trained on the LS training part
+    (minus valid and test, as RecBole's split), its epoch chosen by validation NDCG@10 as RecBole's early
+    stopping does, scored on the test users."""
     from dataclasses import asdict, replace
 
     from genrec.baselines import SASRecConfig, sasrec_lists
@@ -161,7 +162,8 @@ def genrec_sasrec(data: Any, *, epochs: int | None) -> tuple[dict[str, float], d
 
     cfg = SASRecConfig() if epochs is None else replace(SASRecConfig(), epochs=epochs)
     examples = leave_one_out(data, "test")
-    lists = sasrec_lists(data, examples, split="valid", k=max(KS), cfg=cfg)  # trains on s[:-2], like LS
+    # split="test" with selection: trains on s[:-2], selects on s[-2], ranks s[-1], like LS valid_and_test
+    lists = sasrec_lists(data, examples, split="test", k=max(KS), cfg=cfg)
     per_user = [user_metrics(lst, ex.target, KS) for lst, ex in zip(lists, examples, strict=True)]
     return {k: float(np.mean([u[k] for u in per_user])) for k in per_user[0]}, asdict(cfg)
 

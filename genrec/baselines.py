@@ -131,9 +131,17 @@ class SASRecConfig:
     dropout: float = 0.2
     max_len: int = 50
     epochs: int = 100
+    """Training epochs at most."""
     batch_size: int = 128
     lr: float = 3e-3  # on the demo data, 100 epochs: lr 3e-3 -> R@10 0.642, lr 1e-3 -> 0.478
     seed: int = 0
+    eval_every: int = 5
+    """Epochs between validation rankings (with `patience`)."""
+    patience: int = 4
+    """Validation rankings without a better NDCG@10 before training stops; the best epoch's weights rank the
+    split. 0: no selection, train `epochs` on every visible item (the last one included)."""
+    valid_users: int = 5000
+    """Users whose held-out item is ranked at each validation (the first N; 0: all)."""
 
 
 class SASRec(nn.Module):
@@ -187,17 +195,30 @@ def sasrec_lists(
     cfg: SASRecConfig | None = None,
     progress: bool = True,
 ) -> list[list[int]]:
-    """Train SASRec on the sequences visible before the split's targets, then rank for each example."""
+    """Train SASRec on the sequences visible before the split's targets, then rank for each example.
+
+    With `cfg.patience` > 0 the epoch is chosen as genrec's own is (train.select_metric): each user's last
+    visible item (for the test split, the validation item) is held out of training, ranked every
+    `eval_every` epochs by NDCG@10 over the full catalogue minus the user's items, and the best epoch's
+    weights rank the examples. That is RecBole's protocol (train on all but the last two items, select on
+    the second-last, test on the last); without it the last epoch's weights are used, however they rank."""
     cfg = cfg or SASRecConfig()
     torch.manual_seed(cfg.seed)
-    train = [s[:-1] for s in visible_sequences(data, split) if len(s) >= 2]  # inputs; targets shifted by one
-    targets = [s[1:] for s in visible_sequences(data, split) if len(s) >= 2]
+    visible = [s for s in visible_sequences(data, split) if len(s) >= 2]
+    held: list[Example] = []
+    if cfg.patience > 0:
+        held = [Example("", tuple(s[:-1]), s[-1]) for s in visible]
+        held = held[: cfg.valid_users] if cfg.valid_users > 0 else held
+        visible = [s[:-1] for s in visible if len(s) >= 3]
+    train = [s[:-1] for s in visible]  # inputs; targets shifted by one
+    targets = [s[1:] for s in visible]
     x, y = _left_pad(train, cfg.max_len), _left_pad(targets, cfg.max_len) - 1  # y: -1 = padding
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = SASRec(len(data.catalog), cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    bar = tqdm(range(cfg.epochs), desc="SASRec", unit="epoch", disable=not progress)
-    for _ in bar:
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (-1.0, 0, None)
+    bar = tqdm(range(1, cfg.epochs + 1), desc="SASRec", unit="epoch", disable=not progress)
+    for epoch in bar:
         model.train()
         perm = torch.randperm(len(x))
         total = 0.0
@@ -211,13 +232,40 @@ def sasrec_lists(
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{total / len(x):.3f}")
+        bar.set_postfix(loss=f"{total / len(x):.3f}", best_ndcg=f"{best[0]:.4f}", best_epoch=best[1])
+        if held and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            ndcg = float(
+                np.mean(
+                    [
+                        _ndcg(lst, ex.target, 10)
+                        for lst, ex in zip(_rank(model, held, 10, cfg.max_len, device), held, strict=True)
+                    ]
+                )
+            )
+            if ndcg > best[0]:
+                best = (ndcg, epoch, {n: t.detach().clone() for n, t in model.state_dict().items()})
+            elif epoch - best[1] >= cfg.patience * cfg.eval_every:
+                break
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+        logger.info("SASRec: best validation NDCG@10 %.4f at epoch %d of %d", best[0], best[1], epoch)
+    return _rank(model, examples, k, cfg.max_len, device)
+
+
+def _ndcg(ranked: Sequence[int], target: int, k: int) -> float:
+    return 1.0 / math.log2(list(ranked[:k]).index(target) + 2) if target in ranked[:k] else 0.0
+
+
+def _rank(
+    model: SASRec, examples: Sequence[Example], k: int, max_len: int, device: torch.device
+) -> list[list[int]]:
+    """Top k over the whole catalogue minus each example's history, from the last position's logits."""
     model.eval()
     out: list[list[int]] = []
     with torch.no_grad():
         for s in range(0, len(examples), 256):
             batch = examples[s : s + 256]
-            seqs = _left_pad([ex.history for ex in batch], cfg.max_len).to(device)
+            seqs = _left_pad([ex.history for ex in batch], max_len).to(device)
             scores = model(seqs)[:, -1].float().cpu().numpy()
             out.extend(_top_k_unseen(sc, ex.history, k) for sc, ex in zip(scores, batch, strict=True))
     return out

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 
 from genrec.baselines import SASRecConfig, itemknn_lists, markov_lists, retriever_lists, sasrec_lists
@@ -26,6 +28,38 @@ def test_sasrec_learns_a_deterministic_sequence():
     )
     assert hit1(lists, test) > 0.9
     assert all(not set(lst) & set(ex.history) for lst, ex in zip(lists, test, strict=True))
+
+
+def test_sasrec_holds_out_the_validation_item_and_keeps_the_best_epoch(monkeypatch, caplog):
+    """patience > 0: the last visible item of each user is ranked, not trained on; training stops once
+    validation NDCG@10 stops rising and the best epoch's weights rank the test users."""
+    import logging
+
+    from genrec import baselines
+
+    data = cyclic()
+    test = leave_one_out(data, "test")
+    padded = []
+    left_pad = baselines._left_pad
+    monkeypatch.setattr(
+        baselines, "_left_pad", lambda seqs, n: padded.append(list(seqs)) or left_pad(seqs, n)
+    )
+    cfg = SASRecConfig(hidden=32, epochs=100, max_len=12, eval_every=2, patience=2)
+    with caplog.at_level(logging.INFO, logger="genrec.baselines"):
+        lists = sasrec_lists(data, test, split="test", k=5, cfg=cfg, progress=False)
+    assert hit1(lists, test) > 0.9
+    targets = padded[1]  # the training targets: each user's sequence minus the test and validation items
+    assert targets == [list(s[1:-2]) for s in data.sequences]
+    best, last = map(int, re.search(r"at epoch (\d+) of (\d+)", caplog.text).groups())
+    assert last == best + 2 * 2 < 100  # stopped after two rankings without a better one
+
+    padded.clear()
+    sasrec_lists(
+        data, test[:3], split="test", k=5, cfg=SASRecConfig(hidden=8, epochs=1, patience=0), progress=False
+    )
+    assert padded[1] == [
+        list(s[1:-1]) for s in data.sequences
+    ]  # no selection: the validation item trained on
 
 
 def test_itemknn_recommends_from_the_cluster_of_the_history():
