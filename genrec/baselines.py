@@ -137,9 +137,11 @@ class SASRecConfig:
     seed: int = 0
     eval_every: int = 5
     """Epochs between validation rankings (with `patience`)."""
-    patience: int = 4
+    patience: int = 10
     """Validation rankings without a better NDCG@10 before training stops; the best epoch's weights rank the
-    split. 0: no selection, train `epochs` on every visible item (the last one included)."""
+    split. 0: no selection, train `epochs` on every visible item (the last one included). 50 epochs: with 4
+    (20 epochs) one ml-100k seed stopped on an early plateau at epoch 75 (validation NDCG@10 0.036; the
+    other seeds went on to 0.10 after 300+ epochs)."""
     valid_users: int = 5000
     """Users whose held-out item is ranked at each validation (the first N; 0: all)."""
 
