@@ -96,16 +96,15 @@ def markov_lists(
     The simplest sequential baseline: where it is strong, what comes next depends on the last few items."""
     from scipy import sparse
 
-    seqs = [s for s in visible_sequences(data, split) if len(s) >= 2]
+    visible = visible_sequences(data, split)
+    seqs = [s for s in visible if len(s) >= 2]
     n = len(data.catalog)
     src = np.concatenate([np.asarray(s[:-1], dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, int)
     dst = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, int)
     counts = sparse.csr_matrix((np.ones(len(src), dtype=np.float64), (src, dst)), shape=(n, n))
     out_degree = np.asarray(counts.sum(axis=1)).ravel()
     trans = sparse.diags(1.0 / np.maximum(out_degree, 1.0)) @ counts  # rows: P(next | item)
-    pop = np.bincount(
-        np.concatenate([np.asarray(s, dtype=np.int64) for s in visible_sequences(data, split)]), minlength=n
-    )
+    pop = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in visible]), minlength=n)
     tie = 1e-9 * pop / max(int(pop.max()), 1)  # below any transition's weight
     out = []
     for ex in examples:
@@ -204,6 +203,8 @@ def sasrec_lists(
     `eval_every` epochs by NDCG@10 over the full catalogue minus the user's items, and the best epoch's
     weights rank the examples. That is RecBole's protocol (train on all but the last two items, select on
     the second-last, test on the last); without it the last epoch's weights are used, however they rank."""
+    from genrec.evaluation import user_metrics  # the metric genrec evaluate reports
+
     cfg = cfg or SASRecConfig()
     torch.manual_seed(cfg.seed)
     visible = [s for s in visible_sequences(data, split) if len(s) >= 2]
@@ -239,7 +240,7 @@ def sasrec_lists(
             ndcg = float(
                 np.mean(
                     [
-                        _ndcg(lst, ex.target, 10)
+                        user_metrics(lst, ex.target, [10])["ndcg@10"]
                         for lst, ex in zip(_rank(model, held, 10, cfg.max_len, device), held, strict=True)
                     ]
                 )
@@ -252,10 +253,6 @@ def sasrec_lists(
         model.load_state_dict(best[2])
         logger.info("SASRec: best validation NDCG@10 %.4f at epoch %d of %d", best[0], best[1], epoch)
     return _rank(model, examples, k, cfg.max_len, device)
-
-
-def _ndcg(ranked: Sequence[int], target: int, k: int) -> float:
-    return 1.0 / math.log2(list(ranked[:k]).index(target) + 2) if target in ranked[:k] else 0.0
 
 
 def _rank(
