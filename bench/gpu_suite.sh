@@ -15,7 +15,7 @@
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
 # Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK, PORT,
-# PARTS (a subset of "vllm hf hf-tree serve-vllm serve-hf"; all by default). All of it takes longer than one
+# PARTS (a subset of "vllm hf hf-tree hf-eager serve-vllm serve-hf"; all but hf-eager by default). All of it takes longer than one
 # 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
 RUN=${RUN:-runs/gpu}
@@ -62,6 +62,12 @@ if want hf-tree; then
   stamp "engine throughput: hf, full catalogue, exact (~2,000 tree tokens per user)"
   timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 64 \
     --candidates all --search exact --latency-requests "$LATENCY" --out "$OUT/engine_hf_all_exact.json" 2>&1 | quiet 25
+fi
+if want hf-eager; then  # tree scoring without CUDA graphs (eval.cuda_graphs: false), for comparison
+  stamp "engine throughput: hf, 200 retrieved candidates, exact, no CUDA graphs"
+  timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
+    --candidates retriever --search exact --no-cuda-graphs --latency-requests "$LATENCY" \
+    --out "$OUT/engine_hf_retriever_exact_eager.json" 2>&1 | quiet 25
 fi
 health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
 # serve_load BACKEND SOAK: start `genrec serve`, load it at 1/8/32/128 clients, soak, print its counters, stop it

@@ -198,6 +198,11 @@ class EvalConfig:
     max_tree_tokens: int = 1024
     """`auto`'s limit: internal trie nodes fed as tokens (200 retrieved candidates feed 90-200 on the demo
     run, at most 200 x (ID length - 1)); a full catalogue usually exceeds it and gets beam search."""
+    cuda_graphs: bool = True
+    """Transformers engine on a GPU: exact tree scoring of up to 8 requests at a time (a served request)
+    replays CUDA graphs captured per padded shape (width rounded up to 64 tokens) instead of launching
+    every kernel from Python; checked against the plain forward at first use, and dropped with a warning
+    if they differ or fail to capture. No effect on a CPU."""
     batch_size: int = 32
     """Users per forward pass."""
     max_users: int | None = None

@@ -119,6 +119,7 @@ class Recommender:
                 *load_trained(run.model_dir(), device=device, dtype=cfg.model.dtype),
                 search=search,
                 max_tree_tokens=cfg.eval.max_tree_tokens,
+                cuda_graphs=cfg.eval.cuda_graphs,
             )
         elif backend == "vllm":
             from genrec.engines.vllm import VLLMEngine

@@ -321,3 +321,98 @@ def test_top_items_equals_a_full_stable_sort(values, k):
     scores = torch.tensor(values, dtype=torch.float64)  # few distinct values: many ties
     order = torch.argsort(-scores, stable=True)[:k]
     assert top_items(lay, scores, k) == (lay.items[order].tolist(), scores[order].tolist())
+
+
+def _tree_case(tok, engine):
+    seqs = code_sequences(tok)
+    texts = ["the cat", "next item recent items oldest first on the mat", "mat"]
+    prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
+    lays = [layout(Trie(seqs[k : k + 20 + 17 * k])) for k in range(3)]
+    return prompts, lays
+
+
+def test_static_shapes_rank_exactly_as_the_plain_forward(tiny_lm):
+    """StaticForward pads a batch to a bucket (rows to a power of two, width to a step) and scores with
+    the decoder plus the output head on the parent nodes only: the CUDA-graph path's arithmetic, run
+    eagerly on the CPU. Same items and scores as the unpadded model forward, for 1, 2 and 3 rows; the
+    first use is checked against the model's forward and passes."""
+    from genrec.engines.hf import StaticForward, TreeScorer
+
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok)
+    prompts, lays = _tree_case(tok, engine)
+    static = StaticForward(model, capture=False, width_step=48)
+    assert static.bucket(3, 49) == (4, 96) and static.bucket(1, 48) == (1, 48)
+    assert static.bucket(9, 10) is None and static.bucket(1, 4096) is None
+    plain = TreeScorer(model, pad_id=engine.pad_id)
+    padded = TreeScorer(model, pad_id=engine.pad_id, static=static)
+    shapes = []
+    hidden = static.hidden
+    static.hidden = lambda ids, pos, mask: shapes.append(tuple(ids.shape)) or hidden(ids, pos, mask)
+    for n in (1, 2, 3):
+        for a, b in zip(
+            plain.rank(prompts[:n], lays[:n], 7), padded.rank(prompts[:n], lays[:n], 7), strict=True
+        ):
+            assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-4)
+    widest = max(len(p) + lay.n_inputs for p, lay in zip(prompts, lays, strict=True))
+    assert shapes[-1] == (4, -(-widest // 48) * 48) and all(w % 48 == 0 for _, w in shapes)
+    assert static.verified and static.disabled is None
+
+
+def test_static_shapes_fall_back_to_the_model_forward(tiny_lm):
+    """A model whose output head is not what StaticForward applies (here: scaled logits, as soft-capping
+    would) fails the first-use check, and a failed capture turns graphs off: either way the request is
+    ranked by the plain forward, the reason is kept, and later batches stay eager."""
+    from genrec.engines.hf import StaticForward, TreeScorer
+
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok)
+    prompts, lays = _tree_case(tok, engine)
+    expected = TreeScorer(model, pad_id=engine.pad_id).rank(prompts, lays, 5)
+
+    scaled = StaticForward(model, capture=False)
+    head = scaled.head
+    scaled.head = lambda h: 3 * head(h)
+    broken = StaticForward(model, capture=False)
+
+    def fail(*_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    broken.hidden = fail
+    for static, reason in ((scaled, "differ from the model's forward"), (broken, "RuntimeError: operation")):
+        scorer = TreeScorer(model, pad_id=engine.pad_id, static=static)
+        for _ in range(2):
+            for a, b in zip(expected, scorer.rank(prompts, lays, 5), strict=True):
+                assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-5)
+        assert reason in static.disabled and static.bucket(1, 10) is None
+
+
+def test_cuda_graphs_only_on_a_gpu(tiny_lm):
+    """On a CPU the engine never pads or captures, whatever cuda_graphs says."""
+    model, tok, _ = tiny_lm
+    assert HFEngine(model, tok, cuda_graphs=True).static is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_tree_scoring_on_a_gpu(tiny_lm):
+    """On a GPU (the device machine; skipped in CI): graphs are captured, pass their first-use check, and
+    rank as the eager engine does, for single requests and a batch, at several widths."""
+    model, tok, _ = tiny_lm
+    model = model.to("cuda")
+    try:
+        eager, graphed = (
+            HFEngine(model, tok, search="exact"),
+            HFEngine(model, tok, search="exact", cuda_graphs=True),
+        )
+        prompts, _ = _tree_case(tok, eager)
+        seqs = code_sequences(tok)
+        tries = [Trie(seqs[k : k + 20 + 17 * k]) for k in range(3)]
+        for batch in ([0], [1], [2], [0, 1, 2], [2]):
+            want = eager.rank([prompts[i] for i in batch], [tries[i] for i in batch], beam_width=6)
+            got = graphed.rank([prompts[i] for i in batch], [tries[i] for i in batch], beam_width=6)
+            for a, b in zip(want, got, strict=True):
+                assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-3)
+        assert graphed.static is not None and graphed.static.disabled is None and graphed.static.verified
+        assert graphed.static.captured >= 2
+    finally:
+        model.to("cpu")

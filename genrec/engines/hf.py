@@ -9,9 +9,11 @@ scoring of candidate sequences (teacher forcing), the reference both are tested 
 
 from __future__ import annotations
 
-from collections import Counter
+import logging
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout, layout, top_items
 from genrec.engines.base import ChatPrompts
 
+logger = logging.getLogger(__name__)
+
 SEARCHES = ("auto", "beam", "exact")
 TREE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the custom 4-D mask tree scoring needs (flash kernels do not)."""
@@ -28,6 +32,10 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 """Every SDPA kernel but cuDNN's, which plans each new shape on the CPU first: about 5 ms per layer
 call on an H100 with the masks of tree scoring and padded batches (measured, BENCHMARKS.md), and
 every request brings its own length."""
+STATIC_TOLERANCE = 0.05
+"""Largest log-prob gap allowed between StaticForward's scoring and the model's own forward at its first
+use (bf16 rounding differs with the padded shape; a model whose output head is not a plain linear layer,
+e.g. with logit soft-capping, differs by far more and goes back to eager calls)."""
 
 
 @contextmanager
@@ -101,22 +109,127 @@ class HFStepModel:
         return self._gather(out.logits[:, -1], allowed)
 
 
+class StaticForward:
+    """The decoder's forward at a few fixed shapes, replayed from CUDA graphs on a GPU.
+
+    Tree scoring brings a new (rows, width) with nearly every request, and eager PyTorch pays its CPU
+    side (about 40 kernel launches per layer, plus transformers' Python) on every call: for one request
+    on an H100 that is most of the time (BENCHMARKS.md, "CUDA graphs"). Here a batch of at most
+    `max_rows` rows and `max_width` tokens is padded up to a bucket (rows to a power of two, width to a
+    multiple of `width_step`); each bucket's graph is captured at its first use (shared memory pool,
+    `max_graphs` kept, least recently used dropped) and replayed after. The graph covers the decoder;
+    the caller applies the output head to the few positions it needs. `capture=False` runs the same
+    padded shapes eagerly: the CPU tests use it to check that padding changes no result.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        capture: bool,
+        width_step: int = 64,
+        max_width: int = 2048,
+        max_rows: int = 8,
+        max_graphs: int = 64,
+    ) -> None:
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.capture = capture
+        self.width_step, self.max_width, self.max_rows, self.max_graphs = (
+            width_step,
+            max_width,
+            max_rows,
+            max_graphs,
+        )
+        self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
+        self.pool: Any = None
+        self.verified = False
+        """Whether graph-and-head scoring was checked against the model's own forward (first use)."""
+        self.disabled: str | None = None
+        """Why the engine went back to eager calls for good (a failed capture or check), if it did."""
+        self.captured = 0
+
+    def bucket(self, rows: int, width: int) -> tuple[int, int] | None:
+        """The padded (rows, width) a batch runs at, or None where it goes eager (too big, or disabled)."""
+        if self.disabled is not None or rows > self.max_rows or width > self.max_width:
+            return None
+        padded_rows = 1 << (rows - 1).bit_length()
+        return padded_rows, -(-width // self.width_step) * self.width_step
+
+    def hidden(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(rows, width, hidden) last hidden states; inputs already at a bucket's shape, on the device.
+        With graphs the result is the graph's output buffer: read it before the next call."""
+        if not self.capture:
+            return self._forward(ids, pos, mask)
+        key = (int(ids.shape[0]), int(ids.shape[1]))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._capture(ids, pos, mask)
+            self.graphs[key] = graph
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph.ids.copy_(ids)
+        graph.pos.copy_(pos)
+        graph.mask.copy_(mask)
+        graph.graph.replay()
+        return graph.out
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out.last_hidden_state
+
+    def _capture(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> _Graph:
+        static = (ids.clone(), pos.clone(), mask.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (workspaces, lazy init), as PyTorch asks
+            for _ in range(2):
+                self._forward(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self._forward(*static)
+        self.pool = graph.pool()
+        self.captured += 1
+        return _Graph(graph, *static, out)
+
+
+@dataclass
+class _Graph:
+    """A captured forward and its static buffers: inputs copied in before each replay, output read after."""
+
+    graph: Any
+    ids: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    out: torch.Tensor
+
+
 class TreeScorer:
     """log P(item | prompt) for every item of each request's trie, one forward per batch of requests.
 
     Each row is [left padding, prompt, tree tokens]; a 4-D mask lets the prompt attend
     causally and each tree token attend to the prompt, its ancestors and itself; position ids put
     a tree token where it would sit in its own sequence. Rows are packed by length so that a batch's
-    mask stays under `mask_budget` elements and its kept logits under `logits_budget`.
+    mask stays under `mask_budget` elements and its kept logits under `logits_budget`. With `static`
+    (see StaticForward), small batches run padded to a fixed shape, from CUDA graphs on a GPU.
     """
 
     def __init__(
-        self, model: Any, *, pad_id: int, mask_budget: int = 1 << 26, logits_budget: int = 1 << 27
+        self,
+        model: Any,
+        *,
+        pad_id: int,
+        mask_budget: int = 1 << 26,
+        logits_budget: int = 1 << 27,
+        static: StaticForward | None = None,
     ) -> None:
         self.model = model
         self.pad_id = pad_id
         self.mask_budget = mask_budget
         self.logits_budget = logits_budget
+        self.static = static
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -151,24 +264,17 @@ class TreeScorer:
         allow |= pad[:, :, None] & torch.eye(width, dtype=torch.bool, device=self.device)  # no empty rows
         return allow
 
-    @torch.inference_mode()
-    def _run(
-        self,
-        prompts: Sequence[Sequence[int]],
-        layouts: Sequence[TreeLayout],
-        rows: list[int],
-        k: int,
-        out: list[Ranked],
-    ) -> None:
-        width = max(len(prompts[r]) + layouts[r].n_inputs for r in rows)
-        kept = max(layouts[r].n_inputs for r in rows) + 1
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        prompt_at = torch.zeros(len(rows), dtype=torch.long)  # where each row's prompt starts
-        tree_at = torch.zeros(len(rows), dtype=torch.long)  # and its tree tokens
+    def _inputs(
+        self, prompts: Sequence[Sequence[int]], lays: Sequence[TreeLayout], n_rows: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids, position ids and the 4-D mask of `n_rows` rows of `width` on the device; rows past
+        the requests are all padding."""
+        ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((n_rows, width), dtype=torch.long)
+        prompt_at = torch.full((n_rows,), width, dtype=torch.long)  # where each row's prompt starts
+        tree_at = torch.full((n_rows,), width, dtype=torch.long)  # and its tree tokens
         pairs_b, pairs_q, pairs_k = [], [], []
-        for b, r in enumerate(rows):
-            p, lay = prompts[r], layouts[r]
+        for b, (p, lay) in enumerate(zip(prompts, lays, strict=True)):
             n, t = len(p), lay.n_inputs
             o = width - n - t
             prompt_at[b], tree_at[b] = o, o + n
@@ -187,25 +293,105 @@ class TreeScorer:
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":  # eager adds it to the scores
             mask = torch.zeros(allow.shape, dtype=self.dtype, device=self.device)
             mask.masked_fill_(~allow, torch.finfo(self.dtype).min)
+        return ids.to(self.device), pos.to(self.device), mask[:, None]
+
+    @staticmethod
+    def _edges(lays: Sequence[TreeLayout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Every edge of every row: its row, its parent node (0: the prompt's last token), its token."""
+        sizes = [len(lay.token) - 1 for lay in lays]
+        row = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(sizes))
+        parent = torch.cat([lay.parent[1:] for lay in lays])
+        tok = torch.cat([lay.token[1:] for lay in lays])
+        return row, parent, tok, sizes
+
+    def _edge_logp_model(
+        self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Edge log-probs from the model's own forward (its output head as it defines it)."""
+        kept = max(lay.n_inputs for lay in lays) + 1
         logits = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask[:, None],
-            position_ids=pos.to(self.device),
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
             logits_to_keep=kept,
             use_cache=False,  # one pass: a KV cache would only be filled and thrown away
         ).logits
         step = max(1, (1 << 25) // (kept * logits.shape[-1]))  # float32 log-normalisers, a few rows at a time
         lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(step)])
-        # every edge's log-prob in one gather and one transfer; slot 0 of a row is its prompt's last token
-        lays = [layouts[r] for r in rows]
-        sizes = [len(lay.token) - 1 for lay in lays]
-        row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(sizes)).to(self.device)
-        slot = torch.cat([lay.parent[1:] + kept - lay.n_inputs - 1 for lay in lays]).to(self.device)
-        tok = torch.cat([lay.token[1:] for lay in lays]).to(self.device)
-        edges = (logits[row, slot, tok].float() - lse[row, slot]).cpu().split(sizes)
+        row, parent, tok, sizes = self._edges(lays)
+        # every edge's log-prob in one gather and one transfer; the last `kept` columns are kept
+        n_inputs = torch.tensor([lay.n_inputs for lay in lays])
+        slot = (parent + kept - n_inputs[row] - 1).to(self.device)
+        row, tok = row.to(self.device), tok.to(self.device)
+        return list((logits[row, slot, tok].float() - lse[row, slot]).cpu().split(sizes))
+
+    def _edge_logp_static(
+        self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Edge log-probs from StaticForward's hidden states and the output head on the parent nodes only."""
+        assert self.static is not None
+        hidden = self.static.hidden(ids, pos, mask)
+        width = ids.shape[1]
+        # the columns whose next-token distribution is needed: each row's prompt end and internal nodes
+        n_parents = [lay.n_inputs + 1 for lay in lays]
+        col = torch.cat([torch.arange(width - p, width) for p in n_parents]).to(self.device)
+        prow = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(n_parents)).to(self.device)
+        states = hidden[prow, col]  # copied out of the graph's buffer
+        row, parent, tok, sizes = self._edges(lays)
+        first = torch.tensor([0, *n_parents]).cumsum(0)[:-1]
+        edge_at = (first[row] + parent).to(self.device)  # each edge's parent state
+        tok = tok.to(self.device)
+        out = torch.empty(len(tok), dtype=torch.float32, device=self.device)
+        step = max(1, (1 << 25) // self.vocab)
+        for lo in range(0, len(states), step):
+            logp = torch.log_softmax(self.static.head(states[lo : lo + step]).float(), dim=-1)
+            sel = ((edge_at >= lo) & (edge_at < lo + step)).nonzero().squeeze(1)
+            out[sel] = logp[edge_at[sel] - lo, tok[sel]]
+        return list(out.cpu().split(sizes))
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        layouts: Sequence[TreeLayout],
+        rows: list[int],
+        k: int,
+        out: list[Ranked],
+    ) -> None:
+        ps, lays = [prompts[r] for r in rows], [layouts[r] for r in rows]
+        width = max(len(p) + lay.n_inputs for p, lay in zip(ps, lays, strict=True))
+        shape = self.static.bucket(len(rows), width) if self.static is not None else None
+        if shape is None:
+            edges = self._edge_logp_model(lays, *self._inputs(ps, lays, len(rows), width))
+        else:
+            edges = self._run_static(ps, lays, width, shape)
         for r, lay, edge in zip(rows, lays, edges, strict=True):
             scores = lay.item_scores(torch.cat([torch.zeros(1), edge]))
             out[r] = Ranked(*top_items(lay, scores, k))
+
+    def _run_static(
+        self, ps: Sequence[Sequence[int]], lays: Sequence[TreeLayout], width: int, shape: tuple[int, int]
+    ) -> list[torch.Tensor]:
+        """Through StaticForward at the padded `shape`; its first use is checked against the model's own
+        forward on the unpadded batch, and any failure (a capture, or a model whose output head is more
+        than a linear layer) sends the engine back to eager calls for good."""
+        assert self.static is not None
+        inputs = self._inputs(ps, lays, *shape)
+        try:
+            edges = self._edge_logp_static(lays, *inputs)
+        except Exception as e:  # any capture failure: rank eagerly, say so once
+            self.static.disabled = f"{type(e).__name__}: {e}"
+            logger.warning("CUDA graphs off for tree scoring: %s", self.static.disabled)
+            return self._edge_logp_model(lays, *self._inputs(ps, lays, len(ps), width))
+        if not self.static.verified:
+            ref = self._edge_logp_model(lays, *self._inputs(ps, lays, len(ps), width))
+            gap = max(float((a - b).abs().max()) if len(a) else 0.0 for a, b in zip(edges, ref, strict=True))
+            self.static.verified = True
+            if gap > STATIC_TOLERANCE:
+                self.static.disabled = f"its log-probs differ from the model's forward by {gap:.3g}"
+                logger.warning("CUDA graphs off for tree scoring: %s", self.static.disabled)
+                return ref
+        return edges
 
 
 class HFEngine(ChatPrompts):
@@ -213,13 +399,21 @@ class HFEngine(ChatPrompts):
 
     `search`: "auto" ranks a request exactly (tree scoring) when its trie feeds at most
     `max_tree_tokens` tree tokens and by beam search otherwise; "beam" and "exact" force one way.
+    `cuda_graphs`: on a GPU, tree scoring of small batches (a served request) replays CUDA graphs
+    (StaticForward); off for a model still being trained.
     """
 
     name = "hf"
     concurrent = False
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, search: str = "auto", max_tree_tokens: int = 1024
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        search: str = "auto",
+        max_tree_tokens: int = 1024,
+        cuda_graphs: bool = False,
     ) -> None:
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
@@ -233,6 +427,11 @@ class HFEngine(ChatPrompts):
         self.search = search if attn in TREE_ATTENTION else "beam"
         self.max_tree_tokens = max_tree_tokens
         self.ranked_by: Counter[str] = Counter()
+        self.static = (
+            StaticForward(self.model, capture=True)
+            if cuda_graphs and self.device.type == "cuda" and self.search != "beam"
+            else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +457,7 @@ class HFEngine(ChatPrompts):
         out: list[Ranked] = [Ranked([], []) for _ in prompts]
         if layouts:
             tree = list(layouts)
-            scorer = TreeScorer(self.model, pad_id=self.pad_id)
+            scorer = TreeScorer(self.model, pad_id=self.pad_id, static=self.static)
             ranked = scorer.rank([prompts[i] for i in tree], [layouts[i] for i in tree], beam_width)
             for i, r in zip(tree, ranked, strict=True):
                 out[i] = r
