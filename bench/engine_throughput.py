@@ -15,6 +15,7 @@ tokenized (`greedy_users_per_s`) and with rendering and tokenizing them, as a ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -54,6 +55,40 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t
 
 
+def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: int) -> dict[str, Any]:
+    """The constrained job and the greedy job (prompts only) with N preparation workers ahead of the engine."""
+    from genrec.prep import PrepPool
+
+    def fresh(mode: str | None = None) -> list[Any]:
+        return [dataclasses.replace(r, messages=None, mode=mode or r.mode) for r in reqs]
+
+    def batches(rs: list[Any]) -> Any:
+        return ((None, rs[s : s + args.batch]) for s in range(0, len(rs), args.batch))
+
+    with PrepPool(args.run, args.prep_workers) as pool:
+        pool.warm()
+        for _ in pool.prepared(
+            batches(fresh()[: 2 * args.batch])
+        ):  # workers' first batches (imports, caches)
+            pass
+        secs = timed(lambda: [rec.rank_prepared(r, b) for _, r, b in pool.prepared(batches(fresh()))])
+        greedy_reqs = fresh("all")  # prompts only: greedy needs no retrieval
+        secs_g = timed(
+            lambda: [
+                engine.greedy(b.prompts, max_tokens=depth) for _, _, b in pool.prepared(batches(greedy_reqs))
+            ]
+        )
+    out = {
+        "prep_workers": args.prep_workers,
+        "constrained_users_per_s_prep_workers": round(args.users / secs, 1),
+        "greedy_with_prompts_users_per_s_prep_workers": round(args.users / secs_g, 1),
+    }
+    out["constrained_vs_greedy_with_prompts_prep_workers"] = round(
+        out["constrained_users_per_s_prep_workers"] / out["greedy_with_prompts_users_per_s_prep_workers"], 3
+    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True)
@@ -71,6 +106,12 @@ def main() -> None:
     )
     p.add_argument("--max-tree-tokens", type=int, default=1024, help="hf engine: auto's tree size limit")
     p.add_argument("--latency-requests", type=int, default=50)
+    p.add_argument(
+        "--prep-workers",
+        type=int,
+        default=0,
+        help="also time the jobs with prompts (and retrieval) prepared by N worker processes (genrec.prep)",
+    )
     p.add_argument(
         "--no-cuda-graphs",
         action="store_true",
@@ -176,7 +217,10 @@ def main() -> None:
     for r, prompt in zip(reqs[: args.latency_requests], prompts, strict=False):
         rec.rank_requests([r])
         engine.greedy([prompt], max_tokens=depth)
-    lat_c = [timed(lambda r=r: rec.rank_requests([r])) for r in reqs[: args.latency_requests]]
+    if args.prep_workers:
+        results.update(with_prep_workers(args, rec, engine, reqs, depth))
+    fresh = [dataclasses.replace(r, messages=None) for r in reqs[: args.latency_requests]]  # render each time
+    lat_c = [timed(lambda r=r: rec.rank_requests([dataclasses.replace(r)])) for r in fresh]
     results["constrained_latency"] = percentiles(lat_c)
     lat_g = [
         timed(lambda p=p: engine.greedy([p], max_tokens=depth)) for p in prompts[: args.latency_requests]

@@ -14,8 +14,9 @@
 # 4. `genrec serve --backend vllm` (AsyncLLM) + bench/load.py at 1/8/32/128 clients, then a soak of
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
-# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK, PORT,
-# PARTS (a subset of "vllm hf hf-tree hf-eager serve-vllm serve-hf"; all but hf-eager by default). All of it takes longer than one
+# Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK,
+# SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"), PORT,
+# PARTS (a subset of "vllm hf hf-tree hf-eager hf-prep serve-vllm serve-hf"; all but hf-eager and hf-prep by default). All of it takes longer than one
 # 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
 RUN=${RUN:-runs/gpu}
@@ -69,6 +70,14 @@ if want hf-eager; then  # tree scoring without CUDA graphs (eval.cuda_graphs: fa
     --candidates retriever --search exact --no-cuda-graphs --latency-requests "$LATENCY" \
     --out "$OUT/engine_hf_retriever_exact_eager.json" 2>&1 | quiet 25
 fi
+if want hf-prep; then  # the batch job with PREP preparation worker processes (genrec generate --prep-workers)
+  for workers in ${PREP:-4 8}; do
+    stamp "engine throughput: hf, 200 retrieved candidates, exact, $workers preparation workers"
+    timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$USERS" --beam 10 --batch 256 \
+      --candidates retriever --search exact --prep-workers "$workers" --latency-requests 20 \
+      --out "$OUT/engine_hf_retriever_exact_prep$workers.json" 2>&1 | quiet 30
+  done
+fi
 health() { python3 -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
 # serve_load BACKEND SOAK: start `genrec serve`, load it at 1/8/32/128 clients, soak, print its counters, stop it
 serve_load() {
@@ -102,4 +111,4 @@ print('\n'.join(l for l in text.splitlines() if l.startswith(('genrec_requests_t
   tail -3 "$OUT/server_$backend.log"
 }
 want serve-vllm && serve_load vllm "$SOAK"
-want serve-hf && serve_load hf 0
+want serve-hf && serve_load hf "${SOAK_HF:-0}"

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from genrec.data.loaders import iter_jsonl
 from genrec.errors import GenrecError
-from genrec.recommender import RankRequest, Recommender, UnknownItems
+from genrec.recommender import PreparedBatch, RankRequest, Recommender, UnknownItems
 from genrec.run import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,11 @@ def generate(
     n_candidates: int = 200,
     batch_size: int = 32,
     progress: bool = True,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Rank every input row of this shard; see the module docstring for the crash-safety contract."""
+    """Rank every input row of this shard; see the module docstring for the crash-safety contract.
+    `workers` > 0 renders prompts and retrieves candidates in that many processes (genrec.prep)
+    while this one ranks; the output is the same."""
     input_path, output = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise GenrecError(f"input {input_path} does not exist")
@@ -188,6 +191,7 @@ def generate(
             chunk_size=chunk_size,
             batch_size=batch_size,
             progress=progress,
+            workers=workers,
             row_fields={"template_hash": pinned.hash, "model": model_id},
             options={
                 "n_items": n_items,
@@ -221,12 +225,9 @@ def _run_chunks(
     progress: bool,
     row_fields: dict[str, Any],
     options: dict[str, Any],
+    workers: int = 0,
 ) -> None:
     k, n = shard
-    skip = manifest.last_line
-    index = len(manifest.data["chunks"])
-    pending: list[Row | Reject] = []
-    last_read = skip
     total = count_rows(input_path)
     bar = tqdm(
         desc="generate",
@@ -235,36 +236,54 @@ def _run_chunks(
         disable=not progress,
         initial=sum(c["rows"] + c["rejects"] for c in manifest.data["chunks"]),
     )
+    units = _units(_chunks(rec, manifest, input_path, shard, chunk_size), batch_size, options)
+    if workers:
+        from genrec.prep import PrepPool
+
+        with PrepPool(str(rec.run.path), workers) as pool:
+            _rank_and_commit(rec, manifest, pool.prepared(units), row_fields, bar)
+    else:
+        inline = ((tag, reqs, rec.prepare(reqs)) for tag, reqs in units)
+        _rank_and_commit(rec, manifest, inline, row_fields, bar)
+    bar.close()
+
+
+@dataclass
+class _Chunk:
+    index: int
+    pending: list[Row | Reject]
+    last_line: int
+
+    @property
+    def rows(self) -> list[Row]:
+        return [p for p in self.pending if isinstance(p, Row)]
+
+
+def _chunks(
+    rec: Recommender, manifest: Manifest, input_path: Path, shard: tuple[int, int], chunk_size: int
+) -> Iterator[_Chunk]:
+    """This shard's rows after the committed ones, parsed, in chunks of `chunk_size` (accepted + rejected)."""
+    k, n = shard
+    skip = manifest.last_line
+    index = len(manifest.data["chunks"])
+    pending: list[Row | Reject] = []
+    last_read = skip
     for line, obj, raw in read_rows(input_path):
         if line <= skip or (line - 1) % n != k:
             continue
         pending.append(parse_row(rec, line, obj, raw))
         last_read = line
         if len(pending) >= chunk_size:
-            _flush(rec, manifest, index, pending, last_read, batch_size, row_fields, options, bar)
+            yield _Chunk(index, pending, last_read)
             index, pending = index + 1, []
     if pending:
-        _flush(rec, manifest, index, pending, last_read, batch_size, row_fields, options, bar)
-    bar.close()
+        yield _Chunk(index, pending, last_read)
 
 
-def _flush(
-    rec: Recommender,
-    manifest: Manifest,
-    index: int,
-    pending: list[Row | Reject],
-    last_line: int,
-    batch_size: int,
-    row_fields: dict[str, Any],
-    options: dict[str, Any],
-    bar: Any,
-) -> None:
-    rows = [p for p in pending if isinstance(p, Row)]
-    rejects = [p for p in pending if isinstance(p, Reject)]
-    out: list[dict[str, Any]] = []
-    for s in range(0, len(rows), batch_size):
-        batch = rows[s : s + batch_size]
-        reqs = [
+def _batches(chunk: _Chunk, batch_size: int, options: dict[str, Any]) -> list[list[RankRequest]]:
+    rows = chunk.rows
+    return [
+        [
             RankRequest(
                 r.history,
                 n_items=options["n_items"],
@@ -274,16 +293,60 @@ def _flush(
                 template=options["template"],
                 template_version=options["template_version"],
             )
-            for r in batch
+            for r in rows[s : s + batch_size]
         ]
-        for r, recs in zip(batch, rec.rank_requests(reqs), strict=True):
+        for s in range(0, len(rows), batch_size)
+    ]
+
+
+def _units(
+    chunks: Iterator[_Chunk], batch_size: int, options: dict[str, Any]
+) -> Iterator[tuple[tuple[_Chunk, bool], list[RankRequest]]]:
+    """Every chunk's batches tagged (chunk, is its last batch); a chunk of rejects only gives one empty batch."""
+    for chunk in chunks:
+        batches = _batches(chunk, batch_size, options) or [[]]
+        for i, reqs in enumerate(batches):
+            yield (chunk, i == len(batches) - 1), reqs
+
+
+def _rank_and_commit(
+    rec: Recommender,
+    manifest: Manifest,
+    prepared: Iterator[tuple[tuple[_Chunk, bool], list[RankRequest], PreparedBatch]],
+    row_fields: dict[str, Any],
+    bar: Any,
+) -> None:
+    """Rank prepared batches in order; commit each chunk once its last batch is ranked."""
+    done: list[tuple[list[RankRequest], PreparedBatch]] = []
+    for (chunk, last), reqs, batch in prepared:
+        done.append((reqs, batch))
+        if last:
+            _commit(rec, manifest, chunk, done, row_fields, bar)
+            done = []
+
+
+def _commit(
+    rec: Recommender,
+    manifest: Manifest,
+    chunk: _Chunk,
+    batches: Any,
+    row_fields: dict[str, Any],
+    bar: Any,
+) -> None:
+    """Rank a chunk's prepared batches, then commit its rows and rejects (one manifest entry)."""
+    rows = iter(chunk.rows)
+    out: list[dict[str, Any]] = []
+    for reqs, prepared in batches:
+        for recs in rec.rank_prepared(reqs, prepared):
+            r = next(rows)
             items = [
                 {"rank": i + 1, "item_id": x.item_id, "title": x.title, "score": round(x.score, 6)}
                 for i, x in enumerate(recs)
             ]
             out.append({"line": r.line, "user": r.user, "items": items, **row_fields})
-        bar.update(len(batch))
-    manifest.commit(index, out, rejects, last_line)
+        bar.update(len(reqs))
+    rejects = [p for p in chunk.pending if isinstance(p, Reject)]
+    manifest.commit(chunk.index, out, rejects, chunk.last_line)
     bar.update(len(rejects))
 
 

@@ -277,6 +277,14 @@ def generate(
         str | None,
         typer.Option(help="--backend ray: cluster address (`auto` on a cluster node); none: local."),
     ] = None,
+    prep_workers: Annotated[
+        int,
+        typer.Option(
+            help="--backend hf/vllm: processes that render prompts and retrieve candidates a few batches "
+            "ahead while this one ranks (0: all in this process). On a GPU host this CPU work is most of "
+            "the time: 4-8 with --batch-size 256 keep the GPU busy."
+        ),
+    ] = 0,
 ) -> None:
     """Offline batch generation for many users: streamed, chunked, resumable, bad rows to a rejects file."""
     from genrec.batch import generate as do_generate
@@ -319,7 +327,9 @@ def generate(
         )
         return
     rec = Recommender.load(rd, backend=backend, search=search)
-    summary = do_generate(rec, input, output, resume=resume, shard=(k, m), **opts)
+    if prep_workers < 0:
+        raise GenrecError(f"--prep-workers must be >= 0, got {prep_workers}")
+    summary = do_generate(rec, input, output, resume=resume, shard=(k, m), workers=prep_workers, **opts)
     typer.echo(
         f"{summary['rows']} users ranked -> {summary['output']}; {summary['rejects']} rejected rows -> "
         f"{summary['rejects_file']}"

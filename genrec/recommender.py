@@ -62,6 +62,16 @@ class RankRequest:
     """Filled in by Recommender.rank_requests: the prompt's length in tokens (for usage reporting)."""
 
 
+@dataclass
+class PreparedBatch:
+    """What `Recommender.prepare` makes of a batch of requests: plain lists, cheap to send between processes."""
+
+    prompts: list[list[int]]
+    """Each request's prompt token ids."""
+    retrieved: list[list[int] | None]
+    """Each request's retrieved candidates (catalogue rows); None where it ranks the whole catalogue."""
+
+
 class UnknownItems(GenrecError):
     def __init__(self, unknown: Sequence[str]) -> None:
         self.unknown = list(unknown)
@@ -197,6 +207,10 @@ class Recommender:
 
     def candidate_tries(self, requests: Sequence[RankRequest]) -> list[Trie]:
         """`candidate_trie` for a batch: the retriever-mode requests share one index search."""
+        return self._tries(requests, self._retrieve(requests))
+
+    def _retrieve(self, requests: Sequence[RankRequest]) -> list[list[int] | None]:
+        """Each retriever-mode request's candidates (one index search for all), None for mode `all`."""
         retrieve = [r for r in requests if r.mode != "all"]
         found = iter(
             self.retrieved_many(
@@ -205,13 +219,15 @@ class Recommender:
                 exclude=[r.exclude for r in retrieve],
             )
         )
+        return [None if r.mode == "all" else next(found) for r in requests]
+
+    def _tries(self, requests: Sequence[RankRequest], retrieved: Sequence[list[int] | None]) -> list[Trie]:
         out = []
-        for r in requests:
-            if r.mode == "all":  # shares every untouched subtree with the catalogue trie
+        for r, cands in zip(requests, retrieved, strict=True):
+            if cands is None:  # mode `all`: shares every untouched subtree with the catalogue trie
                 banned = sorted(set(r.history) | set(r.exclude))
                 out.append(self._all.without(self.item_tokens[banned].tolist()))
             else:  # catalogue items have distinct ID sequences (checked when the catalogue trie was built)
-                cands = next(found)
                 out.append(Trie.from_array(self.item_tokens[cands], cands, distinct=True))
         return out
 
@@ -243,19 +259,33 @@ class Recommender:
         return PromptBuilder.for_config(template, self.catalog, self.ids, self.cfg.prompt)
 
     def rank_requests(self, requests: Sequence[RankRequest]) -> list[list[Recommendation]]:
-        """One batched constrained beam search for requests with their own options.
+        """One batched constrained ranking for requests with their own options (`prepare`, then
+        `rank_prepared`). The beam width is the largest any request needs, so each gets at least its own."""
+        return self.rank_prepared(requests, self.prepare(requests))
 
-        The beam width is the largest any request needs, so each gets at least its own width.
-        """
-        if not requests:
-            return []
+    def prepare(self, requests: Sequence[RankRequest]) -> PreparedBatch:
+        """The CPU side of ranking a batch: prompts rendered (where not already) and tokenized, candidates
+        retrieved. Needs no model, so genrec.prep runs it in worker processes for batch jobs."""
+        builders: dict[tuple[str | None, int | None], PromptBuilder] = {}
         for r in requests:
             if r.messages is None:
-                r.messages = self.builder_for(r.template, r.template_version).messages(r.history, r.user)
+                key = (r.template, r.template_version)
+                if key not in builders:
+                    builders[key] = self.builder_for(*key)
+                r.messages = builders[key].messages(r.history, r.user)
         prompts = self.engine.encode_many([r.messages or [] for r in requests])
+        return PreparedBatch(prompts, self._retrieve(requests))
+
+    def rank_prepared(
+        self, requests: Sequence[RankRequest], prepared: PreparedBatch
+    ) -> list[list[Recommendation]]:
+        """Rank a batch `prepare` has made ready (here or in a worker process): tries, then the engine."""
+        if not requests:
+            return []
+        prompts = prepared.prompts
         for r, p in zip(requests, prompts, strict=True):
             r.prompt_tokens = len(p)
-        tries = self.candidate_tries(requests)
+        tries = self._tries(requests, prepared.retrieved)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         ranked = self.engine.rank(prompts, tries, beam_width=width)
         return [

@@ -82,7 +82,11 @@ def test_shards_partition_the_input_and_parquet_output(rec, tmp_path):
     assert sorted(seen) == sorted(good)
 
 
-def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp_path):
+@pytest.mark.parametrize("prep_workers", [0, 2])
+def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp_path, prep_workers):
+    """Killed mid-run (with preparation workers too: they leave with the job, no orphans), then resumed."""
+    import psutil
+
     run = trained_run[0]
     good = write_input(rec, tmp_path / "users.jsonl", n=180)
     out = tmp_path / "recs.jsonl"
@@ -103,6 +107,8 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
         "4",
         "-n",
         "5",
+        "--prep-workers",
+        str(prep_workers),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "recs.jsonl.parts" / "manifest.json"
@@ -112,8 +118,12 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
             break
         assert proc.poll() is None, "generate finished before it could be killed; use a bigger input"
         time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= prep_workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "preparation workers outlived the killed job"
     committed = len(json.loads(manifest.read_text())["chunks"])
     assert 3 <= committed < 18 and not out.exists()
 
@@ -211,3 +221,38 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(trained
         [i["item_id"] for i in r["items"]] for r in one
     ]
     assert single["rows"] == summary["rows"]
+
+
+def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
+    """--prep-workers: prompts and retrieval in 2 spawned processes, several batches ahead across small
+    chunks; rows, scores and rejects equal the in-process job's. A worker's error reaches the caller."""
+    from genrec.prep import PrepPool
+    from genrec.prompt_store import TemplateNotFound
+    from genrec.recommender import RankRequest
+
+    good = write_input(rec, tmp_path / "users.jsonl", n=60)
+    for mode in ("all", "retriever"):
+        outs = []
+        for workers in (0, 2):
+            out = tmp_path / f"{mode}{workers}.jsonl"
+            generate(
+                rec,
+                tmp_path / "users.jsonl",
+                out,
+                chunk_size=7,
+                batch_size=3,
+                n_items=4,
+                mode=mode,
+                n_candidates=20,
+                progress=False,
+                workers=workers,
+            )
+            outs.append((out.read_text(), out.with_name(out.stem + ".rejects.jsonl").read_text()))
+        assert outs[0] == outs[1] and outs[0][0].count("\n") == len(good)
+    with PrepPool(str(trained_run[0]), 1) as pool:
+        bad = pool.submit([RankRequest([0, 1], template="no-such-template")])
+        with pytest.raises(TemplateNotFound, match="no-such-template"):
+            bad.result()
+        good = pool.submit([RankRequest([0, 1], mode="all")]).result()
+        assert good.prompts == [rec.engine.encode_many([rec.builder.messages([0, 1], None)])[0]]
+        assert good.retrieved == [None]

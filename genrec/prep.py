@@ -1,0 +1,153 @@
+"""Worker processes that prepare ranking batches for a batch job while the model ranks.
+
+Ranking a batch has a CPU side (render each prompt in the template sandbox, tokenize it, search the
+retriever's index) and a model side (tries, then the engine). On a GPU host the CPU side is most of
+the time: about 1.9 ms per user against 0.2 ms of GPU work on an H100 (BENCHMARKS.md, "Offline batch
+throughput"). `PrepPool` runs `Recommender.prepare` in `workers` processes, each holding the run's
+data, IDs, templates, retriever and tokenizer but no model, a few batches ahead of the process that
+owns the model; results come back in submission order (`Future.result()`).
+
+Workers are spawned, not forked: the parent may hold a CUDA context and torch's thread pools, which
+a forked child must not inherit. Each worker loads the run once (a few seconds) and uses one
+torch/tokenizer thread, so N workers use about N cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, TypeVar
+
+from genrec.recommender import PreparedBatch, RankRequest, Recommender
+
+_REC: Recommender | None = None
+T = TypeVar("T")
+
+
+class PromptEngine:
+    """An engine that only encodes prompts (a worker's): the run's tokenizer and chat template, no model."""
+
+    name = "prompts"
+    concurrent = False
+
+    def __init__(self, tokenizer: Any) -> None:
+        from collections import Counter
+
+        self.tokenizer = tokenizer
+        self.ranked_by: Counter[str] = Counter()
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        from genrec.engines.base import encode_chat
+
+        return encode_chat(self.tokenizer, messages)
+
+    def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+        from genrec.engines.base import encode_chats
+
+        return encode_chats(self.tokenizer, conversations)
+
+    def rank(self, *_: Any, **__: Any) -> Any:
+        raise RuntimeError("a preparation worker has no model: rank in the process that owns the engine")
+
+
+def prompt_recommender(run_path: str) -> Recommender:
+    """The run's Recommender with a PromptEngine: everything `prepare` needs, no model."""
+    from transformers import AutoTokenizer
+
+    from genrec.retrieval import Retriever
+    from genrec.run import RunDir
+
+    run = RunDir(run_path)
+    tokenizer = AutoTokenizer.from_pretrained(run.model_dir())
+    return Recommender(
+        run,
+        run.load_config(),
+        run.load_data(),
+        run.load_ids(),
+        PromptEngine(tokenizer),
+        Retriever(run.load_embeddings()),
+    )
+
+
+def _init(run_path: str, parent: int) -> None:
+    global _REC
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    import torch
+
+    torch.set_num_threads(1)
+    _REC = prompt_recommender(run_path)
+
+
+def _exit_with(parent: int) -> None:
+    """A worker blocks on its task queue forever if the job is killed (`kill -9` leaves the queue's pipe
+    open in the other workers): leave when the parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _prepare(requests: list[RankRequest]) -> PreparedBatch:
+    assert _REC is not None, "worker not initialised"
+    return _REC.prepare(requests)
+
+
+class PrepPool:
+    """`workers` processes running `Recommender.prepare` on the run at `run_path`.
+
+    Use as a context manager; `submit(requests)` returns a Future of the PreparedBatch. A worker's
+    error (a bad template, say) comes back as that future's exception.
+    """
+
+    def __init__(self, run_path: str, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init,
+            initargs=(str(run_path), os.getpid()),
+        )
+
+    def submit(self, requests: Sequence[RankRequest]) -> Future[PreparedBatch]:
+        return self._pool.submit(_prepare, list(requests))
+
+    def prepared(
+        self, batches: Iterable[tuple[T, list[RankRequest]]]
+    ) -> Iterator[tuple[T, list[RankRequest], PreparedBatch]]:
+        """Each (tag, batch) with its PreparedBatch, in input order, keeping two batches per worker in
+        preparation while the caller ranks (input is read only as far ahead as that)."""
+        ahead: deque[tuple[T, list[RankRequest], Future[PreparedBatch]]] = deque()
+        for tag, reqs in batches:
+            ahead.append((tag, reqs, self.submit(reqs)))
+            if len(ahead) > 2 * self.workers:
+                tag0, reqs0, f = ahead.popleft()
+                yield tag0, reqs0, f.result()
+        while ahead:
+            tag0, reqs0, f = ahead.popleft()
+            yield tag0, reqs0, f.result()
+
+    def warm(self) -> None:
+        """Wait until every worker has loaded the run (so a benchmark does not time start-up)."""
+        futures = [self._pool.submit(_ready) for _ in range(self.workers * 2)]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PrepPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ready() -> bool:
+    return _REC is not None
