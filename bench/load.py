@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +75,9 @@ async def one(client: Any, tg: Target, job: Job) -> tuple[float, float, str | No
                 "skip_special_tokens": False,
             },
         )
-    except Exception as e:  # a benchmark counts failures instead of stopping
-        return time.perf_counter() - t, 0.0, type(e).__name__
+    except Exception as e:  # a benchmark counts failures instead of stopping; the kind says which
+        cause = f" ({type(e.__cause__).__name__})" if e.__cause__ is not None else ""
+        return time.perf_counter() - t, 0.0, type(e).__name__ + cause
     items = [tg.parse(c.text) for c in resp.choices]
     good = {i for i in items if i is not None and i not in job.history}
     return time.perf_counter() - t, len(good) / max(1, len(items)), None
@@ -99,12 +101,14 @@ async def level(url: str, tg: Target, jobs: list[Job], conc: int, n: int) -> dic
     wall = time.perf_counter() - t
     await client.close()
     ok = [r for r in res if r[2] is None]
+    kinds = Counter(r[2] for r in res if r[2] is not None)
     return {
         "concurrency": conc,
         "requests": n,
         "qps": round(n / wall, 1),
         **percentiles([r[0] for r in ok] or [0.0]),
         "errors": n - len(ok),
+        "error_kinds": dict(kinds),
         "validity": round(sum(r[1] for r in ok) / max(1, len(ok)), 4),
     }
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from genrec.run import RunDir
 from serve.service import ServeLimits
+
+KEEP_ALIVE_S = 75
+"""Seconds an idle keep-alive connection stays open. Longer than clients keep theirs: httpx, and with it
+the `openai` client, keeps 5 s, which was also uvicorn's default, and when both sides use the same expiry
+a client can send on a connection the server is closing; that request fails with no response. A
+10,000-request soak on the H100 had 2 client-side failures and no server error (BENCHMARKS.md); this is
+the likely cause, not a proven one. Load balancers' idle timeouts (often 60 s) need the same margin."""
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +69,14 @@ def parse_admin_keys(specs: list[str]) -> dict[str, str]:
     return out
 
 
+def uvicorn_options() -> dict[str, Any]:
+    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too)."""
+    return {"timeout_graceful_shutdown": 30, "timeout_keep_alive": KEEP_ALIVE_S}
+
+
 def serve(args: ServeArgs) -> None:
     import uvicorn
 
     app = build_app(args)
     logger.info("serving %s on http://%s:%d/v1 (backend %s)", args.run, args.host, args.port, args.backend)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_options())

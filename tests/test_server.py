@@ -30,8 +30,10 @@ class LiveServer:
         import uvicorn
 
         self.port = free_port()
+        from serve.main import uvicorn_options
+
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **uvicorn_options())
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -187,6 +189,21 @@ def test_free_text_needs_text_embeddings(client):
         client.chat.completions.create(
             model="tiny-run", messages=[{"role": "user", "content": "something cosy to read"}]
         )
+
+
+def test_idle_keep_alive_connection_outlives_the_clients_expiry(server):
+    """A connection idle for longer than httpx's keep-alive expiry (5 s, the `openai` client's) is still
+    open: the server must not close connections a client may be about to reuse (uvicorn's default of 5 s
+    races with it, and the request sent on a closing connection fails with no response)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() and conn.sock is not None
+    time.sleep(6)
+    conn.request("GET", "/health")  # the same socket; raises if the server closed it
+    assert conn.getresponse().status == 200
+    conn.close()
 
 
 def test_auth(server):
