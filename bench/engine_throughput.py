@@ -65,14 +65,17 @@ def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: 
     def batches(rs: list[Any]) -> Any:
         return ((None, rs[s : s + args.batch]) for s in range(0, len(rs), args.batch))
 
-    with PrepPool(args.run, args.prep_workers) as pool:
+    def ready(pool: Any, rs: list[Any]) -> None:  # workers loaded and through their first batches
         pool.warm()
-        for _ in pool.prepared(
-            batches(fresh()[: 2 * args.batch])
-        ):  # workers' first batches (imports, caches)
+        for _ in pool.prepared(batches(rs[: 2 * args.batch])):
             pass
+
+    with PrepPool(args.run, args.prep_workers, layouts=getattr(engine, "layout_policy", None)) as pool:
+        ready(pool, fresh())
         secs = timed(lambda: [rec.rank_prepared(r, b) for _, r, b in pool.prepared(batches(fresh()))])
-        greedy_reqs = fresh("all")  # prompts only: greedy needs no retrieval
+    with PrepPool(args.run, args.prep_workers) as pool:  # greedy needs prompts only: no retrieval, no layouts
+        greedy_reqs = fresh("all")
+        ready(pool, greedy_reqs)
         secs_g = timed(
             lambda: [
                 engine.greedy(b.prompts, max_tokens=depth) for _, _, b in pool.prepared(batches(greedy_reqs))

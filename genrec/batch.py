@@ -240,7 +240,7 @@ def _run_chunks(
     if workers:
         from genrec.prep import PrepPool
 
-        with PrepPool(str(rec.run.path), workers) as pool:
+        with PrepPool(str(rec.run.path), workers, layouts=getattr(rec.engine, "layout_policy", None)) as pool:
             _rank_and_commit(rec, manifest, pool.prepared(units), row_fields, bar)
     else:
         inline = ((tag, reqs, rec.prepare(reqs)) for tag, reqs in units)

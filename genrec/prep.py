@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from genrec.recommender import PreparedBatch, RankRequest, Recommender
 
 _REC: Recommender | None = None
+_POLICY: tuple[str, int] | None = None
 T = TypeVar("T")
 
 
@@ -74,8 +75,9 @@ def prompt_recommender(run_path: str) -> Recommender:
     )
 
 
-def _init(run_path: str, parent: int) -> None:
-    global _REC
+def _init(run_path: str, parent: int, policy: tuple[str, int] | None) -> None:
+    global _REC, _POLICY
+    _POLICY = policy
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     import torch
@@ -94,17 +96,26 @@ def _exit_with(parent: int) -> None:
 
 def _prepare(requests: list[RankRequest]) -> PreparedBatch:
     assert _REC is not None, "worker not initialised"
-    return _REC.prepare(requests)
+    prepared = _REC.prepare(requests)
+    if _POLICY is not None:  # the ranking engine's tree layouts too: sent as numpy arrays
+        from genrec.engines.hf import tree_layouts
+
+        found = tree_layouts(_REC.prepared_tries(requests, prepared), *_POLICY)
+        prepared.layouts = [found.get(i) for i in range(len(requests))]
+    return prepared
 
 
 class PrepPool:
-    """`workers` processes running `Recommender.prepare` on the run at `run_path`.
+    """`workers` processes running `Recommender.prepare` on the run at `run_path` (and, with `layouts`,
+    laying out the tries the transformers engine will score exactly).
 
     Use as a context manager; `submit(requests)` returns a Future of the PreparedBatch. A worker's
     error (a bad template, say) comes back as that future's exception.
     """
 
-    def __init__(self, run_path: str, workers: int) -> None:
+    def __init__(self, run_path: str, workers: int, *, layouts: tuple[str, int] | None = None) -> None:
+        """`layouts`: the ranking engine's `layout_policy` (transformers engine): workers also lay out
+        the tries it will score exactly."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -112,7 +123,7 @@ class PrepPool:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(str(run_path), os.getpid()),
+            initargs=(str(run_path), os.getpid(), layouts),
         )
 
     def submit(self, requests: Sequence[RankRequest]) -> Future[PreparedBatch]:

@@ -17,6 +17,7 @@ import numpy as np
 from genrec.config import RunConfig
 from genrec.data import Interactions
 from genrec.decoding import Trie
+from genrec.decoding.tree import TreeLayout
 from genrec.engines import Engine, HFEngine
 from genrec.engines.hf import SEARCHES
 from genrec.errors import GenrecError
@@ -70,6 +71,9 @@ class PreparedBatch:
     """Each request's prompt token ids."""
     retrieved: list[list[int] | None]
     """Each request's retrieved candidates (catalogue rows); None where it ranks the whole catalogue."""
+    layouts: list[TreeLayout | None] | None = None
+    """Tree layouts for the transformers engine's exact scoring, when a worker made them (None: not made;
+    a None entry: that request goes to beam search)."""
 
 
 class UnknownItems(GenrecError):
@@ -209,6 +213,10 @@ class Recommender:
         """`candidate_trie` for a batch: the retriever-mode requests share one index search."""
         return self._tries(requests, self._retrieve(requests))
 
+    def prepared_tries(self, requests: Sequence[RankRequest], prepared: PreparedBatch) -> list[Trie]:
+        """The candidate tries of a prepared batch (from its retrieved candidates; no index search)."""
+        return self._tries(requests, prepared.retrieved)
+
     def _retrieve(self, requests: Sequence[RankRequest]) -> list[list[int] | None]:
         """Each retriever-mode request's candidates (one index search for all), None for mode `all`."""
         retrieve = [r for r in requests if r.mode != "all"]
@@ -285,9 +293,12 @@ class Recommender:
         prompts = prepared.prompts
         for r, p in zip(requests, prompts, strict=True):
             r.prompt_tokens = len(p)
-        tries = self._tries(requests, prepared.retrieved)
+        tries = self.prepared_tries(requests, prepared)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
-        ranked = self.engine.rank(prompts, tries, beam_width=width)
+        if prepared.layouts is not None:  # made by a worker for this engine's layout_policy (genrec.prep)
+            ranked = self.engine.rank(prompts, tries, beam_width=width, layouts=prepared.layouts)  # type: ignore[call-arg]
+        else:
+            ranked = self.engine.rank(prompts, tries, beam_width=width)
         return [
             [
                 Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)

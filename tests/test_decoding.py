@@ -416,3 +416,52 @@ def test_cuda_graph_tree_scoring_on_a_gpu(tiny_lm):
         assert graphed.static.captured >= 2
     finally:
         model.to("cpu")
+
+
+def test_tree_layouts_pickle_as_arrays_with_their_ancestor_pairs(tiny_lm):
+    """Layouts made in a preparation worker travel pickled (as numpy arrays): the same nodes, items and
+    ancestor pairs come back, and they rank exactly as layouts made in place."""
+    import pickle
+
+    from genrec.engines.hf import tree_layouts
+
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok, search="exact")
+    seqs = code_sequences(tok)
+    tries = [
+        Trie(seqs[:40]),
+        Trie.from_array(np.array(seqs[10:30]), range(20)),
+        Trie(seqs).without([seqs[3]]),
+    ]
+    made = tree_layouts(tries, "exact", 1024)
+    assert sorted(made) == [0, 1, 2] and all(lay.pairs is not None for lay in made.values())
+    back = pickle.loads(pickle.dumps(made))
+    for i, lay in made.items():
+        for f in ("token", "parent", "depth", "items"):
+            assert torch.equal(getattr(lay, f), getattr(back[i], f))
+        assert lay.n_inputs == back[i].n_inputs and lay.level_starts == back[i].level_starts
+        assert all(torch.equal(a, b) for a, b in zip(lay.pairs, back[i].pairs, strict=True))
+    small = {i for i, lay in made.items() if lay.n_inputs <= 30}
+    assert 0 < len(small) < 3 and tree_layouts(tries, "auto", 30).keys() == small  # the rest: beam search
+    prompts = [engine.encode_messages([{"role": "user", "content": "the cat"}])] * 3
+    given = engine.rank(prompts, tries, beam_width=5, layouts=[back[i] for i in range(3)])
+    assert given == engine.rank(prompts, tries, beam_width=5)
+
+
+def test_batch_top_items_equals_scoring_each_layout(tiny_lm):
+    """The batched path sums and padded stable sort give each layout's own item_scores + top_items:
+    same items, same scores, ties in trie order (rounded edges make many ties), rows of any size."""
+    from genrec.decoding.tree import batch_top_items, top_items
+
+    _, tok, _ = tiny_lm
+    seqs = code_sequences(tok)
+    g = torch.Generator().manual_seed(3)
+    lays = [layout(Trie(seqs[a:b])) for a, b in ((0, 1), (5, 60), (100, 256), (7, 9))]
+    atomic = tok.convert_tokens_to_ids([f"<a_{c}>" for c in range(4)])
+    lays.append(layout(Trie.from_array(np.array([[t] for t in atomic]), range(4))))  # one-token IDs
+    edges = [(torch.rand(len(lay.token) - 1, generator=g) * -4).round(decimals=1) for lay in lays]
+    for k in (1, 3, 50):
+        got = batch_top_items(lays, torch.cat(edges), k)
+        for lay, edge, (items, scores) in zip(lays, edges, got, strict=True):
+            want = top_items(lay, lay.item_scores(torch.cat([torch.zeros(1), edge])), k)
+            assert items == want[0] and scores == pytest.approx(want[1], abs=1e-9)

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
-from genrec.decoding.tree import TreeLayout, layout, top_items
+from genrec.decoding.tree import TreeLayout, batch_top_items, layout
 from genrec.engines.base import ChatPrompts
 
 logger = logging.getLogger(__name__)
@@ -296,18 +296,20 @@ class TreeScorer:
         return ids.to(self.device), pos.to(self.device), mask[:, None]
 
     @staticmethod
-    def _edges(lays: Sequence[TreeLayout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        """Every edge of every row: its row, its parent node (0: the prompt's last token), its token."""
+    def _edges(lays: Sequence[TreeLayout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every edge of every row (rows concatenated): its row, its parent node (0: the prompt's last
+        token), its token."""
         sizes = [len(lay.token) - 1 for lay in lays]
         row = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(sizes))
         parent = torch.cat([lay.parent[1:] for lay in lays])
         tok = torch.cat([lay.token[1:] for lay in lays])
-        return row, parent, tok, sizes
+        return row, parent, tok
 
     def _edge_logp_model(
         self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """Edge log-probs from the model's own forward (its output head as it defines it)."""
+    ) -> torch.Tensor:
+        """Every edge's log-prob (rows concatenated, on the device) from the model's own forward (its
+        output head as it defines it)."""
         kept = max(lay.n_inputs for lay in lays) + 1
         logits = self.model(
             input_ids=ids,
@@ -318,16 +320,16 @@ class TreeScorer:
         ).logits
         step = max(1, (1 << 25) // (kept * logits.shape[-1]))  # float32 log-normalisers, a few rows at a time
         lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(step)])
-        row, parent, tok, sizes = self._edges(lays)
+        row, parent, tok = self._edges(lays)
         # every edge's log-prob in one gather and one transfer; the last `kept` columns are kept
         n_inputs = torch.tensor([lay.n_inputs for lay in lays])
         slot = (parent + kept - n_inputs[row] - 1).to(self.device)
         row, tok = row.to(self.device), tok.to(self.device)
-        return list((logits[row, slot, tok].float() - lse[row, slot]).cpu().split(sizes))
+        return logits[row, slot, tok].float() - lse[row, slot]
 
     def _edge_logp_static(
         self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """Edge log-probs from StaticForward's hidden states and the output head on the parent nodes only."""
         assert self.static is not None
         hidden = self.static.hidden(ids, pos, mask)
@@ -337,7 +339,7 @@ class TreeScorer:
         col = torch.cat([torch.arange(width - p, width) for p in n_parents]).to(self.device)
         prow = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(n_parents)).to(self.device)
         states = hidden[prow, col]  # copied out of the graph's buffer
-        row, parent, tok, sizes = self._edges(lays)
+        row, parent, tok = self._edges(lays)
         first = torch.tensor([0, *n_parents]).cumsum(0)[:-1]
         edge_at = (first[row] + parent).to(self.device)  # each edge's parent state
         tok = tok.to(self.device)
@@ -347,7 +349,7 @@ class TreeScorer:
             logp = torch.log_softmax(self.static.head(states[lo : lo + step]).float(), dim=-1)
             sel = ((edge_at >= lo) & (edge_at < lo + step)).nonzero().squeeze(1)
             out[sel] = logp[edge_at[sel] - lo, tok[sel]]
-        return list(out.cpu().split(sizes))
+        return out
 
     @torch.inference_mode()
     def _run(
@@ -365,13 +367,12 @@ class TreeScorer:
             edges = self._edge_logp_model(lays, *self._inputs(ps, lays, len(rows), width))
         else:
             edges = self._run_static(ps, lays, width, shape)
-        for r, lay, edge in zip(rows, lays, edges, strict=True):
-            scores = lay.item_scores(torch.cat([torch.zeros(1), edge]))
-            out[r] = Ranked(*top_items(lay, scores, k))
+        for r, best in zip(rows, batch_top_items(lays, edges, k), strict=True):
+            out[r] = Ranked(*best)
 
     def _run_static(
         self, ps: Sequence[Sequence[int]], lays: Sequence[TreeLayout], width: int, shape: tuple[int, int]
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """Through StaticForward at the padded `shape`; its first use is checked against the model's own
         forward on the unpadded batch, and any failure (a capture, or a model whose output head is more
         than a linear layer) sends the engine back to eager calls for good."""
@@ -385,13 +386,26 @@ class TreeScorer:
             return self._edge_logp_model(lays, *self._inputs(ps, lays, len(ps), width))
         if not self.static.verified:
             ref = self._edge_logp_model(lays, *self._inputs(ps, lays, len(ps), width))
-            gap = max(float((a - b).abs().max()) if len(a) else 0.0 for a, b in zip(edges, ref, strict=True))
+            gap = float((edges - ref).abs().max()) if len(ref) else 0.0
             self.static.verified = True
             if gap > STATIC_TOLERANCE:
                 self.static.disabled = f"its log-probs differ from the model's forward by {gap:.3g}"
                 logger.warning("CUDA graphs off for tree scoring: %s", self.static.disabled)
                 return ref
         return edges
+
+
+def tree_layouts(tries: Sequence[Trie], search: str, max_tree_tokens: int) -> dict[int, TreeLayout]:
+    """Layouts of the tries ranked exactly under `search` (`exact`: all; `auto`: those feeding at most
+    `max_tree_tokens` tree tokens), by position, with their ancestor pairs ready; the rest get beam search."""
+    limit = None if search == "exact" else max_tree_tokens
+    out: dict[int, TreeLayout] = {}
+    for i, t in enumerate(tries):
+        lay = layout(t, max_inputs=limit) if len(t) and t.depth else None
+        if lay is not None:
+            lay.ancestor_pairs()
+            out[i] = lay
+    return out
 
 
 class HFEngine(ChatPrompts):
@@ -437,23 +451,39 @@ class HFEngine(ChatPrompts):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def rank(
-        self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
-    ) -> list[Ranked]:
-        """Top `beam_width` items per request: exact where the trie is small enough, else beam search."""
-        if len(prompts) != len(tries):
-            raise ValueError("one trie per prompt")
-        with attention_kernels(self.device):
-            return self._rank(prompts, tries, beam_width)
+    @property
+    def layout_policy(self) -> tuple[str, int] | None:
+        """(search, max_tree_tokens) where tries may be ranked exactly (see `tree_layouts`); None: beam only."""
+        return None if self.search == "beam" else (self.search, self.max_tree_tokens)
 
-    def _rank(self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], beam_width: int) -> list[Ranked]:
-        limit = None if self.search == "exact" else self.max_tree_tokens
-        layouts: dict[int, TreeLayout] = {}
-        if self.search != "beam":
-            for i, t in enumerate(tries):
-                lay = layout(t, max_inputs=limit) if len(t) and t.depth else None
-                if lay is not None:
-                    layouts[i] = lay
+    def rank(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
+    ) -> list[Ranked]:
+        """Top `beam_width` items per request: exact where the trie is small enough, else beam search.
+        `layouts`: the tries' `tree_layouts` under this engine's `layout_policy`, if already made
+        (genrec.prep's workers make them); None where a trie goes to beam search."""
+        if len(prompts) != len(tries) or (layouts is not None and len(layouts) != len(tries)):
+            raise ValueError("one trie (and layout) per prompt")
+        if layouts is None:
+            policy = self.layout_policy
+            found = tree_layouts(tries, *policy) if policy is not None else {}
+        else:
+            found = {i: lay for i, lay in enumerate(layouts) if lay is not None}
+        with attention_kernels(self.device):
+            return self._rank(prompts, tries, beam_width, found)
+
+    def _rank(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie],
+        beam_width: int,
+        layouts: dict[int, TreeLayout],
+    ) -> list[Ranked]:
         out: list[Ranked] = [Ranked([], []) for _ in prompts]
         if layouts:
             tree = list(layouts)
