@@ -120,23 +120,45 @@ def popularity_lists(examples: Sequence[Example], counts: np.ndarray, k: int) ->
 
 
 def model_lists(
-    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True, workers: int = 0
 ) -> list[list[int]]:
+    """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
+    batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
+    from genrec.recommender import RankRequest
+
     e = cfg.eval
+    batches = (
+        (
+            None,
+            [
+                RankRequest(
+                    list(ex.history),
+                    n_items=e.beam_width,
+                    mode=e.candidates,
+                    n_candidates=e.n_candidates,
+                    beam_width=e.beam_width,
+                    user=ex.user,
+                )
+                for ex in examples[start : start + e.batch_size]
+            ],
+        )
+        for start in range(0, len(examples), e.batch_size)
+    )
     out: list[list[int]] = []
     bar = tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress)
-    for start in range(0, len(examples), e.batch_size):
-        batch = examples[start : start + e.batch_size]
-        recs = rec.rank_histories(
-            [ex.history for ex in batch],
-            n_items=e.beam_width,
-            beam_width=e.beam_width,
-            mode=e.candidates,
-            n_candidates=e.n_candidates,
-            users=[ex.user for ex in batch],
-        )
-        out.extend([[r.item for r in lst] for lst in recs])
-        bar.update(len(batch))
+
+    def rank(stream: Any) -> None:
+        for _, reqs, prepared in stream:
+            out.extend([[r.item for r in lst] for lst in rec.rank_prepared(reqs, prepared)])
+            bar.update(len(reqs))
+
+    if workers:
+        from genrec.prep import PrepPool
+
+        with PrepPool(str(rec.run.path), workers, layouts=getattr(rec.engine, "layout_policy", None)) as pool:
+            rank(pool.prepared(batches))
+    else:
+        rank((tag, reqs, rec.prepare(reqs)) for tag, reqs in batches)
     bar.close()
     return out
 
@@ -187,7 +209,7 @@ def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = T
         "embeddings": rec.retriever.embeddings,
     }
     started, before = time.time(), dict(rec.engine.ranked_by)
-    lists = {"genrec": model_lists(rec, examples, cfg, progress=progress)}
+    lists = {"genrec": model_lists(rec, examples, cfg, progress=progress, workers=cfg.eval.prep_workers)}
     seconds = time.time() - started
     ranked_by = {k: v - before.get(k, 0) for k, v in rec.engine.ranked_by.items() if v - before.get(k, 0)}
     lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress))

@@ -256,3 +256,19 @@ def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
         good = pool.submit([RankRequest([0, 1], mode="all")]).result()
         assert good.prompts == [rec.engine.encode_many([rec.builder.messages([0, 1], None)])[0]]
         assert good.retrieved == [None] and good.layouts is None  # no layout policy given
+
+
+def test_evaluation_ranking_with_preparation_workers_is_the_same(rec):
+    """`eval.prep_workers`: evaluate's genrec lists, prepared by 2 worker processes, equal the in-process ones."""
+    import dataclasses
+
+    from genrec.data import leave_one_out
+    from genrec.evaluation import model_lists
+
+    examples = leave_one_out(rec.data, "test")[:40]
+    cfg = dataclasses.replace(
+        rec.cfg, eval=dataclasses.replace(rec.cfg.eval, candidates="retriever", n_candidates=30, batch_size=7)
+    )
+    alone = model_lists(rec, examples, cfg, progress=False)
+    assert len(alone) == 40 and all(alone)
+    assert model_lists(rec, examples, cfg, progress=False, workers=2) == alone
