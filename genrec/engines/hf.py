@@ -188,6 +188,9 @@ class StaticForward:
                 self._forward(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        # One pool for all graphs: a capture may reuse memory another graph used only inside its own replay.
+        # That is safe in any replay order here because replays never overlap and each output is read
+        # (copied out) before the next replay; static inputs live outside the pool.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._forward(*static)
         self.pool = graph.pool()
