@@ -237,6 +237,7 @@ def main() -> None:
         results["cuda_graphs"] = {
             "captured": static.captured,
             "kept": len(static.graphs),
+            "first_use_gap": static.gap,
             "off": static.disabled,
         }
     save(args.out, results)

@@ -32,10 +32,11 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 """Every SDPA kernel but cuDNN's, which plans each new shape on the CPU first: about 5 ms per layer
 call on an H100 with the masks of tree scoring and padded batches (measured, BENCHMARKS.md), and
 every request brings its own length."""
-STATIC_TOLERANCE = 0.05
-"""Largest log-prob gap allowed between StaticForward's scoring and the model's own forward at its first
-use (bf16 rounding differs with the padded shape; a model whose output head is not a plain linear layer,
-e.g. with logit soft-capping, differs by far more and goes back to eager calls)."""
+STATIC_TOLERANCE = 0.02
+"""Largest relative gap, mean |difference| / mean |log-prob|, allowed between StaticForward's edge log-probs
+and the model's own forward at first use. bf16 rounding differs with the padded shape: a single edge of a
+trained bf16 model differed by 0.06 on the H100 while the mean gap stays near 0.001. A model whose output head
+is not a plain linear layer (logit soft-capping or scaling) differs by far more and goes back to eager calls."""
 
 
 @contextmanager
@@ -148,6 +149,8 @@ class StaticForward:
         self.disabled: str | None = None
         """Why the engine went back to eager calls for good (a failed capture or check), if it did."""
         self.captured = 0
+        self.gap: float | None = None
+        """The relative gap measured at the first-use check."""
 
     def bucket(self, rows: int, width: int) -> tuple[int, int] | None:
         """The padded (rows, width) a batch runs at, or None where it goes eager (too big, or disabled)."""
@@ -389,10 +392,12 @@ class TreeScorer:
             return self._edge_logp_model(lays, *self._inputs(ps, lays, len(ps), width))
         if not self.static.verified:
             ref = self._edge_logp_model(lays, *self._inputs(ps, lays, len(ps), width))
-            gap = float((edges - ref).abs().max()) if len(ref) else 0.0
-            self.static.verified = True
+            gap = float((edges - ref).abs().mean() / ref.abs().mean().clamp(min=1e-6)) if len(ref) else 0.0
+            self.static.verified, self.static.gap = True, gap
             if gap > STATIC_TOLERANCE:
-                self.static.disabled = f"its log-probs differ from the model's forward by {gap:.3g}"
+                self.static.disabled = (
+                    f"its log-probs differ from the model's forward by {gap:.3g} (relative)"
+                )
                 logger.warning("CUDA graphs off for tree scoring: %s", self.static.disabled)
                 return ref
         return edges
