@@ -127,7 +127,7 @@ def main() -> None:
 
     from bench.common import percentiles, save
     from genrec.data import leave_one_out
-    from genrec.recommender import RankRequest, Recommender
+    from genrec.recommender import Recommender, history_requests
     from genrec.retrieval import Retriever
     from genrec.run import RunDir
 
@@ -154,16 +154,13 @@ def main() -> None:
     )
     examples = leave_one_out(rec.data, "test")
     examples = (examples * (args.users // len(examples) + 1))[: args.users]
-    reqs = [
-        RankRequest(
-            list(e.history),
-            n_items=args.beam,
-            mode=args.candidates,
-            n_candidates=args.n_candidates,
-            user=e.user,
-        )
-        for e in examples
-    ]
+    reqs = history_requests(
+        [e.history for e in examples],
+        n_items=args.beam,
+        mode=args.candidates,
+        n_candidates=args.n_candidates,
+        users=[e.user for e in examples],
+    )
     prompts = engine.encode_many([rec.builder.messages(r.history, r.user) for r in reqs])
     depth = rec.ids.depth
     results: dict[str, Any] = {

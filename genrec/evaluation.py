@@ -124,23 +124,20 @@ def model_lists(
 ) -> list[list[int]]:
     """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
     batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
-    from genrec.recommender import RankRequest
+    from genrec.recommender import history_requests
 
     e = cfg.eval
     batches = (
         (
             None,
-            [
-                RankRequest(
-                    list(ex.history),
-                    n_items=e.beam_width,
-                    mode=e.candidates,
-                    n_candidates=e.n_candidates,
-                    beam_width=e.beam_width,
-                    user=ex.user,
-                )
-                for ex in examples[start : start + e.batch_size]
-            ],
+            history_requests(
+                [ex.history for ex in examples[start : start + e.batch_size]],
+                n_items=e.beam_width,
+                mode=e.candidates,
+                n_candidates=e.n_candidates,
+                beam_width=e.beam_width,
+                users=[ex.user for ex in examples[start : start + e.batch_size]],
+            ),
         )
         for start in range(0, len(examples), e.batch_size)
     )

@@ -76,6 +76,32 @@ class PreparedBatch:
     a None entry: that request goes to beam search)."""
 
 
+def history_requests(
+    histories: Sequence[Sequence[int]],
+    *,
+    n_items: int,
+    mode: CandidateMode = "retriever",
+    n_candidates: int = 200,
+    beam_width: int | None = None,
+    users: Sequence[str | None] | None = None,
+    exclude: Sequence[Sequence[int]] | None = None,
+) -> list[RankRequest]:
+    """One RankRequest per history, all with the same options (users and exclusions per history)."""
+    users = users or [None] * len(histories)
+    return [
+        RankRequest(
+            list(h),
+            n_items=n_items,
+            mode=mode,
+            n_candidates=n_candidates,
+            beam_width=beam_width,
+            user=u,
+            exclude=list(exclude[k]) if exclude else [],
+        )
+        for k, (h, u) in enumerate(zip(histories, users, strict=True))
+    ]
+
+
 class UnknownItems(GenrecError):
     def __init__(self, unknown: Sequence[str]) -> None:
         self.unknown = list(unknown)
@@ -319,20 +345,16 @@ class Recommender:
         exclude: Sequence[Sequence[int]] | None = None,
     ) -> list[list[Recommendation]]:
         """Top `n_items` per history; every item is in its candidate set, none repeats or was seen."""
-        users = users or [None] * len(histories)
         return self.rank_requests(
-            [
-                RankRequest(
-                    list(h),
-                    n_items=n_items,
-                    mode=mode,
-                    n_candidates=n_candidates,
-                    beam_width=beam_width,
-                    user=u,
-                    exclude=list(exclude[k]) if exclude else [],
-                )
-                for k, (h, u) in enumerate(zip(histories, users, strict=True))
-            ]
+            history_requests(
+                histories,
+                n_items=n_items,
+                mode=mode,
+                n_candidates=n_candidates,
+                beam_width=beam_width,
+                users=users,
+                exclude=exclude,
+            )
         )
 
     def recommend_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
