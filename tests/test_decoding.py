@@ -312,15 +312,27 @@ def test_batched_prompt_encoding_gives_the_same_ids(tiny_lm, small_data):
 
 
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=200), st.integers(1, 30))
-def test_top_items_equals_a_full_stable_sort(values, k):
-    """Top k by score with ties in trie order, the partial way (large tries) and the full sort agree."""
-    from genrec.decoding.tree import top_items
+def test_batch_top_items_is_a_stable_sort_of_the_path_sums(values, k):
+    """With each item's score on its leaf edge (few distinct values: many ties), the top k of every layout
+    in a batch are a full stable sort's: best first, ties in trie order, rows of different sizes."""
+    from genrec.decoding.tree import batch_top_items
 
-    seqs = [(i // 36, i // 6 % 6, i % 6) for i in range(len(values))]
-    lay = layout(Trie(seqs, [500 + i for i in range(len(seqs))]))
-    scores = torch.tensor(values, dtype=torch.float64)  # few distinct values: many ties
-    order = torch.argsort(-scores, stable=True)[:k]
-    assert top_items(lay, scores, k) == (lay.items[order].tolist(), scores[order].tolist())
+    def case(vals):
+        seqs = [(i // 36, i // 6 % 6, i % 6) for i in range(len(vals))]
+        lay = layout(Trie(seqs, [500 + i for i in range(len(seqs))]))
+        edge = torch.zeros(len(lay.token) - 1, dtype=torch.float64)
+        leaves = torch.arange(lay.level_starts[-2], len(lay.token))
+        edge[leaves - 1] = torch.tensor(
+            [float(vals[i - 500]) for i in lay.items.tolist()], dtype=torch.float64
+        )
+        return lay, edge
+
+    cases = [case(values), case(values[: max(1, len(values) // 3)])]
+    got = batch_top_items([c[0] for c in cases], torch.cat([c[1] for c in cases]), k)
+    for (lay, edge), (items, scores) in zip(cases, got, strict=True):
+        leaf_scores = edge[lay.level_starts[-2] - 1 :]
+        order = torch.argsort(-leaf_scores, stable=True)[:k]
+        assert items == lay.items[order].tolist() and scores == leaf_scores[order].tolist()
 
 
 def _tree_case(tok, engine):
@@ -449,9 +461,9 @@ def test_tree_layouts_pickle_as_arrays_with_their_ancestor_pairs(tiny_lm):
 
 
 def test_batch_top_items_equals_scoring_each_layout(tiny_lm):
-    """The batched path sums and padded stable sort give each layout's own item_scores + top_items:
+    """The batched path sums and padded stable sort give each layout's own item_scores, stably sorted:
     same items, same scores, ties in trie order (rounded edges make many ties), rows of any size."""
-    from genrec.decoding.tree import batch_top_items, top_items
+    from genrec.decoding.tree import batch_top_items
 
     _, tok, _ = tiny_lm
     seqs = code_sequences(tok)
@@ -463,8 +475,11 @@ def test_batch_top_items_equals_scoring_each_layout(tiny_lm):
     for k in (1, 3, 50):
         got = batch_top_items(lays, torch.cat(edges), k)
         for lay, edge, (items, scores) in zip(lays, edges, got, strict=True):
-            want = top_items(lay, lay.item_scores(torch.cat([torch.zeros(1), edge])), k)
-            assert items == want[0] and scores == pytest.approx(want[1], abs=1e-9)
+            each = lay.item_scores(torch.cat([torch.zeros(1), edge]))
+            order = torch.argsort(-each, stable=True)[:k]
+            assert items == lay.items[order].tolist() and scores == pytest.approx(
+                each[order].tolist(), abs=1e-9
+            )
 
 
 def test_static_check_passes_bf16_rounding_of_large_logits(tiny_lm):

@@ -215,25 +215,15 @@ def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | No
     )
 
 
-def top_items(lay: TreeLayout, scores: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
-    """The k best items, score descending; ties in trie order (stable)."""
-    if len(scores) > 4 * k:  # sort only what can make the top k: every score >= the k-th best
-        kth = torch.topk(scores, k).values[-1]
-        candidates = torch.nonzero(scores >= kth).squeeze(1)  # in trie order
-        order = candidates[torch.argsort(-scores[candidates], stable=True)[:k]]
-    else:
-        order = torch.argsort(-scores, stable=True)[:k]
-    return lay.items[order].tolist(), scores[order].tolist()
-
-
 def batch_top_items(
     lays: Sequence[TreeLayout], edge_logp: torch.Tensor, k: int
 ) -> list[tuple[list[int], list[float]]]:
-    """`top_items(lay, lay.item_scores(...), k)` for a batch of layouts at once, on `edge_logp`'s device.
+    """Each layout's k best items and their log-probs (`item_scores`, best first, ties in trie order), for a
+    batch of layouts at once, on `edge_logp`'s device.
 
     `edge_logp`: every row's non-root nodes' edge log-probs, rows concatenated (node 1 .. N-1 of each).
     Path sums go level by level over all rows together; each row's leaves are sorted in one padded,
-    stable sort (ties keep trie order, as `top_items`); only the k best per row leave the device.
+    stable sort; only the k best per row leave the device.
     """
     if not lays:
         return []
