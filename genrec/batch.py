@@ -236,15 +236,11 @@ def _run_chunks(
         disable=not progress,
         initial=sum(c["rows"] + c["rejects"] for c in manifest.data["chunks"]),
     )
-    units = _units(_chunks(rec, manifest, input_path, shard, chunk_size), batch_size, options)
-    if workers:
-        from genrec.prep import PrepPool
+    from genrec.prep import prepared_batches
 
-        with PrepPool(str(rec.run.path), workers, layouts=getattr(rec.engine, "layout_policy", None)) as pool:
-            _rank_and_commit(rec, manifest, pool.prepared(units), row_fields, bar)
-    else:
-        inline = ((tag, reqs, rec.prepare(reqs)) for tag, reqs in units)
-        _rank_and_commit(rec, manifest, inline, row_fields, bar)
+    units = _units(_chunks(rec, manifest, input_path, shard, chunk_size), batch_size, options)
+    with prepared_batches(rec, units, workers) as prepared:
+        _rank_and_commit(rec, manifest, prepared, row_fields, bar)
     bar.close()
 
 

@@ -304,6 +304,12 @@ def generate(
         "n_candidates": n_candidates,
         "batch_size": batch_size,
     }
+    if prep_workers < 0:
+        raise GenrecError(f"--prep-workers must be >= 0, got {prep_workers}")
+    if backend == "ray" and prep_workers:
+        raise GenrecError(
+            "--prep-workers is for --backend hf/vllm; with --backend ray, --workers sets the tasks"
+        )
     if backend == "ray":
         from genrec.batch_ray import generate_ray
 
@@ -327,8 +333,6 @@ def generate(
         )
         return
     rec = Recommender.load(rd, backend=backend, search=search)
-    if prep_workers < 0:
-        raise GenrecError(f"--prep-workers must be >= 0, got {prep_workers}")
     summary = do_generate(rec, input, output, resume=resume, shard=(k, m), workers=prep_workers, **opts)
     typer.echo(
         f"{summary['rows']} users ranked -> {summary['output']}; {summary['rejects']} rejected rows -> "

@@ -124,38 +124,31 @@ def model_lists(
 ) -> list[list[int]]:
     """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
     batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
+    from genrec.prep import prepared_batches
     from genrec.recommender import history_requests
 
     e = cfg.eval
+    chunks = [examples[s : s + e.batch_size] for s in range(0, len(examples), e.batch_size)]
     batches = (
         (
             None,
             history_requests(
-                [ex.history for ex in examples[start : start + e.batch_size]],
+                [ex.history for ex in chunk],
                 n_items=e.beam_width,
                 mode=e.candidates,
                 n_candidates=e.n_candidates,
                 beam_width=e.beam_width,
-                users=[ex.user for ex in examples[start : start + e.batch_size]],
+                users=[ex.user for ex in chunk],
             ),
         )
-        for start in range(0, len(examples), e.batch_size)
+        for chunk in chunks
     )
     out: list[list[int]] = []
     bar = tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress)
-
-    def rank(stream: Any) -> None:
-        for _, reqs, prepared in stream:
-            out.extend([[r.item for r in lst] for lst in rec.rank_prepared(reqs, prepared)])
+    with prepared_batches(rec, batches, workers) as prepared:
+        for _, reqs, batch in prepared:
+            out.extend([[r.item for r in lst] for lst in rec.rank_prepared(reqs, batch)])
             bar.update(len(reqs))
-
-    if workers:
-        from genrec.prep import PrepPool
-
-        with PrepPool(str(rec.run.path), workers, layouts=getattr(rec.engine, "layout_policy", None)) as pool:
-            rank(pool.prepared(batches))
-    else:
-        rank((tag, reqs, rec.prepare(reqs)) for tag, reqs in batches)
     bar.close()
     return out
 

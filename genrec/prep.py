@@ -21,6 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from genrec.engines.base import ChatPrompts
@@ -151,3 +152,17 @@ class PrepPool:
 
 def _ready() -> bool:
     return _REC is not None
+
+
+@contextmanager
+def prepared_batches(
+    rec: Recommender, batches: Iterable[tuple[T, list[RankRequest]]], workers: int
+) -> Iterator[Iterator[tuple[T, list[RankRequest], PreparedBatch]]]:
+    """Each (tag, batch) with its PreparedBatch, in order: made by `workers` PrepPool processes (with the
+    tree layouts `rec`'s engine wants) or, with 0, here as it is consumed. The batch job and `evaluate`
+    rank from this."""
+    if not workers:
+        yield ((tag, reqs, rec.prepare(reqs)) for tag, reqs in batches)
+        return
+    with PrepPool(str(rec.run.path), workers, layouts=getattr(rec.engine, "layout_policy", None)) as pool:
+        yield pool.prepared(batches)

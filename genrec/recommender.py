@@ -334,28 +334,11 @@ class Recommender:
         ]
 
     def rank_histories(
-        self,
-        histories: Sequence[Sequence[int]],
-        *,
-        n_items: int,
-        mode: CandidateMode = "retriever",
-        n_candidates: int = 200,
-        beam_width: int | None = None,
-        users: Sequence[str | None] | None = None,
-        exclude: Sequence[Sequence[int]] | None = None,
+        self, histories: Sequence[Sequence[int]], **options: Any
     ) -> list[list[Recommendation]]:
-        """Top `n_items` per history; every item is in its candidate set, none repeats or was seen."""
-        return self.rank_requests(
-            history_requests(
-                histories,
-                n_items=n_items,
-                mode=mode,
-                n_candidates=n_candidates,
-                beam_width=beam_width,
-                users=users,
-                exclude=exclude,
-            )
-        )
+        """Top `n_items` per history (`options`: history_requests' keywords); every item is in its candidate
+        set, none repeats or was seen."""
+        return self.rank_requests(history_requests(histories, **options))
 
     def recommend_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
         """Cold start: no history, rank by the retriever on the text's embedding."""

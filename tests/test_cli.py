@@ -129,3 +129,20 @@ def test_serve_options_reach_the_server_limits(tmp_path, monkeypatch):
         max_history=40, max_queue=7, max_batch=3, batch_wait_ms=2, adaptive_wait=False, request_timeout_s=9
     )
     assert (args.port, args.api_keys, args.backend) == (9, ["k"], "hf")
+
+
+def test_generate_rejects_bad_prep_workers_before_loading_a_model(tmp_path):
+    """--prep-workers is checked first (no model load): a negative count, and ray (which has its own --workers)."""
+    base = [
+        "generate",
+        "--run",
+        str(tmp_path / "r"),
+        "-i",
+        str(tmp_path / "u.jsonl"),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+    ]
+    bad = runner.invoke(app, [*base, "--prep-workers", "-1"])
+    assert "--prep-workers must be >= 0, got -1" in str(bad.exception)
+    ray = runner.invoke(app, [*base, "--backend", "ray", "--prep-workers", "2"])
+    assert "--prep-workers is for --backend hf/vllm" in str(ray.exception)
