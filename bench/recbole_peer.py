@@ -73,7 +73,15 @@ def export_atomic(data: Any, folder: Path, name: str) -> Path:
     return d
 
 
-def recbole_config(folder: Path, name: str, *, epochs: int, sizes: dict[str, Any]) -> dict[str, Any]:
+def recbole_config(
+    folder: Path,
+    name: str,
+    *,
+    epochs: int,
+    sizes: dict[str, Any],
+    eval_step: int = 1,
+    stopping_step: int = 10,
+) -> dict[str, Any]:
     return {
         "dataset": name,
         "data_path": str(folder),
@@ -97,8 +105,8 @@ def recbole_config(folder: Path, name: str, *, epochs: int, sizes: dict[str, Any
         "metrics": ["Recall", "NDCG", "MRR"],
         "topk": list(KS),
         "valid_metric": "NDCG@10",
-        "eval_step": max(1, epochs // 10),
-        "stopping_step": 3,
+        "eval_step": eval_step,
+        "stopping_step": stopping_step,
         "user_inter_num_interval": "[0,inf)",
         "item_inter_num_interval": "[0,inf)",
         "device": "cpu",
@@ -113,16 +121,17 @@ def recbole_config(folder: Path, name: str, *, epochs: int, sizes: dict[str, Any
 
 def run_recbole(cfg: dict[str, Any], timeout_s: int, *, log: Path | None = None) -> dict[str, Any]:
     """Run RecBole in its venv, inside the data folder (it writes log/ and log_tensorboard/ to its cwd)."""
-    proc = subprocess.run(
-        [str(RECBOLE_PY), "-c", RUNNER, json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=cfg["data_path"],
-    )
-    if log is not None:
+    try:
+        proc = subprocess.run(
+            [str(RECBOLE_PY), "-c", RUNNER, json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=cfg["data_path"],
+        )
+    finally:  # keep the per-epoch log even when RecBole fails or runs out of time
         logs = sorted(Path(cfg["data_path"]).glob("log/SASRec/*.log"))
-        if logs:
+        if log is not None and logs:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(logs[-1].read_text())
     for line in proc.stdout.splitlines():
@@ -186,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Take RecBole's result from the log of an earlier run instead of training it again.",
     )
+    p.add_argument(
+        "--stopping-step",
+        type=int,
+        default=10,
+        help="RecBole stops after this many evaluations without a better valid NDCG@10 (RecBole's default: 10).",
+    )
+    p.add_argument(
+        "--eval-step", type=int, default=1, help="RecBole evaluates on valid every this many epochs."
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="RecBole learning rate.")
     p.add_argument("--batch-size", type=int, default=512, help="RecBole batch size (prefixes).")
     p.add_argument("--timeout", type=int, default=6 * 3600, help="Seconds RecBole may run.")
@@ -221,12 +239,20 @@ def main(argv: list[str] | None = None) -> int:
             export_atomic(data, folder, "ml100k_genrec")
             started = time.time()
             rb = run_recbole(
-                recbole_config(folder, "ml100k_genrec", epochs=args.recbole_epochs, sizes=sizes),
+                recbole_config(
+                    folder,
+                    "ml100k_genrec",
+                    epochs=args.recbole_epochs,
+                    sizes=sizes,
+                    eval_step=args.eval_step,
+                    stopping_step=args.stopping_step,
+                ),
                 args.timeout,
                 log=Path(args.out).with_suffix(".recbole.log"),
             )
             results["recbole"] = {
                 "epochs": args.recbole_epochs,
+                "stopping_step": args.stopping_step,
                 "seconds": round(time.time() - started, 1),
                 **rb,
             }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import bench.quality as quality
 import bench.recbole_peer as peer
 
@@ -24,6 +26,21 @@ def test_recbole_config_uses_the_issue_protocol(tmp_path):
     assert cfg["loss_type"] == "CE" and cfg["train_neg_sample_args"] is None
     assert cfg["eval_args"]["split"] == {"LS": "valid_and_test"} and cfg["eval_args"]["order"] == "TO"
     assert cfg["eval_args"]["mode"] == "full"
+    assert cfg["eval_step"] == 1 and cfg["stopping_step"] == 10  # RecBole's own early stopping, every epoch
+
+
+def test_recbole_run_keeps_its_epoch_log_when_it_fails(tmp_path, monkeypatch):
+    """A RecBole run that dies (or runs out of time) still leaves its per-epoch log beside the results."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nmkdir -p log/SASRec && echo 'epoch 0 training' > log/SASRec/a.log\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(peer, "RECBOLE_PY", fake)
+    data = tmp_path / "data"
+    data.mkdir()
+    log = tmp_path / "out" / "peer.recbole.log"
+    with pytest.raises(RuntimeError, match="exit 3"):
+        peer.run_recbole({"data_path": str(data)}, 30, log=log)
+    assert log.read_text() == "epoch 0 training\n"
 
 
 def test_quality_skips_cleanly_without_shared_data(tmp_path, monkeypatch, capsys):
