@@ -121,3 +121,24 @@ def test_evaluate_trains_sasrec_with_the_runs_seed(monkeypatch):
         out = baseline_lists(SimpleNamespace(data=None), [], cfg, np.zeros(1), progress=False)
         assert out == {"sasrec": [[0]]}
     assert [(c.seed, c.epochs) for c in seen] == [(0, 7), (3, 7)]
+
+
+def test_sasrec_pads_batches_to_the_longest_sequence_within_max_len(monkeypatch):
+    """Columns no sequence reaches are not padded (the demo data's sequences are at most 30 long, max_len is
+    50); sequences longer than max_len still keep their last max_len items."""
+    from genrec import baselines
+
+    data = cyclic(length=12)  # test histories: 11 items, the longest input anywhere
+    test = leave_one_out(data, "test")
+    widths: list[int] = []
+    forward = baselines.SASRec.forward
+    monkeypatch.setattr(
+        baselines.SASRec, "forward", lambda self, seq: widths.append(seq.shape[1]) or forward(self, seq)
+    )
+    for max_len, expected in ((50, 11), (8, 8)):
+        widths.clear()
+        cfg = SASRecConfig(hidden=8, epochs=2, max_len=max_len, eval_every=1, patience=1)
+        sasrec_lists(data, test, split="test", k=5, cfg=cfg, progress=False)
+        assert widths and set(widths) == {expected}
+    assert baselines.sasrec_window(50, [[1] * 60], [[2] * 3]) == 50
+    assert baselines.sasrec_window(50, [], []) == 1
