@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import bench.quality as quality
@@ -77,6 +79,36 @@ def test_recbole_results_are_read_back_from_its_log():
     out = peer.parse_recbole_log(log)
     assert out["test_result"] == {"recall@10": 0.1304, "ndcg@10": 0.0589}
     assert out["best_valid_result"]["ndcg@10"] == 0.0624 and out["epochs_run"] == 7
+
+
+def test_recbole_peer_compares_a_stored_log_with_a_stored_genrec_result(
+    small_data, tmp_path, monkeypatch, capsys
+):
+    """--from-recbole-log with --genrec-result trains nothing: both sides come from files, ratio computed."""
+    import json
+
+    import genrec.data
+
+    (tmp_path / "ml-100k").mkdir()
+    monkeypatch.setattr(peer, "SHARED", tmp_path)
+    monkeypatch.setattr(peer, "RECBOLE_PY", Path(peer.__file__))  # exists; never run
+    monkeypatch.setattr(genrec.data, "load_dataset", lambda cfg: small_data)
+    monkeypatch.setattr(peer, "genrec_sasrec", lambda *a, **k: pytest.fail("genrec's side was trained"))
+    log = tmp_path / "rb.log"
+    log.write_text(
+        "x INFO  epoch 29 training [time: 1s, train loss: 1.0]\n"
+        "x INFO  best valid : OrderedDict([('ndcg@10', 0.09)])\n"
+        "x INFO  test result: OrderedDict([('recall@10', 0.17), ('ndcg@10', 0.08)])\n"
+    )
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"genrec": {"config": {"epochs": 500}, "test_result": {"ndcg@10": 0.088}}}))
+    out = tmp_path / "peer.json"
+    argv = ["--from-recbole-log", str(log), "--genrec-result", str(ours), "--out", str(out)]
+    assert peer.main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert saved["recbole"]["epochs_run"] == 30 and saved["genrec"]["from"] == str(ours)
+    assert saved["ndcg@10_ratio"] == pytest.approx(1.1)
+    assert "| genrec SASRec (CE) | nan | 0.0880 |" in capsys.readouterr().out
 
 
 def test_search_overhead_free_model_keeps_the_search_exact(trained_run):
