@@ -261,11 +261,18 @@ def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm)
     together = TreeScorer(model, pad_id=engine.pad_id).rank(prompts, lays, 5)
     calls = []
     apart = TreeScorer(model, pad_id=engine.pad_id, mask_budget=1)
-    run = apart._run
-    apart._run = lambda *a: calls.append(len(a[2])) or run(*a)
+    launch, finish = apart._launch, apart._finish
+    apart._launch = lambda *a: calls.append(("launch", tuple(a[2]))) or launch(*a)
+    apart._finish = lambda rows, *a: calls.append(("finish", tuple(rows))) or finish(rows, *a)
     for a, b in zip(together, apart.rank(prompts, lays, 5), strict=True):
         assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-4)
-    assert calls == [1, 1, 1, 1]
+    # one row per forward, and pipelined: each batch is read back only after the next one was queued
+    rows = [r for kind, r in calls if kind == "launch"]
+    assert [len(r) for r in rows] == [1, 1, 1, 1]
+    expected = [("launch", rows[0])]
+    for prev, nxt in itertools.pairwise(rows):
+        expected += [("launch", nxt), ("finish", prev)]
+    assert calls == [*expected, ("finish", rows[-1])]
 
 
 def test_engine_keeps_cudnn_attention_out_on_gpu_only():
@@ -426,6 +433,29 @@ def test_cuda_graph_tree_scoring_on_a_gpu(tiny_lm):
                 assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-3)
         assert graphed.static is not None and graphed.static.disabled is None and graphed.static.verified
         assert graphed.static.captured >= 2
+    finally:
+        model.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipelined_tree_scoring_on_a_gpu_ranks_as_on_the_cpu(tiny_lm):
+    """On a GPU (skipped in CI) inputs and indices go over in pinned, non-blocking copies, and each batch is
+    read back only after the next one was queued: the rankings equal the CPU's, one batch or several."""
+    from genrec.engines.hf import TreeScorer
+
+    model, tok, _ = tiny_lm
+    engine = HFEngine(model, tok)
+    seqs = code_sequences(tok)
+    texts = ["the cat", "next item recent items oldest first on the mat", "mat", "the mat"]
+    prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
+    lays = [layout(Trie(seqs[k : k + 30 + 9 * k])) for k in range(4)]
+    want = TreeScorer(model, pad_id=engine.pad_id).rank(prompts, lays, 5)
+    model = model.to("cuda")
+    try:
+        for budget in (1, 1 << 26):
+            got = TreeScorer(model, pad_id=engine.pad_id, mask_budget=budget).rank(prompts, lays, 5)
+            for a, b in zip(want, got, strict=True):
+                assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-3)
     finally:
         model.to("cpu")
 

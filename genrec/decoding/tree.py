@@ -215,46 +215,113 @@ def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | No
     )
 
 
+def to_device(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """int64 arrays as tensors on `device`. On a GPU, one pinned buffer and one copy that does not wait for
+    the work already queued (a plain `.to(device)` waits for it), split into views there; on a CPU, the
+    arrays themselves."""
+    if device.type != "cuda":
+        return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
+    flat = torch.from_numpy(np.concatenate([np.ravel(a).astype(np.int64, copy=False) for a in arrays]))
+    moved = flat.pin_memory().to(device, non_blocking=True)
+    return [
+        part.view(a.shape)
+        for part, a in zip(moved.split([int(np.size(a)) for a in arrays]), arrays, strict=True)
+    ]
+
+
+class TopItems:
+    """Each layout's k best items and their log-probs (`item_scores`, best first, ties in trie order) for a
+    batch of layouts at once, in three steps so that the device never waits for the CPU in between:
+
+    1. here, the index arrays on the CPU, from the layouts alone (path-sum order, leaves, padding);
+    2. `launch(edge_logp)` queues the device work (path sums level by level over all rows together, one
+       padded stable sort, the top k copied out) and returns without waiting for it;
+    3. `result()` waits for that copy and returns the lists.
+
+    `edge_logp`: every row's non-root nodes' edge log-probs, rows concatenated (node 1 .. N-1 of each).
+    """
+
+    def __init__(self, lays: Sequence[TreeLayout], k: int) -> None:
+        self.k = k
+        self.n_leaves = [len(lay.items) for lay in lays]
+        sizes = [len(lay.token) for lay in lays]
+        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        self.total, self.width = int(sum(sizes)), max(self.n_leaves, default=0)
+        if not lays:
+            return
+        parent = np.concatenate([lay.parent.numpy() + o for lay, o in zip(lays, offsets, strict=True)])
+        nonroot = np.ones(self.total, dtype=bool)
+        nonroot[offsets] = False
+        levels = []  # depth-1 nodes score their edge alone; deeper ones add their parent's sum, level by level
+        for d in range(2, max(len(lay.level_starts) for lay in lays) - 1):
+            at = np.concatenate(
+                [
+                    np.arange(lay.level_starts[d], lay.level_starts[d + 1]) + o
+                    for lay, o in zip(lays, offsets, strict=True)
+                    if d < len(lay.level_starts) - 1
+                ]
+            )
+            levels += [at, parent[at]]
+        leaf = np.concatenate(
+            [
+                np.arange(lay.level_starts[-2], len(lay.token)) + o
+                for lay, o in zip(lays, offsets, strict=True)
+            ]
+        )
+        row = np.repeat(np.arange(len(lays)), self.n_leaves)
+        slot = np.concatenate([np.arange(n) for n in self.n_leaves])
+        items = np.concatenate([lay.items.numpy() for lay in lays])
+        self.arrays = [np.flatnonzero(nonroot), leaf, row, slot, items, *levels]
+        self.pending: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+
+    def launch(self, edge_logp: torch.Tensor) -> TopItems:
+        """Queue the device work on `edge_logp`'s device; no waiting for it (on a GPU)."""
+        if not self.n_leaves:
+            return self
+        device = edge_logp.device
+        nonroot, leaf, row, slot, items_cat, *levels = to_device(self.arrays, device)
+        score = torch.zeros(self.total, dtype=torch.float64, device=device)
+        score[nonroot] = edge_logp.double()
+        for at, parent in zip(levels[::2], levels[1::2], strict=True):
+            score[at] += score[parent]
+        rows = len(self.n_leaves)
+        padded = torch.full((rows, self.width), float("-inf"), dtype=torch.float64, device=device)
+        padded[row, slot] = score[leaf]
+        items = torch.full((rows, self.width), -1, dtype=torch.long, device=device)
+        items[row, slot] = items_cat
+        top, order = torch.sort(padded, dim=1, descending=True, stable=True)
+        keep = min(self.k, self.width)
+        top, chosen = top[:, :keep], torch.gather(items, 1, order[:, :keep])
+        if device.type == "cuda":  # into pinned memory without waiting; `result` waits for this copy alone
+            host = (
+                torch.empty(top.shape, dtype=top.dtype, pin_memory=True),
+                torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True),
+            )
+            host[0].copy_(top, non_blocking=True)
+            host[1].copy_(chosen, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending = (*host, done)
+        else:
+            self.pending = (top, chosen, None)
+        return self
+
+    def result(self) -> list[tuple[list[int], list[float]]]:
+        if not self.n_leaves:
+            return []
+        assert self.pending is not None, "launch() first"
+        top, chosen, done = self.pending
+        if done is not None:
+            done.synchronize()
+        k = self.k
+        return [
+            (chosen[i, : min(k, n)].tolist(), top[i, : min(k, n)].tolist())
+            for i, n in enumerate(self.n_leaves)
+        ]
+
+
 def batch_top_items(
     lays: Sequence[TreeLayout], edge_logp: torch.Tensor, k: int
 ) -> list[tuple[list[int], list[float]]]:
-    """Each layout's k best items and their log-probs (`item_scores`, best first, ties in trie order), for a
-    batch of layouts at once, on `edge_logp`'s device.
-
-    `edge_logp`: every row's non-root nodes' edge log-probs, rows concatenated (node 1 .. N-1 of each).
-    Path sums go level by level over all rows together; each row's leaves are sorted in one padded,
-    stable sort; only the k best per row leave the device.
-    """
-    if not lays:
-        return []
-    device = edge_logp.device
-    sizes = [len(lay.token) for lay in lays]
-    offsets = np.cumsum([0, *sizes[:-1]])
-    parent = torch.cat([lay.parent + int(o) for lay, o in zip(lays, offsets, strict=True)]).to(device)
-    depth = torch.cat([lay.depth for lay in lays]).to(device)
-    roots = torch.from_numpy(offsets).to(device)
-    score = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-    nonroot = torch.ones(sum(sizes), dtype=torch.bool, device=device)
-    nonroot[roots] = False
-    score[nonroot] = edge_logp.double()
-    for d in range(2, int(max(len(lay.level_starts) for lay in lays)) - 1):  # depth-1 nodes: their edge alone
-        at = (depth == d).nonzero().squeeze(1)
-        score[at] += score[parent[at]]
-    n_leaves = [len(lay.items) for lay in lays]
-    width = max(n_leaves)
-    slot = torch.cat([torch.arange(n) for n in n_leaves]).to(device)
-    row = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(n_leaves)).to(device)
-    leaf = torch.cat(
-        [
-            torch.arange(lay.level_starts[-2], len(lay.token)) + int(o)
-            for lay, o in zip(lays, offsets, strict=True)
-        ]
-    )
-    padded = torch.full((len(lays), width), float("-inf"), dtype=torch.float64, device=device)
-    padded[row, slot] = score[leaf.to(device)]
-    items = torch.full((len(lays), width), -1, dtype=torch.long, device=device)
-    items[row, slot] = torch.cat([lay.items for lay in lays]).to(device)
-    top, order = torch.sort(padded, dim=1, descending=True, stable=True)
-    keep = min(k, width)
-    top, chosen = top[:, :keep].cpu(), torch.gather(items, 1, order[:, :keep]).cpu()
-    return [(chosen[i, : min(k, n)].tolist(), top[i, : min(k, n)].tolist()) for i, n in enumerate(n_leaves)]
+    """`TopItems` in one call: each layout's k best items and their log-probs, best first, ties in trie order."""
+    return TopItems(lays, k).launch(edge_logp).result()

@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
-from genrec.decoding.tree import TreeLayout, batch_top_items, layout
+from genrec.decoding.tree import TopItems, TreeLayout, layout, to_device
 from genrec.engines.base import ChatPrompts
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,23 @@ class TreeScorer:
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
 
     def rank(self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int) -> list[Ranked]:
+        """Each request's k best items. Batches are pipelined: a batch's inputs are packed on the CPU while
+        the device still runs the batch before, whose results are read only after the next one is queued."""
         out: list[Ranked] = [Ranked([], []) for _ in prompts]
+        pending: tuple[list[int], TopItems] | None = None
+        for rows in self._batches(prompts, layouts):
+            launched = self._launch(prompts, layouts, rows, k)
+            if pending is not None:
+                self._finish(*pending, out)
+            pending = (rows, launched)
+        if pending is not None:
+            self._finish(*pending, out)
+        return out
+
+    def _batches(
+        self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout]
+    ) -> Iterator[list[int]]:
+        """Rows packed by length, each batch's mask under `mask_budget` and its kept logits under `logits_budget`."""
         size = [len(p) + lay.n_inputs for p, lay in zip(prompts, layouts, strict=True)]
         batch: list[int] = []
         kept = 0
@@ -252,12 +269,16 @@ class TreeScorer:
             if batch and (
                 rows * size[i] ** 2 > self.mask_budget or rows * kept * self.vocab > self.logits_budget
             ):
-                self._run(prompts, layouts, batch, k, out)
+                yield batch
                 batch, kept = [], layouts[i].n_inputs + 1
             batch.append(i)
         if batch:
-            self._run(prompts, layouts, batch, k, out)
-        return out
+            yield batch
+
+    @staticmethod
+    def _finish(rows: list[int], top: TopItems, out: list[Ranked]) -> None:
+        for r, best in zip(rows, top.result(), strict=True):
+            out[r] = Ranked(*best)
 
     def _tree_mask(self, width: int, prompt_at: torch.Tensor, tree_at: torch.Tensor) -> torch.Tensor:
         """(rows, width, width) bool, built on the device: the prompt attends causally, tree tokens attend
@@ -275,32 +296,35 @@ class TreeScorer:
         self, prompts: Sequence[Sequence[int]], lays: Sequence[TreeLayout], n_rows: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids, position ids and the 4-D mask of `n_rows` rows of `width` on the device; rows past
-        the requests are all padding."""
-        ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((n_rows, width), dtype=torch.long)
-        prompt_at = torch.full((n_rows,), width, dtype=torch.long)  # where each row's prompt starts
-        tree_at = torch.full((n_rows,), width, dtype=torch.long)  # and its tree tokens
+        the requests are all padding. Packed on the CPU, sent in one copy, the mask built on the device."""
+        ids = np.full((n_rows, width), self.pad_id, dtype=np.int64)
+        pos = np.zeros((n_rows, width), dtype=np.int64)
+        prompt_at = np.full(n_rows, width, dtype=np.int64)  # where each row's prompt starts
+        tree_at = np.full(n_rows, width, dtype=np.int64)  # and its tree tokens
         pairs_b, pairs_q, pairs_k = [], [], []
         for b, (p, lay) in enumerate(zip(prompts, lays, strict=True)):
             n, t = len(p), lay.n_inputs
             o = width - n - t
             prompt_at[b], tree_at[b] = o, o + n
-            ids[b, o : o + n] = torch.tensor(list(p), dtype=torch.long)
-            ids[b, o + n :] = lay.tokens
-            pos[b, o : o + n] = torch.arange(n)
-            pos[b, o + n :] = n + lay.positions
+            ids[b, o : o + n] = p
+            ids[b, o + n :] = lay.tokens.numpy()
+            pos[b, o : o + n] = np.arange(n)
+            pos[b, o + n :] = n + lay.positions.numpy()
             query, key = lay.ancestor_pairs()
-            pairs_b.append(torch.full((len(query),), b))
-            pairs_q.append(query + o + n)
-            pairs_k.append(key + o + n)
-        allow = self._tree_mask(width, prompt_at.to(self.device), tree_at.to(self.device))
-        pairs = [torch.cat(x).to(self.device) for x in (pairs_b, pairs_q, pairs_k)]
-        allow[pairs[0], pairs[1], pairs[2]] = True  # tree tokens see themselves and their ancestors
+            pairs_b.append(np.full(len(query), b))
+            pairs_q.append(query.numpy() + o + n)
+            pairs_k.append(key.numpy() + o + n)
+        pairs = [np.concatenate(x) for x in (pairs_b, pairs_q, pairs_k)]
+        ids_d, pos_d, prompt_d, tree_d, *pairs_d = to_device(
+            [ids, pos, prompt_at, tree_at, *pairs], self.device
+        )
+        allow = self._tree_mask(width, prompt_d, tree_d)
+        allow[pairs_d[0], pairs_d[1], pairs_d[2]] = True  # tree tokens see themselves and their ancestors
         mask = allow  # sdpa takes a boolean mask (True: attend), as transformers' own sdpa masks are
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":  # eager adds it to the scores
             mask = torch.zeros(allow.shape, dtype=self.dtype, device=self.device)
             mask.masked_fill_(~allow, torch.finfo(self.dtype).min)
-        return ids.to(self.device), pos.to(self.device), mask[:, None]
+        return ids_d, pos_d, mask[:, None]
 
     @staticmethod
     def _edges(lays: Sequence[TreeLayout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,6 +342,10 @@ class TreeScorer:
         """Every edge's log-prob (rows concatenated, on the device) from the model's own forward (its
         output head as it defines it)."""
         kept = max(lay.n_inputs for lay in lays) + 1
+        row, parent, tok = (t.numpy() for t in self._edges(lays))
+        # every edge's log-prob in one gather; the last `kept` columns are kept
+        n_inputs = np.array([lay.n_inputs for lay in lays])
+        row_d, slot_d, tok_d = to_device([row, parent + kept - n_inputs[row] - 1, tok], self.device)
         logits = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -327,12 +355,7 @@ class TreeScorer:
         ).logits
         step = max(1, (1 << 25) // (kept * logits.shape[-1]))  # float32 log-normalisers, a few rows at a time
         lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(step)])
-        row, parent, tok = self._edges(lays)
-        # every edge's log-prob in one gather and one transfer; the last `kept` columns are kept
-        n_inputs = torch.tensor([lay.n_inputs for lay in lays])
-        slot = (parent + kept - n_inputs[row] - 1).to(self.device)
-        row, tok = row.to(self.device), tok.to(self.device)
-        return logits[row, slot, tok].float() - lse[row, slot]
+        return logits[row_d, slot_d, tok_d].float() - lse[row_d, slot_d]
 
     def _edge_logp_static(
         self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
@@ -359,23 +382,19 @@ class TreeScorer:
         return out
 
     @torch.inference_mode()
-    def _run(
-        self,
-        prompts: Sequence[Sequence[int]],
-        layouts: Sequence[TreeLayout],
-        rows: list[int],
-        k: int,
-        out: list[Ranked],
-    ) -> None:
+    def _launch(
+        self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], rows: list[int], k: int
+    ) -> TopItems:
+        """One batch of rows queued on the device (packed here first); `TopItems.result()` reads it back."""
         ps, lays = [prompts[r] for r in rows], [layouts[r] for r in rows]
+        top = TopItems(lays, k)
         width = max(len(p) + lay.n_inputs for p, lay in zip(ps, lays, strict=True))
         shape = self.static.bucket(len(rows), width) if self.static is not None else None
         if shape is None:
             edges = self._edge_logp_model(lays, *self._inputs(ps, lays, len(rows), width))
         else:
             edges = self._run_static(ps, lays, width, shape)
-        for r, best in zip(rows, batch_top_items(lays, edges, k), strict=True):
-            out[r] = Ranked(*best)
+        return top.launch(edges)
 
     def _run_static(
         self, ps: Sequence[Sequence[int]], lays: Sequence[TreeLayout], width: int, shape: tuple[int, int]
