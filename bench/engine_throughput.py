@@ -55,6 +55,44 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t
 
 
+def rank_from(rec: Any, prepared: Any) -> dict[str, float]:
+    """Rank every prepared batch; the wall time and its split between waiting for the preparation workers and
+    ranking (on a GPU, ranking ends with the top items' transfer, so it includes the device's work)."""
+    wait = rank = 0.0
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        got = next(prepared, None)
+        t1 = time.perf_counter()
+        wait += t1 - t0
+        if got is None:
+            break
+        rec.rank_prepared(got[1], got[2])
+        rank += time.perf_counter() - t1
+    total = time.perf_counter() - start
+    return {"seconds": total, "waiting_for_workers_s": round(wait, 3), "ranking_s": round(rank, 3)}
+
+
+def profiled(fn: Any, table: Path | None) -> dict[str, Any]:
+    """`fn` under torch.profiler: its wall time and, on a GPU, the kernels' total time, i.e. how busy the GPU
+    was (a lower bound: profiling slows the CPU side). The ranking process's top operators go to `table`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        wall = timed(fn)
+    events = prof.key_averages()
+    out: dict[str, Any] = {"profiled_s": round(wall, 3)}
+    if cuda:
+        kernels = sum(e.self_device_time_total for e in events) / 1e6
+        out |= {"gpu_kernels_s": round(kernels, 3), "gpu_busy_fraction": round(kernels / wall, 3)}
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    return out
+
+
 def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: int) -> dict[str, Any]:
     """The constrained job and the greedy job (prompts only) with N preparation workers ahead of the engine."""
     from genrec.prep import PrepPool
@@ -72,7 +110,13 @@ def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: 
 
     with PrepPool(args.run, args.prep_workers, layouts=getattr(engine, "layout_policy", None)) as pool:
         ready(pool, fresh())
-        secs = timed(lambda: [rec.rank_prepared(r, b) for _, r, b in pool.prepared(batches(fresh()))])
+        split = rank_from(rec, pool.prepared(batches(fresh())))
+        secs = split.pop("seconds")
+        if args.profile:
+            split |= profiled(
+                lambda: rank_from(rec, pool.prepared(batches(fresh()))),
+                Path(args.out).with_suffix(".profile.txt") if args.out else None,
+            )
     with PrepPool(args.run, args.prep_workers) as pool:  # greedy needs prompts only: no retrieval, no layouts
         greedy_reqs = fresh("all")
         ready(pool, greedy_reqs)
@@ -84,6 +128,7 @@ def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: 
     out = {
         "prep_workers": args.prep_workers,
         "constrained_users_per_s_prep_workers": round(args.users / secs, 1),
+        "ranking_process_prep_workers": split,
         "greedy_with_prompts_users_per_s_prep_workers": round(args.users / secs_g, 1),
     }
     out["constrained_vs_greedy_with_prompts_prep_workers"] = round(
@@ -114,6 +159,12 @@ def main() -> None:
         type=int,
         default=0,
         help="also time the jobs with prompts (and retrieval) prepared by N worker processes (genrec.prep)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --prep-workers: one more pass under torch.profiler, for how busy the GPU is while the ranking "
+        "process ranks (its top operators beside --out, as .profile.txt)",
     )
     p.add_argument(
         "--no-cuda-graphs",

@@ -15,7 +15,8 @@
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
 # Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK,
-# SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"), PORT,
+# SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"), PROFILE
+# (non-empty: hf-prep also profiles a pass, for how busy the GPU is while the ranking process works), PORT,
 # PARTS (a subset of "vllm hf hf-tree hf-eager hf-prep serve-vllm serve-hf"; all but hf-eager and hf-prep by default). All of it takes longer than one
 # 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
@@ -74,7 +75,7 @@ if want hf-prep; then  # the batch job with PREP preparation worker processes (g
   for workers in ${PREP:-4 8}; do
     stamp "engine throughput: hf, 200 retrieved candidates, exact, $workers preparation workers"
     timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$USERS" --beam 10 --batch 256 \
-      --candidates retriever --search exact --prep-workers "$workers" --latency-requests 20 \
+      --candidates retriever --search exact --prep-workers "$workers" --latency-requests 20 ${PROFILE:+--profile} \
       --out "$OUT/engine_hf_retriever_exact_prep$workers.json" 2>&1 | quiet 30
   done
 fi

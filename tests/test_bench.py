@@ -151,12 +151,20 @@ def test_engine_throughput_runs_the_tree_path_and_greedy_reference(trained_run, 
         "exact",
         "--latency-requests",
         "3",
+        "--prep-workers",
+        "1",
+        "--profile",
     ]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
     et.main()
     res = json.loads(out.read_text())
     assert res["search"] == "exact" and res["constrained_users_per_s"] > 0 and res["greedy_users_per_s"] > 0
     assert res["greedy_with_prompts_users_per_s"] > 0
+    # with a preparation worker: the ranking process's wall time split, and one profiled pass (CPU: no GPU figure)
+    split = res["ranking_process_prep_workers"]
+    assert split["ranking_s"] > 0 and split["waiting_for_workers_s"] >= 0 and split["profiled_s"] > 0
+    assert "gpu_busy_fraction" not in split and res["constrained_users_per_s_prep_workers"] > 0
+    assert "Self CPU" in out.with_suffix(".profile.txt").read_text()
     assert res["latency_ratio_p50"] > 0
 
     engine = Recommender.load(run, device="cpu").engine
