@@ -248,16 +248,21 @@ def test_tree_scoring_of_one_token_ids(tiny_lm):
     assert r.scores == pytest.approx(sorted(exact, reverse=True)[:3], abs=1e-4)
 
 
+def _four_requests(model, tok):
+    """An engine, four prompts of different lengths and four tries of different sizes, laid out."""
+    engine = HFEngine(model, tok)
+    seqs = code_sequences(tok)
+    texts = ["the cat", "next item recent items oldest first on the mat", "mat", "the mat"]
+    prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
+    return engine, prompts, [layout(Trie(seqs[k : k + 30 + 9 * k])) for k in range(4)]
+
+
 def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm):
     """Rows are packed under the mask and logits budgets; one row per forward gives the same scores."""
     from genrec.engines.hf import TreeScorer
 
     model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok)
-    seqs = code_sequences(tok)
-    texts = ["the cat", "next item recent items oldest first on the mat", "mat", "the mat"]
-    prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
-    lays = [layout(Trie(seqs[k : k + 30 + 9 * k])) for k in range(4)]
+    engine, prompts, lays = _four_requests(model, tok)
     together = TreeScorer(model, pad_id=engine.pad_id).rank(prompts, lays, 5)
     calls = []
     apart = TreeScorer(model, pad_id=engine.pad_id, mask_budget=1)
@@ -444,11 +449,7 @@ def test_pipelined_tree_scoring_on_a_gpu_ranks_as_on_the_cpu(tiny_lm):
     from genrec.engines.hf import TreeScorer
 
     model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok)
-    seqs = code_sequences(tok)
-    texts = ["the cat", "next item recent items oldest first on the mat", "mat", "the mat"]
-    prompts = [engine.encode_messages([{"role": "user", "content": t}]) for t in texts]
-    lays = [layout(Trie(seqs[k : k + 30 + 9 * k])) for k in range(4)]
+    engine, prompts, lays = _four_requests(model, tok)
     want = TreeScorer(model, pad_id=engine.pad_id).rank(prompts, lays, 5)
     model = model.to("cuda")
     try:
