@@ -321,10 +321,8 @@ class Recommender:
             r.prompt_tokens = len(p)
         tries = self.prepared_tries(requests, prepared)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
-        if prepared.layouts is not None:  # made by a worker for this engine's layout_policy (genrec.prep)
-            ranked = self.engine.rank(prompts, tries, beam_width=width, layouts=prepared.layouts)  # type: ignore[call-arg]
-        else:
-            ranked = self.engine.rank(prompts, tries, beam_width=width)
+        # layouts: made by a worker for this engine's layout_policy (genrec.prep), else None
+        ranked = self.engine.rank(prompts, tries, beam_width=width, layouts=prepared.layouts)
         return [
             [
                 Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)

@@ -62,6 +62,22 @@ def test_vllm_rows_wider_than_128_tokens_are_split(recs):
     assert a.scores == pytest.approx(b.scores, abs=2e-3)
 
 
+def test_vllm_engine_takes_no_tree_layouts(recs):
+    """Preparation workers make no layouts for the vLLM engine (no layout_policy); given some, it refuses
+    rather than ignore an exact ranking it was asked for. A list of None is what a worker sends it."""
+    from genrec.decoding import Trie
+    from genrec.decoding.tree import layout
+
+    hf, vl = recs
+    assert getattr(vl.engine, "layout_policy", None) is None
+    trie = Trie(hf.item_tokens[:20].tolist())
+    prompt = hf.engine.encode_messages(hf.builder.messages(hf.user_history(hf.data.users[0])))
+    plain = vl.engine.rank([prompt], [trie], beam_width=5)
+    assert vl.engine.rank([prompt], [trie], beam_width=5, layouts=[None]) == plain
+    with pytest.raises(ValueError, match="no tree scoring"):
+        vl.engine.rank([prompt], [trie], beam_width=5, layouts=[layout(trie)])
+
+
 @pytest.fixture(scope="module")
 def async_rec(recs):
     """The server's engine: AsyncLLM (its engine core runs in a separate process)."""

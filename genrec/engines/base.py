@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from genrec.decoding import Ranked, Trie
+from genrec.decoding.tree import TreeLayout
 
 
 class Engine(Protocol):
@@ -30,9 +31,16 @@ class Engine(Protocol):
         ...
 
     def rank(
-        self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
     ) -> list[Ranked]:
-        """Constrained beam search: up to beam_width distinct trie items per prompt, best first."""
+        """Up to beam_width distinct trie items per prompt, best first (constrained beam search, or exact
+        tree scoring where the engine has it). `layouts`: the tries' tree layouts, made ahead by
+        genrec.prep's workers for an engine with a `layout_policy`; None for the others."""
         ...
 
 

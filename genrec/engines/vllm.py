@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
+from genrec.decoding.tree import TreeLayout
 from genrec.engines.base import ChatPrompts
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,16 @@ class VLLMEngine(ChatPrompts):
         self.ranked_by: Counter[str] = Counter()
 
     def rank(
-        self, prompts: Sequence[Sequence[int]], tries: Sequence[Trie], *, beam_width: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
     ) -> list[Ranked]:
+        """Constrained beam search; `layouts` are never made for this engine (no `layout_policy`)."""
+        if layouts is not None and any(lay is not None for lay in layouts):
+            raise ValueError("the vLLM engine has no tree scoring: it ranks by beam search only")
         self.ranked_by["beam"] += len(prompts)
         return constrained_beam_search(VLLMStepModel(self.llm), prompts, tries, beam_width=beam_width)
 
