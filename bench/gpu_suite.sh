@@ -87,7 +87,7 @@ serve_load() {
   python3 -c "
 from serve.main import ServeArgs, serve
 from serve.service import ServeLimits
-limits = ServeLimits(max_queue=4096, max_batch=256, request_timeout_s=120)
+limits = ServeLimits(max_queue=4096, max_batch=256, request_timeout_s=120, warmup_requests=32)
 serve(ServeArgs(run='$RUN', backend='$backend', port=$PORT, limits=limits))
 " > "$OUT/server_$backend.log" 2>&1 &
   local server=$!

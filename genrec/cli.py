@@ -378,6 +378,15 @@ def serve(
             "waits), or always hold the window.",
         ),
     ] = True,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            help="Requests ranked at start-up, before the server accepts connections (the run's own users, "
+            "in batches of 1, 2, 4 and 8): on a GPU the transformers engine captures its CUDA graphs for "
+            "those shapes then, not on the first clients' requests. 0: none.",
+            min=0,
+        ),
+    ] = 32,
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     the template API (/v1/templates) and the template editor page (/editor)."""
@@ -392,6 +401,7 @@ def serve(
         batch_wait_ms=batch_wait_ms,
         adaptive_wait=adaptive_wait,
         request_timeout_s=timeout,
+        warmup_requests=warmup,
     )
     do_serve(
         ServeArgs(

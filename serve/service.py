@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import re
 import statistics
@@ -26,7 +27,7 @@ from genrec.errors import GenrecError
 from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
 from genrec.prompts import PromptTemplate, TemplateProblem
-from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems
+from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems, history_requests
 from serve.protocol import APIError, RecommendationOptions, RecommendedItem
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class ServeLimits:
     """A request still waiting after this gets 503."""
     concurrent_batches: int = 4
     """Batches in flight at once when the engine allows it (AsyncLLM); the transformers engine runs one."""
+    warmup_requests: int = 0
+    """Requests ranked at start-up, before the server accepts connections: the run's own users as default
+    requests, in batches of 1, 2, 4 and 8, so that the first clients do not pay one-time costs (on a GPU
+    the transformers engine captures a CUDA graph per batch shape at its first use). `genrec serve`: 32."""
 
 
 @dataclass
@@ -131,12 +136,43 @@ class RecService:
         self._last_arrival: float | None = None
         self._gaps_ms: collections.deque[float] = collections.deque(maxlen=8)
         """The last gaps between admitted requests."""
+        self.warmed: dict[str, Any] | None = None
+        """What the start-up warm-up did (ServeLimits.warmup_requests), once it ran."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.limits.warmup_requests > 0:
+            self.warmed = await asyncio.to_thread(self.warm_up, self.limits.warmup_requests)
         self._queue = asyncio.Queue()
         n = self.limits.concurrent_batches if getattr(self.rec.engine, "concurrent", False) else 1
         self._workers = [asyncio.create_task(self._work()) for _ in range(max(1, n))]
+
+    def warm_up(self, n: int) -> dict[str, Any]:
+        """Rank `n` of the run's users (their whole histories, the request defaults) in batches of 1, 2, 4
+        and 8, in turn; what it did (and the CUDA graphs captured by then, on a GPU) is logged and returned."""
+        opts = RecommendationOptions.model_validate({})  # the defaults a request gets
+        users = list(itertools.islice(itertools.cycle(self.rec.data.users), n))
+        histories = [self.rec.user_history(u, split="full")[-self.limits.max_history :] for u in users]
+        requests = history_requests(
+            histories, n_items=opts.n_items, mode=opts.candidates, n_candidates=opts.n_candidates, users=users
+        )
+        sizes: list[int] = []
+        started = time.perf_counter()
+        for size in itertools.cycle((1, 2, 4, 8)):
+            batch = requests[sum(sizes) : sum(sizes) + size]
+            if not batch:
+                break
+            self.rec.rank_requests(batch)
+            sizes.append(len(batch))
+        static = getattr(self.rec.engine, "static", None)
+        out = {
+            "requests": n,
+            "batches": sizes,
+            "seconds": round(time.perf_counter() - started, 2),
+            "cuda_graphs": None if static is None else static.captured,
+        }
+        logger.info("warm-up: %s", out)
+        return out
 
     async def stop(self, *, drain_s: float = 30.0) -> None:
         """Finish queued requests (up to drain_s), then stop the worker."""

@@ -126,9 +126,19 @@ def test_serve_options_reach_the_server_limits(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     (args,) = seen
     assert args.limits == ServeLimits(
-        max_history=40, max_queue=7, max_batch=3, batch_wait_ms=2, adaptive_wait=False, request_timeout_s=9
+        max_history=40,
+        max_queue=7,
+        max_batch=3,
+        batch_wait_ms=2,
+        adaptive_wait=False,
+        request_timeout_s=9,
+        warmup_requests=32,  # the CLI's default
     )
     assert (args.port, args.api_keys, args.backend) == (9, ["k"], "hf")
+    assert (
+        runner.invoke(app, [*argv, "--warmup", "0"]).exit_code == 0 and seen[-1].limits.warmup_requests == 0
+    )
+    assert runner.invoke(app, [*argv, "--warmup", "-1"]).exit_code != 0
 
 
 def test_generate_rejects_bad_prep_workers_before_loading_a_model(tmp_path):

@@ -338,6 +338,29 @@ def test_graceful_shutdown_finishes_in_flight_requests(rec):
     assert stopped_engine_with_pending == [0]
 
 
+def test_warm_up_ranks_the_runs_users_before_the_server_accepts_requests(rec, monkeypatch):
+    """ServeLimits.warmup_requests: at start-up, before any connection, that many of the run's users are
+    ranked as default requests in batches of 1, 2, 4 and 8 (the CUDA graph shapes on a GPU); then serving
+    is as before."""
+    batches = []
+    rank = rec.rank_requests
+    monkeypatch.setattr(rec, "rank_requests", lambda reqs: batches.append(list(reqs)) or rank(reqs))
+    service = RecService(rec, model_name="m", limits=ServeLimits(warmup_requests=11))
+    with LiveServer(create_app(service)) as s:
+        assert [len(b) for b in batches] == [1, 2, 4, 4]  # all of it before the server came up
+        assert service.warmed is not None and service.warmed["batches"] == [1, 2, 4, 4]
+        assert service.warmed["cuda_graphs"] is None  # a CPU engine has no graphs
+        warm = [r for b in batches for r in b]
+        assert [r.user for r in warm] == rec.data.users[:11]
+        assert all(r.n_items == 10 and r.mode == "retriever" and r.n_candidates == 200 for r in warm)
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}]},
+        )
+        assert r.status_code == 200 and len(batches) == 5
+    assert RecService(rec, model_name="m").warmed is None  # the library default: no warm-up
+
+
 def test_batch_window_is_held_open_only_for_busy_traffic(rec):
     """A lone client's request starts at once; requests arriving faster than the window wait to share
     a batch; with adaptive_wait off the window is always held."""
