@@ -159,8 +159,9 @@ def parse_recbole_log(text: str) -> dict[str, Any]:
     return out
 
 
-def genrec_sasrec(data: Any, *, epochs: int | None) -> tuple[dict[str, float], dict[str, Any]]:
-    """genrec's SASRec as `genrec evaluate` runs it (SASRecConfig defaults): trained on the LS training part
+def genrec_sasrec(data: Any, **overrides: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """genrec's SASRec as `genrec evaluate` runs it (SASRecConfig defaults, with the `overrides` that are not
+    None, e.g. epochs, eval_every, patience): trained on the LS training part
     (minus valid and test, as RecBole's split), its epoch chosen by validation NDCG@10 as RecBole's early
     stopping does, scored on the test users."""
     from dataclasses import asdict, replace
@@ -169,7 +170,7 @@ def genrec_sasrec(data: Any, *, epochs: int | None) -> tuple[dict[str, float], d
     from genrec.data.catalog import leave_one_out
     from genrec.evaluation import user_metrics
 
-    cfg = SASRecConfig() if epochs is None else replace(SASRecConfig(), epochs=epochs)
+    cfg = replace(SASRecConfig(), **{k: v for k, v in overrides.items() if v is not None})
     examples = leave_one_out(data, "test")
     # split="test" with selection: trains on s[:-2], selects on s[-2], ranks s[-1], like LS valid_and_test
     lists = sasrec_lists(data, examples, split="test", k=max(KS), cfg=cfg)
@@ -194,6 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="Take RecBole's result from the log of an earlier run instead of training it again.",
+    )
+    p.add_argument(
+        "--genrec-eval-every",
+        type=int,
+        default=None,
+        help="genrec SASRec: epochs between validation rankings (default: SASRecConfig's, 5; RecBole: 1).",
+    )
+    p.add_argument(
+        "--genrec-patience",
+        type=int,
+        default=None,
+        help="genrec SASRec: validation rankings without a better NDCG@10 before it stops (default: "
+        "SASRecConfig's, 10). With --genrec-eval-every 1 and 10, the stopping rule RecBole uses.",
     )
     p.add_argument(
         "--genrec-result",
@@ -270,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     else:
         started = time.time()
-        ours_result, ours_cfg = genrec_sasrec(data, epochs=args.genrec_epochs)
+        ours_result, ours_cfg = genrec_sasrec(
+            data, epochs=args.genrec_epochs, eval_every=args.genrec_eval_every, patience=args.genrec_patience
+        )
         results["genrec"] = {
             "config": ours_cfg,
             "seconds": round(time.time() - started, 1),

@@ -111,6 +111,13 @@ def test_recbole_peer_compares_a_stored_log_with_a_stored_genrec_result(
     assert "| genrec SASRec (CE) | nan | 0.0880 |" in capsys.readouterr().out
 
 
+def test_recbole_peer_trains_genrec_sasrec_with_recboles_stopping_rule(small_data):
+    """--genrec-eval-every / --genrec-patience reach SASRecConfig (None keeps its default)."""
+    metrics, cfg = peer.genrec_sasrec(small_data, epochs=3, eval_every=1, patience=1, lr=None)
+    assert (cfg["epochs"], cfg["eval_every"], cfg["patience"], cfg["lr"]) == (3, 1, 1, 3e-3)
+    assert set(metrics) >= {"recall@10", "ndcg@10", "ndcg@20"} and 0 <= metrics["ndcg@10"] <= 1
+
+
 def test_search_overhead_free_model_keeps_the_search_exact(trained_run):
     """The benchmark's zero-cost model still drives a real search: valid, distinct, within the tries."""
     import bench.search_overhead as so
