@@ -327,13 +327,12 @@ class TreeScorer:
         return ids_d, pos_d, mask[:, None]
 
     @staticmethod
-    def _edges(lays: Sequence[TreeLayout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _edges(lays: Sequence[TreeLayout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every edge of every row (rows concatenated): its row, its parent node (0: the prompt's last
         token), its token."""
-        sizes = [len(lay.token) - 1 for lay in lays]
-        row = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(sizes))
-        parent = torch.cat([lay.parent[1:] for lay in lays])
-        tok = torch.cat([lay.token[1:] for lay in lays])
+        row = np.repeat(np.arange(len(lays)), [len(lay.token) - 1 for lay in lays])
+        parent = np.concatenate([lay.parent[1:].numpy() for lay in lays])
+        tok = np.concatenate([lay.token[1:].numpy() for lay in lays])
         return row, parent, tok
 
     def _edge_logp_model(
@@ -342,7 +341,7 @@ class TreeScorer:
         """Every edge's log-prob (rows concatenated, on the device) from the model's own forward (its
         output head as it defines it)."""
         kept = max(lay.n_inputs for lay in lays) + 1
-        row, parent, tok = (t.numpy() for t in self._edges(lays))
+        row, parent, tok = self._edges(lays)
         # every edge's log-prob in one gather; the last `kept` columns are kept
         n_inputs = np.array([lay.n_inputs for lay in lays])
         row_d, slot_d, tok_d = to_device([row, parent + kept - n_inputs[row] - 1, tok], self.device)
@@ -365,14 +364,14 @@ class TreeScorer:
         hidden = self.static.hidden(ids, pos, mask)
         width = ids.shape[1]
         # the columns whose next-token distribution is needed: each row's prompt end and internal nodes
-        n_parents = [lay.n_inputs + 1 for lay in lays]
-        col = torch.cat([torch.arange(width - p, width) for p in n_parents]).to(self.device)
-        prow = torch.repeat_interleave(torch.arange(len(lays)), torch.tensor(n_parents)).to(self.device)
-        states = hidden[prow, col]  # copied out of the graph's buffer
-        row, parent, tok = self._edges(lays)
-        first = torch.tensor([0, *n_parents]).cumsum(0)[:-1]
-        edge_at = (first[row] + parent).to(self.device)  # each edge's parent state
-        tok = tok.to(self.device)
+        n_parents = np.array([lay.n_inputs + 1 for lay in lays])
+        col = np.concatenate([np.arange(width - p, width) for p in n_parents])
+        prow = np.repeat(np.arange(len(lays)), n_parents)
+        row, parent, tok_cpu = self._edges(lays)
+        first = np.concatenate([[0], np.cumsum(n_parents)[:-1]])
+        # each edge's parent state: its row's first state plus its parent node
+        col_d, prow_d, edge_at, tok = to_device([col, prow, first[row] + parent, tok_cpu], self.device)
+        states = hidden[prow_d, col_d]  # copied out of the graph's buffer
         out = torch.empty(len(tok), dtype=torch.float32, device=self.device)
         step = max(1, (1 << 25) // self.vocab)
         for lo in range(0, len(states), step):
