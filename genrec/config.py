@@ -63,6 +63,10 @@ class IdsConfig:
     """Codes per level (clusters per k-means)."""
     collision_headroom: int = 2
     """Spare collision tokens reserved for cold-start items."""
+    spread_last: bool = False
+    """Items that share every code but the last take distinct last-level codes where the codebook has
+    room (least-distance assignment), so fewer IDs differ only in the collision token, which carries
+    no meaning. Off: each item takes its nearest last-level code."""
     embedding: Literal["auto", "text", "collaborative"] = "auto"
     """Item embedding source: text (sentence-transformers), collaborative (co-occurrence SVD),
     or auto (text when the catalogue has text, else collaborative)."""

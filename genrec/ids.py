@@ -132,15 +132,27 @@ def atomic_ids(n_items: int) -> ItemIds:
 
 
 def semantic_ids(
-    embeddings: np.ndarray, *, levels: int = 3, codes: int = 32, collision_headroom: int = 2, seed: int = 0
+    embeddings: np.ndarray,
+    *,
+    levels: int = 3,
+    codes: int = 32,
+    collision_headroom: int = 2,
+    seed: int = 0,
+    spread_last: bool = False,
 ) -> ItemIds:
     """Residual k-means: level l clusters the residual left by levels < l; a final collision
-    level numbers items that share all l codes, so every item gets a unique ID."""
+    level numbers items that share all l codes, so every item gets a unique ID.
+
+    `spread_last`: items that share the first l - 1 codes take distinct last-level codes where the
+    codebook has room (an optimal assignment to the last level's centroids, least total squared
+    distance), instead of piling onto the nearest code and being told apart only by the collision
+    token, which says nothing about the item. The collision level then numbers only what is left."""
     from sklearn.cluster import KMeans
 
     x = np.asarray(embeddings, dtype=np.float32)
     residual = x.copy()
-    all_codes, books = [], []
+    all_codes: list[np.ndarray] = []
+    books: list[np.ndarray] = []
     for level in range(levels):
         k = min(codes, len(np.unique(residual.round(6), axis=0)))
         km = KMeans(n_clusters=k, n_init=3, random_state=seed + level).fit(residual)
@@ -148,6 +160,8 @@ def semantic_ids(
         if k < codes:  # keep a fixed-size codebook; unused rows are far away
             centroids = np.vstack([centroids, np.full((codes - k, x.shape[1]), 1e6, dtype=np.float32)])
         labels = km.labels_.astype(np.int64)
+        if spread_last and level == levels - 1:
+            labels = _spread(residual, centroids[:k], labels, all_codes)
         all_codes.append(labels)
         books.append(centroids)
         residual = residual - centroids[labels]
@@ -169,3 +183,31 @@ def semantic_ids(
         [codes] * levels + [max_group + collision_headroom],
         books,
     )
+
+
+def _spread(
+    residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray, prefixes: list[np.ndarray]
+) -> np.ndarray:
+    """Last-level codes, spread over the codebook within each group of items that share the earlier
+    codes: per group, the assignment of items to distinct codes with the least total squared distance;
+    a group larger than the codebook is assigned in rounds (each code takes one more item per round), so
+    no code holds more than ceil(group / codes) of the group's items."""
+    from scipy.optimize import linear_sum_assignment
+
+    out = labels.copy()
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, key in enumerate(zip(*prefixes, strict=True)):
+        groups[key].append(i)
+    moved = 0
+    for members in groups.values():
+        if len(set(labels[members].tolist())) == len(members):
+            continue  # already distinct (or alone): every item keeps its nearest code
+        left = np.asarray(members)
+        while len(left):
+            cost = ((residual[left, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+            picked, code = linear_sum_assignment(cost)
+            moved += int((out[left[picked]] != code).sum())
+            out[left[picked]] = code
+            left = np.delete(left, picked)
+    logger.info("semantic IDs: %d items moved to a less crowded last-level code", moved)
+    return out

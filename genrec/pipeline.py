@@ -72,6 +72,7 @@ def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
             codes=cfg.ids.codes,
             collision_headroom=cfg.ids.collision_headroom,
             seed=cfg.ids.seed,
+            spread_last=cfg.ids.spread_last,
         )
     ids.save(run.path, data.catalog.item_ids)
     run.save_config(cfg)

@@ -4,6 +4,7 @@ import pytest
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds, atomic_ids, semantic_ids
 from genrec.retrieval import Retriever, collaborative_embeddings
+from tests.conftest import make_run
 
 
 def clustered(n=200, dim=16, seed=0):
@@ -103,3 +104,35 @@ def test_retriever_without_faiss_matches_faiss(monkeypatch):
         assert with_faiss.for_histories(histories, k) == without.for_histories(histories, k)
     q = np.stack([with_faiss.history_query(h) for h in histories])
     np.testing.assert_allclose(with_faiss.search(q, 7)[1], without.search(q, 7)[1], rtol=1e-5)
+
+
+def test_spread_last_gives_items_sharing_a_prefix_distinct_last_codes():
+    emb = clustered(n=300)
+    plain = semantic_ids(emb, levels=2, codes=8, seed=0)
+    spread = semantic_ids(emb, levels=2, codes=8, seed=0, spread_last=True)
+    assert np.array_equal(plain.codes[:, 0], spread.codes[:, 0])  # earlier levels untouched
+    for first in np.unique(spread.codes[:, 0]):
+        members = spread.codes[:, 0] == first
+        n, used = int(members.sum()), len(np.unique(spread.codes[members, 1]))
+        assert used == min(n, 8)  # as many distinct last codes as the codebook allows
+        # the collision level numbers only the overflow: groups of ceil(n / 8) at most
+        assert spread.codes[members, 2].max() < -(-n // 8) + 1
+    assert spread.level_sizes[-1] < plain.level_sizes[-1]
+    strings = [spread.item_string(i) for i in range(len(spread))]
+    assert len(set(strings)) == len(strings) and all(spread.parse(s) == i for i, s in enumerate(strings))
+    # an item alone under its prefix keeps its nearest code
+    codes1 = spread.codebooks[1]
+    resid = emb - spread.codebooks[0][spread.codes[:, 0]]
+    alone = [i for i in range(300) if (spread.codes[:, 0] == spread.codes[i, 0]).sum() == 1]
+    for i in alone:
+        assert spread.codes[i, 1] == np.argmin(((codes1 - resid[i]) ** 2).sum(1))
+
+
+def test_build_ids_passes_spread_last_on(tmp_path):
+    def shared_prefixes(run):
+        codes = ItemIds.load(run.path).codes[:, :-1]
+        return len(codes) - len(np.unique(codes, axis=0))
+
+    plain, _ = make_run(tmp_path, "plain")
+    spread, cfg = make_run(tmp_path, "spread", ["ids.spread_last=true"])
+    assert cfg.ids.spread_last and shared_prefixes(spread) < shared_prefixes(plain)
