@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from genrec.config import RunConfig, apply_overrides, config_from_dict, load_config
+from genrec.config import RunConfig, apply_overrides, config_from_dict, load_config, validate
 from genrec.errors import ConfigError
 
 
@@ -82,3 +84,16 @@ def test_builtin_defaults_are_the_embedded_tiny_recipe():
     for section, fields in defaults.items():
         if isinstance(fields, dict):
             assert fields == recipe[section], section
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((Path(__file__).resolve().parent.parent / "training" / "configs").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_shipped_recipe_loads_and_validates(recipe, tmp_path):
+    """A recipe with a renamed or mistyped field would otherwise fail only on a user's machine."""
+    cfg = load_config(recipe)  # unknown keys, bad types and invalid values raise, naming the file
+    validate(cfg, source=str(recipe))
+    cfg.save(tmp_path / "saved.yaml")  # what a run's config.yaml would hold reads back the same
+    assert load_config(tmp_path / "saved.yaml") == cfg
