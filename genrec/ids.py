@@ -196,7 +196,8 @@ def _spread(
 
     out = labels.copy()
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, key in enumerate(zip(*prefixes, strict=True)):
+    keys = zip(*prefixes, strict=True) if prefixes else [()] * len(labels)  # one level: a single group
+    for i, key in enumerate(keys):
         groups[key].append(i)
     moved = 0
     for members in groups.values():

@@ -126,6 +126,9 @@ def test_spread_last_gives_items_sharing_a_prefix_distinct_last_codes():
     alone = [i for i in range(300) if (spread.codes[:, 0] == spread.codes[i, 0]).sum() == 1]
     for i in alone:
         assert spread.codes[i, 1] == np.argmin(((codes1 - resid[i]) ** 2).sum(1))
+    # with one level every item shares the empty prefix: the codebook is filled evenly
+    one = semantic_ids(emb, levels=1, codes=8, seed=0, spread_last=True)
+    assert np.bincount(one.codes[:, 0], minlength=8).max() == -(-300 // 8)
 
 
 def test_build_ids_passes_spread_last_on(tmp_path):
