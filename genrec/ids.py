@@ -77,23 +77,28 @@ class ItemIds:
         return self._by_code.get(tuple(int(c) for _, c in found))
 
     def assign(self, embedding: np.ndarray) -> tuple[int, ...]:
-        """Cold start: the code tuple a new item with this embedding gets (not yet registered)."""
+        """Cold start: the code tuple a new item with this embedding gets (not yet registered): the nearest
+        code at each level and the first free collision number under it. Where that prefix has no free
+        collision number, the next-nearest last-level code that has one (IDs built with ids.spread_last
+        keep the collision level small, so this is where a crowded region's new items go)."""
         if self.scheme != "semantic" or not self.codebooks:
             raise GenrecError("cold start needs semantic IDs with saved codebooks (ids.scheme=semantic)")
         residual = np.asarray(embedding, dtype=np.float32).copy()
         prefix = []
-        for book in self.codebooks:
+        for book in self.codebooks[:-1]:
             c = int(np.argmin(((book - residual) ** 2).sum(1)))
             prefix.append(c)
             residual -= book[c]
-        used = {int(row[-1]) for row in self.codes if tuple(int(x) for x in row[:-1]) == tuple(prefix)}
-        free = [c for c in range(self.level_sizes[-1]) if c not in used]
-        if not free:
-            raise GenrecError(
-                f"no free collision code for prefix {prefix}: all {self.level_sizes[-1]} are used; "
-                "rebuild IDs with a larger ids.collision_headroom"
-            )
-        return (*prefix, free[0])
+        under = self.codes[(self.codes[:, :-2] == prefix).all(1)]  # items sharing the codes before the last
+        for last in np.argsort(((self.codebooks[-1] - residual) ** 2).sum(1), kind="stable"):
+            used = set(under[under[:, -2] == last, -1].tolist())
+            free = [c for c in range(self.level_sizes[-1]) if c not in used]
+            if free:
+                return (*prefix, int(last), free[0])
+        raise GenrecError(
+            f"no free collision code under prefix {prefix}: all {self.level_sizes[-1]} are used at every "
+            "last-level code; rebuild IDs with a larger ids.collision_headroom"
+        )
 
     def add(self, codes: Sequence[int]) -> int:
         """Register a new item's code tuple; returns its row."""

@@ -51,13 +51,20 @@ def test_cold_start_item_gets_an_id_without_retraining():
         ids.add(codes)
 
 
-def test_cold_start_reports_full_collision_group():
+def test_cold_start_moves_to_the_next_last_code_then_reports_a_full_region():
     emb = clustered()
     ids = semantic_ids(emb, levels=2, codes=8, collision_headroom=0, seed=0)
-    # with no headroom the largest prefix group uses every collision code; its members' region is full
+    # with no headroom the largest prefix group uses every collision code: a new item there takes the
+    # next-nearest last-level code that still has a free collision number, under the same first code
     row = int(np.nonzero(ids.codes[:, -1] == ids.level_sizes[-1] - 1)[0][0])
+    codes = ids.assign(emb[row])
+    assert codes[0] == ids.codes[row, 0] and codes[1] != ids.codes[row, 1]
+    ids.add(codes)
+    # every (last code, collision number) slot under the first code gets used; then it says what to do
+    slots = ids.codebooks[-1].shape[0] * ids.level_sizes[-1]
     with pytest.raises(GenrecError, match="collision_headroom"):
-        ids.assign(emb[row])
+        for _ in range(slots):
+            ids.add(ids.assign(emb[row]))
 
 
 def test_atomic_ids():
@@ -120,12 +127,15 @@ def test_spread_last_gives_items_sharing_a_prefix_distinct_last_codes():
     assert spread.level_sizes[-1] < plain.level_sizes[-1]
     strings = [spread.item_string(i) for i in range(len(spread))]
     assert len(set(strings)) == len(strings) and all(spread.parse(s) == i for i, s in enumerate(strings))
-    # an item alone under its prefix keeps its nearest code
-    codes1 = spread.codebooks[1]
-    resid = emb - spread.codebooks[0][spread.codes[:, 0]]
-    alone = [i for i in range(300) if (spread.codes[:, 0] == spread.codes[i, 0]).sum() == 1]
-    for i in alone:
-        assert spread.codes[i, 1] == np.argmin(((codes1 - resid[i]) ** 2).sum(1))
+    # with a larger first level, groups whose nearest last codes are already distinct keep them
+    plain, spread = (semantic_ids(emb, levels=2, codes=32, seed=0, spread_last=s) for s in (False, True))
+    kept = 0
+    for first in np.unique(plain.codes[:, 0]):
+        members = plain.codes[:, 0] == first
+        if members.sum() > 1 and len(np.unique(plain.codes[members, 1])) == members.sum():
+            assert np.array_equal(spread.codes[members, 1], plain.codes[members, 1])
+            kept += 1
+    assert kept and not np.array_equal(spread.codes, plain.codes)
     # with one level every item shares the empty prefix: the codebook is filled evenly
     one = semantic_ids(emb, levels=1, codes=8, seed=0, spread_last=True)
     assert np.bincount(one.codes[:, 0], minlength=8).max() == -(-300 // 8)
