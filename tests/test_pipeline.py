@@ -339,3 +339,47 @@ def test_run_config_chooses_how_the_transformers_engine_ranks(trained, monkeypat
     history = [int(i) for i in rec.data.sequences[0][:3]]
     (recs,) = rec.rank_histories([history], n_items=5, mode="retriever", n_candidates=30)
     assert len({r.item for r in recs}) == 5 and not {r.item for r in recs} & set(history)
+
+
+def test_the_labelled_positions_head_matches_trls_fused_head():
+    """On the CPU genrec scores only the labelled positions (TRL's fused head projects every position
+    there): the same loss, per-token fields and gradients."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from genrec.training import labelled_positions_head
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    trl_model = Qwen2ForCausalLM(cfg)
+    ours = copy.deepcopy(trl_model)
+    for m in (trl_model, ours):
+        add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+    labelled_positions_head(ours)
+    ids = torch.randint(0, 300, (3, 12))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1] = -100  # a row without labels
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+    for count in (None, torch.tensor(9)):
+        a, b = (
+            m(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, num_items_in_batch=count)
+            for m in (trl_model, ours)
+        )
+        for field in ("loss", "log_probs", "entropy", "is_top1", "label_mask"):
+            torch.testing.assert_close(
+                getattr(b, field).float(), getattr(a, field).float(), atol=1e-5, rtol=1e-5
+            )
+        a.loss.backward()
+        b.loss.backward()
+        for p, q in zip(trl_model.parameters(), ours.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4)
+            p.grad = q.grad = None
+    # other calls are the model's own forward
+    torch.testing.assert_close(ours(input_ids=ids).logits, trl_model(input_ids=ids).logits)
