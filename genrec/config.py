@@ -67,6 +67,11 @@ class IdsConfig:
     """Items that share every code but the last take distinct last-level codes where the codebook has
     room (least-distance assignment), so fewer IDs differ only in the collision token, which carries
     no meaning. Off: each item takes its nearest last-level code."""
+    input_tokens: bool = False
+    """Semantic IDs: every catalogue item also gets an input token `<in_ROW>` with an embedding row of its own,
+    which templates render after its codes (`{{ item.token }}`, as prompts/ids_items.jinja does). The model
+    reads each history item by its codes and its own row, as atomic IDs give it, and still writes only codes
+    (decoding is unchanged). Costs one row per item (untrained for items added later: they show codes only)."""
     embedding: Literal["auto", "text", "collaborative"] = "auto"
     """Item embedding source: text (sentence-transformers), collaborative (co-occurrence SVD),
     or auto (text when the catalogue has text, else collaborative)."""
@@ -369,6 +374,10 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     need(i.levels >= 1, "ids.levels must be >= 1")
     need(i.codes >= 2, "ids.codes must be >= 2")
     need(i.collision_headroom >= 0, "ids.collision_headroom must be >= 0")
+    need(
+        not i.input_tokens or i.scheme == "semantic",
+        "ids.input_tokens is for semantic IDs: atomic IDs already give each item one token",
+    )
     need(p.max_history >= 1, "prompt.max_history must be >= 1")
     need(p.title_words >= 0, "prompt.title_words must be >= 0")
     need(

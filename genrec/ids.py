@@ -22,6 +22,7 @@ from genrec.errors import GenrecError
 logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
+INPUT_TOKEN = "<in_{}>"
 
 
 def level_name(level: int, scheme: str) -> str:
@@ -39,6 +40,10 @@ class ItemIds:
     """Number of distinct tokens at each level (the last semantic level is the collision level)."""
     codebooks: list[np.ndarray] = field(default_factory=list)
     """Residual k-means centroids per level (semantic only), for cold start."""
+    input_items: int = 0
+    """Items 0..input_items-1 also have an input token `<in_ROW>` (ids.input_tokens): one position and one
+    embedding row of their own where a prompt shows them. Decoding never writes it: an answer is its codes.
+    Items registered later (cold start) have none."""
 
     def __post_init__(self) -> None:
         self.codes = np.asarray(self.codes, dtype=np.int64)
@@ -57,8 +62,13 @@ class ItemIds:
         return f"<{level_name(level, self.scheme)}_{code}>"
 
     def vocabulary(self) -> list[str]:
-        """Every ID token, level by level: the tokens to add to a tokenizer."""
-        return [self.token(lv, c) for lv, n in enumerate(self.level_sizes) for c in range(n)]
+        """Every ID token, level by level, then the input tokens: the tokens to add to a tokenizer."""
+        codes = [self.token(lv, c) for lv, n in enumerate(self.level_sizes) for c in range(n)]
+        return codes + [INPUT_TOKEN.format(i) for i in range(self.input_items)]
+
+    def input_token(self, item: int) -> str:
+        """The item's input token, or "" where it has none (ids.input_tokens off; a cold-start item)."""
+        return INPUT_TOKEN.format(item) if item < self.input_items else ""
 
     def item_tokens(self, item: int) -> list[str]:
         return [self.token(lv, int(c)) for lv, c in enumerate(self.codes[item])]
@@ -67,8 +77,9 @@ class ItemIds:
         return "".join(self.item_tokens(item))
 
     def parse(self, text: str) -> int | None:
-        """Item row for an ID string like `<a_3><b_1><c_7><d_0>`, or None if it is not an item."""
-        found = _TOKEN.findall(text)
+        """Item row for an ID string like `<a_3><b_1><c_7><d_0>` (an input token after it, as a prompt shows
+        it, is ignored), or None if it is not an item."""
+        found = [f for f in _TOKEN.findall(text) if f[0] != "in"]
         if len(found) != self.depth:
             return None
         names = [level_name(lv, self.scheme) for lv in range(self.depth)]
@@ -116,6 +127,7 @@ class ItemIds:
             "level_sizes": self.level_sizes,
             "items": {item: self.item_string(i) for i, item in enumerate(item_ids)},
             "codes": self.codes.tolist(),
+            "input_items": self.input_items,
         }
         (folder / "item_ids.json").write_text(json.dumps(payload))
         if self.codebooks:
@@ -129,7 +141,13 @@ class ItemIds:
         if (folder / "codebooks.npz").is_file():
             with np.load(folder / "codebooks.npz") as z:
                 books = [z[f"arr_{i}"] for i in range(len(z.files))]
-        return cls(payload["scheme"], np.asarray(payload["codes"]), payload["level_sizes"], books)
+        return cls(
+            payload["scheme"],
+            np.asarray(payload["codes"]),
+            payload["level_sizes"],
+            books,
+            input_items=int(payload.get("input_items", 0)),
+        )
 
 
 def atomic_ids(n_items: int) -> ItemIds:

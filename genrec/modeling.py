@@ -64,7 +64,8 @@ def id_token_vectors(ids: ItemIds, item_vectors: np.ndarray, width: int) -> dict
     The projection is the PCA of the item vectors (zero-padded when `width` exceeds their rank).
     Atomic IDs: a token is its item's vector. Semantic IDs: a token is the residual k-means centroid
     of its code (level 0 centred on the mean item), so an item's tokens sum to about its vector;
-    collision tokens carry no meaning and are left out.
+    collision tokens carry no meaning and are left out; an input token (ids.input_tokens) is its
+    item's vector.
     """
     x = np.asarray(item_vectors, dtype=np.float64)
     mean = x.mean(0)
@@ -86,6 +87,9 @@ def id_token_vectors(ids: ItemIds, item_vectors: np.ndarray, width: int) -> dict
         centred = np.asarray(book, dtype=np.float64) - (mean if level == 0 else 0.0)
         for code, row in enumerate(project(centred)):
             out[ids.token(level, code)] = row
+    if ids.input_items:  # an input token is its item's vector, as an atomic token is
+        rows = project(x[: ids.input_items] - mean)
+        out.update({ids.input_token(i): rows[i] for i in range(ids.input_items)})
     return out
 
 

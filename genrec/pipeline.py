@@ -74,6 +74,7 @@ def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
             seed=cfg.ids.seed,
             spread_last=cfg.ids.spread_last,
         )
+        ids.input_items = len(data.catalog) if cfg.ids.input_tokens else 0
     ids.save(run.path, data.catalog.item_ids)
     run.save_config(cfg)
     run.update_meta(
@@ -83,6 +84,7 @@ def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
             "depth": ids.depth,
             "level_sizes": ids.level_sizes,
             "tokens": len(ids.vocabulary()),
+            "input_tokens": ids.input_items,
         }
     )
     return ids

@@ -273,6 +273,7 @@ class PromptBuilder:
         return {
             "id": self.catalog.item_ids[item],
             "sid": self.ids.item_string(item),
+            "token": self.ids.input_token(item),
             "title": self.catalog.titles[item],
             "text": self.catalog.texts[item],
             "attributes": self.catalog.attributes[item],

@@ -55,6 +55,23 @@ def sft_rows(builder: PromptBuilder, examples: list[Any]) -> list[dict[str, Any]
     ]
 
 
+def check_input_tokens(builder: PromptBuilder, data: Interactions) -> None:
+    """ids.input_tokens needs a template that renders them ({{ item.token }}); else their rows are never read."""
+    if not builder.ids.input_items:
+        return
+    seq = next((s for s in data.sequences if len(s) >= 2), None)
+    if seq is None:
+        return
+    text = "".join(m["content"] for m in builder.messages(seq[:-1]))
+    shown = list(seq[:-1])[-builder.max_history :]
+    if not any(builder.ids.input_token(i) and builder.ids.input_token(i) in text for i in shown):
+        raise GenrecError(
+            f"ids.input_tokens is on, but template {builder.template.name!r} ({builder.template.source}) does not "
+            "render the history items' input tokens: add {{ item.token }} after {{ item.sid }} (as "
+            "prompts/ids_items.jinja does), or set ids.input_tokens=false and run build-ids again"
+        )
+
+
 def history_loss_rows(
     builder: PromptBuilder,
     tokenizer: Any,
@@ -429,6 +446,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     t = cfg.train
     valid = leave_one_out(data, "valid")
     valid = valid[: t.valid_users] if t.valid_users else valid
+    check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data)
     if t.history_loss:  # one row per window; the loss also covers the history items' IDs
         examples = history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)

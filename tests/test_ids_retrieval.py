@@ -149,3 +149,35 @@ def test_build_ids_passes_spread_last_on(tmp_path):
     plain, _ = make_run(tmp_path, "plain")
     spread, cfg = make_run(tmp_path, "spread", ["ids.spread_last=true"])
     assert cfg.ids.spread_last and shared_prefixes(spread) < shared_prefixes(plain)
+
+
+def test_input_tokens_are_one_per_item_after_the_codes_and_cold_start_items_have_none(tmp_path):
+    emb = clustered()
+    ids = semantic_ids(emb, levels=2, codes=8, seed=0)
+    ids.input_items = len(ids)
+    codes = sum(ids.level_sizes)
+    vocab = ids.vocabulary()
+    assert vocab[codes:] == [f"<in_{i}>" for i in range(200)] and len(set(vocab)) == len(vocab)
+    assert ids.input_token(7) == "<in_7>" and ids.item_string(7) == "".join(
+        ids.item_tokens(7)
+    )  # answers: codes
+    assert ids.parse(ids.item_string(7) + ids.input_token(7)) == 7  # as a prompt shows it
+    ids.save(tmp_path, [f"I{i}" for i in range(200)])
+    again = ItemIds.load(tmp_path)
+    assert again.input_items == 200 and again.vocabulary() == vocab
+    row = ids.add(ids.assign(emb[5] + 0.01))  # cold start: a new item shows its codes only
+    assert row == 200 and ids.input_token(row) == "" and len(ids.vocabulary()) == len(vocab)
+    plain = semantic_ids(emb, levels=2, codes=8, seed=0)
+    assert plain.input_items == 0 and plain.input_token(0) == "" and len(plain.vocabulary()) == codes
+
+
+def test_build_ids_gives_every_item_an_input_token_only_when_asked(tmp_path):
+    from genrec.config import ConfigError, RunConfig, apply_overrides
+
+    with_tokens, _ = make_run(tmp_path, "in", ["ids.input_tokens=true"])
+    plain, _ = make_run(tmp_path, "plain")
+    n = len(with_tokens.load_data().catalog)
+    assert ItemIds.load(with_tokens.path).input_items == n and ItemIds.load(plain.path).input_items == 0
+    assert with_tokens.meta()["ids"]["input_tokens"] == n
+    with pytest.raises(ConfigError, match="ids.input_tokens is for semantic IDs"):
+        apply_overrides(RunConfig(), ["ids.scheme=atomic", "ids.input_tokens=true"])

@@ -76,6 +76,25 @@ def test_semantic_tokens_are_centroids_that_sum_to_each_items_quantised_vector()
     assert np.array_equal(label[nearest], label)
 
 
+def test_input_tokens_start_at_their_items_vectors_beside_the_code_centroids():
+    vectors, label = clustered(n_per=30)
+    ids = semantic_ids(vectors, levels=2, codes=4, collision_headroom=1)
+    ids.input_items = len(vectors)
+    meaning = id_token_vectors(ids, vectors, WIDTH)
+    atomic = id_token_vectors(atomic_ids(len(vectors)), vectors, WIDTH)
+    for i in range(len(vectors)):  # an input token is its item's vector, as an atomic token is
+        np.testing.assert_allclose(meaning[ids.input_token(i)], atomic[f"<item_{i}>"], atol=1e-5)
+    assert len(meaning) == sum(len(b) for b in ids.codebooks) + len(vectors)
+    model, tok = tiny_with(ids)
+    assert init_id_embeddings(model, tok, meaning, scale=3.0, pretrained=False) == len(meaning)
+    rows = model.get_input_embeddings().weight.detach()[
+        tok.convert_tokens_to_ids(ids.vocabulary()[-len(vectors) :])
+    ]
+    same = torch.from_numpy(label[:, None] == label[None, :])
+    off_diag = ~torch.eye(len(label), dtype=torch.bool)
+    assert cosine(rows)[same & off_diag].mean() > 0.5 > cosine(rows)[~same].mean()
+
+
 def test_pretrained_rows_are_centred_on_the_mean_row_and_untied_heads_follow():
     vectors, _ = clustered()
     ids = atomic_ids(len(vectors))

@@ -383,3 +383,29 @@ def test_the_labelled_positions_head_matches_trls_fused_head():
             p.grad = q.grad = None
     # other calls are the model's own forward
     torch.testing.assert_close(ours(input_ids=ids).logits, trl_model(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_input_tokens_are_read_from_the_prompt_and_answers_stay_codes(tmp_path):
+    from genrec.errors import GenrecError
+    from genrec.training import prompt_builder
+
+    run, cfg = make_run(
+        tmp_path, "inp", ["ids.input_tokens=true", "prompt.template=ids_items", "train.max_steps=10"]
+    )
+    data, ids = run.load_data(), run.load_ids()
+    seq = data.sequences[0]
+    text = prompt_builder(run, cfg, data, ids).messages(seq[:-1])[-1]["content"]
+    shown = seq[:-1][-cfg.prompt.max_history :]
+    assert "".join(f"{ids.item_string(i)}{ids.input_token(i)} " for i in shown) in text
+    summary = train(run, cfg)
+    assert summary["steps"] == 10
+    rec = Recommender.load(run, device="cpu")
+    assert set(ids.vocabulary()) <= set(rec.engine.tokenizer.get_vocab())
+    hist = rec.user_history(rec.data.users[3])
+    for mode in ("all", "retriever"):
+        recs = rec.rank_histories([hist], n_items=5, mode=mode, n_candidates=30)[0]
+        assert len({r.item for r in recs}) == 5 and not {r.item for r in recs} & set(hist)
+    # a template that does not show the input tokens would train rows that are never read: refused
+    with pytest.raises(GenrecError, match="does not render the history items' input tokens"):
+        train(run, apply_overrides(cfg, ["prompt.template=ids_only"]))
