@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,17 @@ def test_template_render_bench_times_rendering_and_both_encodings(trained_run, t
     res = json.loads(out.read_text())
     assert res["conversations"] == 9 and res["encode_one_call_each_us"] > 0 and res["encode_batched_4_us"] > 0
     assert res["bounded_us"] > 0 and res["plain_sandbox_us"] > 0
+
+
+def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp_path):
+    from bench.train_head import main
+
+    run, _, _ = trained_run
+    out = tmp_path / "head.json"
+    result = main(["--run", str(run.path), "--steps", "2", "--batch", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["speedup"] == result["speedup"] > 0
+    assert 0 < result["labelled_per_step"] < result["positions_per_step"]
+    trl, ours = result["trl_fused_head"], result["labelled_positions_head"]
+    assert len(trl["steps"]) == len(ours["steps"]) == 2
+    # the same weights, rows and optimizer: the same losses, step by step
+    assert ours["losses"] == pytest.approx(trl["losses"], rel=1e-4)
