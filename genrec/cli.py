@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,14 +74,42 @@ def _config(
     return apply_overrides(cfg, overrides or [])
 
 
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="The run already holds a trained model (base/, checkpoints/, adapter/, merged/): delete it and "
+        "go on. Without it the command refuses, since that model was trained on the run's current data and IDs.",
+    ),
+]
+
+
+def _keep_models_consistent(rd: RunDir, command: str, force: bool) -> None:
+    """prepare / build-ids change the data or IDs a trained model was made for: refuse, or delete it (--force)."""
+    found = rd.trained_outputs()
+    if not found:
+        return
+    names = ", ".join(f"{p.name}/" for p in found)
+    if not force:
+        raise GenrecError(
+            f"{rd} holds a trained model ({names}) made for its current data and IDs; `genrec {command}` would "
+            f"leave it reading items it was not trained on. Use a new --run directory, or pass --force to delete "
+            f"{names} first."
+        )
+    for p in found:
+        shutil.rmtree(p)
+    typer.echo(f"--force: deleted {names} of {rd}")
+
+
 @app.command()
-def prepare(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def prepare(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Load the data (synthetic, MovieLens, sequences, UniSRec or a table), clean it, save it into the run."""
     from genrec.evaluation import popularity_only
     from genrec.pipeline import prepare as do_prepare
 
     rd = RunDir(run)
     cfg = _config(rd, config, set_, fresh=True)
+    _keep_models_consistent(rd, "prepare", force)
     data = do_prepare(rd, cfg)
     pop = popularity_only(data, "test", cfg.eval.ks)
     typer.echo(
@@ -90,12 +119,13 @@ def prepare(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command("build-ids")
-def build_ids(run: RunOpt, set_: SetOpt = None) -> None:
+def build_ids(run: RunOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Embed items (text encoder, or collaborative for ids-only data) and assign semantic or atomic IDs."""
     from genrec.pipeline import build_ids as do_build
 
     rd = RunDir(run)
     cfg = _config(rd, None, set_)
+    _keep_models_consistent(rd, "build-ids", force)
     ids = do_build(rd, cfg)
     typer.echo(
         f"built {ids.scheme} IDs for {len(ids)} items: {ids.depth} tokens each, "
@@ -436,6 +466,7 @@ def quickstart(
     default_recipe = Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny.yaml"
     cfg = _config(rd, config or (default_recipe if default_recipe.is_file() else None), set_, fresh=True)
     steps = ["prepare", "build-ids", "train", "evaluate"]
+    _keep_models_consistent(rd, "quickstart", force=True)  # it trains anew: an earlier model would be stale
     typer.echo(f"[1/{len(steps)}] prepare")
     data = do_prepare(rd, cfg)
     typer.echo(f"[2/{len(steps)}] build-ids")

@@ -53,6 +53,12 @@ class RunDir:
     train_log_file = property(lambda self: self.path / "train_log.jsonl")
     meta_file = property(lambda self: self.path / "run.json")
 
+    def trained_outputs(self) -> list[Path]:
+        """What training wrote (base/, checkpoints/, adapter/, merged/): models made for this run's data and IDs."""
+        return [
+            p for p in (self.base_dir, self.checkpoints_dir, self.adapter_dir, self.merged_dir) if p.exists()
+        ]
+
     def require(self, path: Path, hint: str) -> Path:
         if not path.exists():
             raise RunError(self.path, path.name, hint)

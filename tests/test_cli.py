@@ -156,3 +156,20 @@ def test_generate_rejects_bad_prep_workers_before_loading_a_model(tmp_path):
     assert "--prep-workers must be >= 0, got -1" in str(bad.exception)
     ray = runner.invoke(app, [*base, "--backend", "ray", "--prep-workers", "2"])
     assert "--prep-workers is for --backend hf/vllm" in str(ray.exception)
+
+
+def test_prepare_and_build_ids_refuse_to_leave_a_trained_model_stale(tmp_path):
+    run = tmp_path / "r"
+    small = ["-s", "data.synthetic_items=200", "-s", "data.synthetic_users=60", "-s", "data.kcore=2"]
+    assert runner.invoke(app, ["prepare", "--run", str(run), *small]).exit_code == 0
+    (run / "merged").mkdir()
+    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    for cmd in (["prepare", *small], ["build-ids"]):
+        result = runner.invoke(app, [cmd[0], "--run", str(run), *cmd[1:]])
+        assert isinstance(result.exception, GenrecError)
+        assert "checkpoints/, merged/" in str(result.exception) and "--force" in str(result.exception)
+        assert (run / "merged").is_dir()  # nothing deleted without --force
+    result = runner.invoke(app, ["prepare", "--run", str(run), *small, "--force"])
+    assert result.exit_code == 0, result.output
+    assert "deleted checkpoints/, merged/" in result.output
+    assert not (run / "merged").exists() and not (run / "checkpoints").exists()
