@@ -136,3 +136,47 @@ def test_server_on_vllm_backend(async_rec):
         for ids, hist in results:
             assert len(set(ids)) == 5 and not set(ids) & set(hist)
         assert len(service._workers) == 3
+
+
+PARITY = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from genrec.engines.vllm import VLLMEngine
+from genrec.recommender import Recommender
+from genrec.run import RunDir
+if __name__ == "__main__":
+    run = RunDir(sys.argv[1])
+    hf = Recommender.load(run, device="cpu", search="beam")
+    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512)
+    vl = Recommender(run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
+    hs = [hf.user_history(u) for u in hf.data.users[:8]]
+    out = [[[r.score for r in x] for x in rec.rank_histories(hs, n_items=8, beam_width=8, mode="all")] for rec in (hf, vl)]
+    print("SCORES" + json.dumps(out))
+"""
+
+
+def test_vllm_reads_input_tokens_as_transformers_does(tmp_path):
+    """ids.input_tokens: prompts carry an input token per history item; both engines rank alike. In a
+    child process: this module's engines already hold the CPU KV-cache memory vLLM asks for."""
+    import json
+    import subprocess
+    import sys
+
+    from genrec.training import train
+    from tests.conftest import make_run
+
+    run, cfg = make_run(
+        tmp_path, "inp", ["ids.input_tokens=true", "prompt.template=ids_items", "train.max_steps=20"]
+    )
+    train(run, cfg)
+    script = tmp_path / "parity.py"
+    script.write_text(PARITY)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run.path)], capture_output=True, text=True, timeout=500
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SCORES"))
+    hf_scores, vllm_scores = json.loads(line[len("SCORES") :])
+    assert len(hf_scores) == 8
+    for x, y in zip(hf_scores, vllm_scores, strict=True):
+        assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)
