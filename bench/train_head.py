@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     interactions = run.load_data()
     builder = prompt_builder(run, cfg, interactions, run.load_ids())
-    trl_model, tokenizer = prepare_model(run, cfg, builder, interactions)
+    trl_model, tokenizer = prepare_model(run, cfg, builder, interactions, resume=True)  # base/ if there
     size = args.batch or cfg.train.batch_size
     data = batches(cfg, interactions, builder, tokenizer, args.steps, size)
     ours = copy.deepcopy(trl_model)

@@ -153,8 +153,14 @@ def tokenizer_corpus(builder: PromptBuilder, data: Interactions) -> list[str]:
     return corpus
 
 
-def prepare_model(run: RunDir, cfg: RunConfig, builder: PromptBuilder, data: Interactions) -> tuple[Any, Any]:
-    """Build (tiny) or load (pretrained) the base with ID tokens; tiny bases are saved to base/."""
+def prepare_model(
+    run: RunDir, cfg: RunConfig, builder: PromptBuilder, data: Interactions, *, resume: bool = False
+) -> tuple[Any, Any]:
+    """Build (tiny) or load (pretrained) the base with ID tokens; tiny bases are saved to base/.
+
+    `resume`: a tiny base already in base/ is loaded as it is (the checkpoints were made from it). Otherwise
+    it is built again from the config (deterministic: the same settings give the same base), so a changed
+    model.* setting or tokenizer takes effect instead of an earlier run's base being reused silently."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     id_tokens = builder.ids.vocabulary()
@@ -162,7 +168,7 @@ def prepare_model(run: RunDir, cfg: RunConfig, builder: PromptBuilder, data: Int
         model, tokenizer, new_tokens = load_pretrained(cfg.model, id_tokens)
         init_ids_from_items(run, cfg, builder.ids, model, tokenizer, only=set(new_tokens))
         return model, tokenizer
-    if (run.base_dir / "config.json").is_file():  # resume: the same tokenizer and initial weights
+    if resume and (run.base_dir / "config.json").is_file():  # the same tokenizer and initial weights
         return AutoModelForCausalLM.from_pretrained(run.base_dir), AutoTokenizer.from_pretrained(run.base_dir)
     tokenizer = train_tokenizer(tokenizer_corpus(builder, data), vocab_size=cfg.model.vocab_size)
     add_id_tokens(tokenizer, id_tokens)
@@ -447,7 +453,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     valid = leave_one_out(data, "valid")
     valid = valid[: t.valid_users] if t.valid_users else valid
     check_input_tokens(builder, data)
-    model, tokenizer = prepare_model(run, cfg, builder, data)
+    model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
     if t.history_loss:  # one row per window; the loss also covers the history items' IDs
         examples = history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
         rows, too_long = history_loss_rows(builder, tokenizer, examples, max_length=t.max_length)

@@ -409,3 +409,24 @@ def test_input_tokens_are_read_from_the_prompt_and_answers_stay_codes(tmp_path):
     # a template that does not show the input tokens would train rows that are never read: refused
     with pytest.raises(GenrecError, match="does not render the history items' input tokens"):
         train(run, apply_overrides(cfg, ["prompt.template=ids_only"]))
+
+
+def test_training_anew_rebuilds_the_base_from_the_config_and_resuming_keeps_it(tmp_path):
+    """A changed model setting takes effect on a run that was trained before (its base/ was reused silently);
+    the same settings give the same base; --resume keeps the base its checkpoints were made from."""
+    from genrec.training import prepare_model, prompt_builder
+
+    run, cfg = make_run(tmp_path, "base")
+    data, ids = run.load_data(), run.load_ids()
+
+    def base(c, resume=False):
+        model, _ = prepare_model(run, c, prompt_builder(run, c, data, ids), data, resume=resume)
+        return model
+
+    first = base(cfg)
+    again = base(cfg)
+    for p, q in zip(first.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(p, q)  # deterministic
+    wider = apply_overrides(cfg, ["model.intermediate_size=128"])
+    assert base(wider).config.intermediate_size == 128
+    assert base(cfg, resume=True).config.intermediate_size == 128  # resume: base/ as it is
