@@ -68,7 +68,8 @@ def check_input_tokens(builder: PromptBuilder, data: Interactions) -> None:
         raise GenrecError(
             f"ids.input_tokens is on, but template {builder.template.name!r} ({builder.template.source}) does not "
             "render the history items' input tokens: add {{ item.token }} after {{ item.sid }} (as "
-            "prompts/ids_items.jinja does), or set ids.input_tokens=false and run build-ids again"
+            "prompts/ids_items.jinja does), or set ids.input_tokens=false and run `genrec build-ids --force` (it "
+            "deletes the run's earlier model)"
         )
 
 
