@@ -61,9 +61,13 @@ class ItemIds:
     def token(self, level: int, code: int) -> str:
         return f"<{level_name(level, self.scheme)}_{code}>"
 
+    def level_tokens(self) -> list[list[str]]:
+        """Each level's ID tokens: what the model may write at that level (input tokens are never written)."""
+        return [[self.token(lv, c) for c in range(n)] for lv, n in enumerate(self.level_sizes)]
+
     def vocabulary(self) -> list[str]:
         """Every ID token, level by level, then the input tokens: the tokens to add to a tokenizer."""
-        codes = [self.token(lv, c) for lv, n in enumerate(self.level_sizes) for c in range(n)]
+        codes = [t for level in self.level_tokens() for t in level]
         return codes + [INPUT_TOKEN.format(i) for i in range(self.input_items)]
 
     def input_token(self, item: int) -> str:

@@ -153,6 +153,9 @@ class Recommender:
             raise GenrecError(
                 "exact tree scoring runs on the transformers engine: use --backend hf (or --search beam)"
             )
+        ids = run.load_ids()
+        # score as the model was trained: over each level's codes (model.id_softmax=level) or the vocabulary
+        levels = ids.level_tokens() if run.trained_id_softmax() == "level" else None
         engine: Engine
         if backend == "hf":
             engine = HFEngine(
@@ -160,18 +163,19 @@ class Recommender:
                 search=search,
                 max_tree_tokens=cfg.eval.max_tree_tokens,
                 cuda_graphs=cfg.eval.cuda_graphs,
+                level_tokens=levels,
             )
         elif backend == "vllm":
             from genrec.engines.vllm import VLLMEngine
 
-            engine = VLLMEngine(run.model_dir())
+            engine = VLLMEngine(run.model_dir(), level_tokens=levels)
         elif backend == "vllm-async":
             from genrec.engines.vllm import AsyncVLLMEngine
 
-            engine = AsyncVLLMEngine(run.model_dir())
+            engine = AsyncVLLMEngine(run.model_dir(), level_tokens=levels)
         else:
             raise GenrecError(f"backend must be 'hf', 'vllm' or 'vllm-async', got {backend!r}")
-        return cls(run, cfg, run.load_data(), run.load_ids(), engine, Retriever(run.load_embeddings()))
+        return cls(run, cfg, run.load_data(), ids, engine, Retriever(run.load_embeddings()))
 
     def _item_token_ids(self) -> np.ndarray:
         tok = self.engine.tokenizer

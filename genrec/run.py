@@ -96,6 +96,11 @@ class RunDir:
             self.merged_dir, "run `genrec train --run DIR` (and `genrec merge` for LoRA) first"
         )
 
+    def trained_id_softmax(self) -> str:
+        """The model.id_softmax the run's model was trained with (run.json; `full` for a model trained before
+        the setting existed, or not yet trained): engines must score as training did."""
+        return str(self.meta().get("train", {}).get("id_softmax", "full"))
+
     def meta(self) -> dict[str, Any]:
         return json.loads(self.meta_file.read_text()) if self.meta_file.is_file() else {}
 

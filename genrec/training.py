@@ -22,6 +22,7 @@ from tqdm import tqdm
 from genrec.config import RunConfig
 from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
 from genrec.errors import GenrecError
+from genrec.id_softmax import LevelSoftmax
 from genrec.ids import ItemIds
 from genrec.modeling import (
     add_id_tokens,
@@ -81,13 +82,13 @@ def history_loss_rows(
     max_length: int | None = None,
     history: bool = True,
 ) -> tuple[list[dict[str, list[int]]], int]:
-    """Tokenized rows for train.history_loss: the loss is on ID tokens only, the answer's and those of every
+    """Tokenized rows whose loss is on ID tokens only: the answer's and (train.history_loss) those of every
     shown history item after the first (each predicted from the items before it). The end-of-turn tokens
     after the answer are not trained: constrained decoding never needs them, and on amazon-scientific
     training them too cut the validation NDCG@10 after one epoch by 40% (BENCHMARKS.md). TRL trains on
     `input_ids` + `labels` rows as they are. `history=False`: the answer's ID only (validation rows, so
-    that the validation loss is the answer's). Rows longer than `max_length` tokens are left out; returns
-    (rows, how many)."""
+    that the validation loss is the answer's, and every row under model.id_softmax=level without the
+    history loss). Rows longer than `max_length` tokens are left out; returns (rows, how many)."""
     item_tokens: dict[int, list[int]] = {}
 
     def tokens_of(item: int) -> list[int]:
@@ -109,7 +110,7 @@ def history_loss_rows(
             raise GenrecError(f"train.history_loss: the tokenized row does not hold the answer's ID {answer}")
         labels[n : n + len(answer)] = answer
         at = 0
-        for k, item in enumerate(list(ex.history)[-builder.max_history :]):
+        for k, item in enumerate(list(ex.history)[-builder.max_history :] if history else []):
             toks = tokens_of(item)
             pos = _find(full, toks, at, n)
             if pos < 0:
@@ -119,7 +120,7 @@ def history_loss_rows(
                     "the rendered prompt after the ones before it); render {{ item.sid }} for every history item "
                     "in order, or set train.history_loss=false"
                 )
-            if k and history:
+            if k:
                 labels[pos : pos + len(toks)] = toks
             at = pos + len(toks)
         if max_length is not None and len(full) > max_length:
@@ -266,7 +267,7 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
     )
 
 
-def labelled_positions_head(model: Any) -> None:
+def labelled_positions_head(model: Any, softmax: LevelSoftmax | None = None) -> None:
     """Make TRL's fused LM head score only the labelled positions on the CPU, with one matmul.
 
     SFTTrainer patches the model so that `model(..., fused_lm_head=True)` returns per-token
@@ -277,6 +278,9 @@ def labelled_positions_head(model: Any) -> None:
     patched forward: on the CPU it runs the backbone, gathers the labelled positions and returns the same
     fields (loss, log_probs, entropy, is_top1, label_mask) computed from their logits; elsewhere, and for
     every other call, TRL's forward runs unchanged. Call it after SFTTrainer is built.
+
+    `softmax` (model.id_softmax=level): every labelled position (all of them ID tokens) is scored against its
+    level's rows alone, on every device, since TRL's head normalises over the whole vocabulary.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -297,7 +301,7 @@ def labelled_positions_head(model: Any) -> None:
             not fused_lm_head
             or shift_labels is not None
             or labels is None
-            or head.weight.device.type != "cpu"
+            or (head.weight.device.type != "cpu" and softmax is None)
         ):
             extra = {"shift_labels": shift_labels} if shift_labels is not None else {}
             return fused_forward(
@@ -313,12 +317,15 @@ def labelled_positions_head(model: Any) -> None:
         target = labels[:, 1:]
         mask = target != -100
         picked = target[mask]
-        logits = head(hidden[mask]).float()
-        logp = logits.log_softmax(-1)
-        token = logp.gather(1, picked[:, None]).squeeze(1)
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            top1 = (logits.argmax(-1) == picked).to(token.dtype)
+        if softmax is not None:
+            token, entropy, top1 = softmax.label_fields(hidden[mask], head, picked)
+        else:
+            logits = head(hidden[mask]).float()
+            logp = logits.log_softmax(-1)
+            token = logp.gather(1, picked[:, None]).squeeze(1)
+            with torch.no_grad():
+                entropy = -(logp.exp() * logp).sum(-1)
+                top1 = (logits.argmax(-1) == picked).to(token.dtype)
         # masked_scatter keeps the result attached to the graph when no position is labelled (a zero loss)
         log_probs = token.new_zeros(mask.shape).masked_scatter(mask, token)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -381,7 +388,11 @@ def ranking_callback(
             was_training = model.training
             if self.rec is None or self.model is not model:
                 engine = HFEngine(
-                    model, tokenizer, search=cfg.eval.search, max_tree_tokens=cfg.eval.max_tree_tokens
+                    model,
+                    tokenizer,
+                    search=cfg.eval.search,
+                    max_tree_tokens=cfg.eval.max_tree_tokens,
+                    level_tokens=ids.level_tokens() if cfg.model.id_softmax == "level" else None,
                 )
                 self.rec, self.model = Recommender(run, ranking, data, ids, engine, retriever), model
             rec = self.rec
@@ -455,12 +466,22 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     valid = valid[: t.valid_users] if t.valid_users else valid
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
-    if t.history_loss:  # one row per window; the loss also covers the history items' IDs
-        examples = history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
-        rows, too_long = history_loss_rows(builder, tokenizer, examples, max_length=t.max_length)
+    softmax = (
+        LevelSoftmax.from_tokens(ids.level_tokens(), tokenizer) if cfg.model.id_softmax == "level" else None
+    )
+    if t.history_loss or softmax is not None:  # rows labelled on ID tokens only
+        # history_loss: one row per window, the loss also on the history items' IDs; else one row per target
+        examples = (
+            history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
+            if t.history_loss
+            else train_examples(data, per_user=t.examples_per_user)
+        )
+        rows, too_long = history_loss_rows(
+            builder, tokenizer, examples, max_length=t.max_length, history=t.history_loss
+        )
         if too_long:
             logger.warning(
-                "%d of %d windows are longer than train.max_length=%d tokens: left out",
+                "%d of %d rows are longer than train.max_length=%d tokens: left out",
                 too_long,
                 len(examples),
                 t.max_length,
@@ -503,7 +524,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         callbacks=callbacks,
     )
     inner: Any = trainer.model
-    labelled_positions_head(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)
+    labelled_positions_head(inner.get_base_model() if hasattr(inner, "get_base_model") else inner, softmax)
     has_ckpt = run.checkpoints_dir.is_dir() and any(run.checkpoints_dir.glob("checkpoint-*"))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=bool(resume and has_ckpt))
@@ -543,6 +564,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         **stopped,
         "examples": len(examples),
         "history_loss": t.history_loss,
+        "id_softmax": cfg.model.id_softmax,  # what every engine must score with (RunDir.trained_id_softmax)
         "seconds": round(seconds, 1),
         "method": "lora" if peft_cfg is not None else "full",
         "device": "cuda" if torch.cuda.is_available() else "cpu",

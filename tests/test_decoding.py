@@ -163,13 +163,18 @@ def code_sequences(tok):
     ]
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 1000), st.integers(5, 40), st.sampled_from(["beam", "exact"]))
-def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates, search):
+LEVELS = [[f"<{lv}_{c}>" for c in range(4)] for lv in "abcd"]
+"""tiny_lm's ID tokens by level: what model.id_softmax=level normalises over."""
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 1000), st.integers(5, 40), st.sampled_from(["beam", "exact"]), st.booleans())
+def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates, search, level):
     """On a real tiny Qwen2, beam search (KV cache, left padding) with a width covering every candidate
-    and tree scoring (one forward, tree attention) both equal brute-force teacher forcing."""
+    and tree scoring (one forward, tree attention) both equal brute-force teacher forcing, with the
+    full-vocabulary softmax and with each level's (model.id_softmax=level)."""
     model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok, search=search)
+    engine = HFEngine(model, tok, search=search, level_tokens=LEVELS if level else None)
     all_seqs = code_sequences(tok)
     g = torch.Generator().manual_seed(seed)
     cands = [all_seqs[i] for i in torch.randperm(len(all_seqs), generator=g)[:n_candidates].tolist()]
@@ -234,6 +239,33 @@ def test_auto_search_uses_beam_for_tries_over_the_tree_limit(tiny_lm):
     assert auto[1] == beam[1]  # the large trie went to beam search: the same result, bit for bit
     with pytest.raises(ValueError, match="search must be"):
         HFEngine(model, tok, search="greedy")
+
+
+@pytest.mark.parametrize("search", ["beam", "exact"])
+def test_level_softmax_gives_every_id_a_probability_and_they_sum_to_one(tiny_lm, search):
+    """Over a trie of every code sequence, the level softmax's item probabilities sum to 1 (each level's
+    softmax covers exactly the codes the trie allows), where the vocabulary softmax leaves mass to text
+    tokens; the two rank differently scored lists."""
+    model, tok, _ = tiny_lm
+    prompt = HFEngine(model, tok).encode_messages([{"role": "user", "content": "the cat"}])
+    trie = Trie(code_sequences(tok))
+    total = {}
+    for level in (True, False):
+        engine = HFEngine(model, tok, search=search, level_tokens=LEVELS if level else None)
+        (r,) = engine.rank([prompt], [trie], beam_width=256)
+        assert len(set(r.items)) == 256
+        total[level] = float(np.exp(r.scores).sum())
+    assert total[True] == pytest.approx(1.0, abs=1e-4) and total[False] < 0.5
+
+
+def test_level_softmax_refuses_a_soft_capping_head(tiny_lm):
+    model, tok, _ = tiny_lm
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(ValueError, match="plain linear output head"):
+            HFEngine(model, tok, level_tokens=LEVELS)
+    finally:
+        model.config.final_logit_softcapping = None
 
 
 def test_tree_scoring_of_one_token_ids(tiny_lm):
@@ -355,21 +387,22 @@ def _tree_case(tok, engine):
     return prompts, lays
 
 
-def test_static_shapes_rank_exactly_as_the_plain_forward(tiny_lm):
+@pytest.mark.parametrize("level", [False, True])
+def test_static_shapes_rank_exactly_as_the_plain_forward(tiny_lm, level):
     """StaticForward pads a batch to a bucket (rows to a power of two, width to a step) and scores with
     the decoder plus the output head on the parent nodes only: the CUDA-graph path's arithmetic, run
     eagerly on the CPU. Same items and scores as the unpadded model forward, for 1, 2 and 3 rows; the
-    first use is checked against the model's forward and passes."""
+    first use is checked against the model's forward and passes. Under the level softmax too."""
     from genrec.engines.hf import StaticForward, TreeScorer
 
     model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok)
+    engine = HFEngine(model, tok, level_tokens=LEVELS if level else None)
     prompts, lays = _tree_case(tok, engine)
     static = StaticForward(model, capture=False, width_step=48)
     assert static.bucket(3, 49) == (4, 96) and static.bucket(1, 48) == (1, 48)
     assert static.bucket(9, 10) is None and static.bucket(1, 4096) is None
-    plain = TreeScorer(model, pad_id=engine.pad_id)
-    padded = TreeScorer(model, pad_id=engine.pad_id, static=static)
+    plain = TreeScorer(model, pad_id=engine.pad_id, softmax=engine.softmax)
+    padded = TreeScorer(model, pad_id=engine.pad_id, static=static, softmax=engine.softmax)
     shapes = []
     hidden = static.hidden
     static.hidden = lambda ids, pos, mask: shapes.append(tuple(ids.shape)) or hidden(ids, pos, mask)

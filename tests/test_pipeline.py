@@ -191,6 +191,11 @@ def test_history_loss_rows_label_the_answer_and_every_shown_history_id_after_the
         GenrecError, match="template 'titles' does not show the history's item IDs oldest first"
     ):
         history_loss_rows(bad, tok, windows[:3])
+    # answer-only rows (model.id_softmax=level without the history loss) need no IDs in the prompt
+    titles_rows, _ = history_loss_rows(bad, tok, windows[:3], history=False)
+    assert [[x for x in r["labels"] if x != -100] for r in titles_rows] == [
+        tok.convert_tokens_to_ids(ids.item_tokens(w.target)) for w in windows[:3]
+    ]
 
 
 @pytest.mark.slow
@@ -383,6 +388,94 @@ def test_the_labelled_positions_head_matches_trls_fused_head():
             p.grad = q.grad = None
     # other calls are the model's own forward
     torch.testing.assert_close(ours(input_ids=ids).logits, trl_model(input_ids=ids).logits)
+
+
+def test_the_level_softmax_head_matches_brute_force():
+    """model.id_softmax=level: every labelled position is scored against its level's rows, on any device: the
+    loss, per-token fields and gradients equal a log-softmax over the level's columns of the full logits."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from genrec.id_softmax import LevelSoftmax
+    from genrec.training import labelled_positions_head
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    ref = Qwen2ForCausalLM(cfg)
+    ours = copy.deepcopy(ref)
+    add_fused_lm_head(ours, outputs=("log_probs", "entropy", "is_top1"))
+    levels = [list(range(250, 260)), list(range(260, 270)), list(range(270, 290))]
+    labelled_positions_head(ours, LevelSoftmax(levels, vocab_size=300))
+    ids = torch.randint(0, 300, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:9] = torch.tensor([251, 265, 289])
+    labels[2, 9:12] = torch.tensor([259, 260, 270])  # row 1: no labels
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+    for count in (None, torch.tensor(9)):
+        out = ours(
+            input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, num_items_in_batch=count
+        )
+        logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        want = torch.zeros(target.shape)
+        entropy = torch.zeros(target.shape)
+        for b, t in (target != -100).nonzero().tolist():
+            level = next(lv for lv in levels if int(target[b, t]) in lv)
+            logp = logits[b, t, level].log_softmax(-1)
+            want = want.index_put((torch.tensor(b), torch.tensor(t)), logp[level.index(int(target[b, t]))])
+            entropy[b, t] = float(-(logp.exp() * logp).sum().detach())
+        loss = -want.sum() / (6 if count is None else 9)
+        torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.log_probs, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.entropy, entropy, atol=1e-5, rtol=1e-5)
+        assert out.label_mask.tolist() == (target != -100).tolist()
+        out.loss.backward()
+        loss.backward()
+        for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4)
+            p.grad = q.grad = None
+
+
+@pytest.mark.slow
+def test_level_softmax_trains_on_id_labels_and_every_engine_call_scores_by_level(tmp_path):
+    """model.id_softmax=level end to end: the run records it, the validation ranking during training and the
+    loaded Recommender both score over each level's codes (the item probabilities of a trie holding every
+    ID sum to 1), and evaluation ranks valid lists."""
+    from genrec.decoding import Trie
+
+    run, cfg = make_run(
+        tmp_path,
+        "level",
+        [
+            "model.id_softmax=level",
+            "train.max_steps=20",
+            "train.save_steps=10",
+            "train.early_stopping_patience=2",
+            "train.select_metric=ndcg@10",
+            "train.valid_users=20",
+        ],
+    )
+    summary = train(run, cfg)
+    assert summary["id_softmax"] == "level" and run.trained_id_softmax() == "level"
+    assert summary["eval_ndcg@10"] is not None
+    losses = [json.loads(x)["loss"] for x in run.train_log_file.read_text().splitlines() if '"loss"' in x]
+    # per ID token, a level softmax starts at about log(8 codes) = 2.1; the vocabulary's at log(~420) = 6
+    assert losses[0] < 3.0
+    rec = Recommender.load(run, device="cpu", search="exact")
+    assert rec.engine.softmax is not None
+    prompt = rec.engine.encode_messages(rec.builder.messages(rec.user_history(rec.data.users[0])))
+    levels = rec.engine.softmax.levels
+    every = np.stack(np.meshgrid(*levels, indexing="ij"), -1).reshape(-1, len(levels)).tolist()
+    (r,) = rec.engine.rank([prompt], [Trie(every)], beam_width=len(every))
+    assert float(np.exp(r.scores).sum()) == pytest.approx(1.0, abs=1e-4)
+    report = evaluate(run, apply_overrides(cfg, ["eval.baselines=[popularity]"]), progress=False)
+    assert report["results"]["genrec"]["validity"] == 1.0 and report["results"]["genrec"]["full_lists"] == 1.0
 
 
 @pytest.mark.slow

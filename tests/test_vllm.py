@@ -147,7 +147,8 @@ from genrec.run import RunDir
 if __name__ == "__main__":
     run = RunDir(sys.argv[1])
     hf = Recommender.load(run, device="cpu", search="beam")
-    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512)
+    levels = hf.ids.level_tokens() if run.trained_id_softmax() == "level" else None
+    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512, level_tokens=levels)
     vl = Recommender(run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
     hs = [hf.user_history(u) for u in hf.data.users[:8]]
     out = [[[r.score for r in x] for x in rec.rank_histories(hs, n_items=8, beam_width=8, mode="all")] for rec in (hf, vl)]
@@ -155,9 +156,12 @@ if __name__ == "__main__":
 """
 
 
-def test_vllm_reads_input_tokens_as_transformers_does(tmp_path):
-    """ids.input_tokens: prompts carry an input token per history item; both engines rank alike. In a
-    child process: this module's engines already hold the CPU KV-cache memory vLLM asks for."""
+@pytest.mark.parametrize("softmax", ["full", "level"])
+def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
+    """ids.input_tokens: prompts carry an input token per history item; both engines rank alike, with the
+    vocabulary softmax and with model.id_softmax=level (vLLM: allowed_token_ids = the level's codes and
+    log-probs after that mask). In a child process: this module's engines already hold the CPU KV-cache
+    memory vLLM asks for."""
     import json
     import subprocess
     import sys
@@ -166,9 +170,17 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path):
     from tests.conftest import make_run
 
     run, cfg = make_run(
-        tmp_path, "inp", ["ids.input_tokens=true", "prompt.template=ids_items", "train.max_steps=20"]
+        tmp_path,
+        "inp",
+        [
+            "ids.input_tokens=true",
+            "prompt.template=ids_items",
+            "train.max_steps=20",
+            f"model.id_softmax={softmax}",
+        ],
     )
     train(run, cfg)
+    assert run.trained_id_softmax() == softmax
     script = tmp_path / "parity.py"
     script.write_text(PARITY)
     proc = subprocess.run(
@@ -179,4 +191,6 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path):
     hf_scores, vllm_scores = json.loads(line[len("SCORES") :])
     assert len(hf_scores) == 8
     for x, y in zip(hf_scores, vllm_scores, strict=True):
+        # level: the transformers engine scores over each level's codes (tests/test_decoding.py), which is
+        # strictly above the vocabulary softmax vLLM returns unless its requests mask to the level
         assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TopItems, TreeLayout, layout, to_device
 from genrec.engines.base import ChatPrompts
+from genrec.id_softmax import LevelSoftmax
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +64,38 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 class HFStepModel:
-    """StepModel over a transformers causal LM, left-padded batches, explicit position ids."""
+    """StepModel over a transformers causal LM, left-padded batches, explicit position ids. With `softmax`
+    (model.id_softmax=level), the decoder's last states go through the output head's rows of one level."""
 
-    def __init__(self, model: Any, *, pad_id: int) -> None:
+    def __init__(self, model: Any, *, pad_id: int, softmax: LevelSoftmax | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
+        self.softmax = softmax
         self.device = next(model.parameters()).device
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
         self.next_pos: torch.Tensor | None = None
 
-    def _gather(self, logits: torch.Tensor, allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Full-vocabulary log-softmax, then only each row's allowed tokens move to the CPU."""
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        rows = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)])
-        flat = logp[rows.to(self.device), torch.cat(list(allowed)).to(self.device)].cpu()
+    def _forward(self, **inputs: Any) -> tuple[Any, torch.Tensor]:
+        """(KV cache, the last position's logits, or its hidden states under `softmax`)."""
+        if self.softmax is None:
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)  # a prompt's last logits only
+            return out.past_key_values, out.logits[:, -1]
+        out = self.model.get_decoder()(**inputs, use_cache=True)
+        return out.past_key_values, out.last_hidden_state[:, -1]
+
+    def _gather(self, last: torch.Tensor, allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's allowed tokens' log-probs, moved to the CPU: a full-vocabulary log-softmax of the
+        logits, or (`softmax`) each row's states through its level's rows."""
+        rows = np.repeat(np.arange(len(allowed)), [len(a) for a in allowed])
+        toks = torch.cat(list(allowed))
+        if self.softmax is not None:
+            groups = self.softmax.group(rows, toks.numpy())
+            head = self.model.get_output_embeddings()
+            flat = self.softmax.edge_log_probs(last, head, groups, len(toks)).cpu()
+        else:
+            logp = torch.log_softmax(last.float(), dim=-1)
+            flat = logp[torch.from_numpy(rows).to(self.device), toks.to(self.device)].cpu()
         return list(flat.split([len(a) for a in allowed]))
 
     @torch.inference_mode()
@@ -85,9 +103,9 @@ class HFStepModel:
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        self.cache, self.mask, self.next_pos = out.past_key_values, mask, pos[:, -1] + 1
-        return self._gather(out.logits[:, -1], allowed)
+        self.cache, last = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos)
+        self.mask, self.next_pos = mask, pos[:, -1] + 1
+        return self._gather(last, allowed)
 
     @torch.inference_mode()
     def step(
@@ -101,15 +119,11 @@ class HFStepModel:
         )
         pos = self.next_pos[idx]
         toks = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
-        out = self.model(
-            input_ids=toks,
-            attention_mask=mask,
-            position_ids=pos[:, None],
-            past_key_values=self.cache,
-            use_cache=True,
+        self.cache, last = self._forward(
+            input_ids=toks, attention_mask=mask, position_ids=pos[:, None], past_key_values=self.cache
         )
-        self.cache, self.mask, self.next_pos = out.past_key_values, mask, pos + 1
-        return self._gather(out.logits[:, -1], allowed)
+        self.mask, self.next_pos = mask, pos + 1
+        return self._gather(last, allowed)
 
 
 class StaticForward:
@@ -221,7 +235,8 @@ class TreeScorer:
     causally and each tree token attend to the prompt, its ancestors and itself; position ids put
     a tree token where it would sit in its own sequence. Rows are packed by length so that a batch's
     mask stays under `mask_budget` elements and its kept logits under `logits_budget`. With `static`
-    (see StaticForward), small batches run padded to a fixed shape, from CUDA graphs on a GPU.
+    (see StaticForward), small batches run padded to a fixed shape, from CUDA graphs on a GPU. With
+    `softmax` (model.id_softmax=level), each parent node's state goes through its children's level's rows.
     """
 
     def __init__(
@@ -232,15 +247,21 @@ class TreeScorer:
         mask_budget: int = 1 << 26,
         logits_budget: int = 1 << 27,
         static: StaticForward | None = None,
+        softmax: LevelSoftmax | None = None,
     ) -> None:
         self.model = model
         self.pad_id = pad_id
         self.mask_budget = mask_budget
         self.logits_budget = logits_budget
         self.static = static
+        self.softmax = softmax
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.vocab = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab = (
+            int(model.get_output_embeddings().weight.shape[0])
+            if softmax is None
+            else max(len(t) for t in softmax.levels)  # the widest logits a parent state gets
+        )
 
     def rank(self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int) -> list[Ranked]:
         """Each request's k best items. Batches are pipelined: a batch's inputs are packed on the CPU while
@@ -339,7 +360,12 @@ class TreeScorer:
         self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Every edge's log-prob (rows concatenated, on the device) from the model's own forward (its
-        output head as it defines it)."""
+        output head as it defines it; under `softmax`, the decoder's and the head's rows of each level)."""
+        if self.softmax is not None:
+            hidden = self.model.get_decoder()(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
+            ).last_hidden_state
+            return self._edge_logp_states(lays, hidden, self.model.get_output_embeddings())
         kept = max(lay.n_inputs for lay in lays) + 1
         row, parent, tok = self._edges(lays)
         # every edge's log-prob in one gather; the last `kept` columns are kept
@@ -361,21 +387,31 @@ class TreeScorer:
     ) -> torch.Tensor:
         """Edge log-probs from StaticForward's hidden states and the output head on the parent nodes only."""
         assert self.static is not None
-        hidden = self.static.hidden(ids, pos, mask)
-        width = ids.shape[1]
+        return self._edge_logp_states(lays, self.static.hidden(ids, pos, mask), self.static.head)
+
+    def _edge_logp_states(self, lays: Sequence[TreeLayout], hidden: torch.Tensor, head: Any) -> torch.Tensor:
+        """Edge log-probs from the decoder's (rows, width, hidden) states: the output `head` (or, under
+        `softmax`, each level's rows of it) on the parent nodes only."""
+        width = hidden.shape[1]
         # the columns whose next-token distribution is needed: each row's prompt end and internal nodes
         n_parents = np.array([lay.n_inputs + 1 for lay in lays])
         col = np.concatenate([np.arange(width - p, width) for p in n_parents])
         prow = np.repeat(np.arange(len(lays)), n_parents)
         row, parent, tok_cpu = self._edges(lays)
         first = np.concatenate([[0], np.cumsum(n_parents)[:-1]])
-        # each edge's parent state: its row's first state plus its parent node
-        col_d, prow_d, edge_at, tok = to_device([col, prow, first[row] + parent, tok_cpu], self.device)
+        edge_state = (
+            first[row] + parent
+        )  # each edge's parent state: its row's first state plus its parent node
+        if self.softmax is not None:
+            col_d, prow_d = to_device([col, prow], self.device)
+            groups = self.softmax.group(edge_state, tok_cpu)
+            return self.softmax.edge_log_probs(hidden[prow_d, col_d], head, groups, len(tok_cpu))
+        col_d, prow_d, edge_at, tok = to_device([col, prow, edge_state, tok_cpu], self.device)
         states = hidden[prow_d, col_d]  # copied out of the graph's buffer
         out = torch.empty(len(tok), dtype=torch.float32, device=self.device)
         step = max(1, (1 << 25) // self.vocab)
         for lo in range(0, len(states), step):
-            logp = torch.log_softmax(self.static.head(states[lo : lo + step]).float(), dim=-1)
+            logp = torch.log_softmax(head(states[lo : lo + step]).float(), dim=-1)
             sel = ((edge_at >= lo) & (edge_at < lo + step)).nonzero().squeeze(1)
             out[sel] = logp[edge_at[sel] - lo, tok[sel]]
         return out
@@ -441,7 +477,8 @@ class HFEngine(ChatPrompts):
     `search`: "auto" ranks a request exactly (tree scoring) when its trie feeds at most
     `max_tree_tokens` tree tokens and by beam search otherwise; "beam" and "exact" force one way.
     `cuda_graphs`: on a GPU, tree scoring of small batches (a served request) replays CUDA graphs
-    (StaticForward); off for a model still being trained.
+    (StaticForward); off for a model still being trained. `level_tokens`: each ID level's tokens, for a
+    model trained with model.id_softmax=level (genrec.id_softmax); None: full-vocabulary log-probs.
     """
 
     name = "hf"
@@ -455,9 +492,15 @@ class HFEngine(ChatPrompts):
         search: str = "auto",
         max_tree_tokens: int = 1024,
         cuda_graphs: bool = False,
+        level_tokens: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        if level_tokens is not None and getattr(model.config, "final_logit_softcapping", None):
+            raise ValueError(
+                "model.id_softmax=level needs a plain linear output head; this model soft-caps logits"
+            )
+        self.softmax = None if level_tokens is None else LevelSoftmax.from_tokens(level_tokens, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -514,7 +557,7 @@ class HFEngine(ChatPrompts):
         out: list[Ranked] = [Ranked([], []) for _ in prompts]
         if layouts:
             tree = list(layouts)
-            scorer = TreeScorer(self.model, pad_id=self.pad_id, static=self.static)
+            scorer = TreeScorer(self.model, pad_id=self.pad_id, static=self.static, softmax=self.softmax)
             ranked = scorer.rank([prompts[i] for i in tree], [layouts[i] for i in tree], beam_width)
             for i, r in zip(tree, ranked, strict=True):
                 out[i] = r
@@ -522,7 +565,7 @@ class HFEngine(ChatPrompts):
         self.ranked_by.update(exact=len(layouts), beam=len(rest))
         if rest:
             ranked = constrained_beam_search(
-                HFStepModel(self.model, pad_id=self.pad_id),
+                HFStepModel(self.model, pad_id=self.pad_id, softmax=self.softmax),
                 [prompts[i] for i in rest],
                 [tries[i] for i in rest],
                 beam_width=beam_width,
@@ -550,7 +593,9 @@ class HFEngine(ChatPrompts):
     def score(
         self, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *, batch_size: int = 64
     ) -> list[float]:
-        """Exact log P(continuation | prompt) for each continuation, one full forward each (reference)."""
+        """Exact log P(continuation | prompt) for each continuation, one full forward each (the reference the
+        searches are tested against). Under `softmax`, each token's log-softmax is over its level's columns of
+        the model's own full logits."""
         out: list[float] = []
         p = list(prompt)
         for start in range(0, len(continuations), batch_size):
@@ -560,9 +605,16 @@ class HFEngine(ChatPrompts):
             for i, c in enumerate(chunk):  # right padding: positions stay 0..n-1
                 ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             with attention_kernels(self.device):
-                logits = self.model(input_ids=ids.to(self.device)).logits.float()
-            logp = torch.log_softmax(logits, dim=-1).cpu()
+                logits = self.model(input_ids=ids.to(self.device)).logits.float().cpu()
             for i, c in enumerate(chunk):
-                positions = torch.arange(len(p) - 1, len(p) - 1 + len(c))
-                out.append(float(logp[i, positions, torch.tensor(c)].double().sum()))
+                at = len(p) - 1
+                out.append(sum(self._token_logp(logits[i, at + j], t) for j, t in enumerate(c)))
         return out
+
+    def _token_logp(self, logits: torch.Tensor, token: int) -> float:
+        """log P(token) from one position's full logits, over the vocabulary or (`softmax`) the token's level."""
+        if self.softmax is None:
+            return float(torch.log_softmax(logits, dim=-1)[token].double())
+        level = self.softmax.levels[self.softmax.level_of_token(token)]
+        logp = torch.log_softmax(logits[torch.from_numpy(level)], dim=-1)
+        return float(logp[int(self.softmax.column[token])].double())

