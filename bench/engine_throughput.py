@@ -172,6 +172,13 @@ def main() -> None:
         help="hf engine on a GPU: tree scoring with eager model calls instead of CUDA graphs (eval.cuda_graphs)",
     )
     p.add_argument("--build-model", default=None, help="H,L,heads,kv_heads,mlp: random Qwen2 for speed tests")
+    p.add_argument(
+        "--id-softmax",
+        choices=["run", "full", "level"],
+        default="run",
+        help="score as the run's model was trained (run.json), or force the vocabulary / level softmax "
+        "(model.id_softmax) on either engine, e.g. for a --build-model speed test",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -186,10 +193,13 @@ def main() -> None:
     model_dir = run.model_dir()
     if args.build_model:
         model_dir = build_model(run, args.build_model, Path("/tmp/genrec-bench-model"))
+    ids = run.load_ids()
+    softmax = run.trained_id_softmax() if args.id_softmax == "run" else args.id_softmax
+    levels = ids.level_tokens() if softmax == "level" else None
     if args.engine == "vllm":
         from genrec.engines.vllm import VLLMEngine
 
-        engine: Any = VLLMEngine(model_dir, dtype=args.dtype)
+        engine: Any = VLLMEngine(model_dir, dtype=args.dtype, level_tokens=levels)
     else:
         from genrec.engines.hf import HFEngine
         from genrec.modeling import load_trained
@@ -199,10 +209,9 @@ def main() -> None:
             search=args.search,
             max_tree_tokens=args.max_tree_tokens,
             cuda_graphs=not args.no_cuda_graphs,
+            level_tokens=levels,
         )
-    rec = Recommender(
-        run, run.load_config(), run.load_data(), run.load_ids(), engine, Retriever(run.load_embeddings())
-    )
+    rec = Recommender(run, run.load_config(), run.load_data(), ids, engine, Retriever(run.load_embeddings()))
     examples = leave_one_out(rec.data, "test")
     examples = (examples * (args.users // len(examples) + 1))[: args.users]
     reqs = history_requests(
@@ -222,6 +231,7 @@ def main() -> None:
         "candidates": args.candidates,
         "n_candidates": args.n_candidates if args.candidates == "retriever" else None,
         "search": args.search if args.engine == "hf" else "beam",
+        "id_softmax": softmax,
         "items": len(rec.catalog),
         "mean_prompt_tokens": round(statistics.mean(map(len, prompts)), 1),
     }

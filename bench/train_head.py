@@ -1,10 +1,13 @@
-"""Seconds per training step with TRL's fused LM head and with genrec's labelled-positions head.
+"""Seconds per training step with TRL's fused LM head, genrec's labelled-positions head, and the same head
+with the level softmax (model.id_softmax=level).
 
 On a device without Triton (the CPU) TRL's fused head projects every position of a batch through the
-whole vocabulary; `genrec.training.labelled_positions_head` projects the labelled ones only. This times
-both on a prepared run's own initial model (base/, built as `genrec train` builds it if it is not there
-yet) and its own training rows (`train.history_loss` windows), batch by batch: forward, backward and an
-AdamW step, after one warm-up step each.
+whole vocabulary; `genrec.training.labelled_positions_head` projects the labelled ones only, and with the
+level softmax only onto their level's rows. This times the three on a prepared run's own initial model
+(base/, built as `genrec train` builds it if it is not there yet) and its own training rows
+(`train.history_loss` windows), batch by batch: forward, backward and an AdamW step, after one warm-up step
+each. The first two compute the same loss; the level softmax's is another quantity (a softmax over fewer
+tokens), so only its time compares.
 
     python -m bench.train_head --run runs/bin1 --steps 5 --out bench/results/cpu_train_head_bin1.json
 """
@@ -23,6 +26,7 @@ import torch
 
 from genrec.config import RunConfig
 from genrec.data import Interactions, history_windows
+from genrec.id_softmax import LevelSoftmax
 from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
 from genrec.training import history_loss_rows, labelled_positions_head, prepare_model, prompt_builder
@@ -79,10 +83,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trl_model, tokenizer = prepare_model(run, cfg, builder, interactions, resume=True)  # base/ if there
     size = args.batch or cfg.train.batch_size
     data = batches(cfg, interactions, builder, tokenizer, args.steps, size)
-    ours = copy.deepcopy(trl_model)
-    for m in (trl_model, ours):
+    ours, level = copy.deepcopy(trl_model), copy.deepcopy(trl_model)
+    for m in (trl_model, ours, level):
         add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
     labelled_positions_head(ours)
+    labelled_positions_head(level, LevelSoftmax.from_tokens(builder.ids.level_tokens(), tokenizer))
     result: dict[str, Any] = {
         "run": str(args.run),
         "vocabulary": int(trl_model.config.vocab_size),
@@ -92,14 +97,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
     }
-    for name, model in (("trl_fused_head", trl_model), ("labelled_positions_head", ours)):
+    heads = (("trl_fused_head", trl_model), ("labelled_positions_head", ours), ("level_softmax", level))
+    for name, model in heads:
         seconds, losses = time_steps(model, data)
         result[name] = {"seconds_per_step": sum(seconds) / len(seconds), "steps": seconds, "losses": losses}
         print(f"{name}: {result[name]['seconds_per_step']:.2f} s/step (losses {losses})")
-    result["speedup"] = (
-        result["trl_fused_head"]["seconds_per_step"] / result["labelled_positions_head"]["seconds_per_step"]
+    per_step = {name: result[name]["seconds_per_step"] for name, _ in heads}
+    result["speedup"] = per_step["trl_fused_head"] / per_step["labelled_positions_head"]
+    result["level_speedup"] = per_step["labelled_positions_head"] / per_step["level_softmax"]
+    print(
+        f"speed-up {result['speedup']:.1f}x; level softmax over the labelled-positions head {result['level_speedup']:.1f}x"
     )
-    print(f"speed-up {result['speedup']:.1f}x")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return result

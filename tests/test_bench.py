@@ -162,11 +162,14 @@ def test_engine_throughput_runs_the_tree_path_and_greedy_reference(trained_run, 
         "--prep-workers",
         "1",
         "--profile",
+        "--id-softmax",
+        "level",  # forced on a model trained with the vocabulary softmax: a speed test's setting
     ]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
     et.main()
     res = json.loads(out.read_text())
     assert res["search"] == "exact" and res["constrained_users_per_s"] > 0 and res["greedy_users_per_s"] > 0
+    assert res["id_softmax"] == "level"
     assert res["greedy_with_prompts_users_per_s"] > 0
     # with a preparation worker: the ranking process's wall time split, and one profiled pass (CPU: no GPU figure)
     split = res["ranking_process_prep_workers"]
@@ -240,3 +243,6 @@ def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp
     assert len(trl["steps"]) == len(ours["steps"]) == 2
     # the same weights, rows and optimizer: the same losses, step by step
     assert ours["losses"] == pytest.approx(trl["losses"], rel=1e-4)
+    # the level softmax: timed too; its loss (over each level's codes) is below the vocabulary softmax's
+    level = result["level_softmax"]
+    assert len(level["steps"]) == 2 and result["level_speedup"] > 0 and level["losses"][0] < ours["losses"][0]

@@ -101,3 +101,18 @@ def test_from_tokens_refuses_a_tokenizer_without_the_ids(tiny_lm):
     assert soft.level_tokens(1) == tok.convert_tokens_to_ids([f"<b_{c}>" for c in range(4)])
     with pytest.raises(ValueError, match="lacks some item-ID tokens"):
         LevelSoftmax.from_tokens([["<a_0>", "<z_9>"]], tok)
+
+
+def test_vllm_refuses_levels_wider_than_its_v2_runner_masks_on_a_gpu(monkeypatch):
+    """vLLM 0.26's V2 model runner (a GPU's default) takes at most 1024 allowed ids per request."""
+    from genrec.engines.vllm import V2_MAX_ALLOWED_IDS, check_level_widths
+
+    wide = LevelSoftmax([list(range(V2_MAX_ALLOWED_IDS + 1))], vocab_size=V2_MAX_ALLOWED_IDS + 10)
+    narrow = LevelSoftmax([list(range(V2_MAX_ALLOWED_IDS))], vocab_size=V2_MAX_ALLOWED_IDS + 10)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    check_level_widths(wide, cuda=False)  # the CPU's V1 runner: no cap
+    check_level_widths(narrow, cuda=True)
+    with pytest.raises(ValueError, match="set VLLM_USE_V2_MODEL_RUNNER=0"):
+        check_level_widths(wide, cuda=True)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    check_level_widths(wide, cuda=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,21 @@ logger = logging.getLogger(__name__)
 
 MAX_IDS_PER_REQUEST = 128
 """vLLM caps `logprob_token_ids` at 128 ids; rows with more children are split into several requests."""
+V2_MAX_ALLOWED_IDS = 1024
+"""vLLM's V2 model runner (the default for dense models on a GPU in vLLM 0.26) takes at most 1024
+`allowed_token_ids` per request; its V1 runner (the CPU's) has no such cap."""
+
+
+def check_level_widths(softmax: LevelSoftmax, *, cuda: bool) -> None:
+    """model.id_softmax=level masks each request to its level's tokens: refuse, naming the fix, a level wider
+    than the V2 runner takes (atomic IDs of a real catalogue) unless the V1 runner was chosen."""
+    widest = max(len(t) for t in softmax.levels)
+    if cuda and widest > V2_MAX_ALLOWED_IDS and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+        raise ValueError(
+            f"model.id_softmax=level: an ID level has {widest} tokens, and vLLM's V2 model runner masks a request "
+            f"to at most {V2_MAX_ALLOWED_IDS}; set VLLM_USE_V2_MODEL_RUNNER=0 (its V1 runner has no cap) or use "
+            "the transformers engine (--backend hf)"
+        )
 
 
 class VLLMStepModel:
@@ -147,6 +163,8 @@ class VLLMEngine(ChatPrompts):
         self.softmax = (
             None if level_tokens is None else LevelSoftmax.from_tokens(level_tokens, self.tokenizer)
         )
+        if self.softmax is not None:
+            check_level_widths(self.softmax, cuda=torch.cuda.is_available())
         self.llm = llm or LLM(
             **engine_options(self.model_dir, level_softmax=self.softmax is not None, **options)
         )
