@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--build-model", default=None, help="H,L,heads,kv_heads,mlp: random Qwen2 for speed tests")
     p.add_argument(
         "--id-softmax",
-        choices=["run", "full", "level"],
+        choices=["run", "full", "ids", "level"],
         default="run",
         help="score as the run's model was trained (run.json), or force the vocabulary / level softmax "
         "(model.id_softmax) on either engine, e.g. for a --build-model speed test",
@@ -185,6 +185,7 @@ def main() -> None:
 
     from bench.common import percentiles, save
     from genrec.data import leave_one_out
+    from genrec.id_softmax import softmax_groups
     from genrec.recommender import Recommender, history_requests
     from genrec.retrieval import Retriever
     from genrec.run import RunDir
@@ -195,11 +196,11 @@ def main() -> None:
         model_dir = build_model(run, args.build_model, Path("/tmp/genrec-bench-model"))
     ids = run.load_ids()
     softmax = run.trained_id_softmax() if args.id_softmax == "run" else args.id_softmax
-    levels = ids.level_tokens() if softmax == "level" else None
+    groups = softmax_groups(ids.level_tokens(), softmax)
     if args.engine == "vllm":
         from genrec.engines.vllm import VLLMEngine
 
-        engine: Any = VLLMEngine(model_dir, dtype=args.dtype, level_tokens=levels)
+        engine: Any = VLLMEngine(model_dir, dtype=args.dtype, softmax_groups=groups)
     else:
         from genrec.engines.hf import HFEngine
         from genrec.modeling import load_trained
@@ -209,7 +210,7 @@ def main() -> None:
             search=args.search,
             max_tree_tokens=args.max_tree_tokens,
             cuda_graphs=not args.no_cuda_graphs,
-            level_tokens=levels,
+            softmax_groups=groups,
         )
     rec = Recommender(run, run.load_config(), run.load_data(), ids, engine, Retriever(run.load_embeddings()))
     examples = leave_one_out(rec.data, "test")

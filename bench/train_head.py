@@ -1,13 +1,13 @@
 """Seconds per training step with TRL's fused LM head, genrec's labelled-positions head, and the same head
-with the level softmax (model.id_softmax=level).
+with each restricted softmax (model.id_softmax ids and level).
 
 On a device without Triton (the CPU) TRL's fused head projects every position of a batch through the
-whole vocabulary; `genrec.training.labelled_positions_head` projects the labelled ones only, and with the
-level softmax only onto their level's rows. This times the three on a prepared run's own initial model
-(base/, built as `genrec train` builds it if it is not there yet) and its own training rows
-(`train.history_loss` windows), batch by batch: forward, backward and an AdamW step, after one warm-up step
-each. The first two compute the same loss; the level softmax's is another quantity (a softmax over fewer
-tokens), so only its time compares.
+whole vocabulary; `genrec.training.labelled_positions_head` projects the labelled ones only, and with a
+restricted softmax only onto their group's rows (every ID token, or the level's). This times them on a
+prepared run's own initial model (base/, built as `genrec train` builds it if it is not there yet) and its
+own training rows (`train.history_loss` windows), batch by batch: forward, backward and an AdamW step,
+after one warm-up step each. The first two compute the same loss; a restricted softmax's is another
+quantity (a softmax over fewer tokens), so only its time compares.
 
     python -m bench.train_head --run runs/bin1 --steps 5 --out bench/results/cpu_train_head_bin1.json
 """
@@ -26,7 +26,7 @@ import torch
 
 from genrec.config import RunConfig
 from genrec.data import Interactions, history_windows
-from genrec.id_softmax import LevelSoftmax
+from genrec.id_softmax import IdSoftmax, softmax_groups
 from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
 from genrec.training import history_loss_rows, labelled_positions_head, prepare_model, prompt_builder
@@ -83,11 +83,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trl_model, tokenizer = prepare_model(run, cfg, builder, interactions, resume=True)  # base/ if there
     size = args.batch or cfg.train.batch_size
     data = batches(cfg, interactions, builder, tokenizer, args.steps, size)
-    ours, level = copy.deepcopy(trl_model), copy.deepcopy(trl_model)
-    for m in (trl_model, ours, level):
+    heads = {"trl_fused_head": trl_model, "labelled_positions_head": copy.deepcopy(trl_model)}
+    heads |= {f"id_softmax_{mode}": copy.deepcopy(trl_model) for mode in ("ids", "level")}
+    for name, m in heads.items():
         add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
-    labelled_positions_head(ours)
-    labelled_positions_head(level, LevelSoftmax.from_tokens(builder.ids.level_tokens(), tokenizer))
+        if name != "trl_fused_head":  # genrec's head, with the vocabulary softmax or a restricted one
+            mode = name.removeprefix("id_softmax_") if name.startswith("id_softmax_") else "full"
+            groups = softmax_groups(builder.ids.level_tokens(), mode)
+            labelled_positions_head(m, None if groups is None else IdSoftmax.from_tokens(groups, tokenizer))
     result: dict[str, Any] = {
         "run": str(args.run),
         "vocabulary": int(trl_model.config.vocab_size),
@@ -97,16 +100,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
     }
-    heads = (("trl_fused_head", trl_model), ("labelled_positions_head", ours), ("level_softmax", level))
-    for name, model in heads:
+    for name, model in heads.items():
         seconds, losses = time_steps(model, data)
         result[name] = {"seconds_per_step": sum(seconds) / len(seconds), "steps": seconds, "losses": losses}
         print(f"{name}: {result[name]['seconds_per_step']:.2f} s/step (losses {losses})")
-    per_step = {name: result[name]["seconds_per_step"] for name, _ in heads}
+    per_step = {name: result[name]["seconds_per_step"] for name in heads}
     result["speedup"] = per_step["trl_fused_head"] / per_step["labelled_positions_head"]
-    result["level_speedup"] = per_step["labelled_positions_head"] / per_step["level_softmax"]
+    for mode in ("ids", "level"):  # over the labelled-positions head with the vocabulary softmax
+        result[f"id_softmax_{mode}_speedup"] = (
+            per_step["labelled_positions_head"] / per_step[f"id_softmax_{mode}"]
+        )
     print(
-        f"speed-up {result['speedup']:.1f}x; level softmax over the labelled-positions head {result['level_speedup']:.1f}x"
+        f"speed-up {result['speedup']:.1f}x; restricted softmax over the labelled-positions head: ids "
+        f"{result['id_softmax_ids_speedup']:.1f}x, level {result['id_softmax_level_speedup']:.1f}x"
     )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

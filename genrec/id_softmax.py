@@ -1,15 +1,15 @@
-"""What an item-ID token's log-probability is normalised over: the whole vocabulary, or its level's tokens.
+"""What an item-ID token's log-probability is normalised over: the vocabulary, every ID token, or its level's.
 
 `model.id_softmax=full` (the default) scores an ID token as a language model scores any token: the
-softmax runs over the whole vocabulary (base text tokens, every ID level, input tokens). With `level`,
-the model only ever writes ID tokens, one level at a time, so the softmax at a position that writes
-level l runs over level l's tokens alone: log P(item | prompt) is then the sum, level by level, of
-log-softmaxes over that level's codes. Training and every engine must use the same rule (the run
-records it); this module is the one place that computes it.
+softmax runs over the whole vocabulary (base text tokens, every ID level, input tokens). The model never
+writes anything but ID tokens, so the softmax can run over fewer: `ids` normalises over every ID token
+(all levels; no text or input tokens), `level` over the tokens of the position's own level. log P(item |
+prompt) is then the sum, token by token, of log-softmaxes over that token's group. Training and every
+engine must use the same rule (the run records it); this module is the one place that computes it.
 
-It costs a projection onto a level's rows instead of the whole vocabulary: on the CPU, 13k-row output
-heads (ids.input_tokens on Beauty) shrink to 64 rows per level, and a pretrained base's 150k text
-tokens leave the head entirely. Knows token ids and tensors, nothing of tries, prompts or engines.
+A restricted softmax projects onto the group's rows instead of the whole vocabulary: 13k-row output
+heads (ids.input_tokens on Beauty) shrink to a few hundred rows, and a pretrained base's 150k text tokens
+leave the head entirely. Knows token ids and tensors, nothing of tries, prompts or engines.
 """
 
 from __future__ import annotations
@@ -21,89 +21,107 @@ from typing import Any
 import numpy as np
 import torch
 
-ID_SOFTMAX = ("full", "level")
+ID_SOFTMAX = ("full", "ids", "level")
+
+
+def softmax_groups(level_tokens: Sequence[Sequence[str]], mode: str) -> list[list[str]] | None:
+    """The groups of ID tokens that model.id_softmax=`mode` normalises over, from each level's tokens
+    (ItemIds.level_tokens): None for `full` (the whole vocabulary), one group of every ID token for `ids`,
+    each level on its own for `level`."""
+    if mode not in ID_SOFTMAX:
+        raise ValueError(f"model.id_softmax must be one of {ID_SOFTMAX}, got {mode!r}")
+    if mode == "full":
+        return None
+    if mode == "ids":
+        return [[t for level in level_tokens for t in level]]
+    return [list(t) for t in level_tokens]
 
 
 @dataclass
-class LevelEdges:
-    """The edges of one level within a batch: which states are scored against the level's tokens, and
-    where each edge's log-prob is read from that (states x level tokens) block."""
+class GroupEdges:
+    """The edges of one group within a batch: which states are scored against the group's tokens, and
+    where each edge's log-prob is read from that (states x group tokens) block."""
 
-    level: int
+    group: int
     states: np.ndarray
-    """Rows of the states tensor whose next token is of this level (each once)."""
+    """Rows of the states tensor whose next token is of this group (each once)."""
     edges: np.ndarray
-    """Indices of this level's edges in the batch's edge order."""
+    """Indices of this group's edges in the batch's edge order."""
     at: np.ndarray
     """Each edge's state, as an index into `states`."""
     cols: np.ndarray
-    """Each edge's token, as its column among the level's tokens."""
+    """Each edge's token, as its column among the group's tokens."""
 
 
-class LevelSoftmax:
-    """Log-probs of ID tokens, each normalised over the tokens of its own level.
+class IdSoftmax:
+    """Log-probs of ID tokens, each normalised over the tokens of its group (genrec.id_softmax).
 
-    `levels[l]`: the token ids of level l (for atomic IDs, one level holding every item). Every
-    state scored here writes one level's token; edges are (state, token) pairs, several edges may share
-    a state (a trie node's children), and all edges of one state are of one level.
+    `groups[g]`: the token ids of group g (disjoint). Edges are (state, token) pairs: several edges may
+    share a state (a trie node's children), and all edges of one state are of one group (a trie level's
+    tokens are one level's, and every level lies in one group).
     """
 
-    def __init__(self, levels: Sequence[Sequence[int]], *, vocab_size: int) -> None:
-        if not levels or any(len(t) == 0 for t in levels):
-            raise ValueError("every ID level needs at least one token")
-        self.levels = [np.asarray(t, dtype=np.int64) for t in levels]
-        self.level_of = np.full(vocab_size, -1, dtype=np.int64)
+    def __init__(self, groups: Sequence[Sequence[int]], *, vocab_size: int) -> None:
+        if not groups or any(len(t) == 0 for t in groups):
+            raise ValueError("every softmax group needs at least one token")
+        self.groups = [np.asarray(t, dtype=np.int64) for t in groups]
+        self.group_of = np.full(vocab_size, -1, dtype=np.int64)
         self.column = np.full(vocab_size, -1, dtype=np.int64)
-        for lv, toks in enumerate(self.levels):
+        for g, toks in enumerate(self.groups):
             if toks.min() < 0 or toks.max() >= vocab_size:
-                raise ValueError(f"ID level {lv}: token ids fall outside the vocabulary of {vocab_size}")
-            if (self.level_of[toks] >= 0).any() or len(np.unique(toks)) < len(toks):
-                raise ValueError(f"ID level {lv}: token ids repeat across levels")
-            self.level_of[toks] = lv
+                raise ValueError(f"softmax group {g}: token ids fall outside the vocabulary of {vocab_size}")
+            if (self.group_of[toks] >= 0).any() or len(np.unique(toks)) < len(toks):
+                raise ValueError(f"softmax group {g}: token ids repeat across groups")
+            self.group_of[toks] = g
             self.column[toks] = np.arange(len(toks))
         self._rows: dict[tuple[torch.device, int], torch.Tensor | slice] = {}
 
     @classmethod
-    def from_tokens(cls, level_tokens: Sequence[Sequence[str]], tokenizer: Any) -> LevelSoftmax:
-        """From each level's token strings (ItemIds.level_tokens) and the tokenizer that holds them."""
-        levels = [list(tokenizer.convert_tokens_to_ids(list(toks))) for toks in level_tokens]
+    def from_tokens(cls, groups: Sequence[Sequence[str]], tokenizer: Any) -> IdSoftmax:
+        """From each group's token strings (`softmax_groups`) and the tokenizer that holds them."""
+        ids = [list(tokenizer.convert_tokens_to_ids(list(toks))) for toks in groups]
         unk = getattr(tokenizer, "unk_token_id", None)
-        if any(t is None or t == unk for toks in levels for t in toks):
+        if any(t is None or t == unk for toks in ids for t in toks):
             raise ValueError("the tokenizer lacks some item-ID tokens; was it trained on this run's IDs?")
-        return cls(levels, vocab_size=len(tokenizer))
+        return cls(ids, vocab_size=len(tokenizer))
 
-    def level_tokens(self, level: int) -> list[int]:
-        return self.levels[level].tolist()
+    @property
+    def widest(self) -> int:
+        """Tokens in the largest group: the widest logits a state gets."""
+        return max(len(t) for t in self.groups)
 
-    def level_of_token(self, token: int) -> int:
-        lv = int(self.level_of[token])
-        if lv < 0:
+    def group_tokens(self, group: int) -> list[int]:
+        return self.groups[group].tolist()
+
+    def group_of_token(self, token: int) -> int:
+        g = int(self.group_of[token])
+        if g < 0:
             raise ValueError(f"token {token} is not an item-ID token")
-        return lv
+        return g
 
-    def group(self, edge_state: np.ndarray, edge_token: np.ndarray) -> list[LevelEdges]:
-        """Edges (state index, token id) grouped by level, on the CPU: what `edge_log_probs` takes."""
+    def by_group(self, edge_state: np.ndarray, edge_token: np.ndarray) -> list[GroupEdges]:
+        """Edges (state index, token id) by group, on the CPU: what `edge_log_probs` takes."""
         edge_state = np.asarray(edge_state, dtype=np.int64)
         edge_token = np.asarray(edge_token, dtype=np.int64)
-        level = self.level_of[edge_token]
-        if len(level) and level.min() < 0:
-            bad = int(edge_token[np.argmin(level)])
+        group = self.group_of[edge_token]
+        if len(group) and group.min() < 0:
+            bad = int(edge_token[np.argmin(group)])
             raise ValueError(
-                f"token {bad} is not an item-ID token: model.id_softmax=level scores ID tokens only"
+                f"token {bad} is not an item-ID token: a restricted model.id_softmax scores ID tokens only"
             )
         out = []
-        for lv in np.unique(level).tolist():
-            edges = np.flatnonzero(level == lv)
+        for g in np.unique(group).tolist():
+            edges = np.flatnonzero(group == g)
             states, at = np.unique(edge_state[edges], return_inverse=True)
-            out.append(LevelEdges(lv, states, edges, at.reshape(-1), self.column[edge_token[edges]]))
+            out.append(GroupEdges(g, states, edges, at.reshape(-1), self.column[edge_token[edges]]))
         return out
 
-    def _weight(self, head: Any, level: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's rows (and bias) of a level's tokens: a view where the ids are contiguous."""
+    def _weight(self, head: Any, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's rows (and bias) of a group's tokens: a view where the ids are contiguous."""
         weight = head.weight
-        key = (weight.device, level)
+        key = (weight.device, group)
         if key not in self._rows:
-            toks = self.levels[level]
+            toks = self.groups[group]
             contiguous = bool((np.diff(toks) == 1).all())
             self._rows[key] = (
                 slice(int(toks[0]), int(toks[-1]) + 1)
@@ -114,40 +132,39 @@ class LevelSoftmax:
         bias = getattr(head, "bias", None)
         return weight[rows], None if bias is None else bias[rows]
 
-    def level_logits(self, states: torch.Tensor, head: Any, level: int) -> torch.Tensor:
-        """(n, level size) float32 logits of `states` over one level's tokens."""
-        weight, bias = self._weight(head, level)
-        logits = torch.nn.functional.linear(states, weight, bias)
-        return logits.float()
+    def group_logits(self, states: torch.Tensor, head: Any, group: int) -> torch.Tensor:
+        """(n, group size) float32 logits of `states` over one group's tokens."""
+        weight, bias = self._weight(head, group)
+        return torch.nn.functional.linear(states, weight, bias).float()
 
     def edge_log_probs(
-        self, states: torch.Tensor, head: Any, groups: Sequence[LevelEdges], n_edges: int
+        self, states: torch.Tensor, head: Any, groups: Sequence[GroupEdges], n_edges: int
     ) -> torch.Tensor:
         """(n_edges,) float32 log-probs: each edge's token logit minus its state's log-normaliser over the
-        level. Index arrays go to `states`' device in one copy per level (no wait on a GPU)."""
+        group. Index arrays go to `states`' device in one copy per group (no wait on a GPU)."""
         from genrec.decoding.tree import to_device
 
         out = torch.empty(n_edges, dtype=torch.float32, device=states.device)
         for g in groups:
             rows, edges, at, cols = to_device([g.states, g.edges, g.at, g.cols], states.device)
-            logp = self.level_logits(states[rows], head, g.level).log_softmax(-1)
+            logp = self.group_logits(states[rows], head, g.group).log_softmax(-1)
             out[edges] = logp[at, cols]
         return out
 
     def label_fields(
         self, states: torch.Tensor, head: Any, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training: for each state and its label token, (log-prob, entropy, whether the label is the level's
+        """Training: for each state and its label token, (log-prob, entropy, whether the label is the group's
         argmax); the log-prob carries gradients, the other two do not."""
         n, device = len(labels), states.device
         entropy = torch.zeros(n, dtype=torch.float32, device=device)
         top1 = torch.zeros_like(entropy)
         # with no label at all, an empty result still attached to the graph (a zero loss that backpropagates)
         token_lp = entropy.clone() if n else states[:0, 0].float()
-        for g in self.group(np.arange(n), labels.cpu().numpy()):
+        for g in self.by_group(np.arange(n), labels.cpu().numpy()):
             at = torch.from_numpy(g.states).to(device)
             cols = torch.from_numpy(g.cols).to(device)
-            logp = self.level_logits(states[at], head, g.level).log_softmax(-1)
+            logp = self.group_logits(states[at], head, g.group).log_softmax(-1)
             token_lp = token_lp.index_put((at,), logp.gather(1, cols[:, None]).squeeze(1))  # out of place
             with torch.no_grad():
                 entropy[at] = -(logp.exp() * logp).sum(-1)

@@ -21,6 +21,7 @@ from genrec.decoding.tree import TreeLayout
 from genrec.engines import Engine, HFEngine
 from genrec.engines.hf import SEARCHES
 from genrec.errors import GenrecError
+from genrec.id_softmax import softmax_groups
 from genrec.ids import ItemIds
 from genrec.modeling import load_trained
 from genrec.prompt_store import TemplateStore, TemplateVersion
@@ -154,8 +155,8 @@ class Recommender:
                 "exact tree scoring runs on the transformers engine: use --backend hf (or --search beam)"
             )
         ids = run.load_ids()
-        # score as the model was trained: over each level's codes (model.id_softmax=level) or the vocabulary
-        levels = ids.level_tokens() if run.trained_id_softmax() == "level" else None
+        # score as the model was trained: over the vocabulary, or over ID-token groups (model.id_softmax)
+        groups = softmax_groups(ids.level_tokens(), run.trained_id_softmax())
         engine: Engine
         if backend == "hf":
             engine = HFEngine(
@@ -163,16 +164,16 @@ class Recommender:
                 search=search,
                 max_tree_tokens=cfg.eval.max_tree_tokens,
                 cuda_graphs=cfg.eval.cuda_graphs,
-                level_tokens=levels,
+                softmax_groups=groups,
             )
         elif backend == "vllm":
             from genrec.engines.vllm import VLLMEngine
 
-            engine = VLLMEngine(run.model_dir(), level_tokens=levels)
+            engine = VLLMEngine(run.model_dir(), softmax_groups=groups)
         elif backend == "vllm-async":
             from genrec.engines.vllm import AsyncVLLMEngine
 
-            engine = AsyncVLLMEngine(run.model_dir(), level_tokens=levels)
+            engine = AsyncVLLMEngine(run.model_dir(), softmax_groups=groups)
         else:
             raise GenrecError(f"backend must be 'hf', 'vllm' or 'vllm-async', got {backend!r}")
         return cls(run, cfg, run.load_data(), ids, engine, Retriever(run.load_embeddings()))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from genrec.config import RunConfig
 from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
 from genrec.errors import GenrecError
-from genrec.id_softmax import LevelSoftmax
+from genrec.id_softmax import IdSoftmax, softmax_groups
 from genrec.ids import ItemIds
 from genrec.modeling import (
     add_id_tokens,
@@ -87,7 +87,7 @@ def history_loss_rows(
     after the answer are not trained: constrained decoding never needs them, and on amazon-scientific
     training them too cut the validation NDCG@10 after one epoch by 40% (BENCHMARKS.md). TRL trains on
     `input_ids` + `labels` rows as they are. `history=False`: the answer's ID only (validation rows, so
-    that the validation loss is the answer's, and every row under model.id_softmax=level without the
+    that the validation loss is the answer's, and every row under a restricted model.id_softmax without the
     history loss). Rows longer than `max_length` tokens are left out; returns (rows, how many)."""
     item_tokens: dict[int, list[int]] = {}
 
@@ -267,7 +267,7 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
     )
 
 
-def labelled_positions_head(model: Any, softmax: LevelSoftmax | None = None) -> None:
+def labelled_positions_head(model: Any, softmax: IdSoftmax | None = None) -> None:
     """Make TRL's fused LM head score only the labelled positions on the CPU, with one matmul.
 
     SFTTrainer patches the model so that `model(..., fused_lm_head=True)` returns per-token
@@ -279,8 +279,8 @@ def labelled_positions_head(model: Any, softmax: LevelSoftmax | None = None) -> 
     fields (loss, log_probs, entropy, is_top1, label_mask) computed from their logits; elsewhere, and for
     every other call, TRL's forward runs unchanged. Call it after SFTTrainer is built.
 
-    `softmax` (model.id_softmax=level): every labelled position (all of them ID tokens) is scored against its
-    level's rows alone, on every device, since TRL's head normalises over the whole vocabulary.
+    `softmax` (model.id_softmax ids or level): every labelled position (all of them ID tokens) is scored
+    against its group's rows alone, on every device, since TRL's head normalises over the whole vocabulary.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -392,7 +392,7 @@ def ranking_callback(
                     tokenizer,
                     search=cfg.eval.search,
                     max_tree_tokens=cfg.eval.max_tree_tokens,
-                    level_tokens=ids.level_tokens() if cfg.model.id_softmax == "level" else None,
+                    softmax_groups=softmax_groups(ids.level_tokens(), cfg.model.id_softmax),
                 )
                 self.rec, self.model = Recommender(run, ranking, data, ids, engine, retriever), model
             rec = self.rec
@@ -466,9 +466,8 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     valid = valid[: t.valid_users] if t.valid_users else valid
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
-    softmax = (
-        LevelSoftmax.from_tokens(ids.level_tokens(), tokenizer) if cfg.model.id_softmax == "level" else None
-    )
+    groups = softmax_groups(ids.level_tokens(), cfg.model.id_softmax)
+    softmax = None if groups is None else IdSoftmax.from_tokens(groups, tokenizer)
     if t.history_loss or softmax is not None:  # rows labelled on ID tokens only
         # history_loss: one row per window, the loss also on the history items' IDs; else one row per target
         examples = (

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from genrec.decoding import Trie, constrained_beam_search
 from genrec.decoding.tree import layout
 from genrec.engines import HFEngine
+from genrec.id_softmax import softmax_groups
 
 seqs_strategy = st.lists(st.tuples(*[st.integers(0, 5)] * 3), min_size=1, max_size=40, unique=True)
 
@@ -164,17 +165,19 @@ def code_sequences(tok):
 
 
 LEVELS = [[f"<{lv}_{c}>" for c in range(4)] for lv in "abcd"]
-"""tiny_lm's ID tokens by level: what model.id_softmax=level normalises over."""
+"""tiny_lm's ID tokens by level."""
+MODES = ["full", "ids", "level"]
+"""model.id_softmax: the vocabulary, every ID token, each level's."""
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 1000), st.integers(5, 40), st.sampled_from(["beam", "exact"]), st.booleans())
-def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates, search, level):
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 1000), st.integers(5, 40), st.sampled_from(["beam", "exact"]), st.sampled_from(MODES))
+def test_hf_engine_matches_exhaustive_scoring(tiny_lm, seed, n_candidates, search, mode):
     """On a real tiny Qwen2, beam search (KV cache, left padding) with a width covering every candidate
     and tree scoring (one forward, tree attention) both equal brute-force teacher forcing, with the
-    full-vocabulary softmax and with each level's (model.id_softmax=level)."""
+    full-vocabulary softmax and with each restricted one (model.id_softmax ids, level)."""
     model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok, search=search, level_tokens=LEVELS if level else None)
+    engine = HFEngine(model, tok, search=search, softmax_groups=softmax_groups(LEVELS, mode))
     all_seqs = code_sequences(tok)
     g = torch.Generator().manual_seed(seed)
     cands = [all_seqs[i] for i in torch.randperm(len(all_seqs), generator=g)[:n_candidates].tolist()]
@@ -242,28 +245,29 @@ def test_auto_search_uses_beam_for_tries_over_the_tree_limit(tiny_lm):
 
 
 @pytest.mark.parametrize("search", ["beam", "exact"])
-def test_level_softmax_gives_every_id_a_probability_and_they_sum_to_one(tiny_lm, search):
+def test_restricted_softmaxes_give_ids_more_mass_and_a_level_softmax_all_of_it(tiny_lm, search):
     """Over a trie of every code sequence, the level softmax's item probabilities sum to 1 (each level's
-    softmax covers exactly the codes the trie allows), where the vocabulary softmax leaves mass to text
-    tokens; the two rank differently scored lists."""
+    softmax covers exactly the codes the trie allows); every-ID-token's leaves some to the other levels'
+    codes and the vocabulary's also to text tokens: three different quantities, ordered."""
     model, tok, _ = tiny_lm
     prompt = HFEngine(model, tok).encode_messages([{"role": "user", "content": "the cat"}])
     trie = Trie(code_sequences(tok))
     total = {}
-    for level in (True, False):
-        engine = HFEngine(model, tok, search=search, level_tokens=LEVELS if level else None)
+    for mode in MODES:
+        engine = HFEngine(model, tok, search=search, softmax_groups=softmax_groups(LEVELS, mode))
         (r,) = engine.rank([prompt], [trie], beam_width=256)
         assert len(set(r.items)) == 256
-        total[level] = float(np.exp(r.scores).sum())
-    assert total[True] == pytest.approx(1.0, abs=1e-4) and total[False] < 0.5
+        total[mode] = float(np.exp(r.scores).sum())
+    assert total["level"] == pytest.approx(1.0, abs=1e-4)
+    assert total["full"] < total["ids"] < 0.5
 
 
-def test_level_softmax_refuses_a_soft_capping_head(tiny_lm):
+def test_restricted_softmax_refuses_a_soft_capping_head(tiny_lm):
     model, tok, _ = tiny_lm
     model.config.final_logit_softcapping = 30.0
     try:
         with pytest.raises(ValueError, match="plain linear output head"):
-            HFEngine(model, tok, level_tokens=LEVELS)
+            HFEngine(model, tok, softmax_groups=LEVELS)
     finally:
         model.config.final_logit_softcapping = None
 
@@ -387,16 +391,16 @@ def _tree_case(tok, engine):
     return prompts, lays
 
 
-@pytest.mark.parametrize("level", [False, True])
-def test_static_shapes_rank_exactly_as_the_plain_forward(tiny_lm, level):
+@pytest.mark.parametrize("mode", MODES)
+def test_static_shapes_rank_exactly_as_the_plain_forward(tiny_lm, mode):
     """StaticForward pads a batch to a bucket (rows to a power of two, width to a step) and scores with
     the decoder plus the output head on the parent nodes only: the CUDA-graph path's arithmetic, run
     eagerly on the CPU. Same items and scores as the unpadded model forward, for 1, 2 and 3 rows; the
-    first use is checked against the model's forward and passes. Under the level softmax too."""
+    first use is checked against the model's forward and passes. Under each model.id_softmax."""
     from genrec.engines.hf import StaticForward, TreeScorer
 
     model, tok, _ = tiny_lm
-    engine = HFEngine(model, tok, level_tokens=LEVELS if level else None)
+    engine = HFEngine(model, tok, softmax_groups=softmax_groups(LEVELS, mode))
     prompts, lays = _tree_case(tok, engine)
     static = StaticForward(model, capture=False, width_step=48)
     assert static.bucket(3, 49) == (4, 96) and static.bucket(1, 48) == (1, 48)

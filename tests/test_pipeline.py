@@ -191,7 +191,7 @@ def test_history_loss_rows_label_the_answer_and_every_shown_history_id_after_the
         GenrecError, match="template 'titles' does not show the history's item IDs oldest first"
     ):
         history_loss_rows(bad, tok, windows[:3])
-    # answer-only rows (model.id_softmax=level without the history loss) need no IDs in the prompt
+    # answer-only rows (a restricted model.id_softmax without the history loss) need no IDs in the prompt
     titles_rows, _ = history_loss_rows(bad, tok, windows[:3], history=False)
     assert [[x for x in r["labels"] if x != -100] for r in titles_rows] == [
         tok.convert_tokens_to_ids(ids.item_tokens(w.target)) for w in windows[:3]
@@ -390,15 +390,19 @@ def test_the_labelled_positions_head_matches_trls_fused_head():
     torch.testing.assert_close(ours(input_ids=ids).logits, trl_model(input_ids=ids).logits)
 
 
-def test_the_level_softmax_head_matches_brute_force():
-    """model.id_softmax=level: every labelled position is scored against its level's rows, on any device: the
-    loss, per-token fields and gradients equal a log-softmax over the level's columns of the full logits."""
+LEVELS_300 = [list(range(250, 260)), list(range(260, 270)), list(range(270, 290))]
+
+
+@pytest.mark.parametrize("groups", [LEVELS_300, [list(range(250, 290))]], ids=["level", "ids"])
+def test_the_restricted_softmax_head_matches_brute_force(groups):
+    """model.id_softmax level / ids: every labelled position is scored against its group's rows, on any device:
+    the loss, per-token fields and gradients equal a log-softmax over the group's columns of the full logits."""
     import copy
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from genrec.id_softmax import LevelSoftmax
+    from genrec.id_softmax import IdSoftmax
     from genrec.training import labelled_positions_head
 
     torch.manual_seed(0)
@@ -409,8 +413,7 @@ def test_the_level_softmax_head_matches_brute_force():
     ref = Qwen2ForCausalLM(cfg)
     ours = copy.deepcopy(ref)
     add_fused_lm_head(ours, outputs=("log_probs", "entropy", "is_top1"))
-    levels = [list(range(250, 260)), list(range(260, 270)), list(range(270, 290))]
-    labelled_positions_head(ours, LevelSoftmax(levels, vocab_size=300))
+    labelled_positions_head(ours, IdSoftmax(groups, vocab_size=300))
     ids = torch.randint(0, 300, (3, 12))
     labels = torch.full_like(ids, -100)
     labels[0, 6:9] = torch.tensor([251, 265, 289])
@@ -426,9 +429,9 @@ def test_the_level_softmax_head_matches_brute_force():
         want = torch.zeros(target.shape)
         entropy = torch.zeros(target.shape)
         for b, t in (target != -100).nonzero().tolist():
-            level = next(lv for lv in levels if int(target[b, t]) in lv)
-            logp = logits[b, t, level].log_softmax(-1)
-            want = want.index_put((torch.tensor(b), torch.tensor(t)), logp[level.index(int(target[b, t]))])
+            group = next(g for g in groups if int(target[b, t]) in g)
+            logp = logits[b, t, group].log_softmax(-1)
+            want = want.index_put((torch.tensor(b), torch.tensor(t)), logp[group.index(int(target[b, t]))])
             entropy[b, t] = float(-(logp.exp() * logp).sum().detach())
         loss = -want.sum() / (6 if count is None else 9)
         torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=1e-5)
@@ -470,7 +473,7 @@ def test_level_softmax_trains_on_id_labels_and_every_engine_call_scores_by_level
     rec = Recommender.load(run, device="cpu", search="exact")
     assert rec.engine.softmax is not None
     prompt = rec.engine.encode_messages(rec.builder.messages(rec.user_history(rec.data.users[0])))
-    levels = rec.engine.softmax.levels
+    levels = rec.engine.softmax.groups
     every = np.stack(np.meshgrid(*levels, indexing="ij"), -1).reshape(-1, len(levels)).tolist()
     (r,) = rec.engine.rank([prompt], [Trie(every)], beam_width=len(every))
     assert float(np.exp(r.scores).sum()) == pytest.approx(1.0, abs=1e-4)

@@ -142,13 +142,14 @@ PARITY = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from genrec.engines.vllm import VLLMEngine
+from genrec.id_softmax import softmax_groups
 from genrec.recommender import Recommender
 from genrec.run import RunDir
 if __name__ == "__main__":
     run = RunDir(sys.argv[1])
     hf = Recommender.load(run, device="cpu", search="beam")
-    levels = hf.ids.level_tokens() if run.trained_id_softmax() == "level" else None
-    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512, level_tokens=levels)
+    groups = softmax_groups(hf.ids.level_tokens(), run.trained_id_softmax())
+    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512, softmax_groups=groups)
     vl = Recommender(run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
     hs = [hf.user_history(u) for u in hf.data.users[:8]]
     out = [[[r.score for r in x] for x in rec.rank_histories(hs, n_items=8, beam_width=8, mode="all")] for rec in (hf, vl)]
@@ -156,12 +157,12 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("softmax", ["full", "level"])
+@pytest.mark.parametrize("softmax", ["full", "ids", "level"])
 def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
     """ids.input_tokens: prompts carry an input token per history item; both engines rank alike, with the
-    vocabulary softmax and with model.id_softmax=level (vLLM: allowed_token_ids = the level's codes and
-    log-probs after that mask). In a child process: this module's engines already hold the CPU KV-cache
-    memory vLLM asks for."""
+    vocabulary softmax and with each restricted model.id_softmax (vLLM: allowed_token_ids = the group's ID
+    tokens and log-probs after that mask). In a child process: this module's engines already hold the CPU
+    KV-cache memory vLLM asks for."""
     import json
     import subprocess
     import sys
@@ -191,6 +192,6 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
     hf_scores, vllm_scores = json.loads(line[len("SCORES") :])
     assert len(hf_scores) == 8
     for x, y in zip(hf_scores, vllm_scores, strict=True):
-        # level: the transformers engine scores over each level's codes (tests/test_decoding.py), which is
-        # strictly above the vocabulary softmax vLLM returns unless its requests mask to the level
+        # ids / level: the transformers engine scores over the group's ID tokens (tests/test_decoding.py), which
+        # is strictly above the vocabulary softmax vLLM returns unless its requests mask to the group
         assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TopItems, TreeLayout, layout, to_device
 from genrec.engines.base import ChatPrompts
-from genrec.id_softmax import LevelSoftmax
+from genrec.id_softmax import IdSoftmax
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 class HFStepModel:
     """StepModel over a transformers causal LM, left-padded batches, explicit position ids. With `softmax`
-    (model.id_softmax=level), the decoder's last states go through the output head's rows of one level."""
+    (a restricted model.id_softmax), the decoder's last states go through the output head's rows of one group."""
 
-    def __init__(self, model: Any, *, pad_id: int, softmax: LevelSoftmax | None = None) -> None:
+    def __init__(self, model: Any, *, pad_id: int, softmax: IdSoftmax | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
         self.softmax = softmax
@@ -86,11 +86,11 @@ class HFStepModel:
 
     def _gather(self, last: torch.Tensor, allowed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each row's allowed tokens' log-probs, moved to the CPU: a full-vocabulary log-softmax of the
-        logits, or (`softmax`) each row's states through its level's rows."""
+        logits, or (`softmax`) each row's states through its group's rows."""
         rows = np.repeat(np.arange(len(allowed)), [len(a) for a in allowed])
         toks = torch.cat(list(allowed))
         if self.softmax is not None:
-            groups = self.softmax.group(rows, toks.numpy())
+            groups = self.softmax.by_group(rows, toks.numpy())
             head = self.model.get_output_embeddings()
             flat = self.softmax.edge_log_probs(last, head, groups, len(toks)).cpu()
         else:
@@ -236,7 +236,7 @@ class TreeScorer:
     a tree token where it would sit in its own sequence. Rows are packed by length so that a batch's
     mask stays under `mask_budget` elements and its kept logits under `logits_budget`. With `static`
     (see StaticForward), small batches run padded to a fixed shape, from CUDA graphs on a GPU. With
-    `softmax` (model.id_softmax=level), each parent node's state goes through its children's level's rows.
+    `softmax` (model.id_softmax ids or level), each parent node's state goes through its children's group's rows.
     """
 
     def __init__(
@@ -247,7 +247,7 @@ class TreeScorer:
         mask_budget: int = 1 << 26,
         logits_budget: int = 1 << 27,
         static: StaticForward | None = None,
-        softmax: LevelSoftmax | None = None,
+        softmax: IdSoftmax | None = None,
     ) -> None:
         self.model = model
         self.pad_id = pad_id
@@ -257,11 +257,8 @@ class TreeScorer:
         self.softmax = softmax
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.vocab = (
-            int(model.get_output_embeddings().weight.shape[0])
-            if softmax is None
-            else max(len(t) for t in softmax.levels)  # the widest logits a parent state gets
-        )
+        # the widest logits a parent state gets
+        self.vocab = int(model.get_output_embeddings().weight.shape[0]) if softmax is None else softmax.widest
 
     def rank(self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int) -> list[Ranked]:
         """Each request's k best items. Batches are pipelined: a batch's inputs are packed on the CPU while
@@ -360,7 +357,7 @@ class TreeScorer:
         self, lays: Sequence[TreeLayout], ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Every edge's log-prob (rows concatenated, on the device) from the model's own forward (its
-        output head as it defines it; under `softmax`, the decoder's and the head's rows of each level)."""
+        output head as it defines it; under `softmax`, the decoder's and the head's rows of each group)."""
         if self.softmax is not None:
             hidden = self.model.get_decoder()(
                 input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
@@ -391,7 +388,7 @@ class TreeScorer:
 
     def _edge_logp_states(self, lays: Sequence[TreeLayout], hidden: torch.Tensor, head: Any) -> torch.Tensor:
         """Edge log-probs from the decoder's (rows, width, hidden) states: the output `head` (or, under
-        `softmax`, each level's rows of it) on the parent nodes only."""
+        `softmax`, each group's rows of it) on the parent nodes only."""
         width = hidden.shape[1]
         # the columns whose next-token distribution is needed: each row's prompt end and internal nodes
         n_parents = np.array([lay.n_inputs + 1 for lay in lays])
@@ -399,12 +396,11 @@ class TreeScorer:
         prow = np.repeat(np.arange(len(lays)), n_parents)
         row, parent, tok_cpu = self._edges(lays)
         first = np.concatenate([[0], np.cumsum(n_parents)[:-1]])
-        edge_state = (
-            first[row] + parent
-        )  # each edge's parent state: its row's first state plus its parent node
+        # each edge's parent state: its row's first state plus its parent node
+        edge_state = first[row] + parent
         if self.softmax is not None:
             col_d, prow_d = to_device([col, prow], self.device)
-            groups = self.softmax.group(edge_state, tok_cpu)
+            groups = self.softmax.by_group(edge_state, tok_cpu)
             return self.softmax.edge_log_probs(hidden[prow_d, col_d], head, groups, len(tok_cpu))
         col_d, prow_d, edge_at, tok = to_device([col, prow, edge_state, tok_cpu], self.device)
         states = hidden[prow_d, col_d]  # copied out of the graph's buffer
@@ -478,7 +474,8 @@ class HFEngine(ChatPrompts):
     `max_tree_tokens` tree tokens and by beam search otherwise; "beam" and "exact" force one way.
     `cuda_graphs`: on a GPU, tree scoring of small batches (a served request) replays CUDA graphs
     (StaticForward); off for a model still being trained. `level_tokens`: each ID level's tokens, for a
-    model trained with model.id_softmax=level (genrec.id_softmax); None: full-vocabulary log-probs.
+    `softmax_groups`: the ID-token groups a model trained with model.id_softmax ids or level normalises over
+    (genrec.id_softmax.softmax_groups); None: full-vocabulary log-probs.
     """
 
     name = "hf"
@@ -492,15 +489,15 @@ class HFEngine(ChatPrompts):
         search: str = "auto",
         max_tree_tokens: int = 1024,
         cuda_graphs: bool = False,
-        level_tokens: Sequence[Sequence[str]] | None = None,
+        softmax_groups: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-        if level_tokens is not None and getattr(model.config, "final_logit_softcapping", None):
+        if softmax_groups is not None and getattr(model.config, "final_logit_softcapping", None):
             raise ValueError(
-                "model.id_softmax=level needs a plain linear output head; this model soft-caps logits"
+                f"model.id_softmax with groups needs a plain linear output head; {type(model).__name__} soft-caps logits"
             )
-        self.softmax = None if level_tokens is None else LevelSoftmax.from_tokens(level_tokens, tokenizer)
+        self.softmax = None if softmax_groups is None else IdSoftmax.from_tokens(softmax_groups, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -594,7 +591,7 @@ class HFEngine(ChatPrompts):
         self, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *, batch_size: int = 64
     ) -> list[float]:
         """Exact log P(continuation | prompt) for each continuation, one full forward each (the reference the
-        searches are tested against). Under `softmax`, each token's log-softmax is over its level's columns of
+        searches are tested against). Under `softmax`, each token's log-softmax is over its group's columns of
         the model's own full logits."""
         out: list[float] = []
         p = list(prompt)
@@ -612,9 +609,9 @@ class HFEngine(ChatPrompts):
         return out
 
     def _token_logp(self, logits: torch.Tensor, token: int) -> float:
-        """log P(token) from one position's full logits, over the vocabulary or (`softmax`) the token's level."""
+        """log P(token) from one position's full logits, over the vocabulary or (`softmax`) the token's group."""
         if self.softmax is None:
             return float(torch.log_softmax(logits, dim=-1)[token].double())
-        level = self.softmax.levels[self.softmax.level_of_token(token)]
-        logp = torch.log_softmax(logits[torch.from_numpy(level)], dim=-1)
+        group = self.softmax.groups[self.softmax.group_of_token(token)]
+        logp = torch.log_softmax(logits[torch.from_numpy(group)], dim=-1)
         return float(logp[int(self.softmax.column[token])].double())

