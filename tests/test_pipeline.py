@@ -260,7 +260,14 @@ def test_patience_running_out_on_the_last_step_is_not_stopping_early():
 
 
 @pytest.mark.slow
-def test_lora_merge_reproduces_adapter_logits(tmp_path):
+@pytest.mark.parametrize(
+    "rows",
+    [[], ["model.id_softmax=full", "train.history_loss=false"]],
+    ids=["defaults", "vocabulary-softmax-answer-rows"],
+)
+def test_lora_merge_reproduces_adapter_logits(tmp_path, rows):
+    """LoRA with the defaults (history-loss rows, the softmax over the ID tokens through genrec's head on the
+    adapter's trainable LM head) and with TRL's own prompt-completion rows and fused head."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
@@ -273,10 +280,12 @@ def test_lora_merge_reproduces_adapter_logits(tmp_path):
             "train.lora_r=4",
             "train.lora_alpha=8",
             "train.learning_rate=0.01",
+            *rows,
         ],
     )
     summary = train(run, cfg)
     assert summary["method"] == "lora" and (run.adapter_dir / "adapter_config.json").is_file()
+    assert summary["id_softmax"] == cfg.model.id_softmax and summary["history_loss"] == cfg.train.history_loss
     adapter = AutoPeftModelForCausalLM.from_pretrained(run.adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(run.merged_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(run.base_dir).eval()
@@ -346,23 +355,29 @@ def test_run_config_chooses_how_the_transformers_engine_ranks(trained, monkeypat
     assert len({r.item for r in recs}) == 5 and not {r.item for r in recs} & set(history)
 
 
-def test_the_labelled_positions_head_matches_trls_fused_head():
-    """On the CPU genrec scores only the labelled positions (TRL's fused head projects every position
-    there): the same loss, per-token fields and gradients."""
+def _tiny_qwen_pair():
+    """Two identical tiny tied-embedding Qwen2 models (vocabulary 300), one to patch and one to compare with."""
     import copy
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
-    from genrec.training import labelled_positions_head
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
     )  # fmt: skip
-    trl_model = Qwen2ForCausalLM(cfg)
-    ours = copy.deepcopy(trl_model)
+    model = Qwen2ForCausalLM(cfg)
+    return model, copy.deepcopy(model)
+
+
+def test_the_labelled_positions_head_matches_trls_fused_head():
+    """On the CPU genrec scores only the labelled positions (TRL's fused head projects every position
+    there): the same loss, per-token fields and gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from genrec.training import labelled_positions_head
+
+    trl_model, ours = _tiny_qwen_pair()
     for m in (trl_model, ours):
         add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
     labelled_positions_head(ours)
@@ -397,21 +412,12 @@ LEVELS_300 = [list(range(250, 260)), list(range(260, 270)), list(range(270, 290)
 def test_the_restricted_softmax_head_matches_brute_force(groups):
     """model.id_softmax level / ids: every labelled position is scored against its group's rows, on any device:
     the loss, per-token fields and gradients equal a log-softmax over the group's columns of the full logits."""
-    import copy
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     from genrec.id_softmax import IdSoftmax
     from genrec.training import labelled_positions_head
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    ref = Qwen2ForCausalLM(cfg)
-    ours = copy.deepcopy(ref)
+    ref, ours = _tiny_qwen_pair()
     add_fused_lm_head(ours, outputs=("log_probs", "entropy", "is_top1"))
     labelled_positions_head(ours, IdSoftmax(groups, vocab_size=300))
     ids = torch.randint(0, 300, (3, 12))

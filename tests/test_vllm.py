@@ -12,6 +12,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-proces
 import openai
 
 from genrec.engines.vllm import VLLMEngine
+from genrec.id_softmax import softmax_groups
 from genrec.recommender import Recommender
 from serve.app import create_app
 from serve.service import RecService
@@ -20,11 +21,17 @@ from tests.test_server import LiveServer
 pytestmark = pytest.mark.vllm
 
 
+def run_groups(rec):
+    """The softmax groups the run's model was trained with (the default model.id_softmax=ids: one group)."""
+    return softmax_groups(rec.ids.level_tokens(), rec.run.trained_id_softmax())
+
+
 @pytest.fixture(scope="module")
 def recs(trained_run):
     run = trained_run[0]
     hf = Recommender.load(run, device="cpu", search="beam")  # the same search on both engines
-    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512)
+    assert hf.engine.softmax is not None  # the default: the softmax over the ID tokens
+    engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512, softmax_groups=run_groups(hf))
     vl = Recommender(run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
     return hf, vl
 
@@ -49,16 +56,19 @@ def test_vllm_matches_transformers(recs):
 
 
 def test_vllm_rows_wider_than_128_tokens_are_split(recs):
-    """Atomic-like rows: a trie level with more than 128 children still ranks exactly."""
+    """Atomic-like rows: a trie level with more than 128 children still ranks exactly. Any 300 tokens, so with
+    the vocabulary softmax on both engines (the same vllm.LLM: with no mask its processed log-probs are the
+    raw ones)."""
     from genrec.decoding import Trie
+    from genrec.engines import HFEngine
 
     hf, vl = recs
     tok = hf.engine.tokenizer
     ids = [t for t in range(len(tok)) if t != tok.pad_token_id][:300]
     trie = Trie([[t] for t in ids])
     prompt = hf.engine.encode_messages(hf.builder.messages(hf.user_history(hf.data.users[0])))
-    a = hf.engine.rank([prompt], [trie], beam_width=10)[0]
-    b = vl.engine.rank([prompt], [trie], beam_width=10)[0]
+    a = HFEngine(hf.engine.model, tok).rank([prompt], [trie], beam_width=10)[0]
+    b = VLLMEngine(hf.run.model_dir(), llm=vl.engine.llm).rank([prompt], [trie], beam_width=10)[0]
     assert a.scores == pytest.approx(b.scores, abs=2e-3)
 
 
@@ -85,7 +95,11 @@ def async_rec(recs):
 
     hf, _ = recs
     engine = AsyncVLLMEngine(
-        hf.run.model_dir(), dtype="float32", max_model_len=512, gpu_memory_utilization=0.15
+        hf.run.model_dir(),
+        dtype="float32",
+        max_model_len=512,
+        gpu_memory_utilization=0.15,
+        softmax_groups=run_groups(hf),
     )
     yield Recommender(hf.run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
     engine.shutdown()
