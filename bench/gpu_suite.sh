@@ -16,7 +16,9 @@
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
 # Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK,
 # SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"), PROFILE
-# (non-empty: hf-prep also profiles a pass, for how busy the GPU is while the ranking process works), PORT,
+# (non-empty: hf-prep also profiles a pass, for how busy the GPU is while the ranking process works), ID_SOFTMAX
+# (full|ids|level: what the engine benchmarks normalise ID tokens over; the run's own setting by default, and
+# every H100 figure before model.id_softmax existed is `full`), PORT,
 # PARTS (a subset of "vllm hf hf-tree hf-eager hf-prep serve-vllm serve-hf"; all but hf-eager and hf-prep by default). All of it takes longer than one
 # 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
@@ -30,6 +32,7 @@ SOAK=${SOAK:-10000}
 PORT=${PORT:-8011}
 LATENCY=${LATENCY:-50}
 PARTS=${PARTS:-vllm hf hf-tree serve-vllm serve-hf}
+SOFTMAX=(${ID_SOFTMAX:+--id-softmax "$ID_SOFTMAX"})
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=20
@@ -47,34 +50,34 @@ build_model(run, "$MODEL", Path("$RUN/merged"))
 PY
 if want vllm; then
   stamp "engine throughput: vllm"
-  timeout 260 python3 -m bench.engine_throughput --run "$RUN" --engine vllm --users "$USERS" --beam 10 --batch 1000 \
+  timeout 260 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine vllm --users "$USERS" --beam 10 --batch 1000 \
     --out "$OUT/engine_vllm.json" 2>&1 | quiet 45
 fi
 if want hf; then
   stamp "engine throughput: hf, full catalogue (beam search)"
-  timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 500 \
+  timeout 150 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$HF_USERS" --beam 10 --batch 500 \
     --latency-requests "$LATENCY" --out "$OUT/engine_hf.json" 2>&1 | quiet 25
 fi
 if want hf-tree; then
   for search in exact beam; do
     stamp "engine throughput: hf, 200 retrieved candidates, search $search"
-    timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
+    timeout 120 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
       --candidates retriever --search "$search" --latency-requests "$LATENCY" --out "$OUT/engine_hf_retriever_$search.json" 2>&1 | quiet 25
   done
   stamp "engine throughput: hf, full catalogue, exact (~2,000 tree tokens per user)"
-  timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 64 \
+  timeout 120 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$HF_USERS" --beam 10 --batch 64 \
     --candidates all --search exact --latency-requests "$LATENCY" --out "$OUT/engine_hf_all_exact.json" 2>&1 | quiet 25
 fi
 if want hf-eager; then  # tree scoring without CUDA graphs (eval.cuda_graphs: false), for comparison
   stamp "engine throughput: hf, 200 retrieved candidates, exact, no CUDA graphs"
-  timeout 120 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
+  timeout 120 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$HF_USERS" --beam 10 --batch 256 \
     --candidates retriever --search exact --no-cuda-graphs --latency-requests "$LATENCY" \
     --out "$OUT/engine_hf_retriever_exact_eager.json" 2>&1 | quiet 25
 fi
 if want hf-prep; then  # the batch job with PREP preparation worker processes (genrec generate --prep-workers)
   for workers in ${PREP:-4 8}; do
     stamp "engine throughput: hf, 200 retrieved candidates, exact, $workers preparation workers"
-    timeout 150 python3 -m bench.engine_throughput --run "$RUN" --engine hf --users "$USERS" --beam 10 --batch 256 \
+    timeout 150 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$USERS" --beam 10 --batch 256 \
       --candidates retriever --search exact --prep-workers "$workers" --latency-requests 20 ${PROFILE:+--profile} \
       --out "$OUT/engine_hf_retriever_exact_prep$workers.json" 2>&1 | quiet 30
   done
@@ -111,5 +114,6 @@ print('\n'.join(l for l in text.splitlines() if l.startswith(('genrec_requests_t
   grep -c -E " 5[0-9][0-9] " "$OUT/server_$backend.log" | sed 's/^/5xx lines in server log: /'
   tail -3 "$OUT/server_$backend.log"
 }
-want serve-vllm && serve_load vllm "$SOAK"
-want serve-hf && serve_load hf "${SOAK_HF:-0}"
+if want serve-vllm; then serve_load vllm "$SOAK"; fi
+if want serve-hf; then serve_load hf "${SOAK_HF:-0}"; fi
+stamp done

@@ -248,3 +248,32 @@ def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp
     ids_, level = result["id_softmax_ids"], result["id_softmax_level"]
     assert len(ids_["steps"]) == len(level["steps"]) == 2 and result["id_softmax_level_speedup"] > 0
     assert level["losses"][0] < ids_["losses"][0] < ours["losses"][0]
+
+
+@pytest.mark.parametrize("softmax", ["", "full"])
+def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, softmax):
+    """bench/gpu_suite.sh (run only on a lent GPU) hands ID_SOFTMAX to each bench.engine_throughput call, and
+    leaves the run's own setting alone when it is unset. A stand-in python3 records the calls."""
+    import os
+    import subprocess
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncat > /dev/null\n')
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "RUN": "runs/x",
+        "OUT": str(tmp_path / "out"),
+        "PARTS": "vllm hf hf-tree hf-eager hf-prep",
+        "PREP": "8",
+        "ID_SOFTMAX": softmax,
+    }
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "bench/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True)
+    benches = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.engine_throughput")]
+    assert len(benches) == 7  # vllm, hf, hf-tree x3, hf-eager, hf-prep x1
+    for c in benches:
+        assert ("--id-softmax full" in c) == bool(softmax) and c.count("--id-softmax") == int(bool(softmax))
