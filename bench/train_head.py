@@ -26,7 +26,7 @@ import torch
 
 from genrec.config import RunConfig
 from genrec.data import Interactions, history_windows
-from genrec.id_softmax import IdSoftmax, softmax_groups
+from genrec.id_softmax import group_softmax, softmax_groups
 from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
 from genrec.training import history_loss_rows, labelled_positions_head, prepare_model, prompt_builder
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
         if name != "trl_fused_head":  # genrec's head, with the vocabulary softmax or a restricted one
             mode = name.removeprefix("id_softmax_") if name.startswith("id_softmax_") else "full"
-            groups = softmax_groups(builder.ids.level_tokens(), mode)
-            labelled_positions_head(m, None if groups is None else IdSoftmax.from_tokens(groups, tokenizer))
+            labelled_positions_head(
+                m, group_softmax(softmax_groups(builder.ids.level_tokens(), mode), tokenizer)
+            )
     result: dict[str, Any] = {
         "run": str(args.run),
         "vocabulary": int(trl_model.config.vocab_size),

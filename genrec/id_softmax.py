@@ -1,9 +1,9 @@
 """What an item-ID token's log-probability is normalised over: the vocabulary, every ID token, or its level's.
 
-`model.id_softmax=full` (the default) scores an ID token as a language model scores any token: the
+`model.id_softmax=full` scores an ID token as a language model scores any token: the
 softmax runs over the whole vocabulary (base text tokens, every ID level, input tokens). The model never
-writes anything but ID tokens, so the softmax can run over fewer: `ids` normalises over every ID token
-(all levels; no text or input tokens), `level` over the tokens of the position's own level. log P(item |
+writes anything but ID tokens, so the softmax can run over fewer: `ids` (the default) normalises over every
+ID token (all levels; no text or input tokens), `level` over the tokens of the position's own level. log P(item |
 prompt) is then the sum, token by token, of log-softmaxes over that token's group. Training and every
 engine must use the same rule (the run records it); this module is the one place that computes it.
 
@@ -35,6 +35,11 @@ def softmax_groups(level_tokens: Sequence[Sequence[str]], mode: str) -> list[lis
     if mode == "ids":
         return [[t for level in level_tokens for t in level]]
     return [list(t) for t in level_tokens]
+
+
+def group_softmax(groups: Sequence[Sequence[str]] | None, tokenizer: Any) -> IdSoftmax | None:
+    """The IdSoftmax over `groups` (`softmax_groups`) in `tokenizer`'s ids; None for the vocabulary softmax."""
+    return None if groups is None else IdSoftmax.from_tokens(groups, tokenizer)
 
 
 @dataclass
@@ -75,6 +80,7 @@ class IdSoftmax:
             self.group_of[toks] = g
             self.column[toks] = np.arange(len(toks))
         self._rows: dict[tuple[torch.device, int], torch.Tensor | slice] = {}
+        self._lists: list[list[int]] | None = None
 
     @classmethod
     def from_tokens(cls, groups: Sequence[Sequence[str]], tokenizer: Any) -> IdSoftmax:
@@ -91,7 +97,11 @@ class IdSoftmax:
         return max(len(t) for t in self.groups)
 
     def group_tokens(self, group: int) -> list[int]:
-        return self.groups[group].tolist()
+        """A group's token ids as a list (made once: the vLLM engine masks every request with one; do not
+        modify it)."""
+        if self._lists is None:
+            self._lists = [g.tolist() for g in self.groups]
+        return self._lists[group]
 
     def group_of_token(self, token: int) -> int:
         g = int(self.group_of[token])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from genrec.config import RunConfig
 from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
 from genrec.errors import GenrecError
-from genrec.id_softmax import IdSoftmax, softmax_groups
+from genrec.id_softmax import IdSoftmax, group_softmax, softmax_groups
 from genrec.ids import ItemIds
 from genrec.modeling import (
     add_id_tokens,
@@ -466,8 +466,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     valid = valid[: t.valid_users] if t.valid_users else valid
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
-    groups = softmax_groups(ids.level_tokens(), cfg.model.id_softmax)
-    softmax = None if groups is None else IdSoftmax.from_tokens(groups, tokenizer)
+    softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
     if t.history_loss or softmax is not None:  # rows labelled on ID tokens only
         # history_loss: one row per window, the loss also on the history items' IDs; else one row per target
         examples = (

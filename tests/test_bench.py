@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -254,9 +256,6 @@ def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp
 def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, softmax):
     """bench/gpu_suite.sh (run only on a lent GPU) hands ID_SOFTMAX to each bench.engine_throughput call, and
     leaves the run's own setting alone when it is unset. A stand-in python3 records the calls."""
-    import os
-    import subprocess
-
     calls = tmp_path / "calls"
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TopItems, TreeLayout, layout, to_device
 from genrec.engines.base import ChatPrompts
-from genrec.id_softmax import IdSoftmax
+from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ class HFEngine(ChatPrompts):
             raise ValueError(
                 f"model.id_softmax with groups needs a plain linear output head; {type(model).__name__} soft-caps logits"
             )
-        self.softmax = None if softmax_groups is None else IdSoftmax.from_tokens(softmax_groups, tokenizer)
+        self.softmax = group_softmax(softmax_groups, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

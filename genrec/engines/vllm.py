@@ -27,7 +27,7 @@ import torch
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout
 from genrec.engines.base import ChatPrompts
-from genrec.id_softmax import IdSoftmax
+from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,7 @@ class VLLMEngine(ChatPrompts):
 
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.softmax = (
-            None if softmax_groups is None else IdSoftmax.from_tokens(softmax_groups, self.tokenizer)
-        )
+        self.softmax = group_softmax(softmax_groups, self.tokenizer)
         if self.softmax is not None:
             check_group_widths(self.softmax, cuda=torch.cuda.is_available())
         self.llm = llm or LLM(
