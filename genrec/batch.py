@@ -10,6 +10,7 @@ with exactly one row per input row. Bad rows go to `<output stem>.rejects.jsonl`
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from genrec.data.loaders import iter_jsonl
 from genrec.errors import GenrecError
-from genrec.recommender import PreparedBatch, RankRequest, Recommender, UnknownItems
+from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender, UnknownItems
 from genrec.run import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -312,35 +313,34 @@ def _rank_and_commit(
     row_fields: dict[str, Any],
     bar: Any,
 ) -> None:
-    """Rank prepared batches in order; commit each chunk once its last batch is ranked."""
-    done: list[tuple[list[RankRequest], PreparedBatch]] = []
-    for (chunk, last), reqs, batch in prepared:
-        done.append((reqs, batch))
+    """Rank prepared batches in order (one launched ahead: Recommender.rank_stream); commit each chunk once
+    its last batch is ranked."""
+    done: list[list[list[Recommendation]]] = []
+    for (chunk, last), reqs, ranked in rec.rank_stream(prepared):
+        done.append(ranked)
+        bar.update(len(reqs))
         if last:
-            _commit(rec, manifest, chunk, done, row_fields, bar)
+            _commit(manifest, chunk, done, row_fields, bar)
             done = []
 
 
 def _commit(
-    rec: Recommender,
     manifest: Manifest,
     chunk: _Chunk,
-    batches: Any,
+    ranked: list[list[list[Recommendation]]],
     row_fields: dict[str, Any],
     bar: Any,
 ) -> None:
-    """Rank a chunk's prepared batches, then commit its rows and rejects (one manifest entry)."""
+    """Commit a chunk's rows (its batches' recommendations, in order) and rejects: one manifest entry."""
     rows = iter(chunk.rows)
     out: list[dict[str, Any]] = []
-    for reqs, prepared in batches:
-        for recs in rec.rank_prepared(reqs, prepared):
-            r = next(rows)
-            items = [
-                {"rank": i + 1, "item_id": x.item_id, "title": x.title, "score": round(x.score, 6)}
-                for i, x in enumerate(recs)
-            ]
-            out.append({"line": r.line, "user": r.user, "items": items, **row_fields})
-        bar.update(len(reqs))
+    for recs in itertools.chain.from_iterable(ranked):
+        r = next(rows)
+        items = [
+            {"rank": i + 1, "item_id": x.item_id, "title": x.title, "score": round(x.score, 6)}
+            for i, x in enumerate(recs)
+        ]
+        out.append({"line": r.line, "user": r.user, "items": items, **row_fields})
     rejects = [p for p in chunk.pending if isinstance(p, Reject)]
     manifest.commit(chunk.index, out, rejects, chunk.last_line)
     bar.update(len(rejects))

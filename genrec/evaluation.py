@@ -146,8 +146,8 @@ def model_lists(
     out: list[list[int]] = []
     bar = tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress)
     with prepared_batches(rec, batches, workers) as prepared:
-        for _, reqs, batch in prepared:
-            out.extend([[r.item for r in lst] for lst in rec.rank_prepared(reqs, batch)])
+        for _, reqs, ranked in rec.rank_stream(prepared):
+            out.extend([[r.item for r in lst] for lst in ranked])
             bar.update(len(reqs))
     bar.close()
     return out

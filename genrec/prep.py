@@ -45,6 +45,8 @@ class PromptEngine(ChatPrompts):
     def rank(self, *_: Any, **__: Any) -> Any:
         raise RuntimeError("a preparation worker has no model: rank in the process that owns the engine")
 
+    launch = rank
+
 
 def prompt_recommender(run_path: str) -> Recommender:
     """The run's Recommender with a PromptEngine: everything `prepare` needs, no model."""

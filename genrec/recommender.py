@@ -8,9 +8,9 @@ sequences, and calling an engine. Front ends (CLI, batch, server) use only this 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from genrec.run import RunDir
 logger = logging.getLogger(__name__)
 
 CandidateMode = Literal["all", "retriever"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -319,22 +320,49 @@ class Recommender:
         self, requests: Sequence[RankRequest], prepared: PreparedBatch
     ) -> list[list[Recommendation]]:
         """Rank a batch `prepare` has made ready (here or in a worker process): tries, then the engine."""
+        return self.launch_prepared(requests, prepared)()
+
+    def launch_prepared(
+        self, requests: Sequence[RankRequest], prepared: PreparedBatch
+    ) -> Callable[[], list[list[Recommendation]]]:
+        """`rank_prepared` in two steps (Engine.launch): start ranking the batch, and return a call that waits
+        for it and gives the recommendations. A request with a tree layout from a worker needs no trie."""
         if not requests:
-            return []
+            return list
         prompts = prepared.prompts
         for r, p in zip(requests, prompts, strict=True):
             r.prompt_tokens = len(p)
-        tries = self.prepared_tries(requests, prepared)
+        lays = prepared.layouts
+        if lays is None:
+            tries: list[Trie | None] = list(self.prepared_tries(requests, prepared))
+        else:  # layouts: made by a worker for this engine's layout_policy (genrec.prep); tries for the rest
+            need = [i for i, lay in enumerate(lays) if lay is None]
+            made = iter(self._tries([requests[i] for i in need], [prepared.retrieved[i] for i in need]))
+            tries = [next(made) if lay is None else None for lay in lays]
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
-        # layouts: made by a worker for this engine's layout_policy (genrec.prep), else None
-        ranked = self.engine.rank(prompts, tries, beam_width=width, layouts=prepared.layouts)
-        return [
+        ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
+        return lambda: [
             [
                 Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)
                 for i, s in zip(out.items[: r.n_items], out.scores[: r.n_items], strict=True)
             ]
-            for r, out in zip(requests, ranked, strict=True)
+            for r, out in zip(requests, ranked(), strict=True)
         ]
+
+    def rank_stream(
+        self, batches: Iterable[tuple[T, list[RankRequest], PreparedBatch]]
+    ) -> Iterator[tuple[T, list[RankRequest], list[list[Recommendation]]]]:
+        """Each prepared (tag, batch) with its recommendations, in order, one batch ahead: batch i + 1 is
+        launched before batch i is read, so the device ranks while the caller writes i's results and the
+        next batch is fetched and packed (the batch job and `evaluate` rank through this)."""
+        pending: tuple[T, list[RankRequest], Callable[[], list[list[Recommendation]]]] | None = None
+        for tag, reqs, prepared in batches:
+            launched = (tag, reqs, self.launch_prepared(reqs, prepared))
+            if pending is not None:
+                yield pending[0], pending[1], pending[2]()
+            pending = launched
+        if pending is not None:
+            yield pending[0], pending[1], pending[2]()
 
     def rank_histories(
         self, histories: Sequence[Sequence[int]], **options: Any

@@ -272,3 +272,49 @@ def test_evaluation_ranking_with_preparation_workers_is_the_same(rec):
     alone = model_lists(rec, examples, cfg, progress=False)
     assert len(alone) == 40 and all(alone)
     assert model_lists(rec, examples, cfg, progress=False, workers=2) == alone
+
+
+def test_rank_stream_launches_the_next_batch_before_reading_one(rec, monkeypatch):
+    """`Recommender.rank_stream` (how the batch job and `evaluate` rank) keeps one batch launched ahead: batch
+    i + 1 is started before batch i is read back, so a GPU ranks while the job writes and packs. The results
+    equal `rank_prepared`'s, and a request whose tree layout a worker made reaches the engine without a trie."""
+    from genrec.data import leave_one_out
+    from genrec.engines.hf import tree_layouts
+    from genrec.recommender import history_requests
+
+    examples = leave_one_out(rec.data, "test")[:12]
+    batches = [
+        history_requests([e.history for e in examples[s : s + 4]], n_items=5, mode=mode, n_candidates=25)
+        for s, mode in ((0, "retriever"), (4, "all"), (8, "retriever"))
+    ]
+    prepared = [rec.prepare(reqs) for reqs in batches]
+    for reqs, p in zip(batches[:2], prepared[:2], strict=True):  # as a worker does; the third has none
+        found = tree_layouts(rec.prepared_tries(reqs, p), *rec.engine.layout_policy)
+        p.layouts = [found.get(i) for i in range(len(reqs))]
+    assert prepared[0].layouts is not None and all(prepared[0].layouts)
+    want = [rec.rank_prepared(reqs, p) for reqs, p in zip(batches, prepared, strict=True)]
+
+    events: list[tuple[str, int]] = []
+    no_trie: list[list[bool]] = []
+    launch = rec.engine.launch
+
+    def spy(prompts, tries, **kw):
+        i = len(no_trie)
+        events.append(("launch", i))
+        no_trie.append([t is None for t in tries])
+        result = launch(prompts, tries, **kw)
+        return lambda: events.append(("read", i)) or result()
+
+    monkeypatch.setattr(rec.engine, "launch", spy)
+    got = list(
+        rec.rank_stream((k, reqs, p) for k, (reqs, p) in enumerate(zip(batches, prepared, strict=True)))
+    )
+    assert events == [("launch", 0), ("launch", 1), ("read", 0), ("launch", 2), ("read", 1), ("read", 2)]
+    assert [tag for tag, _, _ in got] == [0, 1, 2]
+    for (_, _, ranked), expected in zip(got, want, strict=True):
+        assert [[(x.item, round(x.score, 4)) for x in r] for r in ranked] == [
+            [(x.item, round(x.score, 4)) for x in r] for r in expected
+        ]
+    for flags, p in zip(no_trie, prepared, strict=True):
+        assert flags == ([lay is not None for lay in p.layouts] if p.layouts is not None else [False] * 4)
+    assert list(rec.rank_stream(iter([]))) == []

@@ -307,13 +307,14 @@ def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm)
     apart._finish = lambda rows, *a: calls.append(("finish", tuple(rows))) or finish(rows, *a)
     for a, b in zip(together, apart.rank(prompts, lays, 5), strict=True):
         assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-4)
-    # one row per forward, and pipelined: each batch is read back only after the next one was queued
+    # one row per forward, every batch queued before any is read back (nothing waits for the device in between)
     rows = [r for kind, r in calls if kind == "launch"]
     assert [len(r) for r in rows] == [1, 1, 1, 1]
-    expected = [("launch", rows[0])]
-    for prev, nxt in itertools.pairwise(rows):
-        expected += [("launch", nxt), ("finish", prev)]
-    assert calls == [*expected, ("finish", rows[-1])]
+    assert calls == [*(("launch", r) for r in rows), *(("finish", r) for r in rows)]
+    calls.clear()
+    result = apart.launch(prompts, lays, 5)  # `launch` returns with the work queued; the call reads it back
+    assert [kind for kind, _ in calls] == ["launch"] * 4
+    assert [r.items for r in result()] == [r.items for r in together] and len(calls) == 8
 
 
 def test_engine_keeps_cudnn_attention_out_on_gpu_only():
@@ -481,8 +482,9 @@ def test_cuda_graph_tree_scoring_on_a_gpu(tiny_lm):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pipelined_tree_scoring_on_a_gpu_ranks_as_on_the_cpu(tiny_lm):
-    """On a GPU (skipped in CI) inputs and indices go over in pinned, non-blocking copies, and each batch is
-    read back only after the next one was queued: the rankings equal the CPU's, one batch or several."""
+    """On a GPU (skipped in CI) inputs and indices go over in pinned, non-blocking copies, and every batch is
+    queued before any is read back, with no wait for the device while launching: the rankings equal the CPU's,
+    one batch or several."""
     from genrec.engines.hf import TreeScorer
 
     model, tok, _ = tiny_lm
@@ -491,8 +493,14 @@ def test_pipelined_tree_scoring_on_a_gpu_ranks_as_on_the_cpu(tiny_lm):
     model = model.to("cuda")
     try:
         for budget in (1, 1 << 26):
-            got = TreeScorer(model, pad_id=engine.pad_id, mask_budget=budget).rank(prompts, lays, 5)
-            for a, b in zip(want, got, strict=True):
+            scorer = TreeScorer(model, pad_id=engine.pad_id, mask_budget=budget)
+            scorer.rank(prompts, lays, 5)  # warm: kernels loaded, pinned host blocks cached
+            torch.cuda.set_sync_debug_mode("error")  # launching must not wait for the device anywhere
+            try:
+                result = scorer.launch(prompts, lays, 5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            for a, b in zip(want, result(), strict=True):
                 assert a.items == b.items and a.scores == pytest.approx(b.scores, abs=1e-3)
     finally:
         model.to("cpu")

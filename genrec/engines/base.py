@@ -7,7 +7,7 @@ drives them through a StepModel. Front ends (CLI, batch, server) talk only to th
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from genrec.decoding import Ranked, Trie
@@ -40,8 +40,27 @@ class Engine(Protocol):
     ) -> list[Ranked]:
         """Up to beam_width distinct trie items per prompt, best first (constrained beam search, or exact
         tree scoring where the engine has it). `layouts`: the tries' tree layouts, made ahead by
-        genrec.prep's workers for an engine with a `layout_policy`; None for the others."""
+        genrec.prep's workers for an engine with a `layout_policy`; None for the others. A request with a
+        layout may come without its trie (None)."""
         ...
+
+    def launch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie | None],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
+    ) -> Callable[[], list[Ranked]]:
+        """`rank` in two steps: start the work and return a call that gives its result. An engine that can
+        leave work running on its device returns before it ends (the transformers engine's tree scoring), so
+        a batch job prepares the next batch meanwhile; the others rank here (`ranked_now`)."""
+        ...
+
+
+def ranked_now(ranked: list[Ranked]) -> Callable[[], list[Ranked]]:
+    """`Engine.launch`'s result for an engine that ranked synchronously."""
+    return lambda: ranked
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -71,3 +90,14 @@ class ChatPrompts:
 
     def encode_many(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
         return encode_chats(self.tokenizer, conversations)
+
+
+def tries_at(tries: Sequence[Trie | None], at: Iterable[int]) -> list[Trie]:
+    """The tries at positions `at`; each must be there (only a request with a tree layout may come without)."""
+    out = []
+    for i in at:
+        t = tries[i]
+        if t is None:
+            raise ValueError(f"request {i} has neither a trie nor a tree layout")
+        out.append(t)
+    return out

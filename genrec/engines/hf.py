@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TopItems, TreeLayout, layout, to_device
-from genrec.engines.base import ChatPrompts
+from genrec.engines.base import ChatPrompts, tries_at
 from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
@@ -261,18 +261,26 @@ class TreeScorer:
         self.vocab = int(model.get_output_embeddings().weight.shape[0]) if softmax is None else softmax.widest
 
     def rank(self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int) -> list[Ranked]:
-        """Each request's k best items. Batches are pipelined: a batch's inputs are packed on the CPU while
-        the device still runs the batch before, whose results are read only after the next one is queued."""
-        out: list[Ranked] = [Ranked([], []) for _ in prompts]
-        pending: tuple[list[int], TopItems] | None = None
-        for rows in self._batches(prompts, layouts):
-            launched = self._launch(prompts, layouts, rows, k)
-            if pending is not None:
-                self._finish(*pending, out)
-            pending = (rows, launched)
-        if pending is not None:
-            self._finish(*pending, out)
-        return out
+        """Each request's k best items (`launch`, then its result)."""
+        return self.launch(prompts, layouts, k)()
+
+    def launch(
+        self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout], k: int
+    ) -> Callable[[], list[Ranked]]:
+        """Queue every batch of rows on the device and return a call that waits for them and gives each
+        request's k best items. Nothing here waits for the device (on a GPU): each batch is packed on the CPU
+        while the device runs the one before, and a caller can prepare its next call while the last batch runs."""
+        launched = [
+            (rows, self._launch(prompts, layouts, rows, k)) for rows in self._batches(prompts, layouts)
+        ]
+
+        def result() -> list[Ranked]:
+            out: list[Ranked] = [Ranked([], []) for _ in prompts]
+            for rows, top in launched:
+                self._finish(rows, top, out)
+            return out
+
+        return result
 
     def _batches(
         self, prompts: Sequence[Sequence[int]], layouts: Sequence[TreeLayout]
@@ -402,14 +410,16 @@ class TreeScorer:
             col_d, prow_d = to_device([col, prow], self.device)
             groups = self.softmax.by_group(edge_state, tok_cpu)
             return self.softmax.edge_log_probs(hidden[prow_d, col_d], head, groups, len(tok_cpu))
-        col_d, prow_d, edge_at, tok = to_device([col, prow, edge_state, tok_cpu], self.device)
+        col_d, prow_d = to_device([col, prow], self.device)
         states = hidden[prow_d, col_d]  # copied out of the graph's buffer
-        out = torch.empty(len(tok), dtype=torch.float32, device=self.device)
+        out = torch.empty(len(tok_cpu), dtype=torch.float32, device=self.device)
         step = max(1, (1 << 25) // self.vocab)
         for lo in range(0, len(states), step):
             logp = torch.log_softmax(head(states[lo : lo + step]).float(), dim=-1)
-            sel = ((edge_at >= lo) & (edge_at < lo + step)).nonzero().squeeze(1)
-            out[sel] = logp[edge_at[sel] - lo, tok[sel]]
+            # this chunk's edges, chosen on the CPU: a selection on the device would wait for it
+            sel = np.flatnonzero((edge_state >= lo) & (edge_state < lo + step))
+            sel_d, at_d, tok_d = to_device([sel, edge_state[sel] - lo, tok_cpu[sel]], self.device)
+            out[sel_d] = logp[at_d, tok_d]
         return out
 
     @torch.inference_mode()
@@ -526,50 +536,65 @@ class HFEngine(ChatPrompts):
     def rank(
         self,
         prompts: Sequence[Sequence[int]],
-        tries: Sequence[Trie],
+        tries: Sequence[Trie | None],
         *,
         beam_width: int,
         layouts: Sequence[TreeLayout | None] | None = None,
     ) -> list[Ranked]:
         """Top `beam_width` items per request: exact where the trie is small enough, else beam search.
         `layouts`: the tries' `tree_layouts` under this engine's `layout_policy`, if already made
-        (genrec.prep's workers make them); None where a trie goes to beam search."""
+        (genrec.prep's workers make them); None where a trie goes to beam search, and a request with a
+        layout needs no trie (None)."""
+        return self.launch(prompts, tries, beam_width=beam_width, layouts=layouts)()
+
+    def launch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie | None],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
+    ) -> Callable[[], list[Ranked]]:
+        """`rank`, split in two: the exact scoring is queued on the device here, and the returned call waits
+        for it. A batch job launches its next batch before it reads this one (`Recommender.rank_stream`), so
+        the device works while this process writes results and packs the next batch. Requests that go to beam
+        search are ranked here, before returning (beam search reads the device at every ID level)."""
         if len(prompts) != len(tries) or (layouts is not None and len(layouts) != len(tries)):
             raise ValueError("one trie (and layout) per prompt")
         if layouts is None:
             policy = self.layout_policy
-            found = tree_layouts(tries, *policy) if policy is not None else {}
+            found = tree_layouts(tries_at(tries, range(len(tries))), *policy) if policy is not None else {}
         else:
             found = {i: lay for i, lay in enumerate(layouts) if lay is not None}
-        with attention_kernels(self.device):
-            return self._rank(prompts, tries, beam_width, found)
-
-    def _rank(
-        self,
-        prompts: Sequence[Sequence[int]],
-        tries: Sequence[Trie],
-        beam_width: int,
-        layouts: dict[int, TreeLayout],
-    ) -> list[Ranked]:
         out: list[Ranked] = [Ranked([], []) for _ in prompts]
-        if layouts:
-            tree = list(layouts)
-            scorer = TreeScorer(self.model, pad_id=self.pad_id, static=self.static, softmax=self.softmax)
-            ranked = scorer.rank([prompts[i] for i in tree], [layouts[i] for i in tree], beam_width)
-            for i, r in zip(tree, ranked, strict=True):
-                out[i] = r
-        rest = [i for i in range(len(prompts)) if i not in layouts]
-        self.ranked_by.update(exact=len(layouts), beam=len(rest))
-        if rest:
-            ranked = constrained_beam_search(
-                HFStepModel(self.model, pad_id=self.pad_id, softmax=self.softmax),
-                [prompts[i] for i in rest],
-                [tries[i] for i in rest],
-                beam_width=beam_width,
+        tree = list(found)
+        rest = [i for i in range(len(prompts)) if i not in found]
+        self.ranked_by.update(exact=len(tree), beam=len(rest))
+        with attention_kernels(self.device):
+            scored = (
+                TreeScorer(self.model, pad_id=self.pad_id, static=self.static, softmax=self.softmax).launch(
+                    [prompts[i] for i in tree], [found[i] for i in tree], beam_width
+                )
+                if tree
+                else None
             )
-            for i, r in zip(rest, ranked, strict=True):
-                out[i] = r
-        return out
+            if rest:
+                ranked = constrained_beam_search(
+                    HFStepModel(self.model, pad_id=self.pad_id, softmax=self.softmax),
+                    [prompts[i] for i in rest],
+                    tries_at(tries, rest),
+                    beam_width=beam_width,
+                )
+                for i, r in zip(rest, ranked, strict=True):
+                    out[i] = r
+
+        def result() -> list[Ranked]:
+            if scored is not None:
+                for i, r in zip(tree, scored(), strict=True):
+                    out[i] = r
+            return out
+
+        return result
 
     @torch.inference_mode()
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:

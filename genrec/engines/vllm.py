@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,7 +26,7 @@ import torch
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout
-from genrec.engines.base import ChatPrompts
+from genrec.engines.base import ChatPrompts, ranked_now, tries_at
 from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class VLLMEngine(ChatPrompts):
     def rank(
         self,
         prompts: Sequence[Sequence[int]],
-        tries: Sequence[Trie],
+        tries: Sequence[Trie | None],
         *,
         beam_width: int,
         layouts: Sequence[TreeLayout | None] | None = None,
@@ -179,7 +179,20 @@ class VLLMEngine(ChatPrompts):
             raise ValueError("the vLLM engine has no tree scoring: it ranks by beam search only")
         self.ranked_by["beam"] += len(prompts)
         step = VLLMStepModel(self.llm, softmax=self.softmax)
-        return constrained_beam_search(step, prompts, tries, beam_width=beam_width)
+        return constrained_beam_search(
+            step, prompts, tries_at(tries, range(len(tries))), beam_width=beam_width
+        )
+
+    def launch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie | None],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
+    ) -> Callable[[], list[Ranked]]:
+        """`rank` now (vLLM's step-wise beam search reads every level back); see Engine.launch."""
+        return ranked_now(self.rank(prompts, tries, beam_width=beam_width, layouts=layouts))
 
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
         """Unconstrained greedy decoding of max_tokens tokens (the benchmark's speed reference)."""
