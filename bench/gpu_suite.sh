@@ -15,7 +15,8 @@
 #    SOAK requests at 64 clients (about 37 per second on the H100 with the vLLM backend); /metrics at the end,
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
 # Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK,
-# SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"), PROFILE
+# SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"; hf-prep also
+# times the ranking process's own CPU work per user, bench.ranking_host), PROFILE
 # (non-empty: hf-prep also profiles a pass, for how busy the GPU is while the ranking process works), ID_SOFTMAX
 # (full|ids|level: what the engine benchmarks normalise ID tokens over; the run's own setting by default, and
 # every H100 figure before model.id_softmax existed is `full`), PORT,
@@ -75,6 +76,8 @@ if want hf-eager; then  # tree scoring without CUDA graphs (eval.cuda_graphs: fa
     --out "$OUT/engine_hf_retriever_exact_eager.json" 2>&1 | quiet 25
 fi
 if want hf-prep; then  # the batch job with PREP preparation worker processes (genrec generate --prep-workers)
+  stamp "ranking process's own CPU work per user (no model call)"
+  timeout 90 python3 -m bench.ranking_host --run "$RUN" "${SOFTMAX[@]}" --users 1024 --out "$OUT/ranking_host.json" 2>&1 | quiet 16
   for workers in ${PREP:-4 8}; do
     stamp "engine throughput: hf, 200 retrieved candidates, exact, $workers preparation workers"
     timeout 150 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$USERS" --beam 10 --batch 256 \

@@ -122,8 +122,8 @@ class IdSoftmax:
         out = []
         for g in np.unique(group).tolist():
             edges = np.flatnonzero(group == g)
-            states, at = np.unique(edge_state[edges], return_inverse=True)
-            out.append(GroupEdges(g, states, edges, at.reshape(-1), self.column[edge_token[edges]]))
+            states, at = _unique_inverse(edge_state[edges])
+            out.append(GroupEdges(g, states, edges, at, self.column[edge_token[edges]]))
         return out
 
     def _weight(self, head: Any, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,3 +180,14 @@ class IdSoftmax:
                 entropy[at] = -(logp.exp() * logp).sum(-1)
                 top1[at] = (logp.argmax(-1) == cols).float()
         return token_lp, entropy, top1
+
+
+def _unique_inverse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(x, return_inverse=True), in one pass where x is already sorted (tree scoring's parent states
+    are: rows in order, nodes breadth first)."""
+    if len(x) and (x[1:] >= x[:-1]).all():
+        new = np.empty(len(x), dtype=bool)
+        new[0], new[1:] = True, x[1:] != x[:-1]
+        return x[new], np.cumsum(new) - 1
+    states, at = np.unique(x, return_inverse=True)
+    return states, at.reshape(-1)

@@ -16,7 +16,7 @@ import numpy as np
 
 from genrec.config import RunConfig
 from genrec.data import Interactions
-from genrec.decoding import Trie
+from genrec.decoding import Ranked, Trie
 from genrec.decoding.tree import TreeLayout
 from genrec.engines import Engine, HFEngine
 from genrec.engines.hf import SEARCHES
@@ -341,12 +341,18 @@ class Recommender:
             tries = [next(made) if lay is None else None for lay in lays]
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
-        return lambda: [
+        return lambda: self.recommendations(requests, ranked())
+
+    def recommendations(
+        self, requests: Sequence[RankRequest], ranked: Sequence[Ranked]
+    ) -> list[list[Recommendation]]:
+        """Each request's first `n_items` ranked items as catalogue recommendations."""
+        return [
             [
                 Recommendation(i, self.catalog.item_ids[i], self.catalog.titles[i], s)
                 for i, s in zip(out.items[: r.n_items], out.scores[: r.n_items], strict=True)
             ]
-            for r, out in zip(requests, ranked(), strict=True)
+            for r, out in zip(requests, ranked, strict=True)
         ]
 
     def rank_stream(

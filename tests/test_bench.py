@@ -233,6 +233,38 @@ def test_template_render_bench_times_rendering_and_both_encodings(trained_run, t
     assert res["bounded_us"] > 0 and res["plain_sandbox_us"] > 0
 
 
+def test_ranking_host_bench_times_each_step_of_the_ranking_process(trained_run, tmp_path, monkeypatch):
+    """bench.ranking_host on a trained run: every step of the ranking process's own CPU work is timed, and the
+    bound it gives is what those times add up to."""
+    import sys
+
+    import bench.ranking_host as rh
+
+    run, _, _ = trained_run
+    out = tmp_path / "host.json"
+    argv = [
+        "x",
+        "--run",
+        str(run.path),
+        "--users",
+        "10",
+        "--batch",
+        "4",
+        "--n-candidates",
+        "20",
+        "--repeats",
+        "1",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    rh.main()
+    res = json.loads(out.read_text())
+    steps = res["ms_per_user"]
+    assert set(steps) == {"pack_inputs", "top_items_index", "edge_index", "recommendations"}
+    assert all(v > 0 for v in steps.values()) and res["mean_tree_tokens"] > 0
+    assert res["total_ms_per_user"] == pytest.approx(sum(steps.values()), abs=1e-3)
+    assert res["bound_users_per_s"] == round(1000 / res["total_ms_per_user"])
+
+
 def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp_path):
     from bench.train_head import main
 
@@ -274,5 +306,7 @@ def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, sof
     subprocess.run(["bash", "bench/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True)
     benches = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.engine_throughput")]
     assert len(benches) == 7  # vllm, hf, hf-tree x3, hf-eager, hf-prep x1
-    for c in benches:
+    host = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.ranking_host")]
+    assert len(host) == 1  # hf-prep also times the ranking process's own work
+    for c in benches + host:
         assert ("--id-softmax full" in c) == bool(softmax) and c.count("--id-softmax") == int(bool(softmax))

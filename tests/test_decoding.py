@@ -293,6 +293,45 @@ def _four_requests(model, tok):
     return engine, prompts, [layout(Trie(seqs[k : k + 30 + 9 * k])) for k in range(4)]
 
 
+@given(st.lists(st.tuples(st.integers(-5, 50), st.integers(0, 6)), max_size=8))
+def test_concat_ranges_equals_concatenated_aranges(spans):
+    from genrec.decoding.tree import concat_ranges
+
+    starts, lengths = (
+        np.array([s for s, _ in spans], dtype=np.int64),
+        np.array([n for _, n in spans], dtype=np.int64),
+    )
+    want = np.concatenate([np.arange(s, s + n) for s, n in spans]) if spans else np.zeros(0, dtype=np.int64)
+    assert concat_ranges(starts, lengths).tolist() == want.tolist()
+
+
+def test_tree_inputs_are_packed_as_row_by_row(tiny_lm):
+    """`TreeScorer.pack` (no loop over rows) lays out each row as the per-row construction does: left padding,
+    the prompt at positions 0.., each tree token at its sequence position, and its ancestor pairs; extra rows
+    are all padding."""
+    from genrec.engines.hf import TreeScorer
+
+    model, tok, _ = tiny_lm
+    engine, prompts, lays = _four_requests(model, tok)
+    width = max(len(p) + lay.n_inputs for p, lay in zip(prompts, lays, strict=True)) + 3
+    ids, pos, prompt_at, tree_at, pb, pq, pk = TreeScorer(model, pad_id=engine.pad_id).pack(
+        prompts, lays, 6, width
+    )
+    assert ids.shape == pos.shape == (6, width)
+    for b, (p, lay) in enumerate(zip(prompts, lays, strict=True)):
+        n, t = len(p), lay.n_inputs
+        o = width - n - t
+        assert (prompt_at[b], tree_at[b]) == (o, o + n)
+        assert ids[b].tolist() == [engine.pad_id] * o + list(p) + lay.tokens.tolist()
+        assert pos[b].tolist() == [0] * o + list(range(n)) + (n + lay.positions).tolist()
+        query, key = lay.ancestor_pairs()
+        assert (
+            pq[pb == b].tolist() == (query + o + n).tolist()
+            and pk[pb == b].tolist() == (key + o + n).tolist()
+        )
+    assert (ids[4:] == engine.pad_id).all() and (pos[4:] == 0).all() and (prompt_at[4:] == width).all()
+
+
 def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm):
     """Rows are packed under the mask and logits budgets; one row per forward gives the same scores."""
     from genrec.engines.hf import TreeScorer

@@ -215,6 +215,15 @@ def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | No
     )
 
 
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]) without the Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
+        np.asarray(starts, dtype=np.int64) - before, lengths
+    )
+
+
 def to_device(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """int64 arrays as tensors on `device`. On a GPU, one pinned buffer and one copy that does not wait for
     the work already queued (a plain `.to(device)` waits for it), split into views there; on a CPU, the
@@ -244,32 +253,25 @@ class TopItems:
     def __init__(self, lays: Sequence[TreeLayout], k: int) -> None:
         self.k = k
         self.n_leaves = [len(lay.items) for lay in lays]
-        sizes = [len(lay.token) for lay in lays]
-        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-        self.total, self.width = int(sum(sizes)), max(self.n_leaves, default=0)
+        sizes = np.array([lay.token.shape[0] for lay in lays], dtype=np.int64)
+        offsets = np.cumsum(sizes) - sizes
+        self.total, self.width = int(sizes.sum()), max(self.n_leaves, default=0)
         if not lays:
             return
-        parent = np.concatenate([lay.parent.numpy() + o for lay, o in zip(lays, offsets, strict=True)])
+        # every row's nodes, rows concatenated: node i of row b is offsets[b] + i
+        parent = np.concatenate([lay.parent.numpy() for lay in lays]) + np.repeat(offsets, sizes)
+        depth = np.concatenate([lay.depth.numpy() for lay in lays])
         nonroot = np.ones(self.total, dtype=bool)
         nonroot[offsets] = False
-        levels = []  # depth-1 nodes score their edge alone; deeper ones add their parent's sum, level by level
-        for d in range(2, max(len(lay.level_starts) for lay in lays) - 1):
-            at = np.concatenate(
-                [
-                    np.arange(lay.level_starts[d], lay.level_starts[d + 1]) + o
-                    for lay, o in zip(lays, offsets, strict=True)
-                    if d < len(lay.level_starts) - 1
-                ]
-            )
+        # depth-1 nodes score their edge alone; deeper ones add their parent's sum, level by level
+        levels = []
+        for d in range(2, int(depth.max()) + 1):
+            at = np.flatnonzero(depth == d)
             levels += [at, parent[at]]
-        leaf = np.concatenate(
-            [
-                np.arange(lay.level_starts[-2], len(lay.token)) + o
-                for lay, o in zip(lays, offsets, strict=True)
-            ]
-        )
-        row = np.repeat(np.arange(len(lays)), self.n_leaves)
-        slot = np.concatenate([np.arange(n) for n in self.n_leaves])
+        n_leaves = np.array(self.n_leaves, dtype=np.int64)
+        leaf = concat_ranges(offsets + sizes - n_leaves, n_leaves)  # leaves come last in each row
+        row = np.repeat(np.arange(len(lays)), n_leaves)
+        slot = concat_ranges(np.zeros(len(lays), dtype=np.int64), n_leaves)
         items = np.concatenate([lay.items.numpy() for lay in lays])
         self.arrays = [np.flatnonzero(nonroot), leaf, row, slot, items, *levels]
         self.pending: tuple[torch.Tensor, torch.Tensor, Any] | None = None

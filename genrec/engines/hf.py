@@ -21,7 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
-from genrec.decoding.tree import TopItems, TreeLayout, layout, to_device
+from genrec.decoding.tree import TopItems, TreeLayout, concat_ranges, layout, to_device
 from genrec.engines.base import ChatPrompts, tries_at
 from genrec.id_softmax import IdSoftmax, group_softmax
 
@@ -322,27 +322,9 @@ class TreeScorer:
         self, prompts: Sequence[Sequence[int]], lays: Sequence[TreeLayout], n_rows: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids, position ids and the 4-D mask of `n_rows` rows of `width` on the device; rows past
-        the requests are all padding. Packed on the CPU, sent in one copy, the mask built on the device."""
-        ids = np.full((n_rows, width), self.pad_id, dtype=np.int64)
-        pos = np.zeros((n_rows, width), dtype=np.int64)
-        prompt_at = np.full(n_rows, width, dtype=np.int64)  # where each row's prompt starts
-        tree_at = np.full(n_rows, width, dtype=np.int64)  # and its tree tokens
-        pairs_b, pairs_q, pairs_k = [], [], []
-        for b, (p, lay) in enumerate(zip(prompts, lays, strict=True)):
-            n, t = len(p), lay.n_inputs
-            o = width - n - t
-            prompt_at[b], tree_at[b] = o, o + n
-            ids[b, o : o + n] = p
-            ids[b, o + n :] = lay.tokens.numpy()
-            pos[b, o : o + n] = np.arange(n)
-            pos[b, o + n :] = n + lay.positions.numpy()
-            query, key = lay.ancestor_pairs()
-            pairs_b.append(np.full(len(query), b))
-            pairs_q.append(query.numpy() + o + n)
-            pairs_k.append(key.numpy() + o + n)
-        pairs = [np.concatenate(x) for x in (pairs_b, pairs_q, pairs_k)]
+        the requests are all padding. Packed on the CPU (`pack`), sent in one copy, the mask built on the device."""
         ids_d, pos_d, prompt_d, tree_d, *pairs_d = to_device(
-            [ids, pos, prompt_at, tree_at, *pairs], self.device
+            self.pack(prompts, lays, n_rows, width), self.device
         )
         allow = self._tree_mask(width, prompt_d, tree_d)
         allow[pairs_d[0], pairs_d[1], pairs_d[2]] = True  # tree tokens see themselves and their ancestors
@@ -352,13 +334,52 @@ class TreeScorer:
             mask.masked_fill_(~allow, torch.finfo(self.dtype).min)
         return ids_d, pos_d, mask[:, None]
 
+    def pack(
+        self, prompts: Sequence[Sequence[int]], lays: Sequence[TreeLayout], n_rows: int, width: int
+    ) -> list[np.ndarray]:
+        """A batch's inputs as numpy, with no loop over rows: token ids and position ids (n_rows, width), where
+        each row's prompt and tree tokens start, and the (row, query, key) index arrays of the tree tokens'
+        attention to themselves and their ancestors."""
+        rows = len(lays)
+        n = np.array([len(p) for p in prompts], dtype=np.int64)
+        t = np.array([lay.n_inputs for lay in lays], dtype=np.int64)
+        prompt_at = np.full(n_rows, width, dtype=np.int64)  # where each row's prompt starts
+        tree_at = np.full(n_rows, width, dtype=np.int64)  # and its tree tokens
+        prompt_at[:rows] = width - n - t
+        tree_at[:rows] = width - t
+        # every row's prompt then tree tokens, flat, and where each goes (rows right-aligned in `width`)
+        tree_tok = [lay.token.numpy()[1 : 1 + k] for lay, k in zip(lays, t.tolist(), strict=True)]
+        flat_ids = np.concatenate([x for p, tt in zip(prompts, tree_tok, strict=True) for x in (p, tt)])
+        tree_pos = np.concatenate(
+            [lay.depth.numpy()[1 : 1 + k] for lay, k in zip(lays, t.tolist(), strict=True)]
+        )
+        is_tree = np.repeat(np.tile([False, True], rows), np.stack([n, t], axis=1).ravel())
+        at = concat_ranges(np.arange(rows) * width + prompt_at[:rows], n + t)
+        flat_pos = concat_ranges(np.zeros(rows, dtype=np.int64), n + t)  # a prompt token's: its index
+        flat_pos[is_tree] = np.repeat(n, t) + tree_pos - 1  # a tree token sits where it would in its sequence
+        ids_flat = np.full(n_rows * width, self.pad_id, dtype=np.int64)
+        pos_flat = np.zeros(n_rows * width, dtype=np.int64)
+        ids_flat[at], pos_flat[at] = flat_ids, flat_pos
+        ids, pos = ids_flat.reshape(n_rows, width), pos_flat.reshape(n_rows, width)
+        pair = [lay.ancestor_pairs() for lay in lays]
+        n_pairs = np.array([len(q) for q, _ in pair], dtype=np.int64)
+        shift = np.repeat(tree_at[:rows], n_pairs)
+        pairs = [
+            np.repeat(np.arange(rows), n_pairs),
+            np.concatenate([q.numpy() for q, _ in pair]) + shift,
+            np.concatenate([k.numpy() for _, k in pair]) + shift,
+        ]
+        return [ids, pos, prompt_at, tree_at, *pairs]
+
     @staticmethod
     def _edges(lays: Sequence[TreeLayout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every edge of every row (rows concatenated): its row, its parent node (0: the prompt's last
         token), its token."""
-        row = np.repeat(np.arange(len(lays)), [len(lay.token) - 1 for lay in lays])
-        parent = np.concatenate([lay.parent[1:].numpy() for lay in lays])
-        tok = np.concatenate([lay.token[1:].numpy() for lay in lays])
+        # numpy views first: slicing a small torch tensor costs more than the rest of the row's work
+        parents = [lay.parent.numpy()[1:] for lay in lays]
+        row = np.repeat(np.arange(len(lays)), [len(x) for x in parents])
+        parent = np.concatenate(parents)
+        tok = np.concatenate([lay.token.numpy()[1:] for lay in lays])
         return row, parent, tok
 
     def _edge_logp_model(
@@ -394,18 +415,23 @@ class TreeScorer:
         assert self.static is not None
         return self._edge_logp_states(lays, self.static.hidden(ids, pos, mask), self.static.head)
 
+    def edge_index(
+        self, lays: Sequence[TreeLayout], width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For the output head on the parent nodes only: the (row, column) of every parent state (each row's
+        prompt end and internal nodes, rows concatenated), and each edge's parent state and token."""
+        n_parents = np.array([lay.n_inputs + 1 for lay in lays], dtype=np.int64)
+        col = concat_ranges(width - n_parents, n_parents)
+        prow = np.repeat(np.arange(len(lays)), n_parents)
+        row, parent, tok = self._edges(lays)
+        # each edge's parent state: its row's first state plus its parent node
+        edge_state = (np.cumsum(n_parents) - n_parents)[row] + parent
+        return prow, col, edge_state, tok
+
     def _edge_logp_states(self, lays: Sequence[TreeLayout], hidden: torch.Tensor, head: Any) -> torch.Tensor:
         """Edge log-probs from the decoder's (rows, width, hidden) states: the output `head` (or, under
         `softmax`, each group's rows of it) on the parent nodes only."""
-        width = hidden.shape[1]
-        # the columns whose next-token distribution is needed: each row's prompt end and internal nodes
-        n_parents = np.array([lay.n_inputs + 1 for lay in lays])
-        col = np.concatenate([np.arange(width - p, width) for p in n_parents])
-        prow = np.repeat(np.arange(len(lays)), n_parents)
-        row, parent, tok_cpu = self._edges(lays)
-        first = np.concatenate([[0], np.cumsum(n_parents)[:-1]])
-        # each edge's parent state: its row's first state plus its parent node
-        edge_state = first[row] + parent
+        prow, col, edge_state, tok_cpu = self.edge_index(lays, hidden.shape[1])
         if self.softmax is not None:
             col_d, prow_d = to_device([col, prow], self.device)
             groups = self.softmax.by_group(edge_state, tok_cpu)
