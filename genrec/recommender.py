@@ -235,7 +235,7 @@ class Recommender:
         queries = np.stack([self.retriever.history_query(h) for h in histories])
         banned = [sorted(set(h) | set(ex)) for h, ex in zip(histories, exclude, strict=True)]
         items, _ = self.retriever.search(queries, max(n), exclude=banned)
-        return [[int(i) for i in row[:k] if i >= 0] for row, k in zip(items, n, strict=True)]
+        return [row[:k][row[:k] >= 0].tolist() for row, k in zip(items, n, strict=True)]
 
     def candidate_trie(self, r: RankRequest) -> Trie:
         """Trie of the request's candidates: the catalogue minus seen/excluded items, or the retrieved ones."""

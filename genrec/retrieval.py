@@ -6,6 +6,7 @@ queries against it (FAISS inner product, exact). Knows nothing of IDs, prompts o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -150,13 +151,20 @@ class Retriever:
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         kk = min(len(self), k + extra)
         scores, items = self.index.search(queries, kk)
+        items = items.astype(np.int64, copy=False)
+        drop = items < 0
+        if exclude:  # each row's excluded items, matched as (row, item) keys in one np.isin
+            n = len(self)
+            rows = np.repeat(np.arange(len(queries)), [len(e) for e in exclude])
+            flat = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64, count=len(rows))
+            drop |= np.isin(np.arange(len(queries))[:, None] * n + items, rows * n + flat)
+        slot = np.cumsum(~drop, axis=1) - 1  # each kept item's place among its row's kept ones
+        take = ~drop & (slot < k)
         out_i = np.full((len(queries), k), -1, dtype=np.int64)
         out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        for q in range(len(queries)):
-            ex = set(exclude[q]) if exclude else set()
-            kept = [(i, s) for i, s in zip(items[q], scores[q], strict=True) if i >= 0 and i not in ex][:k]
-            for j, (i, s) in enumerate(kept):
-                out_i[q, j], out_s[q, j] = i, s
+        q_at = np.nonzero(take)[0]
+        out_i[q_at, slot[take]] = items[take]
+        out_s[q_at, slot[take]] = scores[take]
         return out_i, out_s
 
     def for_histories(

@@ -89,6 +89,28 @@ def test_retriever_excludes_seen_and_weights_recency():
     assert r.for_histories([[0, 1, 2]], 5) == [[3]]
 
 
+@pytest.mark.parametrize("k", [1, 7, 40, 60])
+def test_retriever_search_keeps_each_rows_first_k_not_excluded(k):
+    """`search` (vectorised over rows) gives each query its best k items minus its own excluded ones, in
+    score order, padded with -1 / -inf where the catalogue runs out: as a row-by-row filter of the index's
+    answer does. Excluded lists may repeat items or hold items outside the top."""
+    rng = np.random.default_rng(k)
+    r = Retriever(rng.normal(size=(50, 8)).astype(np.float32))
+    queries = rng.normal(size=(6, 8)).astype(np.float32)
+    exclude = [[], [3], list(rng.choice(50, 20, replace=False)), [5, 5, 5], list(range(50)), [49, 0]]
+    items, scores = r.search(queries, k, exclude=exclude)
+    full_s, full_i = r.index.search(queries, 50)
+    for q in range(6):
+        want = [(i, s) for i, s in zip(full_i[q], full_s[q], strict=True) if i not in set(exclude[q])][:k]
+        assert items[q].tolist() == [i for i, _ in want] + [-1] * (k - len(want))
+        assert scores[q][: len(want)] == pytest.approx([s for _, s in want], abs=1e-6)
+        assert np.isneginf(scores[q][len(want) :]).all()
+    top = min(k, 50)  # no exclusions: the index's own top k
+    assert (r.search(queries, k)[0][:, :top] == full_i[:, :top]).all() and (
+        r.search(queries, k)[0][:, top:] == -1
+    ).all()
+
+
 def test_retriever_without_faiss_matches_faiss(monkeypatch):
     """Machines without faiss (the GPU image) fall back to exact numpy search with the same results."""
     import builtins

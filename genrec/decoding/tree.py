@@ -72,18 +72,19 @@ class TreeLayout:
         return self.pairs
 
     def _ancestor_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        node = torch.arange(1, 1 + self.n_inputs)
-        queries, keys = [], []
-        cur = node.clone()
+        parent = (
+            self.parent.numpy()
+        )  # numpy: a few small arrays per level, where torch ops cost more than the work
+        node = np.arange(1, 1 + self.n_inputs)
+        queries, keys = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+        cur = node
         while len(cur):
             queries.append(node - 1)
             keys.append(cur - 1)
-            up = self.parent[cur]
+            up = parent[cur]
             keep = up >= 1  # stop at the root: the prompt is attended to separately
             node, cur = node[keep], up[keep]
-        if not queries:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        return torch.cat(queries), torch.cat(keys)
+        return torch.from_numpy(np.concatenate(queries)), torch.from_numpy(np.concatenate(keys))
 
     def item_scores(self, edge_logp: torch.Tensor) -> torch.Tensor:
         """log P(item | prompt) per leaf from edge_logp[i] = log P(token of node i | its parent's prefix)."""
