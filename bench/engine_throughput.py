@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from genrec.config import ID_SOFTMAX
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
@@ -179,7 +181,7 @@ def main() -> None:
     p.add_argument("--build-model", default=None, help="H,L,heads,kv_heads,mlp: random Qwen2 for speed tests")
     p.add_argument(
         "--id-softmax",
-        choices=["run", "full", "ids", "level"],
+        choices=["run", *ID_SOFTMAX],
         default="run",
         help="score as the run's model was trained (run.json), or force the vocabulary / level softmax "
         "(model.id_softmax) on either engine, e.g. for a --build-model speed test",

@@ -15,6 +15,8 @@ import argparse
 import time
 from typing import Any
 
+from genrec.config import ID_SOFTMAX
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +27,7 @@ def main() -> None:
     )
     p.add_argument("--n-candidates", type=int, default=200, help="retrieved candidates per user")
     p.add_argument("--k", type=int, default=10, help="items per user")
-    p.add_argument("--id-softmax", choices=["run", "full", "ids", "level"], default="run")
+    p.add_argument("--id-softmax", choices=["run", *ID_SOFTMAX], default="run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -18,6 +18,13 @@ import yaml
 
 from genrec.errors import ConfigError
 
+IdSoftmaxMode = Literal["full", "ids", "level"]
+"""What an item-ID token's log-probability is normalised over (model.id_softmax; genrec.id_softmax)."""
+ID_SOFTMAX: tuple[str, ...] = typing.get_args(IdSoftmaxMode)
+SearchMode = Literal["auto", "beam", "exact"]
+"""How the transformers engine ranks (eval.search; genrec.engines.hf)."""
+SEARCHES: tuple[str, ...] = typing.get_args(SearchMode)
+
 SELECT_METRIC = re.compile(r"loss|mrr|(ndcg|recall)@[1-9][0-9]*")
 """Values of train.select_metric."""
 
@@ -123,7 +130,7 @@ class ModelConfig:
     id_init_scale: float = 3.0
     """`items` only: spread of those rows as a multiple of the base's (tiny: initializer_range; pretrained:
     the std of its existing embedding rows)."""
-    id_softmax: Literal["full", "ids", "level"] = "ids"
+    id_softmax: IdSoftmaxMode = "ids"
     """What an ID token's probability is normalised over, in training and in every engine (the run records it).
     `full`: the whole vocabulary, as a language model scores any token. `ids`: every ID token (all levels; no
     text or input tokens), since the model writes nothing else; `level`: the ID tokens of its own level. A
@@ -209,7 +216,7 @@ class EvalConfig:
     """`all`: full ranking over the catalogue minus seen items; `retriever`: top-N retrieved."""
     n_candidates: int = 200
     """Retriever candidates per user when candidates=retriever."""
-    search: Literal["auto", "beam", "exact"] = "auto"
+    search: SearchMode = "auto"
     """How the transformers engine ranks, in every command (evaluate, generate, serve): `exact` scores
     every candidate in one forward pass with tree attention (exact log P(item | prompt)); `beam` runs
     the constrained beam search (one model call per ID level); `auto`: exact where a request's trie

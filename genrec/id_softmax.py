@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ID_SOFTMAX = ("full", "ids", "level")
+from genrec.config import ID_SOFTMAX
 
 
 def softmax_groups(level_tokens: Sequence[Sequence[str]], mode: str) -> list[list[str]] | None:

@@ -14,12 +14,11 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from genrec.config import RunConfig
+from genrec.config import SEARCHES, RunConfig
 from genrec.data import Interactions
 from genrec.decoding import Ranked, Trie
 from genrec.decoding.tree import TreeLayout
 from genrec.engines import Engine, HFEngine
-from genrec.engines.hf import SEARCHES
 from genrec.errors import GenrecError
 from genrec.id_softmax import softmax_groups
 from genrec.ids import ItemIds

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from genrec.config import SEARCHES
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TopItems, TreeLayout, concat_ranges, layout, to_device
 from genrec.engines.base import ChatPrompts, tries_at
@@ -27,7 +28,6 @@ from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
 
-SEARCHES = ("auto", "beam", "exact")
 TREE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the custom 4-D mask tree scoring needs (flash kernels do not)."""
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
