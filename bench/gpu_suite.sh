@@ -20,7 +20,8 @@
 # (non-empty: hf-prep also profiles a pass, for how busy the GPU is while the ranking process works), ID_SOFTMAX
 # (full|ids|level: what the engine benchmarks normalise ID tokens over; the run's own setting by default, and
 # every H100 figure before model.id_softmax existed is `full`), PORT,
-# PARTS (a subset of "vllm hf hf-tree hf-eager hf-prep serve-vllm serve-hf"; all but hf-eager and hf-prep by default). All of it takes longer than one
+# PARTS (a subset of "gpu-tests vllm hf hf-tree hf-eager hf-prep serve-vllm serve-hf"; all but gpu-tests, hf-eager and
+# hf-prep by default; gpu-tests: the tests marked gpu in tests/test_{decoding,pipeline}.py, which CI skips). All of it takes longer than one
 # 10-minute device call: run it in parts, e.g. PARTS="hf-tree serve-hf", then PARTS="vllm" SOAK=0.
 set -uo pipefail
 RUN=${RUN:-runs/gpu}
@@ -41,6 +42,10 @@ START=$(date +%s)
 stamp() { echo "== $* ($(( $(date +%s) - START ))s)"; }
 quiet() { grep -v -E "^(INFO|DEBUG|\(EngineCore)" | tail -"$1"; }
 nvidia-smi -L 2>/dev/null | tee "$OUT/gpu.txt"
+if want gpu-tests; then
+  stamp "tests marked gpu (skipped in CI)"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py tests/test_pipeline.py 2>&1 | tail -15
+fi
 stamp "build model $MODEL"
 python3 - <<PY
 from pathlib import Path

@@ -287,7 +287,8 @@ def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp
 @pytest.mark.parametrize("softmax", ["", "full"])
 def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, softmax):
     """bench/gpu_suite.sh (run only on a lent GPU) hands ID_SOFTMAX to each bench.engine_throughput call, and
-    leaves the run's own setting alone when it is unset. A stand-in python3 records the calls."""
+    leaves the run's own setting alone when it is unset; its gpu-tests part runs the tests marked gpu. A stand-in
+    python3 records the calls."""
     calls = tmp_path / "calls"
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()
@@ -298,7 +299,7 @@ def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, sof
         "PATH": f"{fake.parent}:{os.environ['PATH']}",
         "RUN": "runs/x",
         "OUT": str(tmp_path / "out"),
-        "PARTS": "vllm hf hf-tree hf-eager hf-prep",
+        "PARTS": "gpu-tests vllm hf hf-tree hf-eager hf-prep",
         "PREP": "8",
         "ID_SOFTMAX": softmax,
     }
@@ -306,6 +307,10 @@ def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, sof
     subprocess.run(["bash", "bench/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True)
     benches = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.engine_throughput")]
     assert len(benches) == 7  # vllm, hf, hf-tree x3, hf-eager, hf-prep x1
+    tests = [c for c in calls.read_text().splitlines() if c.startswith("-m pytest")]
+    assert (
+        len(tests) == 1 and "-m gpu tests/test_decoding.py tests/test_pipeline.py" in tests[0]
+    )  # the GPU tests CI skips
     host = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.ranking_host")]
     assert len(host) == 1  # hf-prep also times the ranking process's own work
     for c in benches + host:

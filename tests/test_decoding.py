@@ -494,6 +494,7 @@ def test_cuda_graphs_only_on_a_gpu(tiny_lm):
     assert HFEngine(model, tok, cuda_graphs=True).static is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_tree_scoring_on_a_gpu(tiny_lm):
     """On a GPU (the device machine; skipped in CI): graphs are captured, pass their first-use check, and
@@ -519,6 +520,7 @@ def test_cuda_graph_tree_scoring_on_a_gpu(tiny_lm):
         model.to("cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pipelined_tree_scoring_on_a_gpu_ranks_as_on_the_cpu(tiny_lm):
     """On a GPU (skipped in CI) inputs and indices go over in pinned, non-blocking copies, and every batch is

@@ -408,16 +408,25 @@ def test_the_labelled_positions_head_matches_trls_fused_head():
 LEVELS_300 = [list(range(250, 260)), list(range(260, 270)), list(range(270, 290))]
 
 
+GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
 @pytest.mark.parametrize("groups", [LEVELS_300, [list(range(250, 290))]], ids=["level", "ids"])
-def test_the_restricted_softmax_head_matches_brute_force(groups):
-    """model.id_softmax level / ids: every labelled position is scored against its group's rows, on any device:
-    the loss, per-token fields and gradients equal a log-softmax over the group's columns of the full logits."""
+def test_the_restricted_softmax_head_matches_brute_force(groups, device):
+    """model.id_softmax level / ids: every labelled position is scored against its group's rows, on any device
+    (the GPU case is skipped in CI): the loss, per-token fields and gradients equal a log-softmax over the
+    group's columns of the full logits."""
     from trl.trainer.utils import add_fused_lm_head
 
     from genrec.id_softmax import IdSoftmax
     from genrec.training import labelled_positions_head
 
-    ref, ours = _tiny_qwen_pair()
+    ref, ours = (m.to(device) for m in _tiny_qwen_pair())
+    tol = {"atol": 1e-5, "rtol": 1e-5} if device == "cpu" else {"atol": 1e-4, "rtol": 1e-4}
     add_fused_lm_head(ours, outputs=("log_probs", "entropy", "is_top1"))
     labelled_positions_head(ours, IdSoftmax(groups, vocab_size=300))
     ids = torch.randint(0, 300, (3, 12))
@@ -426,28 +435,30 @@ def test_the_restricted_softmax_head_matches_brute_force(groups):
     labels[2, 9:12] = torch.tensor([259, 260, 270])  # row 1: no labels
     mask = torch.ones_like(ids)
     mask[2, :3] = 0
-    for count in (None, torch.tensor(9)):
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    for count in (None, torch.tensor(9, device=device)):
         out = ours(
             input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, num_items_in_batch=count
         )
         logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
-        want = torch.zeros(target.shape)
-        entropy = torch.zeros(target.shape)
+        want = torch.zeros(target.shape, device=device)
+        entropy = torch.zeros(target.shape, device=device)
         for b, t in (target != -100).nonzero().tolist():
             group = next(g for g in groups if int(target[b, t]) in g)
             logp = logits[b, t, group].log_softmax(-1)
-            want = want.index_put((torch.tensor(b), torch.tensor(t)), logp[group.index(int(target[b, t]))])
+            at = (torch.tensor(b, device=device), torch.tensor(t, device=device))
+            want = want.index_put(at, logp[group.index(int(target[b, t]))])
             entropy[b, t] = float(-(logp.exp() * logp).sum().detach())
         loss = -want.sum() / (6 if count is None else 9)
-        torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out.log_probs, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out.entropy, entropy, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.loss, loss, **tol)
+        torch.testing.assert_close(out.log_probs, want, **tol)
+        torch.testing.assert_close(out.entropy, entropy, **tol)
         assert out.label_mask.tolist() == (target != -100).tolist()
         out.loss.backward()
         loss.backward()
         for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6 if device == "cpu" else 1e-5, rtol=1e-4)
             p.grad = q.grad = None
 
 
