@@ -157,7 +157,9 @@ class Retriever:
             n = len(self)
             rows = np.repeat(np.arange(len(queries)), [len(e) for e in exclude])
             flat = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64, count=len(rows))
-            drop |= np.isin(np.arange(len(queries))[:, None] * n + items, rows * n + flat)
+            # an id outside the catalogue excludes nothing (as a key it would name another row's item)
+            known = (flat >= 0) & (flat < n)
+            drop |= np.isin(np.arange(len(queries))[:, None] * n + items, (rows * n + flat)[known])
         slot = np.cumsum(~drop, axis=1) - 1  # each kept item's place among its row's kept ones
         take = ~drop & (slot < k)
         out_i = np.full((len(queries), k), -1, dtype=np.int64)

@@ -93,11 +93,12 @@ def test_retriever_excludes_seen_and_weights_recency():
 def test_retriever_search_keeps_each_rows_first_k_not_excluded(k):
     """`search` (vectorised over rows) gives each query its best k items minus its own excluded ones, in
     score order, padded with -1 / -inf where the catalogue runs out: as a row-by-row filter of the index's
-    answer does. Excluded lists may repeat items or hold items outside the top."""
+    answer does. Excluded lists may repeat items, hold items outside the top, or ids outside the catalogue."""
     rng = np.random.default_rng(k)
     r = Retriever(rng.normal(size=(50, 8)).astype(np.float32))
     queries = rng.normal(size=(6, 8)).astype(np.float32)
-    exclude = [[], [3], list(rng.choice(50, 20, replace=False)), [5, 5, 5], list(range(50)), [49, 0]]
+    # 57 and -1: ids outside the catalogue exclude nothing (not the next row's item 7, nor the row before's 49)
+    exclude = [[57], [3, -1], list(rng.choice(50, 20, replace=False)), [5, 5, 5], list(range(50)), [49, 0]]
     items, scores = r.search(queries, k, exclude=exclude)
     full_s, full_i = r.index.search(queries, 50)
     for q in range(6):
