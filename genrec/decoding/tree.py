@@ -55,14 +55,14 @@ class TreeLayout:
         return _from_arrays, (arrays, self.n_inputs, list(self.level_starts), pairs)
 
     @property
-    def tokens(self) -> torch.Tensor:
-        """The input tokens of nodes 1..n_inputs."""
-        return self.token[1 : 1 + self.n_inputs]
+    def tokens(self) -> np.ndarray:
+        """The input tokens of nodes 1..n_inputs (a numpy view: packing reads it per row)."""
+        return self.token.numpy()[1 : 1 + self.n_inputs]
 
     @property
-    def positions(self) -> torch.Tensor:
+    def positions(self) -> np.ndarray:
         """Offset of each input node's position after the prompt's last one (its depth - 1)."""
-        return self.depth[1 : 1 + self.n_inputs] - 1
+        return self.depth.numpy()[1 : 1 + self.n_inputs] - 1
 
     def ancestor_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, key) input-node indices where node `query` may attend to node `key`: the node itself
@@ -72,9 +72,8 @@ class TreeLayout:
         return self.pairs
 
     def _ancestor_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parent = (
-            self.parent.numpy()
-        )  # numpy: a few small arrays per level, where torch ops cost more than the work
+        # numpy: a few small arrays per level, where torch ops cost more than the work
+        parent = self.parent.numpy()
         node = np.arange(1, 1 + self.n_inputs)
         queries, keys = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         cur = node

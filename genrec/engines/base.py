@@ -54,13 +54,25 @@ class Engine(Protocol):
     ) -> Callable[[], list[Ranked]]:
         """`rank` in two steps: start the work and return a call that gives its result. An engine that can
         leave work running on its device returns before it ends (the transformers engine's tree scoring), so
-        a batch job prepares the next batch meanwhile; the others rank here (`ranked_now`)."""
+        a batch job prepares the next batch meanwhile; the others rank before returning. `RankByLaunch` gives
+        an engine `rank` from its `launch`."""
         ...
 
 
-def ranked_now(ranked: list[Ranked]) -> Callable[[], list[Ranked]]:
-    """`Engine.launch`'s result for an engine that ranked synchronously."""
-    return lambda: ranked
+class RankByLaunch:
+    """`Engine.rank` for an engine that implements `Engine.launch`: start the work, then wait for its result."""
+
+    launch: Callable[..., Callable[[], list[Ranked]]]
+
+    def rank(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tries: Sequence[Trie | None],
+        *,
+        beam_width: int,
+        layouts: Sequence[TreeLayout | None] | None = None,
+    ) -> list[Ranked]:
+        return self.launch(prompts, tries, beam_width=beam_width, layouts=layouts)()
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genrec.config import SEARCHES
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TopItems, TreeLayout, concat_ranges, layout, to_device
-from genrec.engines.base import ChatPrompts, tries_at
+from genrec.engines.base import ChatPrompts, RankByLaunch, tries_at
 from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
@@ -348,15 +348,12 @@ class TreeScorer:
         prompt_at[:rows] = width - n - t
         tree_at[:rows] = width - t
         # every row's prompt then tree tokens, flat, and where each goes (rows right-aligned in `width`)
-        tree_tok = [lay.token.numpy()[1 : 1 + k] for lay, k in zip(lays, t.tolist(), strict=True)]
-        flat_ids = np.concatenate([x for p, tt in zip(prompts, tree_tok, strict=True) for x in (p, tt)])
-        tree_pos = np.concatenate(
-            [lay.depth.numpy()[1 : 1 + k] for lay, k in zip(lays, t.tolist(), strict=True)]
-        )
+        flat_ids = np.concatenate([x for p, lay in zip(prompts, lays, strict=True) for x in (p, lay.tokens)])
         is_tree = np.repeat(np.tile([False, True], rows), np.stack([n, t], axis=1).ravel())
         at = concat_ranges(np.arange(rows) * width + prompt_at[:rows], n + t)
         flat_pos = concat_ranges(np.zeros(rows, dtype=np.int64), n + t)  # a prompt token's: its index
-        flat_pos[is_tree] = np.repeat(n, t) + tree_pos - 1  # a tree token sits where it would in its sequence
+        # a tree token sits where it would in its own sequence
+        flat_pos[is_tree] = np.repeat(n, t) + np.concatenate([lay.positions for lay in lays])
         ids_flat = np.full(n_rows * width, self.pad_id, dtype=np.int64)
         pos_flat = np.zeros(n_rows * width, dtype=np.int64)
         ids_flat[at], pos_flat[at] = flat_ids, flat_pos
@@ -503,7 +500,7 @@ def tree_layouts(tries: Sequence[Trie], search: str, max_tree_tokens: int) -> di
     return out
 
 
-class HFEngine(ChatPrompts):
+class HFEngine(RankByLaunch, ChatPrompts):
     """Engine over a transformers model already loaded (see genrec.modeling.load_trained).
 
     `search`: "auto" ranks a request exactly (tree scoring) when its trie feeds at most
@@ -559,20 +556,6 @@ class HFEngine(ChatPrompts):
         """(search, max_tree_tokens) where tries may be ranked exactly (see `tree_layouts`); None: beam only."""
         return None if self.search == "beam" else (self.search, self.max_tree_tokens)
 
-    def rank(
-        self,
-        prompts: Sequence[Sequence[int]],
-        tries: Sequence[Trie | None],
-        *,
-        beam_width: int,
-        layouts: Sequence[TreeLayout | None] | None = None,
-    ) -> list[Ranked]:
-        """Top `beam_width` items per request: exact where the trie is small enough, else beam search.
-        `layouts`: the tries' `tree_layouts` under this engine's `layout_policy`, if already made
-        (genrec.prep's workers make them); None where a trie goes to beam search, and a request with a
-        layout needs no trie (None)."""
-        return self.launch(prompts, tries, beam_width=beam_width, layouts=layouts)()
-
     def launch(
         self,
         prompts: Sequence[Sequence[int]],
@@ -581,8 +564,11 @@ class HFEngine(ChatPrompts):
         beam_width: int,
         layouts: Sequence[TreeLayout | None] | None = None,
     ) -> Callable[[], list[Ranked]]:
-        """`rank`, split in two: the exact scoring is queued on the device here, and the returned call waits
-        for it. A batch job launches its next batch before it reads this one (`Recommender.rank_stream`), so
+        """Top `beam_width` items per request, exact where the trie is small enough, else by beam search;
+        `rank` (RankByLaunch) waits for them. `layouts`: the tries' `tree_layouts` under this engine's
+        `layout_policy`, if already made (genrec.prep's workers make them); None where a trie goes to beam search,
+        and a request with a layout needs no trie (None). The exact scoring is queued on the device here, and the
+        returned call waits for it. A batch job launches its next batch before it reads this one (`Recommender.rank_stream`), so
         the device works while this process writes results and packs the next batch. Requests that go to beam
         search are ranked here, before returning (beam search reads the device at every ID level)."""
         if len(prompts) != len(tries) or (layouts is not None and len(layouts) != len(tries)):

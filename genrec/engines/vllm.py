@@ -26,7 +26,7 @@ import torch
 
 from genrec.decoding import Ranked, Trie, constrained_beam_search
 from genrec.decoding.tree import TreeLayout
-from genrec.engines.base import ChatPrompts, ranked_now, tries_at
+from genrec.engines.base import ChatPrompts, RankByLaunch, tries_at
 from genrec.id_softmax import IdSoftmax, group_softmax
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def engine_options(
     return out
 
 
-class VLLMEngine(ChatPrompts):
+class VLLMEngine(RankByLaunch, ChatPrompts):
     name = "vllm"
     concurrent = False
     """Whether rank() may be called from several threads at once (AsyncVLLMEngine: yes)."""
@@ -166,23 +166,6 @@ class VLLMEngine(ChatPrompts):
         )
         self.ranked_by: Counter[str] = Counter()
 
-    def rank(
-        self,
-        prompts: Sequence[Sequence[int]],
-        tries: Sequence[Trie | None],
-        *,
-        beam_width: int,
-        layouts: Sequence[TreeLayout | None] | None = None,
-    ) -> list[Ranked]:
-        """Constrained beam search; `layouts` are never made for this engine (no `layout_policy`)."""
-        if layouts is not None and any(lay is not None for lay in layouts):
-            raise ValueError("the vLLM engine has no tree scoring: it ranks by beam search only")
-        self.ranked_by["beam"] += len(prompts)
-        step = VLLMStepModel(self.llm, softmax=self.softmax)
-        return constrained_beam_search(
-            step, prompts, tries_at(tries, range(len(tries))), beam_width=beam_width
-        )
-
     def launch(
         self,
         prompts: Sequence[Sequence[int]],
@@ -191,8 +174,16 @@ class VLLMEngine(ChatPrompts):
         beam_width: int,
         layouts: Sequence[TreeLayout | None] | None = None,
     ) -> Callable[[], list[Ranked]]:
-        """`rank` now (vLLM's step-wise beam search reads every level back); see Engine.launch."""
-        return ranked_now(self.rank(prompts, tries, beam_width=beam_width, layouts=layouts))
+        """Constrained beam search, run before returning (vLLM's step-wise search reads every level back; see
+        Engine.launch); `layouts` are never made for this engine (no `layout_policy`)."""
+        if layouts is not None and any(lay is not None for lay in layouts):
+            raise ValueError("the vLLM engine has no tree scoring: it ranks by beam search only")
+        self.ranked_by["beam"] += len(prompts)
+        step = VLLMStepModel(self.llm, softmax=self.softmax)
+        ranked = constrained_beam_search(
+            step, prompts, tries_at(tries, range(len(tries))), beam_width=beam_width
+        )
+        return lambda: ranked
 
     def greedy(self, prompts: Sequence[Sequence[int]], *, max_tokens: int) -> list[list[int]]:
         """Unconstrained greedy decoding of max_tokens tokens (the benchmark's speed reference)."""
