@@ -77,7 +77,7 @@ def count_rows(path: Path) -> int:
 def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
     if obj is None:
         return Reject(line, problem, "")
-    raw = json.dumps(obj)[:200]
+    raw = json.dumps(obj, default=str)[:200]  # a Parquet row may hold dates
     user = obj.get("user", obj.get("user_id"))
     user = str(user) if user is not None else None
     hist = obj.get("history")
@@ -346,6 +346,25 @@ def _commit(
     bar.update(len(rejects))
 
 
+def output_schema() -> Any:
+    """The Parquet output's columns, fixed: a chunk (or a shard) whose users are all missing must not make
+    `user` a null column that the next chunk's names cannot be written to."""
+    import pyarrow as pa
+
+    item = pa.struct(
+        [("rank", pa.int64()), ("item_id", pa.string()), ("title", pa.string()), ("score", pa.float64())]
+    )
+    return pa.schema(
+        [
+            ("line", pa.int64()),
+            ("user", pa.string()),
+            ("items", pa.list_(item)),
+            ("template_hash", pa.string()),
+            ("model", pa.string()),
+        ]
+    )
+
+
 def _rejects_path(output: Path) -> Path:
     return output.with_name(output.stem + ".rejects.jsonl")
 
@@ -358,18 +377,12 @@ def _finalize(manifest: Manifest, output: Path) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        writer = None
-        for p in parts:
-            rows = [json.loads(x) for x in p.with_suffix(".jsonl").read_text().splitlines()]
-            if not rows:
-                continue
-            table = pa.Table.from_pylist(rows)
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-        if writer is None:
-            pq.write_table(pa.table({"line": pa.array([], pa.int64())}), tmp)
-        else:
-            writer.close()
+        schema = output_schema()
+        with pq.ParquetWriter(tmp, schema) as writer:  # no rows: an empty file with the same columns
+            for p in parts:
+                rows = [json.loads(x) for x in p.with_suffix(".jsonl").read_text().splitlines()]
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     else:
         with open(tmp, "w") as out:
             for p in parts:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from genrec.batch import count_rows
+from genrec.batch import count_rows, output_schema
 from genrec.errors import GenrecError
 
 logger = logging.getLogger(__name__)
@@ -156,17 +156,12 @@ def merge_shards(outs: list[Path], output: Path) -> None:
     ):  # streamed shard by shard (memory stays flat); the `line` column orders rows
         import pyarrow.parquet as pq
 
-        writer = None
-        for o in outs:
-            if not o.exists():
-                continue
-            f = pq.ParquetFile(o)
-            for g in range(f.num_row_groups):
-                t = f.read_row_group(g)
-                writer = writer or pq.ParquetWriter(tmp, t.schema)
-                writer.write_table(t)
-        if writer is not None:
-            writer.close()
+        with pq.ParquetWriter(tmp, output_schema()) as writer:  # every shard wrote these columns
+            for o in outs:
+                if o.exists():
+                    f = pq.ParquetFile(o)
+                    for g in range(f.num_row_groups):
+                        writer.write_table(f.read_row_group(g))
     else:
         with open(tmp, "w", encoding="utf-8") as f:
             for _, line in heapq.merge(*(_jsonl_rows(o) for o in outs if o.exists())):
