@@ -202,6 +202,10 @@ class TrainConfig:
     different seeds give both methods' run-to-run spread)."""
     bf16: bool | None = None
     """bf16 mixed precision; None: on when a CUDA device supports it."""
+    gradient_checkpointing: bool | None = None
+    """Recompute each layer's activations in the backward pass instead of keeping them (memory for compute;
+    TRL's default). None: off for a `tiny` base, whose activations are small and where recomputing cost
+    a quarter of every step on the CPU (BENCHMARKS.md, "Quickstart"); on for pretrained bases."""
 
 
 @dataclass

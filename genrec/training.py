@@ -257,6 +257,9 @@ def sft_config(run: RunDir, cfg: RunConfig) -> Any:
         report_to="none",
         seed=t.seed,
         bf16=bf16,
+        gradient_checkpointing=(
+            t.gradient_checkpointing if t.gradient_checkpointing is not None else cfg.model.base != "tiny"
+        ),
         use_cpu=not cuda,
         max_length=t.max_length,
         completion_only_loss=True,

@@ -259,6 +259,27 @@ def test_patience_running_out_on_the_last_step_is_not_stopping_early():
     }
 
 
+@pytest.mark.parametrize(
+    ("base", "setting", "expected"),
+    [
+        ("tiny", None, False),
+        ("Qwen/Qwen2.5-0.5B", None, True),
+        ("tiny", True, True),
+        ("Qwen/x", False, False),
+    ],
+)
+def test_gradient_checkpointing_is_off_for_tiny_bases_unless_set(tmp_path, base, setting, expected):
+    """TRL recomputes activations by default; a from-scratch tiny model does not need the memory, and on the
+    CPU recomputing cost a quarter of each step (with the same weights after training, BENCHMARKS.md)."""
+    from genrec.config import RunConfig
+    from genrec.run import RunDir
+    from genrec.training import sft_config
+
+    cfg = RunConfig()
+    cfg.model.base, cfg.train.gradient_checkpointing = base, setting
+    assert sft_config(RunDir(tmp_path / "run"), cfg).gradient_checkpointing is expected
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "rows",
