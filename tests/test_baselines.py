@@ -30,6 +30,27 @@ def test_sasrec_learns_a_deterministic_sequence():
     assert all(not set(lst) & set(ex.history) for lst, ex in zip(lists, test, strict=True))
 
 
+def test_sasrec_loss_is_the_padded_cross_entropy_with_logits_only_where_a_target_is():
+    import torch
+
+    from genrec.baselines import SASRec, _left_pad, sasrec_loss
+
+    torch.manual_seed(0)
+    model = SASRec(20, SASRecConfig(hidden=16, dropout=0.0))
+    seqs = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    x, y = _left_pad([s[:-1] for s in seqs], 6), _left_pad([s[1:] for s in seqs], 6) - 1
+    ours = sasrec_loss(model, x, y)
+    ours.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(x)
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, 20), y.reshape(-1), ignore_index=-1)
+    full.backward()
+    assert torch.allclose(ours, full, atol=1e-6)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_sasrec_holds_out_the_validation_item_and_keeps_the_best_epoch(monkeypatch, caplog):
     """patience > 0: the last visible item of each user is ranked, not trained on; training stops once
     validation NDCG@10 stops rising and the best epoch's weights rank the test users."""
@@ -131,9 +152,9 @@ def test_sasrec_pads_batches_to_the_longest_sequence_within_max_len(monkeypatch)
     data = cyclic(length=12)  # test histories: 11 items, the longest input anywhere
     test = leave_one_out(data, "test")
     widths: list[int] = []
-    forward = baselines.SASRec.forward
+    encode = baselines.SASRec.encode
     monkeypatch.setattr(
-        baselines.SASRec, "forward", lambda self, seq: widths.append(seq.shape[1]) or forward(self, seq)
+        baselines.SASRec, "encode", lambda self, seq: widths.append(seq.shape[1]) or encode(self, seq)
     )
     for max_len, expected in ((50, 11), (8, 8)):
         widths.clear()
