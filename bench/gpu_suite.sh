@@ -16,7 +16,7 @@
 # 5. `genrec serve --backend hf` (exact tree scoring of the retrieved candidates) + bench/load.py.
 # Knobs (env): MODEL (H,L,heads,kv,mlp), USERS, HF_USERS, LATENCY (one-request timings), REQUESTS (per level), SOAK,
 # SOAK_HF (the same for serve-hf; 0 by default), PREP (preparation worker counts for hf-prep, "4 8"; hf-prep also
-# times the ranking process's own CPU work per user, bench.ranking_host), PROFILE
+# times the ranking process's own CPU work per user, bench.ranking_host, and a worker's, bench.prep_worker), PROFILE
 # (non-empty: hf-prep also profiles a pass, for how busy the GPU is while the ranking process works), ID_SOFTMAX
 # (full|ids|level: what the engine benchmarks normalise ID tokens over; the run's own setting by default, and
 # every H100 figure before model.id_softmax existed is `full`), PORT,
@@ -83,6 +83,8 @@ fi
 if want hf-prep; then  # the batch job with PREP preparation worker processes (genrec generate --prep-workers)
   stamp "ranking process's own CPU work per user (no model call)"
   timeout 90 python3 -m bench.ranking_host --run "$RUN" "${SOFTMAX[@]}" --users 1024 --out "$OUT/ranking_host.json" 2>&1 | quiet 16
+  stamp "a preparation worker's CPU work per user (no model)"
+  timeout 90 python3 -m bench.prep_worker --run "$RUN" --users 1024 --out "$OUT/prep_worker.json" 2>&1 | quiet 20
   for workers in ${PREP:-4 8}; do
     stamp "engine throughput: hf, 200 retrieved candidates, exact, $workers preparation workers"
     timeout 150 python3 -m bench.engine_throughput --run "$RUN" "${SOFTMAX[@]}" --engine hf --users "$USERS" --beam 10 --batch 256 \

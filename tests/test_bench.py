@@ -284,6 +284,29 @@ def test_train_head_bench_times_both_heads_on_the_runs_own_rows(trained_run, tmp
     assert level["losses"][0] < ids_["losses"][0] < ours["losses"][0]
 
 
+def test_prep_worker_bench_times_each_step_of_a_preparation_worker(trained_run, tmp_path, monkeypatch):
+    """bench.prep_worker on a trained run: a worker's steps are timed, its total is `prepare` timed whole plus
+    the steps after it, and what a batch costs to send is reported."""
+    import sys
+
+    import bench.prep_worker as pw
+
+    run, _, _ = trained_run
+    out = tmp_path / "worker.json"
+    argv = ["x", "--run", str(run.path), "--users", "10", "--batch", "4", "--n-candidates", "20"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--repeats", "1", "--out", str(out)])
+    pw.main()
+    res = json.loads(out.read_text())
+    steps = res["ms_per_user"]
+    assert set(steps) == {"render", "tokenize", "retrieve", "tries", "layouts", "pickle"}
+    assert all(v >= 0 for v in steps.values()) and steps["render"] > 0 and steps["tokenize"] > 0
+    after = steps["tries"] + steps["layouts"] + steps["pickle"]
+    assert res["total_ms_per_user"] == pytest.approx(res["prepare_ms_per_user"] + after, abs=1e-3)
+    assert res["bound_users_per_s"] == round(1000 / res["total_ms_per_user"])
+    assert res["pickled_kb_per_user"] > 0 and res["ranking_process_unpickle_ms_per_user"] > 0
+    assert res["mean_prompt_tokens"] > 0 and res["users"] == 10
+
+
 @pytest.mark.parametrize("softmax", ["", "full"])
 def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, softmax):
     """bench/gpu_suite.sh (run only on a lent GPU) hands ID_SOFTMAX to each bench.engine_throughput call, and
@@ -312,6 +335,7 @@ def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, sof
         len(tests) == 1 and "-m gpu tests/test_decoding.py tests/test_pipeline.py" in tests[0]
     )  # the GPU tests CI skips
     host = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.ranking_host")]
-    assert len(host) == 1  # hf-prep also times the ranking process's own work
+    assert len(host) == 1  # hf-prep also times the ranking process's own work, and a preparation worker's
+    assert sum(c.startswith("-m bench.prep_worker") for c in calls.read_text().splitlines()) == 1
     for c in benches + host:
         assert ("--id-softmax full" in c) == bool(softmax) and c.count("--id-softmax") == int(bool(softmax))
