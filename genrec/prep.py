@@ -5,11 +5,12 @@ retriever's index) and a model side (tries, then the engine). On a GPU host the 
 the time: on an H100, one process ranked 474-531 users/s and the same job with 8 workers 1,020
 (BENCHMARKS.md, "Offline batch throughput"). `PrepPool` runs `Recommender.prepare` in `workers` processes, each holding the run's
 data, IDs, templates, retriever and tokenizer but no model, a few batches ahead of the process that
-owns the model; results come back in submission order (`Future.result()`).
+owns the model; results come back in submission order (`Future.result()`). A worker's own CPU work per user is
+timed by bench.prep_worker.
 
 Workers are spawned, not forked: the parent may hold a CUDA context and torch's thread pools, which
 a forked child must not inherit. Each worker loads the run once (a few seconds) and uses one
-torch/tokenizer thread, so N workers use about N cores.
+torch, faiss and tokenizer thread, so N workers use about N cores.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def _init(run_path: str, parent: int, policy: tuple[str, int] | None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    try:  # one faiss (OpenMP) thread too, whatever imported faiss first: else N workers start N x cores threads
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        pass
     _REC = prompt_recommender(run_path)
 
 

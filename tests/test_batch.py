@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -291,6 +292,10 @@ def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
         good = pool.submit([RankRequest([0, 1], mode="all")]).result()
         assert good.prompts == [rec.engine.encode_many([rec.builder.messages([0, 1], None)])[0]]
         assert good.retrieved == [None] and good.layouts is None  # no layout policy given
+        if importlib.util.find_spec("faiss"):  # one search thread per worker, as torch's
+            import faiss
+
+            assert pool._pool.submit(faiss.omp_get_max_threads).result() == 1
 
 
 def test_evaluation_ranking_with_preparation_workers_is_the_same(rec):
