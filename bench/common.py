@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,29 @@ def save(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def batch_job_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Options of the benchmarks that time one process of a batch job per user (bench.ranking_host,
+    bench.prep_worker): the run, and batches as `genrec generate` makes them."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--users", type=int, default=1024)
+    p.add_argument(
+        "--batch", type=int, default=256, help="users per batch, as `genrec generate --batch-size`"
+    )
+    p.add_argument("--n-candidates", type=int, default=200, help="retrieved candidates per user")
+    p.add_argument("--k", type=int, default=10, help="items per user")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per step; the best counts")
+    p.add_argument("--out", default=None)
+    return p
+
+
+def best_ms_per_user(fn: Callable[[], Any], users: int, repeats: int) -> float:
+    """Milliseconds per user of the fastest of `repeats` calls of `fn` (each handling `users` users)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return round(best / users * 1000, 4)

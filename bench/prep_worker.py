@@ -13,41 +13,21 @@ apart (bench.ranking_host times the rest of its work). Without any model, one th
 
 from __future__ import annotations
 
-import argparse
 import pickle
-import time
-from collections.abc import Callable
 from typing import Any
 
-
-def best_ms_per_user(fn: Callable[[], Any], users: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return round(best / users * 1000, 4)
+from bench.common import batch_job_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True)
-    p.add_argument("--users", type=int, default=1024)
-    p.add_argument(
-        "--batch", type=int, default=256, help="users per batch, as `genrec generate --batch-size`"
-    )
-    p.add_argument("--n-candidates", type=int, default=200, help="retrieved candidates per user")
-    p.add_argument("--k", type=int, default=10, help="items per user")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = batch_job_parser(__doc__).parse_args()
 
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in a worker: the workers are the parallelism
     import torch
 
-    from bench.common import save
+    from bench.common import best_ms_per_user, save
     from genrec.data import leave_one_out
     from genrec.engines.hf import tree_layouts
     from genrec.prep import prompt_recommender

@@ -11,30 +11,21 @@ so it bounds the job's users/s from above. Timed here without any model call, pe
 
 from __future__ import annotations
 
-import argparse
-import time
+from collections.abc import Callable
 from typing import Any
 
+from bench.common import batch_job_parser
 from genrec.config import ID_SOFTMAX
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True)
-    p.add_argument("--users", type=int, default=1024)
-    p.add_argument(
-        "--batch", type=int, default=256, help="users per batch, as `genrec generate --batch-size`"
-    )
-    p.add_argument("--n-candidates", type=int, default=200, help="retrieved candidates per user")
-    p.add_argument("--k", type=int, default=10, help="items per user")
+    p = batch_job_parser(__doc__)
     p.add_argument("--id-softmax", choices=["run", *ID_SOFTMAX], default="run")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
 
     import torch
 
-    from bench.common import save
+    from bench.common import best_ms_per_user, save
     from genrec.data import leave_one_out
     from genrec.decoding import Ranked
     from genrec.decoding.tree import TopItems
@@ -84,15 +75,17 @@ def main() -> None:
         "edge_index": lambda b, ps, lays, w: edges(lays, w),
         "recommendations": lambda b, ps, lays, w: recommendations(b, lays),
     }
-    per_user: dict[str, float] = {}
-    for name, fn in steps.items():
-        best = float("inf")
-        for _ in range(args.repeats):
-            t = time.perf_counter()
+
+    def every_batch(step: Callable[..., Any]) -> Callable[[], None]:
+        def run() -> None:
             for (b, ps, lays), w in zip(batches, widths, strict=True):
-                fn(b, ps, lays, w)
-            best = min(best, time.perf_counter() - t)
-        per_user[name] = round(best / args.users * 1000, 4)
+                step(b, ps, lays, w)
+
+        return run
+
+    per_user = {
+        name: best_ms_per_user(every_batch(fn), args.users, args.repeats) for name, fn in steps.items()
+    }
     total = sum(per_user.values())
     save(
         args.out,
