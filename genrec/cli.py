@@ -256,6 +256,16 @@ def _print_report(report: dict[str, Any]) -> None:
     typer.echo(f"{'method':<12}" + "".join(f"{c:>11}" for c in cols))
     for name, r in res.items():
         typer.echo(f"{name:<12}" + "".join(f"{r[c]:>11.4f}" for c in cols))
+    vs = report.get("genrec_vs") or {}
+    if vs:  # the strongest baseline, user by user (the report has every baseline)
+        metric = next(m for m in next(iter(vs.values())) if m.startswith("ndcg@"))
+        best = max(vs, key=lambda n: res[n][metric])
+        d = vs[best][metric]
+        verdict = "within noise" if d["low"] <= 0 <= d["high"] else "a real difference at 95%"
+        typer.echo(
+            f"genrec - {best} (strongest baseline) on {metric}: {d['diff']:+.4f}, 95% interval "
+            f"[{d['low']:+.4f}, {d['high']:+.4f}] over the same users: {verdict}"
+        )
 
 
 @app.command()

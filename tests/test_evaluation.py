@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from genrec.data import Example
-from genrec.evaluation import intra_list_diversity, popularity_lists, user_metrics, validity
+from genrec.evaluation import (
+    intra_list_diversity,
+    paired_differences,
+    paired_table,
+    popularity_lists,
+    user_metrics,
+    validity,
+)
 
 
 def test_user_metrics_by_hand():
@@ -39,3 +46,23 @@ def test_report_says_how_genrec_ranked():
     assert ranking_text({**base, "ranked_by": {"exact": 10}}) == "ranked exactly (tree scoring; top 20)"
     mixed = ranking_text({**base, "ranked_by": {"exact": 7, "beam": 3}})
     assert mixed == "ranked exactly for 7 users and by beam search (width 20) for 3"
+
+
+def test_paired_differences_by_hand_and_in_the_report():
+    """genrec minus a baseline per user: mean and mean ± 1.96 standard errors of the differences."""
+    ours = [{"ndcg@10": v} for v in (1.0, 0.0, 1.0, 0.5)]
+    per_user = {
+        "genrec": ours,
+        "tied": [{"ndcg@10": v} for v in (0.0, 0.0, 1.0, 0.5)],  # differences 1, 0, 0, 0: sd 0.5
+        "worse": [{"ndcg@10": v - 0.25} for v in (1.0, 0.0, 1.0, 0.5)],  # 0.25 below for every user
+    }
+    vs = paired_differences(per_user, ["ndcg@10"])
+    assert set(vs) == {"tied", "worse"}
+    tied = vs["tied"]["ndcg@10"]
+    assert tied["diff"] == pytest.approx(0.25)
+    assert (tied["low"], tied["high"]) == (pytest.approx(0.25 - 0.49), pytest.approx(0.25 + 0.49))
+    worse = vs["worse"]["ndcg@10"]  # the same difference for every user: no spread, the interval is a point
+    assert worse["diff"] == worse["low"] == worse["high"] == pytest.approx(0.25)
+    rows = {line.split(" | ")[0]: line for line in paired_table(vs, 4) if line.startswith("| ")}
+    assert rows["| tied"].endswith("[-0.2400, +0.7400] |")  # holds 0: not marked
+    assert rows["| worse"].endswith("[+0.2500, +0.2500] * |")

@@ -53,6 +53,22 @@ def test_evaluation_report_and_validity(trained):
     # the tiny catalogue's trie is under eval.max_tree_tokens: every user was ranked exactly, and it says so
     assert report["ranked_by"] == {"exact": report["users"]}
     assert "ranked exactly (tree scoring; top 10)" in (run / "report_test.md").read_text()
+    # genrec minus each baseline, user by user: the means are the per-user file's, and the report shows them
+    import pandas as pd
+
+    users = pd.read_parquet(run / "eval_test_users.parquet")
+    by = users.groupby("method")["ndcg@10"].apply(list)
+    for name, d in report["genrec_vs"].items():
+        diff = np.mean(np.array(by["genrec"]) - np.array(by[name]))
+        assert (
+            d["ndcg@10"]["diff"] == pytest.approx(diff)
+            and d["ndcg@10"]["low"] <= diff <= d["ndcg@10"]["high"]
+        )
+    text = (run / "report_test.md").read_text()
+    assert (
+        "## genrec against each baseline, user by user" in text
+        and "| sasrec | " in text.split("user by user")[1]
+    )
 
 
 @pytest.mark.slow
@@ -359,6 +375,12 @@ def test_evaluate_cli_split_comes_from_the_command_not_a_saved_config(trained, t
     assert (
         "test split" in result.output and json.loads((run / "eval_test.json").read_text())["split"] == "test"
     )
+    assert "strongest baseline" not in result.output  # no baseline to compare with
+    result = CliRunner().invoke(app, [*base, "-s", "eval.baselines=[popularity,markov]"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval_test.json").read_text())
+    best = max(["popularity", "markov"], key=lambda n: report["results"][n]["ndcg@10"])
+    assert f"genrec - {best} (strongest baseline) on ndcg@10: " in result.output
 
 
 @pytest.mark.parametrize("search", ["beam", "exact"])
