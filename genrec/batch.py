@@ -47,25 +47,37 @@ class Reject:
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(line, parsed row, "") or (line, None, what is wrong), streamed."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         line = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
-                line += 1
-                yield line, rec, ""
+        try:
+            for batch in parquet_file(path).iter_batches(batch_size=4096):
+                for rec in batch.to_pylist():
+                    line += 1
+                    yield line, rec, ""
+        except (pa.ArrowException, OSError) as e:  # committed chunks stay: --resume once the file is mended
+            raise GenrecError(f"{path}: unreadable after row {line} ({e})") from None
         return
     if path.suffix not in (".jsonl", ".json"):
         raise GenrecError(f"{path}: input must be .jsonl or .parquet")
     yield from iter_jsonl(path)
 
 
+def parquet_file(path: Path) -> Any:
+    """A Parquet input opened for streaming; an error that names the file when it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GenrecError(f"{path}: not a readable Parquet file ({e})") from None
+
+
 def count_rows(path: Path) -> int:
     """Rows in the input without parsing it: parquet metadata, or newlines read in 1 MiB blocks."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return int(pq.ParquetFile(path).metadata.num_rows)
+        return int(parquet_file(path).metadata.num_rows)
     lines, last = 0, b"\n"
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

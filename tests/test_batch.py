@@ -118,6 +118,21 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
     assert list(pd.read_parquet(tmp_path / "merged_none.parquet").columns) == list(out.columns)
 
 
+def test_a_line_that_is_not_utf8_is_rejected_and_a_broken_parquet_input_is_named(rec, tmp_path):
+    """A byte that is not UTF-8 spoils one line, not the job; an input that is not Parquet is named."""
+    user = rec.data.users[0]
+    (tmp_path / "users.jsonl").write_bytes(
+        f'{{"user": "{user}"}}\n{{"user": "caf\xe9"}}\n{{"user": "{user}"}}\n'.encode("latin-1")
+    )
+    summary = generate(rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", n_items=3, progress=False)
+    assert summary["rows"] == 2 and summary["rejects"] == 1
+    [reject] = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 2 and reject["reason"] == "not UTF-8 text (byte 0xe9 at column 14)"
+    (tmp_path / "users.parquet").write_text("not parquet")
+    with pytest.raises(GenrecError, match=r"users.parquet: not a readable Parquet file"):
+        generate(rec, tmp_path / "users.parquet", tmp_path / "out.jsonl", progress=False)
+
+
 @pytest.mark.parametrize("prep_workers", [0, 2])
 def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp_path, prep_workers):
     """Killed mid-run (with preparation workers too: they leave with the job, no orphans), then resumed."""

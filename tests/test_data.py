@@ -53,6 +53,11 @@ def test_sequences_format(tmp_path):
     p.write_text("u1 a b c\nu2 b c d e\n\n")
     catalog, users, _seqs = load_sequences(p)
     assert users == ["u1", "u2"] and catalog.item_ids == ["a", "b", "c", "d", "e"]
+    p.write_bytes(b"\xef\xbb\xbfu1 a b c\r\nu2 b c d e\r\n")  # a byte-order mark and CRLF line ends
+    assert load_sequences(p)[1:] == (["u1", "u2"], _seqs)
+    p.write_bytes(b"u1 a b\nu2 b \xff\n")
+    with pytest.raises(DataError, match=r"seq.txt, line 2: not UTF-8 text \(byte 0xff at column 6\)"):
+        load_sequences(p)
     assert not catalog.has_text
     p.write_text("u1 a b\nu1 c d\n")
     with pytest.raises(DataError, match=r"seq.txt, line 2, field 'user': user 'u1' already listed on line 1"):
@@ -121,6 +126,17 @@ def test_table_errors_name_file_line_field(tmp_path):
     j.write_text('{"user_id": "u1", "item_id": "a"}\n{"user_id": oops}\n')
     with pytest.raises(DataError, match=r"i.jsonl, line 2: malformed JSON"):
         load_table(j, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
+    j.write_bytes(b'{"user_id": "u1", "item_id": "a"}\n{"user_id": "u\xff1", "item_id": "a"}\n')
+    with pytest.raises(DataError, match=r"i.jsonl, line 2: not UTF-8 text \(byte 0xff at column 15\)"):
+        load_table(j, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
+    bad = tmp_path / "i.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(DataError, match=r"i.parquet: not a readable Parquet file"):
+        load_table(bad, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
+    c = tmp_path / "latin.csv"
+    c.write_bytes("user_id,item_id\nu1,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: not UTF-8 text"):
+        load_table(c, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
     items = tmp_path / "items.csv"
     items.write_text("item_id,title\na,A\n")
     p.write_text("user_id,item_id\nu1,a\nu1,zz\n")

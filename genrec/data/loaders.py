@@ -117,18 +117,32 @@ def _is_float(s: str) -> bool:
     return True
 
 
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line end) of a UTF-8 file (a byte-order mark and CRLF line ends are
+    fine); a line that is not UTF-8 is a DataError naming it."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                    path=path,
+                    line=line_no,
+                ) from None
+
+
 def _tsv(path: Path, n_fields: int, *, header: str | None = None) -> Iterable[tuple[int, list[str]]]:
     """(line number, fields) of a tab-separated file, skipping a header line that starts with `header`."""
-    with open(_need_file(path), encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if (line_no == 1 and header and line.startswith(header)) or not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != n_fields:
-                raise DataError(
-                    f"expected {n_fields} tab-separated fields, got {len(parts)}", path=path, line=line_no
-                )
-            yield line_no, parts
+    for line_no, line in _utf8_lines(_need_file(path)):
+        if (line_no == 1 and header and line.startswith(header)) or not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != n_fields:
+            raise DataError(
+                f"expected {n_fields} tab-separated fields, got {len(parts)}", path=path, line=line_no
+            )
+        yield line_no, parts
 
 
 def load_sequences(path: str | Path) -> Raw:
@@ -137,23 +151,22 @@ def load_sequences(path: str | Path) -> Raw:
     item_index: dict[str, int] = {}
     users, seqs = [], []
     seen_users: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) < 2:
-                raise DataError("a user with no items", path=path, line=line_no, field="items")
-            if parts[0] in seen_users:
-                raise DataError(
-                    f"user {parts[0]!r} already listed on line {seen_users[parts[0]]}",
-                    path=path,
-                    line=line_no,
-                    field="user",
-                )
-            seen_users[parts[0]] = line_no
-            users.append(parts[0])
-            seqs.append([item_index.setdefault(i, len(item_index)) for i in parts[1:]])
+    for line_no, line in _utf8_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise DataError("a user with no items", path=path, line=line_no, field="items")
+        if parts[0] in seen_users:
+            raise DataError(
+                f"user {parts[0]!r} already listed on line {seen_users[parts[0]]}",
+                path=path,
+                line=line_no,
+                field="user",
+            )
+        seen_users[parts[0]] = line_no
+        users.append(parts[0])
+        seqs.append([item_index.setdefault(i, len(item_index)) for i in parts[1:]])
     ids = list(item_index)
     return Catalog(ids, [""] * len(ids), [""] * len(ids), source=str(path)), users, seqs
 
@@ -189,9 +202,15 @@ def load_unisrec(folder: str | Path) -> Raw:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line, object, "") per non-empty line, or (line, None, what is wrong) for a bad one; streamed."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    """(line, object, "") per non-empty line, or (line, None, what is wrong) for a bad one; streamed. Lines are
+    decoded one by one, so a line that is not UTF-8 is one bad line, not the end of the file."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:
@@ -210,9 +229,19 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = _need_file(Path(path))
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pd.read_parquet(path)
+        import pyarrow as pa
+
+        try:
+            return pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"not a readable Parquet file ({e})", path=path) from None
     if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        try:
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        except UnicodeDecodeError as e:
+            raise DataError(f"not UTF-8 text (byte offset {e.start})", path=path) from None
+        except pd.errors.ParserError as e:
+            raise DataError(f"malformed CSV ({e})", path=path) from None
     if suffix in (".jsonl", ".json"):
         rows = []
         for line_no, row, problem in iter_jsonl(path):
