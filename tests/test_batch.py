@@ -127,7 +127,10 @@ def test_a_line_that_is_not_utf8_is_rejected_and_a_broken_parquet_input_is_named
     summary = generate(rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", n_items=3, progress=False)
     assert summary["rows"] == 2 and summary["rejects"] == 1
     [reject] = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
-    assert reject["line"] == 2 and reject["reason"] == "not UTF-8 text (byte 0xe9 at column 14)"
+    assert (
+        reject["line"] == 2
+        and reject["reason"] == 'not UTF-8 text (byte 0xe9 at column 14): \'{"user": "caf\ufffd"}\''
+    )
     (tmp_path / "users.parquet").write_text("not parquet")
     with pytest.raises(GenrecError, match=r"users.parquet: not a readable Parquet file"):
         generate(rec, tmp_path / "users.parquet", tmp_path / "out.jsonl", progress=False)

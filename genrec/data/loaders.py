@@ -209,7 +209,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield line_no, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                text = raw.decode("utf-8", "replace").strip()[:80]
+                yield (
+                    line_no,
+                    None,
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): {text!r}",
+                )
                 continue
             if not line.strip():
                 continue
