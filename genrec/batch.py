@@ -113,6 +113,10 @@ def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: 
     return Row(line, user, items)
 
 
+INPUT_STAMP = ("input_size", "input_mtime_ns")
+"""What a manifest records of the input file, so that a resumed job refuses an input that changed."""
+
+
 class Manifest:
     """Committed chunks, in input order; the resume point is the last committed input line."""
 
@@ -121,7 +125,16 @@ class Manifest:
         self.data: dict[str, Any] = {"settings": settings, "chunks": [], "done": False}
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
-            if self.data["settings"] != settings:
+            started = self.data["settings"]
+            if any(started.get(k, settings[k]) != settings[k] for k in INPUT_STAMP):
+                raise GenrecError(
+                    f"{settings['input']} changed since this job started ({started['input_size']:,} bytes then, "
+                    f"{settings['input_size']:,} now; or modified in place): the committed chunks name its lines, "
+                    f"so a resumed job must read the same file. Restore it, or remove {folder} (and the output, if the "
+                    "job had finished) and start again"
+                )
+            started.update({k: settings[k] for k in INPUT_STAMP if k not in started})  # older manifests
+            if started != settings:
                 raise GenrecError(
                     f"{self.path}: written with other settings {self.data['settings']}; "
                     "remove the folder or rerun with the same options"
@@ -182,8 +195,11 @@ def generate(
         pinned = rec.templates.version(
             started.get("template", pinned.name), started.get("template_version", 1)
         )
+    stat = input_path.stat()
     settings = {
         "input": str(input_path.resolve()),
+        "input_size": stat.st_size,
+        "input_mtime_ns": stat.st_mtime_ns,
         "shard": f"{k}/{n}",
         "n_items": n_items,
         "mode": mode,

@@ -118,6 +118,27 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
     assert list(pd.read_parquet(tmp_path / "merged_none.parquet").columns) == list(out.columns)
 
 
+def test_resuming_refuses_an_input_that_changed_since_the_job_started(rec, tmp_path):
+    """The manifest's chunks name input lines: a resumed job on a grown or edited input would skip or repeat rows."""
+    users, out = tmp_path / "users.jsonl", tmp_path / "recs.jsonl"
+    write_input(rec, users, n=20)
+    done = generate(rec, users, out, chunk_size=8, progress=False)
+    assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done  # unchanged: fine
+    with open(users, "a") as f:
+        f.write(json.dumps({"user": rec.data.users[0]}) + "\n")
+    with pytest.raises(
+        GenrecError, match=r"users.jsonl changed since this job started \(\d[\d,]* bytes then"
+    ):
+        generate(rec, users, out, resume=True, chunk_size=8, progress=False)
+    # a manifest written before inputs were stamped still resumes
+    manifest = tmp_path / "recs.jsonl.parts" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for k in ("input_size", "input_mtime_ns"):
+        del data["settings"][k]
+    manifest.write_text(json.dumps(data))
+    assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
+
+
 def test_a_line_that_is_not_utf8_is_rejected_and_a_broken_parquet_input_is_named(rec, tmp_path):
     """A byte that is not UTF-8 spoils one line, not the job; an input that is not Parquet is named."""
     user = rec.data.users[0]
