@@ -10,6 +10,7 @@ with exactly one row per input row. Bad rows go to `<output stem>.rejects.jsonl`
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -113,8 +114,20 @@ def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: 
     return Row(line, user, items)
 
 
-INPUT_STAMP = ("input_size", "input_mtime_ns")
+INPUT_STAMP = ("input_size", "input_ends_sha256")
 """What a manifest records of the input file, so that a resumed job refuses an input that changed."""
+
+
+def input_stamp(path: Path, block: int = 1 << 20) -> dict[str, Any]:
+    """The input's size and a hash of its first and last MiB: cheap on any size, unchanged by copying the
+    file elsewhere, changed by appending rows or editing either end."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(block))
+        f.seek(max(0, size - block))
+        digest.update(f.read(block))
+    return {"input_size": size, "input_ends_sha256": digest.hexdigest()}
 
 
 class Manifest:
@@ -129,7 +142,7 @@ class Manifest:
             if any(started.get(k, settings[k]) != settings[k] for k in INPUT_STAMP):
                 raise GenrecError(
                     f"{settings['input']} changed since this job started ({started['input_size']:,} bytes then, "
-                    f"{settings['input_size']:,} now; or modified in place): the committed chunks name its lines, "
+                    f"{settings['input_size']:,} now, or edited): the committed chunks name its lines, "
                     f"so a resumed job must read the same file. Restore it, or remove {folder} (and the output, if the "
                     "job had finished) and start again"
                 )
@@ -195,11 +208,9 @@ def generate(
         pinned = rec.templates.version(
             started.get("template", pinned.name), started.get("template_version", 1)
         )
-    stat = input_path.stat()
     settings = {
         "input": str(input_path.resolve()),
-        "input_size": stat.st_size,
-        "input_mtime_ns": stat.st_mtime_ns,
+        **input_stamp(input_path),
         "shard": f"{k}/{n}",
         "n_items": n_items,
         "mode": mode,
