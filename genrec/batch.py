@@ -119,8 +119,8 @@ INPUT_STAMP = ("input_size", "input_ends_sha256")
 
 
 def input_stamp(path: Path, block: int = 1 << 20) -> dict[str, Any]:
-    """The input's size and a hash of its first and last MiB: cheap on any size, unchanged by copying the
-    file elsewhere, changed by appending rows or editing either end."""
+    """The input's size and a hash of its first and last MiB: cheap on any size, unchanged when the same
+    content is written again (restored from a copy, touched), changed by appending rows or editing either end."""
     size = path.stat().st_size
     digest = hashlib.sha256()
     with open(path, "rb") as f:

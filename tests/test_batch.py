@@ -124,7 +124,7 @@ def test_resuming_refuses_an_input_that_changed_since_the_job_started(rec, tmp_p
     write_input(rec, users, n=20)
     done = generate(rec, users, out, chunk_size=8, progress=False)
     assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done  # unchanged: fine
-    os.utime(users, (0, 0))  # copied elsewhere, touched: the same content resumes
+    os.utime(users, (0, 0))  # touched (or restored from a copy): the same content resumes
     assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
     with open(users, "a") as f:
         f.write(json.dumps({"user": rec.data.users[0]}) + "\n")
