@@ -170,6 +170,29 @@ class Manifest:
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
+def check_options(
+    *,
+    n_items: int = 10,
+    mode: str = "all",
+    n_candidates: int = 200,
+    chunk_size: int = 1000,
+    batch_size: int = 32,
+    **_: Any,
+) -> None:
+    """A batch job's options, checked before any input is read (named by their `genrec generate` flags);
+    `generate`'s other keywords pass unchecked."""
+    if mode not in ("all", "retriever"):
+        raise GenrecError(f"--candidates must be 'all' or 'retriever', got {mode!r}")
+    for flag, value in (
+        ("-n", n_items),
+        ("--n-candidates", n_candidates),
+        ("--chunk-size", chunk_size),
+        ("--batch-size", batch_size),
+    ):
+        if value < 1:
+            raise GenrecError(f"{flag} must be >= 1, got {value}")
+
+
 def generate(
     rec: Recommender,
     input_path: str | Path,
@@ -188,6 +211,9 @@ def generate(
     """Rank every input row of this shard; see the module docstring for the crash-safety contract.
     `workers` > 0 renders prompts and retrieves candidates in that many processes (genrec.prep)
     while this one ranks; the output is the same."""
+    check_options(
+        n_items=n_items, mode=mode, n_candidates=n_candidates, chunk_size=chunk_size, batch_size=batch_size
+    )
     input_path, output = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise GenrecError(f"input {input_path} does not exist")

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from genrec.batch import count_rows, output_schema
+from genrec.batch import check_options, count_rows, output_schema
 from genrec.errors import GenrecError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def generate_ray(
     """Rank every input row with `workers` Ray tasks; `options` go to `genrec.batch.generate`."""
     import ray
 
+    check_options(**options)  # here, not in each task
     output = Path(output_path)
     shards_dir = output.with_name(output.name + ".shards")
     if not resume and (shards_dir.exists() or output.exists()):

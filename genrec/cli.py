@@ -327,6 +327,7 @@ def generate(
     ] = 0,
 ) -> None:
     """Offline batch generation for many users: streamed, chunked, resumable, bad rows to a rejects file."""
+    from genrec.batch import check_options
     from genrec.batch import generate as do_generate
     from genrec.recommender import Recommender
 
@@ -334,8 +335,6 @@ def generate(
         k, m = (int(x) for x in shard.split("/"))
     except ValueError:
         raise GenrecError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
-    if candidates not in ("all", "retriever"):
-        raise GenrecError(f"--candidates must be 'all' or 'retriever', got {candidates!r}")
     rd = RunDir(run)
     opts: dict[str, Any] = {
         "chunk_size": chunk_size,
@@ -344,6 +343,7 @@ def generate(
         "n_candidates": n_candidates,
         "batch_size": batch_size,
     }
+    check_options(**opts)  # before the model loads
     if prep_workers < 0:
         raise GenrecError(f"--prep-workers must be >= 0, got {prep_workers}")
     if backend == "ray" and prep_workers:

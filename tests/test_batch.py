@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,28 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "merged.parquet"), out)
     merge_shards([tmp_path / "none.parquet"], tmp_path / "merged_none.parquet")
     assert list(pd.read_parquet(tmp_path / "merged_none.parquet").columns) == list(out.columns)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n_items": 0}, "-n must be >= 1, got 0"),
+        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"chunk_size": -1}, "--chunk-size must be >= 1, got -1"),
+        ({"mode": "retriever", "n_candidates": 0}, "--n-candidates must be >= 1, got 0"),
+        ({"mode": "some"}, "--candidates must be 'all' or 'retriever', got 'some'"),
+    ],
+)
+def test_bad_options_are_named_before_any_input_is_read(rec, tmp_path, options, message):
+    write_input(rec, tmp_path / "users.jsonl", n=3)
+    with pytest.raises(GenrecError, match=re.escape(message)):
+        generate(rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", progress=False, **options)
+    assert not (tmp_path / "recs.jsonl.parts").exists()
+    pytest.importorskip("ray")
+    from genrec.batch_ray import generate_ray  # checked in the driver, before Ray starts
+
+    with pytest.raises(GenrecError, match=re.escape(message)):
+        generate_ray(rec.run.path, tmp_path / "users.jsonl", tmp_path / "ray.jsonl", workers=1, **options)
 
 
 def test_resuming_refuses_an_input_that_changed_since_the_job_started(rec, tmp_path):
