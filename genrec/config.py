@@ -432,6 +432,11 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     need(e.beam_width >= 1, "eval.beam_width must be >= 1")
     need(e.max_tree_tokens >= 1, "eval.max_tree_tokens must be >= 1")
     need(e.prep_workers >= 0, "eval.prep_workers must be >= 0")
+    need(e.batch_size >= 1, "eval.batch_size must be >= 1")
+    need(e.n_candidates >= 1, "eval.n_candidates must be >= 1")
+    need(e.max_users is None or e.max_users >= 1, "eval.max_users must be >= 1 (or null: all users)")
+    need(e.sasrec_epochs >= 1, "eval.sasrec_epochs must be >= 1 (or leave sasrec out of eval.baselines)")
+    need(t.learning_rate > 0, "train.learning_rate must be positive")
     need(all(k >= 1 for k in e.ks), "eval.ks must be positive")
     unknown = sorted(set(e.baselines) - {"popularity", "itemknn", "markov", "retriever", "sasrec"})
     need(

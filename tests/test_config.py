@@ -28,6 +28,21 @@ def test_literal_choices_listed():
         config_from_dict({"ids": {"scheme": "fancy"}})
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.batch_size=0", "eval.batch_size must be >= 1"),
+        ("eval.n_candidates=0", "eval.n_candidates must be >= 1"),
+        ("eval.max_users=-1", "eval.max_users must be >= 1"),
+        ("eval.sasrec_epochs=0", "eval.sasrec_epochs must be >= 1"),
+        ("train.learning_rate=-0.001", "train.learning_rate must be positive"),
+    ],
+)
+def test_out_of_range_numbers_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(RunConfig(), [override])
+
+
 def test_overrides_coerce_and_validate():
     cfg = apply_overrides(
         RunConfig(), ["train.epochs=2", "eval.ks=5,10", "train.bf16=false", "data.path=none"]
