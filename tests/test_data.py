@@ -126,17 +126,25 @@ def test_table_errors_name_file_line_field(tmp_path):
     j.write_text('{"user_id": "u1", "item_id": "a"}\n{"user_id": oops}\n')
     with pytest.raises(DataError, match=r"i.jsonl, line 2: malformed JSON"):
         load_table(j, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
-    j.write_bytes(b'{"user_id": "u1", "item_id": "a"}\n{"user_id": "u\xff1", "item_id": "a"}\n')
-    with pytest.raises(DataError, match=r"i.jsonl, line 2: not UTF-8 text \(byte 0xff at column 15\)"):
-        load_table(j, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
-    bad = tmp_path / "i.parquet"
-    bad.write_text("not parquet")
-    with pytest.raises(DataError, match=r"i.parquet: not a readable Parquet file"):
-        load_table(bad, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
-    c = tmp_path / "latin.csv"
-    c.write_bytes("user_id,item_id\nu1,caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin.csv: not UTF-8 text"):
-        load_table(c, items_path=None, user_col="user_id", item_col="item_id", time_col=None, text_cols=[])
+    unreadable = {  # file, its bytes, the error
+        "i.jsonl": (
+            b'{"user_id": "u1", "item_id": "a"}\n{"user_id": "u\xff1", "item_id": "a"}\n',
+            r"i.jsonl, line 2: not UTF-8 text \(byte 0xff at column 15\)",
+        ),
+        "i.parquet": (b"not parquet", r"i.parquet: not a readable Parquet file"),
+        "latin.csv": ("user_id,item_id\nu1,caf\u00e9\n".encode("latin-1"), r"latin.csv: not UTF-8 text"),
+    }
+    for name, (content, message) in unreadable.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            load_table(
+                tmp_path / name,
+                items_path=None,
+                user_col="user_id",
+                item_col="item_id",
+                time_col=None,
+                text_cols=[],
+            )
     items = tmp_path / "items.csv"
     items.write_text("item_id,title\na,A\n")
     p.write_text("user_id,item_id\nu1,a\nu1,zz\n")
