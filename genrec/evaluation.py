@@ -103,10 +103,15 @@ def paired_differences(
         out[name] = {}
         for m in metrics:
             d = np.array([a[m] - b[m] for a, b in zip(ref, rows, strict=True)], dtype=np.float64)
-            half = 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-            mean = float(d.mean())
+            mean, half = float(d.mean()), ci_half_width(d)
             out[name][m] = {"diff": mean, "low": mean - half, "high": mean + half}
     return out
+
+
+def ci_half_width(values: np.ndarray | Sequence[float]) -> float:
+    """Half the width of the 95% interval of a mean: 1.96 standard errors (nan for fewer than two values)."""
+    v = np.asarray(values, dtype=np.float64)
+    return 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
 
 
 def compared_metrics(ks: Sequence[int]) -> list[str]:
@@ -266,11 +271,15 @@ def save_outputs(
         for ex, lst, m in zip(examples, lists[name], per_user[name], strict=True):
             rows.append({"method": name, "user": ex.user, "target": ex.target, "ranked": lst, **m})
     pd.DataFrame(rows).to_parquet(run / f"eval_{split}_users.parquet", index=False)
-    plots = write_plots(run, report)
+    plots = write_plots(run, report, per_user)
     atomic_write_text(run / f"report_{split}.md", markdown_report(report, plots))
 
 
-def write_plots(run: RunDir, report: dict[str, Any]) -> list[str]:
+def write_plots(
+    run: RunDir, report: dict[str, Any], per_user: dict[str, list[dict[str, float]]] | None = None
+) -> list[str]:
+    """The metric bars (with 95% intervals of each mean when `per_user` is given), coverage and long tail,
+    and the training loss curve; returns the PNG file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,20 +287,29 @@ def write_plots(run: RunDir, report: dict[str, Any]) -> list[str]:
 
     split, results = report["split"], report["results"]
     metrics = [m for m in next(iter(results.values())) if m.startswith(("recall@", "ndcg@")) or m == "mrr"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10.5, 4))
     width = 0.8 / len(results)
     for j, (name, res) in enumerate(results.items()):
-        ax.bar(np.arange(len(metrics)) + j * width, [res[m] for m in metrics], width, label=name)
+        err = [ci_half_width([u[m] for u in per_user[name]]) for m in metrics] if per_user else None
+        ax.bar(
+            np.arange(len(metrics)) + j * width,
+            [res[m] for m in metrics],
+            width,
+            yerr=err,
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks(np.arange(len(metrics)) + width * (len(results) - 1) / 2, metrics)
-    ax.set_title(f"{split}: {report['users']} users, {report['items']} items (full ranking)")
-    ax.legend()
+    bars = " ± 95% interval" if per_user else ""
+    ax.set_title(f"{split}: {report['users']} users, {report['items']} items (full ranking){bars}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     out = [f"eval_{split}_metrics.png"]
     fig.savefig(run / out[0], dpi=110)
     plt.close(fig)
     tail_key = next(m for m in next(iter(results.values())) if m.startswith("tail_share@"))
     cov_key = next(m for m in next(iter(results.values())) if m.startswith("coverage@"))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(10, 3.5))
     names = list(results)
     x = np.arange(len(names))
     ax.bar(x - 0.2, [results[n][cov_key] for n in names], 0.4, label=f"catalogue {cov_key}")
@@ -300,7 +318,7 @@ def write_plots(run: RunDir, report: dict[str, Any]) -> list[str]:
     )
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("coverage and long tail")
     fig.tight_layout()
     out.append(f"eval_{split}_longtail.png")

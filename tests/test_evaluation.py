@@ -5,6 +5,7 @@ import pytest
 
 from genrec.data import Example
 from genrec.evaluation import (
+    ci_half_width,
     intra_list_diversity,
     paired_differences,
     paired_table,
@@ -66,3 +67,8 @@ def test_paired_differences_by_hand_and_in_the_report():
     rows = {line.split(" | ")[0]: line for line in paired_table(vs, 4) if line.startswith("| ")}
     assert rows["| tied"].endswith("[-0.2400, +0.7400] |")  # holds 0: not marked
     assert rows["| worse"].endswith("[+0.2500, +0.2500] * |")
+
+
+def test_ci_half_width_is_1_96_standard_errors():
+    assert ci_half_width([1.0, 0.0, 0.0, 0.0]) == pytest.approx(1.96 * 0.5 / 2)  # sd 0.5, 4 values
+    assert ci_half_width([0.3, 0.3]) == 0.0 and math.isnan(ci_half_width([0.3]))
