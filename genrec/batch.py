@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from genrec.data.loaders import iter_jsonl
+from genrec.data.loaders import iter_jsonl, open_parquet
 from genrec.errors import GenrecError
 from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender, UnknownItems
 from genrec.run import atomic_write_text
@@ -52,7 +52,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
 
         line = 0
         try:
-            for batch in parquet_file(path).iter_batches(batch_size=4096):
+            for batch in open_parquet(path).iter_batches(batch_size=4096):
                 for rec in batch.to_pylist():
                     line += 1
                     yield line, rec, ""
@@ -64,21 +64,10 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     yield from iter_jsonl(path)
 
 
-def parquet_file(path: Path) -> Any:
-    """A Parquet input opened for streaming; an error that names the file when it is not one."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise GenrecError(f"{path}: not a readable Parquet file ({e})") from None
-
-
 def count_rows(path: Path) -> int:
     """Rows in the input without parsing it: parquet metadata, or newlines read in 1 MiB blocks."""
     if path.suffix == ".parquet":
-        return int(parquet_file(path).metadata.num_rows)
+        return int(open_parquet(path).metadata.num_rows)
     lines, last = 0, b"\n"
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

@@ -117,19 +117,41 @@ def _is_float(s: str) -> bool:
     return True
 
 
-def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text without its line end) of a UTF-8 file (a byte-order mark and CRLF line ends are
-    fine); a line that is not UTF-8 is a DataError naming it."""
+def decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text without its line end, "") per line of a UTF-8 file, or (line number, None, what is
+    wrong) for a line that is not UTF-8; each line decoded alone, so one bad byte spoils one line. A
+    byte-order mark and CRLF line ends are fine."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n"), ""
             except UnicodeDecodeError as e:
-                raise DataError(
-                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                    path=path,
-                    line=line_no,
-                ) from None
+                text = raw.decode("utf-8", "replace").strip()[:80]
+                yield (
+                    line_no,
+                    None,
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): {text!r}",
+                )
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """`decoded_lines` of a data file, where a line that is not UTF-8 is a DataError naming it."""
+    for line_no, text, problem in decoded_lines(path):
+        if text is None:
+            raise DataError(problem, path=path, line=line_no)
+        yield line_no, text
+
+
+def open_parquet(path: Path) -> Any:
+    """A Parquet file opened for streaming (pyarrow.parquet.ParquetFile); a DataError naming the file when it
+    is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"not a readable Parquet file ({e})", path=path) from None
 
 
 def _tsv(path: Path, n_fields: int, *, header: str | None = None) -> Iterable[tuple[int, list[str]]]:
@@ -204,29 +226,21 @@ def load_unisrec(folder: str | Path) -> Raw:
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(line, object, "") per non-empty line, or (line, None, what is wrong) for a bad one; streamed. Lines are
     decoded one by one, so a line that is not UTF-8 is one bad line, not the end of the file."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                text = raw.decode("utf-8", "replace").strip()[:80]
-                yield (
-                    line_no,
-                    None,
-                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): {text!r}",
-                )
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_no, None, f"malformed JSON ({e.msg}): {line.strip()[:80]!r}"
-                continue
-            if isinstance(row, dict):
-                yield line_no, row, ""
-            else:
-                yield line_no, None, "expected a JSON object"
+    for line_no, line, problem in decoded_lines(path):
+        if line is None:
+            yield line_no, None, problem
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield line_no, None, f"malformed JSON ({e.msg}): {line.strip()[:80]!r}"
+            continue
+        if isinstance(row, dict):
+            yield line_no, row, ""
+        else:
+            yield line_no, None, "expected a JSON object"
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -234,12 +248,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = _need_file(Path(path))
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow as pa
-
-        try:
-            return pd.read_parquet(path)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"not a readable Parquet file ({e})", path=path) from None
+        return open_parquet(path).read().to_pandas()
     if suffix == ".csv":
         try:
             return pd.read_csv(path, dtype=str, keep_default_na=False)
