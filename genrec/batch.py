@@ -79,7 +79,16 @@ def count_rows(path: Path) -> int:
 def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
     if obj is None:
         return Reject(line, problem, "")
-    raw = json.dumps(obj, default=str)[:200]  # a Parquet row may hold dates
+    parsed = _parse(rec, line, obj)
+    if isinstance(parsed, Row):
+        return parsed
+    return Reject(
+        line, parsed, json.dumps(obj, default=str)[:200]
+    )  # only for rejects; a Parquet row may hold dates
+
+
+def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | str:
+    """The row, or why it cannot be ranked."""
     user = obj.get("user", obj.get("user_id"))
     user = str(user) if user is not None else None
     hist = obj.get("history")
@@ -87,19 +96,19 @@ def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: 
         if isinstance(hist, str):
             hist = [h for h in hist.split(",") if h.strip()]
         if not isinstance(hist, list):
-            return Reject(line, "field 'history': expected a list of items", raw)
+            return "field 'history': expected a list of items"
         try:
             items = rec.resolve_items([str(h) for h in hist])
         except UnknownItems as e:
-            return Reject(line, f"field 'history': {e}", raw)
+            return f"field 'history': {e}"
     elif user is not None and rec.knows_user(user):
         items = rec.user_history(user, split="full")
     elif user is not None:
-        return Reject(line, f"field 'user': unknown user {user!r} and no history", raw)
+        return f"field 'user': unknown user {user!r} and no history"
     else:
-        return Reject(line, "neither 'user' nor 'history' given", raw)
+        return "neither 'user' nor 'history' given"
     if not items:
-        return Reject(line, "field 'history': empty", raw)
+        return "field 'history': empty"
     return Row(line, user, items)
 
 
