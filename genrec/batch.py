@@ -66,14 +66,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
 
 def count_rows(path: Path) -> int:
     """Rows in the input without parsing it: parquet metadata, or newlines read in 1 MiB blocks."""
-    if path.suffix == ".parquet":
-        return int(open_parquet(path).metadata.num_rows)
-    lines, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
+    return scan_input(path, digest=False)[1]
 
 
 def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
@@ -112,20 +105,30 @@ def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | str:
     return Row(line, user, items)
 
 
-INPUT_STAMP = ("input_size", "input_ends_sha256")
+INPUT_STAMP = ("input_size", "input_sha256")
 """What a manifest records of the input file, so that a resumed job refuses an input that changed."""
+_OLD_STAMPS = ("input_ends_sha256",)
+"""Stamps of earlier versions (a hash of the first and last MiB only), dropped when such a job resumes."""
 
 
-def input_stamp(path: Path, block: int = 1 << 20) -> dict[str, Any]:
-    """The input's size and a hash of its first and last MiB: cheap on any size, unchanged when the same
-    content is written again (restored from a copy, touched), changed by appending rows or editing either end."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(block))
-        f.seek(max(0, size - block))
-        digest.update(f.read(block))
-    return {"input_size": size, "input_ends_sha256": digest.hexdigest()}
+def scan_input(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], int]:
+    """The input's stamp (size, sha256 of every byte) and its row count, in one read in 1 MiB blocks.
+
+    Rows: Parquet metadata, or JSONL lines (a last line without a newline counts). The hash runs at about
+    1 GB/s on one core (a few seconds per million rows at most), and changes with any edit anywhere; the
+    same content written again (restored from a copy, touched) keeps it."""
+    size, sha, lines, last = path.stat().st_size, hashlib.sha256(), 0, b"\n"
+    parquet = path.suffix == ".parquet"
+    if digest or not parquet:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                if digest:
+                    sha.update(block)
+                if not parquet:
+                    lines += block.count(b"\n")
+                    last = block[-1:]
+    rows = int(open_parquet(path).metadata.num_rows) if parquet else lines + (last != b"\n")
+    return {"input_size": size, "input_sha256": sha.hexdigest() if digest else ""}, rows
 
 
 class Manifest:
@@ -137,12 +140,19 @@ class Manifest:
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
             started = self.data["settings"]
+            for k in _OLD_STAMPS:
+                started.pop(k, None)
             if any(started.get(k, settings[k]) != settings[k] for k in INPUT_STAMP):
+                then, now = started.get("input_size", settings["input_size"]), settings["input_size"]
+                how = (
+                    f"{then:,} bytes then, {now:,} now"
+                    if then != now
+                    else f"same size ({now:,} bytes), other content"
+                )
                 raise GenrecError(
-                    f"{settings['input']} changed since this job started ({started['input_size']:,} bytes then, "
-                    f"{settings['input_size']:,} now, or edited): the committed chunks name its lines, "
-                    f"so a resumed job must read the same file. Restore it, or remove {folder} (and the output, if the "
-                    "job had finished) and start again"
+                    f"{settings['input']} changed since this job started ({how}): the committed chunks name its "
+                    f"lines, so a resumed job must read the same file. Restore it, or remove {folder} (and the "
+                    "output, if the job had finished) and start again"
                 )
             started.update({k: settings[k] for k in INPUT_STAMP if k not in started})  # older manifests
             if started != settings:
@@ -225,6 +235,7 @@ def generate(
         raise GenrecError(
             f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
         )
+    stamp, total = scan_input(input_path)
     parts.mkdir(parents=True, exist_ok=True)
     pinned = rec.pin_template(None)
     if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
@@ -234,7 +245,7 @@ def generate(
         )
     settings = {
         "input": str(input_path.resolve()),
-        **input_stamp(input_path),
+        **stamp,
         "shard": f"{k}/{n}",
         "n_items": n_items,
         "mode": mode,
@@ -252,6 +263,7 @@ def generate(
             manifest,
             input_path,
             shard,
+            total=total,
             chunk_size=chunk_size,
             batch_size=batch_size,
             progress=progress,
@@ -284,6 +296,7 @@ def _run_chunks(
     input_path: Path,
     shard: tuple[int, int],
     *,
+    total: int,
     chunk_size: int,
     batch_size: int,
     progress: bool,
@@ -292,7 +305,6 @@ def _run_chunks(
     workers: int = 0,
 ) -> None:
     k, n = shard
-    total = count_rows(input_path)
     bar = tqdm(
         desc="generate",
         unit="user",

@@ -145,23 +145,46 @@ def test_resuming_refuses_an_input_that_changed_since_the_job_started(rec, tmp_p
     """The manifest's chunks name input lines: a resumed job on a grown or edited input would skip or repeat rows."""
     users, out = tmp_path / "users.jsonl", tmp_path / "recs.jsonl"
     write_input(rec, users, n=20)
+    # rows padded to 3 MB in all, so that an edit can sit beyond the first and last MiB
+    padded = [
+        json.dumps({**json.loads(x), "pad": "x" * 150_000}) if x.startswith('{"') else x
+        for x in users.read_text().splitlines()
+    ]
+    users.write_text("\n".join(padded) + "\n")
     done = generate(rec, users, out, chunk_size=8, progress=False)
     assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done  # unchanged: fine
     os.utime(users, (0, 0))  # touched (or restored from a copy): the same content resumes
     assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
+    original = users.read_bytes()
     with open(users, "a") as f:
         f.write(json.dumps({"user": rec.data.users[0]}) + "\n")
     with pytest.raises(
         GenrecError, match=r"users.jsonl changed since this job started \(\d[\d,]* bytes then"
     ):
         generate(rec, users, out, resume=True, chunk_size=8, progress=False)
-    # a manifest written before inputs were stamped still resumes
+    # two lines in the middle swapped: same size, same first and last MiB, other rows at those line numbers
+    lines = original.decode().splitlines(keepends=True)
+    a, b = 9, 10
+    assert (
+        lines[a] != lines[b] and len("".join(lines[:a])) > 1 << 20 and len("".join(lines[b + 1 :])) > 1 << 20
+    )
+    lines[a], lines[b] = lines[b], lines[a]
+    users.write_text("".join(lines))
+    assert users.stat().st_size == len(original)
+    with pytest.raises(
+        GenrecError, match=r"changed since this job started \(same size \([\d,]+ bytes\), other"
+    ):
+        generate(rec, users, out, resume=True, chunk_size=8, progress=False)
+    users.write_bytes(original)  # restored: resumes
+    assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
+    # manifests written before inputs were stamped, or stamped only at their ends, still resume
     manifest = tmp_path / "recs.jsonl.parts" / "manifest.json"
     data = json.loads(manifest.read_text())
-    for k in ("input_size", "input_ends_sha256"):
-        del data["settings"][k]
-    manifest.write_text(json.dumps(data))
-    assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
+    for old in ({}, {"input_ends_sha256": "0" * 64}):
+        for k in ("input_size", "input_sha256"):
+            data["settings"].pop(k, None)
+        manifest.write_text(json.dumps({**data, "settings": {**data["settings"], **old}}))
+        assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
 
 
 def test_a_line_that_is_not_utf8_is_rejected_and_a_broken_parquet_input_is_named(rec, tmp_path):
