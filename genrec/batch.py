@@ -178,6 +178,22 @@ class Manifest:
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
+def _log_stopped(manifest: Manifest, parts: Path, error: BaseException) -> None:
+    """Say what a stopped job kept and how to go on: the same command with --resume."""
+    chunks = manifest.data["chunks"]
+    kept = sum(c["rows"] + c["rejects"] for c in chunks)
+    why = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped by {type(error).__name__}"
+    logger.warning(
+        "generate %s: %d input rows done in %d committed chunk(s) (%s, up to input line %d); the same command "
+        "with --resume goes on from there",
+        why,
+        kept,
+        len(chunks),
+        parts,
+        manifest.last_line,
+    )
+
+
 def check_options(
     *,
     n_items: int = 10,
@@ -258,25 +274,29 @@ def generate(
     manifest = Manifest(parts, settings)
     model_id = str(rec.run.path.name)
     if not manifest.data["done"]:
-        _run_chunks(
-            rec,
-            manifest,
-            input_path,
-            shard,
-            total=total,
-            chunk_size=chunk_size,
-            batch_size=batch_size,
-            progress=progress,
-            workers=workers,
-            row_fields={"template_hash": pinned.hash, "model": model_id},
-            options={
-                "n_items": n_items,
-                "mode": mode,
-                "n_candidates": n_candidates,
-                "template": pinned.name,
-                "template_version": pinned.version,
-            },
-        )
+        try:
+            _run_chunks(
+                rec,
+                manifest,
+                input_path,
+                shard,
+                total=total,
+                chunk_size=chunk_size,
+                batch_size=batch_size,
+                progress=progress,
+                workers=workers,
+                row_fields={"template_hash": pinned.hash, "model": model_id},
+                options={
+                    "n_items": n_items,
+                    "mode": mode,
+                    "n_candidates": n_candidates,
+                    "template": pinned.name,
+                    "template_version": pinned.version,
+                },
+            )
+        except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), an engine error, an unreadable row
+            _log_stopped(manifest, parts, e)
+            raise
         _finalize(manifest, output)
     chunks = manifest.data["chunks"]
     summary = {
@@ -315,9 +335,11 @@ def _run_chunks(
     from genrec.prep import prepared_batches
 
     units = _units(_chunks(rec, manifest, input_path, shard, chunk_size), batch_size, options)
-    with prepared_batches(rec, units, workers) as prepared:
+    with (
+        bar,
+        prepared_batches(rec, units, workers) as prepared,
+    ):  # the bar ends its line first if the job stops
         _rank_and_commit(rec, manifest, prepared, row_fields, bar)
-    bar.close()
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import Counter, deque
@@ -71,6 +72,9 @@ def prompt_recommender(run_path: str) -> Recommender:
 def _init(run_path: str, parent: int, policy: tuple[str, int] | None) -> None:
     global _REC, _POLICY
     _POLICY = policy
+    # Ctrl-C in a terminal reaches the whole process group: the job stops the pool (and says how to resume);
+    # a worker interrupted on its queue would only print a traceback each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     import torch

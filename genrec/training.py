@@ -456,6 +456,30 @@ def early_stopping_summary(stopper: Any, state: Any, metric: str = "loss") -> di
     }
 
 
+def _log_stopped(run: RunDir, step: int, save_steps: int, error: BaseException) -> None:
+    """Say what a stopped training kept and how to go on."""
+    steps = sorted(int(p.name.rsplit("-", 1)[-1]) for p in run.checkpoints_dir.glob("checkpoint-*"))
+    why = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped by {type(error).__name__}"
+    if steps:
+        logger.warning(
+            "training %s at step %d; the last checkpoint is step %d (%s): `genrec train --run %s --resume` "
+            "goes on from it",
+            why,
+            step,
+            steps[-1],
+            run.checkpoints_dir / f"checkpoint-{steps[-1]}",
+            run.path,
+        )
+    else:
+        logger.warning(
+            "training %s at step %d, before its first checkpoint (every %d steps, train.save_steps): nothing to "
+            "resume from",
+            why,
+            step,
+            save_steps,
+        )
+
+
 def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train on every next-item position of the training sequences; write merged/ (and adapter/)."""
     from datasets import Dataset
@@ -528,7 +552,11 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     labelled_positions_head(inner.get_base_model() if hasattr(inner, "get_base_model") else inner, softmax)
     has_ckpt = run.checkpoints_dir.is_dir() and any(run.checkpoints_dir.glob("checkpoint-*"))
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=bool(resume and has_ckpt))
+    try:
+        result = trainer.train(resume_from_checkpoint=bool(resume and has_ckpt))
+    except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), out of memory, a bad batch
+        _log_stopped(run, trainer.state.global_step, t.save_steps, e)
+        raise
     seconds = time.time() - started
     stopped = early_stopping_summary(
         stopper, trainer.state, t.select_metric

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -280,8 +281,9 @@ def test_count_rows_without_parsing(tmp_path):
     assert [count_rows(tmp_path / f) for f in ("a.jsonl", "b.jsonl", "c.parquet")] == [3, 1, 2]
 
 
-def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, tmp_path, monkeypatch):
-    """A template activated between the crash and --resume does not mix two prompts in one output."""
+def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, tmp_path, monkeypatch, caplog):
+    """A template activated between the crash and --resume does not mix two prompts in one output.
+    The interrupted job says what it kept and how to go on."""
     import shutil
 
     from genrec.batch import Manifest
@@ -300,11 +302,15 @@ def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, t
         return real_commit(self, index, *args, **kw)
 
     monkeypatch.setattr(Manifest, "commit", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="genrec.batch"):
         generate(
             rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", chunk_size=12, n_items=3, progress=False
         )
     monkeypatch.undo()
+    assert (
+        f"generate interrupted: 12 input rows done in 1 committed chunk(s) ({tmp_path / 'recs.jsonl.parts'}, up to "
+        "input line 12); the same command with --resume goes on from there" in caplog.messages
+    )
     text = rec.templates.text("default").replace("Next item ID?", "Next?")
     rec.templates.save("default", text, author="t", base_version=1)
     assert rec.builder.template.hash != started_hash  # new requests would use the new version

@@ -131,6 +131,34 @@ def test_time_budget_stops_training_and_still_saves_the_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_interrupted_training_names_its_last_checkpoint_and_resumes_from_it(tmp_path, monkeypatch, caplog):
+    """Ctrl-C mid-training (the CLI exits quietly on it): the log names the checkpoint `--resume` goes on from."""
+    import logging
+
+    from transformers import TrainerCallback
+
+    from genrec import training
+
+    run, cfg = make_run(tmp_path, "stopped", ["train.max_steps=12", "train.save_steps=5"])
+    real = training.loss_log_callback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "loss_log_callback", lambda path: CtrlC())  # in place of the loss log
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="genrec.training"):
+        train(run, cfg)
+    assert (
+        f"training interrupted at step 7; the last checkpoint is step 5 ({run.checkpoints_dir / 'checkpoint-5'}): "
+        f"`genrec train --run {run.path} --resume` goes on from it" in caplog.messages
+    )
+    monkeypatch.setattr(training, "loss_log_callback", real)
+    assert train(run, cfg, resume=True)["steps"] == 12
+
+
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     """A learning rate far too high makes the validation loss worsen: training stops after `patience`
     evaluations without a new best, and the saved model is the best checkpoint's, not the last step's."""
