@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,23 +45,31 @@ class Reject:
     raw: str
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line, parsed row, "") or (line, None, what is wrong), streamed."""
+def read_rows(
+    path: Path, keep: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line, parsed row, "") or (line, None, what is wrong), streamed; a Parquet row's line is its 1-based
+    row number. Rows whose line `keep` rejects are not parsed (JSONL) or not converted (Parquet): a shard
+    reads 1/n of the rows, and a resumed job passes over its committed ones at the cost of reading bytes."""
     if path.suffix == ".parquet":
         import pyarrow as pa
 
         line = 0
         try:
             for batch in open_parquet(path).iter_batches(batch_size=4096):
-                for rec in batch.to_pylist():
-                    line += 1
-                    yield line, rec, ""
+                lines = range(line + 1, line + 1 + batch.num_rows)
+                wanted = lines if keep is None else [i for i in lines if keep(i)]
+                if len(wanted) < batch.num_rows:
+                    batch = batch.take(pa.array([i - lines.start for i in wanted], type=pa.int64()))
+                if wanted:
+                    yield from zip(wanted, batch.to_pylist(), itertools.repeat(""))
+                line = lines.stop - 1
         except (pa.ArrowException, OSError) as e:  # committed chunks stay: --resume once the file is mended
             raise GenrecError(f"{path}: unreadable after row {line} ({e})") from None
         return
     if path.suffix not in (".jsonl", ".json"):
         raise GenrecError(f"{path}: input must be .jsonl or .parquet")
-    yield from iter_jsonl(path)
+    yield from iter_jsonl(path, keep)
 
 
 def count_rows(path: Path) -> int:
@@ -362,9 +370,7 @@ def _chunks(
     index = len(manifest.data["chunks"])
     pending: list[Row | Reject] = []
     last_read = skip
-    for line, obj, raw in read_rows(input_path):
-        if line <= skip or (line - 1) % n != k:
-            continue
+    for line, obj, raw in read_rows(input_path, keep=lambda line: line > skip and (line - 1) % n == k):
         pending.append(parse_row(rec, line, obj, raw))
         last_read = line
         if len(pending) >= chunk_size:

@@ -272,6 +272,41 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
     assert resume()["rows"] == len(good)  # a finished job resumed again changes nothing
 
 
+def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(tmp_path):
+    """read_rows(keep=...) gives exactly the kept rows of a full read, and never decodes the others: a bad
+    line outside the shard is not this shard's reject."""
+    from genrec.batch import read_rows
+
+    lines = [
+        b'{"user": "a"}',
+        b"{not json",
+        b'{"user": "caf\xe9"}',
+        b'{"user": "b"}',
+        b"",
+        b"[1]",
+        b'{"user": "c"}',
+    ]
+    (tmp_path / "u.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    full = list(read_rows(tmp_path / "u.jsonl"))
+    assert [(line, problem[:14]) for line, _, problem in full] == [
+        (1, ""),
+        (2, "malformed JSON"),
+        (3, "not UTF-8 text"),
+        (4, ""),
+        (6, "expected a JSO"),
+        (7, ""),
+    ]
+    for keep in (lambda line: line % 3 == 1, lambda line: line > 3, lambda line: False):
+        assert list(read_rows(tmp_path / "u.jsonl", keep)) == [r for r in full if keep(r[0])]
+    pd.DataFrame({"user": [f"u{i}" for i in range(10_000)]}).to_parquet(
+        tmp_path / "u.parquet", row_group_size=3000
+    )
+    full = list(read_rows(tmp_path / "u.parquet"))
+    assert [line for line, _, _ in full] == list(range(1, 10_001)) and full[41][1] == {"user": "u41"}
+    for keep in (lambda line: (line - 1) % 3 == 2, lambda line: line > 8190, lambda line: line == 4097):
+        assert list(read_rows(tmp_path / "u.parquet", keep)) == [r for r in full if keep(r[0])]
+
+
 def test_count_rows_without_parsing(tmp_path):
     from genrec.batch import count_rows
 

@@ -339,3 +339,24 @@ def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, sof
     assert sum(c.startswith("-m bench.prep_worker") for c in calls.read_text().splitlines()) == 1
     for c in benches + host:
         assert ("--id-softmax full" in c) == bool(softmax) and c.count("--id-softmax") == int(bool(softmax))
+
+
+def test_input_read_bench_reads_each_subset_both_ways(tmp_path, monkeypatch):
+    """bench.input_read on a few synthetic users: both formats, the scan, and each subset read as the job reads
+    it and parsed whole then dropped, with the same rows."""
+    import sys
+
+    import bench.input_read as ir
+
+    out = tmp_path / "read.json"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["x", "--users", "500", "--shards", "4", "--resume-at", "0.5", "--repeats", "1", "--out", str(out)],
+    )
+    ir.main()
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"jsonl", "parquet"}
+    for r in results.values():
+        assert r["rows"] == 500 and r["bytes"] > 500 * 30
+        assert r["shard 0/4"]["rows"] == 125 and r["resume past 50%"]["rows"] == 250

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +117,17 @@ def _is_float(s: str) -> bool:
     return True
 
 
-def decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
+def decoded_lines(
+    path: Path, keep: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text without its line end, "") per line of a UTF-8 file, or (line number, None, what is
     wrong) for a line that is not UTF-8; each line decoded alone, so one bad byte spoils one line. A
-    byte-order mark and CRLF line ends are fine."""
+    byte-order mark and CRLF line ends are fine. `keep(line number)` false: the line is passed over
+    undecoded (a shard's other rows, the rows a resumed job already did)."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if keep is not None and not keep(line_no):
+                continue
             try:
                 yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n"), ""
             except UnicodeDecodeError as e:
@@ -223,10 +228,13 @@ def load_unisrec(folder: str | Path) -> Raw:
     return catalog, users, seqs
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+def iter_jsonl(
+    path: Path, keep: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(line, object, "") per non-empty line, or (line, None, what is wrong) for a bad one; streamed. Lines are
-    decoded one by one, so a line that is not UTF-8 is one bad line, not the end of the file."""
-    for line_no, line, problem in decoded_lines(path):
+    decoded one by one, so a line that is not UTF-8 is one bad line, not the end of the file. Lines whose
+    number `keep` rejects are neither decoded nor parsed."""
+    for line_no, line, problem in decoded_lines(path, keep):
         if line is None:
             yield line_no, None, problem
             continue

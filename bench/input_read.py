@@ -1,0 +1,110 @@
+"""Cost of a batch job's input pass, per format, on synthetic users (no run needed):
+
+* `scan`: what `genrec generate` does once at start: the input's sha256 (the manifest's stamp) and its
+  row count (the progress bar's total), in one read;
+* `all rows`: every row parsed (shard 0/1 from the start);
+* `shard k/n` and `resume past p%`: the rows one shard of n keeps, and the rows a job resumed after p% of
+  its input still has to do, read as `genrec generate` reads them (rows it passes over are not parsed),
+  next to parsing every row and dropping the others (how it read them before).
+
+python -m bench.input_read --users 1000000 --shards 16 --resume-at 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_users(folder: Path, users: int, seed: int = 0) -> list[Path]:
+    """users.jsonl and users.parquet: a user id and a history of 3-30 item ids per row."""
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = [
+        {"user": f"U{i:08d}", "history": [f"I{rng.randrange(20_000):05d}" for _ in range(rng.randint(3, 30))]}
+        for i in range(users)
+    ]
+    jsonl = folder / "users.jsonl"
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    parquet = folder / "users.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    return [jsonl, parquet]
+
+
+def timed(repeats: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """Best wall time of `repeats` calls of fn(*args), and its result."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def rows_kept(path: Path, keep: Callable[[int], bool] | None) -> int:
+    """Rows read as `genrec generate` reads them: the ones `keep` rejects are not parsed."""
+    from genrec.batch import read_rows
+
+    return sum(1 for _ in read_rows(path, keep))
+
+
+def rows_parsed_then_dropped(path: Path, keep: Callable[[int], bool]) -> int:
+    """Every row parsed, then the ones `keep` rejects dropped (how the job read its input before)."""
+    from genrec.batch import read_rows
+
+    return sum(1 for line, _, _ in read_rows(path) if keep(line))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--shards", type=int, default=16, help="n of the shard k/n timed (k = 0)")
+    p.add_argument("--resume-at", type=float, default=0.9, help="fraction of the input already committed")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement; the best counts")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from bench.common import save
+    from genrec.batch import scan_input
+
+    n, skip = args.shards, int(args.users * args.resume_at)
+    subsets: dict[str, Callable[[int], bool]] = {
+        f"shard 0/{n}": lambda line: (line - 1) % n == 0,
+        f"resume past {args.resume_at:.0%}": lambda line: line > skip,
+    }
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_users(Path(tmp), args.users):
+            fmt = path.suffix.lstrip(".")
+            scan_s, (_, rows) = timed(args.repeats, scan_input, path)
+            all_s, _ = timed(args.repeats, rows_kept, path, None)
+            r: dict[str, Any] = {
+                "bytes": path.stat().st_size,
+                "rows": rows,
+                "scan_s": round(scan_s, 4),
+                "all_rows_s": round(all_s, 4),
+            }
+            for name, keep in subsets.items():
+                kept_s, kept = timed(args.repeats, rows_kept, path, keep)
+                before_s, before = timed(args.repeats, rows_parsed_then_dropped, path, keep)
+                assert kept == before, (name, kept, before)
+                r[name] = {
+                    "rows": kept,
+                    "s": round(kept_s, 4),
+                    "parse_all_then_drop_s": round(before_s, 4),
+                    "speedup": round(before_s / kept_s, 2),
+                }
+            results[fmt] = r
+            print(fmt, json.dumps(r))
+    save(args.out, {"benchmark": "input_read", "users": args.users, "results": results})
+
+
+if __name__ == "__main__":
+    main()
