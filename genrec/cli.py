@@ -231,6 +231,15 @@ def evaluate(
         typer.Option(help="`test` (last item) or `valid` (second-last); default test, or -s eval.split=..."),
     ] = None,
     set_: SetOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Go on from an evaluation that was interrupted: keep the lists it finished (kept in "
+            "eval_<split>.parts/: each baseline's, genrec's every 1,024 users) where their model, data, template "
+            "and settings are this evaluation's. Without it, they are removed and everything is ranked again.",
+        ),
+    ] = False,
 ) -> None:
     """Full-ranking leave-one-out evaluation of the model and, on the same split, the baselines in eval.baselines
     (popularity, item-kNN, Markov chain, retriever alone, SASRec); writes eval_<split>.json, report_<split>.md, plots."""
@@ -241,7 +250,7 @@ def evaluate(
     # saved in the run's config by an earlier evaluate is never reused.
     cfg = _config(rd, None, ["eval.split=test", *(set_ or []), *([f"eval.split={split}"] if split else [])])
     rd.save_config(cfg)
-    report = do_eval(rd, cfg)
+    report = do_eval(rd, cfg, resume=resume)
     _print_report(report)
     typer.echo(f"report: {rd / ('report_' + cfg.eval.split + '.md')}")
 

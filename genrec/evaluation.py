@@ -7,11 +7,17 @@ eval.json, per-user results, report.md and PNG plots into the run directory.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
+import shutil
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,6 +161,14 @@ def model_lists(
 ) -> list[list[int]]:
     """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
     batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
+    with tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress) as bar:
+        return [lst for batch in ranked_batches(rec, examples, cfg, bar, workers=workers) for lst in batch]
+
+
+def ranked_batches(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, bar: Any, *, workers: int = 0
+) -> Iterator[list[list[int]]]:
+    """`model_lists` batch by batch, in order, each counted on `bar` (a tqdm)."""
     from genrec.prep import prepared_batches
     from genrec.recommender import history_requests
 
@@ -174,44 +188,64 @@ def model_lists(
         )
         for chunk in chunks
     )
-    out: list[list[int]] = []
-    bar = tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress)
     with prepared_batches(rec, batches, workers) as prepared:
         for _, reqs, ranked in rec.rank_stream(prepared):
-            out.extend([[r.item for r in lst] for lst in ranked])
             bar.update(len(reqs))
-    bar.close()
-    return out
+            yield [[r.item for r in lst] for lst in ranked]
 
 
 def baseline_lists(
-    rec: Any, examples: list[Example], cfg: RunConfig, counts: np.ndarray, *, progress: bool
+    rec: Any,
+    examples: list[Example],
+    cfg: RunConfig,
+    counts: np.ndarray,
+    *,
+    progress: bool,
+    parts: EvalParts | None = None,
+    key: dict[str, Any] | None = None,
 ) -> dict[str, list[list[int]]]:
+    """Each baseline of eval.baselines; with `parts`, each kept there as it finishes (and taken from there when
+    an interrupted evaluation already finished it with the same inputs: `key` plus the baseline's own)."""
     from genrec import baselines
 
     k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
-    for name in cfg.eval.baselines:
+    run = rec.run
+
+    def compute(name: str) -> list[list[int]]:
         logger.info("baseline %s", name)
         if name == "popularity":
-            out[name] = popularity_lists(examples, counts, k)
-        elif name == "itemknn":
-            out[name] = baselines.itemknn_lists(rec.data, examples, split=split, k=k)
-        elif name == "markov":
-            out[name] = baselines.markov_lists(rec.data, examples, split=split, k=k)
-        elif name == "retriever":
-            out[name] = baselines.retriever_lists(rec.retriever, examples, k=k)
-        elif name == "sasrec":
-            sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
-            out[name] = baselines.sasrec_lists(
-                rec.data, examples, split=split, k=k, cfg=sas, progress=progress
-            )
+            return popularity_lists(examples, counts, k)
+        if name == "itemknn":
+            return baselines.itemknn_lists(rec.data, examples, split=split, k=k)
+        if name == "markov":
+            return baselines.markov_lists(rec.data, examples, split=split, k=k)
+        if name == "retriever":
+            return baselines.retriever_lists(rec.retriever, examples, k=k)
+        sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
+        return baselines.sasrec_lists(rec.data, examples, split=split, k=k, cfg=sas, progress=progress)
+
+    for name in cfg.eval.baselines:
+        if parts is None:
+            out[name] = compute(name)
+            continue
+        own: dict[str, Any] = {"method": name, "k": k}
+        if name == "retriever":
+            own["embeddings"] = files_stamp(run.embeddings_file)
+        if name == "sasrec":
+            own.update(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
+        out[name] = parts.method(name, {**(key or {}), **own}, functools.partial(compute, name))
     return out
 
 
-def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Score the model and the baselines on one split; write eval.json, report.md and plots.
 
     `rec` is the run's loaded Recommender when the caller already has one (it is loaded otherwise).
+    Each method's lists are kept in eval_<split>.parts/ as they are made (genrec's in chunks of users) until
+    the report is written; `resume` takes what an interrupted evaluation with the same inputs finished
+    from there (see EvalParts).
     """
     from genrec.recommender import Recommender
 
@@ -229,11 +263,28 @@ def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = T
         "n_users_train": len(data),
         "embeddings": rec.retriever.embeddings,
     }
-    started, before = time.time(), dict(rec.engine.ranked_by)
-    lists = {"genrec": model_lists(rec, examples, cfg, progress=progress, workers=cfg.eval.prep_workers)}
-    seconds = time.time() - started
-    ranked_by = {k: v - before.get(k, 0) for k, v in rec.engine.ranked_by.items() if v - before.get(k, 0)}
-    lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress))
+    parts = EvalParts(run / f"eval_{cfg.eval.split}.parts", resume=resume)
+    key = {
+        "genrec_version": _version(),
+        "split": cfg.eval.split,
+        "examples": examples_digest(examples),
+        "data": files_stamp(run.interactions_file, run.catalog_file),
+    }
+    try:
+        genrec, seconds, ranked_by = genrec_lists(rec, examples, cfg, parts, key, progress=progress)
+        lists = {"genrec": genrec}
+        lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress, parts=parts, key=key))
+    except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), out of memory, a failing baseline
+        if parts.folder.is_dir():
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {type(e).__name__}"
+            logger.warning(
+                "evaluation %s; the lists it finished are kept in %s: `genrec evaluate --run %s --resume` (same "
+                "split and settings) goes on from them",
+                why,
+                parts.folder,
+                run.path,
+            )
+        raise
     results, per_user = {}, {}
     for name, lst in lists.items():
         results[name], per_user[name] = summarize(name, lst, examples, **common)  # type: ignore[arg-type]
@@ -252,9 +303,172 @@ def evaluate(run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = T
         "template_hash": rec.builder.template.hash,
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
+        **({"resumed": parts.reused} if parts.reused else {}),
     }
     save_outputs(run, report, examples, lists, per_user)
+    parts.remove()
     return report
+
+
+GENREC_CHUNK_USERS = 1024
+"""genrec's ranked lists are kept every this many users (rounded up to whole batches) during an evaluation."""
+
+
+def genrec_lists(
+    rec: Any,
+    examples: Sequence[Example],
+    cfg: RunConfig,
+    parts: EvalParts,
+    key: dict[str, Any],
+    *,
+    progress: bool,
+) -> tuple[list[list[int]], float, dict[str, int]]:
+    """genrec's lists for every example, the seconds its ranking took and how requests were ranked (exact
+    tree scoring or beam search), in chunks committed to `parts`: a resumed evaluation ranks only the users
+    after the last committed chunk, and adds the committed chunks' seconds and counts."""
+    e = cfg.eval
+    key = {
+        **key,
+        "method": "genrec",
+        "model": files_stamp(rec.run.model_dir()),
+        "ids": files_stamp(rec.run.ids_file),
+        "template_hash": rec.builder.template.hash,
+        "model_config": dataclasses.asdict(cfg.model),
+        "eval": {k: v for k, v in dataclasses.asdict(e).items() if k not in _NOT_GENREC},
+    }
+    done = parts.chunks("genrec", key)
+    lists = [lst for c in done for lst in c["lists"]]
+    seconds = sum(c["seconds"] for c in done)
+    ranked_by: Counter[str] = Counter()
+    for c in done:
+        ranked_by.update(c["ranked_by"])
+    per_chunk = -(-GENREC_CHUNK_USERS // e.batch_size) * e.batch_size
+    pending: list[list[int]] = []
+    started, before = time.time(), Counter(rec.engine.ranked_by)
+
+    def commit() -> None:
+        nonlocal started, before, seconds, pending
+        now, counts = time.time(), Counter(rec.engine.ranked_by)
+        made = {k: v for k, v in (counts - before).items() if v}
+        parts.commit_chunk(
+            "genrec", len(done), key, {"lists": pending, "seconds": now - started, "ranked_by": made}
+        )
+        done.append({})  # only the count matters from here
+        lists.extend(pending)
+        seconds += now - started
+        ranked_by.update(made)
+        started, before, pending = now, counts, []
+
+    desc = "genrec ranking" + (f" (resumed: {len(lists)} users kept)" if lists else "")
+    with tqdm(total=len(examples), initial=len(lists), desc=desc, unit="user", disable=not progress) as bar:
+        for batch in ranked_batches(rec, examples[len(lists) :], cfg, bar, workers=e.prep_workers):
+            pending.extend(batch)
+            if len(pending) >= per_chunk:
+                commit()
+        if pending:
+            commit()
+    return lists, seconds, dict(ranked_by)
+
+
+_NOT_GENREC = ("baselines", "sasrec_epochs", "prep_workers")
+"""eval settings that do not change genrec's lists (prep_workers: same output, measured in tests)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genrec")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the examples' users, histories and targets: the same split of the same data."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.user, ex.target, list(ex.history)]).encode())
+    return digest.hexdigest()
+
+
+def files_stamp(*paths: Path) -> str:
+    """A stamp of files and folders (every file below them): name, size and modification time, hashed.
+    Changes when a file is written again (a retrained model, rebuilt IDs), costs no read."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class EvalParts:
+    """Each method's ranked lists, kept in runs/<name>/eval_<split>.parts/ as evaluate makes them, so that an
+    evaluation that dies (Ctrl-C, out of memory, a killed job) goes on with `--resume`: a finished baseline is
+    not trained again and genrec's ranking goes on after its last committed chunk. Every file holds the inputs
+    that made it (its key: the genrec version, the split's examples, the data, model and ID files' stamps, the
+    template hash, the settings); a file whose key differs from this evaluation's is made again, and the log
+    says which input changed. Without `resume`, what an interrupted evaluation left is removed first. The
+    folder is removed once the report is written."""
+
+    def __init__(self, folder: Path, *, resume: bool) -> None:
+        self.folder = folder
+        self.reused: list[str] = []
+        if folder.exists() and not resume:
+            logger.info("%s: left by an interrupted evaluation; removed (--resume would reuse it)", folder)
+            shutil.rmtree(folder)
+
+    def _read(self, path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if data.get("key") != key:
+            old = data.get("key") or {}
+            changed = sorted(k for k in {*key, *old} if key.get(k) != old.get(k))
+            logger.warning("%s: made with another %s; made again", path, ", ".join(changed))
+            return None
+        return dict(data)
+
+    def method(
+        self, name: str, key: dict[str, Any], compute: Callable[[], list[list[int]]]
+    ) -> list[list[int]]:
+        """`name`'s lists: kept ones made with `key`, or computed now and kept."""
+        path = self.folder / f"{name}.json"
+        data = self._read(path, key)
+        if data is not None:
+            logger.info("%s: lists taken from %s (an interrupted evaluation's)", name, path)
+            self.reused.append(name)
+            return list(data["lists"])
+        lists = compute()
+        self._write(path, key, {"lists": lists})
+        return lists
+
+    def chunks(self, name: str, key: dict[str, Any]) -> list[dict[str, Any]]:
+        """`name`'s committed chunks made with `key`, in order from the first (the rest are dropped)."""
+        out: list[dict[str, Any]] = []
+        while (data := self._read(self.folder / f"{name}-{len(out):05d}.json", key)) is not None:
+            out.append(data)
+        if out:
+            logger.info(
+                "%s: %d users' lists taken from %s", name, sum(len(c["lists"]) for c in out), self.folder
+            )
+            self.reused.append(name)
+        for stale in self.folder.glob(f"{name}-*.json"):  # after a gap or a changed key
+            if int(stale.stem.rsplit("-", 1)[1]) >= len(out):
+                stale.unlink()
+        return out
+
+    def commit_chunk(self, name: str, index: int, key: dict[str, Any], payload: dict[str, Any]) -> None:
+        self._write(self.folder / f"{name}-{index:05d}.json", key, payload)
+
+    def _write(self, path: Path, key: dict[str, Any], payload: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"key": key, **payload}))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def save_outputs(
@@ -359,6 +573,14 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
         f"{report['protocol']}. {report['users']} users, {report['items']} items, {ranking_text(report)}, "
         f"template `{report['template']}` ({report['template_hash']}).",
         f"genrec ranked {report['genrec_users_per_s']} users/s.",
+        *(
+            [
+                f"Resumed (`--resume`): lists of {', '.join(report['resumed'])} were kept from an interrupted "
+                "evaluation with the same inputs (the same model, data, template and settings)."
+            ]
+            if report.get("resumed")
+            else []
+        ),
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),

@@ -614,3 +614,122 @@ def test_training_anew_rebuilds_the_base_from_the_config_and_resuming_keeps_it(t
     wider = apply_overrides(cfg, ["model.intermediate_size=128"])
     assert base(wider).config.intermediate_size == 128
     assert base(cfg, resume=True).config.intermediate_size == 128  # resume: base/ as it is
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_resumes_without_ranking_or_training_again(
+    trained, tmp_path, monkeypatch, caplog
+):
+    """Killed in SASRec after genrec's second chunk of users and the other baselines: `--resume` ranks nobody
+    again, trains only SASRec, and reports what a whole evaluation reports. A changed input is not reused."""
+    import logging
+    import shutil
+
+    from genrec import baselines, evaluation
+    from genrec.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(
+        trained[0].path, run.path, ignore=shutil.ignore_patterns("checkpoints", "eval_*", "report_*")
+    )
+    cfg = trained[1]
+    whole = evaluate(run, cfg, progress=False)
+    assert not (run / "eval_test.parts").exists()  # removed once the report is written
+
+    monkeypatch.setattr(evaluation, "GENREC_CHUNK_USERS", 16)  # 40 users: chunks of 16, 16 and 8
+    real_sasrec = baselines.sasrec_lists
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines, "sasrec_lists", killed)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="genrec.evaluation"):
+        evaluate(run, cfg, progress=False)
+    parts = run / "eval_test.parts"
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "genrec-00000.json", "genrec-00001.json", "genrec-00002.json",
+        "itemknn.json", "markov.json", "popularity.json", "retriever.json",
+    ]  # fmt: skip
+    assert f"`genrec evaluate --run {run.path} --resume`" in caplog.text
+
+    # resumed: genrec ranks no user, and no baseline but SASRec runs again
+    rec = Recommender.load(run, device="cpu")
+    monkeypatch.setattr(baselines, "sasrec_lists", real_sasrec)
+    for name in ("itemknn_lists", "markov_lists", "retriever_lists"):
+        monkeypatch.setattr(baselines, name, killed)
+    ranked = rec.engine.ranked_by.copy()
+    resumed = evaluate(run, cfg, rec=rec, progress=False, resume=True)
+    assert rec.engine.ranked_by == ranked
+    assert resumed["results"] == whole["results"] and resumed["genrec_vs"] == whole["genrec_vs"]
+    assert resumed["ranked_by"] == whole["ranked_by"]
+    assert resumed["resumed"] == ["genrec", "popularity", "itemknn", "markov", "retriever"]
+    assert (
+        "lists of genrec, popularity, itemknn, markov, retriever were kept"
+        in (run / "report_test.md").read_text()
+    )
+    assert not parts.exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_evaluation_ranks_again_what_changed(trained, tmp_path, monkeypatch, caplog):
+    """genrec's chunks made by another model are ranked again (the log names the input); without --resume an
+    interrupted evaluation's lists are removed, not used."""
+    import logging
+    import shutil
+
+    from genrec import evaluation
+    from genrec.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(
+        trained[0].path, run.path, ignore=shutil.ignore_patterns("checkpoints", "eval_*", "report_*")
+    )
+    cfg = apply_overrides(trained[1], ["eval.baselines=[popularity]"])
+    monkeypatch.setattr(evaluation, "GENREC_CHUNK_USERS", 16)
+    rec = Recommender.load(run, device="cpu")
+    real = rec.rank_stream
+    seen = []
+
+    def dies_after_two_batches(prepared):
+        for out in real(prepared):
+            seen.append(len(out[1]))
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+            yield out
+
+    monkeypatch.setattr(rec, "rank_stream", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, cfg, rec=rec, progress=False)
+    assert [p.name for p in (run / "eval_test.parts").iterdir()] == [
+        "genrec-00000.json"
+    ]  # 16 users, one batch
+    monkeypatch.setattr(rec, "rank_stream", real)
+
+    ranked = sum(rec.engine.ranked_by.values())
+    first = evaluate(run, cfg, rec=rec, progress=False, resume=True)  # ranks the 24 users after the chunk
+    assert sum(rec.engine.ranked_by.values()) - ranked == 24 and first["resumed"] == ["genrec"]
+
+    # the same interruption, then the model's weights written again: the kept chunk is not used
+    monkeypatch.setattr(rec, "rank_stream", dies_after_two_batches)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, cfg, rec=rec, progress=False)
+    monkeypatch.setattr(rec, "rank_stream", real)
+    weights = next(run.merged_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    ranked = sum(rec.engine.ranked_by.values())
+    with caplog.at_level(logging.WARNING, logger="genrec.evaluation"):
+        again = evaluate(run, cfg, rec=rec, progress=False, resume=True)
+    assert sum(rec.engine.ranked_by.values()) - ranked == 40 and "resumed" not in again
+    assert "genrec-00000.json: made with another model; made again" in caplog.text
+    assert again["results"] == first["results"]
+
+    # without --resume, an interrupted evaluation's lists are removed first
+    monkeypatch.setattr(rec, "rank_stream", dies_after_two_batches)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, cfg, rec=rec, progress=False)
+    monkeypatch.setattr(rec, "rank_stream", real)
+    ranked = sum(rec.engine.ranked_by.values())
+    assert "resumed" not in evaluate(run, cfg, rec=rec, progress=False)
+    assert sum(rec.engine.ranked_by.values()) - ranked == 40
