@@ -209,3 +209,29 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
         # ids / level: the transformers engine scores over the group's ID tokens (tests/test_decoding.py), which
         # is strictly above the vocabulary softmax vLLM returns unless its requests mask to the group
         assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)
+
+
+def test_batch_job_on_the_vllm_engine(recs, tmp_path):
+    """`genrec generate --backend vllm`: the rows and rejects of the transformers engine's job (items equal up to
+    near-tied scores), and the same output with preparation workers, which send it no tree layouts."""
+    import json
+
+    from genrec.batch import generate
+    from tests.test_batch import write_input
+
+    hf, vl = recs
+    good = write_input(hf, tmp_path / "users.jsonl", n=27)
+    opts = {"n_items": 6, "chunk_size": 10, "batch_size": 4, "progress": False}
+    outs = {}
+    for name, rec, workers in (("hf", hf, 0), ("vllm", vl, 0), ("vllm_prep", vl, 2)):
+        summary = generate(rec, tmp_path / "users.jsonl", tmp_path / f"{name}.jsonl", workers=workers, **opts)
+        assert summary["rows"] == len(good) and summary["rejects"] == 27 - len(good)
+        outs[name] = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert outs["vllm_prep"] == outs["vllm"]
+    assert [r["line"] for r in outs["vllm"]] == [r["line"] for r in outs["hf"]] == sorted(good)
+    for a, b in zip(outs["hf"], outs["vllm"], strict=True):
+        sa, sb = [x["score"] for x in a["items"]], [x["score"] for x in b["items"]]
+        assert sa == pytest.approx(sb, abs=2e-3)
+        ia, ib = [x["item_id"] for x in a["items"]], [x["item_id"] for x in b["items"]]
+        assert set(ia[:5]) <= set(ib) or all(abs(p - q) < 2e-3 for p, q in zip(sa, sb, strict=True))
+    assert (tmp_path / "vllm.rejects.jsonl").read_text() == (tmp_path / "hf.rejects.jsonl").read_text()
