@@ -209,7 +209,6 @@ def baseline_lists(
     from genrec import baselines
 
     k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
-    run = rec.run
 
     def compute(name: str) -> list[list[int]]:
         logger.info("baseline %s", name)
@@ -230,7 +229,7 @@ def baseline_lists(
             continue
         own: dict[str, Any] = {"method": name, "k": k}
         if name == "retriever":
-            own["embeddings"] = files_stamp(run.embeddings_file)
+            own["embeddings"] = files_stamp(rec.run.embeddings_file)
         if name == "sasrec":
             own.update(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
         out[name] = parts.method(name, {**(key or {}), **own}, functools.partial(compute, name))
