@@ -45,20 +45,48 @@ class Reject:
     raw: str
 
 
+INPUT_FIELDS = ("user", "user_id", "history")
+"""The fields of an input row a batch job reads (a Parquet input's other columns are not read)."""
+
+
+def input_columns(parquet: Any, path: Path) -> list[str]:
+    """The INPUT_FIELDS columns of a Parquet input (a pyarrow ParquetFile); an error naming the columns it has
+    when it has none of them."""
+    names = parquet.schema_arrow.names
+    columns = [c for c in INPUT_FIELDS if c in names]
+    if not columns:
+        raise GenrecError(
+            f"{path}: no column {', '.join(map(repr, INPUT_FIELDS))} (it has {', '.join(names[:20])}"
+            f"{', ...' if len(names) > 20 else ''}): rows need a user id and/or a history"
+        )
+    return columns
+
+
 def read_rows(
-    path: Path, keep: Callable[[int], bool] | None = None
+    path: Path, keep: Callable[[int], bool] | None = None, *, start: int = 1
 ) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(line, parsed row, "") or (line, None, what is wrong), streamed; a Parquet row's line is its 1-based
     row number. Rows whose line `keep` rejects are not parsed (JSONL) or not converted (Parquet): a shard
-    reads 1/n of the rows, and a resumed job passes over its committed ones at the cost of reading bytes."""
+    reads 1/n of the rows. Rows before line `start` are not given (a resumed job's committed rows): JSONL
+    lines read as bytes only, Parquet row groups not read at all. Of a Parquet input, only INPUT_FIELDS'
+    columns are read; one with none of them is an error naming the columns it has."""
     if path.suffix == ".parquet":
         import pyarrow as pa
 
-        line = 0
+        f = open_parquet(path)
+        columns = input_columns(f, path)
+        sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+        ends = list(itertools.accumulate(sizes))
+        first = next(
+            (g for g, end in enumerate(ends) if end >= start), len(sizes)
+        )  # the group holding `start`
+        line = ends[first - 1] if first else 0
         try:
-            for batch in open_parquet(path).iter_batches(batch_size=4096):
+            for batch in f.iter_batches(
+                batch_size=4096, row_groups=range(first, len(sizes)), columns=columns
+            ):
                 lines = range(line + 1, line + 1 + batch.num_rows)
-                wanted = lines if keep is None else [i for i in lines if keep(i)]
+                wanted = [i for i in lines if i >= start and (keep is None or keep(i))]
                 if len(wanted) < batch.num_rows:
                     batch = batch.take(pa.array([i - lines.start for i in wanted], type=pa.int64()))
                 if wanted:
@@ -69,7 +97,7 @@ def read_rows(
         return
     if path.suffix not in (".jsonl", ".json"):
         raise GenrecError(f"{path}: input must be .jsonl or .parquet")
-    yield from iter_jsonl(path, keep)
+    yield from iter_jsonl(path, keep if start <= 1 else lambda i: i >= start and (keep is None or keep(i)))
 
 
 def count_rows(path: Path) -> int:
@@ -135,7 +163,12 @@ def scan_input(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], int]
                 if not parquet:
                     lines += block.count(b"\n")
                     last = block[-1:]
-    rows = int(open_parquet(path).metadata.num_rows) if parquet else lines + (last != b"\n")
+    if parquet:
+        f = open_parquet(path)
+        input_columns(f, path)  # before the job starts
+        rows = int(f.metadata.num_rows)
+    else:
+        rows = lines + (last != b"\n")
     return {"input_size": size, "input_sha256": sha.hexdigest() if digest else ""}, rows
 
 
@@ -370,7 +403,7 @@ def _chunks(
     index = len(manifest.data["chunks"])
     pending: list[Row | Reject] = []
     last_read = skip
-    for line, obj, raw in read_rows(input_path, keep=lambda line: line > skip and (line - 1) % n == k):
+    for line, obj, raw in read_rows(input_path, keep=lambda line: (line - 1) % n == k, start=skip + 1):
         pending.append(parse_row(rec, line, obj, raw))
         last_read = line
         if len(pending) >= chunk_size:

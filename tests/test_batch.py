@@ -15,7 +15,7 @@ import time
 import pandas as pd
 import pytest
 
-from genrec.batch import generate
+from genrec.batch import generate, parse_row
 from genrec.errors import GenrecError
 from genrec.recommender import Recommender
 
@@ -87,7 +87,7 @@ def test_shards_partition_the_input_and_parquet_output(rec, tmp_path):
 
 def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_path):
     """A first chunk of history-only rows (no user) and later chunks with users; a Parquet input whose rows
-    carry dates, one of them bad. Every Parquet output has the same columns, also with no accepted row."""
+    carry a date column the job does not read, one of them bad. Every Parquet output has the same columns, also with no accepted row."""
     hist = [rec.catalog.item_ids[j] for j in rec.data.sequences[0][:3]]
     n = 12
     pd.DataFrame(
@@ -105,7 +105,11 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
     assert out["user"].isna().tolist() == [True] * 4 + [False] * (n - 5)
     assert list(out.columns) == ["line", "user", "items", "template_hash", "model"]
     [reject] = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
-    assert reject["line"] == n and "no-such-item" in reject["reason"] and "2026-01-12" in reject["raw"]
+    # only the columns a job reads are read (not seen_at): the reject shows those
+    assert reject["line"] == n and "no-such-item" in reject["reason"]
+    assert reject["raw"] == json.dumps({"user": rec.data.users[n - 1], "history": ["no-such-item"]})
+    dated = parse_row(rec, 7, {"user": pd.Timestamp("2026-01-12").to_pydatetime(), "history": ["nope"]}, "")
+    assert "2026-01-12" in dated.raw  # a Parquet user column of dates: the reject is written, not a crash
 
     (tmp_path / "bad.jsonl").write_text('{"user": "stranger"}\n')
     generate(rec, tmp_path / "bad.jsonl", tmp_path / "none.parquet", progress=False)
@@ -273,9 +277,10 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
 
 
 def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(tmp_path):
-    """read_rows(keep=...) gives exactly the kept rows of a full read, and never decodes the others: a bad
-    line outside the shard is not this shard's reject."""
-    from genrec.batch import read_rows
+    """read_rows(keep=..., start=...) gives exactly the kept rows of a full read from `start` on, and never
+    decodes the others: a bad line outside the shard is not this shard's reject. A Parquet input's other
+    columns are not read; one with no column a job reads is named with the columns it has."""
+    from genrec.batch import read_rows, scan_input
 
     lines = [
         b'{"user": "a"}',
@@ -289,22 +294,29 @@ def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(tmp_path):
     (tmp_path / "u.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     full = list(read_rows(tmp_path / "u.jsonl"))
     assert [(line, problem[:14]) for line, _, problem in full] == [
-        (1, ""),
-        (2, "malformed JSON"),
-        (3, "not UTF-8 text"),
-        (4, ""),
-        (6, "expected a JSO"),
-        (7, ""),
-    ]
-    for keep in (lambda line: line % 3 == 1, lambda line: line > 3, lambda line: False):
-        assert list(read_rows(tmp_path / "u.jsonl", keep)) == [r for r in full if keep(r[0])]
-    pd.DataFrame({"user": [f"u{i}" for i in range(10_000)]}).to_parquet(
-        tmp_path / "u.parquet", row_group_size=3000
-    )
+        (1, ""), (2, "malformed JSON"), (3, "not UTF-8 text"), (4, ""), (6, "expected a JSO"), (7, "")
+    ]  # fmt: skip
+    for keep in (lambda line: line % 3 == 1, lambda line: line > 3, lambda line: False, None):
+        for start in (1, 3, 4, 8):
+            assert list(read_rows(tmp_path / "u.jsonl", keep, start=start)) == [
+                r for r in full if r[0] >= start and (keep is None or keep(r[0]))
+            ]
+    users = pd.DataFrame({"user": [f"u{i}" for i in range(10_000)], "segment": ["x"] * 10_000})
+    users.to_parquet(tmp_path / "u.parquet", row_group_size=3000)
     full = list(read_rows(tmp_path / "u.parquet"))
     assert [line for line, _, _ in full] == list(range(1, 10_001)) and full[41][1] == {"user": "u41"}
-    for keep in (lambda line: (line - 1) % 3 == 2, lambda line: line > 8190, lambda line: line == 4097):
-        assert list(read_rows(tmp_path / "u.parquet", keep)) == [r for r in full if keep(r[0])]
+    for keep in (lambda line: (line - 1) % 3 == 2, lambda line: line > 8190, lambda line: line == 4097, None):
+        for start in (1, 3000, 3001, 6002, 10_000, 10_001):
+            assert list(read_rows(tmp_path / "u.parquet", keep, start=start)) == [
+                r for r in full if r[0] >= start and (keep is None or keep(r[0]))
+            ]
+    users.rename(columns={"user": "customer"}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(
+        GenrecError, match=r"bad.parquet: no column 'user', 'user_id', 'history' \(it has customer, segment"
+    ):
+        next(read_rows(tmp_path / "bad.parquet"))
+    with pytest.raises(GenrecError, match=r"bad.parquet: no column"):  # a job refuses it before it starts
+        scan_input(tmp_path / "bad.parquet")
 
 
 def test_count_rows_without_parsing(tmp_path):
