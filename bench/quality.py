@@ -2,7 +2,7 @@
 
     python -m bench.quality                                   # every dataset present in ../shared/data
     python -m bench.quality --datasets scientific --set train.epochs=4
-    python -m bench.quality --reuse                           # collect runs already evaluated
+    python -m bench.quality --reuse                           # collect runs already evaluated, evaluate trained ones
 
 For each dataset: prepare -> build-ids -> train -> evaluate, with the recipe's eval.baselines in the same
 command (popularity, item-kNN, a Markov chain, the retriever alone, and SASRec but in Beauty's CPU recipe),
@@ -77,6 +77,12 @@ def run_dataset(name: str, *, runs: Path, overrides: list[str], reuse: bool) -> 
     if reuse and report_file.is_file():
         print(f"[{name}] reusing {report_file}")
         cfg = run.load_config()
+    elif reuse and run.meta().get("train") and run.merged_dir.is_dir():  # trained, evaluation not finished
+        print(
+            f"[{name}] reusing the trained model in {run.merged_dir}; evaluating (an interrupted one resumes)"
+        )
+        cfg = run.load_config()
+        evaluate(run, cfg, resume=True)
     else:
         cfg = _config(run, Path(recipe), overrides, fresh=True)
         cfg.data.path = str(SHARED / folder)
@@ -118,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], help="Config override, repeatable."
     )
-    p.add_argument("--reuse", action="store_true", help="Use a run's existing eval_test.json when present.")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Use what a run already has: its eval_test.json when present; else its trained model, evaluated "
+        "(going on from an interrupted evaluation's kept lists); else everything is made again.",
+    )
     p.add_argument("--out", default="bench/results", help="Folder for quality_<dataset>.json.")
     args = p.parse_args(argv)
     done = 0

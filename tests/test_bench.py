@@ -360,3 +360,31 @@ def test_input_read_bench_reads_each_subset_both_ways(tmp_path, monkeypatch):
     for r in results.values():
         assert r["rows"] == 500 and r["bytes"] > 500 * 30
         assert r["shard 0/4"]["rows"] == 125 and r["resume past 50%"]["rows"] == 250
+
+
+def test_quality_reuse_evaluates_a_trained_run_without_training_it_again(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    """--reuse on a run whose evaluation died: the model is not trained again, the evaluation resumes."""
+    import shutil
+
+    import genrec.training
+
+    run = trained_run[0]
+    (tmp_path / "shared" / "tiny").mkdir(parents=True)
+    monkeypatch.setattr(quality, "SHARED", tmp_path / "shared")
+    monkeypatch.setitem(quality.DATASETS, "tiny", ("unused.yaml", "tiny", {}))
+    runs = tmp_path / "runs"
+    shutil.copytree(
+        run.path, runs / "tiny", ignore=shutil.ignore_patterns("checkpoints", "eval_*", "report_*")
+    )
+    (runs / "tiny" / "eval_test.parts").mkdir()  # what an interrupted evaluation leaves
+
+    def no_training(*a, **kw):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(genrec.training, "train", no_training)
+    out = quality.run_dataset("tiny", runs=runs, overrides=[], reuse=True)
+    assert "reusing the trained model" in capsys.readouterr().out
+    assert out is not None and out["results"]["genrec"]["validity"] == 1.0
+    assert (runs / "tiny" / "eval_test.json").is_file() and not (runs / "tiny" / "eval_test.parts").exists()
