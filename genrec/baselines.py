@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,6 +213,8 @@ def sasrec_lists(
     k: int,
     cfg: SASRecConfig | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_key: str = "",
 ) -> list[list[int]]:
     """Train SASRec on the sequences visible before the split's targets, then rank for each example.
 
@@ -217,7 +222,11 @@ def sasrec_lists(
     visible item (for the test split, the validation item) is held out of training, ranked every
     `eval_every` epochs by NDCG@10 over the full catalogue minus the user's items, and the best epoch's
     weights rank the examples. That is RecBole's protocol (train on all but the last two items, select on
-    the second-last, test on the last); without it the last epoch's weights are used, however they rank."""
+    the second-last, test on the last); without it the last epoch's weights are used, however they rank.
+
+    `checkpoint`: a file where the training state (weights, optimizer, best epoch, random generators) is kept
+    after every epoch; a call that finds one with the same `checkpoint_key` goes on from it, and ends with the
+    lists an uninterrupted call gives."""
     from genrec.evaluation import user_metrics  # the metric genrec evaluate reports
 
     cfg = cfg or SASRecConfig()
@@ -236,8 +245,20 @@ def sasrec_lists(
     model = SASRec(len(data.catalog), cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     best: tuple[float, int, dict[str, torch.Tensor] | None] = (-1.0, 0, None)
-    bar = tqdm(range(1, cfg.epochs + 1), desc="SASRec", unit="epoch", disable=not progress)
-    for epoch in bar:
+    epoch, finished = 0, False
+    if checkpoint is not None:
+        state = _load_sasrec_state(checkpoint, checkpoint_key)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            best, epoch, finished = state["best"], state["epoch"], state["finished"]
+            torch.set_rng_state(state["rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            logger.info("SASRec: going on after epoch %d (%s)", epoch, checkpoint)
+    bar = tqdm(total=cfg.epochs, initial=epoch, desc="SASRec", unit="epoch", disable=not progress or finished)
+    while not finished and epoch < cfg.epochs:
+        epoch += 1
         model.train()
         perm = torch.randperm(len(x))
         total = 0.0
@@ -248,6 +269,7 @@ def sasrec_lists(
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
+        bar.update(1)
         bar.set_postfix(loss=f"{total / len(x):.3f}", best_ndcg=f"{best[0]:.4f}", best_epoch=best[1])
         if held and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             ndcg = float(
@@ -261,11 +283,55 @@ def sasrec_lists(
             if ndcg > best[0]:
                 best = (ndcg, epoch, {n: t.detach().clone() for n, t in model.state_dict().items()})
             elif epoch - best[1] >= cfg.patience * cfg.eval_every:
-                break
+                finished = True
+        finished = finished or epoch >= cfg.epochs
+        if checkpoint is not None:
+            _save_sasrec_state(checkpoint, checkpoint_key, model, opt, best, epoch, finished)
+    bar.close()
     if best[2] is not None:
         model.load_state_dict(best[2])
         logger.info("SASRec: best validation NDCG@10 %.4f at epoch %d of %d", best[0], best[1], epoch)
     return _rank(model, examples, k, window, device)
+
+
+def _save_sasrec_state(
+    path: Path,
+    key: str,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    best: tuple[float, int, dict[str, torch.Tensor] | None],
+    epoch: int,
+    finished: bool,
+) -> None:
+    """SASRec's training state after `epoch`, written to a temporary file and renamed (a crash leaves the
+    previous epoch's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "key": key,
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "best": best,
+            "epoch": epoch,
+            "finished": finished,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def _load_sasrec_state(path: Path, key: str) -> dict[str, Any] | None:
+    """A kept training state made with `key`, else None (the log says why one is not used)."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("key") != key:
+        logger.warning("%s: SASRec state of another evaluation (other data or settings); trained again", path)
+        return None
+    return dict(state)
 
 
 def sasrec_window(max_len: int, *seqs: Sequence[Sequence[int]]) -> int:

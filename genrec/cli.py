@@ -236,7 +236,8 @@ def evaluate(
         typer.Option(
             "--resume",
             help="Go on from an evaluation that was interrupted: keep the lists it finished (kept in "
-            "eval_<split>.parts/: each baseline's, genrec's every 1,024 users) where their model, data, template "
+            "eval_<split>.parts/: each baseline's, genrec's every 1,024 users, SASRec's training state every epoch) "
+            "where their model, data, template "
             "and settings are this evaluation's. Without it, they are removed and everything is ranked again.",
         ),
     ] = False,

@@ -210,7 +210,7 @@ def baseline_lists(
 
     k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
 
-    def compute(name: str) -> list[list[int]]:
+    def compute(name: str, key: dict[str, Any] | None = None) -> list[list[int]]:
         logger.info("baseline %s", name)
         if name == "popularity":
             return popularity_lists(examples, counts, k)
@@ -221,7 +221,17 @@ def baseline_lists(
         if name == "retriever":
             return baselines.retriever_lists(rec.retriever, examples, k=k)
         sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
-        return baselines.sasrec_lists(rec.data, examples, split=split, k=k, cfg=sas, progress=progress)
+        state = parts.folder / "sasrec.state.pt" if parts is not None and key is not None else None
+        return baselines.sasrec_lists(
+            rec.data,
+            examples,
+            split=split,
+            k=k,
+            cfg=sas,
+            progress=progress,
+            checkpoint=state,  # its training state after every epoch: an interruption loses one epoch
+            checkpoint_key=json.dumps(key, sort_keys=True) if state else "",
+        )
 
     for name in cfg.eval.baselines:
         if parts is None:
@@ -232,7 +242,8 @@ def baseline_lists(
             own["embeddings"] = files_stamp(rec.run.embeddings_file)
         if name == "sasrec":
             own.update(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
-        out[name] = parts.method(name, {**(key or {}), **own}, functools.partial(compute, name))
+        full = {**(key or {}), **own}
+        out[name] = parts.method(name, full, functools.partial(compute, name, full))
     return out
 
 

@@ -1,6 +1,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from genrec.baselines import SASRecConfig, itemknn_lists, markov_lists, retriever_lists, sasrec_lists
 from genrec.data import Catalog, Example, Interactions, leave_one_out
@@ -163,3 +164,51 @@ def test_sasrec_pads_batches_to_the_longest_sequence_within_max_len(monkeypatch)
         assert widths and set(widths) == {expected}
     assert baselines.sasrec_window(50, [[1] * 60], [[2] * 3]) == 50
     assert baselines.sasrec_window(50, [], []) == 1
+
+
+def test_sasrec_interrupted_goes_on_from_its_kept_state_to_the_same_lists(tmp_path, monkeypatch, caplog):
+    """Killed after epoch 4 (state kept every epoch), then called again: it trains from epoch 5 only and ranks
+    as one uninterrupted call does. A state that ended training trains nothing; another key's is not used."""
+    import logging
+
+    from genrec import baselines
+
+    data = cyclic()
+    test = leave_one_out(data, "test")
+    cfg = SASRecConfig(hidden=16, epochs=9, max_len=12, eval_every=2, patience=2)
+    whole = sasrec_lists(data, test, split="test", k=5, cfg=cfg, progress=False)
+    state = tmp_path / "sasrec.state.pt"
+    save, epochs, armed = baselines._save_sasrec_state, [], [True]
+
+    def killed_after_4(path, key, model, opt, best, epoch, finished):
+        save(path, key, model, opt, best, epoch, finished)
+        epochs.append(epoch)
+        if epoch == 4 and armed:
+            armed.clear()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines, "_save_sasrec_state", killed_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        sasrec_lists(
+            data, test, split="test", k=5, cfg=cfg, progress=False, checkpoint=state, checkpoint_key="a"
+        )
+    resumed = sasrec_lists(
+        data, test, split="test", k=5, cfg=cfg, progress=False, checkpoint=state, checkpoint_key="a"
+    )
+    assert epochs == [1, 2, 3, 4, 5, 6, 7, 8, 9] and resumed == whole
+
+    loss = baselines.sasrec_loss
+    monkeypatch.setattr(baselines, "sasrec_loss", lambda *a: pytest.fail("trained again"))
+    assert (
+        sasrec_lists(
+            data, test, split="test", k=5, cfg=cfg, progress=False, checkpoint=state, checkpoint_key="a"
+        )
+        == whole
+    )
+    monkeypatch.setattr(baselines, "sasrec_loss", loss)
+    epochs.clear()
+    with caplog.at_level(logging.WARNING, logger="genrec.baselines"):
+        other = sasrec_lists(
+            data, test, split="test", k=5, cfg=cfg, progress=False, checkpoint=state, checkpoint_key="b"
+        )
+    assert epochs[0] == 1 and other == whole and "SASRec state of another evaluation" in caplog.text

@@ -639,7 +639,10 @@ def test_an_interrupted_evaluation_resumes_without_ranking_or_training_again(
     monkeypatch.setattr(evaluation, "GENREC_CHUNK_USERS", 16)  # 40 users: chunks of 16, 16 and 8
     real_sasrec = baselines.sasrec_lists
 
+    kept_state = []
+
     def killed(*a, **kw):
+        kept_state.append(kw.get("checkpoint"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(baselines, "sasrec_lists", killed)
@@ -651,6 +654,7 @@ def test_an_interrupted_evaluation_resumes_without_ranking_or_training_again(
         "itemknn.json", "markov.json", "popularity.json", "retriever.json",
     ]  # fmt: skip
     assert f"`genrec evaluate --run {run.path} --resume`" in caplog.text
+    assert kept_state == [parts / "sasrec.state.pt"]  # SASRec keeps its training state there, epoch by epoch
 
     # resumed: genrec ranks no user, and no baseline but SASRec runs again
     rec = Recommender.load(run, device="cpu")
