@@ -343,6 +343,7 @@ def genrec_lists(
         "model": files_stamp(rec.run.model_dir()),
         "ids": files_stamp(rec.run.ids_file),
         "template_hash": rec.builder.template.hash,
+        "engine": f"{type(rec.engine).__name__} on {getattr(rec.engine, 'device', '?')}",  # numerics differ
         "model_config": dataclasses.asdict(cfg.model),
         "eval": {k: v for k, v in dataclasses.asdict(e).items() if k not in _NOT_GENREC},
     }
