@@ -90,6 +90,18 @@ def generate_ray(
         summaries = _wait_with_progress(
             ray, refs, outs, total=count_rows(Path(input_path)), progress=progress
         )
+    except (
+        BaseException
+    ) as e:  # Ctrl-C on the driver (the CLI exits quietly on it), a task that failed for good
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {type(e).__name__}"
+        logger.warning(
+            "generate (ray) %s: %d input rows done; each shard keeps its committed chunks in %s, and the same "
+            "command with --resume goes on from there",
+            why,
+            sum(_committed(o) for o in outs),
+            shards_dir,
+        )
+        raise
     finally:
         if started_here:
             ray.shutdown()

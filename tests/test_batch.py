@@ -374,16 +374,33 @@ def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, t
     assert rows and {r["template_hash"] for r in rows} == {started_hash}
 
 
-def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(trained_run, rec, tmp_path):
-    """Two Ray tasks each rank a shard; the merged output equals the single-process run's rows."""
+def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
+    trained_run, rec, tmp_path, monkeypatch, caplog
+):
+    """Two Ray tasks each rank a shard; the merged output equals the single-process run's rows. The driver
+    interrupted once shards have committed chunks says so, and --resume finishes the job."""
     pytest.importorskip("ray")
+    from genrec import batch_ray
     from genrec.batch_ray import generate_ray
 
     good = write_input(rec, tmp_path / "users.jsonl", n=45)
-    summary = generate_ray(
-        trained_run[0].path, tmp_path / "users.jsonl", tmp_path / "recs.jsonl",
-        workers=2, chunk_size=8, n_items=3, engine="hf", device="cpu",
-    )  # fmt: skip
+    args = (trained_run[0].path, tmp_path / "users.jsonl", tmp_path / "recs.jsonl")
+    opts = {"workers": 2, "chunk_size": 8, "n_items": 3, "engine": "hf", "device": "cpu"}
+
+    def ctrl_c_once_chunks_are_committed(ray, refs, outs, *, total, progress):
+        deadline = time.time() + 180
+        while sum(batch_ray._committed(o) for o in outs) < 8 and time.time() < deadline:
+            time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="genrec.batch_ray"):
+        m.setattr(batch_ray, "_wait_with_progress", ctrl_c_once_chunks_are_committed)
+        with pytest.raises(KeyboardInterrupt):
+            generate_ray(*args, **opts)
+    done = re.search(r"generate \(ray\) interrupted: (\d+) input rows done", caplog.text)
+    assert done and 8 <= int(done[1]) < 45 and "--resume goes on from there" in caplog.text
+    assert not (tmp_path / "recs.jsonl").exists()
+    summary = generate_ray(*args, resume=True, **opts)
     rows = [json.loads(x) for x in (tmp_path / "recs.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == sorted(good) and summary["rows"] == len(good)
     rejects = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
