@@ -62,6 +62,14 @@ def input_columns(parquet: Any, path: Path) -> list[str]:
     return columns
 
 
+def check_input(path: Path) -> None:
+    """What can be told of an input before a job starts: its format, and a Parquet input's columns."""
+    if path.suffix == ".parquet":
+        input_columns(open_parquet(path), path)
+    elif path.suffix not in (".jsonl", ".json"):
+        raise GenrecError(f"{path}: input must be .jsonl or .parquet")
+
+
 def read_rows(
     path: Path, keep: Callable[[int], bool] | None = None, *, start: int = 1
 ) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
@@ -95,8 +103,7 @@ def read_rows(
         except (pa.ArrowException, OSError) as e:  # committed chunks stay: --resume once the file is mended
             raise GenrecError(f"{path}: unreadable after row {line} ({e})") from None
         return
-    if path.suffix not in (".jsonl", ".json"):
-        raise GenrecError(f"{path}: input must be .jsonl or .parquet")
+    check_input(path)
     yield from iter_jsonl(path, keep if start <= 1 else lambda i: i >= start and (keep is None or keep(i)))
 
 
@@ -163,12 +170,7 @@ def scan_input(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], int]
                 if not parquet:
                     lines += block.count(b"\n")
                     last = block[-1:]
-    if parquet:
-        f = open_parquet(path)
-        input_columns(f, path)  # before the job starts
-        rows = int(f.metadata.num_rows)
-    else:
-        rows = lines + (last != b"\n")
+    rows = int(open_parquet(path).metadata.num_rows) if parquet else lines + (last != b"\n")
     return {"input_size": size, "input_sha256": sha.hexdigest() if digest else ""}, rows
 
 
@@ -292,6 +294,7 @@ def generate(
         raise GenrecError(
             f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
         )
+    check_input(input_path)
     stamp, total = scan_input(input_path)
     parts.mkdir(parents=True, exist_ok=True)
     pinned = rec.pin_template(None)

@@ -276,11 +276,11 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
     assert resume()["rows"] == len(good)  # a finished job resumed again changes nothing
 
 
-def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(tmp_path):
+def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(rec, tmp_path):
     """read_rows(keep=..., start=...) gives exactly the kept rows of a full read from `start` on, and never
     decodes the others: a bad line outside the shard is not this shard's reject. A Parquet input's other
     columns are not read; one with no column a job reads is named with the columns it has."""
-    from genrec.batch import read_rows, scan_input
+    from genrec.batch import read_rows
 
     lines = [
         b'{"user": "a"}',
@@ -315,8 +315,14 @@ def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(tmp_path):
         GenrecError, match=r"bad.parquet: no column 'user', 'user_id', 'history' \(it has customer, segment"
     ):
         next(read_rows(tmp_path / "bad.parquet"))
-    with pytest.raises(GenrecError, match=r"bad.parquet: no column"):  # a job refuses it before it starts
-        scan_input(tmp_path / "bad.parquet")
+    for bad, message in (
+        ("bad.parquet", "no column 'user'"),
+        ("users.csv", "input must be .jsonl or .parquet"),
+    ):
+        (tmp_path / "users.csv").write_text("user\nu1\n")
+        with pytest.raises(GenrecError, match=f"{bad}: {message}"):  # refused before the job starts
+            generate(rec, tmp_path / bad, tmp_path / "out.jsonl", progress=False)
+        assert not (tmp_path / "out.jsonl.parts").exists()
 
 
 def test_count_rows_without_parsing(tmp_path):
@@ -383,7 +389,7 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
     from genrec import batch_ray
     from genrec.batch_ray import generate_ray
 
-    good = write_input(rec, tmp_path / "users.jsonl", n=45)
+    good = write_input(rec, tmp_path / "users.jsonl", n=180)
     args = (trained_run[0].path, tmp_path / "users.jsonl", tmp_path / "recs.jsonl")
     opts = {"workers": 2, "chunk_size": 8, "n_items": 3, "engine": "hf", "device": "cpu"}
 
@@ -398,13 +404,13 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
         with pytest.raises(KeyboardInterrupt):
             generate_ray(*args, **opts)
     done = re.search(r"generate \(ray\) interrupted: (\d+) input rows done", caplog.text)
-    assert done and 8 <= int(done[1]) < 45 and "--resume goes on from there" in caplog.text
+    assert done and 8 <= int(done[1]) < 180 and "--resume goes on from there" in caplog.text
     assert not (tmp_path / "recs.jsonl").exists()
     summary = generate_ray(*args, resume=True, **opts)
     rows = [json.loads(x) for x in (tmp_path / "recs.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == sorted(good) and summary["rows"] == len(good)
     rejects = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
-    assert [r["line"] for r in rejects] == sorted(set(range(1, 46)) - good) == [r["line"] for r in rejects]
+    assert [r["line"] for r in rejects] == sorted(set(range(1, 181)) - good) == [r["line"] for r in rejects]
     assert not (tmp_path / "recs.jsonl.shards").exists()
     single = generate(
         rec, tmp_path / "users.jsonl", tmp_path / "one.jsonl", chunk_size=8, n_items=3, progress=False
