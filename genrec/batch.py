@@ -1,7 +1,7 @@
 """Offline batch generation: stream users in, write ranked items out in chunks that survive a crash.
 
-Input rows (JSONL or Parquet, streamed, never loaded whole): `user` and/or `history` (item ids,
-ID strings or titles, oldest first). Output: one row per accepted input row with the ranked items,
+Input rows (JSONL or Parquet, or a folder of such part files read as one input; streamed, never loaded
+whole): `user` and/or `history` (item ids, ID strings or titles, oldest first). Output: one row per accepted input row with the ranked items,
 the template hash and the model. Work is committed chunk by chunk: each chunk's rows and rejects
 are written to `<output>.parts/` by temp file + rename, then recorded in `manifest.json` (also
 atomic). `resume=True` skips committed chunks, so a job killed at any point (even `kill -9`) ends
@@ -10,6 +10,7 @@ with exactly one row per input row. Bad rows go to `<output stem>.rejects.jsonl`
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -43,6 +44,8 @@ class Reject:
     line: int
     reason: str
     raw: str
+    source: str = ""
+    """For a folder input: the part file and the row's line in it."""
 
 
 INPUT_FIELDS = ("user", "user_id", "history")
@@ -63,11 +66,57 @@ def input_columns(parquet: Any, path: Path) -> list[str]:
 
 
 def check_input(path: Path) -> None:
-    """What can be told of an input before a job starts: its format, and a Parquet input's columns."""
-    if path.suffix == ".parquet":
-        input_columns(open_parquet(path), path)
-    elif path.suffix not in (".jsonl", ".json"):
-        raise GenrecError(f"{path}: input must be .jsonl or .parquet")
+    """What can be told of an input before a job starts: its format, and a Parquet input's columns (each part's,
+    for a folder input)."""
+    for f in input_files(path):
+        if f.suffix == ".parquet":
+            input_columns(open_parquet(f), f)
+        elif f.suffix not in (".jsonl", ".json"):
+            raise GenrecError(f"{f}: input must be .jsonl or .parquet")
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files of an input: the file itself, or a folder's part files in name order (a Spark or Hive export:
+    every file is *.parquet, or every one *.jsonl / *.json; names starting with '.' or '_' are not data)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise GenrecError(f"input {path} does not exist")
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
+    kinds = {".json" if f.suffix == ".jsonl" else f.suffix for f in files}
+    if len(kinds) != 1 or not kinds <= {".parquet", ".json"}:
+        found = ", ".join(sorted({f.suffix or f.name for f in files})) or "no data file"
+        raise GenrecError(
+            f"{path}: a folder input holds part files of one format, all *.parquet or all *.jsonl (found: {found})"
+        )
+    return files
+
+
+def read_input(
+    path: Path, counts: list[int], keep: Callable[[int], bool] | None = None, *, start: int = 1
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """`read_rows` of a file or a folder input, whose lines count across its parts in order (`counts`: each
+    part's rows, from `scan_input`); parts wholly before `start` are not opened."""
+    offset = 0
+    for f, n in zip(input_files(path), counts, strict=True):
+        if offset + n >= start:
+            shifted = None if keep is None else (lambda i, o=offset: keep(i + o))  # type: ignore[misc]
+            for line, obj, problem in read_rows(f, shifted, start=max(1, start - offset)):
+                yield line + offset, obj, problem
+        offset += n
+
+
+def locator(path: Path, counts: list[int]) -> Callable[[int], str] | None:
+    """For a folder input, where its line `line` is: "<part file> line <n>"; None for a one-file input."""
+    if not path.is_dir():
+        return None
+    names, ends = [f.name for f in input_files(path)], list(itertools.accumulate(counts))
+
+    def where(line: int) -> str:
+        i = bisect.bisect_left(ends, line)
+        return f"{names[i]} line {line - (ends[i - 1] if i else 0)}"
+
+    return where
 
 
 def read_rows(
@@ -159,19 +208,37 @@ def scan_input(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], int]
 
     Rows: Parquet metadata, or JSONL lines (a last line without a newline counts). The hash runs at about
     1 GB/s on one core (a few seconds per million rows at most), and changes with any edit anywhere; the
-    same content written again (restored from a copy, touched) keeps it."""
-    size, sha, lines, last = path.stat().st_size, hashlib.sha256(), 0, b"\n"
+    same content written again (restored from a copy, touched) keeps it. A folder input: its parts' names and
+    bytes, in order (see `scan_parts`)."""
+    stamp, counts = scan_parts(path, digest=digest)
+    return stamp, sum(counts)
+
+
+def scan_parts(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], list[int]]:
+    """`scan_input`, with the row count of each file of the input (one for a file, each part's for a folder)."""
+    size, sha, counts = 0, hashlib.sha256(), []
+    folder = path.is_dir()
+    for f in input_files(path):
+        if folder:  # a renamed, added or removed part changes the stamp too
+            sha.update(f"{f.name}\n".encode())
+        size += f.stat().st_size
+        counts.append(_scan_file(f, sha if digest else None))
+    return {"input_size": size, "input_sha256": sha.hexdigest() if digest else ""}, counts
+
+
+def _scan_file(path: Path, sha: Any) -> int:
+    """One file's rows, its bytes fed to `sha` (when given) on the way."""
+    lines, last = 0, b"\n"
     parquet = path.suffix == ".parquet"
-    if digest or not parquet:
+    if sha is not None or not parquet:
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
-                if digest:
+                if sha is not None:
                     sha.update(block)
                 if not parquet:
                     lines += block.count(b"\n")
                     last = block[-1:]
-    rows = int(open_parquet(path).metadata.num_rows) if parquet else lines + (last != b"\n")
-    return {"input_size": size, "input_sha256": sha.hexdigest() if digest else ""}, rows
+    return int(open_parquet(path).metadata.num_rows) if parquet else lines + (last != b"\n")
 
 
 class Manifest:
@@ -213,12 +280,16 @@ class Manifest:
         atomic_write_text(base.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(
             base.with_suffix(".rejects.jsonl"),
-            "".join(json.dumps({"line": r.line, "reason": r.reason, "raw": r.raw}) + "\n" for r in rejects),
+            "".join(json.dumps(_reject_record(r)) + "\n" for r in rejects),
         )
         self.data["chunks"].append(
             {"index": index, "last_line": last_line, "rows": len(rows), "rejects": len(rejects)}
         )
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+def _reject_record(r: Reject) -> dict[str, Any]:
+    return {"line": r.line, **({"source": r.source} if r.source else {}), "reason": r.reason, "raw": r.raw}
 
 
 def _log_stopped(manifest: Manifest, parts: Path, error: BaseException) -> None:
@@ -282,7 +353,7 @@ def generate(
         n_items=n_items, mode=mode, n_candidates=n_candidates, chunk_size=chunk_size, batch_size=batch_size
     )
     input_path, output = Path(input_path), Path(output_path)
-    if not input_path.is_file():
+    if not input_path.exists():
         raise GenrecError(f"input {input_path} does not exist")
     if output.suffix not in (".jsonl", ".parquet"):
         raise GenrecError(f"--output {output}: use a .jsonl or .parquet file name")
@@ -295,7 +366,7 @@ def generate(
             f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
         )
     check_input(input_path)
-    stamp, total = scan_input(input_path)
+    stamp, counts = scan_parts(input_path)
     parts.mkdir(parents=True, exist_ok=True)
     pinned = rec.pin_template(None)
     if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
@@ -324,7 +395,7 @@ def generate(
                 manifest,
                 input_path,
                 shard,
-                total=total,
+                counts=counts,
                 chunk_size=chunk_size,
                 batch_size=batch_size,
                 progress=progress,
@@ -360,7 +431,7 @@ def _run_chunks(
     input_path: Path,
     shard: tuple[int, int],
     *,
-    total: int,
+    counts: list[int],
     chunk_size: int,
     batch_size: int,
     progress: bool,
@@ -372,13 +443,13 @@ def _run_chunks(
     bar = tqdm(
         desc="generate",
         unit="user",
-        total=len(range(k, total, n)),  # this shard's rows: users/s and ETA
+        total=len(range(k, sum(counts), n)),  # this shard's rows: users/s and ETA
         disable=not progress,
         initial=sum(c["rows"] + c["rejects"] for c in manifest.data["chunks"]),
     )
     from genrec.prep import prepared_batches
 
-    units = _units(_chunks(rec, manifest, input_path, shard, chunk_size), batch_size, options)
+    units = _units(_chunks(rec, manifest, input_path, counts, shard, chunk_size), batch_size, options)
     with (
         bar,
         prepared_batches(rec, units, workers) as prepared,
@@ -398,7 +469,12 @@ class _Chunk:
 
 
 def _chunks(
-    rec: Recommender, manifest: Manifest, input_path: Path, shard: tuple[int, int], chunk_size: int
+    rec: Recommender,
+    manifest: Manifest,
+    input_path: Path,
+    counts: list[int],
+    shard: tuple[int, int],
+    chunk_size: int,
 ) -> Iterator[_Chunk]:
     """This shard's rows after the committed ones, parsed, in chunks of `chunk_size` (accepted + rejected)."""
     k, n = shard
@@ -406,8 +482,13 @@ def _chunks(
     index = len(manifest.data["chunks"])
     pending: list[Row | Reject] = []
     last_read = skip
-    for line, obj, raw in read_rows(input_path, keep=lambda line: (line - 1) % n == k, start=skip + 1):
-        pending.append(parse_row(rec, line, obj, raw))
+    where = locator(input_path, counts)
+    rows = read_input(input_path, counts, keep=lambda line: (line - 1) % n == k, start=skip + 1)
+    for line, obj, raw in rows:
+        row = parse_row(rec, line, obj, raw)
+        if where is not None and isinstance(row, Reject):
+            row.source = where(line)
+        pending.append(row)
         last_read = line
         if len(pending) >= chunk_size:
             yield _Chunk(index, pending, last_read)

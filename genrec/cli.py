@@ -284,7 +284,10 @@ def generate(
     input: Annotated[
         Path,
         typer.Option(
-            "--input", "-i", help="Users to rank: .jsonl or .parquet rows with `user` and/or `history`."
+            "--input",
+            "-i",
+            help="Users to rank: .jsonl or .parquet rows with `user` and/or `history`, or a folder of such part "
+            "files (a Spark/Hive export: read in name order as one input; `_SUCCESS` and hidden files skipped).",
         ),
     ],
     output: Annotated[

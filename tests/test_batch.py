@@ -521,3 +521,70 @@ def test_rank_stream_launches_the_next_batch_before_reading_one(rec, monkeypatch
     for flags, p in zip(no_trie, prepared, strict=True):
         assert flags == ([lay is not None for lay in p.layouts] if p.layouts is not None else [False] * 4)
     assert list(rec.rank_stream(iter([]))) == []
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_folder_of_part_files_is_one_input(rec, tmp_path, monkeypatch, fmt):
+    """A Spark/Hive export: part files in name order, lines counted across them; '_SUCCESS' and hidden files
+    are not data. Same rows as the parts joined in one file, rejects name their part and line, a crash
+    resumes across parts, and a renamed part is a changed input."""
+    from genrec.batch import Manifest
+
+    write_input(rec, tmp_path / "all.jsonl", n=36)
+    lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    folder = tmp_path / "users"
+    folder.mkdir()
+    for i, (lo, hi) in enumerate([(0, 10), (10, 11), (11, 25), (25, 36)]):
+        part = folder / f"part-{i:05d}.{fmt}"
+        if fmt == "jsonl":
+            part.write_text("".join(x + "\n" for x in lines[lo:hi]))
+        else:  # parseable rows only: a Parquet file has no malformed line
+            rows = [json.loads(x) if x.startswith('{"') else {"user": None} for x in lines[lo:hi]]
+            pd.DataFrame(
+                {"user": [r.get("user") for r in rows], "history": [r.get("history") for r in rows]}
+            ).to_parquet(part)
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-00000.crc").write_text("x")
+    joined = tmp_path / f"joined.{fmt}"
+    if fmt == "jsonl":
+        joined.write_text("".join(p.read_text() for p in sorted(folder.glob("part-*"))))
+    else:
+        pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*"))]).to_parquet(joined)
+    opts = {"chunk_size": 8, "n_items": 3, "progress": False}
+    one = generate(rec, joined, tmp_path / "one.jsonl", **opts)
+    real_commit = Manifest.commit
+
+    def crash_after_two(self, index, *args, **kw):
+        if index >= 2:
+            raise KeyboardInterrupt
+        return real_commit(self, index, *args, **kw)
+
+    monkeypatch.setattr(Manifest, "commit", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(rec, folder, tmp_path / "recs.jsonl", **opts)
+    monkeypatch.undo()
+    assert generate(rec, folder, tmp_path / "recs.jsonl", resume=True, **opts) == {
+        **one,
+        "output": str(tmp_path / "recs.jsonl"),
+        "rejects_file": str(tmp_path / "recs.rejects.jsonl"),
+    }
+    assert (tmp_path / "recs.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    rejects = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
+    where = {r["line"]: r["source"] for r in rejects}
+    assert where[4] == f"part-00000.{fmt} line 4" and where[27] == f"part-00003.{fmt} line 2"
+    assert [{k: v for k, v in r.items() if k != "source"} for r in rejects] == [
+        json.loads(x) for x in (tmp_path / "one.rejects.jsonl").read_text().splitlines()
+    ]
+    (folder / f"part-00001.{fmt}").rename(folder / f"part-00001b.{fmt}")  # same bytes, another name
+    with pytest.raises(GenrecError, match="changed since this job started"):
+        generate(rec, folder, tmp_path / "recs.jsonl", resume=True, **opts)
+
+    (folder / "notes.txt").write_text("x")
+    with pytest.raises(
+        GenrecError,
+        match=r"a folder input holds part files of one format.*\(found: \.(json|parquet)l?, \.txt",
+    ):
+        generate(rec, folder, tmp_path / "other.jsonl", **opts)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GenrecError, match=r"found: no data file"):
+        generate(rec, tmp_path / "empty", tmp_path / "other.jsonl", **opts)
