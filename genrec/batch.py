@@ -65,26 +65,28 @@ def input_columns(parquet: Any, path: Path) -> list[str]:
     return columns
 
 
-def check_input(path: Path) -> None:
-    """What can be told of an input before a job starts: its format, and a Parquet input's columns (each part's,
-    for a folder input)."""
-    for f in input_files(path):
-        if f.suffix == ".parquet":
-            input_columns(open_parquet(f), f)
-        elif f.suffix not in (".jsonl", ".json"):
-            raise GenrecError(f"{f}: input must be .jsonl or .parquet")
+_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def _format(path: Path) -> str:
+    """`parquet` or `jsonl`, by the file's extension; an error naming the file for any other."""
+    if path.suffix not in _FORMATS:
+        raise GenrecError(f"{path}: input must be .jsonl or .parquet")
+    return _FORMATS[path.suffix]
 
 
 def input_files(path: Path) -> list[Path]:
     """The files of an input: the file itself, or a folder's part files in name order (a Spark or Hive export:
     every file is *.parquet, or every one *.jsonl / *.json; names starting with '.' or '_' are not data)."""
     if path.is_file():
+        _format(path)
         return [path]
     if not path.is_dir():
         raise GenrecError(f"input {path} does not exist")
     files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
-    kinds = {".json" if f.suffix == ".jsonl" else f.suffix for f in files}
-    if len(kinds) != 1 or not kinds <= {".parquet", ".json"}:
+    if len({_FORMATS.get(f.suffix, f.suffix) for f in files}) != 1 or any(
+        f.suffix not in _FORMATS for f in files
+    ):
         found = ", ".join(sorted({f.suffix or f.name for f in files})) or "no data file"
         raise GenrecError(
             f"{path}: a folder input holds part files of one format, all *.parquet or all *.jsonl (found: {found})"
@@ -93,24 +95,26 @@ def input_files(path: Path) -> list[Path]:
 
 
 def read_input(
-    path: Path, counts: list[int], keep: Callable[[int], bool] | None = None, *, start: int = 1
+    parts: list[tuple[Path, int]], keep: Callable[[int], bool] | None = None, *, start: int = 1
 ) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """`read_rows` of a file or a folder input, whose lines count across its parts in order (`counts`: each
-    part's rows, from `scan_input`); parts wholly before `start` are not opened."""
+    """`read_rows` of an input's files (`scan_input`'s parts: each file and its rows), whose lines count across
+    them in order; files wholly before `start` are not opened."""
     offset = 0
-    for f, n in zip(input_files(path), counts, strict=True):
+    for f, n in parts:
         if offset + n >= start:
-            shifted = None if keep is None else (lambda i, o=offset: keep(i + o))  # type: ignore[misc]
-            for line, obj, problem in read_rows(f, shifted, start=max(1, start - offset)):
+            for line, obj, problem in read_rows(f, _shifted(keep, offset), start=max(1, start - offset)):
                 yield line + offset, obj, problem
         offset += n
 
 
-def locator(path: Path, counts: list[int]) -> Callable[[int], str] | None:
-    """For a folder input, where its line `line` is: "<part file> line <n>"; None for a one-file input."""
-    if not path.is_dir():
-        return None
-    names, ends = [f.name for f in input_files(path)], list(itertools.accumulate(counts))
+def _shifted(keep: Callable[[int], bool] | None, offset: int) -> Callable[[int], bool] | None:
+    """`keep` of a file's own line numbers, for a file whose first line is input line offset + 1."""
+    return None if keep is None else lambda line: keep(line + offset)
+
+
+def locator(parts: list[tuple[Path, int]]) -> Callable[[int], str]:
+    """Where input line `line` is among the input's files: "<file name> line <n>"."""
+    names, ends = [f.name for f, _ in parts], list(itertools.accumulate(n for _, n in parts))
 
     def where(line: int) -> str:
         i = bisect.bisect_left(ends, line)
@@ -152,13 +156,14 @@ def read_rows(
         except (pa.ArrowException, OSError) as e:  # committed chunks stay: --resume once the file is mended
             raise GenrecError(f"{path}: unreadable after row {line} ({e})") from None
         return
-    check_input(path)
+    _format(path)
     yield from iter_jsonl(path, keep if start <= 1 else lambda i: i >= start and (keep is None or keep(i)))
 
 
 def count_rows(path: Path) -> int:
-    """Rows in the input without parsing it: parquet metadata, or newlines read in 1 MiB blocks."""
-    return scan_input(path, digest=False)[1]
+    """Rows in one file (an input part, an output, a rejects file) without parsing it: parquet metadata, or
+    newlines read in 1 MiB blocks."""
+    return _scan_file(path)
 
 
 def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
@@ -203,33 +208,37 @@ _OLD_STAMPS = ("input_ends_sha256",)
 """Stamps of earlier versions (a hash of the first and last MiB only), dropped when such a job resumes."""
 
 
-def scan_input(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], int]:
-    """The input's stamp (size, sha256 of every byte) and its row count, in one read in 1 MiB blocks.
+def scan_input(
+    path: Path, *, digest: bool = True, progress: bool = False
+) -> tuple[dict[str, Any], list[tuple[Path, int]]]:
+    """The input's stamp (size, sha256 of every byte) and its files with their row counts, in one read in 1 MiB
+    blocks; checked on the way (`input_files`, and a Parquet file's columns: `input_columns`).
 
     Rows: Parquet metadata, or JSONL lines (a last line without a newline counts). The hash runs at about
     1 GB/s on one core (a few seconds per million rows at most), and changes with any edit anywhere; the
     same content written again (restored from a copy, touched) keeps it. A folder input: its parts' names and
-    bytes, in order (see `scan_parts`)."""
-    stamp, counts = scan_parts(path, digest=digest)
-    return stamp, sum(counts)
+    bytes, in order, so a renamed, added or removed part changes it too. A bar shows inputs over 1 GiB."""
+    files = input_files(path)
+    sha, sizes, folder = hashlib.sha256(), [f.stat().st_size for f in files], path.is_dir()
+    parts = []
+    with tqdm(
+        total=sum(sizes),
+        desc="scan input",
+        unit="B",
+        unit_scale=True,
+        disable=not progress or sum(sizes) < 1 << 30,
+    ) as bar:
+        for f in files:
+            if folder:
+                sha.update(f"{f.name}\n".encode())
+            parts.append((f, _scan_file(f, sha if digest else None, check=True, bar=bar)))
+    return {"input_size": sum(sizes), "input_sha256": sha.hexdigest() if digest else ""}, parts
 
 
-def scan_parts(path: Path, *, digest: bool = True) -> tuple[dict[str, Any], list[int]]:
-    """`scan_input`, with the row count of each file of the input (one for a file, each part's for a folder)."""
-    size, sha, counts = 0, hashlib.sha256(), []
-    folder = path.is_dir()
-    for f in input_files(path):
-        if folder:  # a renamed, added or removed part changes the stamp too
-            sha.update(f"{f.name}\n".encode())
-        size += f.stat().st_size
-        counts.append(_scan_file(f, sha if digest else None))
-    return {"input_size": size, "input_sha256": sha.hexdigest() if digest else ""}, counts
-
-
-def _scan_file(path: Path, sha: Any) -> int:
-    """One file's rows, its bytes fed to `sha` (when given) on the way."""
+def _scan_file(path: Path, sha: Any = None, *, check: bool = False, bar: Any = None) -> int:
+    """One file's rows, its bytes fed to `sha` (when given) on the way; `check`: a Parquet file's columns too."""
     lines, last = 0, b"\n"
-    parquet = path.suffix == ".parquet"
+    parquet = _format(path) == "parquet"
     if sha is not None or not parquet:
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
@@ -238,7 +247,14 @@ def _scan_file(path: Path, sha: Any) -> int:
                 if not parquet:
                     lines += block.count(b"\n")
                     last = block[-1:]
-    return int(open_parquet(path).metadata.num_rows) if parquet else lines + (last != b"\n")
+                if bar is not None:
+                    bar.update(len(block))
+    if not parquet:
+        return lines + (last != b"\n")
+    f = open_parquet(path)
+    if check:
+        input_columns(f, path)
+    return int(f.metadata.num_rows)
 
 
 class Manifest:
@@ -365,8 +381,7 @@ def generate(
         raise GenrecError(
             f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
         )
-    check_input(input_path)
-    stamp, counts = scan_parts(input_path)
+    stamp, files = scan_input(input_path, progress=progress)
     parts.mkdir(parents=True, exist_ok=True)
     pinned = rec.pin_template(None)
     if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
@@ -395,7 +410,7 @@ def generate(
                 manifest,
                 input_path,
                 shard,
-                counts=counts,
+                files=files,
                 chunk_size=chunk_size,
                 batch_size=batch_size,
                 progress=progress,
@@ -431,7 +446,7 @@ def _run_chunks(
     input_path: Path,
     shard: tuple[int, int],
     *,
-    counts: list[int],
+    files: list[tuple[Path, int]],
     chunk_size: int,
     batch_size: int,
     progress: bool,
@@ -443,13 +458,14 @@ def _run_chunks(
     bar = tqdm(
         desc="generate",
         unit="user",
-        total=len(range(k, sum(counts), n)),  # this shard's rows: users/s and ETA
+        total=len(range(k, sum(rows for _, rows in files), n)),  # this shard's rows: users/s and ETA
         disable=not progress,
         initial=sum(c["rows"] + c["rejects"] for c in manifest.data["chunks"]),
     )
     from genrec.prep import prepared_batches
 
-    units = _units(_chunks(rec, manifest, input_path, counts, shard, chunk_size), batch_size, options)
+    folder = input_path.is_dir()
+    units = _units(_chunks(rec, manifest, files, folder, shard, chunk_size), batch_size, options)
     with (
         bar,
         prepared_batches(rec, units, workers) as prepared,
@@ -471,20 +487,20 @@ class _Chunk:
 def _chunks(
     rec: Recommender,
     manifest: Manifest,
-    input_path: Path,
-    counts: list[int],
+    files: list[tuple[Path, int]],
+    folder: bool,
     shard: tuple[int, int],
     chunk_size: int,
 ) -> Iterator[_Chunk]:
-    """This shard's rows after the committed ones, parsed, in chunks of `chunk_size` (accepted + rejected)."""
+    """This shard's rows after the committed ones, parsed, in chunks of `chunk_size` (accepted + rejected).
+    `folder`: the input is a folder of part files, and each reject names its part and line there."""
     k, n = shard
     skip = manifest.last_line
     index = len(manifest.data["chunks"])
     pending: list[Row | Reject] = []
     last_read = skip
-    where = locator(input_path, counts)
-    rows = read_input(input_path, counts, keep=lambda line: (line - 1) % n == k, start=skip + 1)
-    for line, obj, raw in rows:
+    where = locator(files) if folder else None
+    for line, obj, raw in read_input(files, keep=lambda line: (line - 1) % n == k, start=skip + 1):
         row = parse_row(rec, line, obj, raw)
         if where is not None and isinstance(row, Reject):
             row.source = where(line)

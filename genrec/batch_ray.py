@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from genrec.batch import check_options, count_rows, output_schema
+from genrec.batch import check_options, count_rows, output_schema, scan_input
 from genrec.errors import GenrecError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,11 @@ def generate_ray(
             for k, o in enumerate(outs)
         ]
         summaries = _wait_with_progress(
-            ray, refs, outs, total=count_rows(Path(input_path)), progress=progress
+            ray,
+            refs,
+            outs,
+            total=sum(n for _, n in scan_input(Path(input_path), digest=False)[1]),
+            progress=progress,
         )
     except (
         BaseException
