@@ -25,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from genrec.data.loaders import iter_jsonl, open_parquet
-from genrec.errors import GenrecError
+from genrec.errors import GenrecError, stopped_by
 from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender, UnknownItems
 from genrec.run import atomic_write_text
 
@@ -312,7 +312,7 @@ def _log_stopped(manifest: Manifest, parts: Path, error: BaseException) -> None:
     """Say what a stopped job kept and how to go on: the same command with --resume."""
     chunks = manifest.data["chunks"]
     kept = sum(c["rows"] + c["rejects"] for c in chunks)
-    why = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped by {type(error).__name__}"
+    why = stopped_by(error)
     logger.warning(
         "generate %s: %d input rows done in %d committed chunk(s) (%s, up to input line %d); the same command "
         "with --resume goes on from there",

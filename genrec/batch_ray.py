@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from genrec.batch import check_options, count_rows, output_schema, scan_input
-from genrec.errors import GenrecError
+from genrec.errors import GenrecError, stopped_by
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,8 @@ def generate_ray(
             total=sum(n for _, n in scan_input(Path(input_path), digest=False)[1]),
             progress=progress,
         )
-    except (
-        BaseException
-    ) as e:  # Ctrl-C on the driver (the CLI exits quietly on it), a task that failed for good
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {type(e).__name__}"
+    except BaseException as e:  # Ctrl-C on the driver (the CLI exits quietly on it), a task failed for good
+        why = stopped_by(e)
         logger.warning(
             "generate (ray) %s: %d input rows done; each shard keeps its committed chunks in %s, and the same "
             "command with --resume goes on from there",

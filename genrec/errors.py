@@ -43,3 +43,8 @@ class RunError(GenrecError):
 
     def __init__(self, run_dir: str | Path, missing: str, hint: str) -> None:
         super().__init__(f"run {run_dir}: {missing} is missing; {hint}")
+
+
+def stopped_by(error: BaseException) -> str:
+    """How a long job ended early, for its "how to go on" message: Ctrl-C or the error's type."""
+    return "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped by {type(error).__name__}"

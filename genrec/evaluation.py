@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from genrec.config import RunConfig
 from genrec.data import Example, Interactions, leave_one_out, popularity
+from genrec.errors import stopped_by
 from genrec.run import RunDir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ def evaluate(
         lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress, parts=parts, key=key))
     except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), out of memory, a failing baseline
         if parts.folder.is_dir():
-            why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {type(e).__name__}"
+            why = stopped_by(e)
             logger.warning(
                 "evaluation %s; the lists it finished are kept in %s: `genrec evaluate --run %s --resume` (same "
                 "split and settings) goes on from them",
@@ -348,6 +349,7 @@ def genrec_lists(
         "eval": {k: v for k, v in dataclasses.asdict(e).items() if k not in _NOT_GENREC},
     }
     done = parts.chunks("genrec", key)
+    n_chunks = len(done)
     lists = [lst for c in done for lst in c["lists"]]
     seconds = sum(c["seconds"] for c in done)
     ranked_by: Counter[str] = Counter()
@@ -358,13 +360,13 @@ def genrec_lists(
     started, before = time.time(), Counter(rec.engine.ranked_by)
 
     def commit() -> None:
-        nonlocal started, before, seconds, pending
+        nonlocal started, before, seconds, pending, n_chunks
         now, counts = time.time(), Counter(rec.engine.ranked_by)
         made = {k: v for k, v in (counts - before).items() if v}
         parts.commit_chunk(
-            "genrec", len(done), key, {"lists": pending, "seconds": now - started, "ranked_by": made}
+            "genrec", n_chunks, key, {"lists": pending, "seconds": now - started, "ranked_by": made}
         )
-        done.append({})  # only the count matters from here
+        n_chunks += 1
         lists.extend(pending)
         seconds += now - started
         ranked_by.update(made)

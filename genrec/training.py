@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from genrec.config import RunConfig
 from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
-from genrec.errors import GenrecError
+from genrec.errors import GenrecError, stopped_by
 from genrec.id_softmax import IdSoftmax, group_softmax, softmax_groups
 from genrec.ids import ItemIds
 from genrec.modeling import (
@@ -457,24 +457,23 @@ def early_stopping_summary(stopper: Any, state: Any, metric: str = "loss") -> di
 
 
 def _log_stopped(run: RunDir, step: int, save_steps: int, error: BaseException) -> None:
-    """Say what a stopped training kept and how to go on."""
-    steps = sorted(int(p.name.rsplit("-", 1)[-1]) for p in run.checkpoints_dir.glob("checkpoint-*"))
-    why = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped by {type(error).__name__}"
-    if steps:
+    """Say what a stopped training kept and how to go on: the checkpoint `train --resume` would take."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(run.checkpoints_dir)) if run.checkpoints_dir.is_dir() else None
+    if last:
         logger.warning(
-            "training %s at step %d; the last checkpoint is step %d (%s): `genrec train --run %s --resume` "
-            "goes on from it",
-            why,
+            "training %s at step %d; the last checkpoint is %s: `genrec train --run %s --resume` goes on from it",
+            stopped_by(error),
             step,
-            steps[-1],
-            run.checkpoints_dir / f"checkpoint-{steps[-1]}",
+            last,
             run.path,
         )
     else:
         logger.warning(
             "training %s at step %d, before its first checkpoint (every %d steps, train.save_steps): nothing to "
             "resume from",
-            why,
+            stopped_by(error),
             step,
             save_steps,
         )

@@ -151,7 +151,7 @@ def test_interrupted_training_names_its_last_checkpoint_and_resumes_from_it(tmp_
     with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="genrec.training"):
         train(run, cfg)
     assert (
-        f"training interrupted at step 7; the last checkpoint is step 5 ({run.checkpoints_dir / 'checkpoint-5'}): "
+        f"training interrupted at step 7; the last checkpoint is {run.checkpoints_dir / 'checkpoint-5'}: "
         f"`genrec train --run {run.path} --resume` goes on from it" in caplog.messages
     )
     monkeypatch.setattr(training, "loss_log_callback", real)
