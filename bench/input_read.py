@@ -1,4 +1,5 @@
-"""Cost of a batch job's input pass, per format, on synthetic users (no run needed):
+"""Cost of a batch job's input pass, per format (JSONL, gzipped JSONL, Parquet), on synthetic users (no run
+needed):
 
 * `scan`: what `genrec generate` does once at start: the input's sha256 (the manifest's stamp) and its
   row count (the progress bar's total), in one read;
@@ -24,7 +25,11 @@ from typing import Any
 
 
 def write_users(folder: Path, users: int, seed: int = 0) -> list[Path]:
-    """users.jsonl and users.parquet: a user id and a history of 3-30 item ids per row."""
+    """users.jsonl, users.jsonl.gz (gzip's default level 6, as Spark writes) and users.parquet: a user id and a
+    history of 3-30 item ids per row."""
+    import gzip
+    import shutil
+
     import pandas as pd
 
     rng = random.Random(seed)
@@ -35,9 +40,12 @@ def write_users(folder: Path, users: int, seed: int = 0) -> list[Path]:
     jsonl = folder / "users.jsonl"
     with open(jsonl, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    gz = folder / "users.jsonl.gz"
+    with open(jsonl, "rb") as src, gzip.open(gz, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
     parquet = folder / "users.parquet"
     pd.DataFrame(rows).to_parquet(parquet, row_group_size=100_000)  # row groups a resumed job can pass over
-    return [jsonl, parquet]
+    return [jsonl, gz, parquet]
 
 
 def timed(repeats: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -85,7 +93,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_users(Path(tmp), args.users):
-            fmt = path.suffix.lstrip(".")
+            fmt = path.name.removeprefix("users.")
             scan_s, (_, files) = timed(args.repeats, scan_input, path)
             rows = sum(n for _, n in files)
             all_s, _ = timed(args.repeats, rows_kept, path, None)

@@ -1,17 +1,21 @@
 """Offline batch generation: stream users in, write ranked items out in chunks that survive a crash.
 
-Input rows (JSONL or Parquet, or a folder of such part files read as one input; streamed, never loaded
-whole): `user` and/or `history` (item ids, ID strings or titles, oldest first). Output: one row per accepted input row with the ranked items,
-the template hash and the model. Work is committed chunk by chunk: each chunk's rows and rejects
-are written to `<output>.parts/` by temp file + rename, then recorded in `manifest.json` (also
-atomic). `resume=True` skips committed chunks, so a job killed at any point (even `kill -9`) ends
-with exactly one row per input row. Bad rows go to `<output stem>.rejects.jsonl` with line and reason.
+Input rows (JSONL, gzip-compressed or not, or Parquet, or a folder of such part files read as one input;
+streamed, never loaded whole): `user` and/or `history` (item ids, ID strings or titles, oldest first).
+Output: one row per accepted input row with the ranked items, the template hash and the model. Work is
+committed chunk by chunk: each chunk's rows and rejects are written to `<output>.parts/` by temp file +
+rename, then recorded in `manifest.json` (also atomic). `resume=True` skips committed chunks, so a job
+killed at any point (even `kill -9`) ends with exactly one row per input row. Bad rows go to
+`<output stem>.rejects.jsonl` with line, kind and reason; the summary counts them by kind.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
+import gzip
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -24,7 +28,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from genrec.data.loaders import iter_jsonl, open_parquet
+from genrec.data.loaders import (
+    GZIP_ERRORS,
+    data_suffix,
+    extension,
+    is_gzip,
+    iter_jsonl,
+    open_parquet,
+    unreadable,
+)
 from genrec.errors import GenrecError, stopped_by
 from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender, UnknownItems
 from genrec.run import atomic_write_text
@@ -44,8 +56,30 @@ class Reject:
     line: int
     reason: str
     raw: str
+    kind: str = "unreadable row"
+    """What is wrong, in a few words (one of REJECT_KINDS): the end-of-job counts group rejects by it."""
     source: str = ""
     """For a folder input: the part file and the row's line in it."""
+
+
+REJECT_KINDS = (
+    "malformed JSON",
+    "not UTF-8",
+    "not a JSON object",
+    "unreadable row",
+    "no user or history",
+    "unknown user",
+    "history not a list",
+    "unknown items",
+    "empty history",
+)
+"""A reject's `kind`: the first four are a line that is not a row, the rest a row that cannot be ranked."""
+_READ_KINDS = {
+    "malformed JSON": "malformed JSON",
+    "not UTF-8": "not UTF-8",
+    "expected a JSON": "not a JSON object",
+}
+"""iter_jsonl's problems (by how they start) -> their kind."""
 
 
 INPUT_FIELDS = ("user", "user_id", "history")
@@ -68,26 +102,32 @@ def input_columns(parquet: Any, path: Path) -> list[str]:
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
+def _format_of(path: Path) -> str | None:
+    """`parquet` or `jsonl` by the file's extension (JSON Lines maybe gzip-compressed: `.jsonl.gz`, `.json.gz`);
+    None for anything else, a gzipped Parquet file included (Parquet compresses inside)."""
+    fmt = _FORMATS.get(data_suffix(path))
+    return None if fmt == "parquet" and is_gzip(path) else fmt
+
+
 def _format(path: Path) -> str:
-    """`parquet` or `jsonl`, by the file's extension; an error naming the file for any other."""
-    if path.suffix not in _FORMATS:
-        raise GenrecError(f"{path}: input must be .jsonl or .parquet")
-    return _FORMATS[path.suffix]
+    """`_format_of`, or an error naming the file."""
+    if (fmt := _format_of(path)) is None:
+        raise GenrecError(f"{path}: input must be .jsonl (or .jsonl.gz) or .parquet")
+    return fmt
 
 
 def input_files(path: Path) -> list[Path]:
     """The files of an input: the file itself, or a folder's part files in name order (a Spark or Hive export:
-    every file is *.parquet, or every one *.jsonl / *.json; names starting with '.' or '_' are not data)."""
+    every file is *.parquet, or every one *.jsonl / *.json, gzipped or not; names starting with '.' or '_' are
+    not data)."""
     if path.is_file():
         _format(path)
         return [path]
     if not path.is_dir():
         raise GenrecError(f"input {path} does not exist")
     files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
-    if len({_FORMATS.get(f.suffix, f.suffix) for f in files}) != 1 or any(
-        f.suffix not in _FORMATS for f in files
-    ):
-        found = ", ".join(sorted({f.suffix or f.name for f in files})) or "no data file"
+    if len({_format_of(f) for f in files}) != 1 or _format_of(files[0]) is None:
+        found = ", ".join(sorted({extension(f) or f.name for f in files})) or "no data file"
         raise GenrecError(
             f"{path}: a folder input holds part files of one format, all *.parquet or all *.jsonl (found: {found})"
         )
@@ -131,7 +171,7 @@ def read_rows(
     reads 1/n of the rows. Rows before line `start` are not given (a resumed job's committed rows): JSONL
     lines read as bytes only, Parquet row groups not read at all. Of a Parquet input, only INPUT_FIELDS'
     columns are read; one with none of them is an error naming the columns it has."""
-    if path.suffix == ".parquet":
+    if _format(path) == "parquet":
         import pyarrow as pa
 
         f = open_parquet(path)
@@ -156,7 +196,6 @@ def read_rows(
         except (pa.ArrowException, OSError) as e:  # committed chunks stay: --resume once the file is mended
             raise GenrecError(f"{path}: unreadable after row {line} ({e})") from None
         return
-    _format(path)
     yield from iter_jsonl(path, keep if start <= 1 else lambda i: i >= start and (keep is None or keep(i)))
 
 
@@ -168,17 +207,17 @@ def count_rows(path: Path) -> int:
 
 def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
     if obj is None:
-        return Reject(line, problem, "")
+        kind = next((k for start, k in _READ_KINDS.items() if problem.startswith(start)), "unreadable row")
+        return Reject(line, problem, "", kind)
     parsed = _parse(rec, line, obj)
     if isinstance(parsed, Row):
         return parsed
-    return Reject(
-        line, parsed, json.dumps(obj, default=str)[:200]
-    )  # only for rejects; a Parquet row may hold dates
+    kind, reason = parsed
+    return Reject(line, reason, json.dumps(obj, default=str)[:200], kind)  # a Parquet row may hold dates
 
 
-def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | str:
-    """The row, or why it cannot be ranked."""
+def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | tuple[str, str]:
+    """The row, or (kind, why) it cannot be ranked."""
     user = obj.get("user", obj.get("user_id"))
     user = str(user) if user is not None else None
     hist = obj.get("history")
@@ -186,19 +225,19 @@ def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | str:
         if isinstance(hist, str):
             hist = [h for h in hist.split(",") if h.strip()]
         if not isinstance(hist, list):
-            return "field 'history': expected a list of items"
+            return "history not a list", "field 'history': expected a list of items"
         try:
             items = rec.resolve_items([str(h) for h in hist])
         except UnknownItems as e:
-            return f"field 'history': {e}"
+            return "unknown items", f"field 'history': {e}"
     elif user is not None and rec.knows_user(user):
         items = rec.user_history(user, split="full")
     elif user is not None:
-        return f"field 'user': unknown user {user!r} and no history"
+        return "unknown user", f"field 'user': unknown user {user!r} and no history"
     else:
-        return "neither 'user' nor 'history' given"
+        return "no user or history", "neither 'user' nor 'history' given"
     if not items:
-        return "field 'history': empty"
+        return "empty history", "field 'history': empty"
     return Row(line, user, items)
 
 
@@ -214,7 +253,8 @@ def scan_input(
     """The input's stamp (size, sha256 of every byte) and its files with their row counts, in one read in 1 MiB
     blocks; checked on the way (`input_files`, and a Parquet file's columns: `input_columns`).
 
-    Rows: Parquet metadata, or JSONL lines (a last line without a newline counts). The hash runs at about
+    Rows: Parquet metadata, or JSONL lines (a last line without a newline counts; a .gz file's lines as it
+    decompresses, its bytes hashed as stored). The hash runs at about
     1 GB/s on one core (a few seconds per million rows at most), and changes with any edit anywhere; the
     same content written again (restored from a copy, touched) keeps it. A folder input: its parts' names and
     bytes, in order, so a renamed, added or removed part changes it too. A bar shows inputs over 1 GiB."""
@@ -235,20 +275,42 @@ def scan_input(
     return {"input_size": sum(sizes), "input_sha256": sha.hexdigest() if digest else ""}, parts
 
 
+class _Tap:
+    """A binary file whose bytes, as they are read, go to a hash and a progress bar (either may be None)."""
+
+    def __init__(self, f: Any, sha: Any, bar: Any) -> None:
+        self.f, self.sha, self.bar = f, sha, bar
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.f.read(size)
+        if self.sha is not None:
+            self.sha.update(block)
+        if self.bar is not None:
+            self.bar.update(len(block))
+        return block
+
+    def seek(self, offset: int, /) -> int:
+        raise io.UnsupportedOperation("a scan reads its file once, in order")
+
+
 def _scan_file(path: Path, sha: Any = None, *, check: bool = False, bar: Any = None) -> int:
-    """One file's rows, its bytes fed to `sha` (when given) on the way; `check`: a Parquet file's columns too."""
+    """One file's rows, its bytes (as stored) fed to `sha` (when given) on the way; `check`: a Parquet file's
+    columns too. A .gz file's lines are counted as it decompresses; damaged gzip data is an error naming it."""
     lines, last = 0, b"\n"
     parquet = _format(path) == "parquet"
     if sha is not None or not parquet:
         with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                if sha is not None:
-                    sha.update(block)
-                if not parquet:
-                    lines += block.count(b"\n")
-                    last = block[-1:]
-                if bar is not None:
-                    bar.update(len(block))
+            tap = _Tap(f, sha, bar)
+            data = gzip.GzipFile(fileobj=tap, mode="rb") if is_gzip(path) else tap
+            try:
+                while block := data.read(1 << 20):
+                    if not parquet:
+                        lines += block.count(b"\n")
+                        last = block[-1:]
+            except GZIP_ERRORS as e:
+                raise unreadable(path, lines, e) from None
+            while tap.read(1 << 20):  # bytes after the last gzip member, if any: hashed too
+                pass
     if not parquet:
         return lines + (last != b"\n")
     f = open_parquet(path)
@@ -298,14 +360,37 @@ class Manifest:
             base.with_suffix(".rejects.jsonl"),
             "".join(json.dumps(_reject_record(r)) + "\n" for r in rejects),
         )
+        kinds = collections.Counter(r.kind for r in rejects)
         self.data["chunks"].append(
-            {"index": index, "last_line": last_line, "rows": len(rows), "rejects": len(rejects)}
+            {
+                "index": index,
+                "last_line": last_line,
+                "rows": len(rows),
+                "rejects": len(rejects),
+                "reject_kinds": dict(kinds),
+            }
         )
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
 def _reject_record(r: Reject) -> dict[str, Any]:
-    return {"line": r.line, **({"source": r.source} if r.source else {}), "reason": r.reason, "raw": r.raw}
+    where = {"source": r.source} if r.source else {}
+    return {"line": r.line, **where, "kind": r.kind, "reason": r.reason, "raw": r.raw}
+
+
+def reject_counts(chunks: list[dict[str, Any]]) -> dict[str, int]:
+    """Rejects by kind over a manifest's chunks, most first; those of chunks committed by a genrec from
+    before kinds were recorded count as `not recorded`."""
+    counts: collections.Counter[str] = collections.Counter()
+    for c in chunks:
+        kinds = c.get("reject_kinds", {"not recorded": c["rejects"]} if c["rejects"] else {})
+        counts.update(kinds)
+    return dict(counts.most_common())
+
+
+def describe_rejects(counts: dict[str, int]) -> str:
+    """`(12 unknown user, 3 malformed JSON)`, or "" when there are none."""
+    return f" ({', '.join(f'{n:,} {kind}' for kind, n in counts.items())})" if counts else ""
 
 
 def _log_stopped(manifest: Manifest, parts: Path, error: BaseException) -> None:
@@ -432,11 +517,18 @@ def generate(
     summary = {
         "rows": sum(c["rows"] for c in chunks),
         "rejects": sum(c["rejects"] for c in chunks),
+        "reject_kinds": reject_counts(chunks),
         "chunks": len(chunks),
         "output": str(output),
         "rejects_file": str(_rejects_path(output)),
     }
-    logger.info("generate: %(rows)d rows, %(rejects)d rejects -> %(output)s", summary)
+    logger.info(
+        "generate: %d rows, %d rejects%s -> %s",
+        summary["rows"],
+        summary["rejects"],
+        describe_rejects(summary["reject_kinds"]),
+        output,
+    )
     return summary
 
 

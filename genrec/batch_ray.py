@@ -16,6 +16,7 @@ be on storage every node can read (NFS, a shared volume); the output folder like
 
 from __future__ import annotations
 
+import collections
 import heapq
 import json
 import logging
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from genrec.batch import check_options, count_rows, output_schema, scan_input
+from genrec.batch import check_options, count_rows, describe_rejects, output_schema, scan_input
 from genrec.errors import GenrecError, stopped_by
 
 logger = logging.getLogger(__name__)
@@ -111,16 +112,22 @@ def generate_ray(
     summary = {
         "rows": sum(s["rows"] for s in summaries),
         "rejects": sum(s["rejects"] for s in summaries),
+        "reject_kinds": dict(
+            sum(
+                (collections.Counter(s["reject_kinds"]) for s in summaries), collections.Counter()
+            ).most_common()
+        ),
         "shards": workers,
         "output": str(output),
         "rejects_file": str(output.with_name(output.stem + ".rejects.jsonl")),
     }
     shutil.rmtree(shards_dir)
     logger.info(
-        "generate (ray, %d workers): %d rows, %d rejects -> %s",
+        "generate (ray, %d workers): %d rows, %d rejects%s -> %s",
         workers,
         summary["rows"],
         summary["rejects"],
+        describe_rejects(summary["reject_kinds"]),
         output,
     )
     return summary

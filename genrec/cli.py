@@ -286,8 +286,9 @@ def generate(
         typer.Option(
             "--input",
             "-i",
-            help="Users to rank: .jsonl or .parquet rows with `user` and/or `history`, or a folder of such part "
-            "files (a Spark/Hive export: read in name order as one input; `_SUCCESS` and hidden files skipped).",
+            help="Users to rank: .jsonl (or gzipped .jsonl.gz) or .parquet rows with `user` and/or `history`, or "
+            "a folder of such part files (a Spark/Hive export: read in name order as one input; `_SUCCESS` and "
+            "hidden files skipped).",
         ),
     ],
     output: Annotated[
@@ -340,7 +341,7 @@ def generate(
     ] = 0,
 ) -> None:
     """Offline batch generation for many users: streamed, chunked, resumable, bad rows to a rejects file."""
-    from genrec.batch import check_options
+    from genrec.batch import check_options, describe_rejects
     from genrec.batch import generate as do_generate
     from genrec.recommender import Recommender
 
@@ -381,15 +382,16 @@ def generate(
             **opts,
         )
         typer.echo(
-            f"{summary['rows']} users ranked by {workers} Ray workers -> {summary['output']}; "
-            f"{summary['rejects']} rejected rows -> {summary['rejects_file']}"
+            f"{summary['rows']:,} users ranked by {workers} Ray workers -> {summary['output']}; "
+            f"{summary['rejects']:,} rejected rows{describe_rejects(summary['reject_kinds'])} -> "
+            f"{summary['rejects_file']}"
         )
         return
     rec = Recommender.load(rd, backend=backend, search=search)
     summary = do_generate(rec, input, output, resume=resume, shard=(k, m), workers=prep_workers, **opts)
     typer.echo(
-        f"{summary['rows']} users ranked -> {summary['output']}; {summary['rejects']} rejected rows -> "
-        f"{summary['rejects_file']}"
+        f"{summary['rows']:,} users ranked -> {summary['output']}; {summary['rejects']:,} rejected rows"
+        f"{describe_rejects(summary['reject_kinds'])} -> {summary['rejects_file']}"
     )
 
 

@@ -33,11 +33,13 @@ SELECT_METRIC = re.compile(r"loss|mrr|(ndcg|recall)@[1-9][0-9]*")
 class DataConfig:
     source: Literal["synthetic", "movielens", "sequences", "unisrec", "table"] = "synthetic"
     """Loader: synthetic demo data, MovieLens 100K/1M folder, one-line-per-user sequence file,
-    UniSRec `.text`/`.inter` folder, or a generic CSV/JSONL/Parquet interaction table."""
+    UniSRec `.text`/`.inter` folder, or a generic CSV/JSONL/Parquet interaction table (a sequence, CSV or JSONL
+    file may be gzipped: `*.gz`)."""
     path: str | None = None
     """File or folder to load (not used by `synthetic`)."""
     items_path: str | None = None
-    """`table` only: optional item table (CSV/JSONL/Parquet) with the item id and text columns."""
+    """`table` only: optional item table (CSV/JSONL/Parquet, `.csv.gz`/`.jsonl.gz` too) with the item id and text
+    columns."""
     user_col: str = "user_id"
     """`table` only: column holding the user id."""
     item_col: str = "item_id"

@@ -61,6 +61,13 @@ def test_generate_writes_rows_and_rejects(rec, tmp_path):
     reasons = " ".join(r["reason"] for r in rejects)
     for what in ("malformed JSON", "unknown item(s): 'no-such-item'", "unknown user 'stranger'", "empty"):
         assert what in reasons
+    kinds = {"malformed JSON": 10, "unknown items": 10, "unknown user": 10, "empty history": 10}
+    assert summary["reject_kinds"] == kinds  # counted by kind at the end, and each reject says its kind
+    assert {r["line"]: r["kind"] for r in rejects} == {
+        i + 1: {3: "malformed JSON", 5: "unknown items", 7: "unknown user", 8: "empty history"}[i % 9]
+        for i in range(90)
+        if i + 1 not in good
+    }
     for r in rows:
         assert len(r["items"]) == 5 and len({i["item_id"] for i in r["items"]}) == 5
         assert r["template_hash"] == rec.builder.template.hash and r["model"]
@@ -192,6 +199,41 @@ def test_resuming_refuses_an_input_that_changed_since_the_job_started(rec, tmp_p
         assert generate(rec, users, out, resume=True, chunk_size=8, progress=False) == done
 
 
+def test_the_cli_counts_rejects_by_kind(trained_run, rec, tmp_path):
+    """`genrec generate` ends with the rows ranked and the rejects by kind, most first; chunks a genrec from
+    before kinds were recorded committed count as `not recorded`."""
+    from typer.testing import CliRunner
+
+    from genrec.batch import describe_rejects, reject_counts
+    from genrec.cli import app
+
+    known = [json.dumps({"user": u}) for u in rec.data.users[:2]]
+    lines = [*known, json.dumps({"user": "stranger"})] * 3 + ["{oops", '{"history": []}', "[1]"]
+    (tmp_path / "u.jsonl").write_text("\n".join(lines) + "\n")
+    argv = [
+        "generate",
+        "--run",
+        str(trained_run[0]),
+        "-i",
+        str(tmp_path / "u.jsonl"),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+    ]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"6 users ranked -> {tmp_path / 'o.jsonl'}; 6 rejected rows (3 unknown user, 1 malformed JSON, "
+        f"1 empty history, 1 not a JSON object) -> {tmp_path / 'o.rejects.jsonl'}"
+    ) in result.output
+    old = [
+        {"rows": 5, "rejects": 2},
+        {"rows": 5, "rejects": 0},
+        {"rows": 1, "rejects": 1, "reject_kinds": {"x": 1}},
+    ]
+    assert reject_counts(old) == {"not recorded": 2, "x": 1}
+    assert describe_rejects({}) == ""
+
+
 def test_a_line_that_is_not_utf8_is_rejected_and_a_broken_parquet_input_is_named(rec, tmp_path):
     """A byte that is not UTF-8 spoils one line, not the job; an input that is not Parquet is named."""
     user = rec.data.users[0]
@@ -317,7 +359,7 @@ def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(rec, tmp_path)
         next(read_rows(tmp_path / "bad.parquet"))
     for bad, message in (
         ("bad.parquet", "no column 'user'"),
-        ("users.csv", "input must be .jsonl or .parquet"),
+        ("users.csv", r"input must be \.jsonl \(or \.jsonl\.gz\) or \.parquet"),
     ):
         (tmp_path / "users.csv").write_text("user\nu1\n")
         with pytest.raises(GenrecError, match=f"{bad}: {message}"):  # refused before the job starts
@@ -588,3 +630,66 @@ def test_a_folder_of_part_files_is_one_input(rec, tmp_path, monkeypatch, fmt):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GenrecError, match=r"found: no data file"):
         generate(rec, tmp_path / "empty", tmp_path / "other.jsonl", **opts)
+
+
+def test_a_gzipped_jsonl_input_is_read_as_it_decompresses(rec, tmp_path, monkeypatch):
+    """`users.jsonl.gz` (two gzip members, as `cat a.gz b.gz` makes) gives the rows and rejects of the plain
+    file; its stamp is the hash of the bytes as stored; a crash resumes on it; a Spark folder of
+    `part-*.json.gz` parts reads the same; a file cut short or damaged is refused before any work, naming it
+    and the line where its data ends; a gzipped Parquet file is not an input."""
+    import gzip
+    import hashlib
+
+    from genrec.batch import Manifest
+
+    write_input(rec, tmp_path / "users.jsonl", n=36)
+    data = (tmp_path / "users.jsonl").read_bytes()
+    cut = data.index(b"\n", len(data) // 2) + 1
+    gz = tmp_path / "users.jsonl.gz"
+    gz.write_bytes(gzip.compress(data[:cut]) + gzip.compress(data[cut:]))
+    opts = {"chunk_size": 8, "n_items": 3, "progress": False}
+    plain = generate(rec, tmp_path / "users.jsonl", tmp_path / "plain.jsonl", **opts)
+    real_commit = Manifest.commit
+
+    def crash_after_two(self, index, *args, **kw):
+        if index >= 2:
+            raise KeyboardInterrupt
+        return real_commit(self, index, *args, **kw)
+
+    monkeypatch.setattr(Manifest, "commit", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(rec, gz, tmp_path / "recs.jsonl", **opts)
+    monkeypatch.undo()
+    stamp = json.loads((tmp_path / "recs.jsonl.parts" / "manifest.json").read_text())["settings"]
+    assert stamp["input_sha256"] == hashlib.sha256(gz.read_bytes()).hexdigest()
+    assert stamp["input_size"] == gz.stat().st_size
+    summary = generate(rec, gz, tmp_path / "recs.jsonl", resume=True, **opts)
+    assert summary["rows"] == plain["rows"] and summary["rejects"] == plain["rejects"] > 0
+    assert (tmp_path / "recs.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
+    assert (tmp_path / "recs.rejects.jsonl").read_text() == (tmp_path / "plain.rejects.jsonl").read_text()
+
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    (spark / "part-00000-c000.json.gz").write_bytes(gzip.compress(data[:cut]))
+    (spark / "part-00001-c000.json.gz").write_bytes(gzip.compress(data[cut:]))
+    (spark / "_SUCCESS").write_text("")
+    generate(rec, spark, tmp_path / "spark.jsonl", **opts)
+    assert (tmp_path / "spark.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
+
+    whole = gzip.compress(data)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        GenrecError, match=r"cut\.jsonl\.gz.*gzip data ends early \(cut short\?\) after line \d+"
+    ):
+        generate(rec, tmp_path / "cut.jsonl.gz", tmp_path / "out.jsonl", **opts)
+    assert not (tmp_path / "out.jsonl.parts").exists()
+    damaged = bytearray(whole)
+    damaged[-8] ^= 0xFF  # the stored CRC-32 no longer matches the data
+    (tmp_path / "bad.jsonl.gz").write_bytes(bytes(damaged))
+    with pytest.raises(GenrecError, match=r"bad\.jsonl\.gz.*gzip data is damaged \(CRC check failed"):
+        generate(rec, tmp_path / "bad.jsonl.gz", tmp_path / "out.jsonl", **opts)
+    (tmp_path / "users.parquet.gz").write_bytes(gzip.compress(b"x"))
+    with pytest.raises(
+        GenrecError, match=r"users\.parquet\.gz: input must be \.jsonl \(or \.jsonl\.gz\) or \.parquet"
+    ):
+        generate(rec, tmp_path / "users.parquet.gz", tmp_path / "out.jsonl", **opts)

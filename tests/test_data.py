@@ -1,3 +1,4 @@
+import gzip
 import itertools
 import json
 
@@ -65,6 +66,13 @@ def test_sequences_format(tmp_path):
     p.write_text("u1 a b\nu2\n")
     with pytest.raises(DataError, match="line 2.*a user with no items"):
         load_sequences(p)
+    gz = tmp_path / "seq.txt.gz"  # gzipped: read as it decompresses; data cut short names the file and line
+    whole = gzip.compress("".join(f"u{i} a b c\n" for i in range(4000)).encode())
+    gz.write_bytes(whole)
+    assert load_sequences(gz)[1] == [f"u{i}" for i in range(4000)]
+    gz.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"seq.txt.gz: gzip data ends early \(cut short\?\) after line [1-9]"):
+        load_sequences(gz)
 
 
 def test_unisrec_format(tmp_path):
@@ -85,7 +93,7 @@ def test_unisrec_format(tmp_path):
         load_unisrec(tmp_path)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "csv.gz", "jsonl.gz"])
 def test_table_formats(tmp_path, fmt):
     inter = pd.DataFrame({"uid": ["u1", "u1", "u2", "u1"], "iid": ["b", "a", "a", "c"], "ts": [2, 1, 5, 3]})
     items = pd.DataFrame(
@@ -94,12 +102,14 @@ def test_table_formats(tmp_path, fmt):
     paths = []
     for name, df in (("inter", inter), ("items", items)):
         p = tmp_path / f"{name}.{fmt}"
-        if fmt == "csv":
-            df.to_csv(p, index=False)
-        elif fmt == "jsonl":
-            p.write_text("".join(json.dumps(r) + "\n" for r in df.astype(str).to_dict("records")))
+        if fmt.startswith("csv"):
+            text = df.to_csv(index=False)
+        elif fmt.startswith("jsonl"):
+            text = "".join(json.dumps(r) + "\n" for r in df.astype(str).to_dict("records"))
         else:
             df.to_parquet(p)
+        if fmt != "parquet":
+            p.write_bytes(gzip.compress(text.encode()) if fmt.endswith(".gz") else text.encode())
         paths.append(p)
     catalog, users, seqs = load_table(
         paths[0],
@@ -133,6 +143,8 @@ def test_table_errors_name_file_line_field(tmp_path):
         ),
         "i.parquet": (b"not parquet", r"i.parquet: not a readable Parquet file"),
         "latin.csv": ("user_id,item_id\nu1,caf\u00e9\n".encode("latin-1"), r"latin.csv: not UTF-8 text"),
+        "i.csv.gz": (b"user_id,item_id\nu1,a\n", r"i.csv.gz: unreadable gzip data \(Not a gzipped file"),
+        "i.parquet.gz": (gzip.compress(b"x"), r"i.parquet.gz: unsupported extension '.parquet.gz'"),
     }
     for name, (content, message) in unreadable.items():
         (tmp_path / name).write_bytes(content)

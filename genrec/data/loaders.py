@@ -1,19 +1,22 @@
 """Readers for interaction logs and catalogues. Each returns a raw (catalog, users, sequences).
 
 Formats: MovieLens 100K/1M, one-line-per-user sequences (`user item1 item2 ...`), UniSRec
-(`X.text` + `X.*.inter`), and generic CSV / JSONL / Parquet tables with a column mapping.
+(`X.text` + `X.*.inter`), and generic CSV / JSONL / Parquet tables with a column mapping. Text files (CSV,
+JSONL, sequences) may be gzip-compressed (`*.gz`, read as they decompress).
 Every malformed row raises a DataError naming the file, the line and the field. Cleaning
 (k-core, dedupe) happens later in `catalog.clean`; this module only parses.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -117,26 +120,61 @@ def _is_float(s: str) -> bool:
     return True
 
 
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+"""What reading a damaged .gz file raises: cut short, not gzip, corrupt inside."""
+
+
+def data_suffix(path: Path) -> str:
+    """A data file's format extension, lower case, under a `.gz` compression extension (`users.jsonl.gz` and
+    `users.JSONL` -> `.jsonl`)."""
+    return (path.with_suffix("") if is_gzip(path) else path).suffix.lower()
+
+
+def is_gzip(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
+def extension(path: Path) -> str:
+    """`data_suffix` with the compression's: `.jsonl.gz`, `.csv`; for messages."""
+    return data_suffix(path) + (".gz" if is_gzip(path) else "")
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """A data file's bytes; a `.gz` file's as they decompress (every gzip member, as `cat a.gz b.gz` makes)."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # type: ignore[return-value]
+
+
+def unreadable(path: Path, after: int, error: BaseException) -> DataError:
+    """The error for a .gz file that cannot be read on past line `after`."""
+    what = "ends early (cut short?)" if isinstance(error, EOFError) else f"is damaged ({error})"
+    return DataError(f"gzip data {what} after line {after:,}", path=path)
+
+
 def decoded_lines(
     path: Path, keep: Callable[[int], bool] | None = None
 ) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text without its line end, "") per line of a UTF-8 file, or (line number, None, what is
     wrong) for a line that is not UTF-8; each line decoded alone, so one bad byte spoils one line. A
     byte-order mark and CRLF line ends are fine. `keep(line number)` false: the line is passed over
-    undecoded (a shard's other rows, the rows a resumed job already did)."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if keep is not None and not keep(line_no):
-                continue
-            try:
-                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n"), ""
-            except UnicodeDecodeError as e:
-                text = raw.decode("utf-8", "replace").strip()[:80]
-                yield (
-                    line_no,
-                    None,
-                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): {text!r}",
-                )
+    undecoded (a shard's other rows, the rows a resumed job already did). A `.gz` file is read as it
+    decompresses; damaged gzip data is a DataError naming the file and the last line read."""
+    line_no = 0
+    with open_binary(path) as f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                if keep is not None and not keep(line_no):
+                    continue
+                try:
+                    yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n"), ""
+                except UnicodeDecodeError as e:
+                    text = raw.decode("utf-8", "replace").strip()[:80]
+                    yield (
+                        line_no,
+                        None,
+                        f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): {text!r}",
+                    )
+        except GZIP_ERRORS as e:
+            raise unreadable(path, line_no, e) from None
 
 
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -252,18 +290,22 @@ def iter_jsonl(
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """CSV, JSONL or Parquet by extension; JSONL errors name the line."""
+    """CSV, JSONL or Parquet by extension, CSV and JSONL maybe gzip-compressed (`.csv.gz`); JSONL errors name
+    the line."""
     path = _need_file(Path(path))
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+    suffix = data_suffix(path)
+    if suffix == ".parquet" and not is_gzip(path):
         return open_parquet(path).read().to_pandas()
     if suffix == ".csv":
         try:
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
+            with open_binary(path) as f:
+                return pd.read_csv(f, dtype=str, keep_default_na=False)
         except UnicodeDecodeError as e:
             raise DataError(f"not UTF-8 text (byte offset {e.start})", path=path) from None
         except pd.errors.ParserError as e:
             raise DataError(f"malformed CSV ({e})", path=path) from None
+        except GZIP_ERRORS as e:
+            raise DataError(f"unreadable gzip data ({e})", path=path) from None
     if suffix in (".jsonl", ".json"):
         rows = []
         for line_no, row, problem in iter_jsonl(path):
@@ -271,7 +313,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 raise DataError(problem, path=path, line=line_no)
             rows.append(row)
         return pd.DataFrame(rows)
-    raise DataError(f"unsupported extension {suffix!r} (use .csv, .jsonl or .parquet)", path=path)
+    raise DataError(
+        f"unsupported extension {extension(path)!r} (use .csv, .jsonl or .parquet; "
+        ".csv.gz and .jsonl.gz for gzip-compressed text; Parquet compresses inside)",
+        path=path,
+    )
 
 
 def _parse_times(raw: pd.Series) -> pd.Series:
@@ -285,7 +331,7 @@ def _parse_times(raw: pd.Series) -> pd.Series:
 
 def _line(path: Path, row: int) -> int:
     """File line of a 0-based table row (CSV has a header line; JSONL/Parquet count rows from 1)."""
-    return row + (2 if path.suffix.lower() == ".csv" else 1)
+    return row + (2 if data_suffix(path) == ".csv" else 1)
 
 
 def _column(df: pd.DataFrame, col: str, path: Path, flag: str) -> pd.Series:

@@ -21,7 +21,7 @@ try {
   page.on("console", (m) => {
     if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) pageErrors.push(m.text());
   });
-  page.setDefaultTimeout(30000);
+  page.setDefaultTimeout(60000);  // one preview renders and ranks on a CPU the rest of the suite may share
 
   await page.goto(base + "/editor");
   await page.fill("#key", key);
