@@ -25,6 +25,23 @@ def rec(trained_run):
     return Recommender.load(trained_run[0], device="cpu")
 
 
+def interrupted_after_two_chunks(monkeypatch, rec, source, output, **opts):
+    """A `generate` job stopped by Ctrl-C as it commits its third chunk: two chunks kept."""
+    from genrec.batch import Manifest
+
+    real_commit = Manifest.commit
+
+    def crash_after_two(self, index, *args, **kw):
+        if index >= 2:
+            raise KeyboardInterrupt
+        return real_commit(self, index, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(Manifest, "commit", crash_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            generate(rec, source, output, **opts)
+
+
 def write_input(rec, path, n=90):
     """n rows: known users, inline histories, and every kind of bad row, in a fixed order."""
     lines = []
@@ -570,7 +587,6 @@ def test_a_folder_of_part_files_is_one_input(rec, tmp_path, monkeypatch, fmt):
     """A Spark/Hive export: part files in name order, lines counted across them; '_SUCCESS' and hidden files
     are not data. Same rows as the parts joined in one file, rejects name their part and line, a crash
     resumes across parts, and a renamed part is a changed input."""
-    from genrec.batch import Manifest
 
     write_input(rec, tmp_path / "all.jsonl", n=36)
     lines = (tmp_path / "all.jsonl").read_text().splitlines()
@@ -594,17 +610,7 @@ def test_a_folder_of_part_files_is_one_input(rec, tmp_path, monkeypatch, fmt):
         pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*"))]).to_parquet(joined)
     opts = {"chunk_size": 8, "n_items": 3, "progress": False}
     one = generate(rec, joined, tmp_path / "one.jsonl", **opts)
-    real_commit = Manifest.commit
-
-    def crash_after_two(self, index, *args, **kw):
-        if index >= 2:
-            raise KeyboardInterrupt
-        return real_commit(self, index, *args, **kw)
-
-    monkeypatch.setattr(Manifest, "commit", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        generate(rec, folder, tmp_path / "recs.jsonl", **opts)
-    monkeypatch.undo()
+    interrupted_after_two_chunks(monkeypatch, rec, folder, tmp_path / "recs.jsonl", **opts)
     assert generate(rec, folder, tmp_path / "recs.jsonl", resume=True, **opts) == {
         **one,
         "output": str(tmp_path / "recs.jsonl"),
@@ -640,8 +646,6 @@ def test_a_gzipped_jsonl_input_is_read_as_it_decompresses(rec, tmp_path, monkeyp
     import gzip
     import hashlib
 
-    from genrec.batch import Manifest
-
     write_input(rec, tmp_path / "users.jsonl", n=36)
     data = (tmp_path / "users.jsonl").read_bytes()
     cut = data.index(b"\n", len(data) // 2) + 1
@@ -649,17 +653,7 @@ def test_a_gzipped_jsonl_input_is_read_as_it_decompresses(rec, tmp_path, monkeyp
     gz.write_bytes(gzip.compress(data[:cut]) + gzip.compress(data[cut:]))
     opts = {"chunk_size": 8, "n_items": 3, "progress": False}
     plain = generate(rec, tmp_path / "users.jsonl", tmp_path / "plain.jsonl", **opts)
-    real_commit = Manifest.commit
-
-    def crash_after_two(self, index, *args, **kw):
-        if index >= 2:
-            raise KeyboardInterrupt
-        return real_commit(self, index, *args, **kw)
-
-    monkeypatch.setattr(Manifest, "commit", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        generate(rec, gz, tmp_path / "recs.jsonl", **opts)
-    monkeypatch.undo()
+    interrupted_after_two_chunks(monkeypatch, rec, gz, tmp_path / "recs.jsonl", **opts)
     stamp = json.loads((tmp_path / "recs.jsonl.parts" / "manifest.json").read_text())["settings"]
     assert stamp["input_sha256"] == hashlib.sha256(gz.read_bytes()).hexdigest()
     assert stamp["input_size"] == gz.stat().st_size
