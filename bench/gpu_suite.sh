@@ -126,4 +126,8 @@ print('\n'.join(l for l in text.splitlines() if l.startswith(('genrec_requests_t
 }
 if want serve-vllm; then serve_load vllm "$SOAK"; fi
 if want serve-hf; then serve_load hf "${SOAK_HF:-0}"; fi
+if want hf-prep && want vllm; then  # issue 4's batch target: the batch job over vLLM's greedy engine
+  stamp "batch target"
+  python3 -m bench.batch_target "$OUT"
+fi
 stamp done

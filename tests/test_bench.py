@@ -337,8 +337,45 @@ def test_gpu_suite_passes_the_id_softmax_to_every_engine_benchmark(tmp_path, sof
     host = [c for c in calls.read_text().splitlines() if c.startswith("-m bench.ranking_host")]
     assert len(host) == 1  # hf-prep also times the ranking process's own work, and a preparation worker's
     assert sum(c.startswith("-m bench.prep_worker") for c in calls.read_text().splitlines()) == 1
+    assert (
+        calls.read_text().splitlines()[-1] == f"-m bench.batch_target {tmp_path / 'out'}"
+    )  # the ratio, last
     for c in benches + host:
         assert ("--id-softmax full" in c) == bool(softmax) and c.count("--id-softmax") == int(bool(softmax))
+
+
+def test_batch_target_reads_the_suites_results(tmp_path, monkeypatch, capsys):
+    """bench.batch_target on the fourth H100 session's recorded files gives the ratios BENCHMARKS.md states (0.42
+    of vLLM's greedy engine with 8 workers, 1.22 of its job rendering prompts, 0.50 of greedy with the same
+    workers), and names the suite part whose results are missing."""
+    import shutil
+    import sys
+
+    import bench.batch_target as bt
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    with pytest.raises(SystemExit, match=r"engine_vllm.json is missing: run the suite's `vllm` part"):
+        bt.batch_target(tmp_path)
+    shutil.copy(results / "h100_engine_vllm_run7.json", tmp_path / "engine_vllm.json")
+    with pytest.raises(SystemExit, match=r"no engine_hf_retriever_exact_prep\*.json .*`hf-prep` part"):
+        bt.batch_target(tmp_path)
+    for n in (4, 8):
+        shutil.copy(
+            results / f"h100_engine_hf_retriever_exact_prep{n}_run7.json",
+            tmp_path / f"engine_hf_retriever_exact_prep{n}.json",
+        )
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path)])
+    bt.main()
+    out = json.loads((tmp_path / "batch_target.json").read_text())
+    assert [r["prep_workers"] for r in out["rows"]] == [4, 8]
+    eight = out["rows"][1]
+    assert eight["users_per_s"] == 1020.3 and eight["vs_vllm_greedy_engine"] == pytest.approx(0.417)
+    assert (
+        eight["vs_vllm_greedy_rendering_prompts"] == pytest.approx(1.217)
+        and eight["vs_greedy_same_workers"] == 0.503
+    )
+    assert out["best_ratio"] == pytest.approx(0.417) and out["met"] is False
+    assert "target >= 0.6 of the greedy engine: not met (0.417)" in capsys.readouterr().out
 
 
 def test_input_read_bench_reads_each_subset_both_ways(tmp_path, monkeypatch):
