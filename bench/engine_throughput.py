@@ -4,6 +4,11 @@ built-in beam search at the same width, same model, same prompts. Greedy is time
 tokenized (`greedy_users_per_s`) and with rendering and tokenizing them, as a batch job must
 (`greedy_with_prompts_users_per_s`); genrec's figure always includes that work and retrieval.
 
+Every timed pass starts with vLLM's prefix cache emptied (`cold`): a batch job meets each user's prompt once, so
+what it may reuse is what its users share (the template's opening), which the pass caches as it goes. Before, the
+greedy passes ran on the prompts the constrained pass had just cached, which left greedy little prefill to do;
+`greedy_users_per_s_prompts_cached` keeps that figure for comparison.
+
     python -m bench.engine_throughput --run runs/demo --engine vllm --users 2000 --beam 10
     python -m bench.engine_throughput --run runs/demo --engine vllm --build-model 1024,9,16,4,2816 ...
     python -m bench.engine_throughput --run runs/demo --engine hf --candidates retriever --search exact
@@ -55,6 +60,20 @@ def timed(fn: Any) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def cold(engine: Any) -> None:
+    """Leave no prompt cached from an earlier pass (vLLM: its prefix cache emptied; the transformers engine keeps
+    nothing between calls). Called before a pass's clock starts."""
+    llm = getattr(engine, "llm", None)
+    if llm is not None and not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not empty its prefix cache (requests still running?)")
+
+
+def timed_cold(engine: Any, fn: Any) -> float:
+    """`timed(fn)` with the engine's cache emptied first, outside the clock."""
+    cold(engine)
+    return timed(fn)
 
 
 def rank_from(rec: Any, prepared: Any) -> dict[str, float]:
@@ -117,9 +136,11 @@ def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: 
 
     with PrepPool(args.run, args.prep_workers, layouts=getattr(engine, "layout_policy", None)) as pool:
         ready(pool, fresh())
+        cold(engine)
         split = rank_from(rec, pool.prepared(batches(fresh())))
         secs = split.pop("seconds")
         if args.profile:
+            cold(engine)
             split |= profiled(
                 lambda: rank_from(rec, pool.prepared(batches(fresh()))),
                 Path(args.out).with_suffix(".profile.txt") if args.out else None,
@@ -127,6 +148,7 @@ def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: 
     with PrepPool(args.run, args.prep_workers) as pool:  # greedy needs prompts only: no retrieval, no layouts
         greedy_reqs = fresh("all")
         ready(pool, greedy_reqs)
+        cold(engine)
         secs_g = timed(
             lambda: [
                 engine.greedy(b.prompts, max_tokens=depth) for _, _, b in pool.prepared(batches(greedy_reqs))
@@ -252,15 +274,16 @@ def main() -> None:
         for _, _, ranked in rec.rank_stream((None, b, rec.prepare(b)) for b in batches):
             assert all(len({x.item for x in o}) == len(o) for o in ranked)
 
-    secs = timed(constrained)
-    results["constrained_users_per_s"] = round(args.users / secs, 1)
-    secs_g = timed(
-        lambda: [
+    def greedy() -> None:
+        for s in range(0, len(prompts), args.batch):
             engine.greedy(prompts[s : s + args.batch], max_tokens=depth)
-            for s in range(0, len(prompts), args.batch)
-        ]
-    )
+
+    secs = timed_cold(engine, constrained)
+    results["constrained_users_per_s"] = round(args.users / secs, 1)
+    secs_g = timed_cold(engine, greedy)
     results["greedy_users_per_s"] = round(args.users / secs_g, 1)
+    if args.engine == "vllm":  # the same prompts again, every one cached by the pass before
+        results["greedy_users_per_s_prompts_cached"] = round(args.users / timed(greedy), 1)
 
     def greedy_with_prompts() -> None:  # the same job end to end: render and tokenize the prompts too
         for s in range(0, len(reqs), args.batch):
@@ -268,14 +291,17 @@ def main() -> None:
             ids = engine.encode_many([rec.builder.messages(r.history, r.user) for r in batch])
             engine.greedy(ids, max_tokens=depth)
 
-    results["greedy_with_prompts_users_per_s"] = round(args.users / timed(greedy_with_prompts), 1)
+    results["greedy_with_prompts_users_per_s"] = round(
+        args.users / timed_cold(engine, greedy_with_prompts), 1
+    )
     results["constrained_vs_greedy_throughput"] = round(
         results["constrained_users_per_s"] / results["greedy_users_per_s"], 3
     )
     if args.engine == "vllm":
         n_beam = min(args.users, 500)
-        secs_b = timed(
-            lambda: engine.builtin_beam_search(prompts[:n_beam], beam_width=args.beam, max_tokens=depth)
+        secs_b = timed_cold(
+            engine,
+            lambda: engine.builtin_beam_search(prompts[:n_beam], beam_width=args.beam, max_tokens=depth),
         )
         results["vllm_beam_search_users_per_s"] = round(n_beam / secs_b, 1)
         results["constrained_vs_vllm_beam"] = round(
@@ -288,11 +314,13 @@ def main() -> None:
         engine.greedy([prompt], max_tokens=depth)
     if args.prep_workers:
         results.update(with_prep_workers(args, rec, engine, reqs, depth))
+    # timed on prompts not cached: the untimed calls above cached them in vLLM
     fresh = [dataclasses.replace(r, messages=None) for r in reqs[: args.latency_requests]]  # render each time
-    lat_c = [timed(lambda r=r: rec.rank_requests([dataclasses.replace(r)])) for r in fresh]
+    lat_c = [timed_cold(engine, lambda r=r: rec.rank_requests([dataclasses.replace(r)])) for r in fresh]
     results["constrained_latency"] = percentiles(lat_c)
     lat_g = [
-        timed(lambda p=p: engine.greedy([p], max_tokens=depth)) for p in prompts[: args.latency_requests]
+        timed_cold(engine, lambda p=p: engine.greedy([p], max_tokens=depth))
+        for p in prompts[: args.latency_requests]
     ]
     results["greedy_latency"] = percentiles(lat_g)
     results["latency_ratio_p50"] = round(

@@ -235,3 +235,44 @@ def test_batch_job_on_the_vllm_engine(recs, tmp_path):
         ia, ib = [x["item_id"] for x in a["items"]], [x["item_id"] for x in b["items"]]
         assert set(ia[:5]) <= set(ib) or all(abs(p - q) < 2e-3 for p, q in zip(sa, sb, strict=True))
     assert (tmp_path / "vllm.rejects.jsonl").read_text() == (tmp_path / "hf.rejects.jsonl").read_text()
+
+
+def test_engine_benchmark_times_vllm_with_no_prompt_cached(recs, tmp_path, monkeypatch):
+    """bench.engine_throughput on the vLLM engine empties vLLM's prefix cache before every timed pass (constrained,
+    greedy, greedy rendering its prompts, vLLM's beam search, each latency request), so that greedy is not timed on
+    prompts the constrained pass has just cached; the figure on cached prompts is kept beside it."""
+    import json
+    import sys
+
+    import bench.engine_throughput as et
+    import genrec.engines.vllm as vllm_engines
+
+    hf, vl = recs
+    llm = vl.engine.llm
+    resets: list[bool] = []
+    real_reset = llm.reset_prefix_cache
+
+    def reset(*args, **kw):
+        resets.append(real_reset(*args, **kw))
+        return resets[-1]
+
+    monkeypatch.setattr(llm, "reset_prefix_cache", reset)
+    monkeypatch.setattr(vllm_engines, "VLLMEngine", lambda *a, **kw: vl.engine)  # this module's engine
+    out = tmp_path / "engine.json"
+    argv = ["x", "--run", str(hf.run.path), "--engine", "vllm", "--users", "6", "--batch", "3", "--beam", "4"]
+    argv += [
+        "--candidates",
+        "retriever",
+        "--n-candidates",
+        "20",
+        "--latency-requests",
+        "2",
+        "--out",
+        str(out),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    et.main()
+    res = json.loads(out.read_text())
+    assert res["greedy_users_per_s"] > 0 and res["greedy_users_per_s_prompts_cached"] > 0
+    assert res["constrained_users_per_s"] > 0 and res["vllm_beam_search_users_per_s"] > 0
+    assert resets == [True] * (4 + 2 + 2)  # four passes, two latency requests on each side
