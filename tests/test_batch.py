@@ -15,7 +15,7 @@ import time
 import pandas as pd
 import pytest
 
-from genrec.batch import generate, parse_row
+from genrec.batch import REJECT_KINDS, generate, parse_row
 from genrec.errors import GenrecError
 from genrec.recommender import Recommender
 
@@ -80,6 +80,7 @@ def test_generate_writes_rows_and_rejects(rec, tmp_path):
         assert what in reasons
     kinds = {"malformed JSON": 10, "unknown items": 10, "unknown user": 10, "empty history": 10}
     assert summary["reject_kinds"] == kinds  # counted by kind at the end, and each reject says its kind
+    assert set(kinds) <= set(REJECT_KINDS)
     assert {r["line"]: r["kind"] for r in rejects} == {
         i + 1: {3: "malformed JSON", 5: "unknown items", 7: "unknown user", 8: "empty history"}[i % 9]
         for i in range(90)
@@ -478,7 +479,8 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
     assert [[i["item_id"] for i in r["items"]] for r in rows] == [
         [i["item_id"] for i in r["items"]] for r in one
     ]
-    assert single["rows"] == summary["rows"]
+    assert single["rows"] == summary["rows"] and single["reject_kinds"] == summary["reject_kinds"]
+    assert sum(summary["reject_kinds"].values()) == summary["rejects"] == 180 - len(good)
 
 
 def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
