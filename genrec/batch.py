@@ -29,7 +29,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from genrec.data.loaders import (
+    BAD_LINE_KINDS,
     GZIP_ERRORS,
+    BadLine,
     data_suffix,
     extension,
     is_gzip,
@@ -56,30 +58,21 @@ class Reject:
     line: int
     reason: str
     raw: str
-    kind: str = "unreadable row"
+    kind: str
     """What is wrong, in a few words (one of REJECT_KINDS): the end-of-job counts group rejects by it."""
     source: str = ""
     """For a folder input: the part file and the row's line in it."""
 
 
 REJECT_KINDS = (
-    "malformed JSON",
-    "not UTF-8",
-    "not a JSON object",
-    "unreadable row",
+    *BAD_LINE_KINDS,
     "no user or history",
     "unknown user",
     "history not a list",
     "unknown items",
     "empty history",
 )
-"""A reject's `kind`: the first four are a line that is not a row, the rest a row that cannot be ranked."""
-_READ_KINDS = {
-    "malformed JSON": "malformed JSON",
-    "not UTF-8": "not UTF-8",
-    "expected a JSON": "not a JSON object",
-}
-"""iter_jsonl's problems (by how they start) -> their kind."""
+"""A reject's `kind`: a line that is not a row (BAD_LINE_KINDS), or a row that cannot be ranked."""
 
 
 INPUT_FIELDS = ("user", "user_id", "history")
@@ -136,7 +129,7 @@ def input_files(path: Path) -> list[Path]:
 
 def read_input(
     parts: list[tuple[Path, int]], keep: Callable[[int], bool] | None = None, *, start: int = 1
-) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+) -> Iterator[tuple[int, dict[str, Any] | None, BadLine | None]]:
     """`read_rows` of an input's files (`scan_input`'s parts: each file and its rows), whose lines count across
     them in order; files wholly before `start` are not opened."""
     offset = 0
@@ -165,8 +158,8 @@ def locator(parts: list[tuple[Path, int]]) -> Callable[[int], str]:
 
 def read_rows(
     path: Path, keep: Callable[[int], bool] | None = None, *, start: int = 1
-) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line, parsed row, "") or (line, None, what is wrong), streamed; a Parquet row's line is its 1-based
+) -> Iterator[tuple[int, dict[str, Any] | None, BadLine | None]]:
+    """(line, parsed row, None) or (line, None, what is wrong: a BadLine), streamed; a Parquet row's line is its 1-based
     row number. Rows whose line `keep` rejects are not parsed (JSONL) or not converted (Parquet): a shard
     reads 1/n of the rows. Rows before line `start` are not given (a resumed job's committed rows): JSONL
     lines read as bytes only, Parquet row groups not read at all. Of a Parquet input, only INPUT_FIELDS'
@@ -191,7 +184,7 @@ def read_rows(
                 if len(wanted) < batch.num_rows:
                     batch = batch.take(pa.array([i - lines.start for i in wanted], type=pa.int64()))
                 if wanted:
-                    yield from zip(wanted, batch.to_pylist(), itertools.repeat(""))
+                    yield from zip(wanted, batch.to_pylist(), itertools.repeat(None))
                 line = lines.stop - 1
         except (pa.ArrowException, OSError) as e:  # committed chunks stay: --resume once the file is mended
             raise GenrecError(f"{path}: unreadable after row {line} ({e})") from None
@@ -205,10 +198,12 @@ def count_rows(path: Path) -> int:
     return _scan_file(path)
 
 
-def parse_row(rec: Recommender, line: int, obj: dict[str, Any] | None, problem: str) -> Row | Reject:
-    if obj is None:
-        kind = next((k for start, k in _READ_KINDS.items() if problem.startswith(start)), "unreadable row")
-        return Reject(line, problem, "", kind)
+def parse_row(
+    rec: Recommender, line: int, obj: dict[str, Any] | None, problem: BadLine | None
+) -> Row | Reject:
+    if problem is not None:
+        return Reject(line, problem.reason, "", problem.kind)
+    assert obj is not None  # read_rows gives a row or what is wrong with the line
     parsed = _parse(rec, line, obj)
     if isinstance(parsed, Row):
         return parsed
@@ -308,7 +303,7 @@ def _scan_file(path: Path, sha: Any = None, *, check: bool = False, bar: Any = N
                         lines += block.count(b"\n")
                         last = block[-1:]
             except GZIP_ERRORS as e:
-                raise unreadable(path, lines, e) from None
+                raise unreadable(path, e, lines) from None
             while tap.read(1 << 20):  # bytes after the last gzip member, if any: hashed too
                 pass
     if not parquet:

@@ -143,7 +143,7 @@ def test_table_errors_name_file_line_field(tmp_path):
         ),
         "i.parquet": (b"not parquet", r"i.parquet: not a readable Parquet file"),
         "latin.csv": ("user_id,item_id\nu1,caf\u00e9\n".encode("latin-1"), r"latin.csv: not UTF-8 text"),
-        "i.csv.gz": (b"user_id,item_id\nu1,a\n", r"i.csv.gz: unreadable gzip data \(Not a gzipped file"),
+        "i.csv.gz": (b"user_id,item_id\nu1,a\n", r"i.csv.gz: gzip data is damaged \(Not a gzipped file"),
         "i.parquet.gz": (gzip.compress(b"x"), r"i.parquet.gz: unsupported extension '.parquet.gz'"),
     }
     for name, (content, message) in unreadable.items():

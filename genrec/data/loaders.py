@@ -16,7 +16,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -144,10 +144,10 @@ def open_binary(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # type: ignore[return-value]
 
 
-def unreadable(path: Path, after: int, error: BaseException) -> DataError:
-    """The error for a .gz file that cannot be read on past line `after`."""
+def unreadable(path: Path, error: BaseException, after: int | None = None) -> DataError:
+    """The error for a .gz file that cannot be read (on past line `after`, when known)."""
     what = "ends early (cut short?)" if isinstance(error, EOFError) else f"is damaged ({error})"
-    return DataError(f"gzip data {what} after line {after:,}", path=path)
+    return DataError(f"gzip data {what}{'' if after is None else f' after line {after:,}'}", path=path)
 
 
 def decoded_lines(
@@ -174,7 +174,7 @@ def decoded_lines(
                         f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): {text!r}",
                     )
         except GZIP_ERRORS as e:
-            raise unreadable(path, line_no, e) from None
+            raise unreadable(path, e, line_no) from None
 
 
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -266,27 +266,37 @@ def load_unisrec(folder: str | Path) -> Raw:
     return catalog, users, seqs
 
 
+class BadLine(NamedTuple):
+    """A line of a JSON Lines file that is not a row: its kind (one of BAD_LINE_KINDS) and what is wrong."""
+
+    kind: str
+    reason: str
+
+
+BAD_LINE_KINDS = ("not UTF-8", "malformed JSON", "not a JSON object")
+
+
 def iter_jsonl(
     path: Path, keep: Callable[[int], bool] | None = None
-) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line, object, "") per non-empty line, or (line, None, what is wrong) for a bad one; streamed. Lines are
+) -> Iterator[tuple[int, dict[str, Any] | None, BadLine | None]]:
+    """(line, object, None) per non-empty line, or (line, None, BadLine) for a bad one; streamed. Lines are
     decoded one by one, so a line that is not UTF-8 is one bad line, not the end of the file. Lines whose
     number `keep` rejects are neither decoded nor parsed."""
     for line_no, line, problem in decoded_lines(path, keep):
         if line is None:
-            yield line_no, None, problem
+            yield line_no, None, BadLine("not UTF-8", problem)
             continue
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield line_no, None, f"malformed JSON ({e.msg}): {line.strip()[:80]!r}"
+            yield line_no, None, BadLine("malformed JSON", f"malformed JSON ({e.msg}): {line.strip()[:80]!r}")
             continue
         if isinstance(row, dict):
-            yield line_no, row, ""
+            yield line_no, row, None
         else:
-            yield line_no, None, "expected a JSON object"
+            yield line_no, None, BadLine("not a JSON object", "expected a JSON object")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -305,12 +315,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
         except pd.errors.ParserError as e:
             raise DataError(f"malformed CSV ({e})", path=path) from None
         except GZIP_ERRORS as e:
-            raise DataError(f"unreadable gzip data ({e})", path=path) from None
+            raise unreadable(path, e) from None
     if suffix in (".jsonl", ".json"):
         rows = []
         for line_no, row, problem in iter_jsonl(path):
-            if row is None:
-                raise DataError(problem, path=path, line=line_no)
+            if problem is not None:
+                raise DataError(problem.reason, path=path, line=line_no)
             rows.append(row)
         return pd.DataFrame(rows)
     raise DataError(
