@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,6 @@ def write_users(folder: Path, users: int, seed: int = 0) -> list[Path]:
     return [jsonl, gz, parquet]
 
 
-def timed(repeats: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
-    """Best wall time of `repeats` calls of fn(*args), and its result."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def rows_kept(path: Path, keep: Callable[[int], bool] | None, start: int = 1) -> int:
     """Rows read as `genrec generate` reads them: the ones `keep` rejects, and those before `start`, are not
     parsed (nor are Parquet row groups before `start` read)."""
@@ -82,7 +71,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement; the best counts")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from bench.common import save
+    from bench.common import best_of, save
     from genrec.batch import scan_input
 
     n, skip = args.shards, int(args.users * args.resume_at)
@@ -94,9 +83,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_users(Path(tmp), args.users):
             fmt = path.name.removeprefix("users.")
-            scan_s, (_, files) = timed(args.repeats, scan_input, path)
+            scan_s, (_, files) = best_of(args.repeats, scan_input, path)
             rows = sum(n for _, n in files)
-            all_s, _ = timed(args.repeats, rows_kept, path, None)
+            all_s, _ = best_of(args.repeats, rows_kept, path, None)
             r: dict[str, Any] = {
                 "bytes": path.stat().st_size,
                 "rows": rows,
@@ -104,8 +93,8 @@ def main() -> None:
                 "all_rows_s": round(all_s, 4),
             }
             for name, (keep, start) in subsets.items():
-                kept_s, kept = timed(args.repeats, rows_kept, path, keep, start)
-                before_s, before = timed(args.repeats, rows_parsed_then_dropped, path, keep, start)
+                kept_s, kept = best_of(args.repeats, rows_kept, path, keep, start)
+                before_s, before = best_of(args.repeats, rows_parsed_then_dropped, path, keep, start)
                 assert kept == before, (name, kept, before)
                 r[name] = {
                     "rows": kept,

@@ -515,7 +515,7 @@ def generate(
         "reject_kinds": reject_counts(chunks),
         "chunks": len(chunks),
         "output": str(output),
-        "rejects_file": str(_rejects_path(output)),
+        "rejects_file": str(rejects_path(output)),
     }
     logger.info(
         "generate: %d rows, %d rejects%s -> %s",
@@ -688,7 +688,8 @@ def output_schema() -> Any:
     )
 
 
-def _rejects_path(output: Path) -> Path:
+def rejects_path(output: Path) -> Path:
+    """Where the rejects of a job writing `output` go: `<output stem>.rejects.jsonl` beside it."""
     return output.with_name(output.stem + ".rejects.jsonl")
 
 
@@ -712,12 +713,12 @@ def _finalize(manifest: Manifest, output: Path) -> None:
                 with open(p.with_suffix(".jsonl")) as f:
                     shutil.copyfileobj(f, out)
     os.replace(tmp, output)
-    rtmp = _rejects_path(output).with_name(f".{_rejects_path(output).name}.tmp")
+    rtmp = rejects_path(output).with_name(f".{rejects_path(output).name}.tmp")
     with open(rtmp, "w") as out:
         for p in parts:
             with open(p.with_suffix(".rejects.jsonl")) as f:
                 shutil.copyfileobj(f, out)
-    os.replace(rtmp, _rejects_path(output))
+    os.replace(rtmp, rejects_path(output))
     manifest.data["done"] = True
     atomic_write_text(manifest.path, json.dumps(manifest.data, indent=1))
     for p in parts:

@@ -25,7 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from genrec.batch import check_options, count_rows, describe_rejects, output_schema, scan_input
+from genrec.batch import (
+    check_options,
+    count_rows,
+    describe_rejects,
+    output_schema,
+    rejects_path,
+    scan_input,
+)
 from genrec.errors import GenrecError, stopped_by
 
 logger = logging.getLogger(__name__)
@@ -109,17 +116,16 @@ def generate_ray(
         if started_here:
             ray.shutdown()
     merge_shards(outs, output)
+    kinds: collections.Counter[str] = collections.Counter()
+    for s in summaries:
+        kinds.update(s["reject_kinds"])
     summary = {
         "rows": sum(s["rows"] for s in summaries),
         "rejects": sum(s["rejects"] for s in summaries),
-        "reject_kinds": dict(
-            sum(
-                (collections.Counter(s["reject_kinds"]) for s in summaries), collections.Counter()
-            ).most_common()
-        ),
+        "reject_kinds": dict(kinds.most_common()),
         "shards": workers,
         "output": str(output),
-        "rejects_file": str(output.with_name(output.stem + ".rejects.jsonl")),
+        "rejects_file": str(rejects_path(output)),
     }
     shutil.rmtree(shards_dir)
     logger.info(
@@ -136,7 +142,7 @@ def generate_ray(
 def _committed(out: Path) -> int:
     """Input rows a shard has committed so far (its manifest; the final file once merged)."""
     if out.exists():  # finished: the parts were merged into the shard's output and rejects files
-        rejects = out.with_name(out.stem + ".rejects.jsonl")
+        rejects = rejects_path(out)
         return count_rows(out) + (count_rows(rejects) if rejects.exists() else 0)
     manifest = out.with_name(out.name + ".parts") / "manifest.json"
     try:
@@ -188,10 +194,10 @@ def merge_shards(outs: list[Path], output: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for _, line in heapq.merge(*(_jsonl_rows(o) for o in outs if o.exists())):
                 f.write(line if line.endswith("\n") else line + "\n")
-    rejects = [o.with_name(o.stem + ".rejects.jsonl") for o in outs]
+    rejects = [rejects_path(o) for o in outs]
     rtmp = output.with_name(f".{output.stem}.rejects.tmp")
     with open(rtmp, "w", encoding="utf-8") as f:
         for _, line in heapq.merge(*(_jsonl_rows(r) for r in rejects if r.exists())):
             f.write(line if line.endswith("\n") else line + "\n")
     tmp.replace(output)
-    rtmp.replace(output.with_name(output.stem + ".rejects.jsonl"))
+    rtmp.replace(rejects_path(output))

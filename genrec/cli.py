@@ -381,16 +381,13 @@ def generate(
             address=ray_address,
             **opts,
         )
-        typer.echo(
-            f"{summary['rows']:,} users ranked by {workers} Ray workers -> {summary['output']}; "
-            f"{summary['rejects']:,} rejected rows{describe_rejects(summary['reject_kinds'])} -> "
-            f"{summary['rejects_file']}"
-        )
-        return
-    rec = Recommender.load(rd, backend=backend, search=search)
-    summary = do_generate(rec, input, output, resume=resume, shard=(k, m), workers=prep_workers, **opts)
+        by = f" by {workers} Ray workers"
+    else:
+        rec = Recommender.load(rd, backend=backend, search=search)
+        summary = do_generate(rec, input, output, resume=resume, shard=(k, m), workers=prep_workers, **opts)
+        by = ""
     typer.echo(
-        f"{summary['rows']:,} users ranked -> {summary['output']}; {summary['rejects']:,} rejected rows"
+        f"{summary['rows']:,} users ranked{by} -> {summary['output']}; {summary['rejects']:,} rejected rows"
         f"{describe_rejects(summary['reject_kinds'])} -> {summary['rejects_file']}"
     )
 
