@@ -51,6 +51,8 @@ class Row:
     line: int
     user: str | None
     history: list[int]
+    query: str | None = None
+    """The row's free text (`text`): the user's request, ranked with the history (or alone)."""
 
 
 @dataclass
@@ -71,11 +73,12 @@ REJECT_KINDS = (
     "history not a list",
     "unknown items",
     "empty history",
+    "text not a string",
 )
 """A reject's `kind`: a line that is not a row (BAD_LINE_KINDS), or a row that cannot be ranked."""
 
 
-INPUT_FIELDS = ("user", "user_id", "history")
+INPUT_FIELDS = ("user", "user_id", "history", "text")
 """The fields of an input row a batch job reads (a Parquet input's other columns are not read)."""
 
 
@@ -216,6 +219,12 @@ def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | tuple[str,
     user = obj.get("user", obj.get("user_id"))
     user = str(user) if user is not None else None
     hist = obj.get("history")
+    text = obj.get("text")
+    if text is not None and not isinstance(text, str):
+        return "text not a string", "field 'text': expected a string"
+    query = text.strip() if text and text.strip() else None
+    if hist is None and user is None and query is not None:  # a new user's request in words alone
+        return Row(line, None, [], query)
     if hist is not None:
         if isinstance(hist, str):
             hist = [h for h in hist.split(",") if h.strip()]
@@ -231,9 +240,9 @@ def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | tuple[str,
         return "unknown user", f"field 'user': unknown user {user!r} and no history"
     else:
         return "no user or history", "neither 'user' nor 'history' given"
-    if not items:
+    if not items and query is None:
         return "empty history", "field 'history': empty"
-    return Row(line, user, items)
+    return Row(line, user, items, query)
 
 
 INPUT_STAMP = ("input_size", "input_sha256")
@@ -502,6 +511,7 @@ def generate(
                     "n_candidates": n_candidates,
                     "template": pinned.name,
                     "template_version": pinned.version,
+                    "need_template": rec.need_template,
                 },
             )
         except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), an engine error, an unreadable row
@@ -610,8 +620,10 @@ def _batches(chunk: _Chunk, batch_size: int, options: dict[str, Any]) -> list[li
                 mode=options["mode"],
                 n_candidates=options["n_candidates"],
                 user=r.user,
-                template=options["template"],
-                template_version=options["template_version"],
+                # a row with text renders with the need template (its active version), the rest with the pinned one
+                template=options["need_template"] if r.query else options["template"],
+                template_version=None if r.query else options["template_version"],
+                query=r.query,
             )
             for r in rows[s : s + batch_size]
         ]

@@ -177,7 +177,13 @@ def recommend(
     history: Annotated[
         str | None, typer.Option(help="Comma-separated item ids, ID strings or exact titles, oldest first.")
     ] = None,
-    text: Annotated[str | None, typer.Option(help="Free text with no history: cold-start retrieval.")] = None,
+    text: Annotated[
+        str | None,
+        typer.Option(
+            help="What the user asks for, in words: alone (a new user) or with --user / --history. The model "
+            "reads it in prompt.need_template; candidates are retrieved on it too (with a history: the union)."
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Items to return.")] = 10,
     candidates: Annotated[
         str, typer.Option(help="`retriever` (top --n-candidates by embedding) or `all` (whole catalogue).")
@@ -188,18 +194,24 @@ def recommend(
     beam_width: Annotated[int | None, typer.Option(help="Beams (default: --n).")] = None,
     search: SearchOpt = None,
 ) -> None:
-    """Recommend for a known user, an inline history or free text. Every item returned is a real catalogue item."""
+    """Recommend for a known user, an inline history, free text, or a history with free text. Every item
+    returned is a real catalogue item."""
     from genrec.recommender import Recommender
 
-    if sum(x is not None for x in (user, history, text)) != 1:
-        raise GenrecError("give exactly one of --user, --history, --text")
+    if user is not None and history is not None:
+        raise GenrecError("give --user or --history, not both (add --text to either)")
+    if user is None and history is None and text is None:
+        raise GenrecError("give --user, --history or --text")
     if candidates not in ("retriever", "all"):
         raise GenrecError(f"--candidates must be 'retriever' or 'all', got {candidates!r}")
     if n < 1:
         raise GenrecError("--n must be >= 1")
     rec = Recommender.load(RunDir(run), search=search)
-    if text is not None:
-        _print_recs(rec.recommend_text(text, n_items=n))
+    if user is None and history is None:
+        assert text is not None
+        _print_recs(
+            rec.recommend_text(text, n_items=n, mode=candidates, n_candidates=n_candidates)  # type: ignore[arg-type]
+        )
         return
     hist = (
         rec.user_history(user)
@@ -219,6 +231,7 @@ def recommend(
         mode=candidates,  # type: ignore[arg-type]
         n_candidates=n_candidates,
         users=[user],
+        queries=[text],
     )[0]
     _print_recs(recs)
 
@@ -241,19 +254,38 @@ def evaluate(
             "and settings are this evaluation's. Without it, they are removed and everything is ranked again.",
         ),
     ] = False,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="`standard` (history -> next item, every user), `need` (the test item's derived need given with "
+            "the history, against the history alone, user by user) or `cold` (the users whose test item was held "
+            "out of training: data.cold_items); default standard, or -s eval.protocol=..."
+        ),
+    ] = None,
 ) -> None:
     """Full-ranking leave-one-out evaluation of the model and, on the same split, the baselines in eval.baselines
-    (popularity, item-kNN, Markov chain, retriever alone, SASRec); writes eval_<split>.json, report_<split>.md, plots."""
+    (popularity, item-kNN, Markov chain, retriever alone, SASRec); writes eval_<split>.json, report_<split>.md, plots
+    (eval_<split>_<protocol>.json, ... for --protocol need / cold)."""
     from genrec.evaluation import evaluate as do_eval
 
     rd = RunDir(run)
     # Overrides apply in order: test unless -s eval.split=... says otherwise, and --split over both; a split
     # saved in the run's config by an earlier evaluate is never reused.
-    cfg = _config(rd, None, ["eval.split=test", *(set_ or []), *([f"eval.split={split}"] if split else [])])
+    cfg = _config(
+        rd,
+        None,
+        [
+            "eval.split=test",
+            "eval.protocol=standard",
+            *(set_ or []),
+            *([f"eval.split={split}"] if split else []),
+            *([f"eval.protocol={protocol}"] if protocol else []),
+        ],
+    )
     rd.save_config(cfg)
     report = do_eval(rd, cfg, resume=resume)
     _print_report(report)
-    typer.echo(f"report: {rd / ('report_' + cfg.eval.split + '.md')}")
+    typer.echo(f"report: {rd / ('report_' + report['stem'] + '.md')}")
 
 
 def _print_report(report: dict[str, Any]) -> None:

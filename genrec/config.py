@@ -60,6 +60,11 @@ class DataConfig:
     """`synthetic` only: number of users."""
     seed: int = 0
     """Seed for the synthetic generator."""
+    cold_items: float = 0.0
+    """Share of the catalogue held out of training (seeded by data.seed): these items appear in no training
+    row (history or target) and no validation row, as items added after training would; their IDs come
+    from their text (semantic codes assigned by the codebooks fitted on the other items). `genrec evaluate
+    --protocol cold` ranks the users whose test item is one of them over the whole catalogue. 0: none."""
 
 
 @dataclass
@@ -100,6 +105,15 @@ class PromptConfig:
     """Most recent items shown in the prompt."""
     title_words: int = 5
     """Words of each item's title shown (0 hides titles)."""
+    need_template: str = "need"
+    """Template for requests that carry free text (a need, with or without a history), in training rows
+    (train.need_rows) and at inference (chat text, `recommend --text`, a batch row's `text`)."""
+    item_text_template: str = "item_text"
+    """Template of the item text -> ID training rows (train.item_text_rows)."""
+    item_title_template: str = "item_title"
+    """Template of the ID -> title training rows (train.title_rows)."""
+    need_title_words: int = 2
+    """Words of the item's title a derived need may give (genrec.data.needs; never the whole title)."""
 
 
 @dataclass
@@ -170,6 +184,15 @@ class TrainConfig:
     prompt.max_history or prompt.title_words rather than train on cut prompts."""
     examples_per_user: int = 12
     """Training targets per user: 0 = every position of the training sequence, N = the last N."""
+    need_rows: float = 0.0
+    """Multi-task mix: need + history -> item rows per history row (the need derived from the target item:
+    genrec.data.needs), rendered with prompt.need_template, the loss on the answer's ID. 0: none."""
+    item_text_rows: float = 0.0
+    """Multi-task mix: item text -> its ID rows, per catalogue item and epoch (1.0: every trained item once),
+    rendered with prompt.item_text_template. Ties each ID to what its item is. 0: none."""
+    title_rows: float = 0.0
+    """Multi-task mix: ID -> title rows, per catalogue item and epoch, rendered with
+    prompt.item_title_template, the loss on the title's tokens (always over the whole vocabulary). 0: none."""
     history_loss: bool = True
     """Also train on the ID tokens of the history items (each one predicted from the items before it): one row
     per window of prompt.max_history + 1 items instead of one per target, so every position of a user's
@@ -250,6 +273,11 @@ class EvalConfig:
     retriever (embeddings alone), sasrec (CE loss)."""
     sasrec_epochs: int = 100
     """Training epochs of the SASRec baseline."""
+    protocol: Literal["standard", "need", "cold"] = "standard"
+    """`standard`: history -> next item for every user. `need`: the same users with the test item's derived
+    need given beside the history (prompt.need_template), against the history alone, user by user. `cold`:
+    only the users whose test item was held out of training (data.cold_items), ranked over the whole
+    catalogue; baselines that cannot rank items unseen in training are listed as such."""
 
 
 @dataclass
@@ -403,6 +431,13 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     )
     need(p.max_history >= 1, "prompt.max_history must be >= 1")
     need(p.title_words >= 0, "prompt.title_words must be >= 0")
+    need(p.need_title_words >= 0, "prompt.need_title_words must be >= 0")
+    need(0.0 <= d.cold_items < 0.9, "data.cold_items must be in [0, 0.9)")
+    need(
+        min(t.need_rows, t.item_text_rows, t.title_rows) >= 0,
+        "train.need_rows, train.item_text_rows and train.title_rows must be >= 0",
+    )
+    need(e.protocol != "cold" or d.cold_items > 0, "eval.protocol=cold needs data.cold_items > 0")
     need(
         cfg.model.hidden_size % cfg.model.num_heads == 0,
         "model.hidden_size must be divisible by model.num_heads",

@@ -25,8 +25,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from genrec.config import RunConfig
-from genrec.data import Example, Interactions, leave_one_out, popularity
-from genrec.errors import stopped_by
+from genrec.data import Example, Interactions, leave_one_out, popularity, without_items
+from genrec.data.needs import derive_need
+from genrec.errors import GenrecError, stopped_by
 from genrec.run import RunDir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -167,27 +168,35 @@ def model_lists(
 
 
 def ranked_batches(
-    rec: Any, examples: Sequence[Example], cfg: RunConfig, bar: Any, *, workers: int = 0
+    rec: Any,
+    examples: Sequence[Example],
+    cfg: RunConfig,
+    bar: Any,
+    *,
+    workers: int = 0,
+    queries: Sequence[str] | None = None,
 ) -> Iterator[list[list[int]]]:
-    """`model_lists` batch by batch, in order, each counted on `bar` (a tqdm)."""
+    """`model_lists` batch by batch, in order, each counted on `bar` (a tqdm); `queries`: each example's free
+    text, ranked with its history (the need protocol)."""
     from genrec.prep import prepared_batches
     from genrec.recommender import history_requests
 
     e = cfg.eval
-    chunks = [examples[s : s + e.batch_size] for s in range(0, len(examples), e.batch_size)]
+    starts = range(0, len(examples), e.batch_size)
     batches = (
         (
             None,
             history_requests(
-                [ex.history for ex in chunk],
+                [ex.history for ex in examples[s : s + e.batch_size]],
                 n_items=e.beam_width,
                 mode=e.candidates,
                 n_candidates=e.n_candidates,
                 beam_width=e.beam_width,
-                users=[ex.user for ex in chunk],
+                users=[ex.user for ex in examples[s : s + e.batch_size]],
+                queries=None if queries is None else queries[s : s + e.batch_size],
             ),
         )
-        for chunk in chunks
+        for s in starts
     )
     with prepared_batches(rec, batches, workers) as prepared:
         for _, reqs, ranked in rec.rank_stream(prepared):
@@ -204,27 +213,31 @@ def baseline_lists(
     progress: bool,
     parts: EvalParts | None = None,
     key: dict[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+    data: Interactions | None = None,
 ) -> dict[str, list[list[int]]]:
-    """Each baseline of eval.baselines; with `parts`, each kept there as it finishes (and taken from there when
-    an interrupted evaluation already finished it with the same inputs: `key` plus the baseline's own)."""
+    """Each baseline of `names` (default eval.baselines), trained on `data` (default the run's); with `parts`,
+    each kept there as it finishes (and taken from there when an interrupted evaluation already finished it
+    with the same inputs: `key` plus the baseline's own)."""
     from genrec import baselines
 
     k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
+    data = data if data is not None else rec.data
 
     def compute(name: str, key: dict[str, Any] | None = None) -> list[list[int]]:
         logger.info("baseline %s", name)
         if name == "popularity":
             return popularity_lists(examples, counts, k)
         if name == "itemknn":
-            return baselines.itemknn_lists(rec.data, examples, split=split, k=k)
+            return baselines.itemknn_lists(data, examples, split=split, k=k)
         if name == "markov":
-            return baselines.markov_lists(rec.data, examples, split=split, k=k)
+            return baselines.markov_lists(data, examples, split=split, k=k)
         if name == "retriever":
             return baselines.retriever_lists(rec.retriever, examples, k=k)
         sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
         state = parts.folder / "sasrec.state.pt" if parts is not None and key is not None else None
         return baselines.sasrec_lists(
-            rec.data,
+            data,
             examples,
             split=split,
             k=k,
@@ -234,7 +247,7 @@ def baseline_lists(
             checkpoint_key=json.dumps(key, sort_keys=True) if state else "",
         )
 
-    for name in cfg.eval.baselines:
+    for name in cfg.eval.baselines if names is None else names:
         if parts is None:
             out[name] = compute(name)
             continue
@@ -262,11 +275,20 @@ def evaluate(
 
     rec = rec or Recommender.load(run)
     data = rec.data
+    protocol = cfg.eval.protocol
+    cold = run.cold_items(cfg)
     examples = leave_one_out(data, cfg.eval.split)
+    if protocol == "cold":  # the users whose held-out item is the one to find
+        examples = [ex for ex in examples if ex.target in set(cold)]
+        if not examples:
+            raise GenrecError(f"eval.protocol=cold: no {cfg.eval.split} user's target is a held-out item")
     if cfg.eval.max_users:
         examples = examples[: cfg.eval.max_users]
+    queries = need_queries(data, examples, cfg) if protocol == "need" else None
     ks = sorted(cfg.eval.ks)
-    counts = popularity(data, split=cfg.eval.split)
+    # Baselines learn from what training saw: held-out items' interactions are not in it
+    seen_data = without_items(data, cold)
+    counts = popularity(seen_data, split=cfg.eval.split)
     common = {
         "ks": ks,
         "n_items": len(data.catalog),
@@ -274,7 +296,8 @@ def evaluate(
         "n_users_train": len(data),
         "embeddings": rec.retriever.embeddings,
     }
-    parts = EvalParts(run / f"eval_{cfg.eval.split}.parts", resume=resume)
+    stem = cfg.eval.split if protocol == "standard" else f"{cfg.eval.split}_{protocol}"
+    parts = EvalParts(run / f"eval_{stem}.parts", resume=resume)
     key = {
         "genrec_version": _version(),
         "split": cfg.eval.split,
@@ -282,9 +305,29 @@ def evaluate(
         "data": files_stamp(run.interactions_file, run.catalog_file),
     }
     try:
-        genrec, seconds, ranked_by = genrec_lists(rec, examples, cfg, parts, key, progress=progress)
+        genrec, seconds, ranked_by = genrec_lists(
+            rec, examples, cfg, parts, key, progress=progress, queries=queries
+        )
         lists = {"genrec": genrec}
-        lists.update(baseline_lists(rec, examples, cfg, counts, progress=progress, parts=parts, key=key))
+        if queries is not None:  # the same users, the same model, the history alone: the paired comparison
+            lists[HISTORY_ALONE] = genrec_lists(
+                rec, examples, cfg, parts, key, progress=progress, name=HISTORY_ALONE
+            )[0]
+            lists["retriever_need"] = need_retriever_lists(rec, examples, queries, k=max(ks))
+        names = [b for b in cfg.eval.baselines if protocol != "cold" or b in COLD_CAPABLE]
+        lists.update(
+            baseline_lists(
+                rec,
+                examples,
+                cfg,
+                counts,
+                progress=progress,
+                parts=parts,
+                key=key,
+                names=names,
+                data=seen_data,
+            )
+        )
     except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), out of memory, a failing baseline
         if parts.folder.is_dir():
             why = stopped_by(e)
@@ -301,17 +344,19 @@ def evaluate(
         results[name], per_user[name] = summarize(name, lst, examples, **common)  # type: ignore[arg-type]
     report = {
         "split": cfg.eval.split,
+        "stem": stem,
         "protocol": "chronological leave-one-out; full ranking over the catalogue minus the user's seen items"
         if cfg.eval.candidates == "all"
         else f"retriever top-{cfg.eval.n_candidates} candidates",
+        **protocol_fields(cfg, cold, examples),
         "users": len(examples),
         "items": len(data.catalog),
         "beam_width": cfg.eval.beam_width,
         "ranked_by": ranked_by,
         "genrec_seconds": round(seconds, 1),
         "genrec_users_per_s": round(len(examples) / max(seconds, 1e-9), 2),
-        "template": rec.builder.template.name,
-        "template_hash": rec.builder.template.hash,
+        "template": rec.builder_for(rec.template_for("need" if queries else None)).template.name,
+        "template_hash": rec.builder_for(rec.template_for("need" if queries else None)).template.hash,
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
         **({"resumed": parts.reused} if parts.reused else {}),
@@ -319,6 +364,59 @@ def evaluate(
     save_outputs(run, report, examples, lists, per_user)
     parts.remove()
     return report
+
+
+HISTORY_ALONE = "genrec_history_alone"
+"""The need protocol's second genrec list: the same users ranked from their history alone."""
+COLD_CAPABLE = ("popularity", "retriever")
+"""Baselines that can take part in the cold-items protocol; the others (SASRec, item-kNN, the Markov chain) score
+items by their interactions in training, and held-out items have none."""
+
+
+def need_queries(data: Interactions, examples: Sequence[Example], cfg: RunConfig) -> list[str]:
+    """The need protocol's text: each test item's derived need (seeded apart from training's needs)."""
+    return [
+        derive_need(
+            data.catalog,
+            ex.target,
+            user=ex.user,
+            seed=cfg.train.seed + 1,
+            title_words=cfg.prompt.need_title_words,
+        )
+        for ex in examples
+    ]
+
+
+def need_retriever_lists(
+    rec: Any, examples: Sequence[Example], queries: Sequence[str], *, k: int
+) -> list[list[int]]:
+    """The retriever alone on each need's text (no history, no LM), the user's seen items left out."""
+    if not rec.text_embeddings:
+        return [[] for _ in examples]
+    return rec.text_retrieved_many(
+        list(queries), n=[k] * len(queries), exclude=[list(ex.history) for ex in examples]
+    )
+
+
+def protocol_fields(cfg: RunConfig, cold: Sequence[int], examples: Sequence[Example]) -> dict[str, Any]:
+    """What the report says of its protocol (eval.protocol): the held-out items, the baselines left out and why."""
+    protocol = cfg.eval.protocol
+    out: dict[str, Any] = {"eval_protocol": protocol}
+    if cold:
+        out["cold_items"] = len(cold)
+    if protocol == "cold":
+        out["not_comparable"] = {
+            b: "cannot rank items unseen in training (it scores items by their interactions)"
+            for b in cfg.eval.baselines
+            if b not in COLD_CAPABLE
+        }
+    if protocol == "need":
+        out["need"] = (
+            f"each user's test item's need (its category or genres, sometimes its brand, {cfg.prompt.need_title_words} "
+            f"words of its title, never the whole title) given with the history; {HISTORY_ALONE}: the same model on "
+            "the history alone; retriever_need: the retriever on the need's text alone"
+        )
+    return out
 
 
 GENREC_CHUNK_USERS = 1024
@@ -333,6 +431,8 @@ def genrec_lists(
     key: dict[str, Any],
     *,
     progress: bool,
+    queries: Sequence[str] | None = None,
+    name: str = "genrec",
 ) -> tuple[list[list[int]], float, dict[str, int]]:
     """genrec's lists for every example, the seconds its ranking took and how requests were ranked (exact
     tree scoring or beam search), in chunks committed to `parts`: a resumed evaluation ranks only the users
@@ -340,7 +440,8 @@ def genrec_lists(
     e = cfg.eval
     key = {
         **key,
-        "method": "genrec",
+        "method": name,
+        "queries": None if queries is None else texts_digest(queries),
         "model": files_stamp(rec.run.model_dir()),
         "ids": files_stamp(rec.run.ids_file),
         "template_hash": rec.builder.template.hash,
@@ -348,7 +449,7 @@ def genrec_lists(
         "model_config": dataclasses.asdict(cfg.model),
         "eval": {k: v for k, v in dataclasses.asdict(e).items() if k not in _NOT_GENREC},
     }
-    done = parts.chunks("genrec", key)
+    done = parts.chunks(name, key)
     n_chunks = len(done)
     lists = [lst for c in done for lst in c["lists"]]
     seconds = sum(c["seconds"] for c in done)
@@ -364,7 +465,7 @@ def genrec_lists(
         now, counts = time.time(), Counter(rec.engine.ranked_by)
         made = {k: v for k, v in (counts - before).items() if v}
         parts.commit_chunk(
-            "genrec", n_chunks, key, {"lists": pending, "seconds": now - started, "ranked_by": made}
+            name, n_chunks, key, {"lists": pending, "seconds": now - started, "ranked_by": made}
         )
         n_chunks += 1
         lists.extend(pending)
@@ -372,9 +473,12 @@ def genrec_lists(
         ranked_by.update(made)
         started, before, pending = now, counts, []
 
-    desc = "genrec ranking" + (f" (resumed: {len(lists)} users kept)" if lists else "")
+    desc = f"{name} ranking" + (f" (resumed: {len(lists)} users kept)" if lists else "")
     with tqdm(total=len(examples), initial=len(lists), desc=desc, unit="user", disable=not progress) as bar:
-        for batch in ranked_batches(rec, examples[len(lists) :], cfg, bar, workers=e.prep_workers):
+        rest = None if queries is None else queries[len(lists) :]
+        for batch in ranked_batches(
+            rec, examples[len(lists) :], cfg, bar, workers=e.prep_workers, queries=rest
+        ):
             pending.extend(batch)
             if len(pending) >= per_chunk:
                 commit()
@@ -402,6 +506,11 @@ def examples_digest(examples: Sequence[Example]) -> str:
     for ex in examples:
         digest.update(json.dumps([ex.user, ex.target, list(ex.history)]).encode())
     return digest.hexdigest()
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """sha256 of a list of texts (the need protocol's queries)."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
 def files_stamp(*paths: Path) -> str:
@@ -491,7 +600,7 @@ def save_outputs(
     lists: dict[str, list[list[int]]],
     per_user: dict[str, list[dict[str, float]]],
 ) -> None:
-    split = report["split"]
+    split = report.get("stem", report["split"])
     atomic_write_text(run / f"eval_{split}.json", json.dumps(report, indent=2))
     rows = []
     for name in lists:
@@ -512,7 +621,7 @@ def write_plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    split, results = report["split"], report["results"]
+    split, results = report.get("stem", report["split"]), report["results"]
     metrics = [m for m in next(iter(results.values())) if m.startswith(("recall@", "ndcg@")) or m == "mrr"]
     fig, ax = plt.subplots(figsize=(10.5, 4))
     width = 0.8 / len(results)

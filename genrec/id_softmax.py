@@ -165,13 +165,25 @@ class IdSoftmax:
         self, states: torch.Tensor, head: Any, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training: for each state and its label token, (log-prob, entropy, whether the label is the group's
-        argmax); the log-prob carries gradients, the other two do not."""
+        argmax); the log-prob carries gradients, the other two do not. A label that is not an ID token (the
+        text of an ID -> title row, genrec.task_rows) is scored over the whole vocabulary, as text is."""
         n, device = len(labels), states.device
         entropy = torch.zeros(n, dtype=torch.float32, device=device)
         top1 = torch.zeros_like(entropy)
         # with no label at all, an empty result still attached to the graph (a zero loss that backpropagates)
         token_lp = entropy.clone() if n else states[:0, 0].float()
-        for g in self.by_group(np.arange(n), labels.cpu().numpy()):
+        label_ids = labels.cpu().numpy()
+        is_id = self.group_of[label_ids] >= 0
+        if not is_id.all():
+            at = torch.from_numpy(np.flatnonzero(~is_id)).to(device)
+            logp = head(states[at]).float().log_softmax(-1)
+            picked = labels[at]
+            token_lp = token_lp.index_put((at,), logp.gather(1, picked[:, None]).squeeze(1))
+            with torch.no_grad():
+                entropy[at] = -(logp.exp() * logp).sum(-1)
+                top1[at] = (logp.argmax(-1) == picked).float()
+        ids_at = np.flatnonzero(is_id)
+        for g in self.by_group(ids_at, label_ids[ids_at]):
             at = torch.from_numpy(g.states).to(device)
             cols = torch.from_numpy(g.cols).to(device)
             logp = self.group_logits(states[at], head, g.group).log_softmax(-1)

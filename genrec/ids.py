@@ -212,6 +212,20 @@ def semantic_ids(
     )
 
 
+def with_cold_items(
+    warm_ids: ItemIds, embeddings: np.ndarray, warm: Sequence[int], cold: Sequence[int]
+) -> ItemIds:
+    """IDs for a whole catalogue whose `cold` rows were held out of the codebooks: `warm_ids` were fitted on the
+    `warm` rows' embeddings (in that order); each cold item then gets its code tuple as a new item would
+    (`ItemIds.assign`: nearest codes, a free collision number). Rows of the result follow the catalogue."""
+    grown = ItemIds(warm_ids.scheme, warm_ids.codes.copy(), list(warm_ids.level_sizes), warm_ids.codebooks)
+    codes = np.zeros((len(warm) + len(cold), warm_ids.depth), dtype=np.int64)
+    codes[np.asarray(warm, dtype=np.int64)] = warm_ids.codes
+    for row in cold:
+        codes[row] = grown.codes[grown.add(grown.assign(embeddings[row]))]
+    return ItemIds(warm_ids.scheme, codes, list(warm_ids.level_sizes), warm_ids.codebooks)
+
+
 def _spread(
     residual: np.ndarray, centroids: np.ndarray, labels: np.ndarray, prefixes: list[np.ndarray]
 ) -> np.ndarray:

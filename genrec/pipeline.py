@@ -11,8 +11,9 @@ import time
 import numpy as np
 
 from genrec.config import RunConfig
-from genrec.data import Interactions, load_dataset
-from genrec.ids import ItemIds, atomic_ids, semantic_ids
+from genrec.data import Interactions, load_dataset, without_items
+from genrec.errors import GenrecError
+from genrec.ids import ItemIds, atomic_ids, semantic_ids, with_cold_items
 from genrec.retrieval import TextEncoder, collaborative_embeddings
 from genrec.run import RunDir
 
@@ -61,19 +62,31 @@ def item_embeddings(data: Interactions, cfg: RunConfig) -> tuple[np.ndarray, str
 def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
     """Embed items and assign IDs; write item_embeddings.npy, item_ids.json, codebooks.npz."""
     data = run.load_data()
+    cold = run.cold_items(cfg)
+    if cold:  # held-out items get their IDs from their text alone, as items added after training would
+        data = without_items(data, cold)
     emb, source = item_embeddings(data, cfg)
+    if cold and not source.startswith("text"):
+        raise GenrecError(
+            "data.cold_items needs item text: held-out items get their IDs from their text, and collaborative "
+            "embeddings would be made from their interactions (set ids.embedding=text on data with item text)"
+        )
     np.save(run.embeddings_file, emb)
     if cfg.ids.scheme == "atomic":
         ids = atomic_ids(len(data.catalog))
     else:
+        warm = sorted(set(range(len(data.catalog))) - set(cold))
         ids = semantic_ids(
-            emb,
+            emb[warm],
             levels=cfg.ids.levels,
             codes=cfg.ids.codes,
             collision_headroom=cfg.ids.collision_headroom,
             seed=cfg.ids.seed,
             spread_last=cfg.ids.spread_last,
         )
+        if cold:
+            ids = with_cold_items(ids, emb, warm, cold)
+            logger.info("semantic IDs: %d held-out items assigned by the codebooks", len(cold))
         ids.input_items = len(data.catalog) if cfg.ids.input_tokens else 0
     ids.save(run.path, data.catalog.item_ids)
     run.save_config(cfg)

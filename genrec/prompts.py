@@ -40,7 +40,7 @@ from genrec.ids import ItemIds
 from genrec.sandbox import TEMPLATE_FILENAME, BoundedSandbox, RenderLimits, TemplateLimitExceeded
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-KNOWN_VARIABLES = {"history", "user", "max_history", "title_words", "n_history_total"}
+KNOWN_VARIABLES = {"history", "user", "max_history", "title_words", "n_history_total", "query", "item"}
 FRONT_KEYS = {"name", "description", "task", "variables", "system"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -279,7 +279,16 @@ class PromptBuilder:
             "attributes": self.catalog.attributes[item],
         }
 
-    def variables(self, history: Sequence[int], user: str | None = None) -> dict[str, Any]:
+    def variables(
+        self,
+        history: Sequence[int],
+        user: str | None = None,
+        *,
+        query: str | None = None,
+        item: int | None = None,
+    ) -> dict[str, Any]:
+        """What a template sees: the last max_history items, the user, the free-text `query` ('' when none)
+        and, for the single-item tasks (item text -> ID, ID -> title), the `item` (None otherwise)."""
         shown = list(history)[-self.max_history :]
         return {
             "history": [self.item_view(i) for i in shown],
@@ -287,10 +296,18 @@ class PromptBuilder:
             "max_history": self.max_history,
             "title_words": self.title_words,
             "n_history_total": len(history),
+            "query": query or "",
+            "item": None if item is None else self.item_view(item),
         }
 
-    def messages(self, history: Sequence[int], user: str | None = None) -> list[dict[str, str]]:
-        return self.template.render(self.variables(history, user))
+    def messages(
+        self, history: Sequence[int], user: str | None = None, *, query: str | None = None
+    ) -> list[dict[str, str]]:
+        return self.template.render(self.variables(history, user, query=query))
+
+    def item_messages(self, item: int) -> list[dict[str, str]]:
+        """The prompt of a single-item task (prompts/item_text.jinja, prompts/item_title.jinja)."""
+        return self.template.render(self.variables([], item=item))
 
     def target(self, item: int) -> str:
         return self.ids.item_string(item)

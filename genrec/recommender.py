@@ -62,6 +62,10 @@ class RankRequest:
     request's 4xx and never fails a batch); None: rendered here with the pinned template."""
     prompt_tokens: int = 0
     """Filled in by Recommender.rank_requests: the prompt's length in tokens (for usage reporting)."""
+    query: str | None = None
+    """Free text from the user (a need: 'something for rainy days'), with or without a history. It is rendered
+    into the prompt by prompt.need_template (unless `template` names another) and retrieves candidates of its
+    own: with a history, the union of both queries' candidates."""
 
 
 @dataclass
@@ -86,9 +90,12 @@ def history_requests(
     beam_width: int | None = None,
     users: Sequence[str | None] | None = None,
     exclude: Sequence[Sequence[int]] | None = None,
+    queries: Sequence[str | None] | None = None,
 ) -> list[RankRequest]:
-    """One RankRequest per history, all with the same options (users and exclusions per history)."""
+    """One RankRequest per history, all with the same options (users, exclusions and free-text queries per
+    history)."""
     users = users or [None] * len(histories)
+    queries = queries or [None] * len(histories)
     return [
         RankRequest(
             list(h),
@@ -98,6 +105,7 @@ def history_requests(
             beam_width=beam_width,
             user=u,
             exclude=list(exclude[k]) if exclude else [],
+            query=queries[k] or None,
         )
         for k, (h, u) in enumerate(zip(histories, users, strict=True))
     ]
@@ -130,6 +138,10 @@ class Recommender:
         self.catalog = data.catalog
         self.templates = TemplateStore.for_run(run.path)
         self.template_name = cfg.prompt.template
+        self.need_template = cfg.prompt.need_template
+        """The template of requests that carry free text (RankRequest.query)."""
+        self.text_embeddings = str(run.meta().get("ids", {}).get("embedding", "")).startswith("text")
+        """Whether free text can retrieve: the run's item embeddings come from a text encoder."""
         self.trained_template: dict[str, Any] = run.meta().get("template", {})
         """Name and hash of the template the loaded model was trained with (read once, at load)."""
         self.item_tokens = self._item_token_ids()
@@ -249,16 +261,51 @@ class Recommender:
         return self._tries(requests, prepared.retrieved)
 
     def _retrieve(self, requests: Sequence[RankRequest]) -> list[list[int] | None]:
-        """Each retriever-mode request's candidates (one index search for all), None for mode `all`."""
+        """Each retriever-mode request's candidates (one index search per kind of query), None for mode `all`:
+        the history's top n_candidates, the free text's (RankRequest.query), or the union of both (history's
+        first). A request with text alone, on a run without text embeddings, ranks the whole catalogue."""
         retrieve = [r for r in requests if r.mode != "all"]
-        found = iter(
-            self.retrieved_many(
-                [r.history for r in retrieve],
-                n=[r.n_candidates for r in retrieve],
-                exclude=[r.exclude for r in retrieve],
-            )
+        if any(not r.history and not r.query for r in retrieve):
+            raise GenrecError("candidates=retriever needs a history or free text")
+        by_history = [r for r in retrieve if r.history]
+        found_h = self.retrieved_many(
+            [r.history for r in by_history],
+            n=[r.n_candidates for r in by_history],
+            exclude=[r.exclude for r in by_history],
         )
-        return [None if r.mode == "all" else next(found) for r in requests]
+        by_text = [r for r in retrieve if r.query] if self.text_embeddings else []
+        found_t = self.text_retrieved_many(
+            [r.query or "" for r in by_text],
+            n=[r.n_candidates for r in by_text],
+            exclude=[sorted(set(r.history) | set(r.exclude)) for r in by_text],
+        )
+        cands: dict[int, list[int]] = {}
+        for r, found in [*zip(by_history, found_h, strict=True), *zip(by_text, found_t, strict=True)]:
+            cands[id(r)] = list(dict.fromkeys([*cands.get(id(r), []), *found]))
+        return [None if r.mode == "all" or id(r) not in cands else cands[id(r)] for r in requests]
+
+    def template_for(self, query: str | None) -> str:
+        """The template a request renders with by default: prompt.need_template when it carries free text."""
+        return self.need_template if query else self.template_name
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Free texts embedded by the run's text encoder (loaded once, at the first call)."""
+        from genrec.retrieval import TextEncoder
+
+        if not self.text_embeddings:
+            raise GenrecError("free-text queries need text item embeddings; this run uses collaborative ones")
+        if self._encoder is None:
+            self._encoder = TextEncoder(self.cfg.ids.encoder)
+        return np.asarray(self._encoder.encode(list(texts)))
+
+    def text_retrieved_many(
+        self, texts: Sequence[str], *, n: Sequence[int], exclude: Sequence[Sequence[int]]
+    ) -> list[list[int]]:
+        """The retriever's top-n items for each free text (each with its own n and exclusions)."""
+        if not texts:
+            return []
+        items, _ = self.retriever.search(self.encode_text(texts), max(n), exclude=[list(e) for e in exclude])
+        return [row[:k][row[:k] >= 0].tolist() for row, k in zip(items, n, strict=True)]
 
     def _tries(self, requests: Sequence[RankRequest], retrieved: Sequence[list[int] | None]) -> list[Trie]:
         out = []
@@ -308,10 +355,10 @@ class Recommender:
         builders: dict[tuple[str | None, int | None], PromptBuilder] = {}
         for r in requests:
             if r.messages is None:
-                key = (r.template, r.template_version)
+                key = (r.template or self.template_for(r.query), r.template_version)
                 if key not in builders:
                     builders[key] = self.builder_for(*key)
-                r.messages = builders[key].messages(r.history, r.user)
+                r.messages = builders[key].messages(r.history, r.user, query=r.query)
         prompts = self.engine.encode_many([r.messages or [] for r in requests])
         return PreparedBatch(prompts, self._retrieve(requests))
 
@@ -376,17 +423,25 @@ class Recommender:
         set, none repeats or was seen."""
         return self.rank_requests(history_requests(histories, **options))
 
-    def recommend_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
-        """Cold start: no history, rank by the retriever on the text's embedding."""
-        from genrec.retrieval import TextEncoder
+    def recommend_text(
+        self,
+        text: str,
+        *,
+        n_items: int,
+        exclude: Sequence[int] = (),
+        mode: CandidateMode = "retriever",
+        n_candidates: int = 200,
+    ) -> list[Recommendation]:
+        """A new user's free text alone: the model ranks the candidates retrieved on the text (or the whole
+        catalogue), reading the text in prompt.need_template."""
+        request = RankRequest(
+            [], n_items=n_items, mode=mode, n_candidates=n_candidates, exclude=list(exclude), query=text
+        )
+        return self.rank_requests([request])[0]
 
-        meta = self.run.meta().get("ids", {})
-        if not str(meta.get("embedding", "")).startswith("text"):
-            raise GenrecError("free-text queries need text item embeddings; this run uses collaborative ones")
-        if self._encoder is None:  # loaded once, on the first free-text query
-            self._encoder = TextEncoder(self.cfg.ids.encoder)
-        query = self._encoder.encode([text])
-        items, scores = self.retriever.search(query, n_items, exclude=[list(exclude)])
+    def retrieve_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
+        """The retriever alone on a free text's embedding (no model): the cold-start baseline."""
+        items, scores = self.retriever.search(self.encode_text([text]), n_items, exclude=[list(exclude)])
         return [
             Recommendation(int(i), self.catalog.item_ids[i], self.catalog.titles[i], float(s))
             for i, s in zip(items[0], scores[0], strict=True)

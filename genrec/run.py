@@ -96,6 +96,16 @@ class RunDir:
             self.merged_dir, "run `genrec train --run DIR` (and `genrec merge` for LoRA) first"
         )
 
+    def cold_items(self, cfg: RunConfig | None = None) -> list[int]:
+        """The catalogue rows held out of training (data.cold_items; none by default)."""
+        from genrec.data import cold_item_rows
+
+        cfg = cfg or self.load_config()
+        if cfg.data.cold_items <= 0:
+            return []
+        n = len(Catalog.from_parquet(self.require(self.catalog_file, "run `genrec prepare --run DIR` first")))
+        return cold_item_rows(n, cfg.data.cold_items, seed=cfg.data.seed)
+
     def trained_id_softmax(self) -> str:
         """The model.id_softmax the run's model was trained with (run.json; `full` for a model trained before
         the setting existed, or not yet trained): engines must score as training did."""

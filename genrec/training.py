@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from genrec.config import RunConfig
-from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples
+from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples, without_items
 from genrec.errors import GenrecError, stopped_by
 from genrec.id_softmax import IdSoftmax, group_softmax, softmax_groups
 from genrec.ids import ItemIds
@@ -35,14 +36,18 @@ from genrec.modeling import (
 from genrec.prompt_store import TemplateStore
 from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
+from genrec.task_rows import item_rows_items, need_examples, needs_of, rfind, single_item_rows
 
 logger = logging.getLogger(__name__)
 
 
-def prompt_builder(run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds) -> PromptBuilder:
-    """The builder for the run's template at its active version (templates/, else prompts/)."""
-    _, template = TemplateStore.for_run(run.path).template(cfg.prompt.template)
-    return PromptBuilder.for_config(template, data.catalog, ids, cfg.prompt)
+def prompt_builder(
+    run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds, *, template: str | None = None
+) -> PromptBuilder:
+    """The builder for a template (None: the run's, prompt.template) at its active version (templates/, else
+    prompts/)."""
+    _, template_obj = TemplateStore.for_run(run.path).template(template or cfg.prompt.template)
+    return PromptBuilder.for_config(template_obj, data.catalog, ids, cfg.prompt)
 
 
 def sft_rows(builder: PromptBuilder, examples: list[Any]) -> list[dict[str, Any]]:
@@ -81,6 +86,7 @@ def history_loss_rows(
     *,
     max_length: int | None = None,
     history: bool = True,
+    queries: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, list[int]]], int]:
     """Tokenized rows whose loss is on ID tokens only: the answer's and (train.history_loss) those of every
     shown history item after the first (each predicted from the items before it). The end-of-turn tokens
@@ -88,7 +94,8 @@ def history_loss_rows(
     training them too cut the validation NDCG@10 after one epoch by 40% (BENCHMARKS.md). TRL trains on
     `input_ids` + `labels` rows as they are. `history=False`: the answer's ID only (validation rows, so
     that the validation loss is the answer's, and every row under a restricted model.id_softmax without the
-    history loss). Rows longer than `max_length` tokens are left out; returns (rows, how many)."""
+    history loss). `queries`: each example's need, shown by the builder's template (need rows). Rows longer
+    than `max_length` tokens are left out; returns (rows, how many)."""
     item_tokens: dict[int, list[int]] = {}
 
     def tokens_of(item: int) -> list[int]:
@@ -97,15 +104,17 @@ def history_loss_rows(
         return item_tokens[item]
 
     rows, too_long = [], 0
-    for ex in tqdm(examples, desc="tokenizing", unit="row", leave=False, disable=len(examples) < 10_000):
-        prompt = builder.messages(ex.history, ex.user)
+    for k_ex, ex in enumerate(
+        tqdm(examples, desc="tokenizing", unit="row", leave=False, disable=len(examples) < 10_000)
+    ):
+        prompt = builder.messages(ex.history, ex.user, query=queries[k_ex] if queries is not None else None)
         completion = [{"role": "assistant", "content": builder.target(ex.target)}]
         full = list(
             tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
         )
         labels = [-100] * len(full)
         answer = tokens_of(ex.target)
-        n = _rfind(full, answer)  # the answer is the last time its ID appears: the prompt ends before it
+        n = rfind(full, answer)  # the answer is the last time its ID appears: the prompt ends before it
         if n < 0:
             raise GenrecError(f"train.history_loss: the tokenized row does not hold the answer's ID {answer}")
         labels[n : n + len(answer)] = answer
@@ -128,14 +137,6 @@ def history_loss_rows(
             continue
         rows.append({"input_ids": full, "labels": labels})
     return rows, too_long
-
-
-def _rfind(seq: list[int], sub: list[int]) -> int:
-    """Last index where `sub` starts in `seq`, else -1."""
-    for i in range(len(seq) - len(sub), -1, -1):
-        if seq[i : i + len(sub)] == sub:
-            return i
-    return -1
 
 
 def _find(seq: list[int], sub: list[int], start: int, stop: int) -> int:
@@ -484,16 +485,18 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     from datasets import Dataset
     from trl import SFTTrainer
 
-    data = run.load_data()
+    cold = run.cold_items(cfg)
+    data = without_items(run.load_data(), cold)  # held-out items (data.cold_items) are in no training row
     ids = run.load_ids()
     builder = prompt_builder(run, cfg, data, ids)
     t = cfg.train
-    valid = leave_one_out(data, "valid")
+    valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in set(cold)]
     valid = valid[: t.valid_users] if t.valid_users else valid
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
     softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
-    if t.history_loss or softmax is not None:  # rows labelled on ID tokens only
+    tasks = multitask(cfg)
+    if t.history_loss or softmax is not None or tasks:  # tokenized rows, labelled here
         # history_loss: one row per window, the loss also on the history items' IDs; else one row per target
         examples = (
             history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
@@ -510,6 +513,11 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
                 len(examples),
                 t.max_length,
             )
+        if tasks:
+            extra, mix = task_rows(run, cfg, data, ids, tokenizer, examples, cold=cold)
+            rows += extra
+            logger.info("multi-task rows: %s", mix)
+            run.update_meta(multitask=mix)
         train_ds = Dataset.from_list(rows)
         valid_ds = Dataset.from_list(history_loss_rows(builder, tokenizer, valid, history=False)[0])
     else:
@@ -606,6 +614,60 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         },
     )
     return summary
+
+
+def multitask(cfg: RunConfig) -> bool:
+    """Whether the recipe mixes in any of the text tasks (train.need_rows, item_text_rows, title_rows)."""
+    t = cfg.train
+    return bool(t.need_rows or t.item_text_rows or t.title_rows)
+
+
+def task_rows(
+    run: RunDir,
+    cfg: RunConfig,
+    data: Interactions,
+    ids: ItemIds,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    cold: Sequence[int] = (),
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """The multi-task rows of the recipe's mix (genrec.task_rows), tokenized, and how many of each task.
+    Need rows are drawn from the next-item examples; the single-item tasks from the trained items (the
+    held-out ones never appear)."""
+    t, p = cfg.train, cfg.prompt
+    rows: list[dict[str, list[int]]] = []
+    mix: dict[str, int] = {}
+    too_long = 0
+    if t.need_rows:
+        chosen = need_examples(examples, t.need_rows, seed=t.seed)
+        need_builder = prompt_builder(run, cfg, data, ids, template=p.need_template)
+        queries = needs_of(need_builder, chosen, seed=t.seed, title_words=p.need_title_words)
+        made, n = history_loss_rows(
+            need_builder, tokenizer, chosen, max_length=t.max_length, history=False, queries=queries
+        )
+        rows += made
+        mix["need"], too_long = len(made), too_long + n
+    for ratio, template, task in (
+        (t.item_text_rows, p.item_text_template, "item_id"),
+        (t.title_rows, p.item_title_template, "id_title"),
+    ):
+        if ratio:
+            items = item_rows_items(len(data.catalog), ratio, exclude=cold, seed=t.seed)
+            made, n = single_item_rows(
+                prompt_builder(run, cfg, data, ids, template=template),
+                tokenizer,
+                items,
+                task=task,
+                max_length=t.max_length,
+            )
+            rows += made
+            mix[task], too_long = len(made), too_long + n
+    if too_long:
+        logger.warning(
+            "%d multi-task rows are longer than train.max_length=%d tokens: left out", too_long, t.max_length
+        )
+    return rows, mix
 
 
 def merge(run: RunDir, *, model: Any = None, tokenizer: Any = None) -> str:

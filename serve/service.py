@@ -23,7 +23,6 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
-from genrec.errors import GenrecError
 from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
 from genrec.prompts import PromptTemplate, TemplateProblem
@@ -197,14 +196,18 @@ class RecService:
             ) from None
 
     def parse(self, opts: RecommendationOptions, *, text: str, user: str | None) -> Query:
-        """History from `history`, else a known `user`, else the message text; free text -> cold start."""
+        """History from `history`, else a known `user`, else the message text. Free text in the message beside
+        a history (given by `history` or `user`) is the user's request and goes into the prompt with it; free
+        text alone is a new user's request."""
         q = Query(user=user, exclude=self.resolve(opts.exclude, param="exclude") if opts.exclude else [])
         if opts.history is not None:
             q.history = self.resolve(opts.history, param="history")
             if not q.history:
                 raise APIError(400, "history is empty", param="history", code="empty_history")
+            q.text = text.strip() or None
         elif user is not None and self.rec.knows_user(user):
             q.history = self.rec.user_history(user, split="full")
+            q.text = text.strip() or None
         else:
             q.history, q.text = self.parse_text(text)
         if not q.history and not (q.text and q.text.strip()):
@@ -252,14 +255,6 @@ class RecService:
 
     # -- ranking ---------------------------------------------------------------------------------
     async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
-        if not q.history:
-            assert q.text is not None
-            try:
-                return await asyncio.to_thread(
-                    self.rec.recommend_text, q.text, n_items=opts.n_items, exclude=q.exclude
-                )
-            except GenrecError as e:
-                raise APIError(400, str(e), param="messages") from None
         if q.messages is None:
             self.render(q, opts.template)
         width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
@@ -271,6 +266,7 @@ class RecService:
             user=q.user,
             exclude=q.exclude,
             messages=q.messages,
+            query=q.text,
         )
         recs = await self._submit(req)
         q.prompt_tokens = req.prompt_tokens
@@ -292,11 +288,11 @@ class RecService:
         unsaved `draft`. A request in flight keeps its prompt when another version is activated."""
         try:
             if draft is None:
-                q.template = self.rec.pin_template(template, version)
+                q.template = self.rec.pin_template(template or self.rec.template_for(q.text), version)
                 builder = self.rec.builder_for(q.template.name, q.template.version)
             else:
                 builder = self.rec.builder_with(draft)
-            q.messages = builder.messages(q.history, q.user)
+            q.messages = builder.messages(q.history, q.user, query=q.text)
         except TemplateNotFound as e:
             raise APIError(400, str(e), param="template", code="template_not_found") from None
         except TemplateProblem as e:

@@ -10,10 +10,12 @@ from genrec.data.catalog import (
     Example,
     Interactions,
     clean,
+    cold_item_rows,
     history_windows,
     leave_one_out,
     popularity,
     train_examples,
+    without_items,
 )
 from genrec.data.loaders import load_movielens, load_sequences, load_table, load_unisrec
 
@@ -24,11 +26,13 @@ __all__ = [
     "Example",
     "Interactions",
     "clean",
+    "cold_item_rows",
     "history_windows",
     "leave_one_out",
     "load_dataset",
     "popularity",
     "train_examples",
+    "without_items",
 ]
 
 

@@ -240,6 +240,26 @@ def history_windows(data: Interactions, *, window: int, per_user: int = 0) -> li
     return out
 
 
+def cold_item_rows(n_items: int, share: float, *, seed: int = 0) -> list[int]:
+    """The catalogue rows held out of training (data.cold_items): a seeded `share` of the items, sorted."""
+    if share <= 0:
+        return []
+    rng = np.random.default_rng([seed, 0xC01D])
+    k = max(1, round(share * n_items))
+    return sorted(rng.choice(n_items, size=k, replace=False).tolist())
+
+
+def without_items(data: Interactions, items: set[int] | list[int]) -> Interactions:
+    """The data as training may see it when `items` are held out: they are removed from every user's training
+    part (all but the last two items); the last two (the validation and test targets) stay in place, so
+    `leave_one_out` still finds them and `history_windows` / `train_examples` never show a held-out item."""
+    banned = set(items)
+    if not banned:
+        return data
+    seqs = [[i for i in s[:-2] if i not in banned] + s[-2:] for s in data.sequences]
+    return Interactions(data.catalog, list(data.users), seqs)
+
+
 def popularity(data: Interactions, *, split: str = "test") -> np.ndarray:
     """Interaction counts per item from the part of the data visible before `split`'s targets."""
     cut = 1 if split == "test" else 2

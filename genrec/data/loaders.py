@@ -253,7 +253,7 @@ def load_unisrec(folder: str | Path) -> Raw:
     ids = list(index_to_asin.values())
     full = [texts.get(a, "") for a in ids]
     titles = [t.split(". ")[0] for t in full]
-    catalog = Catalog(ids, titles, full, source=str(text_path))
+    catalog = Catalog(ids, titles, full, [_unisrec_attributes(t) for t in full], source=str(text_path))
     users, seqs = [], []
     for line_no, parts in _tsv(inter_path, 3, header="user_id:"):
         seq = []
@@ -264,6 +264,14 @@ def load_unisrec(folder: str | Path) -> Raw:
         users.append(parts[0])
         seqs.append(seq)
     return catalog, users, seqs
+
+
+def _unisrec_attributes(text: str) -> dict[str, str]:
+    """Category and brand from a UniSRec Amazon text (`title. categories. brand.`); none when it has fewer parts."""
+    parts = [p.strip() for p in text.strip().rstrip(".").rsplit(". ", 2)]
+    if len(parts) < 3 or not all(parts):
+        return {}
+    return {"category": parts[1], "brand": parts[2]}
 
 
 class BadLine(NamedTuple):
