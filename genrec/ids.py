@@ -222,7 +222,9 @@ def with_cold_items(
     codes = np.zeros((len(warm) + len(cold), warm_ids.depth), dtype=np.int64)
     codes[np.asarray(warm, dtype=np.int64)] = warm_ids.codes
     for row in cold:
-        codes[row] = grown.codes[grown.add(grown.assign(embeddings[row]))]
+        new = grown.assign(embeddings[row])
+        grown.add(new)
+        codes[row] = new
     return ItemIds(warm_ids.scheme, codes, list(warm_ids.level_sizes), warm_ids.codebooks)
 
 

@@ -690,3 +690,30 @@ def test_a_gzipped_jsonl_input_is_read_as_it_decompresses(rec, tmp_path, monkeyp
         GenrecError, match=r"users\.parquet\.gz: input must be \.jsonl \(or \.jsonl\.gz\) or \.parquet"
     ):
         generate(rec, tmp_path / "users.parquet.gz", tmp_path / "out.jsonl", **opts)
+
+
+def test_generate_rows_with_text_put_it_in_the_prompt(rec, tmp_path, monkeypatch):
+    """A row's `text` is the user's request: with a history (or a known user) both reach the prompt (the need
+    template); alone, it is a new user's request; a non-string text is a reject."""
+    hist = [rec.catalog.item_ids[j] for j in rec.data.sequences[0][:3]]
+    rows = [
+        {"user": rec.data.users[1], "text": "something for a long train ride"},
+        {"history": hist, "text": "a present for my sister"},
+        {"text": "board games for four players"},
+        {"history": hist, "text": 5},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sent: list = []
+    encode = rec.engine.encode_many
+    monkeypatch.setattr(rec.engine, "encode_many", lambda msgs: sent.extend(msgs) or encode(msgs))
+    summary = generate(rec, tmp_path / "in.jsonl", tmp_path / "out.jsonl", n_items=3, progress=False)
+    assert summary["rows"] == 3 and summary["reject_kinds"] == {"text not a string": 1}
+    prompts = ["\n".join(m["content"] for m in msgs) for msgs in sent]
+    for text in (
+        "something for a long train ride",
+        "a present for my sister",
+        "board games for four players",
+    ):
+        assert any(text in p for p in prompts)
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in out] == [1, 2, 3]

@@ -97,7 +97,7 @@ def test_history_forms_agree(client, rec):
     hist = history_of(rec)
     by_ids = client.chat.completions.create(
         model="tiny-run",
-        messages=[{"role": "user", "content": "recommend"}],
+        messages=[{"role": "user", "content": ""}],  # no text beside the history: the history alone
         extra_body={"history": [rec.catalog.item_ids[i] for i in hist], "n_items": 5, "candidates": "all"},
     )
     by_sid = client.chat.completions.create(
@@ -184,11 +184,51 @@ def test_client_errors_are_400(client, kwargs, match):
         client.chat.completions.create(**body)
 
 
-def test_free_text_needs_text_embeddings(client):
-    with pytest.raises(openai.BadRequestError, match="text item embeddings"):
-        client.chat.completions.create(
-            model="tiny-run", messages=[{"role": "user", "content": "something cosy to read"}]
-        )
+def prompts_sent(rec, monkeypatch) -> list:
+    """The chat messages of every prompt the engine tokenizes from now on."""
+    sent: list = []
+    encode = rec.engine.encode_many
+
+    def record(messages):
+        sent.extend(messages)
+        return encode(messages)
+
+    monkeypatch.setattr(rec.engine, "encode_many", record)
+    return sent
+
+
+def test_free_text_alone_is_ranked_by_the_model(client, rec, monkeypatch):
+    """A new user's words go to the LM in the need template; without text embeddings (this run's are
+    collaborative) it ranks the whole catalogue."""
+    sent = prompts_sent(rec, monkeypatch)
+    resp = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "something cosy to read"}],
+        extra_body={"n_items": 4},
+    )
+    ids = [r["item_id"] for r in resp.model_extra["recommendations"]]
+    assert len(set(ids)) == 4 and all(i in rec.catalog.index for i in ids)
+    assert any("something cosy to read" in m["content"] for msgs in sent for m in msgs)
+
+
+def test_free_text_beside_a_history_reaches_the_prompt(client, rec, monkeypatch):
+    hist = [rec.catalog.item_ids[i] for i in history_of(rec)]
+    sent = prompts_sent(rec, monkeypatch)
+    with_text = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "a gift for a coffee lover"}],
+        extra_body={"history": hist, "n_items": 5, "candidates": "all"},
+    )
+    prompt = "\n".join(m["content"] for m in sent[-1])
+    assert "a gift for a coffee lover" in prompt
+    assert all(rec.ids.item_string(rec.catalog.index[h]) in prompt for h in hist)
+    alone = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": ""}],
+        extra_body={"history": hist, "n_items": 5, "candidates": "all"},
+    )
+    assert "a gift for a coffee lover" not in "\n".join(m["content"] for m in sent[-1])
+    assert with_text.usage.prompt_tokens > alone.usage.prompt_tokens
 
 
 def test_idle_keep_alive_connection_outlives_the_clients_expiry(server):

@@ -1,0 +1,206 @@
+"""Text in the loop: derived needs, the multi-task rows, held-out (cold) items, text-conditioned ranking."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from genrec.config import apply_overrides
+from genrec.data import Catalog, Interactions, cold_item_rows, history_windows, leave_one_out, without_items
+from genrec.data.loaders import load_unisrec
+from genrec.data.needs import derive_need, title_hint
+from genrec.data.synthetic import generate
+from genrec.evaluation import evaluate
+from genrec.ids import semantic_ids, with_cold_items
+from genrec.recommender import RankRequest, Recommender
+from genrec.task_rows import RowMaker, item_rows_items, picked
+from genrec.training import train
+from tests.conftest import make_run
+
+
+def test_a_derived_need_never_holds_its_items_whole_title():
+    catalog, _, _ = generate(400, 20, seed=3)
+    tricky = Catalog(
+        ["a", "b", "c", "d"],
+        ["Lumiere", "Skincare", "Two Words", ""],
+        ["", "", "", ""],
+        [{"brand": "Lumiere"}, {"category": "Skincare"}, {"genres": "Drama|Comedy"}, {}],
+    )
+    for cat in (catalog, tricky):
+        for item in range(len(cat)):
+            for user in ("u1", "u2", "u3"):
+                for words in (0, 2, 10):
+                    need = derive_need(cat, item, user=user, seed=7, title_words=words)
+                    title = cat.titles[item].strip().lower()
+                    assert need and (not title or title not in need.lower()), (need, title)
+    need = derive_need(catalog, 0, user="u", seed=1)
+    assert catalog.attributes[0]["category"].lower() in need
+    assert derive_need(catalog, 0, user="u", seed=1) == need  # deterministic
+
+
+def test_a_title_hint_is_always_shorter_than_the_title():
+    rng = np.random.default_rng(0)
+    for title in ["One", "Two Words", "Gorilla Original Gorilla Glue, Waterproof", "a b c"]:
+        for words in range(6):
+            hint = title_hint(title, words=words, rng=rng)
+            assert len(hint.split()) < max(len(title.split()), 1) or not hint
+
+
+def test_unisrec_text_gives_category_and_brand_attributes(tmp_path):
+    (tmp_path / "X.text").write_text(
+        "item_id:token\ttext:token_seq\n"
+        "A1\tGorilla Glue, 8 ounce. Industrial & Scientific Tapes Urethane Adhesives. Gorilla. \n"
+        "A2\tJust a title\n"
+    )
+    (tmp_path / "X.item2index").write_text("A1\t1\nA2\t2\n")
+    (tmp_path / "X.test.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\nu\t1\t2\n")
+    catalog, _, _ = load_unisrec(tmp_path)
+    assert catalog.attributes[0] == {
+        "category": "Industrial & Scientific Tapes Urethane Adhesives",
+        "brand": "Gorilla",
+    }
+    assert catalog.attributes[1] == {}
+    assert "urethane adhesives" in derive_need(catalog, 0, seed=0)
+
+
+def test_held_out_items_are_in_no_training_window_but_targets_stay_in_place(small_data):
+    cold = cold_item_rows(len(small_data.catalog), 0.2, seed=0)
+    assert cold == cold_item_rows(len(small_data.catalog), 0.2, seed=0) and len(cold) == round(
+        0.2 * len(small_data.catalog)
+    )
+    seen = without_items(small_data, cold)
+    for ex in history_windows(seen, window=4):
+        assert not set(ex.history) & set(cold) and ex.target not in cold
+    assert [ex.target for ex in leave_one_out(seen, "test")] == [
+        ex.target for ex in leave_one_out(small_data, "test")
+    ]
+    assert items_free_of(item_rows_items(len(small_data.catalog), 2.0, exclude=cold, seed=0), cold)
+
+
+def items_free_of(items, banned):
+    return not set(items) & set(banned)
+
+
+def test_picked_gives_whole_multiples_then_a_drawn_rest():
+    rng = np.random.default_rng(0)
+    out = picked(10, 2.5, rng)
+    assert len(out) == 25 and all(out.count(i) in (2, 3) for i in range(10))
+    assert picked(10, 0.0, rng) == [] and picked(0, 1.0, rng) == []
+
+
+def test_held_out_items_get_codes_from_the_codebooks_of_the_others():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(120, 8)).astype(np.float32)
+    cold = [3, 50, 99]
+    warm = [i for i in range(120) if i not in cold]
+    fitted = semantic_ids(emb[warm], levels=2, codes=4, collision_headroom=4, seed=0)
+    ids = with_cold_items(fitted, emb, warm, cold)
+    assert len(ids) == 120 and len({tuple(r) for r in ids.codes.tolist()}) == 120  # unique IDs
+    np.testing.assert_array_equal(ids.codes[warm], fitted.codes)
+    for row in cold:  # nearest first-level code, as a new item would get
+        assert ids.codes[row, 0] == int(np.argmin(((fitted.codebooks[0] - emb[row]) ** 2).sum(1)))
+
+
+def test_text_rows_label_the_title_and_the_end_of_turn_only(tiny_lm):
+    _, tok, _ = tiny_lm
+    maker = RowMaker(tok)
+    prompt = [{"role": "user", "content": "Item ID: <a_1><b_2> Its title?"}]
+    row = maker.text_row(prompt, "the cat sat")
+    labelled = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
+    assert tok.decode(labelled[:-1]) == "the cat sat" and labelled[-1] == tok.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
+    answer = tok.convert_tokens_to_ids(["<a_1>", "<b_2>"])
+    id_row = maker.id_row(prompt, "<a_1><b_2>", answer)
+    assert [lab for lab in id_row["labels"] if lab != -100] == answer
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A tiny atomic-ID run with items held out and every text task mixed in (text embeddings: MiniLM)."""
+    run, cfg = make_run(
+        tmp_path_factory.mktemp("text"),
+        "text",
+        [
+            "ids.embedding=text",
+            "ids.scheme=atomic",
+            "data.cold_items=0.15",
+            "train.need_rows=0.5",
+            "train.item_text_rows=0.5",
+            "train.title_rows=0.5",
+            "train.max_steps=12",
+            "eval.baselines=[popularity,retriever,markov]",
+        ],
+    )
+    return run, cfg
+
+
+def test_no_held_out_item_in_any_training_row(text_run, monkeypatch):
+    from datasets import Dataset
+
+    run, cfg = text_run
+    rows: list[dict] = []
+    original = Dataset.from_list
+
+    def record(items, *a, **kw):
+        rows.extend(items)
+        return original(items, *a, **kw)
+
+    monkeypatch.setattr(Dataset, "from_list", staticmethod(record))
+    summary = train(run, cfg)
+    assert summary["steps"] == 12
+    meta = run.meta()["multitask"]
+    assert meta["need"] > 0 and meta["item_id"] > 0 and meta["id_title"] > 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.merged_dir)
+    ids = run.load_ids()
+    cold_tokens = set(tok.convert_tokens_to_ids([ids.item_string(i) for i in run.cold_items()]))
+    assert cold_tokens and all(not cold_tokens & set(r["input_ids"]) for r in rows)
+    warm_tokens = set(tok.convert_tokens_to_ids([ids.item_string(i) for i in range(len(ids))])) - cold_tokens
+    assert any(warm_tokens & set(r["input_ids"]) for r in rows)
+
+
+def test_cold_and_need_protocols_report_what_they_compare(text_run):
+    run, cfg = text_run
+    if not run.merged_dir.is_dir():
+        train(run, cfg)
+    rec = Recommender.load(run, device="cpu")
+    cold = evaluate(run, apply_overrides(cfg, ["eval.protocol=cold"]), rec=rec, progress=False)
+    cold_rows = set(run.cold_items())
+    assert cold["users"] == sum(s[-1] in cold_rows for s in rec.data.sequences)
+    assert set(cold["results"]) == {"genrec", "popularity", "retriever"}
+    assert set(cold["not_comparable"]) == {"markov"}
+    assert cold["results"]["popularity"]["recall@10"] == 0.0  # held-out items have no interactions
+    assert (run / "eval_test_cold.json").is_file() and (run / "report_test_cold.md").is_file()
+    need = evaluate(run, apply_overrides(cfg, ["eval.protocol=need"]), rec=rec, progress=False)
+    assert {"genrec", "genrec_history_alone", "retriever_need"} <= set(need["results"])
+    assert "genrec_history_alone" in need["genrec_vs"] and need["template"] == "need"
+    saved = json.loads((run / "eval_test_need.json").read_text())
+    assert saved["eval_protocol"] == "need"
+
+
+def test_free_text_beside_a_history_reaches_the_prompt_and_retrieves_candidates(text_run):
+    run, cfg = text_run
+    if not run.merged_dir.is_dir():
+        train(run, cfg)
+    rec = Recommender.load(run, device="cpu")
+    hist = rec.user_history(rec.data.users[0])[-3:]
+    need = "looking for something like: " + " ".join(rec.catalog.titles[0].split()[:2])
+    with_text = RankRequest(list(hist), n_items=5, n_candidates=10, query=need)
+    alone = RankRequest(list(hist), n_items=5, n_candidates=10)
+    prepared = rec.prepare([with_text, alone])
+    assert need in with_text.messages[-1]["content"] and need not in alone.messages[-1]["content"]
+    text_only = set(rec.text_retrieved_many([need], n=[10], exclude=[hist])[0])
+    assert text_only <= set(prepared.retrieved[0]) and set(prepared.retrieved[1]) <= set(
+        prepared.retrieved[0]
+    )
+    recs = rec.recommend_text(need, n_items=5)
+    assert len(recs) == 5 and len({r.item for r in recs}) == 5
+
+
+def test_without_items_leaves_data_alone_when_nothing_is_held_out(small_data):
+    assert without_items(small_data, []) is small_data
+    assert isinstance(without_items(small_data, [0]), Interactions)
