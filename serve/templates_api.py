@@ -18,7 +18,13 @@ from typing import Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from genrec.prompt_store import TemplateChecker, TemplateNotFound, TemplateVersion, VersionConflict
+from genrec.prompt_store import (
+    TemplateChecker,
+    TemplateNotFound,
+    TemplateVersion,
+    VersionConflict,
+    check_name,
+)
 from genrec.prompts import TemplateProblem, parse_template
 from serve.protocol import (
     APIError,
@@ -77,6 +83,10 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
                 403, "this API key may not edit templates", type="permission_error", code="not_admin"
             )
         return admin_keys[key]
+
+    def valid(name: str) -> str:
+        """The name from the URL, checked before anything reads or locks with it."""
+        return read(lambda: check_name(name))  # type: ignore[no-any-return]
 
     def base_version(name: str, if_match: str | None, body_version: int | None) -> int | None:
         """The version an edit is based on: from If-Match (an ETag we issued) or the body."""
@@ -170,6 +180,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
         name: str, body: TemplateSaveRequest, request: Request, if_match: str | None = Header(None)
     ) -> JSONResponse:
         author = admin(request)
+        valid(name)
         exists = read(lambda: store.exists(name))
         base = base_version(name, if_match, body.base_version)
         if exists and base is None:
@@ -196,6 +207,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
         name: str, body: TemplateActivateRequest, request: Request, if_match: str | None = Header(None)
     ) -> JSONResponse:
         author = admin(request)
+        valid(name)
         base = base_version(name, if_match, None) if if_match else None
         v = await write(lambda: store.activate(name, body.version, by=author, base_version=base))
         return with_etag(info(v), v)
@@ -203,6 +215,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
     @router.post("/v1/templates/{name}/rollback")
     async def rollback(name: str, request: Request, if_match: str | None = Header(None)) -> JSONResponse:
         author = admin(request)
+        valid(name)
         base = base_version(name, if_match, None) if if_match else None
         v = await write(lambda: store.rollback(name, by=author, base_version=base))
         return with_etag(info(v), v)
