@@ -49,6 +49,53 @@ HOSTILE = {
     "wordwrap_filter": "{{ 'x' | wordwrap(10) }}",
     "output_flood": "{% for i in range(10000) %}{{ 'x' * 1000 }}{% endfor %}",
 }
+BIG_LIST = "(['x' * 60000] * 60000)"
+"""60,000 references to one 60,000-character string: small in memory and in length, 3.6 GB written out."""
+RESOURCE_BOMBS = {
+    # widths and precisions taken from the arguments, not written in the format string
+    "percent_star_width": "{{ ('%*s' % (600000000, 'a')) | length }}",
+    "percent_star_precision": "{{ '%.*f' % (600000000, 1.5) }}",
+    "percent_many_fields": "{{ ('%s' * 30000) % ((('y' * 60000),) * 30000) }}",
+    "format_nested_width": "{{ '{:{}}'.format('a', 600000000) }}",
+    "format_map_width": "{{ '{a:>999999999}'.format_map({'a': 1}) }}",
+    "format_repeated_field": "{{ ('{0}' * 30000).format('y' * 60000) }}",
+    # a list repeated, then joined, concatenated or serialised
+    "list_join_filter": "{{ " + BIG_LIST + " | join }}",
+    "list_join_method": "{{ ''.join(" + BIG_LIST + ") }}",
+    "list_tilde": "{{ " + BIG_LIST + " ~ 'a' }}",
+    "list_tojson": "{{ " + BIG_LIST + " | tojson }}",
+    "list_string": "{{ " + BIG_LIST + " | string | length }}",
+    "list_output": "{{ " + BIG_LIST + " }}",
+    "list_percent": "{{ '%s' % (" + BIG_LIST + ",) }}",
+    "list_format": "{{ '{}'.format(" + BIG_LIST + ") }}",
+    "list_upper": "{{ " + BIG_LIST + " | upper }}",
+    "list_plus_doubling": (
+        "{% set ns = namespace(l=['x' * 60000]) %}{% for i in range(20) %}{% set ns.l = ns.l + ns.l %}"
+        "{% endfor %}{{ ns.l | length }}"
+    ),
+    "list_sum": "{{ ([['x'] * 60000] * 60000) | sum(start=[]) | length }}",
+    "namespace_output": "{% set ns = namespace(a='x' * 60000, b='y' * 60000) %}{{ ns }}",
+    # integer powers and products in a loop
+    "int_square_loop": (
+        "{% set ns = namespace(x=7) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 0 }}"
+    ),
+    "int_pow_loop": (
+        "{% set ns = namespace(x=7) %}{% for i in range(40) %}{% set ns.x = ns.x ** 2 %}{% endfor %}{{ ns.x > 0 }}"
+    ),
+    # output kept in inner buffers, which the output cap of the top level does not see
+    "macro_buffer": "{% macro m() %}{% for i in range(10000) %}{{ 'x' * 60000 }}{% endfor %}{% endmacro %}{{ m() | length }}",
+    "set_block": "{% set x %}{% for i in range(10000) %}{{ 'x' * 60000 }}{% endfor %}{% endset %}{{ x | length }}",
+    "filter_block": "{% filter length %}{% for i in range(10000) %}{{ 'x' * 60000 }}{% endfor %}{% endfilter %}",
+    # front matter: a billion laughs in YAML, and values of the wrong type
+    "yaml_aliases": "---\na: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n"
+    + "".join(f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    + "---\nx",
+    "front_variables_int": "---\nvariables: 5\n---\nx",
+    "front_variables_nested": "---\nvariables: [[history]]\n---\nx",
+    "front_system_list": "---\nsystem: [a, b]\n---\nx",
+    "front_system_mapping": "---\nsystem: {a: 1}\n---\nx",
+}
+HOSTILE.update(RESOURCE_BOMBS)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +112,27 @@ def test_hostile_template_is_refused_quickly(small_data, ids, name):
         PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
     assert time.monotonic() - start < 5.0, f"{name} was not stopped in time"
     assert f"{name}.jinja" in str(err.value)  # names the file
+
+
+@pytest.mark.parametrize("name", sorted(RESOURCE_BOMBS))
+def test_resource_bombs_are_refused_before_they_allocate(small_data, ids, name):
+    """Each family the outside probe found (issue 29) is refused within 1 s having allocated under 64 MiB:
+    the checks run before the allocation, not after it."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(TemplateProblem) as err:
+            t = parse_template(RESOURCE_BOMBS[name], source=f"{name}.jinja")
+            PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
+        took = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took < 1.0, f"{name} took {took:.2f} s"
+    assert peak < 64 * 2**20, f"{name} allocated {peak / 2**20:.0f} MiB before it was refused"
+    assert err.value.line is not None, str(err.value)  # located in the file
 
 
 def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_data, ids):
