@@ -148,6 +148,8 @@ class PromptTemplate:
             return self._env.from_string(text)
         except TemplateSyntaxError as e:
             raise self._problem(e.message or str(e), e.lineno, in_system=first_line is None) from None
+        except RecursionError:  # thousands of nested brackets: Jinja's parser recurses
+            raise self._problem("nested too deeply to compile", None, in_system=first_line is None) from None
 
     @property
     def hash(self) -> str:

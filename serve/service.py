@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily
 from genrec.errors import GenrecError
 from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
+from genrec.prompt_worker import shared_worker
 from genrec.prompts import PromptTemplate, TemplateProblem
 from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems, history_requests
 from serve.protocol import APIError, RecommendationOptions, RecommendedItem
@@ -306,16 +307,22 @@ class RecService:
         *,
         version: int | None = None,
         draft: PromptTemplate | None = None,
+        isolated: bool = False,
     ) -> None:
         """Render the prompt now: with a saved version (default: the one active at admission) or an
-        unsaved `draft`. A request in flight keeps its prompt when another version is activated."""
+        unsaved `draft`. A request in flight keeps its prompt when another version is activated.
+        `isolated`: in the render worker process (genrec.prompt_worker), for templates not checked yet."""
         try:
             if draft is None:
                 q.template = self.rec.pin_template(template, version)
                 builder = self.rec.builder_for(q.template.name, q.template.version)
             else:
                 builder = self.rec.builder_with(draft)
-            q.messages = builder.messages(q.history, q.user)
+            if isolated:
+                variables = builder.variables(q.history, q.user)
+                q.messages = shared_worker().render(builder.template, [variables])[0]
+            else:
+                q.messages = builder.messages(q.history, q.user)
         except TemplateNotFound as e:
             raise APIError(400, str(e), param="template", code="template_not_found") from None
         except TemplateProblem as e:

@@ -210,3 +210,50 @@ def test_time_limit_leaves_out_garbage_collection():
     t = env.from_string("{{ collect() }}{% for i in range(300) %}{{ i }}{% endfor %}")
     assert env.render_bounded(lambda: t.generate()).endswith("299")
     del heap
+
+
+# -- the render worker: the backstop for whatever the sandbox's checks miss ------------------------
+@pytest.fixture(scope="module")
+def worker():
+    from genrec.prompt_worker import IsolationLimits, RenderWorker
+
+    w = RenderWorker(IsolationLimits(seconds_per_render=1.0, memory_mb=64))
+    yield w
+    w.close()
+
+
+VARS = {"history": [], "user": "u", "max_history": 5, "title_words": 2, "n_history_total": 0}
+
+
+def test_render_worker_renders_like_the_process_and_names_the_failing_set(worker):
+    t = parse_template("---\nsystem: be brief\n---\nhi {{ user }}", source="w.jinja")
+    assert worker.render(t, [VARS, {**VARS, "user": "v"}]) == [
+        t.render(VARS),
+        t.render({**VARS, "user": "v"}),
+    ]
+    bad = parse_template("{{ history[0].title }}", source="bad.jinja")
+    with pytest.raises(TemplateProblem, match="bad.jinja: line 1") as err:
+        worker.render(bad, [{**VARS, "history": [{"title": "a"}]}, VARS])
+    assert err.value.index == 1
+
+
+def test_render_worker_stops_a_render_past_its_memory_or_time(worker):
+    """With the sandbox's own size and CPU limits switched off, the worker still holds: an allocation past
+    its 64 MiB fails there (MemoryError, reported), and a render past its wall-clock limit is killed."""
+    import os
+
+    huge = parse_template(
+        "{{ ('x' * 10 ** 9) | length }}", source="m.jinja", limits=RenderLimits(max_chars=10**10)
+    )
+    with pytest.raises(TemplateProblem, match="needs more than 64 MiB"):
+        worker.render(huge, [VARS])
+    spin = parse_template(
+        HOSTILE["nested_loops"], source="t.jinja", limits=RenderLimits(max_seconds=1000, max_range=10**9)
+    )
+    pid, kills, start = worker._proc.pid, worker.kills, time.monotonic()
+    with pytest.raises(TemplateProblem, match="longer than 1 s and was stopped"):
+        worker.render(spin, [VARS])
+    assert time.monotonic() - start < 3.0 and worker.kills == kills + 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone
+    assert worker.render(parse_template("ok"), [VARS]) == [[{"role": "user", "content": "ok"}]]  # a new one
