@@ -474,3 +474,27 @@ def test_prompts_validate_names_a_front_matter_type_error_as_file_line_col(tmp_p
     result = CliRunner().invoke(app, ["prompts", "validate", "--run", str(run_copy.path), "--file", str(bad)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # exit 1, no traceback
     assert f"{bad}:3:12: error: front-matter 'variables' must be a list" in result.output
+
+
+def test_schemathesis_probe_over_every_route_with_and_without_keys_finds_no_5xx(trained_run, tmp_path):
+    """bench.api_probe with a few cases per route, per key (none, reader, admin) and per generation mode
+    (valid and schema-violating inputs), against a scratch copy of the run: no 5xx anywhere."""
+    from bench.api_probe import ADMIN as PROBE_ADMIN
+    from bench.api_probe import READER as PROBE_READER
+    from bench.api_probe import probe
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0].path, run)
+    rec = Recommender.load(RunDir(run), device="cpu")
+    app = create_app(
+        RecService(rec, model_name="tiny-run"), api_keys=[PROBE_READER], admin_keys={PROBE_ADMIN: "probe"}
+    )
+    with LiveServer(app) as s:
+        out = probe(
+            s.url,
+            app.openapi(),
+            auths={"none": None, "reader": PROBE_READER, "admin": PROBE_ADMIN},
+            examples=3,
+        )
+    assert out["cases"] > 100 and out["5xx"] == 0, out["failures"]
+    assert {"401", "400", "200"} <= set(out["statuses"])
