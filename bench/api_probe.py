@@ -30,12 +30,15 @@ def probe(
     import requests
     import schemathesis
     from schemathesis import GenerationMode
+    from schemathesis.core.result import Err
 
     loaded = schemathesis.openapi.from_dict(schema)
     statuses: collections.Counter[str] = collections.Counter()
     failures: list[dict[str, Any]] = []
     session = requests.Session()
     for result in loaded.get_all_operations():
+        if isinstance(result, Err):
+            raise ValueError(f"the app's OpenAPI schema has an invalid operation: {result.err()}")
         op = result.ok()
         for auth_name, key in auths.items():
             headers = {"Authorization": f"Bearer {key}"} if key else {}
