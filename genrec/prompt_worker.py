@@ -10,7 +10,8 @@ validate`) run here instead, where two limits hold whatever the sandbox missed:
 - time: the parent waits `seconds_per_render` per render, then kills the worker (SIGKILL) and starts a new
   one for the next call; a C-level operation that ignores the sandbox's CPU budget still ends.
 
-The worker is `python -m genrec.prompt_worker`, started on first use and reused. Tasks go to it pickled
+The worker is `python -m genrec.prompt_worker`, started on first use and reused, with a spare started
+beside it that takes over at once when it is killed. Tasks go to it pickled
 (the parent trusts itself); answers come back as JSON (the parent does not trust what a template made).
 Knows templates (genrec.prompts), not runs or servers.
 """
@@ -52,6 +53,8 @@ class RenderWorker:
     def __init__(self, limits: IsolationLimits | None = None) -> None:
         self.limits = limits or IsolationLimits()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._spare: subprocess.Popen[bytes] | None = None
+        """A worker started ahead, to replace one that is killed."""
         self._handshaken = False
         self._lock = threading.Lock()
         self.kills = 0
@@ -98,16 +101,23 @@ class RenderWorker:
         return proc
 
     def _spawn(self) -> None:
+        """Make the spare the worker (it started earlier, so it is ready or nearly) and start a new spare:
+        after a worker is killed, the next render does not wait for a process to start and import."""
+        spare = self._spare if self._spare is not None and self._spare.poll() is None else None
+        self._proc = spare or self._launch()
+        self._spare = self._launch()
+        self._handshaken = False
+
+    def _launch(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parent.parent)  # the same genrec as this process
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "genrec.prompt_worker", str(self.limits.memory_mb)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
         )
-        self._handshaken = False
 
     def _receive(self, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
         """The worker's next answer, or None when it overran `timeout` (it is then killed)."""
@@ -132,17 +142,23 @@ class RenderWorker:
         return answer
 
     def _stop(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            for stream in (self._proc.stdin, self._proc.stdout):
-                if stream is not None:
-                    stream.close()
-            self._proc = None
+        _kill(self._proc)
+        self._proc = None
 
     def close(self) -> None:
         with self._lock:
             self._stop()
+            _kill(self._spare)
+            self._spare = None
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
 
 
 _shared: RenderWorker | None = None
