@@ -132,7 +132,7 @@ def create_app(
                     code="invalid_api_key",
                 )
             )
-            service.metrics.requests.labels(path, "401").inc()
+            service.metrics.requests.labels("unauthenticated", "401").inc()  # before routing: no route yet
             return response
         try:
             response = await call_next(request)
@@ -142,8 +142,10 @@ def create_app(
             logger.exception("unhandled error on %s", path)
             response = error(APIError(500, "internal error", type="server_error"))
         if path.startswith(prefixes):
-            service.metrics.requests.labels(path, str(response.status_code)).inc()
-            service.metrics.latency.labels(path).observe(time.perf_counter() - started)
+            # labelled by route, not by the path a client sent: one series per route, however many names
+            endpoint = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
     def check_model(model: str, n: int) -> None:

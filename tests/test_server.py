@@ -510,3 +510,15 @@ def test_stalled_bodies_and_headers_are_cut_off(strict_server):
     )
     assert got.startswith(b"HTTP/1.1 400")
     assert httpx.get(strict_server.url + "/health").status_code == 200
+
+
+def test_metrics_are_labelled_by_route_not_by_the_path_sent(server):
+    """A client sending many distinct paths must not grow one Prometheus series per path."""
+    for k in range(3):
+        httpx.get(server.url + f"/v1/templates/probe-name-{k}", headers=AUTH)
+        httpx.get(server.url + f"/v1/no-such-route-{k}", headers=AUTH)
+        httpx.get(server.url + f"/v1/unauthenticated-{k}")
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
+    assert 'endpoint="/v1/templates/{name}"' in text and 'endpoint="unmatched"' in text
+    assert 'endpoint="unauthenticated"' in text
+    assert "probe-name" not in text and "no-such-route" not in text and "unauthenticated-" not in text

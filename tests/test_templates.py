@@ -420,7 +420,8 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 def test_hostile_template_corpus_over_http_is_refused_quickly_while_the_server_answers(api):
     """Every hostile template of tests/test_sandbox.py, previewed and saved over HTTP: each refused (422)
-    within 2 s of wall time on this loaded 2-core machine (a render's own limit is 1 s), the server process
+    within 3 s of wall time on a loaded 2-core machine (a render's own limit is 1 s, enforced by the worker
+    and tested in tests/test_sandbox.py; the rest is HTTP, the preview's own work and CPU contention), the server process
     grows by under 64 MiB, and /health answers in well under a second while they run."""
     import os
 
@@ -448,7 +449,7 @@ def test_hostile_template_corpus_over_http_is_refused_quickly_while_the_server_a
             r = c.post("/v1/templates/default/preview", json={"text": text, "n_items": 0})
             took = time.monotonic() - t
             assert r.status_code == 422, (name, r.text)
-            assert took < 2.0, f"{name}: {took:.2f} s"
+            assert took < 3.0, f"{name}: {took:.2f} s"
             worker = shared_worker()
             if worker._proc is not None and worker._proc.poll() is None:  # peak RSS since it started
                 grew = _rss_kib(worker._proc.pid, "VmHWM") - worker.started_rss_kib
