@@ -5,7 +5,9 @@ streamed, never loaded whole): `user` and/or `history` (item ids, ID strings or 
 Output: one row per accepted input row with the ranked items, the template hash and the model. Work is
 committed chunk by chunk: each chunk's rows and rejects are written to `<output>.parts/` by temp file +
 rename, then recorded in `manifest.json` (also atomic). `resume=True` skips committed chunks, so a job
-killed at any point (even `kill -9`) ends with exactly one row per input row. Bad rows go to
+killed at any point (even `kill -9`) ends with exactly one row per input row. One job per output at a time:
+`<output>.lock` (flock) refuses a second job, resumed or not, naming the running one. Commits are fsynced
+(file and folder); an output that cannot be written is a GenrecError naming it. Bad rows go to
 `<output stem>.rejects.jsonl` with line, kind and reason; the summary counts them by kind.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import fcntl
 import gzip
 import hashlib
 import io
@@ -22,7 +25,9 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,7 @@ from genrec.data.loaders import (
 )
 from genrec.errors import GenrecError, stopped_by
 from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender, UnknownItems
-from genrec.run import atomic_write_text
+from genrec.run import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +363,10 @@ class Manifest:
         return int(self.data["chunks"][-1]["last_line"]) if self.data["chunks"] else 0
 
     def commit(self, index: int, rows: list[dict[str, Any]], rejects: list[Reject], last_line: int) -> None:
+        with writing(self.folder):
+            self._commit(index, rows, rejects, last_line)
+
+    def _commit(self, index: int, rows: list[dict[str, Any]], rejects: list[Reject], last_line: int) -> None:
         base = self.folder / f"part-{index:06d}"
         atomic_write_text(base.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(
@@ -465,76 +474,81 @@ def generate(
     k, n = shard
     if not (n >= 1 and 0 <= k < n):
         raise GenrecError(f"--shard {k}/{n}: expected i/n with 0 <= i < n")
-    parts = output.with_name(output.name + ".parts")
-    if not resume and (parts.exists() or output.exists()):
-        raise GenrecError(
-            f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
-        )
-    stamp, files = scan_input(input_path, progress=progress)
-    parts.mkdir(parents=True, exist_ok=True)
-    pinned = rec.pin_template(None)
-    if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
-        started = json.loads((parts / "manifest.json").read_text())["settings"]
-        pinned = rec.templates.version(
-            started.get("template", pinned.name), started.get("template_version", 1)
-        )
-    settings = {
-        "input": str(input_path.resolve()),
-        **stamp,
-        "shard": f"{k}/{n}",
-        "n_items": n_items,
-        "mode": mode,
-        "n_candidates": n_candidates,
-        "chunk_size": chunk_size,
-        "template": pinned.name,
-        "template_version": pinned.version,
-        "template_hash": pinned.hash,
-    }
-    manifest = Manifest(parts, settings)
-    model_id = str(rec.run.path.name)
-    if not manifest.data["done"]:
-        try:
-            _run_chunks(
-                rec,
-                manifest,
-                input_path,
-                shard,
-                files=files,
-                chunk_size=chunk_size,
-                batch_size=batch_size,
-                progress=progress,
-                workers=workers,
-                row_fields={"template_hash": pinned.hash, "model": model_id},
-                options={
-                    "n_items": n_items,
-                    "mode": mode,
-                    "n_candidates": n_candidates,
-                    "template": pinned.name,
-                    "template_version": pinned.version,
-                    "need_template": rec.need_template,
-                },
+    with output_lock(output):  # before anything is read or written: one job per output
+        parts = output.with_name(output.name + ".parts")
+        if not resume and (parts.exists() or output.exists()):
+            raise GenrecError(
+                f"{output} or {parts} exists from an earlier run: pass --resume to continue, or remove them"
             )
-        except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), an engine error, an unreadable row
-            _log_stopped(manifest, parts, e)
-            raise
-        _finalize(manifest, output)
-    chunks = manifest.data["chunks"]
-    summary = {
-        "rows": sum(c["rows"] for c in chunks),
-        "rejects": sum(c["rejects"] for c in chunks),
-        "reject_kinds": reject_counts(chunks),
-        "chunks": len(chunks),
-        "output": str(output),
-        "rejects_file": str(rejects_path(output)),
-    }
-    logger.info(
-        "generate: %d rows, %d rejects%s -> %s",
-        summary["rows"],
-        summary["rejects"],
-        describe_rejects(summary["reject_kinds"]),
-        output,
-    )
-    return summary
+        stamp, files = scan_input(input_path, progress=progress)
+        with writing(parts):
+            parts.mkdir(parents=True, exist_ok=True)
+        pinned = rec.pin_template(None)
+        if resume and (parts / "manifest.json").is_file():  # finish with the version the job started with
+            started = json.loads((parts / "manifest.json").read_text())["settings"]
+            pinned = rec.templates.version(
+                started.get("template", pinned.name), started.get("template_version", 1)
+            )
+        settings = {
+            "input": str(input_path.resolve()),
+            **stamp,
+            "shard": f"{k}/{n}",
+            "n_items": n_items,
+            "mode": mode,
+            "n_candidates": n_candidates,
+            "chunk_size": chunk_size,
+            "template": pinned.name,
+            "template_version": pinned.version,
+            "template_hash": pinned.hash,
+        }
+        manifest = Manifest(parts, settings)
+        model_id = str(rec.run.path.name)
+        if not manifest.data["done"]:
+            try:
+                _run_chunks(
+                    rec,
+                    manifest,
+                    input_path,
+                    shard,
+                    files=files,
+                    chunk_size=chunk_size,
+                    batch_size=batch_size,
+                    progress=progress,
+                    workers=workers,
+                    row_fields={"template_hash": pinned.hash, "model": model_id},
+                    options={
+                        "n_items": n_items,
+                        "mode": mode,
+                        "n_candidates": n_candidates,
+                        "template": pinned.name,
+                        "template_version": pinned.version,
+                        "need_template": rec.need_template,
+                    },
+                )
+            except (
+                BaseException
+            ) as e:  # Ctrl-C (the CLI exits quietly on it), an engine error, an unreadable row
+                _log_stopped(manifest, parts, e)
+                raise
+            with writing(output):
+                _finalize(manifest, output)
+        chunks = manifest.data["chunks"]
+        summary = {
+            "rows": sum(c["rows"] for c in chunks),
+            "rejects": sum(c["rejects"] for c in chunks),
+            "reject_kinds": reject_counts(chunks),
+            "chunks": len(chunks),
+            "output": str(output),
+            "rejects_file": str(rejects_path(output)),
+        }
+        logger.info(
+            "generate: %d rows, %d rejects%s -> %s",
+            summary["rows"],
+            summary["rejects"],
+            describe_rejects(summary["reject_kinds"]),
+            output,
+        )
+        return summary
 
 
 def _run_chunks(
@@ -708,31 +722,74 @@ def rejects_path(output: Path) -> Path:
 def _finalize(manifest: Manifest, output: Path) -> None:
     """Concatenate committed parts (streamed) into the output and the rejects file, then drop the parts."""
     parts = [manifest.folder / f"part-{c['index']:06d}" for c in manifest.data["chunks"]]
-    tmp = output.with_name(f".{output.name}.tmp")
     if output.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         schema = output_schema()
-        with pq.ParquetWriter(tmp, schema) as writer:  # no rows: an empty file with the same columns
-            for p in parts:
+        with atomic_file(output, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+            for p in parts:  # no rows: an empty file with the same columns
                 rows = [json.loads(x) for x in p.with_suffix(".jsonl").read_text().splitlines()]
                 if rows:
                     writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     else:
-        with open(tmp, "w") as out:
+        with atomic_file(output, "w") as out:
             for p in parts:
                 with open(p.with_suffix(".jsonl")) as f:
                     shutil.copyfileobj(f, out)
-    os.replace(tmp, output)
-    rtmp = rejects_path(output).with_name(f".{rejects_path(output).name}.tmp")
-    with open(rtmp, "w") as out:
+    with atomic_file(rejects_path(output), "w") as out:
         for p in parts:
             with open(p.with_suffix(".rejects.jsonl")) as f:
                 shutil.copyfileobj(f, out)
-    os.replace(rtmp, rejects_path(output))
     manifest.data["done"] = True
     atomic_write_text(manifest.path, json.dumps(manifest.data, indent=1))
     for p in parts:
         p.with_suffix(".jsonl").unlink(missing_ok=True)
         p.with_suffix(".rejects.jsonl").unlink(missing_ok=True)
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file of a job writing `output`: `<output>.lock`, beside `<output>.parts`."""
+    return output.with_name(output.name + ".lock")
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold `output` for this job: one job at a time per output, resumed or not. A second one is refused
+    at once, naming the running job (its pid and start time, which the holder writes into the lock file).
+    The lock is the kernel's (flock): it goes with the process, so a killed job never leaves a stale one."""
+    path = lock_path(output)
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise GenrecError(
+                f"{output} is being written by another genrec job ({holder}; lock {path}): wait for it to "
+                "finish, or stop it and pass --resume to go on from its committed chunks"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}, started {datetime.now(UTC).isoformat(timespec='seconds')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An output that cannot be written (read-only folder, full disk, missing parent) is a GenrecError
+    naming the file, not an OSError traceback; committed chunks stay for --resume."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, (BlockingIOError, InterruptedError)):
+            raise
+        where = e.filename or path
+        raise GenrecError(
+            f"cannot write {where}: {e.strerror or e}; chunks committed before this stay, "
+            "so the same command with --resume goes on once it can write there"
+        ) from e

@@ -29,11 +29,14 @@ from genrec.batch import (
     check_options,
     count_rows,
     describe_rejects,
+    output_lock,
     output_schema,
     rejects_path,
     scan_input,
+    writing,
 )
 from genrec.errors import GenrecError, stopped_by
+from genrec.run import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,69 +77,78 @@ def generate_ray(
 
     check_options(**options)  # here, not in each task
     output = Path(output_path)
-    shards_dir = output.with_name(output.name + ".shards")
-    if not resume and (shards_dir.exists() or output.exists()):
-        raise GenrecError(
-            f"{output} or {shards_dir} exists from an earlier run: pass --resume, or remove them"
-        )
-    if workers < 1:
-        raise GenrecError(f"--workers must be >= 1, got {workers}")
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_retries=2)(_shard_task)
-    outs = [shards_dir / f"shard-{k}-of-{workers}{output.suffix}" for k in range(workers)]
-    opts = {**options, "engine": engine, "device": device, "search": search}
-    try:
-        refs = [
-            task.remote(
-                str(Path(run).resolve()), str(Path(input_path).resolve()), str(o), (k, workers), dict(opts)
+    with output_lock(output):  # the driver holds the final output; each shard task holds its own
+        shards_dir = output.with_name(output.name + ".shards")
+        if not resume and (shards_dir.exists() or output.exists()):
+            raise GenrecError(
+                f"{output} or {shards_dir} exists from an earlier run: pass --resume, or remove them"
             )
-            for k, o in enumerate(outs)
-        ]
-        summaries = _wait_with_progress(
-            ray,
-            refs,
-            outs,
-            total=sum(n for _, n in scan_input(Path(input_path), digest=False)[1]),
-            progress=progress,
-        )
-    except BaseException as e:  # Ctrl-C on the driver (the CLI exits quietly on it), a task failed for good
-        why = stopped_by(e)
-        logger.warning(
-            "generate (ray) %s: %d input rows done; each shard keeps its committed chunks in %s, and the same "
-            "command with --resume goes on from there",
-            why,
-            sum(_committed(o) for o in outs),
-            shards_dir,
-        )
-        raise
-    finally:
+        if workers < 1:
+            raise GenrecError(f"--workers must be >= 1, got {workers}")
+        with writing(shards_dir):
+            shards_dir.mkdir(parents=True, exist_ok=True)
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
-    merge_shards(outs, output)
-    kinds: collections.Counter[str] = collections.Counter()
-    for s in summaries:
-        kinds.update(s["reject_kinds"])
-    summary = {
-        "rows": sum(s["rows"] for s in summaries),
-        "rejects": sum(s["rejects"] for s in summaries),
-        "reject_kinds": dict(kinds.most_common()),
-        "shards": workers,
-        "output": str(output),
-        "rejects_file": str(rejects_path(output)),
-    }
-    shutil.rmtree(shards_dir)
-    logger.info(
-        "generate (ray, %d workers): %d rows, %d rejects%s -> %s",
-        workers,
-        summary["rows"],
-        summary["rejects"],
-        describe_rejects(summary["reject_kinds"]),
-        output,
-    )
-    return summary
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_retries=2)(_shard_task)
+        outs = [shards_dir / f"shard-{k}-of-{workers}{output.suffix}" for k in range(workers)]
+        opts = {**options, "engine": engine, "device": device, "search": search}
+        try:
+            refs = [
+                task.remote(
+                    str(Path(run).resolve()),
+                    str(Path(input_path).resolve()),
+                    str(o),
+                    (k, workers),
+                    dict(opts),
+                )
+                for k, o in enumerate(outs)
+            ]
+            summaries = _wait_with_progress(
+                ray,
+                refs,
+                outs,
+                total=sum(n for _, n in scan_input(Path(input_path), digest=False)[1]),
+                progress=progress,
+            )
+        except (
+            BaseException
+        ) as e:  # Ctrl-C on the driver (the CLI exits quietly on it), a task failed for good
+            why = stopped_by(e)
+            logger.warning(
+                "generate (ray) %s: %d input rows done; each shard keeps its committed chunks in %s, and the same "
+                "command with --resume goes on from there",
+                why,
+                sum(_committed(o) for o in outs),
+                shards_dir,
+            )
+            raise
+        finally:
+            if started_here:
+                ray.shutdown()
+        with writing(output):
+            merge_shards(outs, output)
+        kinds: collections.Counter[str] = collections.Counter()
+        for s in summaries:
+            kinds.update(s["reject_kinds"])
+        summary = {
+            "rows": sum(s["rows"] for s in summaries),
+            "rejects": sum(s["rejects"] for s in summaries),
+            "reject_kinds": dict(kinds.most_common()),
+            "shards": workers,
+            "output": str(output),
+            "rejects_file": str(rejects_path(output)),
+        }
+        shutil.rmtree(shards_dir)
+        logger.info(
+            "generate (ray, %d workers): %d rows, %d rejects%s -> %s",
+            workers,
+            summary["rows"],
+            summary["rejects"],
+            describe_rejects(summary["reject_kinds"]),
+            output,
+        )
+        return summary
 
 
 def _committed(out: Path) -> int:
@@ -177,27 +189,23 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, str]]:
 
 def merge_shards(outs: list[Path], output: Path) -> None:
     """Merge shard outputs into one file: JSONL in input-line order (k-way merge), Parquet shard after
-    shard; rejects in line order."""
-    tmp = output.with_name(f".{output.name}.tmp")
+    shard; rejects in line order. Each file appears whole (atomic_file) or not at all."""
     if (
         output.suffix == ".parquet"
     ):  # streamed shard by shard (memory stays flat); the `line` column orders rows
         import pyarrow.parquet as pq
 
-        with pq.ParquetWriter(tmp, output_schema()) as writer:  # every shard wrote these columns
-            for o in outs:
+        with atomic_file(output, "wb") as out, pq.ParquetWriter(out, output_schema()) as writer:
+            for o in outs:  # every shard wrote these columns
                 if o.exists():
                     f = pq.ParquetFile(o)
                     for g in range(f.num_row_groups):
                         writer.write_table(f.read_row_group(g))
     else:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(output, "w", encoding="utf-8") as out:
             for _, line in heapq.merge(*(_jsonl_rows(o) for o in outs if o.exists())):
-                f.write(line if line.endswith("\n") else line + "\n")
+                out.write(line if line.endswith("\n") else line + "\n")
     rejects = [rejects_path(o) for o in outs]
-    rtmp = output.with_name(f".{output.stem}.rejects.tmp")
-    with open(rtmp, "w", encoding="utf-8") as f:
+    with atomic_file(rejects_path(output), "w", encoding="utf-8") as out:
         for _, line in heapq.merge(*(_jsonl_rows(r) for r in rejects if r.exists())):
-            f.write(line if line.endswith("\n") else line + "\n")
-    tmp.replace(output)
-    rtmp.replace(rejects_path(output))
+            out.write(line if line.endswith("\n") else line + "\n")

@@ -471,9 +471,27 @@ def serve(
             min=0,
         ),
     ] = 32,
+    max_body: Annotated[
+        int, typer.Option(help="Largest request body in bytes; larger ones get 413.", min=1)
+    ] = 1 << 20,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may take to arrive; then 408 (stalled uploads).")
+    ] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a connection may take to send its request headers; then it is closed."),
+    ] = 10.0,
+    public: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="`metrics` and/or `docs` (/docs, /redoc, /openapi.json): serve without an API key when "
+            "--api-key is set (by default they need one, like /v1). Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     the template API (/v1/templates) and the template editor page (/editor)."""
+    from serve.http import HTTPLimits
     from serve.main import ServeArgs
     from serve.main import serve as do_serve
     from serve.service import ServeLimits
@@ -498,6 +516,10 @@ def serve(
             model_name=model_name,
             search=search,
             limits=limits,
+            http=HTTPLimits(
+                max_body_bytes=max_body, body_timeout_s=body_timeout, header_timeout_s=header_timeout
+            ),
+            public=public or [],
         )
     )
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from genrec.data import Interactions
 from genrec.errors import GenrecError
+from genrec.prompt_worker import RenderWorker, shared_worker
 from genrec.prompts import _NAME, PROMPTS_DIR, PromptBuilder, PromptTemplate, TemplateProblem, parse_template
 from genrec.run import RunDir, atomic_write_text
 
@@ -365,13 +366,21 @@ class TemplateChecker:
     """Renders a template for sample users of a run: the `check` that saves and `validate` use.
 
     Samples span history lengths (shortest, longest and evenly in between) because most template
-    bugs are at the edges: an empty title, one item, a history longer than `max_history`.
+    bugs are at the edges: an empty title, one item, a history longer than `max_history`. The template
+    is not trusted yet, so it renders in a worker process with its own time and memory limits
+    (genrec.prompt_worker), never in the caller's.
     """
 
     def __init__(
-        self, data: Interactions, make_builder: Callable[[PromptTemplate], PromptBuilder], *, n: int = 16
+        self,
+        data: Interactions,
+        make_builder: Callable[[PromptTemplate], PromptBuilder],
+        *,
+        n: int = 16,
+        worker: RenderWorker | None = None,
     ) -> None:
         self.data, self.builder = data, make_builder
+        self.worker = worker
         by_length = sorted(range(len(data)), key=lambda u: (len(data.sequences[u]), u))
         picks = (
             {by_length[round(k * (len(by_length) - 1) / max(n - 1, 1))] for k in range(n)}
@@ -388,15 +397,16 @@ class TemplateChecker:
     def __call__(self, template: PromptTemplate) -> list[dict[str, Any]]:
         """Rendered messages per sample user; TemplateProblem (with the user named) on the first failure."""
         b = self.builder(template)
+        users = [self.data.users[u] for u in self.samples]
+        variables = [b.variables(self.data.sequences[u][:-1], self.data.users[u]) for u in self.samples]
+        try:
+            rendered = (self.worker or shared_worker()).render(template, variables)
+        except TemplateProblem as e:
+            index = getattr(e, "index", None)
+            who = f" (rendering for user {users[index]!r})" if index is not None else ""
+            raise TemplateProblem(f"{e}{who}", line=e.line, column=e.column) from None
         out = []
-        for u in self.samples:
-            user, history = self.data.users[u], self.data.sequences[u][:-1]
-            try:
-                messages = b.messages(history, user)
-            except TemplateProblem as e:
-                raise TemplateProblem(
-                    f"{e} (rendering for user {user!r})", line=e.line, column=e.column
-                ) from None
+        for user, messages in zip(users, rendered, strict=True):
             if not messages[-1]["content"].strip():
                 raise TemplateProblem(f"{template.source}: renders an empty user message for user {user!r}")
             out.append({"user": user, "messages": messages})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +41,9 @@ from genrec.sandbox import TEMPLATE_FILENAME, BoundedSandbox, RenderLimits, Temp
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 KNOWN_VARIABLES = {"history", "user", "max_history", "title_words", "n_history_total", "query", "item"}
-FRONT_KEYS = {"name", "description", "task", "variables", "system"}
+FRONT_TYPES = {"name": "text", "description": "text", "task": "text", "system": "text", "variables": "list"}
+"""What each front-matter key holds: `text` a scalar (or nothing), `list` a sequence of scalars."""
+FRONT_KEYS = set(FRONT_TYPES)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -146,6 +148,8 @@ class PromptTemplate:
             return self._env.from_string(text)
         except TemplateSyntaxError as e:
             raise self._problem(e.message or str(e), e.lineno, in_system=first_line is None) from None
+        except RecursionError:  # thousands of nested brackets: Jinja's parser recurses
+            raise self._problem("nested too deeply to compile", None, in_system=first_line is None) from None
 
     @property
     def hash(self) -> str:
@@ -182,6 +186,67 @@ def _template_line(e: Exception) -> int | None:
     return line
 
 
+class _FrontMatterLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a few hundred bytes of aliases expand to 10^8 nodes (a billion
+    laughs), and front matter has no use for them. Refused when the parser meets them, before anything
+    is expanded, so a document composes to a graph no bigger than its text."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(
+                problem="anchors and aliases ('&', '*') are not allowed in front matter",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _front_matter(front: str, *, source: str) -> dict[str, Any]:
+    """The front matter's keys, each checked for its type (FRONT_TYPES) where it is written; a problem
+    names the file's line and column (the header starts on line 2)."""
+
+    def problem(message: str, mark: Any) -> TemplateProblem:
+        line, col = (mark.line + 2, mark.column + 1) if mark is not None else (2, 1)
+        return TemplateProblem(f"{source}: line {line}, column {col}: {message}", line=line, column=col)
+
+    try:
+        root = yaml.compose(front, Loader=_FrontMatterLoader)
+    except yaml.YAMLError as e:
+        detail = getattr(e, "problem", None) or e
+        raise problem(f"front matter is not valid YAML: {detail}", getattr(e, "problem_mark", None)) from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise problem("front matter must be a mapping of keys to values", root.start_mark)
+    meta: dict[str, Any] = {}
+    for key_node, value_node in root.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if key not in FRONT_TYPES:
+            raise problem(
+                f"unknown front-matter key(s) {[key]}; known: {sorted(FRONT_KEYS)}", key_node.start_mark
+            )
+        if key in meta:
+            raise problem(f"front-matter key {key!r} is given twice", key_node.start_mark)
+        meta[key] = _front_value(key, value_node, problem)
+    return meta
+
+
+def _front_value(key: str, node: Any, problem: Callable[[str, Any], TemplateProblem]) -> Any:
+    def scalar(n: Any, what: str) -> str | None:
+        if not isinstance(n, yaml.ScalarNode):
+            kind = "a list" if isinstance(n, yaml.SequenceNode) else "a mapping"
+            raise problem(f"{what} must be text, not {kind}", n.start_mark)
+        return None if n.tag == "tag:yaml.org,2002:null" else str(n.value)
+
+    if FRONT_TYPES[key] == "text":
+        return scalar(node, f"front-matter {key!r}")
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        raise problem(f"front-matter {key!r} must be a list of names, e.g. [history, user]", node.start_mark)
+    return [scalar(item, f"each of {key!r}") or "" for item in node.value]
+
+
 def parse_template(
     text: str, *, source: str = "<string>", limits: RenderLimits | None = None
 ) -> PromptTemplate:
@@ -196,37 +261,15 @@ def parse_template(
             raise TemplateProblem(
                 f"{source}: line 1: front matter starts here but has no closing '---'", line=1, column=1
             ) from None
-        try:
-            meta = yaml.safe_load("\n".join(lines[1:end])) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line, col = (mark.line + 2, mark.column + 1) if mark else (2, 1)
-            raise TemplateProblem(
-                f"{source}: line {line}, column {col}: front matter is not valid YAML: "
-                f"{getattr(e, 'problem', None) or e}",
-                line=line,
-                column=col,
-            ) from None
-        if not isinstance(meta, dict):
-            raise TemplateProblem(f"{source}: line 2: front matter must be a mapping", line=2, column=1)
-        unknown = sorted(set(meta) - FRONT_KEYS)
-        if unknown:
-            line = next((i + 1 for i, ln in enumerate(lines[:end]) if ln.startswith(unknown[0])), 2)
-            raise TemplateProblem(
-                f"{source}: line {line}, column 1: unknown front-matter key(s) {unknown}; "
-                f"known: {sorted(FRONT_KEYS)}",
-                line=line,
-                column=1,
-            )
+        meta = _front_matter("\n".join(lines[1:end]), source=source)
         body, body_line = "\n".join(lines[end + 1 :]), end + 2
-    name = str(meta.get("name") or Path(source).stem)
     return PromptTemplate(
-        name=name,
+        name=meta.get("name") or Path(source).stem,
         body=body,
-        description=str(meta.get("description", "")),
+        description=meta.get("description") or "",
         system=meta.get("system"),
-        variables=list(meta.get("variables", [])),
-        task=str(meta.get("task", "next_item")),
+        variables=meta.get("variables", []),
+        task=meta.get("task") or "next_item",
         source=source,
         body_line=body_line,
         text=text,

@@ -8,11 +8,14 @@ run.json (provenance: template hash used in training, timings), eval.json, repor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -23,12 +26,44 @@ from genrec.ids import ItemIds
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    """Write via a temp file + rename so a crash never leaves a half-written file (see atomic_file)."""
+    with atomic_file(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w", **open_args: Any) -> Iterator[IO[Any]]:
+    """A file that appears at `path` whole or not at all: written to a temp file beside it, flushed to
+    disk (fsync), renamed over `path`, and the rename made durable (fsync of the folder), so a commit
+    survives a power loss. On any failure (a full disk, an error of the writer's own) the temp file is
+    removed and `path` keeps what it had."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames and new files in `folder` durable (where the file system allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not supported here (some platforms and network file systems)
+        return
+    try:
+        with contextlib.suppress(OSError):  # refused by some file systems; the rename itself is done
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RunDir:

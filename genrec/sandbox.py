@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import re
+import string
 import sys
 import threading
 import time
@@ -51,6 +52,8 @@ class RenderLimits:
     """Largest rendered prompt, and largest string or list a template may build on the way."""
     max_range: int = 10_000
     """Largest `range()` a template may ask for."""
+    max_int_bits: int = 65_536
+    """Largest integer a template may compute (bits): `*` and `**` are checked before they multiply."""
 
 
 class TemplateLimitExceeded(SecurityError):
@@ -72,16 +75,65 @@ SAFE_STR_METHODS = {
     "rjust", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip",
     "swapcase", "title", "upper", "zfill",
 }  # fmt: skip
-_WIDE_FORMAT = re.compile(r"\d{6,}")
-"""A format spec with a six-digit width or precision would allocate megabytes from a few bytes."""
+
+
+_FORMATTER = string.Formatter()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _size(value: Any) -> int:
     return len(value) if isinstance(value, (str, list, tuple, dict, set, frozenset)) else 0
 
 
+def weight(value: Any, budget: int) -> int:
+    """Characters `value` takes once written out (`str()`, `~`, `join`, `tojson`, `%s`), counted only until
+    past `budget`, so the count costs at most O(budget) whatever the value.
+
+    Length is not enough: `['x' * 60000] * 60000` is a list of 60,000 references to one string, small in
+    memory and in `length`, and 3.6 GB once serialised. Integers count their digits, so repeated squaring
+    is seen too."""
+    stack, total = [value], 0
+    while stack and total <= budget:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, bool) or v is None:
+            total += 5
+        elif isinstance(v, int):
+            total += v.bit_length() // 3 + 1
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 * len(v) + 2
+            if total <= budget:
+                stack.extend(v)
+        elif isinstance(v, dict):
+            total += 4 * len(v) + 2
+            if total <= budget:
+                stack.extend(v.keys())
+                stack.extend(v.values())
+        elif isinstance(v, Namespace):  # its repr shows its attributes
+            stack.append(v._Namespace__attrs)  # type: ignore[attr-defined]
+        else:
+            total += 32  # numbers, undefined, loop and macro objects: short reprs
+    return total
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])")
+"""One conversion of printf-style formatting: (mapping key, width, precision, type)."""
+
+
+SERIALISING_FILTERS = {
+    "capitalize", "e", "escape", "join", "lower", "replace", "string", "striptags", "sum", "title",
+    "tojson", "trim", "truncate", "upper", "wordcount",
+}  # fmt: skip
+"""Filters that write their input out as text (or, `sum`, concatenate its items): checked by weight first."""
+
+
 class _Codegen(CodeGenerator):
-    """Routes the `~` operator through the environment so that its result size is checked."""
+    """Routes `~` and the buffers of macros, `{% set %}` blocks and `{% filter %}` blocks through the
+    environment, so that their sizes are checked as they grow (the output cap sees only the top level)."""
 
     def visit_Concat(self, node: Concat, frame: Frame) -> None:
         self.write("environment.bounded_concat((")
@@ -89,6 +141,31 @@ class _Codegen(CodeGenerator):
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
+
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+
+class _BoundedBuffer(list[Any]):
+    """An inner output buffer that refuses to grow past `limit` characters."""
+
+    __slots__ = ("size",)
+    limit = 0
+
+    def append(self, item: Any) -> None:
+        self._grow(len(item) if isinstance(item, str) else 0)
+        super().append(item)
+
+    def extend(self, items: Any) -> None:
+        items = tuple(items)
+        self._grow(sum(len(x) for x in items if isinstance(x, str)))
+        super().extend(items)
+
+    def _grow(self, n: int) -> None:
+        self.size = getattr(self, "size", 0) + n
+        if self.size > self.limit:
+            raise TemplateLimitExceeded(f"a macro or block's output exceeds {self.limit} characters")
 
 
 class _BoundedNamespace(Namespace):
@@ -98,7 +175,7 @@ class _BoundedNamespace(Namespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         limit = type(self).limit  # Namespace hides its own attributes from getattr
-        if _size(value) > limit:
+        if _size(value) > limit or weight(value, limit) > limit:
             raise TemplateLimitExceeded(f"namespace value {name!r} exceeds {limit} items/characters")
         super().__setitem__(name, value)
 
@@ -108,13 +185,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%", "//"})
 
     def __init__(self, limits: RenderLimits | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(finalize=self._finalize_output, **kwargs)
         self.limits = limits or RenderLimits()
         self.filters = {name: self._guard(f) for name, f in self.filters.items() if name in SAFE_FILTERS}
         self.globals["range"] = self._range
         self.globals.pop("lipsum", None)  # generates text from integer arguments
         ns = type("namespace", (_BoundedNamespace,), {"limit": self.limits.max_chars})
         self.globals["namespace"] = ns
+        self._buffer_class = type("buffer", (_BoundedBuffer,), {"limit": self.limits.max_chars})
 
     # -- size checks ---------------------------------------------------------------------------
     def check_size(self, value: Any, what: str) -> Any:
@@ -122,16 +200,29 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             raise TemplateLimitExceeded(f"{what} would exceed {self.limits.max_chars} items/characters")
         return value
 
+    def check_weight(self, value: Any, what: str) -> Any:
+        """Refuse `value` before it is written out when its text would exceed the limit (see `weight`)."""
+        if weight(value, self.limits.max_chars) > self.limits.max_chars:
+            raise TemplateLimitExceeded(f"{what} would write more than {self.limits.max_chars} characters")
+        return value
+
+    def output_buffer(self) -> list[Any]:
+        return self._buffer_class()  # type: ignore[no-any-return]
+
+    def _finalize_output(self, value: Any) -> Any:
+        """Every `{{ expression }}` before it is turned into text."""
+        return value if isinstance(value, str) else self.check_weight(value, "output")
+
     def _check_args(self, what: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for a in (*args, *kwargs.values()):
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.limits.max_chars:
                 raise TemplateLimitExceeded(f"{what}: argument {a} exceeds {self.limits.max_chars}")
 
     def bounded_concat(self, parts: tuple[Any, ...]) -> str:
-        strs = [str(p) for p in parts]
-        if sum(map(len, strs)) > self.limits.max_chars:
-            raise TemplateLimitExceeded(f"'~' would exceed {self.limits.max_chars} characters")
-        return "".join(strs)
+        budget = self.limits.max_chars
+        if sum(weight(p, budget) for p in parts) > budget:
+            raise TemplateLimitExceeded(f"'~' would exceed {budget} characters")
+        return "".join(str(p) for p in parts)
 
     def _range(self, *args: int) -> range:
         rng = range(*args)
@@ -140,23 +231,62 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return rng
 
     def call_binop(self, context: Context, operator_: str, left: Any, right: Any) -> Any:
-        lim = self.limits.max_chars
-        if operator_ == "*":
-            seq, n = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(n, int) and _size(seq) * max(n, 0) > lim:
+        lim, bits = self.limits.max_chars, self.limits.max_int_bits
+        ints = _is_int(left) and _is_int(right)
+        if operator_ == "*" and ints:
+            if left.bit_length() + right.bit_length() > bits:
+                raise TemplateLimitExceeded(f"'*' would build an integer of more than {bits} bits")
+        elif operator_ == "*":
+            seq, n = (left, right) if _is_int(right) else (right, left)
+            if _is_int(n) and weight(seq, lim) * max(n, 0) > lim:
                 raise TemplateLimitExceeded(f"'*' would build more than {lim} items/characters")
-        elif operator_ == "**":
-            if (
-                isinstance(left, int)
-                and isinstance(right, int)
-                and (right > 4096 or abs(left).bit_length() * max(right, 0) > 65_536)
-            ):
-                raise TemplateLimitExceeded("'**' result too large")
-        elif operator_ == "+" and _size(left) + _size(right) > lim:
-            raise TemplateLimitExceeded(f"'+' would build more than {lim} items/characters")
-        elif operator_ == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
-            raise TemplateLimitExceeded("'%' format with a huge width or precision")
+        elif operator_ == "**" and ints:
+            if right > bits or abs(left).bit_length() * max(right, 0) > bits:
+                raise TemplateLimitExceeded(f"'**' would build an integer of more than {bits} bits")
+        elif operator_ == "+" and not ints:
+            if weight(left, lim) + weight(right, lim) > lim:
+                raise TemplateLimitExceeded(f"'+' would build more than {lim} items/characters")
+        elif operator_ == "%" and isinstance(left, str):
+            self._precheck_percent(left, right)
         return self.binop_table[operator_](left, right)
+
+    def _precheck_percent(self, fmt: str, args: Any) -> None:
+        """`fmt % args` bounded before it runs: widths and precisions, written or taken from the arguments
+        (`'%*s' % (600000000, 'a')`), and the text of the arguments each conversion may write."""
+        lim = self.limits.max_chars
+        positional = list(args) if isinstance(args, tuple) else [args]
+        widest = weight(args, lim)  # any one conversion writes at most this much of the arguments
+        total, k = len(fmt), 0
+        for m in _PERCENT_SPEC.finditer(fmt):
+            for part in (m.group(2), m.group(3)):
+                if part == "*":
+                    width = positional[k] if k < len(positional) else 0
+                    k += 1
+                    total += abs(width) if _is_int(width) else 0
+                elif part:
+                    total += int(part) if len(part) < 12 else lim + 1
+            k += m.group(4) != "%" and m.group(1) is None
+            total += widest
+            if total > lim:
+                raise TemplateLimitExceeded(f"'%' formatting would write more than {lim} characters")
+
+    def _precheck_format(self, fmt: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """`str.format` bounded the same way; a width taken from an argument (`{:{}}`) is refused."""
+        lim = self.limits.max_chars
+        widest = weight(args, lim) + weight(kwargs, lim)
+        total = len(fmt)
+        try:
+            fields = list(_FORMATTER.parse(fmt))
+        except ValueError:
+            return  # str.format raises the same error itself, before it writes anything
+        for _, field, spec, _ in fields:
+            if field is None:
+                continue
+            if spec and "{" in spec:
+                raise TemplateLimitExceeded("format(): a width or precision taken from an argument")
+            total += widest + sum(int(d) if len(d) < 12 else lim + 1 for d in re.findall(r"\d+", spec or ""))
+            if total > lim:
+                raise TemplateLimitExceeded(f"format() would write more than {lim} characters")
 
     # -- calls -----------------------------------------------------------------------------------
     def is_safe_callable(self, obj: Any) -> bool:
@@ -175,18 +305,20 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             __self._check_args(name, args, kwargs)
         owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
         if isinstance(owner, str):
-            __self._precheck_str_method(owner, name, args)
+            __self._precheck_str_method(owner, name, args, kwargs)
         return __self.check_size(__context.call(__obj, *args, **kwargs), f"{name}()")
 
-    def _precheck_str_method(self, s: str, name: str, args: tuple[Any, ...]) -> None:
-        if name in ("format", "format_map") and _WIDE_FORMAT.search(s):
-            raise TemplateLimitExceeded("format() with a huge width or precision")
+    def _precheck_str_method(self, s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if name == "format":
+            self._precheck_format(s, args, kwargs)
+        if name == "format_map":
+            self._precheck_format(s, (), args[0] if args and isinstance(args[0], dict) else {})
         if name == "replace" and len(args) >= 2:
             self._precheck_replace(s, args[0], args[1])
         if name == "join" and args:
             items = list(args[0])
             self.check_size(items, "join()")
-            if len(s) * len(items) + sum(_size(x) for x in items) > self.limits.max_chars:
+            if len(s) * len(items) + weight(items, self.limits.max_chars) > self.limits.max_chars:
                 raise TemplateLimitExceeded(f"join() would exceed {self.limits.max_chars} characters")
 
     def _precheck_replace(self, s: Any, old: Any, new: Any) -> None:
@@ -196,13 +328,17 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 raise TemplateLimitExceeded(f"replace() would exceed {self.limits.max_chars} characters")
 
     def _guard(self, f: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap a filter: integer arguments and the result are size-checked; `join`/`replace` pre-checked."""
+        """Wrap a filter: integer arguments and the result are size-checked; filters that write their input
+        out are weighed first (SERIALISING_FILTERS); `join`/`replace` pre-checked."""
         name = getattr(f, "__name__", "filter")
         first_param = 2 if _PassArg.from_obj(f) is not None else 1  # skip (context,) and the input value
+        serialises = name.removeprefix("do_") in SERIALISING_FILTERS
 
         @wraps(f)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             self._check_args(f"filter {name}", args[first_param:], kwargs)
+            if serialises and len(args) >= first_param:
+                self.check_weight(args[first_param - 1], f"filter {name}")
             if name == "do_replace" and len(args) >= 4:  # (eval_ctx, s, old, new)
                 self._precheck_replace(args[1], args[2], args[3])
             if name == "do_join" and len(args) >= 2:  # (eval_ctx, value, d='', attribute=None)

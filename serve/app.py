@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genrec.errors import GenrecError
 from genrec.recommender import Recommendation
+from serve.http import BodyLimit, HTTPLimits
 from serve.protocol import (
     APIError,
     AssistantMessage,
@@ -51,17 +53,38 @@ def format_text(recs: list[Recommendation]) -> str:
     )
 
 
+PUBLIC_CHOICES = {
+    "metrics": ("/metrics",),
+    "docs": ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
+}
+"""What `public` may open to clients without a key when keys are configured (`/health` always is)."""
+
+
+def protected_paths(public: Collection[str]) -> tuple[set[str], tuple[str, ...]]:
+    """Exact paths and path prefixes that need an API key when keys are configured."""
+    unknown = sorted(set(public) - set(PUBLIC_CHOICES))
+    if unknown:
+        raise ValueError(f"public: unknown choice(s) {unknown}; choose from {sorted(PUBLIC_CHOICES)}")
+    exact = {p for choice, paths in PUBLIC_CHOICES.items() if choice not in public for p in paths}
+    return exact, ("/v1/",)
+
+
 def create_app(
     service: RecService,
     *,
     api_keys: list[str] | None = None,
     admin_keys: dict[str, str] | None = None,
     on_shutdown: Callable[[], None] | None = None,
+    http: HTTPLimits | None = None,
+    public: Collection[str] = (),
 ) -> FastAPI:
     """The app; `admin_keys` (key -> label) may also edit templates, and count as API keys;
-    `on_shutdown` runs after in-flight requests drained (the server stops its engine there)."""
+    `on_shutdown` runs after in-flight requests drained (the server stops its engine there); `http`: body
+    size and read deadline; `public`: `metrics` and/or `docs` served without a key when keys are configured
+    (by default they need one, like /v1)."""
     admins = dict(admin_keys or {})
     keys = set(api_keys or []) | (set(admins) if api_keys else set())
+    exact, prefixes = protected_paths(public)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,7 +106,13 @@ def create_app(
         if first.get("type") == "json_invalid":
             return error(APIError(400, "malformed JSON body", code="invalid_json"))
         param = ".".join(loc) or None
-        return error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return error(APIError(400, f"{param or 'body'}: {msg}" if param else msg, param=param))
+
+    @app.exception_handler(GenrecError)
+    async def on_genrec_error(request: Request, exc: GenrecError) -> JSONResponse:
+        # routes map the errors they expect; any other project error is still about the request's input
+        return error(APIError(400, str(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -94,7 +123,7 @@ def create_app(
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         path = request.url.path
-        if path.startswith("/v1/") and keys and bearer(request) not in keys:
+        if keys and (path in exact or path.startswith(prefixes)) and bearer(request) not in keys:
             response: Response = error(
                 APIError(
                     401,
@@ -103,7 +132,7 @@ def create_app(
                     code="invalid_api_key",
                 )
             )
-            service.metrics.requests.labels(path, "401").inc()
+            service.metrics.requests.labels("unauthenticated", "401").inc()  # before routing: no route yet
             return response
         try:
             response = await call_next(request)
@@ -112,9 +141,11 @@ def create_app(
         except Exception:
             logger.exception("unhandled error on %s", path)
             response = error(APIError(500, "internal error", type="server_error"))
-        if path.startswith("/v1/"):
-            service.metrics.requests.labels(path, str(response.status_code)).inc()
-            service.metrics.latency.labels(path).observe(time.perf_counter() - started)
+        if path.startswith(prefixes):
+            # labelled by route, not by the path a client sent: one series per route, however many names
+            endpoint = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
     def check_model(model: str, n: int) -> None:
@@ -199,6 +230,7 @@ def create_app(
         )
 
     app.include_router(template_router(service, admin_keys=admins))
+    app.add_middleware(BodyLimit, limits=http or HTTPLimits())  # added last: the outermost layer
     return app
 
 

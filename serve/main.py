@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from genrec.run import RunDir
+from serve.http import HTTPLimits, deadline_protocol
 from serve.service import ServeLimits
 
 KEEP_ALIVE_S = 75
@@ -35,6 +36,10 @@ class ServeArgs:
     """auto | beam | exact (transformers engine); None: the run's eval.search."""
     limits: ServeLimits = field(default_factory=ServeLimits)
     """Queue, batch, history and timeout limits (serve.service.ServeLimits)."""
+    http: HTTPLimits = field(default_factory=HTTPLimits)
+    """Request body size and header/body read deadlines (serve.http.HTTPLimits)."""
+    public: list[str] = field(default_factory=list)
+    """`metrics` and/or `docs`: served without an API key when keys are configured (serve.app.PUBLIC_CHOICES)."""
 
 
 def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
@@ -54,6 +59,8 @@ def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
         # AsyncLLM's engine core is a child process: it stops with the app (uvicorn re-raises SIGTERM
         # after the lifespan ends, so code after uvicorn.run() would never run)
         on_shutdown=getattr(rec.engine, "shutdown", None),
+        http=args.http,
+        public=args.public,
     )
 
 
@@ -69,9 +76,14 @@ def parse_admin_keys(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def uvicorn_options() -> dict[str, Any]:
-    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too)."""
-    return {"timeout_graceful_shutdown": 30, "timeout_keep_alive": KEEP_ALIVE_S}
+def uvicorn_options(http: HTTPLimits | None = None) -> dict[str, Any]:
+    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too): the
+    httptools protocol with header deadlines (serve.http)."""
+    return {
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "http": deadline_protocol(http or HTTPLimits()),
+    }
 
 
 def serve(args: ServeArgs) -> None:
@@ -79,4 +91,4 @@ def serve(args: ServeArgs) -> None:
 
     app = build_app(args)
     logger.info("serving %s on http://%s:%d/v1 (backend %s)", args.run, args.host, args.port, args.backend)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_options())
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_options(args.http))

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ErrorInfo(BaseModel):
@@ -43,7 +43,10 @@ class APIError(Exception):
         line: int | None = None,
         column: int | None = None,
     ) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode()  # may quote a client's bad text
         super().__init__(message)
+        if param is not None:
+            param = param.encode("utf-8", "backslashreplace").decode()
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
         self.line, self.column = line, column
@@ -64,7 +67,42 @@ class APIError(Exception):
         return body
 
 
-class RecommendationOptions(BaseModel):
+def text_problem(value: Any, where: str = "body") -> str | None:
+    """Where a request's raw JSON holds text that is not valid Unicode, or None.
+
+    JSON may carry lone surrogates (`"\\ud800"`): Python keeps them in a str, and they fail later, deep in
+    the tokenizer, the text encoder or a template file's encoding. Checked once here, on the decoded body,
+    so no free text reaches them unchecked whichever field it came in."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:  # not recursive: a body may nest deeper than Python's recursion limit
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as e:
+                at = ".".join(str(k).encode("utf-8", "backslashreplace").decode() for k in path) or where
+                return f"{at}: text is not valid Unicode (a lone surrogate at character {e.start})"
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                stack += [(item, (*path, key)), (key, path)]
+        elif isinstance(node, list):
+            stack += [(item, (*path, k)) for k, item in enumerate(node)]
+    return None
+
+
+class Request(BaseModel):
+    """A request body: its text must be valid Unicode (see text_problem)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        problem = text_problem(data)
+        if problem:
+            raise ValueError(problem)
+        return data
+
+
+class RecommendationOptions(Request):
     """genrec's extra request fields (all optional)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -267,7 +305,7 @@ class TemplateHistory(BaseModel):
     activations: list[dict[str, Any]]
 
 
-class TemplateSaveRequest(BaseModel):
+class TemplateSaveRequest(Request):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(max_length=65_536, description="The whole file: front matter and body.")
     message: str = Field("", max_length=500, description="What changed and why (like a commit message).")
@@ -277,12 +315,12 @@ class TemplateSaveRequest(BaseModel):
     )
 
 
-class TemplateActivateRequest(BaseModel):
+class TemplateActivateRequest(Request):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(ge=1)
 
 
-class TemplatePreviewRequest(BaseModel):
+class TemplatePreviewRequest(Request):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(
         None, max_length=65_536, description="Unsaved text to preview (else a saved version)."

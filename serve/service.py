@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import re
@@ -25,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
+from genrec.prompt_worker import shared_worker
 from genrec.prompts import PromptTemplate, TemplateProblem
 from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems, history_requests
 from serve.protocol import APIError, RecommendationOptions, RecommendedItem
@@ -204,6 +206,13 @@ class RecService:
             q.history = self.resolve(opts.history, param="history")
             if not q.history:
                 raise APIError(400, "history is empty", param="history", code="empty_history")
+            if user is not None and not self.rec.knows_user(user):  # not silently ignored
+                raise APIError(
+                    400,
+                    f"unknown user {user!r}: send a user of the run's data beside a history, or leave it out",
+                    param="user",
+                    code="unknown_user",
+                )
             q.text = text.strip() or None
         elif user is not None and self.rec.knows_user(user):
             q.history = self.rec.user_history(user, split="full")
@@ -249,14 +258,25 @@ class RecService:
                 known.append(self.rec.resolve_items([p])[0])
         if parts and len(known) == len(parts):
             return known, None
-        if known:  # some parts are items, others are not: name the unknown ones
+        if known or all(self.looks_like_item_id(p) for p in parts):
+            # some parts are items, others are not, or every part is shaped like this catalogue's ids
+            # (`I99999`): name the unknown ones rather than take them for a description
             self.resolve(parts, param="messages")
         return [], text
 
+    def looks_like_item_id(self, text: str) -> bool:
+        """Shaped like one of this catalogue's item ids: the same letters and punctuation, with digits
+        where an id has digits (`I99999` for `I00012`); text without a digit never is."""
+        return any(c.isdigit() for c in text) and _id_shape(text) in self._id_shapes
+
+    @functools.cached_property
+    def _id_shapes(self) -> frozenset[str]:
+        return frozenset(_id_shape(i) for i in self.rec.catalog.item_ids if any(c.isdigit() for c in i))
+
     # -- ranking ---------------------------------------------------------------------------------
     async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
-        if q.messages is None:
-            self.render(q, opts.template)
+        if q.messages is None:  # off the event loop: a render may take up to its time limit
+            await asyncio.to_thread(self.render, q, opts.template)
         width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
         req = RankRequest(
             q.history,
@@ -283,16 +303,22 @@ class RecService:
         *,
         version: int | None = None,
         draft: PromptTemplate | None = None,
+        isolated: bool = False,
     ) -> None:
         """Render the prompt now: with a saved version (default: the one active at admission) or an
-        unsaved `draft`. A request in flight keeps its prompt when another version is activated."""
+        unsaved `draft`. A request in flight keeps its prompt when another version is activated.
+        `isolated`: in the render worker process (genrec.prompt_worker), for templates not checked yet."""
         try:
             if draft is None:
                 q.template = self.rec.pin_template(template or self.rec.template_for(q.text), version)
                 builder = self.rec.builder_for(q.template.name, q.template.version)
             else:
                 builder = self.rec.builder_with(draft)
-            q.messages = builder.messages(q.history, q.user, query=q.text)
+            if isolated:
+                variables = builder.variables(q.history, q.user, query=q.text)
+                q.messages = shared_worker().render(builder.template, [variables])[0]
+            else:
+                q.messages = builder.messages(q.history, q.user, query=q.text)
         except TemplateNotFound as e:
             raise APIError(400, str(e), param="template", code="template_not_found") from None
         except TemplateProblem as e:
@@ -408,6 +434,10 @@ class RecService:
             "trained_hash": trained,
             "matches_training": hash == trained,
         }
+
+
+def _id_shape(text: str) -> str:
+    return re.sub(r"\d", "0", text.strip())
 
 
 def recommended_items(recs: Sequence[Recommendation]) -> list[RecommendedItem]:

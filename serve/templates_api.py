@@ -1,7 +1,7 @@
 """The prompt-template API (/v1/templates) and the editor page (/editor) over the run's TemplateStore.
 
 Reads need whatever the rest of /v1 needs (an API key when keys are configured). Writes (save,
-activate, rollback) need an admin key (`--admin-key LABEL=KEY`); the label is recorded as the
+activate, rollback) and previews (they run template code, in genrec.prompt_worker) need an admin key (`--admin-key LABEL=KEY`); the label is recorded as the
 version's author. Saves are validated first (422 with line and column), atomic, and guarded by
 `If-Match` (or `base_version`): an edit based on a version that is no longer active gets 412,
 a save over an existing template with no precondition gets 428. Serving picks up a new active
@@ -18,7 +18,13 @@ from typing import Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from genrec.prompt_store import TemplateChecker, TemplateNotFound, TemplateVersion, VersionConflict
+from genrec.prompt_store import (
+    TemplateChecker,
+    TemplateNotFound,
+    TemplateVersion,
+    VersionConflict,
+    check_name,
+)
 from genrec.prompts import TemplateProblem, parse_template
 from serve.protocol import (
     APIError,
@@ -77,6 +83,10 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
                 403, "this API key may not edit templates", type="permission_error", code="not_admin"
             )
         return admin_keys[key]
+
+    def valid(name: str) -> str:
+        """The name from the URL, checked before anything reads or locks with it."""
+        return read(lambda: check_name(name))  # type: ignore[no-any-return]
 
     def base_version(name: str, if_match: str | None, body_version: int | None) -> int | None:
         """The version an edit is based on: from If-Match (an ETag we issued) or the body."""
@@ -170,6 +180,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
         name: str, body: TemplateSaveRequest, request: Request, if_match: str | None = Header(None)
     ) -> JSONResponse:
         author = admin(request)
+        valid(name)
         exists = read(lambda: store.exists(name))
         base = base_version(name, if_match, body.base_version)
         if exists and base is None:
@@ -196,6 +207,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
         name: str, body: TemplateActivateRequest, request: Request, if_match: str | None = Header(None)
     ) -> JSONResponse:
         author = admin(request)
+        valid(name)
         base = base_version(name, if_match, None) if if_match else None
         v = await write(lambda: store.activate(name, body.version, by=author, base_version=base))
         return with_etag(info(v), v)
@@ -203,17 +215,23 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
     @router.post("/v1/templates/{name}/rollback")
     async def rollback(name: str, request: Request, if_match: str | None = Header(None)) -> JSONResponse:
         author = admin(request)
+        valid(name)
         base = base_version(name, if_match, None) if if_match else None
         v = await write(lambda: store.rollback(name, by=author, base_version=base))
         return with_etag(info(v), v)
 
     @router.post("/v1/templates/{name}/preview")
-    async def preview(name: str, body: TemplatePreviewRequest) -> TemplatePreview:
-        """Render for a user (or history) and rank with that prompt; unsaved `text` is validated like a save."""
+    async def preview(name: str, body: TemplatePreviewRequest, request: Request) -> TemplatePreview:
+        """Render for a user (or history) and rank with that prompt; unsaved `text` is validated like a save.
+        Runs template code, so it needs an admin key, and renders in the worker process (off the event
+        loop, stopped when it overruns)."""
+        admin(request)
+        valid(name)
         draft = None
         if body.text is not None:
+            text = body.text
             try:
-                draft = parse_template(body.text, source=f"{name}@draft")
+                draft = await asyncio.to_thread(lambda: parse_template(text, source=f"{name}@draft"))
             except TemplateProblem as e:
                 raise APIError(
                     422, str(e), param="text", code="template_error", line=e.line, column=e.column
@@ -236,7 +254,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
                 404, f"template {name!r} not found", type="not_found_error", code="template_not_found"
             )
         q = RecQuery(history=history, user=user)
-        service.render(q, name, version=body.version, draft=draft)
+        await asyncio.to_thread(service.render, q, name, version=body.version, draft=draft, isolated=True)
         if draft is not None:
             meta = service.template_info(name, draft.hash)
         else:
@@ -248,7 +266,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             else []
         )
         if not recs:
-            q.prompt_tokens = len(r.engine.encode_messages(q.messages or []))
+            q.prompt_tokens = len(await asyncio.to_thread(r.engine.encode_messages, q.messages or []))
         return TemplatePreview(
             template=meta,
             user=user,

@@ -717,3 +717,90 @@ def test_generate_rows_with_text_put_it_in_the_prompt(rec, tmp_path, monkeypatch
         assert any(text in p for p in prompts)
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["line"] for r in out] == [1, 2, 3]
+
+
+# -- hardening (issue 29): one job per output, no temp file left behind, unwritable outputs named ---------
+def test_a_second_job_on_the_same_output_is_refused_and_the_first_finishes(rec, tmp_path, monkeypatch):
+    """`--resume` started while the first run is still going used to finalise under it (FileNotFoundError,
+    a manifest stuck at done: false). Now the second job is refused at once, naming the first."""
+    import threading
+
+    from genrec.batch import Manifest
+
+    good = write_input(rec, tmp_path / "users.jsonl", n=60)
+    out = tmp_path / "recs.jsonl"
+    committed, release = threading.Event(), threading.Event()
+    real_commit = Manifest.commit
+
+    def slow_commit(self, index, *args, **kw):
+        real_commit(self, index, *args, **kw)
+        if index == 0:
+            committed.set()
+            assert release.wait(60)
+
+    monkeypatch.setattr(Manifest, "commit", slow_commit)
+    first: dict = {}
+    job = threading.Thread(
+        target=lambda: first.update(
+            generate(rec, tmp_path / "users.jsonl", out, chunk_size=16, progress=False)
+        )
+    )
+    job.start()
+    try:
+        assert committed.wait(60)
+        for resume in (True, False):
+            with pytest.raises(
+                GenrecError, match=rf"being written by another genrec job \(pid {os.getpid()}, started"
+            ):
+                generate(rec, tmp_path / "users.jsonl", out, chunk_size=16, resume=resume, progress=False)
+    finally:
+        release.set()
+        job.join(60)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert first["rows"] == len(rows) == len(good) and {r["line"] for r in rows} == good
+    again = generate(rec, tmp_path / "users.jsonl", out, chunk_size=16, resume=True, progress=False)
+    assert again["rows"] == len(good)  # the lock went with the first job
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 7])
+def test_a_failed_write_leaves_no_temp_file_and_names_the_path(rec, tmp_path, monkeypatch, fail_at):
+    """A full disk at any commit (parts, manifest, final output): a GenrecError naming the file, no temp file
+    anywhere, and --resume then finishes with one row per input row."""
+    import errno
+
+    good = write_input(rec, tmp_path / "users.jsonl", n=60)
+    out = tmp_path / "recs.jsonl"
+    real_fsync, calls = os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_disk)
+        with pytest.raises(GenrecError, match=r"cannot write .*No space left on device.*--resume"):
+            generate(rec, tmp_path / "users.jsonl", out, chunk_size=16, progress=False)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers
+    generate(rec, tmp_path / "users.jsonl", out, chunk_size=16, resume=True, progress=False)
+    assert {json.loads(x)["line"] for x in out.read_text().splitlines()} == good
+
+
+def test_atomic_file_removes_its_temp_file_on_any_error(tmp_path):
+    from genrec.run import atomic_file
+
+    target = tmp_path / "x.txt"
+    target.write_text("before")
+    with pytest.raises(RuntimeError), atomic_file(target) as f:
+        f.write("half")
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_an_unwritable_output_is_named_not_a_traceback(rec, tmp_path):
+    write_input(rec, tmp_path / "users.jsonl", n=10)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(GenrecError, match=r"cannot write .*afile"):
+        generate(rec, tmp_path / "users.jsonl", tmp_path / "afile" / "recs.jsonl", progress=False)

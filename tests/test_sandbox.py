@@ -49,6 +49,53 @@ HOSTILE = {
     "wordwrap_filter": "{{ 'x' | wordwrap(10) }}",
     "output_flood": "{% for i in range(10000) %}{{ 'x' * 1000 }}{% endfor %}",
 }
+BIG_LIST = "(['x' * 60000] * 60000)"
+"""60,000 references to one 60,000-character string: small in memory and in length, 3.6 GB written out."""
+RESOURCE_BOMBS = {
+    # widths and precisions taken from the arguments, not written in the format string
+    "percent_star_width": "{{ ('%*s' % (600000000, 'a')) | length }}",
+    "percent_star_precision": "{{ '%.*f' % (600000000, 1.5) }}",
+    "percent_many_fields": "{{ ('%s' * 30000) % ((('y' * 60000),) * 30000) }}",
+    "format_nested_width": "{{ '{:{}}'.format('a', 600000000) }}",
+    "format_map_width": "{{ '{a:>999999999}'.format_map({'a': 1}) }}",
+    "format_repeated_field": "{{ ('{0}' * 30000).format('y' * 60000) }}",
+    # a list repeated, then joined, concatenated or serialised
+    "list_join_filter": "{{ " + BIG_LIST + " | join }}",
+    "list_join_method": "{{ ''.join(" + BIG_LIST + ") }}",
+    "list_tilde": "{{ " + BIG_LIST + " ~ 'a' }}",
+    "list_tojson": "{{ " + BIG_LIST + " | tojson }}",
+    "list_string": "{{ " + BIG_LIST + " | string | length }}",
+    "list_output": "{{ " + BIG_LIST + " }}",
+    "list_percent": "{{ '%s' % (" + BIG_LIST + ",) }}",
+    "list_format": "{{ '{}'.format(" + BIG_LIST + ") }}",
+    "list_upper": "{{ " + BIG_LIST + " | upper }}",
+    "list_plus_doubling": (
+        "{% set ns = namespace(l=['x' * 60000]) %}{% for i in range(20) %}{% set ns.l = ns.l + ns.l %}"
+        "{% endfor %}{{ ns.l | length }}"
+    ),
+    "list_sum": "{{ ([['x'] * 60000] * 60000) | sum(start=[]) | length }}",
+    "namespace_output": "{% set ns = namespace(a='x' * 60000, b='y' * 60000) %}{{ ns }}",
+    # integer powers and products in a loop
+    "int_square_loop": (
+        "{% set ns = namespace(x=7) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 0 }}"
+    ),
+    "int_pow_loop": (
+        "{% set ns = namespace(x=7) %}{% for i in range(40) %}{% set ns.x = ns.x ** 2 %}{% endfor %}{{ ns.x > 0 }}"
+    ),
+    # output kept in inner buffers, which the output cap of the top level does not see
+    "macro_buffer": "{% macro m() %}{% for i in range(10000) %}{{ 'x' * 60000 }}{% endfor %}{% endmacro %}{{ m() | length }}",
+    "set_block": "{% set x %}{% for i in range(10000) %}{{ 'x' * 60000 }}{% endfor %}{% endset %}{{ x | length }}",
+    "filter_block": "{% filter length %}{% for i in range(10000) %}{{ 'x' * 60000 }}{% endfor %}{% endfilter %}",
+    # front matter: a billion laughs in YAML, and values of the wrong type
+    "yaml_aliases": "---\na: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n"
+    + "".join(f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    + "---\nx",
+    "front_variables_int": "---\nvariables: 5\n---\nx",
+    "front_variables_nested": "---\nvariables: [[history]]\n---\nx",
+    "front_system_list": "---\nsystem: [a, b]\n---\nx",
+    "front_system_mapping": "---\nsystem: {a: 1}\n---\nx",
+}
+HOSTILE.update(RESOURCE_BOMBS)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +112,27 @@ def test_hostile_template_is_refused_quickly(small_data, ids, name):
         PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
     assert time.monotonic() - start < 5.0, f"{name} was not stopped in time"
     assert f"{name}.jinja" in str(err.value)  # names the file
+
+
+@pytest.mark.parametrize("name", sorted(RESOURCE_BOMBS))
+def test_resource_bombs_are_refused_before_they_allocate(small_data, ids, name):
+    """Each family the outside probe found (issue 29) is refused within 1 s having allocated under 64 MiB:
+    the checks run before the allocation, not after it."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(TemplateProblem) as err:
+            t = parse_template(RESOURCE_BOMBS[name], source=f"{name}.jinja")
+            PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
+        took = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took < 1.0, f"{name} took {took:.2f} s"
+    assert peak < 64 * 2**20, f"{name} allocated {peak / 2**20:.0f} MiB before it was refused"
+    assert err.value.line is not None, str(err.value)  # located in the file
 
 
 def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_data, ids):
@@ -142,3 +210,52 @@ def test_time_limit_leaves_out_garbage_collection():
     t = env.from_string("{{ collect() }}{% for i in range(300) %}{{ i }}{% endfor %}")
     assert env.render_bounded(lambda: t.generate()).endswith("299")
     del heap
+
+
+# -- the render worker: the backstop for whatever the sandbox's checks miss ------------------------
+@pytest.fixture(scope="module")
+def worker():
+    from genrec.prompt_worker import IsolationLimits, RenderWorker
+
+    w = RenderWorker(IsolationLimits(seconds_per_render=1.0, memory_mb=64))
+    yield w
+    w.close()
+
+
+VARS = {"history": [], "user": "u", "max_history": 5, "title_words": 2, "n_history_total": 0}
+
+
+def test_render_worker_renders_like_the_process_and_names_the_failing_set(worker):
+    t = parse_template("---\nsystem: be brief\n---\nhi {{ user }}", source="w.jinja")
+    assert worker.render(t, [VARS, {**VARS, "user": "v"}]) == [
+        t.render(VARS),
+        t.render({**VARS, "user": "v"}),
+    ]
+    bad = parse_template("{{ history[0].title }}", source="bad.jinja")
+    with pytest.raises(TemplateProblem, match="bad.jinja: line 1") as err:
+        worker.render(bad, [{**VARS, "history": [{"title": "a"}]}, VARS])
+    assert err.value.index == 1
+
+
+def test_render_worker_stops_a_render_past_its_memory_or_time(worker):
+    """With the sandbox's own size and CPU limits switched off, the worker still holds: an allocation past
+    its 64 MiB fails there (MemoryError, reported), and a render past its wall-clock limit is killed."""
+    import os
+
+    huge = parse_template(
+        "{{ ('x' * 10 ** 9) | length }}", source="m.jinja", limits=RenderLimits(max_chars=10**10)
+    )
+    with pytest.raises(TemplateProblem, match="needs more than 64 MiB"):
+        worker.render(huge, [VARS])
+    spin = parse_template(
+        HOSTILE["nested_loops"], source="t.jinja", limits=RenderLimits(max_seconds=1000, max_range=10**9)
+    )
+    pid, kills, start = worker._proc.pid, worker.kills, time.monotonic()
+    with pytest.raises(TemplateProblem, match="longer than 1 s and was stopped"):
+        worker.render(spin, [VARS])
+    assert time.monotonic() - start < 3.0 and worker.kills == kills + 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone
+    start = time.monotonic()  # the spare, started ahead, takes over: no wait for a process to import
+    assert worker.render(parse_template("ok"), [VARS]) == [[{"role": "user", "content": "ok"}]]
+    assert time.monotonic() - start < 1.0

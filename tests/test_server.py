@@ -26,14 +26,16 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app) -> None:
+    def __init__(self, app, http=None) -> None:
         import uvicorn
 
         self.port = free_port()
         from serve.main import uvicorn_options
 
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **uvicorn_options())
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", **uvicorn_options(http)
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -304,7 +306,7 @@ def test_metrics_exposed(server, client, rec):
     client.chat.completions.create(
         model="tiny-run", messages=[{"role": "user", "content": rec.catalog.item_ids[0]}]
     )
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in (
         "genrec_requests_total",
         "genrec_request_latency_seconds_bucket",
@@ -347,7 +349,7 @@ def test_concurrent_requests_are_batched_and_valid(server, rec):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(48)))
     assert len(results) == 48
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     batches = [ln for ln in text.splitlines() if ln.startswith("genrec_batch_size_count")]
     count = float(batches[0].split()[-1])
     assert count < 48 + 30  # concurrent requests shared engine batches
@@ -414,3 +416,149 @@ def test_batch_window_is_held_open_only_for_busy_traffic(rec):
     assert service._should_wait()
     always = RecService(rec, model_name="m", limits=ServeLimits(batch_wait_ms=5, adaptive_wait=False))
     assert always._should_wait()
+
+
+# -- hardening (issue 29): every client input a 4xx, bounded bodies, protected internals -----------------
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(server, path, stream):
+    """A lone surrogate is valid JSON (`"\\ud800"`) but no text: refused at the protocol boundary, in any
+    field, never handed to the tokenizer (it was a 500)."""
+    for text in ('"\\ud800"', '"ok \\udfff"', '"\\ud800\\ud800x"'):
+        body = {"model": "tiny-run", "stream": stream}
+        if path.endswith("chat/completions"):
+            body["messages"] = [{"role": "user", "content": "@@"}]
+        else:
+            body["prompt"] = "@@"
+        raw = json.dumps(body).replace('"@@"', text).encode()
+        r = httpx.post(server.url + path, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "not valid Unicode" in r.json()["error"]["message"]
+    raw = (
+        b'{"model": "tiny-run", "messages": [{"role": "user", "content": "I00001"}], "history": ["\\udc00"]}'
+    )
+    r = httpx.post(server.url + path, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "history.0" in r.json()["error"]["message"]
+
+
+def test_an_unknown_user_beside_a_history_is_a_400(client, rec):
+    refs = [rec.catalog.item_ids[i] for i in history_of(rec)]
+    with pytest.raises(openai.BadRequestError, match="unknown user 'nobody-at-all'"):
+        client.chat.completions.create(
+            model="tiny-run",
+            messages=[{"role": "user", "content": "x"}],
+            user="nobody-at-all",
+            extra_body={"history": refs},
+        )
+    known = rec.data.users[3]
+    ok = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": "x"}],
+        user=known,
+        extra_body={"history": refs},
+    )
+    assert ok.model_extra["recommendations"]
+
+
+def test_an_id_shaped_unknown_item_is_named_not_taken_for_free_text(client, rec):
+    """`I99999` alone is refused like `I00012, I99999` (it was taken as a cold-start description)."""
+    missing = "I" + "9" * (len(rec.catalog.item_ids[0]) - 1)
+    assert missing not in rec.catalog.index
+    for content in (missing, f"{rec.catalog.item_ids[0]}, {missing}", f"{missing}\n{missing}"):
+        with pytest.raises(openai.BadRequestError, match=f"unknown item.*{missing}"):
+            client.chat.completions.create(model="tiny-run", messages=[{"role": "user", "content": content}])
+
+
+def test_metrics_and_docs_need_a_key_unless_made_public(rec):
+    service = RecService(rec, model_name="tiny-run")
+    with LiveServer(create_app(service, api_keys=[KEY])) as s:
+        for path in ("/metrics", "/docs", "/openapi.json", "/redoc"):
+            assert httpx.get(s.url + path).status_code == 401, path
+            assert httpx.get(s.url + path, headers=AUTH).status_code == 200, path
+        assert httpx.get(s.url + "/health").status_code == 200
+    with LiveServer(create_app(service, api_keys=[KEY], public=["metrics", "docs"])) as s:
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            assert httpx.get(s.url + path).status_code == 200, path
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+    with pytest.raises(ValueError, match="unknown choice"):
+        create_app(service, api_keys=[KEY], public=["everything"])
+
+
+@pytest.fixture(scope="module")
+def strict_server(rec):
+    from serve.http import HTTPLimits
+
+    limits = HTTPLimits(max_body_bytes=8192, body_timeout_s=1.0, header_timeout_s=1.0, max_header_bytes=8192)
+    service = RecService(rec, model_name="tiny-run")
+    with LiveServer(create_app(service, api_keys=[KEY], http=limits), http=limits) as s:
+        yield s
+
+
+def _raw(port: int, data: bytes, *, wait: float = 5.0) -> tuple[bytes, float]:
+    """Send bytes on a fresh connection; what comes back until the server closes it, and when it did."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except TimeoutError:
+            return got + b"<still open>", time.monotonic() - started
+    return got, time.monotonic() - started
+
+
+def test_oversized_bodies_get_413_declared_or_not(strict_server):
+    big = json.dumps({"model": "tiny-run", "messages": [{"role": "user", "content": "x" * 20_000}]})
+    r = httpx.post(
+        strict_server.url + "/v1/chat/completions",
+        content=big,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # a promise of 100 MB is refused at once, before any of it is read
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n0123456789"
+    got, took = _raw(strict_server.port, head)
+    assert got.startswith(b"HTTP/1.1 413") and took < 1.0
+    # chunked (no length given): counted as it arrives
+    chunk = b"x" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
+    got, _ = _raw(
+        strict_server.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
+    )
+    assert got.startswith(b"HTTP/1.1 413")
+    ok = httpx.post(strict_server.url + "/v1/models", headers=AUTH)  # small bodies still pass the limit
+    assert ok.status_code == 405
+
+
+def test_stalled_bodies_and_headers_are_cut_off(strict_server):
+    """A body that stops coming gets 408 and its connection closed; a connection that trickles (or never
+    sends) its headers is closed: neither holds the server's memory or sockets for long."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-key\r\nContent-Length: 5000\r\n\r\n0123456789"
+    got, took = _raw(strict_server.port, head)
+    assert got.startswith(b"HTTP/1.1 408") and b"<still open>" not in got and took < 4.0
+    got, took = _raw(strict_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert b"<still open>" not in got and took < 4.0
+    got, took = _raw(strict_server.port, b"")
+    assert b"<still open>" not in got and took < 4.0
+    got, _ = _raw(
+        strict_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n"
+    )
+    assert got.startswith(b"HTTP/1.1 400")
+    assert httpx.get(strict_server.url + "/health").status_code == 200
+
+
+def test_metrics_are_labelled_by_route_not_by_the_path_sent(server):
+    """A client sending many distinct paths must not grow one Prometheus series per path."""
+    for k in range(3):
+        httpx.get(server.url + f"/v1/templates/probe-name-{k}", headers=AUTH)
+        httpx.get(server.url + f"/v1/no-such-route-{k}", headers=AUTH)
+        httpx.get(server.url + f"/v1/unauthenticated-{k}")
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
+    assert 'endpoint="/v1/templates/{name}"' in text and 'endpoint="unmatched"' in text
+    assert 'endpoint="unauthenticated"' in text
+    assert "probe-name" not in text and "no-such-route" not in text and "unauthenticated-" not in text
