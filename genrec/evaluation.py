@@ -260,12 +260,10 @@ def sasrec_from_retriever(
     from genrec.baselines import SASRecConfig, sasrec_lists, sasrec_window
     from genrec.retrieval import SASRecRetriever
 
+    if cfg.eval.split != "test" or not isinstance(getattr(rec, "collab", None), SASRecRetriever):
+        return None
     info = rec.run.meta().get("retrieval", {})
-    if (
-        cfg.eval.split != "test"
-        or not isinstance(rec.collab, SASRecRetriever)
-        or (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed)
-    ):
+    if (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed):
         return None
     sas = SASRecConfig()
     held = [s[:-2] for s in rec.data.sequences if len(s) >= 3][: sas.valid_users or None]  # as fit_sasrec's
