@@ -379,7 +379,10 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
         }
     if rec.fusion_weight is None:
         return choose_fusion_weight(rec, cfg, progress=progress)
-    return dict(rec.run.meta().get("retrieval", {}).get("fusion") or {"weight": rec.fusion_weight})
+    recorded = rec.run.meta().get("retrieval", {}).get("fusion") or {}
+    if recorded.get("weight") == rec.fusion_weight:
+        return dict(recorded)
+    return {"weight": rec.fusion_weight, "source": rec.collab.kind}  # set on this Recommender, not recorded
 
 
 def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
