@@ -63,7 +63,7 @@ METRICS = [
 def run_dataset(name: str, *, runs: Path, overrides: list[str], reuse: bool) -> dict[str, Any] | None:
     from genrec.cli import _config
     from genrec.evaluation import evaluate
-    from genrec.pipeline import build_ids, prepare
+    from genrec.pipeline import build_ids, prepare, train_retriever
     from genrec.run import RunDir
     from genrec.training import train
 
@@ -88,8 +88,11 @@ def run_dataset(name: str, *, runs: Path, overrides: list[str], reuse: bool) -> 
         cfg.data.path = str(SHARED / folder)
         prepare(run, cfg)
         build_ids(run, cfg)
+        train_retriever(run, cfg)  # retrieval.source's collaborative model (none for `text`)
         train(run, cfg)
-        evaluate(run, cfg)
+        evaluate(
+            run, cfg
+        )  # chooses the fusion weight on the validation split first (retrieval.fusion_weight=auto)
     report = json.loads(report_file.read_text())
     return {
         "dataset": name,

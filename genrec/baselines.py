@@ -97,6 +97,18 @@ def markov_lists(
     score for an item is the sum over their `last` items of decay^age * P(item | that item), the most recent
     at age 0. Popularity breaks ties and fills the list where transitions run out, so every list is full.
     The simplest sequential baseline: where it is strong, what comes next depends on the last few items."""
+    trans, tie = markov_transitions(data, split=split)
+    out: list[list[int]] = []
+    for s in range(0, len(examples), 512):  # dense score rows, a batch at a time
+        batch = examples[s : s + 512]
+        scores = markov_scores(trans, tie, [ex.history for ex in batch], last=last, decay=decay)
+        out.extend(_top_k_unseen(row, ex.history, k) for row, ex in zip(scores, batch, strict=True))
+    return out
+
+
+def markov_transitions(data: Interactions, *, split: str) -> tuple[Any, np.ndarray]:
+    """The Markov chain's model: P(next | item) as a sparse row-stochastic matrix from the consecutive pairs of the
+    sequences visible before `split`'s targets, and the popularity tie-breaker (below any transition's weight)."""
     from scipy import sparse
 
     visible = visible_sequences(data, split)
@@ -106,18 +118,27 @@ def markov_lists(
     dst = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, int)
     counts = sparse.csr_matrix((np.ones(len(src), dtype=np.float64), (src, dst)), shape=(n, n))
     out_degree = np.asarray(counts.sum(axis=1)).ravel()
-    trans = sparse.diags(1.0 / np.maximum(out_degree, 1.0)) @ counts  # rows: P(next | item)
+    trans = (sparse.diags(1.0 / np.maximum(out_degree, 1.0)) @ counts).tocsr()  # rows: P(next | item)
     pop = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in visible]), minlength=n)
-    tie = 1e-9 * pop / max(int(pop.max()), 1)  # below any transition's weight
-    out = []
-    for ex in examples:
-        recent = list(ex.history[-last:])[::-1]
-        weights = sparse.csr_matrix(
-            (decay ** np.arange(len(recent)), (np.zeros(len(recent), dtype=np.int64), recent)), shape=(1, n)
-        )
-        scores = np.asarray((weights @ trans).todense()).ravel() + tie
-        out.append(_top_k_unseen(scores, ex.history, k))
-    return out
+    return trans, 1e-9 * pop / max(int(pop.max()), 1)
+
+
+def markov_scores(
+    trans: Any, tie: np.ndarray, histories: Sequence[Sequence[int]], *, last: int = 3, decay: float = 0.5
+) -> np.ndarray:
+    """[len(histories), n_items] Markov-chain scores: per history, the sum over its `last` items of
+    decay^age * P(item | that item), the most recent at age 0, plus the popularity tie-breaker."""
+    from scipy import sparse
+
+    n = trans.shape[0]
+    rows, cols, vals = [], [], []
+    for r, history in enumerate(histories):
+        recent = list(history[-last:])[::-1]
+        rows += [r] * len(recent)
+        cols += recent
+        vals += list(decay ** np.arange(len(recent)))
+    weights = sparse.csr_matrix((vals, (rows, cols)), shape=(len(histories), n))
+    return np.asarray((weights @ trans).todense()) + tie
 
 
 def retriever_lists(retriever: object, examples: Sequence[Example], *, k: int) -> list[list[int]]:
@@ -215,18 +236,45 @@ def sasrec_lists(
     progress: bool = True,
     checkpoint: Path | None = None,
     checkpoint_key: str = "",
+    trained: tuple[SASRec, int] | None = None,
 ) -> list[list[int]]:
-    """Train SASRec on the sequences visible before the split's targets, then rank for each example.
+    """Train SASRec on the sequences visible before the split's targets (`fit_sasrec`), then rank for each
+    example: the top k over the whole catalogue minus its history. `trained`: an already trained (model, window)
+    (`fit_sasrec`'s) ranks instead."""
+    model, window = trained or fit_sasrec(
+        data,
+        split=split,
+        cfg=cfg,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_key=checkpoint_key,
+        windows=[ex.history for ex in examples],
+    )
+    return _rank(model, examples, k, window, next(model.parameters()).device)
+
+
+def fit_sasrec(
+    data: Interactions,
+    *,
+    split: str,
+    cfg: SASRecConfig | None = None,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_key: str = "",
+    windows: Sequence[Sequence[int]] = (),
+) -> tuple[SASRec, int]:
+    """SASRec trained on the sequences visible before the split's targets, and the window (columns) it reads.
 
     With `cfg.patience` > 0 the epoch is chosen as genrec's own is (train.select_metric): each user's last
     visible item (for the test split, the validation item) is held out of training, ranked every
     `eval_every` epochs by NDCG@10 over the full catalogue minus the user's items, and the best epoch's
-    weights rank the examples. That is RecBole's protocol (train on all but the last two items, select on
+    weights are kept. That is RecBole's protocol (train on all but the last two items, select on
     the second-last, test on the last); without it the last epoch's weights are used, however they rank.
+    `windows`: histories the model will read besides its own data (the window covers the longest).
 
     `checkpoint`: a file where the training state (weights, optimizer, best epoch, random generators) is kept
     after every epoch; a call that finds one with the same `checkpoint_key` goes on from it, and ends with the
-    lists an uninterrupted call gives."""
+    model an uninterrupted call gives."""
     from genrec.evaluation import user_metrics  # the metric genrec evaluate reports
 
     cfg = cfg or SASRecConfig()
@@ -239,7 +287,7 @@ def sasrec_lists(
         visible = [s[:-1] for s in visible if len(s) >= 3]
     train = [s[:-1] for s in visible]  # inputs; targets shifted by one
     targets = [s[1:] for s in visible]
-    window = sasrec_window(cfg.max_len, train, [ex.history for ex in held], [ex.history for ex in examples])
+    window = sasrec_window(cfg.max_len, train, [ex.history for ex in held], windows)
     x, y = _left_pad(train, window), _left_pad(targets, window) - 1  # y: -1 = padding
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = SASRec(len(data.catalog), cfg).to(device)
@@ -291,7 +339,7 @@ def sasrec_lists(
     if best[2] is not None:
         model.load_state_dict(best[2])
         logger.info("SASRec: best validation NDCG@10 %.4f at epoch %d of %d", best[0], best[1], epoch)
-    return _rank(model, examples, k, window, device)
+    return model, window
 
 
 def _save_sasrec_state(
@@ -347,12 +395,20 @@ def _rank(
     model: SASRec, examples: Sequence[Example], k: int, max_len: int, device: torch.device
 ) -> list[list[int]]:
     """Top k over the whole catalogue minus each example's history, from the last position's logits."""
-    model.eval()
     out: list[list[int]] = []
-    with torch.no_grad():
-        for s in range(0, len(examples), 256):
-            batch = examples[s : s + 256]
-            seqs = _left_pad([ex.history for ex in batch], max_len).to(device)
-            scores = model.scores(model.encode(seqs)[:, -1]).float().cpu().numpy()
-            out.extend(_top_k_unseen(sc, ex.history, k) for sc, ex in zip(scores, batch, strict=True))
+    for s in range(0, len(examples), 256):
+        batch = examples[s : s + 256]
+        scores = sasrec_scores(model, [ex.history for ex in batch], max_len, device)
+        out.extend(_top_k_unseen(sc, ex.history, k) for sc, ex in zip(scores, batch, strict=True))
     return out
+
+
+def sasrec_scores(
+    model: SASRec, histories: Sequence[Sequence[int]], window: int, device: torch.device | None = None
+) -> np.ndarray:
+    """[len(histories), n_items] SASRec's logits of the next item after each history (its last `window` items)."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    with torch.no_grad():
+        seqs = _left_pad(histories, window).to(device)
+        return np.asarray(model.scores(model.encode(seqs)[:, -1]).float().cpu().numpy())

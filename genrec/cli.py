@@ -142,17 +142,39 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune with TRL (full for tiny, LoRA for pretrained bases); writes runs/<name>/merged."""
+    from genrec.pipeline import train_retriever
     from genrec.training import train as do_train
 
     rd = RunDir(run)
     cfg = _config(rd, None, set_)
     rd.save_config(cfg)
+    retriever = train_retriever(rd, cfg)
     summary = do_train(rd, cfg, resume=resume)
     typer.echo(
         f"trained ({summary['method']}, {summary['steps']} steps, {summary['seconds']} s): "
         f"train loss {summary['train_loss']:.4f}, validation loss {summary['eval_loss']:.4f}; "
         f"model in {rd.merged_dir}"
     )
+    if retriever is not None:
+        _choose_fusion(rd, cfg)
+
+
+def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
+    """After training: the fusion weight of the run's collaborative retriever (chosen on the validation split
+    for retrieval.fusion_weight=auto), said on the terminal; returns the loaded Recommender."""
+    from genrec.evaluation import fusion_weight_for
+    from genrec.recommender import Recommender
+
+    rec = rec or Recommender.load(rd)
+    info = fusion_weight_for(rec, cfg)
+    if info is not None:
+        grid = info.get("valid_ndcg@10")
+        typer.echo(
+            f"{info['source']} retriever fused with weight {info['weight']:g} ({info['chosen_by']}"
+            + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
+            + ")"
+        )
+    return rec
 
 
 @app.command()
@@ -534,6 +556,7 @@ def quickstart(
     from genrec.evaluation import evaluate as do_eval
     from genrec.pipeline import build_ids as do_build
     from genrec.pipeline import prepare as do_prepare
+    from genrec.pipeline import train_retriever
     from genrec.recommender import Recommender
     from genrec.training import train as do_train
 
@@ -548,9 +571,10 @@ def quickstart(
     typer.echo(f"[2/{len(steps)}] build-ids")
     do_build(rd, cfg)
     typer.echo(f"[3/{len(steps)}] train")
+    retriever = train_retriever(rd, cfg)
     do_train(rd, cfg)
+    rec = _choose_fusion(rd, cfg) if retriever is not None else Recommender.load(rd)
     typer.echo(f"[4/{len(steps)}] evaluate")
-    rec = Recommender.load(rd)
     report = do_eval(rd, cfg, rec=rec)
     _print_report(report)
     user = data.users[0]

@@ -241,9 +241,10 @@ class EvalConfig:
     """Beams in constrained beam search; also the number of items returned."""
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     """Cut-offs for Recall@K and NDCG@K."""
-    candidates: Literal["all", "retriever"] = "all"
-    """`all`: full ranking over the catalogue minus seen items; `retriever`: top-N retrieved."""
-    n_candidates: int = 200
+    candidates: Literal["all", "retriever"] = "retriever"
+    """What genrec ranks: `all`, the catalogue minus seen items; `retriever`, the top-N of the retriever of
+    retrieval.source. Metrics are over the whole catalogue either way: a target outside the candidates is a miss."""
+    n_candidates: int = 100
     """Retriever candidates per user when candidates=retriever."""
     search: SearchMode = "auto"
     """How the transformers engine ranks, in every command (evaluate, generate, serve): `exact` scores
@@ -280,6 +281,35 @@ class EvalConfig:
     catalogue; baselines that cannot rank items unseen in training are listed as such."""
 
 
+RetrievalSource = Literal["text", "markov", "sasrec", "union"]
+"""Where retrieved candidates come from (retrieval.source; genrec.retrieval)."""
+RETRIEVAL_SOURCES: tuple[str, ...] = typing.get_args(RetrievalSource)
+COLLABORATIVE = ("markov", "sasrec")
+"""The collaborative retrievers (retrieval.collaborative)."""
+
+
+@dataclass
+class RetrievalConfig:
+    source: RetrievalSource = "sasrec"
+    """Candidates of a request ranked with candidates=retriever (eval.candidates, `recommend`, the server, batch
+    jobs): `text`, the item-embedding retriever; `markov`, the Markov chain over the last items; `sasrec`, the
+    SASRec model (its scores over the catalogue); `union`, half from retrieval.collaborative and the rest from the
+    text retriever. A collaborative model is trained by `genrec train` on the items before each user's test item
+    (runs/<name>/retriever/) and its score is fused with the LM's (retrieval.fusion_weight)."""
+    collaborative: Literal["markov", "sasrec"] = "sasrec"
+    """`union` only: the collaborative model whose candidates join the text retriever's and whose score is fused
+    (for `markov` and `sasrec` the source is the model)."""
+    fusion_weight: Literal["auto"] | float = "auto"
+    """Final score of a candidate = the LM's log P(item | prompt) + weight x the log-softmax of the collaborative
+    model's scores over the request's candidates (0: the LM alone; no effect for source=text). `auto`: the weight
+    of retrieval.fusion_grid with the best validation NDCG@10, chosen after training (`genrec train`, or
+    `genrec evaluate` when none is recorded) and recorded in run.json and the eval report."""
+    fusion_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    """Weights `auto` chooses from."""
+    tune_users: int = 1000
+    """Validation users ranked to choose the fusion weight (the first N; 0: all)."""
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -290,6 +320,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -481,7 +512,20 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
         f"eval.baselines: unknown {unknown}; choose from popularity, itemknn, markov, retriever, sasrec",
     )
     need(max(e.ks) <= e.beam_width, f"eval.ks max {max(e.ks)} exceeds eval.beam_width {e.beam_width}")
+    validate_retrieval(cfg.retrieval)
     need(
         cfg.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
         f"name {cfg.name!r}: use letters, digits, -_.",
     )
+
+
+def validate_retrieval(r: RetrievalConfig) -> None:
+    """retrieval.* checks that types alone cannot express."""
+    if isinstance(r.fusion_weight, str) and r.fusion_weight != "auto":
+        raise ConfigError(f"retrieval.fusion_weight: {r.fusion_weight!r}; use auto or a number >= 0")
+    if not isinstance(r.fusion_weight, str) and not r.fusion_weight >= 0:
+        raise ConfigError(f"retrieval.fusion_weight must be >= 0 (or auto), got {r.fusion_weight}")
+    if not r.fusion_grid or any(not w >= 0 for w in r.fusion_grid):
+        raise ConfigError(f"retrieval.fusion_grid: one or more weights >= 0, got {r.fusion_grid}")
+    if r.tune_users < 0:
+        raise ConfigError("retrieval.tune_users must be >= 0 (0: all validation users)")

@@ -234,6 +234,9 @@ def baseline_lists(
             return baselines.markov_lists(data, examples, split=split, k=k)
         if name == "retriever":
             return baselines.retriever_lists(rec.retriever, examples, k=k)
+        kept = sasrec_from_retriever(rec, examples, cfg, k=k)
+        if kept is not None:
+            return kept
         sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
         state = parts.folder / "sasrec.state.pt" if parts is not None and key is not None else None
         return baselines.sasrec_lists(
@@ -261,6 +264,31 @@ def baseline_lists(
     return out
 
 
+def sasrec_from_retriever(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, k: int
+) -> list[list[int]] | None:
+    """The SASRec baseline's lists from the run's SASRec retriever, where that is the model the baseline would
+    train (None otherwise): `SASRecRetriever.fit` is the baseline's training for the test split (same data, epochs,
+    seed and epoch selection) when the evaluation's histories give it the same window. Saves training it twice."""
+    from genrec.baselines import SASRecConfig, sasrec_lists, sasrec_window
+    from genrec.retrieval import SASRecRetriever
+
+    if cfg.eval.split != "test" or not isinstance(getattr(rec, "collab", None), SASRecRetriever):
+        return None
+    info = rec.run.meta().get("retrieval", {})
+    if (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed):
+        return None
+    sas = SASRecConfig()
+    held = [s[:-2] for s in rec.data.sequences if len(s) >= 3][: sas.valid_users or None]  # as fit_sasrec's
+    window = sasrec_window(sas.max_len, held, [ex.history for ex in examples])
+    if window != rec.collab.window:
+        return None
+    logger.info(
+        "baseline sasrec: ranked by the run's SASRec retriever (%s), the same training", rec.run.retriever_dir
+    )
+    return sasrec_lists(rec.data, examples, split="test", k=k, trained=(rec.collab.model, rec.collab.window))
+
+
 def evaluate(
     run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
@@ -277,6 +305,7 @@ def evaluate(
     data = rec.data
     protocol = cfg.eval.protocol
     cold = run.cold_items(cfg)
+    fusion = fusion_weight_for(rec, cfg, progress=progress)
     examples = leave_one_out(data, cfg.eval.split)
     if protocol == "cold":  # the users whose held-out item is the one to find
         examples = [ex for ex in examples if ex.target in set(cold)]
@@ -345,9 +374,7 @@ def evaluate(
     report = {
         "split": cfg.eval.split,
         "stem": stem,
-        "protocol": "chronological leave-one-out; full ranking over the catalogue minus the user's seen items"
-        if cfg.eval.candidates == "all"
-        else f"retriever top-{cfg.eval.n_candidates} candidates",
+        "protocol": protocol_text(cfg, rec),
         **protocol_fields(cfg, cold, examples),
         "users": len(examples),
         "items": len(data.catalog),
@@ -359,6 +386,7 @@ def evaluate(
         "template_hash": rec.builder_for(rec.template_for("need" if queries else None)).template.hash,
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
+        **({"retrieval": fusion} if fusion is not None and cfg.eval.candidates != "all" else {}),
         **({"resumed": parts.reused} if parts.reused else {}),
     }
     save_outputs(run, report, examples, lists, per_user)
@@ -419,6 +447,122 @@ def protocol_fields(cfg: RunConfig, cold: Sequence[int], examples: Sequence[Exam
     return out
 
 
+def protocol_text(cfg: RunConfig, rec: Any) -> str:
+    """The report's protocol line: genrec ranks the whole catalogue, or a retriever's candidates, but every
+    method is scored over the whole catalogue (a target outside genrec's candidates counts as not ranked)."""
+    base = "chronological leave-one-out; full ranking over the catalogue minus the user's seen items"
+    if cfg.eval.candidates == "all":
+        return base
+    source = cfg.retrieval.source if rec.collab is not None else "text"
+    fused = (
+        f", fused with the {rec.collab.kind} score" if rec.collab is not None and rec.fusion_weight else ""
+    )
+    return (
+        f"{base}; genrec ranks the {source} retriever's top-{cfg.eval.n_candidates} candidates{fused} (a target "
+        "outside them counts as not ranked)"
+    )
+
+
+def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any] | None:
+    """The fusion of the run's collaborative retriever (None without one): the configured weight, the one
+    recorded in run.json, or, for `auto` with none recorded, one chosen now (`choose_fusion_weight`)."""
+    if rec.collab is None:
+        return None
+    if cfg.retrieval.fusion_weight != "auto":
+        rec.fusion_weight = float(cfg.retrieval.fusion_weight)
+        return {
+            "weight": rec.fusion_weight,
+            "chosen_by": "retrieval.fusion_weight",
+            "source": rec.collab.kind,
+        }
+    if rec.fusion_weight is None:
+        return choose_fusion_weight(rec, cfg, progress=progress)
+    recorded = rec.run.meta().get("retrieval", {}).get("fusion") or {}
+    if recorded.get("weight") == rec.fusion_weight:
+        return dict(recorded)
+    return {"weight": rec.fusion_weight, "source": rec.collab.kind}  # set on this Recommender, not recorded
+
+
+def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Choose retrieval.fusion_weight on the validation split: rank the first retrieval.tune_users validation
+    users' retrieved candidates once with the LM alone (every candidate's log-probability), fuse them with the
+    collaborative scores at each weight of retrieval.fusion_grid, and keep the weight with the best NDCG@10
+    (ties: the smaller weight). Sets it on `rec` and records it in run.json (`retrieval.fusion`)."""
+    r, e = cfg.retrieval, cfg.eval
+    valid = leave_one_out(rec.data, "valid")
+    valid = valid[: r.tune_users] if r.tune_users else valid
+    started = time.time()
+    items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
+    collab = rec.collab.scores_of([ex.history for ex in valid], items)
+    grid: dict[str, float] = {}
+    for w in r.fusion_grid:
+        lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
+        grid[f"{w:g}"] = float(
+            np.mean(
+                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
+            )
+        )
+    best = max(r.fusion_grid, key=lambda w: (grid[f"{w:g}"], -w))
+    info = {
+        "weight": float(best),
+        "chosen_by": "validation ndcg@10",
+        "source": rec.collab.kind,
+        "users": len(valid),
+        "n_candidates": e.n_candidates,
+        "valid_ndcg@10": grid,
+        "candidate_recall": float(np.mean([ex.target in set(i) for i, ex in zip(items, valid, strict=True)])),
+        "seconds": round(time.time() - started, 1),
+    }
+    logger.info("fusion weight %g (validation NDCG@10 by weight: %s)", best, grid)
+    rec.fusion_weight = float(best)
+    rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})
+    return info
+
+
+def lm_candidate_scores(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True
+) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Each example's retrieved candidates and the LM's log-probability of each (no fusion), in batches."""
+    n, saved = cfg.eval.n_candidates, rec.fusion_weight
+    rec.fusion_weight = 0.0  # the LM's own scores of every candidate
+    items: list[list[int]] = []
+    scores: list[np.ndarray] = []
+    try:
+        with tqdm(total=len(examples), desc="fusion weight", unit="user", disable=not progress) as bar:
+            for s in range(0, len(examples), cfg.eval.batch_size):
+                chunk = examples[s : s + cfg.eval.batch_size]
+                reqs = history_requests_for(chunk, n)
+                for recs in rec.rank_requests(reqs):
+                    items.append([x.item for x in recs])
+                    scores.append(np.asarray([x.score for x in recs], dtype=np.float64))
+                bar.update(len(chunk))
+    finally:
+        rec.fusion_weight = saved
+    return items, scores
+
+
+def history_requests_for(examples: Sequence[Example], n: int) -> list[Any]:
+    """Retriever-mode requests for the examples that return all `n` candidates."""
+    from genrec.recommender import history_requests
+
+    return history_requests(
+        [ex.history for ex in examples],
+        n_items=n,
+        mode="retriever",
+        n_candidates=n,
+        beam_width=n,
+        users=[ex.user for ex in examples],
+    )
+
+
+def fused_order(items: Sequence[int], lm: np.ndarray, collab: np.ndarray, weight: float) -> list[int]:
+    """The items by fused score, best first (genrec.retrieval.fuse)."""
+    from genrec.retrieval import fuse
+
+    order = np.argsort(-fuse(lm, collab, weight), kind="stable")
+    return [items[j] for j in order]
+
+
 GENREC_CHUNK_USERS = 1024
 """genrec's ranked lists are kept every this many users (rounded up to whole batches) during an evaluation."""
 
@@ -448,6 +592,14 @@ def genrec_lists(
         "engine": f"{type(rec.engine).__name__} on {getattr(rec.engine, 'device', '?')}",  # numerics differ
         "model_config": dataclasses.asdict(cfg.model),
         "eval": {k: v for k, v in dataclasses.asdict(e).items() if k not in _NOT_GENREC},
+        **(
+            {
+                "retriever": files_stamp(rec.run.retriever_dir) if rec.run.retriever_dir.exists() else None,
+                "fusion_weight": rec.fusion_weight,
+            }
+            if rec.collab is not None
+            else {}
+        ),
     }
     done = parts.chunks(name, key)
     n_chunks = len(done)

@@ -1,4 +1,5 @@
-"""The steps a run goes through before training: prepare the data, embed items, build IDs.
+"""The steps a run goes through before training: prepare the data, embed items, build IDs; and the collaborative
+retriever that `genrec train` fits beside the language model.
 
 Each step reads and writes only the run directory, so any step can be re-run on its own.
 """
@@ -14,7 +15,7 @@ from genrec.config import RunConfig
 from genrec.data import Interactions, load_dataset, without_items
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds, atomic_ids, semantic_ids, with_cold_items
-from genrec.retrieval import TextEncoder, collaborative_embeddings
+from genrec.retrieval import TextEncoder, collaborative_embeddings, collaborative_kind, fit_collaborative
 from genrec.run import RunDir
 
 logger = logging.getLogger(__name__)
@@ -101,3 +102,33 @@ def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
         }
     )
     return ids
+
+
+def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> dict[str, object] | None:
+    """Fit the collaborative retriever retrieval.source needs (None for `text`) on the items before each user's
+    test item, save it in runs/<name>/retriever/ and record it in run.json (`retrieval`)."""
+    kind = collaborative_kind(cfg.retrieval.source, cfg.retrieval.collaborative)
+    if kind is None:
+        return None
+    started = time.time()
+    model = fit_collaborative(
+        without_items(run.load_data(), run.cold_items(cfg)),
+        kind,
+        sasrec_epochs=cfg.eval.sasrec_epochs,
+        seed=cfg.train.seed,
+        progress=progress,
+    )
+    path = model.save(run.retriever_dir)
+    info: dict[str, object] = {
+        "source": cfg.retrieval.source,
+        "collaborative": kind,
+        "file": str(path.relative_to(run.path)),
+        "seconds": round(time.time() - started, 1),
+    }
+    if kind == "sasrec":
+        info.update(
+            sasrec_epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed, window=getattr(model, "window", None)
+        )
+    run.update_meta(retrieval=info)  # a fusion weight chosen for an earlier retriever no longer holds
+    logger.info("collaborative retriever %s trained in %.1f s: %s", kind, time.time() - started, path)
+    return info

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from genrec.engines.base import ChatPrompts
-from genrec.recommender import PreparedBatch, RankRequest, Recommender
+from genrec.recommender import PreparedBatch, RankRequest, Recommender, load_retrieval
 
 _REC: Recommender | None = None
 _POLICY: tuple[str, int] | None = None
@@ -59,13 +59,17 @@ def prompt_recommender(run_path: str) -> Recommender:
 
     run = RunDir(run_path)
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir())
+    cfg = run.load_config()
+    collab, weight = load_retrieval(run, cfg)
     return Recommender(
         run,
-        run.load_config(),
+        cfg,
         run.load_data(),
         run.load_ids(),
         PromptEngine(tokenizer),
         Retriever(run.load_embeddings()),
+        collab=collab,
+        fusion_weight=weight,
     )
 
 

@@ -25,7 +25,7 @@ from genrec.ids import ItemIds
 from genrec.modeling import load_trained
 from genrec.prompt_store import TemplateStore, TemplateVersion
 from genrec.prompts import PromptBuilder, PromptTemplate
-from genrec.retrieval import Retriever
+from genrec.retrieval import CollaborativeRetriever, Retriever, collaborative_kind, fuse, load_collaborative
 from genrec.run import RunDir
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class PreparedBatch:
     layouts: list[TreeLayout | None] | None = None
     """Tree layouts for the transformers engine's exact scoring, when a worker made them (None: not made;
     a None entry: that request goes to beam search)."""
+    retrieved_scores: list[list[float] | None] | None = None
+    """The collaborative retriever's score of each retrieved candidate, fused with the LM's (retrieval.source);
+    None where no fusion applies."""
 
 
 def history_requests(
@@ -126,6 +129,9 @@ class Recommender:
         ids: ItemIds,
         engine: Engine,
         retriever: Retriever,
+        *,
+        collab: CollaborativeRetriever | None = None,
+        fusion_weight: float | None = 0.0,
     ) -> None:
         self.run, self.cfg, self.data, self.ids, self.engine, self.retriever = (
             run,
@@ -135,6 +141,11 @@ class Recommender:
             engine,
             retriever,
         )
+        self.collab = collab
+        """The collaborative retriever of retrieval.source (None: candidates from the text retriever alone)."""
+        self.fusion_weight = fusion_weight
+        """Weight of the collaborative score in the fused one (retrieval.fusion_weight); None: `auto` and not yet
+        chosen (genrec.evaluation.choose_fusion_weight)."""
         self.catalog = data.catalog
         self.templates = TemplateStore.for_run(run.path)
         self.template_name = cfg.prompt.template
@@ -188,7 +199,17 @@ class Recommender:
             engine = AsyncVLLMEngine(run.model_dir(), softmax_groups=groups)
         else:
             raise GenrecError(f"backend must be 'hf', 'vllm' or 'vllm-async', got {backend!r}")
-        return cls(run, cfg, run.load_data(), ids, engine, Retriever(run.load_embeddings()))
+        collab, weight = load_retrieval(run, cfg)
+        return cls(
+            run,
+            cfg,
+            run.load_data(),
+            ids,
+            engine,
+            Retriever(run.load_embeddings()),
+            collab=collab,
+            fusion_weight=weight,
+        )
 
     def _item_token_ids(self) -> np.ndarray:
         tok = self.engine.tokenizer
@@ -268,7 +289,7 @@ class Recommender:
         if any(not r.history and not r.query for r in retrieve):
             raise GenrecError("candidates=retriever needs a history or free text")
         by_history = [r for r in retrieve if r.history]
-        found_h = self.retrieved_many(
+        found_h = (self.retrieved_many if self.collab is None else self.collaborative_candidates)(
             [r.history for r in by_history],
             n=[r.n_candidates for r in by_history],
             exclude=[r.exclude for r in by_history],
@@ -306,6 +327,47 @@ class Recommender:
             return []
         items, _ = self.retriever.search(self.encode_text(texts), max(n), exclude=[list(e) for e in exclude])
         return [row[:k][row[:k] >= 0].tolist() for row, k in zip(items, n, strict=True)]
+
+    def collaborative_candidates(
+        self, histories: Sequence[Sequence[int]], *, n: Sequence[int], exclude: Sequence[Sequence[int]]
+    ) -> list[list[int]]:
+        """`retrieved_many` from the collaborative retriever (retrieval.source markov or sasrec), or for `union`
+        its top half of each n and then the text retriever's items up to n."""
+        assert self.collab is not None
+        if not all(histories):
+            raise GenrecError("candidates=retriever needs a history (or use free text)")
+        if not histories:
+            return []
+        banned = [sorted(set(h) | set(ex)) for h, ex in zip(histories, exclude, strict=True)]
+        union = self.cfg.retrieval.source == "union"
+        own = [-(-k // 2) if union else k for k in n]
+        items, _ = self.collab.search(histories, max(own), exclude=banned)
+        out = [row[:k][row[:k] >= 0].tolist() for row, k in zip(items, own, strict=True)]
+        if union:
+            text = self.retrieved_many(histories, n=n, exclude=exclude)
+            for lst, more, k in zip(out, text, n, strict=True):
+                have = set(lst)
+                lst.extend([i for i in more if i not in have][: k - len(lst)])
+        return out
+
+    def _retrieved_scores(
+        self, requests: Sequence[RankRequest], retrieved: Sequence[list[int] | None]
+    ) -> list[list[float] | None] | None:
+        """The collaborative retriever's scores of each request's retrieved candidates, where they are fused."""
+        if self.collab is None or not self.fusion_weight:
+            return None
+        # a request with free text alone has no history for the collaborative model to score: the LM's order
+        at = [i for i, c in enumerate(retrieved) if c is not None and requests[i].history]
+        if not at:
+            return [None] * len(retrieved)
+        scored = dict(
+            zip(
+                at,
+                self.collab.scores_of([requests[i].history for i in at], [retrieved[i] or [] for i in at]),
+                strict=True,
+            )
+        )
+        return [scored[i].tolist() if i in scored else None for i in range(len(retrieved))]
 
     def _tries(self, requests: Sequence[RankRequest], retrieved: Sequence[list[int] | None]) -> list[Trie]:
         out = []
@@ -360,7 +422,9 @@ class Recommender:
                     builders[key] = self.builder_for(*key)
                 r.messages = builders[key].messages(r.history, r.user, query=r.query)
         prompts = self.engine.encode_many([r.messages or [] for r in requests])
-        return PreparedBatch(prompts, self._retrieve(requests))
+        retrieved = self._retrieve(requests)
+        self._check_fusion(retrieved)
+        return PreparedBatch(prompts, retrieved, retrieved_scores=self._retrieved_scores(requests, retrieved))
 
     def rank_prepared(
         self, requests: Sequence[RankRequest], prepared: PreparedBatch
@@ -386,8 +450,35 @@ class Recommender:
             made = iter(self._tries([requests[i] for i in need], [prepared.retrieved[i] for i in need]))
             tries = [next(made) if lay is None else None for lay in lays]
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
+        if prepared.retrieved_scores is not None:  # every candidate's LM score, to fuse (`fused`)
+            width = max(width, *(len(c) for c in prepared.retrieved if c is not None))
         ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
-        return lambda: self.recommendations(requests, ranked())
+        return lambda: self.recommendations(requests, self.fused(ranked(), prepared))
+
+    def _check_fusion(self, retrieved: Sequence[list[int] | None]) -> None:
+        if self.collab is not None and self.fusion_weight is None and any(c is not None for c in retrieved):
+            raise GenrecError(
+                f"{self.run.path}: retrieval.fusion_weight is auto and no weight has been chosen yet: run "
+                f"`genrec train --run {self.run.path}` (it chooses one on the validation split), `genrec evaluate`, "
+                "or set retrieval.fusion_weight to a number"
+            )
+
+    def fused(self, ranked: Sequence[Ranked], prepared: PreparedBatch) -> list[Ranked]:
+        """Each request's candidates reordered by the fused score (retrieval.fusion_weight): the LM's
+        log-probability + the weight x log-softmax of the collaborative scores over its candidates. Requests
+        without collaborative scores keep the LM's order."""
+        if prepared.retrieved_scores is None or self.fusion_weight is None:
+            return list(ranked)
+        out = []
+        for r, cands, coll in zip(ranked, prepared.retrieved, prepared.retrieved_scores, strict=True):
+            if cands is None or coll is None:
+                out.append(r)
+                continue
+            by_item = dict(zip(cands, coll, strict=True))
+            scores = fuse(np.asarray(r.scores), np.asarray([by_item[i] for i in r.items]), self.fusion_weight)
+            order = np.argsort(-scores, kind="stable")
+            out.append(Ranked([r.items[j] for j in order], [float(scores[j]) for j in order]))
+        return out
 
     def recommendations(
         self, requests: Sequence[RankRequest], ranked: Sequence[Ranked]
@@ -447,3 +538,23 @@ class Recommender:
             for i, s in zip(items[0], scores[0], strict=True)
             if i >= 0
         ]
+
+
+def load_retrieval(run: RunDir, cfg: RunConfig) -> tuple[CollaborativeRetriever | None, float | None]:
+    """The run's collaborative retriever (retrieval.source; None for `text`) and its fusion weight: the
+    configured number, or for `auto` the one recorded in run.json for this retriever (None: not chosen yet)."""
+    kind = collaborative_kind(cfg.retrieval.source, cfg.retrieval.collaborative)
+    if kind is None:
+        return None, 0.0
+    try:
+        collab = load_collaborative(run.retriever_dir, kind)
+    except FileNotFoundError as e:
+        raise GenrecError(
+            f"{e.args[0]} is missing: retrieval.source={cfg.retrieval.source} needs the {kind} retriever, which "
+            f"`genrec train --run {run.path}` trains (or set retrieval.source=text)"
+        ) from None
+    weight = cfg.retrieval.fusion_weight
+    if weight != "auto":
+        return collab, float(weight)
+    chosen = run.meta().get("retrieval", {}).get("fusion")
+    return collab, float(chosen["weight"]) if chosen else None

@@ -176,3 +176,197 @@ class Retriever:
         q = np.stack([self.history_query(h) for h in histories])
         items, _ = self.search(q, k, exclude=histories if exclude_seen else None)
         return [[int(i) for i in row if i >= 0] for row in items]
+
+
+class CollaborativeRetriever:
+    """Candidates and their scores from a collaborative model of the sequences (genrec.baselines' Markov chain or
+    SASRec), trained on the items before each user's test item: what a history's next item is, by who bought
+    what after what, where the text retriever knows only what items are like. Subclasses give `scores`; this
+    class searches them. Knows nothing of IDs, prompts or the language model."""
+
+    kind = ""
+    file = ""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """[len(histories), n_items] the model's score of every catalogue item as each history's next."""
+        raise NotImplementedError
+
+    def search(
+        self, histories: Sequence[Sequence[int]], k: int, *, exclude: Sequence[Sequence[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items per history, skipping the history and its `exclude` items. Returns (items, scores), -1 and
+        -inf where fewer than k remain."""
+        out_i = np.full((len(histories), k), -1, dtype=np.int64)
+        out_s = np.full((len(histories), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(histories), 256):  # dense score rows, a batch at a time
+            batch = histories[start : start + 256]
+            scores = self.scores(batch).astype(np.float32, copy=False)
+            for r, h in enumerate(batch):
+                banned = [i for i in (*h, *(exclude[start + r] if exclude else ())) if 0 <= i < self.n_items]
+                scores[r, banned] = -np.inf
+            kk = min(k, self.n_items)
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            top_s = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_s, axis=1, kind="stable")
+            top, top_s = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_s, order, axis=1)
+            top[~np.isfinite(top_s)] = -1
+            out_i[start : start + len(batch), :kk], out_s[start : start + len(batch), :kk] = top, top_s
+        return out_i, out_s
+
+    def scores_of(
+        self, histories: Sequence[Sequence[int]], items: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """The model's scores of each history's `items` (its candidates)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(histories), 256):
+            scores = self.scores(histories[start : start + 256])
+            out.extend(row[list(its)] for row, its in zip(scores, items[start : start + 256], strict=True))
+        return out
+
+    def save(self, folder: Path) -> Path:
+        raise NotImplementedError
+
+
+class MarkovRetriever(CollaborativeRetriever):
+    """The Markov chain over the last items (genrec.baselines.markov_lists' model)."""
+
+    kind, file = "markov", "markov.npz"
+
+    def __init__(self, trans: Any, tie: np.ndarray) -> None:
+        super().__init__(int(trans.shape[0]))
+        self.trans, self.tie = trans.tocsr(), np.asarray(tie, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, data: Interactions) -> MarkovRetriever:
+        from genrec.baselines import markov_transitions
+
+        return cls(*markov_transitions(data, split="test"))
+
+    def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        from genrec.baselines import markov_scores
+
+        return markov_scores(self.trans, self.tie, histories)
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.file
+        t = self.trans
+        np.savez(
+            path, data=t.data, indices=t.indices, indptr=t.indptr, shape=np.asarray(t.shape), tie=self.tie
+        )
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> MarkovRetriever:
+        from scipy import sparse
+
+        with np.load(folder / cls.file) as z:
+            trans = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+            return cls(trans, z["tie"])
+
+
+class SASRecRetriever(CollaborativeRetriever):
+    """SASRec (genrec.baselines), its logits of the next item over the catalogue."""
+
+    kind, file = "sasrec", "sasrec.pt"
+
+    def __init__(self, model: Any, window: int) -> None:
+        super().__init__(int(model.items.num_embeddings) - 1)
+        self.model, self.window = model.eval(), window
+
+    @classmethod
+    def fit(cls, data: Interactions, *, epochs: int, seed: int, progress: bool = True) -> SASRecRetriever:
+        """Trained as the SASRec baseline of a test-split evaluation is (same settings, epoch chosen on the
+        validation items), so the baseline can rank with it (genrec.evaluation)."""
+        from genrec.baselines import SASRecConfig, fit_sasrec
+
+        test_histories = [s[:-1] for s in data.sequences]
+        model, window = fit_sasrec(
+            data,
+            split="test",
+            cfg=SASRecConfig(epochs=epochs, seed=seed),
+            progress=progress,
+            windows=test_histories,
+        )
+        return cls(model.cpu(), window)
+
+    def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        from genrec.baselines import sasrec_scores
+
+        return sasrec_scores(self.model, histories, self.window)
+
+    def save(self, folder: Path) -> Path:
+        import dataclasses
+
+        import torch
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.file
+        cfg = dataclasses.asdict(self.model.cfg)
+        torch.save(
+            {"cfg": cfg, "n_items": self.n_items, "window": self.window, "state": self.model.state_dict()},
+            path,
+        )
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> SASRecRetriever:
+        import torch
+
+        from genrec.baselines import SASRec, SASRecConfig
+
+        saved = torch.load(folder / cls.file, map_location="cpu", weights_only=True)
+        model = SASRec(saved["n_items"], SASRecConfig(**saved["cfg"]))
+        model.load_state_dict(saved["state"])
+        return cls(model, int(saved["window"]))
+
+
+COLLABORATIVE_RETRIEVERS: dict[str, type[MarkovRetriever] | type[SASRecRetriever]] = {
+    "markov": MarkovRetriever,
+    "sasrec": SASRecRetriever,
+}
+
+
+def collaborative_kind(source: str, collaborative: str) -> str | None:
+    """The collaborative model a retrieval.source needs: itself, the union's, or None for `text`."""
+    return None if source == "text" else collaborative if source == "union" else source
+
+
+def fit_collaborative(
+    data: Interactions, kind: str, *, sasrec_epochs: int, seed: int, progress: bool = True
+) -> CollaborativeRetriever:
+    """Train the `kind` collaborative retriever on the items before each user's test item."""
+    if kind == "markov":
+        return MarkovRetriever.fit(data)
+    if kind == "sasrec":
+        return SASRecRetriever.fit(data, epochs=sasrec_epochs, seed=seed, progress=progress)
+    raise ValueError(f"unknown collaborative retriever {kind!r}; use markov or sasrec")
+
+
+def load_collaborative(folder: Path, kind: str) -> CollaborativeRetriever:
+    """The `kind` retriever saved in `folder` (FileNotFoundError when it is not there)."""
+    cls = COLLABORATIVE_RETRIEVERS[kind]
+    if not (folder / cls.file).is_file():
+        raise FileNotFoundError(folder / cls.file)
+    return cls.load(folder)
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    """log-softmax of one request's retriever scores over its candidates (what the fusion adds to the LM's
+    log-probabilities, on the same scale)."""
+    s = np.asarray(scores, dtype=np.float64)
+    top = s.max() if len(s) else 0.0
+    return s - top - np.log(np.exp(s - top).sum())
+
+
+def fuse(lm: np.ndarray, retriever: np.ndarray, weight: float) -> np.ndarray:
+    """The fused score of each candidate: the LM's log-probability + weight x log-softmax of the retriever's
+    scores over the candidates."""
+    lm = np.asarray(lm, dtype=np.float64)
+    return lm if weight == 0 else lm + weight * log_softmax(retriever)

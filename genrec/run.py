@@ -2,7 +2,8 @@
 
 `runs/<name>/` holds config.yaml (resolved config), catalog.parquet, interactions.parquet,
 item_embeddings.npy, item_ids.json (+ codebooks.npz), base/ (tiny base + tokenizer),
-checkpoints/, adapter/ (LoRA), merged/ (servable model + tokenizer), train_log.jsonl,
+checkpoints/, adapter/ (LoRA), merged/ (servable model + tokenizer), retriever/ (the collaborative
+retriever, retrieval.source), train_log.jsonl,
 run.json (provenance: template hash used in training, timings), eval.json, report.md, plots.
 """
 
@@ -87,11 +88,21 @@ class RunDir:
     merged_dir = property(lambda self: self.path / "merged")
     train_log_file = property(lambda self: self.path / "train_log.jsonl")
     meta_file = property(lambda self: self.path / "run.json")
+    retriever_dir = property(lambda self: self.path / "retriever")
 
     def trained_outputs(self) -> list[Path]:
-        """What training wrote (base/, checkpoints/, adapter/, merged/): models made for this run's data and IDs."""
+        """What training wrote (base/, checkpoints/, adapter/, merged/, retriever/): models made for this run's data
+        and IDs."""
         return [
-            p for p in (self.base_dir, self.checkpoints_dir, self.adapter_dir, self.merged_dir) if p.exists()
+            p
+            for p in (
+                self.base_dir,
+                self.checkpoints_dir,
+                self.adapter_dir,
+                self.merged_dir,
+                self.retriever_dir,
+            )
+            if p.exists()
         ]
 
     def require(self, path: Path, hint: str) -> Path:

@@ -49,6 +49,7 @@ TINY = [
     "train.max_steps=40", "train.batch_size=16", "train.logging_steps=5", "train.save_steps=20",
     "train.examples_per_user=4", "train.learning_rate=0.005",
     "eval.beam_width=10", "eval.ks=[5,10]", "eval.max_users=40", "eval.batch_size=16", "eval.sasrec_epochs=3",
+    "eval.candidates=all", "retrieval.source=text",
 ]  # fmt: skip
 
 

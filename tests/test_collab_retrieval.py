@@ -1,0 +1,237 @@
+"""The collaborative retriever (retrieval.source), the fused score and its weight chosen on the validation split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from genrec.config import apply_overrides
+from genrec.data import leave_one_out
+from genrec.errors import ConfigError, GenrecError
+from genrec.evaluation import choose_fusion_weight, evaluate, fused_order, lm_candidate_scores
+from genrec.pipeline import train_retriever
+from genrec.recommender import Recommender, history_requests, load_retrieval
+from genrec.retrieval import (
+    MarkovRetriever,
+    SASRecRetriever,
+    fuse,
+    load_collaborative,
+    log_softmax,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return trained_run
+
+
+@pytest.fixture(scope="module")
+def markov(trained):
+    run, _, _ = trained
+    return MarkovRetriever.fit(run.load_data())
+
+
+def with_collab(rec, collab, weight, **retrieval):
+    """The trained run's Recommender (text retriever) with a collaborative retriever and fusion weight."""
+    cfg = dataclasses.replace(
+        rec.cfg, retrieval=dataclasses.replace(rec.cfg.retrieval, source=collab.kind, **retrieval)
+    )
+    return Recommender(
+        rec.run, cfg, rec.data, rec.ids, rec.engine, rec.retriever, collab=collab, fusion_weight=weight
+    )
+
+
+@pytest.fixture(scope="module")
+def base_rec(trained):
+    run, _, _ = trained
+    return Recommender.load(run)
+
+
+def test_log_softmax_and_fuse():
+    s = np.array([2.0, 0.0, -1.0])
+    assert np.exp(log_softmax(s)).sum() == pytest.approx(1.0)
+    assert np.allclose(log_softmax(s + 100.0), log_softmax(s))  # shift-invariant, no overflow
+    lm = np.array([-1.0, -0.5, -3.0])
+    assert np.array_equal(fuse(lm, s, 0.0), lm)
+    assert np.allclose(fuse(lm, s, 2.0), lm + 2.0 * log_softmax(s))
+    assert fused_order([7, 8, 9], lm, s, 0.0) == [8, 7, 9]
+    assert fused_order([7, 8, 9], lm, s, 100.0) == [7, 8, 9]  # the retriever's order
+
+
+@pytest.mark.parametrize("kind", ["markov", "sasrec"])
+def test_collaborative_search_skips_seen_and_excluded_items_and_saves(trained, tmp_path, kind):
+    run, _, _ = trained
+    data = run.load_data()
+    model = (
+        MarkovRetriever.fit(data)
+        if kind == "markov"
+        else SASRecRetriever.fit(data, epochs=2, seed=0, progress=False)
+    )
+    histories = [s[:-1] for s in data.sequences[:20]]
+    exclude = [[s[-1]] for s in data.sequences[:20]]
+    items, scores = model.search(histories, 15, exclude=exclude)
+    full = model.scores(histories)
+    for h, ex, row, srow, sc in zip(histories, exclude, items, scores, full, strict=True):
+        assert not set(row.tolist()) & (set(h) | set(ex)) and len(set(row.tolist())) == len(row)
+        assert np.allclose(srow, sc[row])  # the item's own score, best first
+        allowed = np.setdiff1d(np.arange(len(sc)), list(h) + list(ex))
+        assert srow[-1] >= np.sort(sc[allowed])[-15] - 1e-6  # no better item left out
+        assert np.all(np.diff(srow) <= 1e-6)
+    got = model.scores_of(histories, items.tolist())
+    assert all(np.allclose(g, f[row]) for g, f, row in zip(got, full, items, strict=True))
+    model.save(tmp_path)
+    again = load_collaborative(tmp_path, kind)
+    assert np.allclose(again.scores(histories), full)
+
+
+def test_candidates_come_from_the_collaborative_retriever(base_rec, markov):
+    rec = with_collab(base_rec, markov, 0.0)
+    hist = [s[:-1] for s in rec.data.sequences[:8]]
+    ranked = rec.rank_histories(hist, n_items=5, n_candidates=12)
+    want, _ = markov.search(hist, 12, exclude=hist)
+    for recs, cands in zip(ranked, want, strict=True):
+        assert {r.item for r in recs} <= set(cands.tolist())
+
+
+def test_union_takes_half_from_the_collaborative_retriever_and_fills_from_text(base_rec, markov):
+    rec = with_collab(base_rec, markov, 0.0)
+    rec.cfg.retrieval.source = "union"
+    hist = [s[:-1] for s in rec.data.sequences[:8]]
+    got = rec.collaborative_candidates(hist, n=[9] * 8, exclude=[[]] * 8)
+    own, _ = markov.search(hist, 5, exclude=hist)
+    text = rec.retrieved_many(hist, n=[9] * 8, exclude=[[]] * 8)
+    for lst, mine, txt, h in zip(got, own, text, hist, strict=True):
+        assert lst[:5] == mine.tolist() and len(lst) == len(set(lst)) == 9
+        assert set(lst[5:]) <= set(txt) and not set(lst) & set(h)
+
+
+def test_fused_ranking_reorders_every_candidate_not_the_lms_top_few(base_rec, markov):
+    """With a large weight the fused top-3 is the retriever's best among all candidates: ranking only the LM's
+    own top 3 (the requests' width) and reordering those would give other items."""
+    lm_rec = with_collab(base_rec, markov, 0.0)
+    examples = leave_one_out(lm_rec.data, "test")[:16]
+    cfg = dataclasses.replace(lm_rec.cfg, eval=dataclasses.replace(lm_rec.cfg.eval, n_candidates=12))
+    items, lm = lm_candidate_scores(lm_rec, examples, cfg, progress=False)
+    coll = markov.scores_of([ex.history for ex in examples], items)
+    fused_rec = with_collab(base_rec, markov, 50.0)
+    got = fused_rec.rank_requests(
+        history_requests([ex.history for ex in examples], n_items=3, n_candidates=12, beam_width=3)
+    )
+    differs = 0
+    for recs, its, s, c in zip(got, items, lm, coll, strict=True):
+        want = fused_order(its, s, c, 50.0)[:3]
+        assert [r.item for r in recs] == want
+        assert np.allclose([r.score for r in recs], np.sort(fuse(s, c, 50.0))[::-1][:3])
+        differs += set(want) != set(its[:3])
+    assert differs > 0  # the case the test is for occurs
+
+
+def test_an_auto_weight_not_yet_chosen_names_the_command(base_rec, markov):
+    rec = with_collab(base_rec, markov, None)
+    with pytest.raises(GenrecError, match="genrec train"):
+        rec.rank_histories([rec.data.sequences[0][:-1]], n_items=3)
+    assert rec.rank_histories([rec.data.sequences[0][:-1]], n_items=3, mode="all")  # the LM alone needs none
+
+
+def test_the_weight_is_the_grids_best_on_validation_and_recorded(trained, base_rec, markov):
+    run, _, _ = trained
+    rec = with_collab(base_rec, markov, None, fusion_grid=[0.0, 1.0, 30.0], tune_users=60)
+    cfg = dataclasses.replace(rec.cfg, eval=dataclasses.replace(rec.cfg.eval, n_candidates=15))
+    info = choose_fusion_weight(rec, cfg, progress=False)
+    assert info["weight"] == rec.fusion_weight and info["users"] == 60
+    valid = leave_one_out(rec.data, "valid")[:60]
+    assert valid[0].history == tuple(rec.data.sequences[0][:-2])  # the validation item, never the test item
+    items, lm = lm_candidate_scores(rec, valid, cfg, progress=False)
+    coll = markov.scores_of([ex.history for ex in valid], items)
+    for w in (0.0, 1.0, 30.0):
+        hits = []
+        for its, s, c, ex in zip(items, lm, coll, valid, strict=True):
+            top = fused_order(its, s, c, w)[:10]
+            hits.append(1 / np.log2(top.index(ex.target) + 2) if ex.target in top else 0.0)
+        assert info["valid_ndcg@10"][f"{w:g}"] == pytest.approx(np.mean(hits))
+    assert info["valid_ndcg@10"][f"{info['weight']:g}"] == max(info["valid_ndcg@10"].values())
+    assert run.meta()["retrieval"]["fusion"]["weight"] == info["weight"]
+
+
+def test_train_retriever_saves_it_and_the_recommender_loads_it(tmp_path):
+    from tests.conftest import make_run
+
+    run, cfg = make_run(tmp_path, "collab", ["retrieval.source=markov", "retrieval.fusion_weight=auto"])
+    with pytest.raises(GenrecError, match="genrec train"):
+        load_retrieval(run, cfg)
+    info = train_retriever(run, cfg)
+    assert info is not None and (run.path / info["file"]).is_file()
+    collab, weight = load_retrieval(run, cfg)
+    assert isinstance(collab, MarkovRetriever) and weight is None  # auto: not chosen yet
+    run.update_meta(retrieval={**run.meta()["retrieval"], "fusion": {"weight": 2.0}})
+    assert load_retrieval(run, cfg)[1] == 2.0
+    train_retriever(run, cfg)  # trained again: the weight chosen for the earlier model is dropped
+    assert load_retrieval(run, cfg)[1] is None
+    fixed = apply_overrides(cfg, ["retrieval.fusion_weight=0.5"])
+    assert load_retrieval(run, fixed)[1] == 0.5
+    assert train_retriever(run, apply_overrides(cfg, ["retrieval.source=text"])) is None
+
+
+def test_a_target_outside_the_candidates_counts_as_not_ranked(trained, base_rec, markov):
+    """Metrics stay full-ranking: with 4 candidates, genrec's Recall@10 is the share of users whose test item is
+    among them."""
+    run, cfg, _ = trained
+    cfg = apply_overrides(
+        cfg,
+        [
+            "eval.candidates=retriever",
+            "eval.n_candidates=4",
+            "retrieval.source=markov",
+            "eval.baselines=[popularity]",
+        ],
+    )
+    rec = with_collab(base_rec, markov, 0.0)
+    report = evaluate(run, cfg, rec=rec, progress=False)
+    examples = leave_one_out(rec.data, "test")[: cfg.eval.max_users]
+    cands, _ = markov.search([ex.history for ex in examples], 4, exclude=[ex.history for ex in examples])
+    inside = np.mean([ex.target in row for ex, row in zip(examples, cands.tolist(), strict=True)])
+    assert report["results"]["genrec"]["recall@10"] == pytest.approx(inside) and inside < 1.0
+    assert "counts as not ranked" in report["protocol"] and report["retrieval"]["weight"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("retrieval.fusion_weight=-1", "retrieval.fusion_weight must be >= 0"),
+        ("retrieval.fusion_weight=best", "retrieval.fusion_weight"),
+        ("retrieval.fusion_grid=[]", "retrieval.fusion_grid"),
+        ("retrieval.tune_users=-2", "retrieval.tune_users"),
+        ("retrieval.source=knn", "retrieval.source"),
+    ],
+)
+def test_bad_retrieval_settings_are_named(override, message):
+    from genrec.config import RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(RunConfig(), [override])
+
+
+def test_the_sasrec_baseline_ranks_with_the_runs_retriever_only_where_it_is_the_same_training(
+    tmp_path, monkeypatch
+):
+    import genrec.baselines as baselines
+    from genrec.evaluation import sasrec_from_retriever
+    from tests.conftest import make_run
+
+    run, cfg = make_run(
+        tmp_path, "reuse", ["retrieval.source=sasrec", "eval.sasrec_epochs=4", "eval.max_users=null"]
+    )
+    train_retriever(run, cfg, progress=False)
+    collab, _ = load_retrieval(run, cfg)
+    rec = type("Rec", (), {"run": run, "collab": collab, "data": run.load_data()})()
+    examples = leave_one_out(rec.data, "test")
+    kept = sasrec_from_retriever(rec, examples, cfg, k=10)
+    trained_again = baselines.sasrec_lists(
+        rec.data, examples, split="test", k=10, cfg=baselines.SASRecConfig(epochs=4, seed=0), progress=False
+    )
+    assert kept == trained_again
+    assert sasrec_from_retriever(rec, examples, apply_overrides(cfg, ["eval.sasrec_epochs=5"]), k=10) is None
+    assert sasrec_from_retriever(rec, examples, apply_overrides(cfg, ["train.seed=1"]), k=10) is None
+    assert sasrec_from_retriever(rec, examples, apply_overrides(cfg, ["eval.split=valid"]), k=10) is None
