@@ -103,6 +103,53 @@ def id_token_vectors(ids: ItemIds, item_vectors: np.ndarray, width: int) -> dict
     return out
 
 
+def text_token_vectors(ids: ItemIds, titles: list[str], model: Any, tokenizer: Any) -> dict[str, np.ndarray]:
+    """What each ID token stands for in the base's own input-embedding space, read from the item titles.
+
+    An item's vector is the mean of its title tokens' input embeddings. An atomic token (and an input token,
+    ids.input_tokens) is its item's vector; a semantic token (level, code) the mean over the items with that
+    code at that level. Collision tokens carry no meaning and are left out, as are items without a title.
+    """
+    emb = model.get_input_embeddings().weight.detach().float()
+    item_vectors: dict[int, torch.Tensor] = {}
+    for i, title in enumerate(tqdm(titles, desc="ID rows from titles", unit="item", leave=False)):
+        toks = tokenizer(title, add_special_tokens=False)["input_ids"] if title else []
+        if toks:
+            item_vectors[i] = emb[toks].mean(0)
+
+    def mean_of(items: Iterable[int]) -> np.ndarray | None:
+        rows = [item_vectors[i] for i in items if i in item_vectors]
+        return torch.stack(rows).mean(0).numpy() if rows else None
+
+    candidates: dict[str, np.ndarray | None] = {}
+    if ids.scheme == "atomic":
+        for i, code in enumerate(ids.codes[:, 0]):
+            candidates[ids.token(0, int(code))] = mean_of([i])
+    else:
+        for level in range(ids.depth - 1):  # the last level numbers collisions
+            for code in range(ids.level_sizes[level]):
+                candidates[ids.token(level, code)] = mean_of(
+                    np.flatnonzero(ids.codes[:, level] == code).tolist()
+                )
+    for i in range(min(ids.input_items, len(titles))):
+        candidates[ids.input_token(i)] = mean_of([i])
+    return {t: v for t, v in candidates.items() if v is not None}
+
+
+def set_id_rows(model: Any, tokenizer: Any, vectors: dict[str, np.ndarray]) -> int:
+    """Write `vectors` as they are into the tokens' input rows (and untied output rows); returns how many."""
+    names = sorted(vectors)
+    token_ids = tokenizer.convert_tokens_to_ids(names)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        rows = torch.from_numpy(np.stack([vectors[n] for n in names])).to(emb.dtype)
+        emb[token_ids] = rows
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[token_ids] = rows.to(out.weight.dtype)
+    return len(names)
+
+
 def init_id_embeddings(
     model: Any, tokenizer: Any, vectors: dict[str, np.ndarray], *, scale: float, pretrained: bool
 ) -> int:

@@ -370,3 +370,105 @@ def test_smollm2_by_name_converts_loads_and_answers_from_its_chat_template(tmp_p
     x = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**x, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, x["input_ids"].shape[1] :])
+
+
+# --- LoRA on a pretrained (Llama) base: only the ID rows train beside the adapters; merged == adapter ---
+
+
+def llama_base(tmp_path, *, tied: bool = True) -> Path:
+    """A tiny Llama saved as a "pretrained" folder (its own BPE vocabulary, no ID tokens)."""
+    tok = train_tokenizer(["recent items", "next item please", "the cat sat on the mat"] * 20, vocab_size=300)
+    model = tiny_llama(tok)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    folder = tmp_path / ("llama" if tied else "llama-untied")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_trains_the_adapters_and_the_id_rows_only(tmp_path, tied):
+    from peft import get_peft_model
+
+    from genrec.training import lora_config, prepare_model, prompt_builder
+    from tests.conftest import make_run
+
+    base = llama_base(tmp_path, tied=tied)
+    run, cfg = make_run(tmp_path, "lora", [f"model.base={base}", "model.dtype=float32", "train.lora_r=4"])
+    data, ids = run.load_data(), run.load_ids()
+    model, tok = prepare_model(run, cfg, prompt_builder(run, cfg, data, ids), data)
+    peft = get_peft_model(model, lora_config(cfg, model=model, tokenizer=tok, id_tokens=ids.vocabulary()))
+    trainable = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    deltas = [p for n, p in trainable.items() if "trainable_tokens_delta" in n]
+    assert len(deltas) == (1 if tied else 2)  # a tied head shares the embedding's rows
+    assert all(d.shape == (len(ids.vocabulary()), model.config.hidden_size) for d in deltas)
+    lora = [n for n in trainable if "lora_" in n]
+    assert lora and len(lora) + len(deltas) == len(
+        trainable
+    )  # nothing else: no full embedding or head matrix
+    assert {n.split(".")[-4] for n in lora} == set(cfg.train.lora_targets)
+    assert peft.peft_config["default"].r == 4
+
+
+@pytest.mark.slow
+def test_lora_on_a_llama_base_merges_to_the_adapters_logits_and_keeps_text_rows(tmp_path):
+    """train() on a tiny tied Llama base: merged/ equals the saved adapter applied to its base (logits), the ID
+    rows moved, every text row is the base's, and the merged model is still tied."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genrec.training import train
+    from tests.conftest import make_run
+
+    base = llama_base(tmp_path)
+    run, cfg = make_run(tmp_path, "lora", [f"model.base={base}", "model.dtype=float32", "train.max_steps=8"])
+    summary = train(run, cfg)
+    assert summary["method"] == "lora"
+    merged = AutoModelForCausalLM.from_pretrained(run.merged_dir).eval()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(run.adapter_dir).eval()
+    tok = AutoTokenizer.from_pretrained(run.merged_dir)
+    ids = run.load_ids()
+    x = torch.tensor([tok("recent items " + "".join(ids.item_tokens(0) + ids.item_tokens(1)))["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapter(x).logits, atol=1e-4, rtol=1e-4)
+    before = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.detach()
+    after = merged.get_input_embeddings().weight.detach()
+    id_rows = tok.convert_tokens_to_ids(ids.vocabulary())
+    assert torch.equal(after[: len(before)], before)  # text rows untouched
+    start = (
+        adapter.get_base_model().model.embed_tokens.original_module.weight.detach()
+    )  # rows before training
+    assert (after[id_rows] != start[id_rows]).any(1).all()  # every ID row trained
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("scheme", ["atomic", "semantic"])
+def test_text_init_starts_id_rows_from_the_bases_embeddings_of_the_titles(tmp_path, scheme):
+    """model.id_init=text: an atomic token's row is the mean of its item's title-token rows; a semantic
+    token's, the mean of that over the items with its code at its level; collision tokens keep the default."""
+    from transformers import AutoModelForCausalLM
+
+    from genrec.training import prepare_model, prompt_builder
+    from tests.conftest import make_run
+
+    base = llama_base(tmp_path)
+    extra = [f"model.base={base}", "model.dtype=float32", f"ids.scheme={scheme}"]
+    run, cfg = make_run(tmp_path, scheme, [*extra, "model.id_init=text"])
+    data, ids = run.load_data(), run.load_ids()
+    model, tok = prepare_model(run, cfg, prompt_builder(run, cfg, data, ids), data)
+    text_rows = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.detach()
+    titles = data.catalog.titles
+    assert all(titles)
+    means = torch.stack([text_rows[tok(t, add_special_tokens=False)["input_ids"]].mean(0) for t in titles])
+    rows = model.get_input_embeddings().weight.detach()
+    for level in range(ids.depth if scheme == "atomic" else ids.depth - 1):
+        for code in range(ids.level_sizes[level]):
+            items = np.flatnonzero(ids.codes[:, level] == code)
+            row = rows[tok.convert_tokens_to_ids(ids.token(level, code))]
+            torch.testing.assert_close(row, means[items].mean(0), atol=1e-5, rtol=1e-4)
+    if scheme == "semantic":  # collision tokens: the base's default (mean-resized) rows, not a title mean
+        collision = rows[tok.convert_tokens_to_ids(ids.level_tokens()[-1])]
+        assert torch.cdist(collision, means).min() > 1e-3
+    assert torch.equal(rows[: len(text_rows)], text_rows)  # text rows untouched
