@@ -311,7 +311,12 @@ def convert_gguf(path: Path, dest: Path) -> Path:
                 path.parent, gguf_file=path.name, dtype=torch.float32
             )
             bar.update()
-            model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+            config = loaded.config
+            if hasattr(
+                config, "quantization_config"
+            ):  # the dequantised weights are plain; trainers refuse "GGUF"
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             model.load_state_dict(loaded.state_dict())
             del loaded
             bar.update()

@@ -264,6 +264,9 @@ def test_a_gguf_base_converts_once_to_a_plain_folder_with_the_same_logits_and_to
     converted = AutoModelForCausalLM.from_pretrained(folder).eval()
     ctok = AutoTokenizer.from_pretrained(folder)
     assert type(converted).__name__ == "LlamaForCausalLM" and converted.config.tie_word_embeddings
+    assert (
+        "quantization_config" not in converted.config.to_dict()
+    )  # dequantised: trainable, unlike a GGUF load
     messages = [{"role": "user", "content": "the cat sat on the mat, next item"}]
     assert ctok.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(
         messages, tokenize=False
