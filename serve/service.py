@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
 
+from genrec.cpu_time import StageClock
 from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
 from genrec.prompts import PromptTemplate, TemplateProblem
@@ -90,12 +91,34 @@ class _RankedBy:
         yield family
 
 
+class _StageCPU:
+    """Exposes the recommender's CPU seconds by stage (genrec.cpu_time): divided by the requests served, the
+    CPU a request costs in each stage."""
+
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "genrec_stage_cpu_seconds", "Server CPU seconds by stage of the requests' work", labels=["stage"]
+        )
+        for stage, seconds in self.clock.seconds().items():
+            family.add_metric([stage], seconds)
+        yield family
+
+
 class Metrics:
-    def __init__(self, engine: Any = None) -> None:
+    def __init__(self, engine: Any = None, *, clock: StageClock | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         if engine is not None:
             r.register(_RankedBy(engine))
+        if clock is not None:
+            r.register(_StageCPU(clock))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total: the whole server's CPU, every thread
+        self.engine_busy = Counter(
+            "genrec_engine_busy_seconds", "Wall seconds the engine worker spent ranking batches", registry=r
+        )
         self.requests = Counter("genrec_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
         self.latency = Histogram(
             "genrec_request_latency_seconds",
@@ -128,7 +151,7 @@ class RecService:
         self.rec = rec
         self.model_name = model_name
         self.limits = limits or ServeLimits()
-        self.metrics = Metrics(rec.engine)
+        self.metrics = Metrics(rec.engine, clock=rec.clock)
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0
@@ -256,7 +279,8 @@ class RecService:
     # -- ranking ---------------------------------------------------------------------------------
     async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
         if q.messages is None:
-            self.render(q, opts.template)
+            with self.rec.clock.stage("render"):
+                self.render(q, opts.template)
         width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
         req = RankRequest(
             q.history,
@@ -360,6 +384,7 @@ class RecService:
                 except asyncio.TimeoutError:
                     break
             self.metrics.batch_size.observe(len(jobs))
+            busy = time.perf_counter()
             try:
                 results = await asyncio.to_thread(self.rec.rank_requests, [j.request for j in jobs])
             except Exception as e:  # one bad batch must not kill the worker; each waiter gets the error
@@ -372,6 +397,7 @@ class RecService:
                     if not j.future.done():
                         j.future.set_result(r)
             finally:
+                self.metrics.engine_busy.inc(time.perf_counter() - busy)
                 self._pending -= len(jobs)
                 self.metrics.queue_depth.set(self._pending)
 
