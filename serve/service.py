@@ -53,6 +53,10 @@ class ServeLimits:
     """A request still waiting after this gets 503."""
     concurrent_batches: int = 4
     """Batches in flight at once when the engine allows it (AsyncLLM); the transformers engine runs one."""
+    template_recheck_s: float = 0.5
+    """How long the template store trusts its last look at a template's files on disk: within it, a request's
+    template lookup makes no file-system call. Saves through this server are seen at once, saves by another
+    process (`genrec prompts`) within this time. 0: look at the disk for every request."""
     warmup_requests: int = 0
     """Requests ranked at start-up, before the server accepts connections: the run's own users as default
     requests, in batches of 1, 2, 4 and 8, so that the first clients do not pay one-time costs (on a GPU
@@ -152,6 +156,7 @@ class RecService:
         self.model_name = model_name
         self.limits = limits or ServeLimits()
         self.metrics = Metrics(rec.engine, clock=rec.clock)
+        rec.templates.recheck_s = self.limits.template_recheck_s
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0

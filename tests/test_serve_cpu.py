@@ -142,3 +142,48 @@ def test_load_bench_splits_clients_and_reads_the_servers_counters(served):
     assert got["stage_cpu_ms_per_request"] == {"rank": 10.0, "encode": 5.0}
     assert got["outside_forward_cpu_ms_per_request"] == 10.0 and got["unstaged_cpu_ms_per_request"] == 5.0
     assert server_side(before, {}, wall=1.0, served=1) == {}
+
+
+def test_template_lookups_trust_the_disk_for_recheck_s(tmp_path, monkeypatch):
+    """With recheck_s, repeated lookups of the active template make no stat; a save through the same store is
+    seen at once, another store's (another process) only after recheck_s; with 0 (the default), at once."""
+    import os
+
+    from genrec.prompt_store import TemplateStore
+    from genrec.prompts import PROMPTS_DIR
+    from tests.test_templates import EDITED
+
+    server = TemplateStore(tmp_path / "t", shipped=[PROMPTS_DIR], recheck_s=0.3)
+    eager, cli = (TemplateStore(tmp_path / "t", shipped=[PROMPTS_DIR]) for _ in range(2))
+    assert server.template("default")[0].version == eager.template("default")[0].version == 1
+    stats = []
+    real = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real(*a, **k))
+    for _ in range(5):
+        server.template("default")
+    assert stats == []
+    monkeypatch.setattr(os, "stat", real)
+    cli.save("default", EDITED, author="cli", base_version=1)
+    assert eager.active("default").version == 2  # recheck_s 0: the disk every time
+    assert server.active("default").version == 1  # trusted for up to 0.3 s
+    time.sleep(0.35)
+    assert server.active("default").version == 2
+    server.save("default", EDITED.replace("(edited)", "(again)"), author="api", base_version=2)
+    v, t = server.template("default")
+    assert v.version == 3 and "(again)" in t.body  # its own save: at once
+
+
+def test_serve_cpu_bench_reports_every_stage_and_the_lookups_disk_calls(served):
+    """bench.serve_cpu on the tiny run: every stage of a chat request gets CPU time; the encoders agree; the
+    template lookups stat files when the disk is checked every time and not within template_recheck_s."""
+    from bench.serve_cpu import encode_before_after, lookups_before_after, stages
+
+    _, rec = served
+    service = RecService(rec, model_name="m")
+    texts = [", ".join(rec.catalog.item_ids[i] for i in rec.user_history(u)[-3:]) for u in rec.data.users[:8]]
+    split = stages(service, texts, 4)
+    assert set(split) == set(STAGES) and all(split[s] > 0 for s in STAGES)
+    assert set(encode_before_after(RECS, 3)) == {"before_ms", "after_ms", "ratio"}
+    found = lookups_before_after(rec, 3)
+    assert found["before"]["fs_calls_per_request"]["stat"] > 0
+    assert found["after"]["fs_calls_per_request"] == {"stat": 0, "open": 0}
