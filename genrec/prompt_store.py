@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -90,19 +91,32 @@ def check_name(name: str) -> str:
 
 
 class TemplateStore:
-    def __init__(self, root: Path, *, shipped: Sequence[Path] = (PROMPTS_DIR,)) -> None:
+    def __init__(
+        self, root: Path, *, shipped: Sequence[Path] = (PROMPTS_DIR,), recheck_s: float = 0.0
+    ) -> None:
+        """`recheck_s`: how long a state file's or shipped file's stat is trusted (0: every lookup checks the
+        disk); the server trusts it briefly, so that a request's template lookup makes no file-system call."""
         self.root = Path(root)
         self.shipped = [Path(p) for p in shipped]
         self._cache: dict[tuple[str, int], PromptTemplate] = {}
         self._meta: dict[tuple[str, int], TemplateVersion] = {}
         """Saved versions' metadata: immutable, so read from disk once."""
-        self._files = _FileCache()
+        self._files = _FileCache(recheck_s)
         """state.json and shipped files, re-read only when they change on disk (another process saved)."""
         self._mutex = threading.Lock()
 
     @classmethod
     def for_run(cls, run_path: Path) -> TemplateStore:
         return cls(Path(run_path) / "templates", shipped=[Path(run_path) / "prompts", PROMPTS_DIR])
+
+    @property
+    def recheck_s(self) -> float:
+        """How long a file's stat is trusted (see __init__)."""
+        return self._files.recheck_s
+
+    @recheck_s.setter
+    def recheck_s(self, seconds: float) -> None:
+        self._files.recheck_s = seconds
 
     # -- reading ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -112,7 +126,9 @@ class TemplateStore:
         return sorted(found)
 
     def _shipped_file(self, name: str) -> Path | None:
-        return next((f / f"{name}.jinja" for f in self.shipped if (f / f"{name}.jinja").is_file()), None)
+        return next(
+            (f / f"{name}.jinja" for f in self.shipped if self._files.exists(f / f"{name}.jinja")), None
+        )
 
     def _state(self, name: str) -> dict[str, Any] | None:
         state: dict[str, Any] | None = self._files.get(self.root / name / "state.json", json.loads)
@@ -325,17 +341,37 @@ class TemplateStore:
 
 
 class _FileCache:
-    """Parsed small files, re-parsed only when their (mtime, size) changes; missing files are None."""
+    """Parsed small files, re-parsed only when their (mtime, size) changes; missing files are None. With
+    `recheck_s` > 0 a file's stat is reused for that long: a server looking up its active template for every
+    request makes no file-system call between checks (its own saves `forget` at once; another process's
+    are seen within `recheck_s`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recheck_s: float = 0.0) -> None:
+        self.recheck_s = recheck_s
         self._entries: dict[Path, tuple[tuple[int, int], Any]] = {}
+        self._checked: dict[Path, tuple[float, tuple[int, int] | None]] = {}
+        """Each path's last stat: (monotonic time, (mtime, size) or None where missing)."""
 
-    def get(self, path: Path, parse: Callable[[str], Any]) -> Any:
+    def _key(self, path: Path) -> tuple[int, int] | None:
+        now = time.monotonic()
+        seen = self._checked.get(path)
+        if seen is not None and now - seen[0] < self.recheck_s:
+            return seen[1]
         try:
             st = path.stat()
+            key: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
+            key = None
+        self._checked[path] = (now, key)
+        return key
+
+    def exists(self, path: Path) -> bool:
+        return self._key(path) is not None
+
+    def get(self, path: Path, parse: Callable[[str], Any]) -> Any:
+        key = self._key(path)
+        if key is None:
             return None
-        key = (st.st_mtime_ns, st.st_size)
         hit = self._entries.get(path)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -345,6 +381,7 @@ class _FileCache:
 
     def forget(self, path: Path) -> None:
         self._entries.pop(path, None)
+        self._checked.pop(path, None)
 
 
 def _undo_stack(activations: list[dict[str, Any]]) -> list[int]:

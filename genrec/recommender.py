@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from genrec.config import SEARCHES, RunConfig
+from genrec.cpu_time import StageClock
 from genrec.data import Interactions
 from genrec.decoding import Ranked, Trie
 from genrec.decoding.tree import TreeLayout
@@ -161,6 +162,8 @@ class Recommender:
         self._all = Trie(self.item_tokens.tolist())
         self._builders: dict[tuple[str, int], PromptBuilder] = {}
         self._encoder: Any = None
+        self.clock = StageClock()
+        """CPU time of this recommender's work by stage (render, tokenise, retrieve, layout, rank, results)."""
 
     @classmethod
     def load(
@@ -415,16 +418,20 @@ class Recommender:
         """The CPU side of ranking a batch: prompts rendered (where not already) and tokenized, candidates
         retrieved. Needs no model, so genrec.prep runs it in worker processes for batch jobs."""
         builders: dict[tuple[str | None, int | None], PromptBuilder] = {}
-        for r in requests:
-            if r.messages is None:
-                key = (r.template or self.template_for(r.query), r.template_version)
-                if key not in builders:
-                    builders[key] = self.builder_for(*key)
-                r.messages = builders[key].messages(r.history, r.user, query=r.query)
-        prompts = self.engine.encode_many([r.messages or [] for r in requests])
-        retrieved = self._retrieve(requests)
-        self._check_fusion(retrieved)
-        return PreparedBatch(prompts, retrieved, retrieved_scores=self._retrieved_scores(requests, retrieved))
+        with self.clock.stage("render"):
+            for r in requests:
+                if r.messages is None:
+                    key = (r.template or self.template_for(r.query), r.template_version)
+                    if key not in builders:
+                        builders[key] = self.builder_for(*key)
+                    r.messages = builders[key].messages(r.history, r.user, query=r.query)
+        with self.clock.stage("tokenise"):
+            prompts = self.engine.encode_many([r.messages or [] for r in requests])
+        with self.clock.stage("retrieve"):
+            retrieved = self._retrieve(requests)
+            self._check_fusion(retrieved)
+            scores = self._retrieved_scores(requests, retrieved)
+        return PreparedBatch(prompts, retrieved, retrieved_scores=scores)
 
     def rank_prepared(
         self, requests: Sequence[RankRequest], prepared: PreparedBatch
@@ -442,18 +449,21 @@ class Recommender:
         prompts = prepared.prompts
         for r, p in zip(requests, prompts, strict=True):
             r.prompt_tokens = len(p)
-        lays = prepared.layouts
-        if lays is None:
-            tries: list[Trie | None] = list(self.prepared_tries(requests, prepared))
-        else:  # layouts: made by a worker for this engine's layout_policy (genrec.prep); tries for the rest
-            need = [i for i, lay in enumerate(lays) if lay is None]
-            made = iter(self._tries([requests[i] for i in need], [prepared.retrieved[i] for i in need]))
-            tries = [next(made) if lay is None else None for lay in lays]
+        with self.clock.stage("layout"):
+            tries, lays = self._tries_and_layouts(requests, prepared)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         if prepared.retrieved_scores is not None:  # every candidate's LM score, to fuse (`fused`)
             width = max(width, *(len(c) for c in prepared.retrieved if c is not None))
-        ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
-        return lambda: self.recommendations(requests, self.fused(ranked(), prepared))
+        with self.clock.stage("rank"):
+            ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
+
+        def finish() -> list[list[Recommendation]]:
+            with self.clock.stage("rank"):
+                done = ranked()
+            with self.clock.stage("results"):
+                return self.recommendations(requests, self.fused(done, prepared))
+
+        return finish
 
     def _check_fusion(self, retrieved: Sequence[list[int] | None]) -> None:
         if self.collab is not None and self.fusion_weight is None and any(c is not None for c in retrieved):
@@ -479,6 +489,30 @@ class Recommender:
             order = np.argsort(-scores, kind="stable")
             out.append(Ranked([r.items[j] for j in order], [float(scores[j]) for j in order]))
         return out
+
+    def _tries_and_layouts(
+        self, requests: Sequence[RankRequest], prepared: PreparedBatch
+    ) -> tuple[list[Trie | None], list[TreeLayout | None] | None]:
+        """The engine's inputs besides prompts: candidate tries, and tree layouts where the engine scores
+        exactly (made here unless a worker made them, so that their CPU time counts as `layout`, not `rank`).
+        A request with a layout needs no trie (None)."""
+        lays = prepared.layouts
+        policy = getattr(self.engine, "layout_policy", None)
+        if lays is None:
+            every = self.prepared_tries(requests, prepared)
+            if policy is None:
+                return list(every), None
+            from genrec.engines.hf import tree_layouts
+
+            search, max_tree_tokens = policy  # this engine's layout_policy, as genrec.prep's workers apply it
+            found = tree_layouts(every, search, max_tree_tokens)
+            return [None if i in found else t for i, t in enumerate(every)], [
+                found.get(i) for i in range(len(every))
+            ]
+        # layouts made by a worker for this engine's layout_policy (genrec.prep); tries for the rest
+        need = [i for i, lay in enumerate(lays) if lay is None]
+        made = iter(self._tries([requests[i] for i in need], [prepared.retrieved[i] for i in need]))
+        return [next(made) if lay is None else None for lay in lays], lays
 
     def recommendations(
         self, requests: Sequence[RankRequest], ranked: Sequence[Ranked]

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec.errors import GenrecError
 from genrec.recommender import Recommendation
+from serve import encode
 from serve.http import BodyLimit, HTTPLimits
 from serve.protocol import (
     APIError,
@@ -31,9 +32,7 @@ from serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChunkChoice,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
     Delta,
     ModelCard,
     ModelList,
@@ -83,6 +82,7 @@ def create_app(
     size and read deadline; `public`: `metrics` and/or `docs` served without a key when keys are configured
     (by default they need one, like /v1)."""
     admins = dict(admin_keys or {})
+    clock = service.rec.clock  # CPU time by stage; the worker thread's stages are timed by the recommender
     keys = set(api_keys or []) | (set(admins) if api_keys else set())
     exact, prefixes = protected_paths(public)
 
@@ -177,16 +177,31 @@ def create_app(
             check_model(req.model, req.n)
             user_msgs = [m for m in req.messages if m.role == "user"]
             text = user_msgs[-1].text() if user_msgs else ""
-            q = service.parse(req, text=text, user=req.user)
+            with clock.stage("parse"):
+                q = service.parse(req, text=text, user=req.user)
             recs = await service.recommend(q, req)
         except APIError as e:
             return error(e)
-        fmt = req.response_format.type if req.response_format else "text"
-        content = (
-            json.dumps({"items": [i.model_dump() for i in recommended_items(recs)]})
-            if fmt != "text"
-            else format_text(recs)
-        )
+        with clock.stage("encode"):
+            fmt = req.response_format.type if req.response_format else "text"
+            content = json.dumps({"items": encode.recommended(recs)}) if fmt != "text" else format_text(recs)
+            template = (
+                service.template_info(q.template.name, q.template.hash, q.template.version)
+                if q.template
+                else None
+            )
+            if not req.stream:
+                return Response(
+                    encode.chat_completion(
+                        model=req.model,
+                        content=content,
+                        recs=recs,
+                        prompt_tokens=q.prompt_tokens,
+                        completion_tokens=len(recs) * service.rec.ids.depth,
+                        template=template,
+                    ),
+                    media_type=encode.JSON,
+                )
         usage = Usage(
             prompt_tokens=q.prompt_tokens,
             completion_tokens=len(recs) * service.rec.ids.depth,
@@ -197,12 +212,8 @@ def create_app(
             choices=[ChatChoice(message=AssistantMessage(content=content))],
             usage=usage,
             recommendations=recommended_items(recs),
-            template=service.template_info(q.template.name, q.template.hash, q.template.version)
-            if q.template
-            else None,
+            template=template,
         )
-        if not req.stream:
-            return resp
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(sse_chunks(resp, content, include_usage), media_type="text/event-stream")
 
@@ -213,21 +224,20 @@ def create_app(
             prompt = req.prompt if isinstance(req.prompt, str) else "\n".join(req.prompt)
             if req.stream:
                 raise APIError(400, "stream=true is supported on /v1/chat/completions only", param="stream")
-            q = service.parse(req, text=prompt, user=req.user)
+            with clock.stage("parse"):
+                q = service.parse(req, text=prompt, user=req.user)
             recs = await service.recommend(q, req)
         except APIError as e:
             return error(e)
-        usage = Usage(
-            prompt_tokens=q.prompt_tokens,
-            completion_tokens=len(recs) * service.rec.ids.depth,
-        )
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return CompletionResponse(
-            model=req.model,
-            choices=[CompletionChoice(text=format_text(recs))],
-            usage=usage,
-            recommendations=recommended_items(recs),
-        )
+        with clock.stage("encode"):
+            body = encode.completion(
+                model=req.model,
+                text=format_text(recs),
+                recs=recs,
+                prompt_tokens=q.prompt_tokens,
+                completion_tokens=len(recs) * service.rec.ids.depth,
+            )
+            return Response(body, media_type=encode.JSON)
 
     app.include_router(template_router(service, admin_keys=admins))
     app.add_middleware(BodyLimit, limits=http or HTTPLimits())  # added last: the outermost layer

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
 
+from genrec.cpu_time import StageClock
 from genrec.evaluation import validity
 from genrec.prompt_store import TemplateNotFound, TemplateVersion
 from genrec.prompt_worker import shared_worker
@@ -54,6 +55,10 @@ class ServeLimits:
     """A request still waiting after this gets 503."""
     concurrent_batches: int = 4
     """Batches in flight at once when the engine allows it (AsyncLLM); the transformers engine runs one."""
+    template_recheck_s: float = 0.5
+    """How long the template store trusts its last look at a template's files on disk: within it, a request's
+    template lookup makes no file-system call. Saves through this server are seen at once, saves by another
+    process (`genrec prompts`) within this time. 0: look at the disk for every request."""
     warmup_requests: int = 0
     """Requests ranked at start-up, before the server accepts connections: the run's own users as default
     requests, in batches of 1, 2, 4 and 8, so that the first clients do not pay one-time costs (on a GPU
@@ -92,12 +97,34 @@ class _RankedBy:
         yield family
 
 
+class _StageCPU:
+    """Exposes the recommender's CPU seconds by stage (genrec.cpu_time): divided by the requests served, the
+    CPU a request costs in each stage."""
+
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "genrec_stage_cpu_seconds", "Server CPU seconds by stage of the requests' work", labels=["stage"]
+        )
+        for stage, seconds in self.clock.seconds().items():
+            family.add_metric([stage], seconds)
+        yield family
+
+
 class Metrics:
-    def __init__(self, engine: Any = None) -> None:
+    def __init__(self, engine: Any = None, *, clock: StageClock | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         if engine is not None:
             r.register(_RankedBy(engine))
+        if clock is not None:
+            r.register(_StageCPU(clock))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total: the whole server's CPU, every thread
+        self.engine_busy = Counter(
+            "genrec_engine_busy_seconds", "Wall seconds the engine worker spent ranking batches", registry=r
+        )
         self.requests = Counter("genrec_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
         self.latency = Histogram(
             "genrec_request_latency_seconds",
@@ -130,7 +157,8 @@ class RecService:
         self.rec = rec
         self.model_name = model_name
         self.limits = limits or ServeLimits()
-        self.metrics = Metrics(rec.engine)
+        self.metrics = Metrics(rec.engine, clock=rec.clock)
+        rec.templates.recheck_s = self.limits.template_recheck_s
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0
@@ -276,7 +304,7 @@ class RecService:
     # -- ranking ---------------------------------------------------------------------------------
     async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
         if q.messages is None:  # off the event loop: a render may take up to its time limit
-            await asyncio.to_thread(self.render, q, opts.template)
+            await asyncio.to_thread(self._timed_render, q, opts.template)
         width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
         req = RankRequest(
             q.history,
@@ -295,6 +323,10 @@ class RecService:
             recs = self.diversify(recs, opts.n_items, opts.explore)
         self._count(recs, q)
         return recs
+
+    def _timed_render(self, q: Query, template: str | None) -> None:
+        with self.rec.clock.stage("render"):
+            self.render(q, template)
 
     def render(
         self,
@@ -386,6 +418,7 @@ class RecService:
                 except asyncio.TimeoutError:
                     break
             self.metrics.batch_size.observe(len(jobs))
+            busy = time.perf_counter()
             try:
                 results = await asyncio.to_thread(self.rec.rank_requests, [j.request for j in jobs])
             except Exception as e:  # one bad batch must not kill the worker; each waiter gets the error
@@ -398,6 +431,7 @@ class RecService:
                     if not j.future.done():
                         j.future.set_result(r)
             finally:
+                self.metrics.engine_busy.inc(time.perf_counter() - busy)
                 self._pending -= len(jobs)
                 self.metrics.queue_depth.set(self._pending)
 

@@ -1,5 +1,6 @@
 """Property tests: the trie against a brute-force set; beam search against exhaustive scoring."""
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -314,9 +315,8 @@ def test_tree_inputs_are_packed_as_row_by_row(tiny_lm):
     model, tok, _ = tiny_lm
     engine, prompts, lays = _four_requests(model, tok)
     width = max(len(p) + lay.n_inputs for p, lay in zip(prompts, lays, strict=True)) + 3
-    ids, pos, prompt_at, tree_at, pb, pq, pk = TreeScorer(model, pad_id=engine.pad_id).pack(
-        prompts, lays, 6, width
-    )
+    ids, pos, prompt_at, tree_at, seen = TreeScorer(model, pad_id=engine.pad_id).pack(prompts, lays, 6, width)
+    pb, pq, pk = np.unravel_index(seen, (6, width, width))
     assert ids.shape == pos.shape == (6, width)
     for b, (p, lay) in enumerate(zip(prompts, lays, strict=True)):
         n, t = len(p), lay.n_inputs
@@ -330,6 +330,128 @@ def test_tree_inputs_are_packed_as_row_by_row(tiny_lm):
             and pk[pb == b].tolist() == (key + o + n).tolist()
         )
     assert (ids[4:] == engine.pad_id).all() and (pos[4:] == 0).all() and (prompt_at[4:] == width).all()
+
+
+def _inputs_before_issue_26(scorer, prompts, lays, n_rows, width):
+    """TreeScorer._inputs as it was: (row, query, key) index arrays made row by row and a scalar assignment,
+    `allow[rows, queries, keys] = True`, which on a GPU copies the scalar to the device and waits."""
+    from genrec.decoding.tree import to_device
+
+    ids, pos, prompt_at, tree_at, _ = scorer.pack(prompts, lays, n_rows, width)
+    rows, queries, keys = [], [], []
+    for b, lay in enumerate(lays):
+        q, k = lay.ancestor_pairs()
+        rows += [b] * len(q)
+        queries += (q.numpy() + tree_at[b]).tolist()
+        keys += (k.numpy() + tree_at[b]).tolist()
+    ids_d, pos_d, prompt_d, tree_d, r_d, q_d, k_d = to_device(
+        [ids, pos, prompt_at, tree_at, np.array(rows), np.array(queries), np.array(keys)], scorer.device
+    )
+    allow = scorer._tree_mask(width, prompt_d, tree_d)
+    allow[r_d, q_d, k_d] = True
+    mask = allow
+    if getattr(scorer.model.config, "_attn_implementation", None) != "sdpa":
+        mask = torch.zeros(allow.shape, dtype=scorer.dtype, device=scorer.device)
+        mask.masked_fill_(~allow, torch.finfo(scorer.dtype).min)
+    return ids_d, pos_d, mask[:, None]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_tree_inputs_and_rankings_equal_the_previous_implementation(tiny_lm, monkeypatch, attention):
+    """The mask filled by flat indices (`index_fill_`, no wait on a GPU) is the one the scalar assignment made,
+    element for element, for padded extra rows too; and the rankings are identical: same items, same scores
+    to the bit, under sdpa's boolean mask and eager's additive one."""
+    from genrec.engines.hf import TreeScorer
+
+    model, tok, _ = tiny_lm
+    engine, prompts, lays = _four_requests(model, tok)
+    monkeypatch.setattr(model.config, "_attn_implementation", attention)
+    scorer = TreeScorer(model, pad_id=engine.pad_id)
+    width = max(len(p) + lay.n_inputs for p, lay in zip(prompts, lays, strict=True)) + 5
+    for got, want in zip(
+        scorer._inputs(prompts, lays, 6, width),
+        _inputs_before_issue_26(scorer, prompts, lays, 6, width),
+        strict=True,
+    ):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    now = scorer.rank(prompts, lays, 8)
+    monkeypatch.setattr(scorer, "_inputs", lambda *a: _inputs_before_issue_26(scorer, *a))
+    before = scorer.rank(prompts, lays, 8)
+    assert [(r.items, r.scores) for r in now] == [(r.items, r.scores) for r in before]
+
+
+def _meta_scorers(model, engine):
+    """TreeScorers over a copy of `model` on the `meta` device (no data): plain, padded (StaticForward's
+    arithmetic), and under each model.id_softmax, each warmed by one launch (cached head rows)."""
+    import copy
+
+    from genrec.engines.hf import StaticForward, TreeScorer
+
+    meta = copy.deepcopy(model).to("meta")
+    scorers = {
+        "plain": TreeScorer(meta, pad_id=engine.pad_id),
+        "static": TreeScorer(meta, pad_id=engine.pad_id, static=StaticForward(meta, capture=False)),
+    }
+    for mode in MODES:
+        groups = HFEngine(model, engine.tokenizer, softmax_groups=softmax_groups(LEVELS, mode)).softmax
+        scorers[mode] = TreeScorer(meta, pad_id=engine.pad_id, softmax=groups)
+    return scorers
+
+
+def test_tree_launch_never_waits_for_the_device_on_a_meta_device(tiny_lm, monkeypatch):
+    """The CPU stand-in for the GPU test's `set_sync_debug_mode("error")`: the whole launch (packing, the copy
+    of the index arrays, the mask, the forward, the edge gathers, the path sums and the sort) runs on the
+    `meta` device under tests/sync_audit.py, with no op that would make the host wait for a GPU (a value read
+    back, a data-sized output, a blocking copy to the device, a boolean mask, a scalar assignment); the
+    implementation before issue 26 is caught at its scalar assignment, so the audit can fail."""
+    from tests.sync_audit import SyncAudit
+
+    model, tok, _ = tiny_lm
+    engine, prompts, lays = _four_requests(model, tok)
+    scorers = _meta_scorers(model, engine)
+    scorers["static"].static.verified = True  # its first-use check reads values back, once, by design
+    for name, scorer in scorers.items():
+        scorer.launch(prompts, lays, 5)
+        with SyncAudit() as audit:
+            scorer.launch(prompts, lays, 5)
+        assert audit.found == [], name
+        assert "aten.scaled_dot_product_attention.default" in audit.ops  # the model really ran under it
+    old = scorers["plain"]
+    monkeypatch.setattr(old, "_inputs", lambda *a: _inputs_before_issue_26(old, *a))
+    with SyncAudit() as audit:
+        old.launch(prompts, lays, 5)
+    assert [(op, why) for op, why, _ in audit.found] == [
+        ("aten.index_put_.default", "index_put_ of a scalar (a CPU tensor copied to the device with a wait)")
+    ]
+
+
+def test_sync_audit_flags_what_waits_for_a_device():
+    """Each rule of tests/sync_audit.py on the op that breaks it, and ordinary device work left alone."""
+    from tests.sync_audit import SyncAudit
+
+    x = torch.arange(6.0, device="meta")
+    idx = torch.tensor([1, 2]).to("meta", non_blocking=True)
+    with SyncAudit() as quiet:
+        y = x * 2
+        y[idx] = x[idx]
+        y.index_fill_(0, idx, 0.0)
+        torch.sort(y, stable=True)
+    assert quiet.found == []
+    cases = {
+        "boolean-mask indexing": lambda: x[x > 1],
+        "a blocking copy to the device": lambda: torch.ones(2).to("meta"),
+        "index_put_ of a scalar (a CPU tensor copied to the device with a wait)": lambda: x.__setitem__(
+            idx, 1.0
+        ),
+    }
+    for why, call in cases.items():
+        # meta tensors cannot finish data-sized ops: the audit has seen them by then
+        with SyncAudit() as audit, contextlib.suppress(NotImplementedError, RuntimeError):
+            call()
+        assert why in [w for _, w, _ in audit.found], why
+    with SyncAudit() as audit:
+        float(torch.ones(1).sum())
+    assert [w for _, w, _ in audit.found] == ["reads a value back to the host"]
 
 
 def test_tree_scoring_splits_batches_by_budget_without_changing_results(tiny_lm):

@@ -227,11 +227,12 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def to_device(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """int64 arrays as tensors on `device`. On a GPU, one pinned buffer and one copy that does not wait for
     the work already queued (a plain `.to(device)` waits for it), split into views there; on a CPU, the
-    arrays themselves."""
-    if device.type != "cuda":
+    arrays themselves. Any other device gets the same one non-blocking copy (unpinned): the CPU tests run
+    the launch path on `meta` tensors to show it never waits (tests/sync_audit.py)."""
+    if device.type == "cpu":
         return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
     flat = torch.from_numpy(np.concatenate([np.ravel(a).astype(np.int64, copy=False) for a in arrays]))
-    moved = flat.pin_memory().to(device, non_blocking=True)
+    moved = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
     return [
         part.view(a.shape)
         for part, a in zip(moved.split([int(np.size(a)) for a in arrays]), arrays, strict=True)

@@ -322,12 +322,15 @@ class TreeScorer:
         self, prompts: Sequence[Sequence[int]], lays: Sequence[TreeLayout], n_rows: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids, position ids and the 4-D mask of `n_rows` rows of `width` on the device; rows past
-        the requests are all padding. Packed on the CPU (`pack`), sent in one copy, the mask built on the device."""
-        ids_d, pos_d, prompt_d, tree_d, *pairs_d = to_device(
+        the requests are all padding. Packed on the CPU (`pack`), sent in one copy, the mask built on the device
+        with no wait for it: `allow[rows, queries, keys] = True` would copy the Python scalar to the device as a
+        CPU tensor, a blocking copy (index_put_ with a 0-dim value), so the pairs are filled by their flat
+        indices with `index_fill_`, whose value is a kernel argument."""
+        ids_d, pos_d, prompt_d, tree_d, seen_d = to_device(
             self.pack(prompts, lays, n_rows, width), self.device
         )
         allow = self._tree_mask(width, prompt_d, tree_d)
-        allow[pairs_d[0], pairs_d[1], pairs_d[2]] = True  # tree tokens see themselves and their ancestors
+        allow.view(-1).index_fill_(0, seen_d, True)  # tree tokens see themselves and their ancestors
         mask = allow  # sdpa takes a boolean mask (True: attend), as transformers' own sdpa masks are
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":  # eager adds it to the scores
             mask = torch.zeros(allow.shape, dtype=self.dtype, device=self.device)
@@ -338,8 +341,8 @@ class TreeScorer:
         self, prompts: Sequence[Sequence[int]], lays: Sequence[TreeLayout], n_rows: int, width: int
     ) -> list[np.ndarray]:
         """A batch's inputs as numpy, with no loop over rows: token ids and position ids (n_rows, width), where
-        each row's prompt and tree tokens start, and the (row, query, key) index arrays of the tree tokens'
-        attention to themselves and their ancestors."""
+        each row's prompt and tree tokens start, and the flat indices into the (n_rows, width, width) mask of
+        the tree tokens' attention to themselves and their ancestors (row * width**2 + query * width + key)."""
         rows = len(lays)
         n = np.array([len(p) for p in prompts], dtype=np.int64)
         t = np.array([lay.n_inputs for lay in lays], dtype=np.int64)
@@ -360,13 +363,11 @@ class TreeScorer:
         ids, pos = ids_flat.reshape(n_rows, width), pos_flat.reshape(n_rows, width)
         pair = [lay.ancestor_pairs() for lay in lays]
         n_pairs = np.array([len(q) for q, _ in pair], dtype=np.int64)
-        shift = np.repeat(tree_at[:rows], n_pairs)
-        pairs = [
-            np.repeat(np.arange(rows), n_pairs),
-            np.concatenate([q.numpy() for q, _ in pair]) + shift,
-            np.concatenate([k.numpy() for _, k in pair]) + shift,
-        ]
-        return [ids, pos, prompt_at, tree_at, *pairs]
+        # each pair's row offset in the flat mask, plus its query's row and key's column shifted by tree_at
+        base = np.repeat(np.arange(rows) * width * width + tree_at[:rows] * (width + 1), n_pairs)
+        query = np.concatenate([q.numpy() for q, _ in pair])
+        key = np.concatenate([k.numpy() for _, k in pair])
+        return [ids, pos, prompt_at, tree_at, base + query * width + key]
 
     @staticmethod
     def _edges(lays: Sequence[TreeLayout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

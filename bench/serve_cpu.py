@@ -1,0 +1,201 @@
+"""CPU a served request costs by stage, without HTTP: the run's users as chat requests through RecService's own
+steps (parse, render at admission, the engine worker's rank_requests in batches, the response encoded), each
+timed on its thread's CPU clock (genrec.cpu_time), so other processes on a shared machine change the figures
+little. Also, side by side in the same process: the response encoded as FastAPI did it before issue 26 (a
+pydantic ChatCompletionResponse walked by `jsonable_encoder`, then `json.dumps`) against serve.encode (dicts
+through orjson), and the template lookups a request makes at admission (pin_template, builder_for) with the
+file-system calls they make, checking the disk every time (before) and with
+ServeLimits.template_recheck_s (after).
+
+    python -m bench.serve_cpu --run runs/demo --requests 512 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from bench.common import save
+
+
+def thread_ms(fn: Any, n: int) -> float:
+    """The calling thread's CPU per call of fn(), in ms, over n calls."""
+    start = time.thread_time_ns()
+    for _ in range(n):
+        fn()
+    return (time.thread_time_ns() - start) / n / 1e6
+
+
+def rank_request(q: Any, opts: Any) -> Any:
+    """The RankRequest RecService.recommend makes of a parsed, rendered query (no explore)."""
+    from genrec.recommender import RankRequest
+
+    return RankRequest(
+        q.history,
+        n_items=opts.n_items,
+        mode=opts.candidates,
+        n_candidates=opts.n_candidates,
+        user=q.user,
+        exclude=q.exclude,
+        messages=q.messages,
+        query=q.text,
+    )
+
+
+def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
+    """Each stage's CPU ms per request for `texts` served as chat messages, `batch` at a time."""
+    from serve import encode
+    from serve.protocol import ChatCompletionRequest
+
+    rec = service.rec
+    before = rec.clock.seconds()
+    for lo in range(0, len(texts), batch):
+        chunk = [
+            ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": t}]})
+            for t in texts[lo : lo + batch]
+        ]
+        queries = []
+        for req in chunk:
+            with rec.clock.stage("parse"):
+                q = service.parse(req, text=req.messages[-1].text(), user=None)
+            with rec.clock.stage("render"):
+                service.render(q, None)
+            queries.append(q)
+        reqs = [rank_request(q, req) for q, req in zip(queries, chunk, strict=True)]
+        ranked = rec.rank_requests(reqs)
+        for q, recs in zip(queries, ranked, strict=True):
+            with rec.clock.stage("encode"):
+                encode.chat_completion(
+                    model="m",
+                    content="",
+                    recs=recs,
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                    template=service.template_info(q.template.name, q.template.hash, q.template.version),
+                )
+    after = rec.clock.seconds()
+    return {k: round((after[k] - before[k]) * 1000 / len(texts), 4) for k in after}
+
+
+def encode_before_after(recs: list[Any], n: int) -> dict[str, float]:
+    """One 10-item chat reply: FastAPI's path for a returned pydantic model, and serve.encode's."""
+    from fastapi.encoders import jsonable_encoder
+
+    from serve import encode
+    from serve.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
+    from serve.service import recommended_items
+
+    template = {"name": "t", "version": 1, "hash": "h", "trained_hash": "h", "matches_training": True}
+
+    def before() -> bytes:
+        resp = ChatCompletionResponse(
+            model="m",
+            choices=[ChatChoice(message=AssistantMessage(content="x" * 200))],
+            usage=Usage(prompt_tokens=50, completion_tokens=40, total_tokens=90),
+            recommendations=recommended_items(recs),
+            template=template,
+        )
+        return json.dumps(jsonable_encoder(resp), ensure_ascii=False, separators=(",", ":")).encode()
+
+    def after() -> bytes:
+        return encode.chat_completion(
+            model="m", content="x" * 200, recs=recs, prompt_tokens=50, completion_tokens=40, template=template
+        )
+
+    assert json.loads(before())["recommendations"] == json.loads(after())["recommendations"]
+    b, a = thread_ms(before, n), thread_ms(after, n)
+    return {"before_ms": round(b, 4), "after_ms": round(a, 4), "ratio": round(b / a, 1)}
+
+
+def template_lookups(rec: Any, n: int) -> dict[str, Any]:
+    """What admission's template lookups cost, and the file-system calls (stat, open) they make per request."""
+    calls = {"stat": 0, "open": 0}
+    real_stat, real_open = os.stat, os.open
+
+    def lookup() -> None:
+        v = rec.pin_template(rec.template_for(None))
+        rec.builder_for(v.name, v.version)
+
+    def counting_stat(*a: Any, **k: Any) -> Any:
+        calls["stat"] += 1
+        return real_stat(*a, **k)
+
+    def counting_open(*a: Any, **k: Any) -> Any:
+        calls["open"] += 1
+        return real_open(*a, **k)
+
+    ms = thread_ms(lookup, n)
+    os.stat, os.open = counting_stat, counting_open  # type: ignore[assignment]
+    try:
+        lookup()
+    finally:
+        os.stat, os.open = real_stat, real_open  # type: ignore[assignment]
+    return {"ms": round(ms, 4), "fs_calls_per_request": calls}
+
+
+def lookups_before_after(rec: Any, n: int) -> dict[str, Any]:
+    """Admission's template lookups with the disk checked every time (before issue 26, and recheck_s 0) and
+    with the server's ServeLimits.template_recheck_s."""
+    from serve.service import ServeLimits
+
+    out = {}
+    for name, seconds in (("before", 0.0), ("after", ServeLimits().template_recheck_s)):
+        rec.templates.recheck_s = seconds
+        out[name] = template_lookups(rec, n)
+    out["ratio"] = round(out["before"]["ms"] / out["after"]["ms"], 1)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument(
+        "--batch", type=int, default=32, help="requests per engine call (the server's micro-batch)"
+    )
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from genrec.recommender import Recommender
+    from genrec.run import RunDir
+    from serve.service import RecService
+
+    rec = Recommender.load(RunDir(args.run), device="cpu")
+    service = RecService(rec, model_name="m")
+    ids = rec.catalog.item_ids
+    histories = [rec.user_history(u)[-5:] for u in rec.data.users]
+    texts = [", ".join(ids[i] for i in h) for h in histories if h]
+    texts = (texts * (1 + args.requests // max(1, len(texts))))[: args.requests]
+    stages(service, texts[: args.batch], args.batch)  # warm: lazy loads, first calls
+    split = stages(service, texts, args.batch)
+    outside = round(sum(v for k, v in split.items() if k != "rank"), 4)
+    recs = rec.rank_requests([rank_request(*_query(service, texts[0]))])[0]
+    out = {
+        "run": args.run,
+        "requests": len(texts),
+        "batch": args.batch,
+        "stage_cpu_ms_per_request": split,
+        "outside_rank_cpu_ms_per_request": outside,
+        "encode_10_items": encode_before_after(recs, 2000),
+        "template_lookups": lookups_before_after(rec, 2000),
+    }
+    print(json.dumps(out, indent=1))
+    save(args.out, out)
+
+
+def _query(service: Any, text: str) -> tuple[Any, Any]:
+    from serve.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": text}]}
+    )
+    q = service.parse(req, text=text, user=None)
+    service.render(q, None)
+    return q, req
+
+
+if __name__ == "__main__":
+    main()
