@@ -95,7 +95,7 @@ def input_columns(parquet: Any, path: Path) -> list[str]:
     if not columns:
         raise GenrecError(
             f"{path}: no column {', '.join(map(repr, INPUT_FIELDS))} (it has {', '.join(names[:20])}"
-            f"{', ...' if len(names) > 20 else ''}): rows need a user id and/or a history"
+            f"{', ...' if len(names) > 20 else ''}): rows need a user id, a history or a text"
         )
     return columns
 

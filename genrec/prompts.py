@@ -331,7 +331,7 @@ class PromptBuilder:
         item: int | None = None,
     ) -> dict[str, Any]:
         """What a template sees: the last max_history items, the user, the free-text `query` ('' when none)
-        and, for the single-item tasks (item text -> ID, ID -> title), the `item` (None otherwise)."""
+        and `item`: the item of a single-item task (item text -> ID, ID -> title), or else the most recent item."""
         shown = list(history)[-self.max_history :]
         return {
             "history": [self.item_view(i) for i in shown],
@@ -340,8 +340,13 @@ class PromptBuilder:
             "title_words": self.title_words,
             "n_history_total": len(history),
             "query": query or "",
-            "item": None if item is None else self.item_view(item),
+            "item": self.item_view(item if item is not None else self._default_item(shown)),
         }
+
+    def _default_item(self, shown: list[int]) -> int:
+        """The item a single-item template shows when rendered for a user (previews, sample-user checks): the
+        user's most recent item."""
+        return shown[-1] if shown else 0
 
     def messages(
         self, history: Sequence[int], user: str | None = None, *, query: str | None = None

@@ -373,7 +373,8 @@ def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(rec, tmp_path)
             ]
     users.rename(columns={"user": "customer"}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(
-        GenrecError, match=r"bad.parquet: no column 'user', 'user_id', 'history' \(it has customer, segment"
+        GenrecError,
+        match=r"bad.parquet: no column 'user', 'user_id', 'history', 'text' \(it has customer, segment",
     ):
         next(read_rows(tmp_path / "bad.parquet"))
     for bad, message in (

@@ -182,7 +182,7 @@ def test_template_api_edit_cycle_and_live_pickup(api):
     oa = openai.OpenAI(base_url=server.url + "/v1", api_key=READER, max_retries=0)
     hist = [rec.catalog.item_ids[i] for i in rec.user_history(rec.data.users[3])[-4:]]
     before = oa.chat.completions.create(
-        model="tiny-run", messages=[{"role": "user", "content": "x"}], extra_body={"history": hist}
+        model="tiny-run", messages=[{"role": "user", "content": ""}], extra_body={"history": hist}
     )
     assert before.model_extra["template"]["matches_training"] is True
 
@@ -199,7 +199,7 @@ def test_template_api_edit_cycle_and_live_pickup(api):
     assert saved.status_code == 200, saved.text
     assert saved.json()["version"] == 2 and saved.json()["author"] == "alice"
     after = oa.chat.completions.create(
-        model="tiny-run", messages=[{"role": "user", "content": "x"}], extra_body={"history": hist}
+        model="tiny-run", messages=[{"role": "user", "content": ""}], extra_body={"history": hist}
     )
     info = after.model_extra["template"]
     assert (info["version"], info["matches_training"]) == (2, False)  # no restart needed
@@ -215,7 +215,7 @@ def test_template_api_edit_cycle_and_live_pickup(api):
     assert "+Next item ID, please?" in c.get("/v1/templates/default/diff", params={"from": 1}).json()["diff"]
     assert c.post("/v1/templates/default/rollback").json()["version"] == 1
     again = oa.chat.completions.create(
-        model="tiny-run", messages=[{"role": "user", "content": "x"}], extra_body={"history": hist}
+        model="tiny-run", messages=[{"role": "user", "content": ""}], extra_body={"history": hist}
     )
     assert again.model_extra["template"]["version"] == 1
     assert c.post("/v1/templates/default/activate", json={"version": 2}).json()["version"] == 2
