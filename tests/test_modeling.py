@@ -168,7 +168,7 @@ def tiny_llama(tok, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_hea
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=512,  # the vLLM parity script asks for 512
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=True,
@@ -378,10 +378,10 @@ def test_smollm2_by_name_converts_loads_and_answers_from_its_chat_template(tmp_p
 # --- LoRA on a pretrained (Llama) base: only the ID rows train beside the adapters; merged == adapter ---
 
 
-def llama_base(tmp_path, *, tied: bool = True) -> Path:
-    """A tiny Llama saved as a "pretrained" folder (its own BPE vocabulary, no ID tokens)."""
+def llama_base(tmp_path, *, tied: bool = True, **shape: int) -> Path:
+    """A tiny Llama saved as a "pretrained" folder (its own BPE vocabulary, no ID tokens); `shape`: tiny_llama's."""
     tok = train_tokenizer(["recent items", "next item please", "the cat sat on the mat"] * 20, vocab_size=300)
-    model = tiny_llama(tok)
+    model = tiny_llama(tok, **shape)
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
