@@ -66,7 +66,7 @@ def test_editor_edit_preview_save_then_chat_uses_new_version(e2e_ready, trained_
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         hist = [rec.catalog.item_ids[i] for i in rec.user_history(rec.data.users[0])[-3:]]
         reply = client.chat.completions.create(
-            model="tiny-run", messages=[{"role": "user", "content": "next?"}], extra_body={"history": hist}
+            model="tiny-run", messages=[{"role": "user", "content": ""}], extra_body={"history": hist}
         )
         info = reply.model_extra["template"]
         assert (info["name"], info["version"], info["hash"]) == ("default", 2, saved["hash"])
