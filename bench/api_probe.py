@@ -95,7 +95,7 @@ def main() -> None:
     import uvicorn
 
     from bench.common import save
-    from serve.main import ServeArgs, build_app, uvicorn_options
+    from genrec.serve.main import ServeArgs, build_app, uvicorn_options
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(

@@ -3,7 +3,7 @@
 # every prepared run named in RUNS, all at once on the one GPU (small models leave it mostly idle).
 # Prepare the runs on any machine first (prepare and build-ids need the raw data and the text encoder;
 # training and evaluation need only the run directory):
-#   for c in ml-100k amazon-beauty amazon-scientific; do ...; done   (see training/configs/*-gpu.yaml)
+#   for c in ml-100k amazon-beauty amazon-scientific; do ...; done   (see genrec/recipes/*-gpu.yaml)
 # Then on the GPU machine (trl + datasets importable, e.g. PYTHONPATH=/tmp/site):
 #   RUNS="runs/beauty-gpu runs/ml-100k-gpu runs/scientific-gpu" OUT=/tmp/q bash bench/gpu_quality.sh
 # Writes $OUT/<run>.log per run and $OUT/quality.tar.gz (eval JSON, report, plots, run.json, loss log).

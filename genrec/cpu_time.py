@@ -2,7 +2,7 @@
 
 Each stage is timed with the calling thread's own CPU clock (`time.thread_time_ns`, about 0.3 µs a call), so
 time spent waiting (for the device, a lock, the event loop) is not counted, and stages timed on different
-threads add up to the process's CPU time for them. Knows nothing of HTTP or Prometheus: serve/ exports the
+threads add up to the process's CPU time for them. Knows nothing of HTTP or Prometheus: genrec/serve/ exports the
 totals on /metrics, and a benchmark divides them by the requests served.
 """
 

@@ -24,10 +24,10 @@ from genrec.errors import GenrecError
 from genrec.id_softmax import softmax_groups
 from genrec.ids import ItemIds
 from genrec.modeling import load_trained
-from genrec.prompt_store import TemplateStore, TemplateVersion
-from genrec.prompts import PromptBuilder, PromptTemplate
 from genrec.retrieval import CollaborativeRetriever, Retriever, collaborative_kind, fuse, load_collaborative
 from genrec.run import RunDir
+from genrec.templates.prompt_store import TemplateStore, TemplateVersion
+from genrec.templates.prompts import PromptBuilder, PromptTemplate
 
 logger = logging.getLogger(__name__)
 

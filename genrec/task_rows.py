@@ -25,7 +25,7 @@ import numpy as np
 from genrec.data import Example
 from genrec.data.needs import derive_need
 from genrec.errors import GenrecError
-from genrec.prompts import PromptBuilder
+from genrec.templates.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from genrec.modeling import (
     text_token_vectors,
     train_tokenizer,
 )
-from genrec.prompt_store import TemplateStore
-from genrec.prompts import PromptBuilder
 from genrec.run import RunDir
 from genrec.task_rows import item_rows_items, need_examples, needs_of, rfind, single_item_rows
+from genrec.templates.prompt_store import TemplateStore
+from genrec.templates.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def prompt_builder(
     run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds, *, template: str | None = None
 ) -> PromptBuilder:
     """The builder for a template (None: the run's, prompt.template) at its active version (templates/, else
-    prompts/)."""
+    genrec/templates/builtin/)."""
     _, template_obj = TemplateStore.for_run(run.path).template(template or cfg.prompt.template)
     return PromptBuilder.for_config(template_obj, data.catalog, ids, cfg.prompt)
 
@@ -76,7 +76,7 @@ def check_input_tokens(builder: PromptBuilder, data: Interactions) -> None:
         raise GenrecError(
             f"ids.input_tokens is on, but template {builder.template.name!r} ({builder.template.source}) does not "
             "render the history items' input tokens: add {{ item.token }} after {{ item.sid }} (as "
-            "prompts/ids_items.jinja does), or set ids.input_tokens=false and run `genrec build-ids --force` (it "
+            "genrec/templates/builtin/ids_items.jinja does), or set ids.input_tokens=false and run `genrec build-ids --force` (it "
             "deletes the run's earlier model)"
         )
 

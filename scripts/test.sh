@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check genrec training serve bench tests
-.venv/bin/ruff format --check genrec training serve bench tests
+.venv/bin/ruff check genrec training bench tests
+.venv/bin/ruff format --check genrec training bench tests
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

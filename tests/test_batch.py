@@ -15,7 +15,8 @@ import time
 import pandas as pd
 import pytest
 
-from genrec.batch import REJECT_KINDS, generate, parse_row
+from genrec.batch import generate
+from genrec.batch.input import REJECT_KINDS, parse_row
 from genrec.errors import GenrecError
 from genrec.recommender import Recommender
 
@@ -27,7 +28,7 @@ def rec(trained_run):
 
 def interrupted_after_two_chunks(monkeypatch, rec, source, output, **opts):
     """A `generate` job stopped by Ctrl-C as it commits its third chunk: two chunks kept."""
-    from genrec.batch import Manifest
+    from genrec.batch.manifest import Manifest
 
     real_commit = Manifest.commit
 
@@ -141,7 +142,9 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
     empty = pd.read_parquet(tmp_path / "none.parquet")
     assert len(empty) == 0 and list(empty.columns) == list(out.columns)
 
-    from genrec.batch_ray import merge_shards  # the Ray backend's merge of shard outputs (no Ray needed)
+    from genrec.batch.ray_backend import (
+        merge_shards,  # the Ray backend's merge of shard outputs (no Ray needed)
+    )
 
     merge_shards([tmp_path / "none.parquet", tmp_path / "recs.parquet"], tmp_path / "merged.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "merged.parquet"), out)
@@ -165,7 +168,7 @@ def test_bad_options_are_named_before_any_input_is_read(rec, tmp_path, options, 
         generate(rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", progress=False, **options)
     assert not (tmp_path / "recs.jsonl.parts").exists()
     pytest.importorskip("ray")
-    from genrec.batch_ray import generate_ray  # checked in the driver, before Ray starts
+    from genrec.batch.ray_backend import generate_ray  # checked in the driver, before Ray starts
 
     with pytest.raises(GenrecError, match=re.escape(message)):
         generate_ray(rec.run.path, tmp_path / "users.jsonl", tmp_path / "ray.jsonl", workers=1, **options)
@@ -222,7 +225,7 @@ def test_the_cli_counts_rejects_by_kind(trained_run, rec, tmp_path):
     before kinds were recorded committed count as `not recorded`."""
     from typer.testing import CliRunner
 
-    from genrec.batch import describe_rejects, reject_counts
+    from genrec.batch.manifest import describe_rejects, reject_counts
     from genrec.cli import app
 
     known = [json.dumps({"user": u}) for u in rec.data.users[:2]]
@@ -341,7 +344,7 @@ def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(rec, tmp_path)
     """read_rows(keep=..., start=...) gives exactly the kept rows of a full read from `start` on, and never
     decodes the others: a bad line outside the shard is not this shard's reject. A Parquet input's other
     columns are not read; one with no column a job reads is named with the columns it has."""
-    from genrec.batch import read_rows
+    from genrec.batch.input import read_rows
 
     lines = [
         b'{"user": "a"}',
@@ -388,7 +391,7 @@ def test_rows_a_shard_or_a_resumed_job_passes_over_are_not_parsed(rec, tmp_path)
 
 
 def test_count_rows_without_parsing(tmp_path):
-    from genrec.batch import count_rows
+    from genrec.batch.input import count_rows
 
     (tmp_path / "a.jsonl").write_text('{"user": "a"}\n{"user": "b"}\n{"user": "c"}')  # no final newline
     (tmp_path / "b.jsonl").write_text('{"user": "a"}\n')
@@ -401,7 +404,7 @@ def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, t
     The interrupted job says what it kept and how to go on."""
     import shutil
 
-    from genrec.batch import Manifest
+    from genrec.batch.manifest import Manifest
     from genrec.run import RunDir
 
     run = RunDir(tmp_path / "run")
@@ -448,8 +451,8 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
     """Two Ray tasks each rank a shard; the merged output equals the single-process run's rows. The driver
     interrupted once shards have committed chunks says so, and --resume finishes the job."""
     pytest.importorskip("ray")
-    from genrec import batch_ray
-    from genrec.batch_ray import generate_ray
+    from genrec.batch import ray_backend as batch_ray
+    from genrec.batch.ray_backend import generate_ray
 
     good = write_input(rec, tmp_path / "users.jsonl", n=180)
     args = (trained_run[0].path, tmp_path / "users.jsonl", tmp_path / "recs.jsonl")
@@ -461,7 +464,7 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
             time.sleep(0.1)
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="genrec.batch_ray"):
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="genrec.batch.ray_backend"):
         m.setattr(batch_ray, "_wait_with_progress", ctrl_c_once_chunks_are_committed)
         with pytest.raises(KeyboardInterrupt):
             generate_ray(*args, **opts)
@@ -489,8 +492,8 @@ def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
     """--prep-workers: prompts and retrieval in 2 spawned processes, several batches ahead across small
     chunks; rows, scores and rejects equal the in-process job's. A worker's error reaches the caller."""
     from genrec.prep import PrepPool
-    from genrec.prompt_store import TemplateNotFound
     from genrec.recommender import RankRequest
+    from genrec.templates.prompt_store import TemplateNotFound
 
     good = write_input(rec, tmp_path / "users.jsonl", n=60)
     for mode in ("all", "retriever"):
@@ -731,7 +734,7 @@ def test_a_second_job_on_the_same_output_is_refused_and_the_first_finishes(rec, 
     a manifest stuck at done: false). Now the second job is refused at once, naming the first."""
     import threading
 
-    from genrec.batch import Manifest
+    from genrec.batch.manifest import Manifest
 
     good = write_input(rec, tmp_path / "users.jsonl", n=60)
     out = tmp_path / "recs.jsonl"

@@ -115,11 +115,11 @@ def test_search_option_on_the_ranking_commands(trained_run):
 
 def test_serve_options_reach_the_server_limits(tmp_path, monkeypatch):
     """`genrec serve`'s queue, batch, history, timeout and wait options end up in the service's limits."""
-    import serve.main
-    from serve.service import ServeLimits
+    import genrec.serve.main
+    from genrec.serve.service import ServeLimits
 
     seen = []
-    monkeypatch.setattr(serve.main, "serve", seen.append)
+    monkeypatch.setattr(genrec.serve.main, "serve", seen.append)
     argv = ["serve", "--run", str(tmp_path), "--max-queue", "7", "--max-batch", "3", "--max-history", "40"]
     argv += ["--timeout", "9", "--batch-wait-ms", "2", "--fixed-wait", "--api-key", "k", "--port", "9"]
     res = runner.invoke(app, argv)

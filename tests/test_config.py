@@ -85,11 +85,11 @@ def test_path_required_for_file_sources():
 
 
 def test_builtin_defaults_are_the_embedded_tiny_recipe():
-    """An installed package (without training/configs/) must run the same quickstart as the recipe."""
+    """An installed package (without genrec/recipes/) must run the same quickstart as the recipe."""
     from pathlib import Path
 
     recipe = load_config(
-        Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny.yaml"
+        Path(__file__).resolve().parent.parent / "genrec" / "recipes" / "tiny.yaml"
     ).to_dict()
     defaults = RunConfig().to_dict()
     recipe["ids"]["embedding"], recipe["train"]["method"] = (
@@ -103,7 +103,7 @@ def test_builtin_defaults_are_the_embedded_tiny_recipe():
 
 @pytest.mark.parametrize(
     "recipe",
-    sorted((Path(__file__).resolve().parent.parent / "training" / "configs").glob("*.yaml")),
+    sorted((Path(__file__).resolve().parent.parent / "genrec" / "recipes").glob("*.yaml")),
     ids=lambda p: p.name,
 )
 def test_every_shipped_recipe_loads_and_validates(recipe, tmp_path):

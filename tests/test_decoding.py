@@ -500,7 +500,7 @@ def test_batched_prompt_encoding_gives_the_same_ids(tiny_lm, small_data):
     system turns or none, ID tokens, titles, odd whitespace and characters, an empty turn."""
     from genrec.engines import encode_chats
     from genrec.ids import atomic_ids
-    from genrec.prompts import PromptBuilder, load_template
+    from genrec.templates.prompts import PromptBuilder, load_template
 
     model, tok, _ = tiny_lm
     engine = HFEngine(model, tok)

@@ -18,8 +18,8 @@ import pytest
 
 from genrec.recommender import Recommender
 from genrec.run import RunDir
-from serve.app import create_app
-from serve.service import RecService
+from genrec.serve.app import create_app
+from genrec.serve.service import RecService
 from tests.test_server import LiveServer
 
 E2E = Path(__file__).parent / "e2e"

@@ -190,7 +190,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
 def test_history_loss_rows_label_the_answer_and_every_shown_history_id_after_the_first(tmp_path):
     from genrec.data import history_windows
     from genrec.errors import GenrecError
-    from genrec.prompts import PromptBuilder, parse_template
+    from genrec.templates.prompts import PromptBuilder, parse_template
     from genrec.training import history_loss_rows, prepare_model, prompt_builder
 
     run, cfg = make_run(tmp_path, "hist")
@@ -625,7 +625,8 @@ def test_an_interrupted_evaluation_resumes_without_ranking_or_training_again(
     import logging
     import shutil
 
-    from genrec import baselines, evaluation
+    from genrec import evaluation
+    from genrec.evaluation import baselines
     from genrec.run import RunDir
 
     run = RunDir(tmp_path / "run")

@@ -1,7 +1,13 @@
 import pytest
 
 from genrec.ids import atomic_ids
-from genrec.prompts import PromptBuilder, TemplateProblem, load_template, parse_template, template_path
+from genrec.templates.prompts import (
+    PromptBuilder,
+    TemplateProblem,
+    load_template,
+    parse_template,
+    template_path,
+)
 
 
 def builder(small_data, text, **kw):

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from genrec.ids import atomic_ids
-from genrec.prompts import PromptBuilder, TemplateProblem, parse_template
-from genrec.sandbox import RenderLimits
+from genrec.templates.prompts import PromptBuilder, TemplateProblem, parse_template
+from genrec.templates.sandbox import RenderLimits
 
 HOSTILE = {
     # sandbox escapes / SSTI
@@ -177,7 +177,7 @@ def test_yaml_error_in_front_matter_has_a_line():
 
 
 def _sandbox(budget: float, **helpers):
-    from genrec.sandbox import BoundedSandbox
+    from genrec.templates.sandbox import BoundedSandbox
 
     env = BoundedSandbox(RenderLimits(max_seconds=budget))
     env.globals.update(helpers)
@@ -215,7 +215,7 @@ def test_time_limit_leaves_out_garbage_collection():
 # -- the render worker: the backstop for whatever the sandbox's checks miss ------------------------
 @pytest.fixture(scope="module")
 def worker():
-    from genrec.prompt_worker import IsolationLimits, RenderWorker
+    from genrec.templates.prompt_worker import IsolationLimits, RenderWorker
 
     w = RenderWorker(IsolationLimits(seconds_per_render=1.0, memory_mb=64))
     yield w

@@ -1,5 +1,5 @@
 """Issue 26's CPU accounting and fast responses: CPU by stage on /metrics, the engine's busy seconds, response
-bodies built without pydantic (valid against serve.protocol's models), and bench.load's arithmetic."""
+bodies built without pydantic (valid against genrec.serve.protocol's models), and bench.load's arithmetic."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 
 from genrec.cpu_time import STAGES, StageClock
 from genrec.recommender import Recommendation, Recommender
-from serve import encode
-from serve.app import create_app
-from serve.protocol import ChatCompletionResponse, CompletionResponse, RecommendedItem
-from serve.service import RecService, recommended_items
+from genrec.serve import encode
+from genrec.serve.app import create_app
+from genrec.serve.protocol import ChatCompletionResponse, CompletionResponse, RecommendedItem
+from genrec.serve.service import RecService, recommended_items
 from tests.test_server import LiveServer
 
 RECS = [Recommendation(i, f"i{i}", f"Title {i} é", -0.123456789 * i) for i in range(4)]
@@ -50,7 +50,7 @@ def test_stage_clock_counts_each_threads_cpu_not_its_waits():
 
 
 def test_encoded_bodies_are_the_protocols_models():
-    """The orjson bodies validate as serve.protocol's responses and carry what the pydantic path carried."""
+    """The orjson bodies validate as genrec.serve.protocol's responses and carry what the pydantic path carried."""
     template = {"name": "t", "version": 2, "hash": "h", "trained_hash": "h", "matches_training": True}
     chat = ChatCompletionResponse.model_validate_json(
         encode.chat_completion(
@@ -149,8 +149,8 @@ def test_template_lookups_trust_the_disk_for_recheck_s(tmp_path, monkeypatch):
     seen at once, another store's (another process) only after recheck_s; with 0 (the default), at once."""
     import os
 
-    from genrec.prompt_store import TemplateStore
-    from genrec.prompts import PROMPTS_DIR
+    from genrec.templates.prompt_store import TemplateStore
+    from genrec.templates.prompts import PROMPTS_DIR
     from tests.test_templates import EDITED
 
     server = TemplateStore(tmp_path / "t", shipped=[PROMPTS_DIR], recheck_s=0.3)

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from genrec.recommender import Recommender
-from serve.app import create_app
-from serve.service import RecService, ServeLimits
+from genrec.serve.app import create_app
+from genrec.serve.service import RecService, ServeLimits
 
 KEY = "test-key"
 
@@ -30,7 +30,7 @@ class LiveServer:
         import uvicorn
 
         self.port = free_port()
-        from serve.main import uvicorn_options
+        from genrec.serve.main import uvicorn_options
 
         self.server = uvicorn.Server(
             uvicorn.Config(
@@ -489,7 +489,7 @@ def test_metrics_and_docs_need_a_key_unless_made_public(rec):
 
 @pytest.fixture(scope="module")
 def strict_server(rec):
-    from serve.http import HTTPLimits
+    from genrec.serve.http import HTTPLimits
 
     limits = HTTPLimits(max_body_bytes=8192, body_timeout_s=1.0, header_timeout_s=1.0, max_header_bytes=8192)
     service = RecService(rec, model_name="tiny-run")

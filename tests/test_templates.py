@@ -11,12 +11,12 @@ import httpx
 import openai
 import pytest
 
-from genrec.prompt_store import TemplateChecker, TemplateNotFound, TemplateStore, VersionConflict
-from genrec.prompts import PROMPTS_DIR, PromptBuilder, TemplateProblem
 from genrec.recommender import Recommender
 from genrec.run import RunDir
-from serve.app import create_app
-from serve.service import RecService
+from genrec.serve.app import create_app
+from genrec.serve.service import RecService
+from genrec.templates.prompt_store import TemplateChecker, TemplateNotFound, TemplateStore, VersionConflict
+from genrec.templates.prompts import PROMPTS_DIR, PromptBuilder, TemplateProblem
 from tests.test_server import LiveServer
 
 ADMIN, READER = "admin-secret", "reader-key"
@@ -123,7 +123,7 @@ def test_invalid_templates_and_names_are_refused_before_anything_is_written(tmp_
 
 
 def test_a_crash_mid_save_leaves_the_previous_state(tmp_path, monkeypatch):
-    import genrec.prompt_store as ps
+    import genrec.templates.prompt_store as ps
 
     s = store_at(tmp_path)
     s.save("default", EDITED, author="a", base_version=1)
@@ -325,8 +325,8 @@ def test_a_request_admitted_before_a_save_keeps_its_version(api):
     """The prompt is rendered when a request is admitted; a later save changes the next request only."""
     import asyncio
 
-    from serve.protocol import RecommendationOptions
-    from serve.service import Query
+    from genrec.serve.protocol import RecommendationOptions
+    from genrec.serve.service import Query
 
     _, rec = api
     service = RecService(rec, model_name="tiny-run")
@@ -425,7 +425,7 @@ def test_hostile_template_corpus_over_http_is_refused_quickly_while_the_server_a
     grows by under 64 MiB, and /health answers in well under a second while they run."""
     import os
 
-    from genrec.prompt_worker import shared_worker
+    from genrec.templates.prompt_worker import shared_worker
     from tests.test_sandbox import HOSTILE
 
     c = http(api)

@@ -14,8 +14,8 @@ import openai
 from genrec.engines.vllm import VLLMEngine
 from genrec.id_softmax import softmax_groups
 from genrec.recommender import Recommender
-from serve.app import create_app
-from serve.service import RecService
+from genrec.serve.app import create_app
+from genrec.serve.service import RecService
 from tests.test_server import LiveServer
 
 pytestmark = pytest.mark.vllm
@@ -128,7 +128,7 @@ def test_server_on_vllm_backend(async_rec):
     """The server on AsyncLLM, several batches in flight: every reply valid and distinct."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serve.service import ServeLimits
+    from genrec.serve.service import ServeLimits
 
     vl = async_rec
     service = RecService(vl, model_name="tiny-vllm", limits=ServeLimits(max_batch=2, concurrent_batches=3))

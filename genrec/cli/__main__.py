@@ -1,0 +1,5 @@
+"""`python -m genrec.cli`."""
+
+from genrec.cli import main
+
+main()

@@ -1,0 +1,910 @@
+"""Offline evaluation: chronological leave-one-out, full ranking, baselines on the same split.
+
+Metrics per user (Recall@K = hit@K with one target, NDCG@K, MRR over the returned list), then
+validity (every returned item real, unseen, distinct), catalogue coverage and novelty. Writes
+eval.json, per-user results, report.md and PNG plots into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from genrec.config import RunConfig
+from genrec.data import Example, Interactions, leave_one_out, popularity, without_items
+from genrec.data.needs import derive_need
+from genrec.errors import GenrecError, stopped_by
+from genrec.run import RunDir, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def rank_of(ranked: Sequence[int], target: int) -> int | None:
+    """0-based rank of the target in the list, None when absent."""
+    for r, item in enumerate(ranked):
+        if item == target:
+            return r
+    return None
+
+
+def user_metrics(ranked: Sequence[int], target: int, ks: Sequence[int]) -> dict[str, float]:
+    r = rank_of(ranked, target)
+    out = {}
+    for k in ks:
+        hit = r is not None and r < k
+        out[f"recall@{k}"] = float(hit)
+        out[f"ndcg@{k}"] = 1.0 / math.log2(r + 2) if hit and r is not None else 0.0
+    out["mrr"] = 1.0 / (r + 1) if r is not None else 0.0
+    return out
+
+
+def validity(ranked: Sequence[int], history: Sequence[int], n_items: int) -> float:
+    """Fraction of returned items that are catalogue items, not in the history, and not repeated."""
+    if not ranked:
+        return 1.0
+    seen, good, hist = set(), 0, set(history)
+    for i in ranked:
+        if 0 <= i < n_items and i not in hist and i not in seen:
+            good += 1
+        seen.add(i)
+    return good / len(ranked)
+
+
+def summarize(
+    name: str,
+    lists: list[list[int]],
+    examples: Sequence[Example],
+    *,
+    ks: Sequence[int],
+    n_items: int,
+    item_pop: np.ndarray,
+    n_users_train: int,
+    embeddings: np.ndarray | None = None,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    per_user = [user_metrics(lst, ex.target, ks) for lst, ex in zip(lists, examples, strict=True)]
+    summary = {k: float(np.mean([u[k] for u in per_user])) for k in per_user[0]}
+    summary["validity"] = float(
+        np.mean([validity(lst, ex.history, n_items) for lst, ex in zip(lists, examples, strict=True)])
+    )
+    kmax = max(ks)
+    top = [lst[:kmax] for lst in lists]
+    summary[f"coverage@{kmax}"] = len({i for lst in top for i in lst}) / n_items
+    prob = (item_pop + 1) / (n_users_train + n_items)
+    summary[f"novelty@{kmax}"] = (
+        float(np.mean([-np.log2(prob[i]) for lst in top for i in lst])) if any(top) else 0.0
+    )
+    head = set(np.argsort(-item_pop, kind="stable")[: max(1, n_items // 5)].tolist())  # top 20% by popularity
+    recs = [i for lst in top for i in lst]
+    summary[f"tail_share@{kmax}"] = float(np.mean([i not in head for i in recs])) if recs else 0.0
+    if embeddings is not None:
+        summary[f"diversity@{kmax}"] = intra_list_diversity(top, embeddings)
+    summary["full_lists"] = float(np.mean([len(lst) >= kmax for lst in lists]))
+    logger.info("%s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    return summary, per_user
+
+
+def paired_differences(
+    per_user: dict[str, list[dict[str, float]]], metrics: Sequence[str], *, reference: str = "genrec"
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`reference` against every other method on the same users: per metric, the mean of the per-user
+    differences (reference minus method) and its 95% interval, mean ± 1.96 standard errors of those
+    differences (paired: each user's two results are compared, which removes the spread between users)."""
+    ref = per_user[reference]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, rows in per_user.items():
+        if name == reference:
+            continue
+        out[name] = {}
+        for m in metrics:
+            d = np.array([a[m] - b[m] for a, b in zip(ref, rows, strict=True)], dtype=np.float64)
+            mean, half = float(d.mean()), ci_half_width(d)
+            out[name][m] = {"diff": mean, "low": mean - half, "high": mean + half}
+    return out
+
+
+def ci_half_width(values: np.ndarray | Sequence[float]) -> float:
+    """Half the width of the 95% interval of a mean: 1.96 standard errors (nan for fewer than two values)."""
+    v = np.asarray(values, dtype=np.float64)
+    return 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+
+
+def compared_metrics(ks: Sequence[int]) -> list[str]:
+    """The metrics the report compares pairwise: Recall and NDCG at 10 (else the middle cut-off), and MRR."""
+    k = 10 if 10 in ks else sorted(ks)[len(ks) // 2]
+    return [f"recall@{k}", f"ndcg@{k}", "mrr"]
+
+
+def intra_list_diversity(lists: Sequence[Sequence[int]], embeddings: np.ndarray) -> float:
+    """Mean pairwise cosine distance between the items of each list (0 = identical items)."""
+    vals = []
+    for lst in lists:
+        if len(lst) < 2:
+            continue
+        e = embeddings[list(lst)]
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sim = e @ e.T
+        n = len(lst)
+        vals.append(1.0 - (sim.sum() - np.trace(sim)) / (n * (n - 1)))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def popularity_lists(examples: Sequence[Example], counts: np.ndarray, k: int) -> list[list[int]]:
+    """Most interacted-with items (before the split's targets) that the user has not seen."""
+    order = np.argsort(-counts, kind="stable")
+    out = []
+    for ex in examples:
+        seen = set(ex.history)
+        lst: list[int] = []
+        for i in order:
+            if int(i) not in seen:
+                lst.append(int(i))
+                if len(lst) == k:
+                    break
+        out.append(lst)
+    return out
+
+
+def model_lists(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True, workers: int = 0
+) -> list[list[int]]:
+    """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
+    batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
+    with tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress) as bar:
+        return [lst for batch in ranked_batches(rec, examples, cfg, bar, workers=workers) for lst in batch]
+
+
+def ranked_batches(
+    rec: Any,
+    examples: Sequence[Example],
+    cfg: RunConfig,
+    bar: Any,
+    *,
+    workers: int = 0,
+    queries: Sequence[str] | None = None,
+) -> Iterator[list[list[int]]]:
+    """`model_lists` batch by batch, in order, each counted on `bar` (a tqdm); `queries`: each example's free
+    text, ranked with its history (the need protocol)."""
+    from genrec.prep import prepared_batches
+    from genrec.recommender import history_requests
+
+    e = cfg.eval
+    starts = range(0, len(examples), e.batch_size)
+    batches = (
+        (
+            None,
+            history_requests(
+                [ex.history for ex in examples[s : s + e.batch_size]],
+                n_items=e.beam_width,
+                mode=e.candidates,
+                n_candidates=e.n_candidates,
+                beam_width=e.beam_width,
+                users=[ex.user for ex in examples[s : s + e.batch_size]],
+                queries=None if queries is None else queries[s : s + e.batch_size],
+            ),
+        )
+        for s in starts
+    )
+    with prepared_batches(rec, batches, workers) as prepared:
+        for _, reqs, ranked in rec.rank_stream(prepared):
+            bar.update(len(reqs))
+            yield [[r.item for r in lst] for lst in ranked]
+
+
+def baseline_lists(
+    rec: Any,
+    examples: list[Example],
+    cfg: RunConfig,
+    counts: np.ndarray,
+    *,
+    progress: bool,
+    parts: EvalParts | None = None,
+    key: dict[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+    data: Interactions | None = None,
+) -> dict[str, list[list[int]]]:
+    """Each baseline of `names` (default eval.baselines), trained on `data` (default the run's); with `parts`,
+    each kept there as it finishes (and taken from there when an interrupted evaluation already finished it
+    with the same inputs: `key` plus the baseline's own)."""
+    from genrec.evaluation import baselines
+
+    k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
+    data = data if data is not None else rec.data
+
+    def compute(name: str, key: dict[str, Any] | None = None) -> list[list[int]]:
+        logger.info("baseline %s", name)
+        if name == "popularity":
+            return popularity_lists(examples, counts, k)
+        if name == "itemknn":
+            return baselines.itemknn_lists(data, examples, split=split, k=k)
+        if name == "markov":
+            return baselines.markov_lists(data, examples, split=split, k=k)
+        if name == "retriever":
+            return baselines.retriever_lists(rec.retriever, examples, k=k)
+        kept = sasrec_from_retriever(rec, examples, cfg, k=k)
+        if kept is not None:
+            return kept
+        sas = baselines.SASRecConfig(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
+        state = parts.folder / "sasrec.state.pt" if parts is not None and key is not None else None
+        return baselines.sasrec_lists(
+            data,
+            examples,
+            split=split,
+            k=k,
+            cfg=sas,
+            progress=progress,
+            checkpoint=state,  # its training state after every epoch: an interruption loses one epoch
+            checkpoint_key=json.dumps(key, sort_keys=True) if state else "",
+        )
+
+    for name in cfg.eval.baselines if names is None else names:
+        if parts is None:
+            out[name] = compute(name)
+            continue
+        own: dict[str, Any] = {"method": name, "k": k}
+        if name == "retriever":
+            own["embeddings"] = files_stamp(rec.run.embeddings_file)
+        if name == "sasrec":
+            own.update(epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed)
+        full = {**(key or {}), **own}
+        out[name] = parts.method(name, full, functools.partial(compute, name, full))
+    return out
+
+
+def sasrec_from_retriever(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, k: int
+) -> list[list[int]] | None:
+    """The SASRec baseline's lists from the run's SASRec retriever, where that is the model the baseline would
+    train (None otherwise): `SASRecRetriever.fit` is the baseline's training for the test split (same data, epochs,
+    seed and epoch selection) when the evaluation's histories give it the same window. Saves training it twice."""
+    from genrec.evaluation.baselines import SASRecConfig, sasrec_lists, sasrec_window
+    from genrec.retrieval import SASRecRetriever
+
+    if cfg.eval.split != "test" or not isinstance(getattr(rec, "collab", None), SASRecRetriever):
+        return None
+    info = rec.run.meta().get("retrieval", {})
+    if (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed):
+        return None
+    sas = SASRecConfig()
+    held = [s[:-2] for s in rec.data.sequences if len(s) >= 3][: sas.valid_users or None]  # as fit_sasrec's
+    window = sasrec_window(sas.max_len, held, [ex.history for ex in examples])
+    if window != rec.collab.window:
+        return None
+    logger.info(
+        "baseline sasrec: ranked by the run's SASRec retriever (%s), the same training", rec.run.retriever_dir
+    )
+    return sasrec_lists(rec.data, examples, split="test", k=k, trained=(rec.collab.model, rec.collab.window))
+
+
+def evaluate(
+    run: RunDir, cfg: RunConfig, *, rec: Any = None, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Score the model and the baselines on one split; write eval.json, report.md and plots.
+
+    `rec` is the run's loaded Recommender when the caller already has one (it is loaded otherwise).
+    Each method's lists are kept in eval_<split>.parts/ as they are made (genrec's in chunks of users) until
+    the report is written; `resume` takes what an interrupted evaluation with the same inputs finished
+    from there (see EvalParts).
+    """
+    from genrec.recommender import Recommender
+
+    rec = rec or Recommender.load(run)
+    data = rec.data
+    protocol = cfg.eval.protocol
+    cold = run.cold_items(cfg)
+    fusion = fusion_weight_for(rec, cfg, progress=progress)
+    examples = leave_one_out(data, cfg.eval.split)
+    if protocol == "cold":  # the users whose held-out item is the one to find
+        examples = [ex for ex in examples if ex.target in set(cold)]
+        if not examples:
+            raise GenrecError(f"eval.protocol=cold: no {cfg.eval.split} user's target is a held-out item")
+    if cfg.eval.max_users:
+        examples = examples[: cfg.eval.max_users]
+    queries = need_queries(data, examples, cfg) if protocol == "need" else None
+    ks = sorted(cfg.eval.ks)
+    # Baselines learn from what training saw: held-out items' interactions are not in it
+    seen_data = without_items(data, cold)
+    counts = popularity(seen_data, split=cfg.eval.split)
+    common = {
+        "ks": ks,
+        "n_items": len(data.catalog),
+        "item_pop": counts,
+        "n_users_train": len(data),
+        "embeddings": rec.retriever.embeddings,
+    }
+    stem = cfg.eval.split if protocol == "standard" else f"{cfg.eval.split}_{protocol}"
+    parts = EvalParts(run / f"eval_{stem}.parts", resume=resume)
+    key = {
+        "genrec_version": _version(),
+        "split": cfg.eval.split,
+        "examples": examples_digest(examples),
+        "data": files_stamp(run.interactions_file, run.catalog_file),
+    }
+    try:
+        genrec, seconds, ranked_by = genrec_lists(
+            rec, examples, cfg, parts, key, progress=progress, queries=queries
+        )
+        lists = {"genrec": genrec}
+        if queries is not None:  # the same users, the same model, the history alone: the paired comparison
+            lists[HISTORY_ALONE] = genrec_lists(
+                rec, examples, cfg, parts, key, progress=progress, name=HISTORY_ALONE
+            )[0]
+            lists["retriever_need"] = need_retriever_lists(rec, examples, queries, k=max(ks))
+        names = [b for b in cfg.eval.baselines if protocol != "cold" or b in COLD_CAPABLE]
+        lists.update(
+            baseline_lists(
+                rec,
+                examples,
+                cfg,
+                counts,
+                progress=progress,
+                parts=parts,
+                key=key,
+                names=names,
+                data=seen_data,
+            )
+        )
+    except BaseException as e:  # Ctrl-C (the CLI exits quietly on it), out of memory, a failing baseline
+        if parts.folder.is_dir():
+            why = stopped_by(e)
+            logger.warning(
+                "evaluation %s; the lists it finished are kept in %s: `genrec evaluate --run %s --resume` (same "
+                "split and settings) goes on from them",
+                why,
+                parts.folder,
+                run.path,
+            )
+        raise
+    results, per_user = {}, {}
+    for name, lst in lists.items():
+        results[name], per_user[name] = summarize(name, lst, examples, **common)  # type: ignore[arg-type]
+    report = {
+        "split": cfg.eval.split,
+        "stem": stem,
+        "protocol": protocol_text(cfg, rec),
+        **protocol_fields(cfg, cold, examples),
+        "users": len(examples),
+        "items": len(data.catalog),
+        "beam_width": cfg.eval.beam_width,
+        "ranked_by": ranked_by,
+        "genrec_seconds": round(seconds, 1),
+        "genrec_users_per_s": round(len(examples) / max(seconds, 1e-9), 2),
+        "template": rec.builder_for(rec.template_for("need" if queries else None)).template.name,
+        "template_hash": rec.builder_for(rec.template_for("need" if queries else None)).template.hash,
+        "results": results,
+        "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
+        **({"retrieval": fusion} if fusion is not None and cfg.eval.candidates != "all" else {}),
+        **({"resumed": parts.reused} if parts.reused else {}),
+    }
+    save_outputs(run, report, examples, lists, per_user)
+    parts.remove()
+    return report
+
+
+HISTORY_ALONE = "genrec_history_alone"
+"""The need protocol's second genrec list: the same users ranked from their history alone."""
+COLD_CAPABLE = ("popularity", "retriever")
+"""Baselines that can take part in the cold-items protocol; the others (SASRec, item-kNN, the Markov chain) score
+items by their interactions in training, and held-out items have none."""
+
+
+def need_queries(data: Interactions, examples: Sequence[Example], cfg: RunConfig) -> list[str]:
+    """The need protocol's text: each test item's derived need (seeded apart from training's needs)."""
+    return [
+        derive_need(
+            data.catalog,
+            ex.target,
+            user=ex.user,
+            seed=cfg.train.seed + 1,
+            title_words=cfg.prompt.need_title_words,
+        )
+        for ex in examples
+    ]
+
+
+def need_retriever_lists(
+    rec: Any, examples: Sequence[Example], queries: Sequence[str], *, k: int
+) -> list[list[int]]:
+    """The retriever alone on each need's text (no history, no LM), the user's seen items left out."""
+    if not rec.text_embeddings:
+        return [[] for _ in examples]
+    return rec.text_retrieved_many(
+        list(queries), n=[k] * len(queries), exclude=[list(ex.history) for ex in examples]
+    )
+
+
+def protocol_fields(cfg: RunConfig, cold: Sequence[int], examples: Sequence[Example]) -> dict[str, Any]:
+    """What the report says of its protocol (eval.protocol): the held-out items, the baselines left out and why."""
+    protocol = cfg.eval.protocol
+    out: dict[str, Any] = {"eval_protocol": protocol}
+    if cold:
+        out["cold_items"] = len(cold)
+    if protocol == "cold":
+        out["not_comparable"] = {
+            b: "cannot rank items unseen in training (it scores items by their interactions)"
+            for b in cfg.eval.baselines
+            if b not in COLD_CAPABLE
+        }
+    if protocol == "need":
+        out["need"] = (
+            f"each user's test item's need (its category or genres, sometimes its brand, {cfg.prompt.need_title_words} "
+            f"words of its title, never the whole title) given with the history; {HISTORY_ALONE}: the same model on "
+            "the history alone; retriever_need: the retriever on the need's text alone"
+        )
+    return out
+
+
+def protocol_text(cfg: RunConfig, rec: Any) -> str:
+    """The report's protocol line: genrec ranks the whole catalogue, or a retriever's candidates, but every
+    method is scored over the whole catalogue (a target outside genrec's candidates counts as not ranked)."""
+    base = "chronological leave-one-out; full ranking over the catalogue minus the user's seen items"
+    if cfg.eval.candidates == "all":
+        return base
+    source = cfg.retrieval.source if rec.collab is not None else "text"
+    fused = (
+        f", fused with the {rec.collab.kind} score" if rec.collab is not None and rec.fusion_weight else ""
+    )
+    return (
+        f"{base}; genrec ranks the {source} retriever's top-{cfg.eval.n_candidates} candidates{fused} (a target "
+        "outside them counts as not ranked)"
+    )
+
+
+def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any] | None:
+    """The fusion of the run's collaborative retriever (None without one): the configured weight, the one
+    recorded in run.json, or, for `auto` with none recorded, one chosen now (`choose_fusion_weight`)."""
+    if rec.collab is None:
+        return None
+    if cfg.retrieval.fusion_weight != "auto":
+        rec.fusion_weight = float(cfg.retrieval.fusion_weight)
+        return {
+            "weight": rec.fusion_weight,
+            "chosen_by": "retrieval.fusion_weight",
+            "source": rec.collab.kind,
+        }
+    if rec.fusion_weight is None:
+        return choose_fusion_weight(rec, cfg, progress=progress)
+    recorded = rec.run.meta().get("retrieval", {}).get("fusion") or {}
+    if recorded.get("weight") == rec.fusion_weight:
+        return dict(recorded)
+    return {"weight": rec.fusion_weight, "source": rec.collab.kind}  # set on this Recommender, not recorded
+
+
+def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Choose retrieval.fusion_weight on the validation split: rank the first retrieval.tune_users validation
+    users' retrieved candidates once with the LM alone (every candidate's log-probability), fuse them with the
+    collaborative scores at each weight of retrieval.fusion_grid, and keep the weight with the best NDCG@10
+    (ties: the smaller weight). Sets it on `rec` and records it in run.json (`retrieval.fusion`)."""
+    r, e = cfg.retrieval, cfg.eval
+    valid = leave_one_out(rec.data, "valid")
+    valid = valid[: r.tune_users] if r.tune_users else valid
+    started = time.time()
+    items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
+    collab = rec.collab.scores_of([ex.history for ex in valid], items)
+    grid: dict[str, float] = {}
+    for w in r.fusion_grid:
+        lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
+        grid[f"{w:g}"] = float(
+            np.mean(
+                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
+            )
+        )
+    best = max(r.fusion_grid, key=lambda w: (grid[f"{w:g}"], -w))
+    info = {
+        "weight": float(best),
+        "chosen_by": "validation ndcg@10",
+        "source": rec.collab.kind,
+        "users": len(valid),
+        "n_candidates": e.n_candidates,
+        "valid_ndcg@10": grid,
+        "candidate_recall": float(np.mean([ex.target in set(i) for i, ex in zip(items, valid, strict=True)])),
+        "seconds": round(time.time() - started, 1),
+    }
+    logger.info("fusion weight %g (validation NDCG@10 by weight: %s)", best, grid)
+    rec.fusion_weight = float(best)
+    rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})
+    return info
+
+
+def lm_candidate_scores(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True
+) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Each example's retrieved candidates and the LM's log-probability of each (no fusion), in batches."""
+    n, saved = cfg.eval.n_candidates, rec.fusion_weight
+    rec.fusion_weight = 0.0  # the LM's own scores of every candidate
+    items: list[list[int]] = []
+    scores: list[np.ndarray] = []
+    try:
+        with tqdm(total=len(examples), desc="fusion weight", unit="user", disable=not progress) as bar:
+            for s in range(0, len(examples), cfg.eval.batch_size):
+                chunk = examples[s : s + cfg.eval.batch_size]
+                reqs = history_requests_for(chunk, n)
+                for recs in rec.rank_requests(reqs):
+                    items.append([x.item for x in recs])
+                    scores.append(np.asarray([x.score for x in recs], dtype=np.float64))
+                bar.update(len(chunk))
+    finally:
+        rec.fusion_weight = saved
+    return items, scores
+
+
+def history_requests_for(examples: Sequence[Example], n: int) -> list[Any]:
+    """Retriever-mode requests for the examples that return all `n` candidates."""
+    from genrec.recommender import history_requests
+
+    return history_requests(
+        [ex.history for ex in examples],
+        n_items=n,
+        mode="retriever",
+        n_candidates=n,
+        beam_width=n,
+        users=[ex.user for ex in examples],
+    )
+
+
+def fused_order(items: Sequence[int], lm: np.ndarray, collab: np.ndarray, weight: float) -> list[int]:
+    """The items by fused score, best first (genrec.retrieval.fuse)."""
+    from genrec.retrieval import fuse
+
+    order = np.argsort(-fuse(lm, collab, weight), kind="stable")
+    return [items[j] for j in order]
+
+
+GENREC_CHUNK_USERS = 1024
+"""genrec's ranked lists are kept every this many users (rounded up to whole batches) during an evaluation."""
+
+
+def genrec_lists(
+    rec: Any,
+    examples: Sequence[Example],
+    cfg: RunConfig,
+    parts: EvalParts,
+    key: dict[str, Any],
+    *,
+    progress: bool,
+    queries: Sequence[str] | None = None,
+    name: str = "genrec",
+) -> tuple[list[list[int]], float, dict[str, int]]:
+    """genrec's lists for every example, the seconds its ranking took and how requests were ranked (exact
+    tree scoring or beam search), in chunks committed to `parts`: a resumed evaluation ranks only the users
+    after the last committed chunk, and adds the committed chunks' seconds and counts."""
+    e = cfg.eval
+    key = {
+        **key,
+        "method": name,
+        "queries": None if queries is None else texts_digest(queries),
+        "model": files_stamp(rec.run.model_dir()),
+        "ids": files_stamp(rec.run.ids_file),
+        "template_hash": rec.builder.template.hash,
+        "engine": f"{type(rec.engine).__name__} on {getattr(rec.engine, 'device', '?')}",  # numerics differ
+        "model_config": dataclasses.asdict(cfg.model),
+        "eval": {k: v for k, v in dataclasses.asdict(e).items() if k not in _NOT_GENREC},
+        **(
+            {
+                "retriever": files_stamp(rec.run.retriever_dir) if rec.run.retriever_dir.exists() else None,
+                "fusion_weight": rec.fusion_weight,
+            }
+            if rec.collab is not None
+            else {}
+        ),
+    }
+    done = parts.chunks(name, key)
+    n_chunks = len(done)
+    lists = [lst for c in done for lst in c["lists"]]
+    seconds = sum(c["seconds"] for c in done)
+    ranked_by: Counter[str] = Counter()
+    for c in done:
+        ranked_by.update(c["ranked_by"])
+    per_chunk = -(-GENREC_CHUNK_USERS // e.batch_size) * e.batch_size
+    pending: list[list[int]] = []
+    started, before = time.time(), Counter(rec.engine.ranked_by)
+
+    def commit() -> None:
+        nonlocal started, before, seconds, pending, n_chunks
+        now, counts = time.time(), Counter(rec.engine.ranked_by)
+        made = {k: v for k, v in (counts - before).items() if v}
+        parts.commit_chunk(
+            name, n_chunks, key, {"lists": pending, "seconds": now - started, "ranked_by": made}
+        )
+        n_chunks += 1
+        lists.extend(pending)
+        seconds += now - started
+        ranked_by.update(made)
+        started, before, pending = now, counts, []
+
+    desc = f"{name} ranking" + (f" (resumed: {len(lists)} users kept)" if lists else "")
+    with tqdm(total=len(examples), initial=len(lists), desc=desc, unit="user", disable=not progress) as bar:
+        rest = None if queries is None else queries[len(lists) :]
+        for batch in ranked_batches(
+            rec, examples[len(lists) :], cfg, bar, workers=e.prep_workers, queries=rest
+        ):
+            pending.extend(batch)
+            if len(pending) >= per_chunk:
+                commit()
+        if pending:
+            commit()
+    return lists, seconds, dict(ranked_by)
+
+
+_NOT_GENREC = ("baselines", "sasrec_epochs", "prep_workers")
+"""eval settings that do not change genrec's lists (prep_workers: same output, measured in tests)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genrec")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the examples' users, histories and targets: the same split of the same data."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.user, ex.target, list(ex.history)]).encode())
+    return digest.hexdigest()
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """sha256 of a list of texts (the need protocol's queries)."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
+def files_stamp(*paths: Path) -> str:
+    """A stamp of files and folders (every file below them): name, size and modification time, hashed.
+    Changes when a file is written again (a retrained model, rebuilt IDs), costs no read."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class EvalParts:
+    """Each method's ranked lists, kept in runs/<name>/eval_<split>.parts/ as evaluate makes them, so that an
+    evaluation that dies (Ctrl-C, out of memory, a killed job) goes on with `--resume`: a finished baseline is
+    not trained again and genrec's ranking goes on after its last committed chunk. Every file holds the inputs
+    that made it (its key: the genrec version, the split's examples, the data, model and ID files' stamps, the
+    template hash, the settings); a file whose key differs from this evaluation's is made again, and the log
+    says which input changed. Without `resume`, what an interrupted evaluation left is removed first. The
+    folder is removed once the report is written."""
+
+    def __init__(self, folder: Path, *, resume: bool) -> None:
+        self.folder = folder
+        self.reused: list[str] = []
+        if folder.exists() and not resume:
+            logger.info("%s: left by an interrupted evaluation; removed (--resume would reuse it)", folder)
+            shutil.rmtree(folder)
+
+    def _read(self, path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if data.get("key") != key:
+            old = data.get("key") or {}
+            changed = sorted(k for k in {*key, *old} if key.get(k) != old.get(k))
+            logger.warning("%s: made with another %s; made again", path, ", ".join(changed))
+            return None
+        return dict(data)
+
+    def method(
+        self, name: str, key: dict[str, Any], compute: Callable[[], list[list[int]]]
+    ) -> list[list[int]]:
+        """`name`'s lists: kept ones made with `key`, or computed now and kept."""
+        path = self.folder / f"{name}.json"
+        data = self._read(path, key)
+        if data is not None:
+            logger.info("%s: lists taken from %s (an interrupted evaluation's)", name, path)
+            self.reused.append(name)
+            return list(data["lists"])
+        lists = compute()
+        self._write(path, key, {"lists": lists})
+        return lists
+
+    def chunks(self, name: str, key: dict[str, Any]) -> list[dict[str, Any]]:
+        """`name`'s committed chunks made with `key`, in order from the first (the rest are dropped)."""
+        out: list[dict[str, Any]] = []
+        while (data := self._read(self.folder / f"{name}-{len(out):05d}.json", key)) is not None:
+            out.append(data)
+        if out:
+            logger.info(
+                "%s: %d users' lists taken from %s", name, sum(len(c["lists"]) for c in out), self.folder
+            )
+            self.reused.append(name)
+        for stale in self.folder.glob(f"{name}-*.json"):  # after a gap or a changed key
+            if int(stale.stem.rsplit("-", 1)[1]) >= len(out):
+                stale.unlink()
+        return out
+
+    def commit_chunk(self, name: str, index: int, key: dict[str, Any], payload: dict[str, Any]) -> None:
+        self._write(self.folder / f"{name}-{index:05d}.json", key, payload)
+
+    def _write(self, path: Path, key: dict[str, Any], payload: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"key": key, **payload}))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def save_outputs(
+    run: RunDir,
+    report: dict[str, Any],
+    examples: Sequence[Example],
+    lists: dict[str, list[list[int]]],
+    per_user: dict[str, list[dict[str, float]]],
+) -> None:
+    split = report.get("stem", report["split"])
+    atomic_write_text(run / f"eval_{split}.json", json.dumps(report, indent=2))
+    rows = []
+    for name in lists:
+        for ex, lst, m in zip(examples, lists[name], per_user[name], strict=True):
+            rows.append({"method": name, "user": ex.user, "target": ex.target, "ranked": lst, **m})
+    pd.DataFrame(rows).to_parquet(run / f"eval_{split}_users.parquet", index=False)
+    plots = write_plots(run, report, per_user)
+    atomic_write_text(run / f"report_{split}.md", markdown_report(report, plots))
+
+
+def write_plots(
+    run: RunDir, report: dict[str, Any], per_user: dict[str, list[dict[str, float]]] | None = None
+) -> list[str]:
+    """The metric bars (with 95% intervals of each mean when `per_user` is given), coverage and long tail,
+    and the training loss curve; returns the PNG file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split, results = report.get("stem", report["split"]), report["results"]
+    metrics = [m for m in next(iter(results.values())) if m.startswith(("recall@", "ndcg@")) or m == "mrr"]
+    fig, ax = plt.subplots(figsize=(10.5, 4))
+    width = 0.8 / len(results)
+    for j, (name, res) in enumerate(results.items()):
+        err = [ci_half_width([u[m] for u in per_user[name]]) for m in metrics] if per_user else None
+        ax.bar(
+            np.arange(len(metrics)) + j * width,
+            [res[m] for m in metrics],
+            width,
+            yerr=err,
+            capsize=2,
+            label=name,
+        )
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(results) - 1) / 2, metrics)
+    bars = " ± 95% interval" if per_user else ""
+    ax.set_title(f"{split}: {report['users']} users, {report['items']} items (full ranking){bars}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    fig.tight_layout()
+    out = [f"eval_{split}_metrics.png"]
+    fig.savefig(run / out[0], dpi=110)
+    plt.close(fig)
+    tail_key = next(m for m in next(iter(results.values())) if m.startswith("tail_share@"))
+    cov_key = next(m for m in next(iter(results.values())) if m.startswith("coverage@"))
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    names = list(results)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [results[n][cov_key] for n in names], 0.4, label=f"catalogue {cov_key}")
+    ax.bar(
+        x + 0.2, [results[n][tail_key] for n in names], 0.4, label=f"long-tail {tail_key} (outside top 20%)"
+    )
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("coverage and long tail")
+    fig.tight_layout()
+    out.append(f"eval_{split}_longtail.png")
+    fig.savefig(run / out[-1], dpi=110)
+    plt.close(fig)
+    if run.train_log_file.is_file():
+        logs = [json.loads(line) for line in run.train_log_file.read_text().splitlines() if line.strip()]
+        pts = [(r["step"], r["loss"]) for r in logs if "loss" in r]
+        if pts:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(*zip(*pts, strict=True))
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss (ID tokens)")
+            fig.tight_layout()
+            fig.savefig(run / "train_loss.png", dpi=110)
+            plt.close(fig)
+            out.append("train_loss.png")
+    return out
+
+
+def ranking_text(report: dict[str, Any]) -> str:
+    """How genrec's lists were ranked: beam search of the report's width, exact tree scoring, or both."""
+    by = report.get("ranked_by") or {"beam": report["users"]}
+    beam = f"beam search (width {report['beam_width']})"
+    if set(by) == {"beam"}:
+        return f"ranked by {beam}"
+    if set(by) == {"exact"}:
+        return f"ranked exactly (tree scoring; top {report['beam_width']})"
+    return f"ranked exactly for {by.get('exact', 0)} users and by {beam} for {by.get('beam', 0)}"
+
+
+def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
+    results = report["results"]
+    cols = list(next(iter(results.values())))
+    lines = [
+        f"# genrec evaluation — {report['split']} split",
+        "",
+        f"{report['protocol']}. {report['users']} users, {report['items']} items, {ranking_text(report)}, "
+        f"template `{report['template']}` ({report['template_hash']}).",
+        f"genrec ranked {report['genrec_users_per_s']} users/s.",
+        *(
+            [
+                f"Resumed (`--resume`): lists of {', '.join(report['resumed'])} were kept from an interrupted "
+                "evaluation with the same inputs (the same model, data, template and settings)."
+            ]
+            if report.get("resumed")
+            else []
+        ),
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{res[c]:.4f}" for c in cols) + " |" for name, res in results.items()
+    ]
+    lines += paired_table(report.get("genrec_vs") or {}, report["users"])
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(vs: dict[str, dict[str, dict[str, float]]], users: int) -> list[str]:
+    """The report's section on genrec minus each baseline, user by user, with 95% intervals."""
+    if not vs:
+        return []
+    metrics = list(next(iter(vs.values())))
+    lines = [
+        "",
+        "## genrec against each baseline, user by user",
+        "",
+        f"Δ = genrec minus the baseline, the mean over the same {users} users of each user's difference; in brackets "
+        "its 95% interval (mean ± 1.96 standard errors of the per-user differences). An interval that holds 0 "
+        "means these users do not tell the two apart on that metric.",
+        "",
+        "| baseline | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name, by_metric in vs.items():
+        cells = [
+            f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+            + ("" if d["low"] <= 0 <= d["high"] else " *")
+            for d in by_metric.values()
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "\\* the interval excludes 0."]
+    return lines
+
+
+def popularity_only(data: Interactions, split: str, ks: Sequence[int]) -> dict[str, float]:
+    """Popularity baseline alone (no model), for quick data checks."""
+    examples = leave_one_out(data, split)
+    counts = popularity(data, split=split)
+    res, _ = summarize(
+        "popularity",
+        popularity_lists(examples, counts, max(ks)),
+        examples,
+        ks=ks,
+        n_items=len(data.catalog),
+        item_pop=counts,
+        n_users_train=len(data),
+    )
+    return res

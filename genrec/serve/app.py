@@ -1,0 +1,267 @@
+"""The HTTP surface: OpenAI-compatible routes over RecService, one place mapping errors to statuses.
+
+Routes: GET /v1/models, POST /v1/chat/completions (JSON or SSE stream), POST /v1/completions,
+GET /health, GET /metrics (Prometheus), the template API and /editor (genrec.serve.templates_api). Bearer API keys when configured. Every client input error
+is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genrec.errors import GenrecError
+from genrec.recommender import Recommendation
+from genrec.serve import encode
+from genrec.serve.http import BodyLimit, HTTPLimits
+from genrec.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from genrec.serve.service import RecService, recommended_items
+from genrec.serve.templates_api import bearer, template_router
+
+logger = logging.getLogger(__name__)
+
+
+def format_text(recs: list[Recommendation]) -> str:
+    if not recs:
+        return "No items to recommend."
+    return "\n".join(
+        f"{k}. {r.title or r.item_id} (item {r.item_id}, score {r.score:.4f})" for k, r in enumerate(recs, 1)
+    )
+
+
+PUBLIC_CHOICES = {
+    "metrics": ("/metrics",),
+    "docs": ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
+}
+"""What `public` may open to clients without a key when keys are configured (`/health` always is)."""
+
+
+def protected_paths(public: Collection[str]) -> tuple[set[str], tuple[str, ...]]:
+    """Exact paths and path prefixes that need an API key when keys are configured."""
+    unknown = sorted(set(public) - set(PUBLIC_CHOICES))
+    if unknown:
+        raise ValueError(f"public: unknown choice(s) {unknown}; choose from {sorted(PUBLIC_CHOICES)}")
+    exact = {p for choice, paths in PUBLIC_CHOICES.items() if choice not in public for p in paths}
+    return exact, ("/v1/",)
+
+
+def create_app(
+    service: RecService,
+    *,
+    api_keys: list[str] | None = None,
+    admin_keys: dict[str, str] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+    http: HTTPLimits | None = None,
+    public: Collection[str] = (),
+) -> FastAPI:
+    """The app; `admin_keys` (key -> label) may also edit templates, and count as API keys;
+    `on_shutdown` runs after in-flight requests drained (the server stops its engine there); `http`: body
+    size and read deadline; `public`: `metrics` and/or `docs` served without a key when keys are configured
+    (by default they need one, like /v1)."""
+    admins = dict(admin_keys or {})
+    clock = service.rec.clock  # CPU time by stage; the worker thread's stages are timed by the recommender
+    keys = set(api_keys or []) | (set(admins) if api_keys else set())
+    exact, prefixes = protected_paths(public)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="genrec", lifespan=lifespan)
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error(APIError(400, "malformed JSON body", code="invalid_json"))
+        param = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return error(APIError(400, f"{param or 'body'}: {msg}" if param else msg, param=param))
+
+    @app.exception_handler(GenrecError)
+    async def on_genrec_error(request: Request, exc: GenrecError) -> JSONResponse:
+        # routes map the errors they expect; any other project error is still about the request's input
+        return error(APIError(400, str(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        if keys and (path in exact or path.startswith(prefixes)) and bearer(request) not in keys:
+            response: Response = error(
+                APIError(
+                    401,
+                    "missing or invalid API key (Authorization: Bearer …)",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
+            )
+            service.metrics.requests.labels("unauthenticated", "401").inc()  # before routing: no route yet
+            return response
+        try:
+            response = await call_next(request)
+        except APIError as e:
+            response = error(e)
+        except Exception:
+            logger.exception("unhandled error on %s", path)
+            response = error(APIError(500, "internal error", type="server_error"))
+        if path.startswith(prefixes):
+            # labelled by route, not by the path a client sent: one series per route, however many names
+            endpoint = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    def check_model(model: str, n: int) -> None:
+        if model != service.model_name:
+            raise APIError(
+                400,
+                f"unknown model {model!r}; this server serves {service.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        if n != 1:
+            raise APIError(400, f"n={n}: only n=1 is supported (use n_items for more items)", param="n")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": service.model_name, "queue": service._pending}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=service.model_name)])
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest) -> Any:
+        try:
+            check_model(req.model, req.n)
+            user_msgs = [m for m in req.messages if m.role == "user"]
+            text = user_msgs[-1].text() if user_msgs else ""
+            with clock.stage("parse"):
+                q = service.parse(req, text=text, user=req.user)
+            recs = await service.recommend(q, req)
+        except APIError as e:
+            return error(e)
+        with clock.stage("encode"):
+            fmt = req.response_format.type if req.response_format else "text"
+            content = json.dumps({"items": encode.recommended(recs)}) if fmt != "text" else format_text(recs)
+            template = (
+                service.template_info(q.template.name, q.template.hash, q.template.version)
+                if q.template
+                else None
+            )
+            if not req.stream:
+                return Response(
+                    encode.chat_completion(
+                        model=req.model,
+                        content=content,
+                        recs=recs,
+                        prompt_tokens=q.prompt_tokens,
+                        completion_tokens=len(recs) * service.rec.ids.depth,
+                        template=template,
+                    ),
+                    media_type=encode.JSON,
+                )
+        usage = Usage(
+            prompt_tokens=q.prompt_tokens,
+            completion_tokens=len(recs) * service.rec.ids.depth,
+        )
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        resp = ChatCompletionResponse(
+            model=req.model,
+            choices=[ChatChoice(message=AssistantMessage(content=content))],
+            usage=usage,
+            recommendations=recommended_items(recs),
+            template=template,
+        )
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse_chunks(resp, content, include_usage), media_type="text/event-stream")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        try:
+            check_model(req.model, req.n)
+            prompt = req.prompt if isinstance(req.prompt, str) else "\n".join(req.prompt)
+            if req.stream:
+                raise APIError(400, "stream=true is supported on /v1/chat/completions only", param="stream")
+            with clock.stage("parse"):
+                q = service.parse(req, text=prompt, user=req.user)
+            recs = await service.recommend(q, req)
+        except APIError as e:
+            return error(e)
+        with clock.stage("encode"):
+            body = encode.completion(
+                model=req.model,
+                text=format_text(recs),
+                recs=recs,
+                prompt_tokens=q.prompt_tokens,
+                completion_tokens=len(recs) * service.rec.ids.depth,
+            )
+            return Response(body, media_type=encode.JSON)
+
+    app.include_router(template_router(service, admin_keys=admins))
+    app.add_middleware(BodyLimit, limits=http or HTTPLimits())  # added last: the outermost layer
+    return app
+
+
+async def sse_chunks(resp: ChatCompletionResponse, content: str, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI chunk stream: role, one chunk per line of the reply, finish, optional usage, [DONE]."""
+
+    def chunk(delta: Delta, finish: Any = None, usage: Usage | None = None, choices: bool = True) -> str:
+        c = ChatCompletionChunk(
+            id=resp.id,
+            created=resp.created,
+            model=resp.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [],
+            usage=usage,
+        )
+        return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
+
+    yield chunk(Delta(role="assistant", content=""))
+    lines = content.split("\n")
+    for k, line in enumerate(lines):
+        yield chunk(Delta(content=line + ("\n" if k + 1 < len(lines) else "")))
+    yield chunk(Delta(), finish="stop")
+    if include_usage:
+        yield chunk(Delta(), usage=resp.usage, choices=False)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,94 @@
+"""Server entry point: load a run, build the app, run uvicorn (graceful shutdown drains requests)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genrec.run import RunDir
+from genrec.serve.http import HTTPLimits, deadline_protocol
+from genrec.serve.service import ServeLimits
+
+KEEP_ALIVE_S = 75
+"""Seconds an idle keep-alive connection stays open. Longer than clients keep theirs: httpx, and with it
+the `openai` client, keeps 5 s, which was also uvicorn's default, and when both sides use the same expiry
+a client can send on a connection the server is closing; that request fails with no response. A
+10,000-request soak on the H100 had 2 client-side failures and no server error (BENCHMARKS.md); this is
+the likely cause, not a proven one. Load balancers' idle timeouts (often 60 s) need the same margin."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeArgs:
+    run: Path
+    backend: str = "hf"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)
+    """`LABEL=KEY` (or a bare KEY, labelled `admin`): may edit templates; the label is the author."""
+    model_name: str | None = None
+    device: str | None = None
+    search: str | None = None
+    """auto | beam | exact (transformers engine); None: the run's eval.search."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    """Queue, batch, history and timeout limits (genrec.serve.service.ServeLimits)."""
+    http: HTTPLimits = field(default_factory=HTTPLimits)
+    """Request body size and header/body read deadlines (genrec.serve.http.HTTPLimits)."""
+    public: list[str] = field(default_factory=list)
+    """`metrics` and/or `docs`: served without an API key when keys are configured (genrec.serve.app.PUBLIC_CHOICES)."""
+
+
+def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
+    from genrec.recommender import Recommender
+    from genrec.serve.app import create_app
+    from genrec.serve.service import RecService
+
+    run = RunDir(args.run)
+    # the server drives vLLM through AsyncLLM, so concurrent batches share the engine
+    backend = "vllm-async" if args.backend == "vllm" else args.backend
+    rec = Recommender.load(run, backend=backend, device=args.device, search=args.search)
+    service = RecService(rec, model_name=args.model_name or run.path.name, limits=args.limits)
+    return create_app(
+        service,
+        api_keys=args.api_keys,
+        admin_keys=parse_admin_keys(args.admin_keys),
+        # AsyncLLM's engine core is a child process: it stops with the app (uvicorn re-raises SIGTERM
+        # after the lifespan ends, so code after uvicorn.run() would never run)
+        on_shutdown=getattr(rec.engine, "shutdown", None),
+        http=args.http,
+        public=args.public,
+    )
+
+
+def parse_admin_keys(specs: list[str]) -> dict[str, str]:
+    """`alice=KEY` -> {KEY: 'alice'}; a bare key is labelled 'admin'."""
+    out = {}
+    for spec in specs:
+        label, sep, key = spec.partition("=")
+        label, key = (label.strip(), key.strip()) if sep else ("admin", spec.strip())
+        if not key or not label:
+            raise ValueError(f"--admin-key {spec!r}: expected LABEL=KEY")
+        out[key] = label
+    return out
+
+
+def uvicorn_options(http: HTTPLimits | None = None) -> dict[str, Any]:
+    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too): the
+    httptools protocol with header deadlines (genrec.serve.http)."""
+    return {
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "http": deadline_protocol(http or HTTPLimits()),
+    }
+
+
+def serve(args: ServeArgs) -> None:
+    import uvicorn
+
+    app = build_app(args)
+    logger.info("serving %s on http://%s:%d/v1 (backend %s)", args.run, args.host, args.port, args.backend)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_options(args.http))

@@ -1,0 +1,482 @@
+"""The recommendation service behind the HTTP API: input parsing, micro-batching, limits, metrics.
+
+Knows nothing of HTTP: it raises APIError values that the app maps to status codes. The engine
+is driven by one worker task that batches concurrent requests into one ranking call (several tasks
+when the engine batches concurrent calls itself, as AsyncLLM does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import itertools
+import logging
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+
+from genrec.cpu_time import StageClock
+from genrec.evaluation import validity
+from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems, history_requests
+from genrec.serve.protocol import APIError, RecommendationOptions, RecommendedItem
+from genrec.templates.prompt_store import TemplateNotFound, TemplateVersion
+from genrec.templates.prompt_worker import shared_worker
+from genrec.templates.prompts import PromptTemplate, TemplateProblem
+
+logger = logging.getLogger(__name__)
+
+ID_TOKEN = re.compile(r"<[a-z]+_\d+>")
+SPLIT = re.compile(r"[\n,;]+")
+
+
+@dataclass
+class ServeLimits:
+    max_history: int = 512
+    """Longest history a request may carry (items)."""
+    max_queue: int = 256
+    """Requests waiting for the engine before new ones get 429."""
+    max_batch: int = 32
+    """Requests ranked together in one engine call."""
+    batch_wait_ms: float = 5.0
+    """How long the worker may wait to fill a batch."""
+    adaptive_wait: bool = True
+    """Wait only while requests arrive less than batch_wait_ms apart (the median of the last 8 gaps): a
+    lone client's request starts at once, busy traffic still fills batches. False: always wait."""
+    request_timeout_s: float = 60.0
+    """A request still waiting after this gets 503."""
+    concurrent_batches: int = 4
+    """Batches in flight at once when the engine allows it (AsyncLLM); the transformers engine runs one."""
+    template_recheck_s: float = 0.5
+    """How long the template store trusts its last look at a template's files on disk: within it, a request's
+    template lookup makes no file-system call. Saves through this server are seen at once, saves by another
+    process (`genrec prompts`) within this time. 0: look at the disk for every request."""
+    warmup_requests: int = 0
+    """Requests ranked at start-up, before the server accepts connections: the run's own users as default
+    requests, in batches of 1, 2, 4 and 8, so that the first clients do not pay one-time costs (on a GPU
+    the transformers engine captures a CUDA graph per batch shape at its first use). `genrec serve`: 32."""
+
+
+@dataclass
+class Query:
+    """What a request asks for, after parsing: a history, or free text for cold start."""
+
+    history: list[int] = field(default_factory=list)
+    text: str | None = None
+    user: str | None = None
+    exclude: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    """Set once ranked: the prompt's length in tokens."""
+    template: TemplateVersion | None = None
+    """The template version the prompt was rendered with (pinned at admission)."""
+    messages: list[dict[str, str]] | None = None
+
+
+class _RankedBy:
+    """Exposes the engine's own count of requests ranked by each search (exact tree scoring or beam)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "genrec_ranked_requests",
+            "Requests ranked, by search: exact (tree scoring) or beam",
+            labels=["search"],
+        )
+        for search, n in sorted(getattr(self.engine, "ranked_by", {}).items()):
+            family.add_metric([search], n)
+        yield family
+
+
+class _StageCPU:
+    """Exposes the recommender's CPU seconds by stage (genrec.cpu_time): divided by the requests served, the
+    CPU a request costs in each stage."""
+
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "genrec_stage_cpu_seconds", "Server CPU seconds by stage of the requests' work", labels=["stage"]
+        )
+        for stage, seconds in self.clock.seconds().items():
+            family.add_metric([stage], seconds)
+        yield family
+
+
+class Metrics:
+    def __init__(self, engine: Any = None, *, clock: StageClock | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        if engine is not None:
+            r.register(_RankedBy(engine))
+        if clock is not None:
+            r.register(_StageCPU(clock))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total: the whole server's CPU, every thread
+        self.engine_busy = Counter(
+            "genrec_engine_busy_seconds", "Wall seconds the engine worker spent ranking batches", registry=r
+        )
+        self.requests = Counter("genrec_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "genrec_request_latency_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.prompt_tokens = Counter("genrec_prompt_tokens_total", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("genrec_completion_tokens_total", "ID tokens generated", registry=r)
+        self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting for the engine", registry=r)
+        self.batch_size = Histogram(
+            "genrec_batch_size",
+            "Requests per engine batch",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.items = Counter("genrec_items_returned_total", "Items returned", registry=r)
+        self.invalid = Counter("genrec_invalid_items_total", "Returned items that were not valid", registry=r)
+
+
+@dataclass
+class _Job:
+    request: RankRequest
+    future: asyncio.Future[list[Recommendation]]
+
+
+class RecService:
+    def __init__(self, rec: Recommender, *, model_name: str, limits: ServeLimits | None = None) -> None:
+        self.rec = rec
+        self.model_name = model_name
+        self.limits = limits or ServeLimits()
+        self.metrics = Metrics(rec.engine, clock=rec.clock)
+        rec.templates.recheck_s = self.limits.template_recheck_s
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._pending = 0
+        self._last_arrival: float | None = None
+        self._gaps_ms: collections.deque[float] = collections.deque(maxlen=8)
+        """The last gaps between admitted requests."""
+        self.warmed: dict[str, Any] | None = None
+        """What the start-up warm-up did (ServeLimits.warmup_requests), once it ran."""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.limits.warmup_requests > 0:
+            self.warmed = await asyncio.to_thread(self.warm_up, self.limits.warmup_requests)
+        self._queue = asyncio.Queue()
+        n = self.limits.concurrent_batches if getattr(self.rec.engine, "concurrent", False) else 1
+        self._workers = [asyncio.create_task(self._work()) for _ in range(max(1, n))]
+
+    def warm_up(self, n: int) -> dict[str, Any]:
+        """Rank `n` of the run's users (their whole histories, the request defaults) in batches of 1, 2, 4
+        and 8, in turn; what it did (and the CUDA graphs captured by then, on a GPU) is logged and returned."""
+        opts = RecommendationOptions.model_validate({})  # the defaults a request gets
+        users = list(itertools.islice(itertools.cycle(self.rec.data.users), n))
+        histories = [self.rec.user_history(u, split="full")[-self.limits.max_history :] for u in users]
+        requests = history_requests(
+            histories, n_items=opts.n_items, mode=opts.candidates, n_candidates=opts.n_candidates, users=users
+        )
+        sizes: list[int] = []
+        started = time.perf_counter()
+        for size in itertools.cycle((1, 2, 4, 8)):
+            batch = requests[sum(sizes) : sum(sizes) + size]
+            if not batch:
+                break
+            self.rec.rank_requests(batch)
+            sizes.append(len(batch))
+        static = getattr(self.rec.engine, "static", None)
+        out = {
+            "requests": n,
+            "batches": sizes,
+            "seconds": round(time.perf_counter() - started, 2),
+            "cuda_graphs": None if static is None else static.captured,
+        }
+        logger.info("warm-up: %s", out)
+        return out
+
+    async def stop(self, *, drain_s: float = 30.0) -> None:
+        """Finish queued requests (up to drain_s), then stop the worker."""
+        deadline = time.monotonic() + drain_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for w in self._workers:
+            w.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await w
+
+    # -- parsing ---------------------------------------------------------------------------------
+    def resolve(self, refs: Sequence[str], *, param: str) -> list[int]:
+        try:
+            return self.rec.resolve_items(refs)
+        except UnknownItems as e:
+            raise APIError(
+                400,
+                f"unknown item(s) in {param}: {', '.join(map(repr, e.unknown[:20]))}",
+                param=param,
+                code="unknown_items",
+            ) from None
+
+    def parse(self, opts: RecommendationOptions, *, text: str, user: str | None) -> Query:
+        """History from `history`, else a known `user`, else the message text. Free text in the message beside
+        a history (given by `history` or `user`) is the user's request and goes into the prompt with it; free
+        text alone is a new user's request."""
+        q = Query(user=user, exclude=self.resolve(opts.exclude, param="exclude") if opts.exclude else [])
+        if opts.history is not None:
+            q.history = self.resolve(opts.history, param="history")
+            if not q.history:
+                raise APIError(400, "history is empty", param="history", code="empty_history")
+            if user is not None and not self.rec.knows_user(user):  # not silently ignored
+                raise APIError(
+                    400,
+                    f"unknown user {user!r}: send a user of the run's data beside a history, or leave it out",
+                    param="user",
+                    code="unknown_user",
+                )
+            q.text = text.strip() or None
+        elif user is not None and self.rec.knows_user(user):
+            q.history = self.rec.user_history(user, split="full")
+            q.text = text.strip() or None
+        else:
+            q.history, q.text = self.parse_text(text)
+        if not q.history and not (q.text and q.text.strip()):
+            raise APIError(
+                400,
+                "no history and no text: send item ids/titles, a known user, or a description",
+                param="messages",
+                code="empty_history",
+            )
+        if len(q.history) > self.limits.max_history:
+            raise APIError(
+                400,
+                f"history has {len(q.history)} items; the limit is {self.limits.max_history}",
+                param="history",
+                code="history_too_long",
+            )
+        return q
+
+    def parse_text(self, text: str) -> tuple[list[int], str | None]:
+        """ID strings, or lines/commas that are all item ids or titles -> history; none -> free text."""
+        body = re.sub(r"^\s*(history|items)\s*:\s*", "", text.strip(), flags=re.I)
+        tokens = ID_TOKEN.findall(body)
+        if tokens:  # item ID strings, possibly back to back: one item per `depth` tokens
+            d = self.rec.ids.depth
+            if len(tokens) % d:
+                raise APIError(
+                    400,
+                    f"{len(tokens)} ID tokens do not form whole item IDs of {d} tokens",
+                    param="messages",
+                    code="unknown_items",
+                )
+            return self.resolve(
+                ["".join(tokens[k : k + d]) for k in range(0, len(tokens), d)], param="messages"
+            ), None
+        parts = [p.strip() for p in SPLIT.split(body) if p.strip()]
+        known = []
+        for p in parts:
+            with contextlib.suppress(UnknownItems):
+                known.append(self.rec.resolve_items([p])[0])
+        if parts and len(known) == len(parts):
+            return known, None
+        if known or all(self.looks_like_item_id(p) for p in parts):
+            # some parts are items, others are not, or every part is shaped like this catalogue's ids
+            # (`I99999`): name the unknown ones rather than take them for a description
+            self.resolve(parts, param="messages")
+        return [], text
+
+    def looks_like_item_id(self, text: str) -> bool:
+        """Shaped like one of this catalogue's item ids: the same letters and punctuation, with digits
+        where an id has digits (`I99999` for `I00012`); text without a digit never is."""
+        return any(c.isdigit() for c in text) and _id_shape(text) in self._id_shapes
+
+    @functools.cached_property
+    def _id_shapes(self) -> frozenset[str]:
+        return frozenset(_id_shape(i) for i in self.rec.catalog.item_ids if any(c.isdigit() for c in i))
+
+    # -- ranking ---------------------------------------------------------------------------------
+    async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
+        if q.messages is None:  # off the event loop: a render may take up to its time limit
+            await asyncio.to_thread(self._timed_render, q, opts.template)
+        width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
+        req = RankRequest(
+            q.history,
+            n_items=width,
+            mode=opts.candidates,
+            n_candidates=opts.n_candidates,
+            user=q.user,
+            exclude=q.exclude,
+            messages=q.messages,
+            query=q.text,
+        )
+        recs = await self._submit(req)
+        q.prompt_tokens = req.prompt_tokens
+        self.metrics.prompt_tokens.inc(req.prompt_tokens)
+        if opts.explore > 0:
+            recs = self.diversify(recs, opts.n_items, opts.explore)
+        self._count(recs, q)
+        return recs
+
+    def _timed_render(self, q: Query, template: str | None) -> None:
+        with self.rec.clock.stage("render"):
+            self.render(q, template)
+
+    def render(
+        self,
+        q: Query,
+        template: str | None,
+        *,
+        version: int | None = None,
+        draft: PromptTemplate | None = None,
+        isolated: bool = False,
+    ) -> None:
+        """Render the prompt now: with a saved version (default: the one active at admission) or an
+        unsaved `draft`. A request in flight keeps its prompt when another version is activated.
+        `isolated`: in the render worker process (genrec.templates.prompt_worker), for templates not checked yet."""
+        try:
+            if draft is None:
+                q.template = self.rec.pin_template(template or self.rec.template_for(q.text), version)
+                builder = self.rec.builder_for(q.template.name, q.template.version)
+            else:
+                builder = self.rec.builder_with(draft)
+            if isolated:
+                variables = builder.variables(q.history, q.user, query=q.text)
+                q.messages = shared_worker().render(builder.template, [variables])[0]
+            else:
+                q.messages = builder.messages(q.history, q.user, query=q.text)
+        except TemplateNotFound as e:
+            raise APIError(400, str(e), param="template", code="template_not_found") from None
+        except TemplateProblem as e:
+            raise APIError(
+                422 if draft is not None else 400,
+                str(e),
+                param="template",
+                code="template_error",
+                line=e.line,
+                column=e.column,
+            ) from None
+
+    async def _submit(self, req: RankRequest) -> list[Recommendation]:
+        assert self._queue is not None, "start() first"
+        if self._pending >= self.limits.max_queue:
+            raise APIError(
+                429,
+                f"server busy: {self._pending} requests queued",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        fut: asyncio.Future[list[Recommendation]] = asyncio.get_running_loop().create_future()
+        self._note_arrival(time.monotonic())
+        self._pending += 1
+        self.metrics.queue_depth.set(self._pending)
+        await self._queue.put(_Job(req, fut))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                503,
+                f"timed out after {self.limits.request_timeout_s:.0f} s",
+                type="timeout",
+                code="timeout",
+                headers={"Retry-After": "5"},
+            ) from None
+
+    def _note_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            self._gaps_ms.append(1000 * (now - self._last_arrival))
+        self._last_arrival = now
+
+    def _should_wait(self) -> bool:
+        """Hold a batch open for more requests? Adaptive: only while the median of the last 8 gaps between
+        arrivals is under the window (a burst after a pause counts after a few arrivals; one slow gap
+        in a busy stream does not stop the waiting)."""
+        if not self.limits.adaptive_wait:
+            return True
+        return bool(self._gaps_ms) and statistics.median(self._gaps_ms) < self.limits.batch_wait_ms
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < self.limits.max_batch and not self._queue.empty():  # whatever is queued now
+                jobs.append(self._queue.get_nowait())
+            deadline = time.monotonic() + (self.limits.batch_wait_ms / 1000 if self._should_wait() else 0)
+            while len(jobs) < self.limits.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            self.metrics.batch_size.observe(len(jobs))
+            busy = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self.rec.rank_requests, [j.request for j in jobs])
+            except Exception as e:  # one bad batch must not kill the worker; each waiter gets the error
+                logger.exception("engine batch failed")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+            else:
+                for j, r in zip(jobs, results, strict=True):
+                    if not j.future.done():
+                        j.future.set_result(r)
+            finally:
+                self.metrics.engine_busy.inc(time.perf_counter() - busy)
+                self._pending -= len(jobs)
+                self.metrics.queue_depth.set(self._pending)
+
+    def diversify(self, recs: list[Recommendation], n: int, explore: float) -> list[Recommendation]:
+        """Maximal marginal relevance: relevance (softmax of scores) vs similarity to items already picked."""
+        if len(recs) <= 1:
+            return recs[:n]
+        emb = self.rec.retriever.embeddings[[r.item for r in recs]]
+        scores = np.array([r.score for r in recs])
+        rel = np.exp(scores - scores.max())
+        rel = rel / rel.max()
+        picked: list[int] = []
+        left = list(range(len(recs)))
+        while left and len(picked) < n:
+            sim = (emb[left] @ emb[picked].T).max(axis=1) if picked else np.zeros(len(left))
+            best = int(np.argmax((1 - explore) * rel[left] - explore * sim))
+            picked.append(left.pop(best))
+        return [recs[i] for i in picked]
+
+    def _count(self, recs: list[Recommendation], q: Query) -> None:
+        items = [r.item for r in recs]
+        good = round(validity(items, [*q.history, *q.exclude], len(self.rec.catalog)) * len(items))
+        self.metrics.items.inc(len(items))
+        self.metrics.invalid.inc(len(items) - good)
+        self.metrics.completion_tokens.inc(len(items) * self.rec.ids.depth)
+
+    def template_info(self, name: str, hash: str, version: int | None = None) -> dict[str, Any]:
+        """A template's name, version (None: unsaved) and hash, and whether the model was trained with it."""
+        trained = self.rec.trained_template.get("hash")
+        return {
+            "name": name,
+            "version": version,
+            "hash": hash,
+            "trained_hash": trained,
+            "matches_training": hash == trained,
+        }
+
+
+def _id_shape(text: str) -> str:
+    return re.sub(r"\d", "0", text.strip())
+
+
+def recommended_items(recs: Sequence[Recommendation]) -> list[RecommendedItem]:
+    """The wire form of a ranked list (rank from 1, scores rounded)."""
+    return [
+        RecommendedItem(rank=k, item_id=r.item_id, title=r.title, score=round(r.score, 6))
+        for k, r in enumerate(recs, 1)
+    ]

@@ -1,0 +1,407 @@
+"""The bounded Jinja2 sandbox that prompt templates run in.
+
+Templates are edited through the server by people who are not the server's operators, so a
+template is untrusted code. Jinja's `ImmutableSandboxedEnvironment` already refuses internals
+(`__class__`, `__globals__`, ...), unsafe callables and mutation of lists and dicts. This module
+adds what the sandbox leaves to the embedder: **time** and **size**.
+
+- Time: while a template renders, a per-thread trace hook watches the template's own frames
+  and aborts once the render has used its CPU budget, so nested loops, recursion and
+  `loop.cycle` tricks end. The clock is the thread's CPU time less the garbage collector's
+  pauses: a busy machine, another thread holding the GIL or a collection of a big heap must not
+  fail a render that costs a millisecond (it once stopped a GPU training run, BENCHMARKS.md).
+- Size: every operator that can amplify (`*`, `**`, `+`, `%`, `~`), every method call and
+  every filter is checked *before* it allocates (estimated result size, integer arguments)
+  and its result after; the rendered output is capped while it streams.
+- Filters and string methods are allow-lists: those whose cost cannot be bounded from their
+  arguments (`indent`, `wordwrap`, `center`, `expandtabs`, ...) are simply not there.
+
+Knows nothing of recommendation; `genrec.templates.prompts` builds its templates on this environment.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import string
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import wraps
+from types import FrameType
+from typing import Any
+
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.nodes import Concat
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import Namespace, _PassArg
+
+TEMPLATE_FILENAME = "<template>"
+"""The filename Jinja gives code compiled from strings; the trace hook watches only these frames."""
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    max_seconds: float = 0.5
+    """CPU-time budget of one render (the rendering thread's, garbage collection left out)."""
+    max_chars: int = 65_536
+    """Largest rendered prompt, and largest string or list a template may build on the way."""
+    max_range: int = 10_000
+    """Largest `range()` a template may ask for."""
+    max_int_bits: int = 65_536
+    """Largest integer a template may compute (bits): `*` and `**` are checked before they multiply."""
+
+
+class TemplateLimitExceeded(SecurityError):
+    """A template ran too long or tried to build something too large."""
+
+
+SAFE_FILTERS = {
+    # Output bounded by the input's size, or small.
+    "abs", "attr", "batch", "capitalize", "count", "d", "default", "dictsort", "e", "escape",
+    "first", "float", "groupby", "int", "items", "join", "last", "length", "list", "lower",
+    "map", "max", "min", "reject", "rejectattr", "replace", "reverse", "round", "select",
+    "selectattr", "slice", "sort", "string", "striptags", "sum", "title", "tojson", "trim",
+    "truncate", "unique", "upper", "wordcount",
+}  # fmt: skip
+SAFE_STR_METHODS = {
+    "capitalize", "casefold", "count", "endswith", "find", "format", "format_map", "isalnum",
+    "isalpha", "isdigit", "islower", "isnumeric", "isspace", "istitle", "isupper", "join",
+    "ljust", "lower", "lstrip", "partition", "removeprefix", "removesuffix", "replace", "rfind",
+    "rjust", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip",
+    "swapcase", "title", "upper", "zfill",
+}  # fmt: skip
+
+
+_FORMATTER = string.Formatter()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, (str, list, tuple, dict, set, frozenset)) else 0
+
+
+def weight(value: Any, budget: int) -> int:
+    """Characters `value` takes once written out (`str()`, `~`, `join`, `tojson`, `%s`), counted only until
+    past `budget`, so the count costs at most O(budget) whatever the value.
+
+    Length is not enough: `['x' * 60000] * 60000` is a list of 60,000 references to one string, small in
+    memory and in `length`, and 3.6 GB once serialised. Integers count their digits, so repeated squaring
+    is seen too."""
+    stack, total = [value], 0
+    while stack and total <= budget:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, bool) or v is None:
+            total += 5
+        elif isinstance(v, int):
+            total += v.bit_length() // 3 + 1
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 * len(v) + 2
+            if total <= budget:
+                stack.extend(v)
+        elif isinstance(v, dict):
+            total += 4 * len(v) + 2
+            if total <= budget:
+                stack.extend(v.keys())
+                stack.extend(v.values())
+        elif isinstance(v, Namespace):  # its repr shows its attributes
+            stack.append(v._Namespace__attrs)  # type: ignore[attr-defined]
+        else:
+            total += 32  # numbers, undefined, loop and macro objects: short reprs
+    return total
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])")
+"""One conversion of printf-style formatting: (mapping key, width, precision, type)."""
+
+
+SERIALISING_FILTERS = {
+    "capitalize", "e", "escape", "join", "lower", "replace", "string", "striptags", "sum", "title",
+    "tojson", "trim", "truncate", "upper", "wordcount",
+}  # fmt: skip
+"""Filters that write their input out as text (or, `sum`, concatenate its items): checked by weight first."""
+
+
+class _Codegen(CodeGenerator):
+    """Routes `~` and the buffers of macros, `{% set %}` blocks and `{% filter %}` blocks through the
+    environment, so that their sizes are checked as they grow (the output cap sees only the top level)."""
+
+    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+
+class _BoundedBuffer(list[Any]):
+    """An inner output buffer that refuses to grow past `limit` characters."""
+
+    __slots__ = ("size",)
+    limit = 0
+
+    def append(self, item: Any) -> None:
+        self._grow(len(item) if isinstance(item, str) else 0)
+        super().append(item)
+
+    def extend(self, items: Any) -> None:
+        items = tuple(items)
+        self._grow(sum(len(x) for x in items if isinstance(x, str)))
+        super().extend(items)
+
+    def _grow(self, n: int) -> None:
+        self.size = getattr(self, "size", 0) + n
+        if self.size > self.limit:
+            raise TemplateLimitExceeded(f"a macro or block's output exceeds {self.limit} characters")
+
+
+class _BoundedNamespace(Namespace):
+    """`namespace()` whose attributes are size-checked as they are set (the usual loop accumulator)."""
+
+    limit = 0
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        limit = type(self).limit  # Namespace hides its own attributes from getattr
+        if _size(value) > limit or weight(value, limit) > limit:
+            raise TemplateLimitExceeded(f"namespace value {name!r} exceeds {limit} items/characters")
+        super().__setitem__(name, value)
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    code_generator_class = _Codegen
+    intercepted_binops = frozenset({"*", "**", "+", "%", "//"})
+
+    def __init__(self, limits: RenderLimits | None = None, **kwargs: Any) -> None:
+        super().__init__(finalize=self._finalize_output, **kwargs)
+        self.limits = limits or RenderLimits()
+        self.filters = {name: self._guard(f) for name, f in self.filters.items() if name in SAFE_FILTERS}
+        self.globals["range"] = self._range
+        self.globals.pop("lipsum", None)  # generates text from integer arguments
+        ns = type("namespace", (_BoundedNamespace,), {"limit": self.limits.max_chars})
+        self.globals["namespace"] = ns
+        self._buffer_class = type("buffer", (_BoundedBuffer,), {"limit": self.limits.max_chars})
+
+    # -- size checks ---------------------------------------------------------------------------
+    def check_size(self, value: Any, what: str) -> Any:
+        if _size(value) > self.limits.max_chars:
+            raise TemplateLimitExceeded(f"{what} would exceed {self.limits.max_chars} items/characters")
+        return value
+
+    def check_weight(self, value: Any, what: str) -> Any:
+        """Refuse `value` before it is written out when its text would exceed the limit (see `weight`)."""
+        if weight(value, self.limits.max_chars) > self.limits.max_chars:
+            raise TemplateLimitExceeded(f"{what} would write more than {self.limits.max_chars} characters")
+        return value
+
+    def output_buffer(self) -> list[Any]:
+        return self._buffer_class()  # type: ignore[no-any-return]
+
+    def _finalize_output(self, value: Any) -> Any:
+        """Every `{{ expression }}` before it is turned into text."""
+        return value if isinstance(value, str) else self.check_weight(value, "output")
+
+    def _check_args(self, what: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.limits.max_chars:
+                raise TemplateLimitExceeded(f"{what}: argument {a} exceeds {self.limits.max_chars}")
+
+    def bounded_concat(self, parts: tuple[Any, ...]) -> str:
+        budget = self.limits.max_chars
+        if sum(weight(p, budget) for p in parts) > budget:
+            raise TemplateLimitExceeded(f"'~' would exceed {budget} characters")
+        return "".join(str(p) for p in parts)
+
+    def _range(self, *args: int) -> range:
+        rng = range(*args)
+        if len(rng) > self.limits.max_range:
+            raise TemplateLimitExceeded(f"range of {len(rng)} exceeds {self.limits.max_range}")
+        return rng
+
+    def call_binop(self, context: Context, operator_: str, left: Any, right: Any) -> Any:
+        lim, bits = self.limits.max_chars, self.limits.max_int_bits
+        ints = _is_int(left) and _is_int(right)
+        if operator_ == "*" and ints:
+            if left.bit_length() + right.bit_length() > bits:
+                raise TemplateLimitExceeded(f"'*' would build an integer of more than {bits} bits")
+        elif operator_ == "*":
+            seq, n = (left, right) if _is_int(right) else (right, left)
+            if _is_int(n) and weight(seq, lim) * max(n, 0) > lim:
+                raise TemplateLimitExceeded(f"'*' would build more than {lim} items/characters")
+        elif operator_ == "**" and ints:
+            if right > bits or abs(left).bit_length() * max(right, 0) > bits:
+                raise TemplateLimitExceeded(f"'**' would build an integer of more than {bits} bits")
+        elif operator_ == "+" and not ints:
+            if weight(left, lim) + weight(right, lim) > lim:
+                raise TemplateLimitExceeded(f"'+' would build more than {lim} items/characters")
+        elif operator_ == "%" and isinstance(left, str):
+            self._precheck_percent(left, right)
+        return self.binop_table[operator_](left, right)
+
+    def _precheck_percent(self, fmt: str, args: Any) -> None:
+        """`fmt % args` bounded before it runs: widths and precisions, written or taken from the arguments
+        (`'%*s' % (600000000, 'a')`), and the text of the arguments each conversion may write."""
+        lim = self.limits.max_chars
+        positional = list(args) if isinstance(args, tuple) else [args]
+        widest = weight(args, lim)  # any one conversion writes at most this much of the arguments
+        total, k = len(fmt), 0
+        for m in _PERCENT_SPEC.finditer(fmt):
+            for part in (m.group(2), m.group(3)):
+                if part == "*":
+                    width = positional[k] if k < len(positional) else 0
+                    k += 1
+                    total += abs(width) if _is_int(width) else 0
+                elif part:
+                    total += int(part) if len(part) < 12 else lim + 1
+            k += m.group(4) != "%" and m.group(1) is None
+            total += widest
+            if total > lim:
+                raise TemplateLimitExceeded(f"'%' formatting would write more than {lim} characters")
+
+    def _precheck_format(self, fmt: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """`str.format` bounded the same way; a width taken from an argument (`{:{}}`) is refused."""
+        lim = self.limits.max_chars
+        widest = weight(args, lim) + weight(kwargs, lim)
+        total = len(fmt)
+        try:
+            fields = list(_FORMATTER.parse(fmt))
+        except ValueError:
+            return  # str.format raises the same error itself, before it writes anything
+        for _, field, spec, _ in fields:
+            if field is None:
+                continue
+            if spec and "{" in spec:
+                raise TemplateLimitExceeded("format(): a width or precision taken from an argument")
+            total += widest + sum(int(d) if len(d) < 12 else lim + 1 for d in re.findall(r"\d+", spec or ""))
+            if total > lim:
+                raise TemplateLimitExceeded(f"format() would write more than {lim} characters")
+
+    # -- calls -----------------------------------------------------------------------------------
+    def is_safe_callable(self, obj: Any) -> bool:
+        if not super().is_safe_callable(obj):
+            return False
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, str):
+            return getattr(obj, "__name__", "") in SAFE_STR_METHODS
+        return True
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(__obj, "__name__", "callable")
+        if not __self.is_safe_callable(__obj):
+            raise SecurityError(f"calling {name!r} is not allowed in templates")
+        if name not in ("format", "format_map"):  # their integers are values; widths are checked below
+            __self._check_args(name, args, kwargs)
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        if isinstance(owner, str):
+            __self._precheck_str_method(owner, name, args, kwargs)
+        return __self.check_size(__context.call(__obj, *args, **kwargs), f"{name}()")
+
+    def _precheck_str_method(self, s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if name == "format":
+            self._precheck_format(s, args, kwargs)
+        if name == "format_map":
+            self._precheck_format(s, (), args[0] if args and isinstance(args[0], dict) else {})
+        if name == "replace" and len(args) >= 2:
+            self._precheck_replace(s, args[0], args[1])
+        if name == "join" and args:
+            items = list(args[0])
+            self.check_size(items, "join()")
+            if len(s) * len(items) + weight(items, self.limits.max_chars) > self.limits.max_chars:
+                raise TemplateLimitExceeded(f"join() would exceed {self.limits.max_chars} characters")
+
+    def _precheck_replace(self, s: Any, old: Any, new: Any) -> None:
+        if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+            count = len(s) + 1 if old == "" else s.count(old)
+            if len(s) + count * (len(new) - len(old)) > self.limits.max_chars:
+                raise TemplateLimitExceeded(f"replace() would exceed {self.limits.max_chars} characters")
+
+    def _guard(self, f: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a filter: integer arguments and the result are size-checked; filters that write their input
+        out are weighed first (SERIALISING_FILTERS); `join`/`replace` pre-checked."""
+        name = getattr(f, "__name__", "filter")
+        first_param = 2 if _PassArg.from_obj(f) is not None else 1  # skip (context,) and the input value
+        serialises = name.removeprefix("do_") in SERIALISING_FILTERS
+
+        @wraps(f)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            self._check_args(f"filter {name}", args[first_param:], kwargs)
+            if serialises and len(args) >= first_param:
+                self.check_weight(args[first_param - 1], f"filter {name}")
+            if name == "do_replace" and len(args) >= 4:  # (eval_ctx, s, old, new)
+                self._precheck_replace(args[1], args[2], args[3])
+            if name == "do_join" and len(args) >= 2:  # (eval_ctx, value, d='', attribute=None)
+                sep = args[2] if len(args) > 2 else kwargs.get("d", "")
+                items = list(args[1])
+                self.check_size(items, "join")
+                if len(str(sep)) * len(items) > self.limits.max_chars:
+                    raise TemplateLimitExceeded(f"join would exceed {self.limits.max_chars} characters")
+                args = (args[0], items, *args[2:])
+            return self.check_size(f(*args, **kwargs), f"filter {name}")
+
+        return guarded
+
+    # -- rendering -------------------------------------------------------------------------------
+    def render_bounded(self, chunks: Callable[[], Iterator[str]]) -> str:
+        """Join a template's output stream under the time and size limits."""
+        out: list[str] = []
+        size = 0
+        with _cpu_budget(self.limits.max_seconds):
+            for chunk in chunks():
+                size += len(chunk)
+                if size > self.limits.max_chars:
+                    raise TemplateLimitExceeded(f"output exceeds {self.limits.max_chars} characters")
+                out.append(chunk)
+        return "".join(out)
+
+
+@contextmanager
+def _cpu_budget(budget: float) -> Iterator[None]:
+    """Abort the template's own frames (loops, macros, recursion) once this thread has spent `budget`
+    seconds of CPU on the render, not counting the garbage collector's runs inside it."""
+    me = threading.get_ident()
+    start = time.thread_time()
+    collected = 0.0  # CPU seconds the collector took in this thread during the render
+    gc_from: float | None = None
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        nonlocal collected, gc_from
+        if threading.get_ident() != me:
+            return
+        if phase == "start":
+            gc_from = time.thread_time()
+        elif gc_from is not None:
+            collected += time.thread_time() - gc_from
+            gc_from = None
+
+    ticks = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal ticks
+        ticks += 1
+        if ticks % 64 == 0 and time.thread_time() - start - collected > budget:
+            raise TemplateLimitExceeded(f"rendering took longer than {budget:g} s of CPU time")
+        return local
+
+    def global_(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == TEMPLATE_FILENAME else None
+
+    previous = sys.gettrace()
+    gc.callbacks.append(on_gc)
+    sys.settrace(global_)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+        gc.callbacks.remove(on_gc)
