@@ -11,6 +11,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,9 @@ ID_SOFTMAX: tuple[str, ...] = typing.get_args(IdSoftmaxMode)
 SearchMode = Literal["auto", "beam", "exact"]
 """How the transformers engine ranks (eval.search; genrec.engines.hf)."""
 SEARCHES: tuple[str, ...] = typing.get_args(SearchMode)
+
+RECIPES_DIR = Path(str(resources.files("genrec") / "recipes"))
+"""The shipped recipes (package data, so an installed wheel has them; a wheel installs unpacked)."""
 
 SELECT_METRIC = re.compile(r"loss|mrr|(ndcg|recall)@[1-9][0-9]*")
 """Values of train.select_metric."""
@@ -411,8 +415,27 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfi
     return cfg  # type: ignore[no-any-return]
 
 
-def load_config(path: str | Path) -> RunConfig:
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped as package data (genrec/recipes/*.yaml), e.g. `tiny.yaml`."""
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A recipe file: `path` when it exists, else the shipped recipe of that name (`tiny`, `tiny.yaml`)."""
     path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = RECIPES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"config file {path} does not exist, and no shipped recipe has that name: {shipped_recipes()}"
+    )
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """A recipe or a run's config.yaml; a bare name not found as a file is a shipped recipe (`-c tiny.yaml`)."""
+    path = recipe_path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -112,3 +112,28 @@ def test_every_shipped_recipe_loads_and_validates(recipe, tmp_path):
     validate(cfg, source=str(recipe))
     cfg.save(tmp_path / "saved.yaml")  # what a run's config.yaml would hold reads back the same
     assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_a_shipped_recipe_resolves_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`-c tiny.yaml` (or `-c tiny`) works outside a checkout: the recipes are package data."""
+    from genrec.config import RECIPES_DIR, recipe_path, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert "tiny.yaml" in shipped_recipes()
+    assert recipe_path("tiny.yaml") == recipe_path("tiny") == RECIPES_DIR / "tiny.yaml"
+    assert load_config("tiny.yaml") == load_config(RECIPES_DIR / "tiny.yaml")
+    (tmp_path / "tiny.yaml").write_text(
+        "train:\n  max_steps: 3\n"
+    )  # a file of that name wins over the recipe
+    assert load_config("tiny.yaml").train.max_steps == 3
+    with pytest.raises(ConfigError, match=r"no shipped recipe has that name: \[.*'tiny.yaml'"):
+        load_config("no-such-recipe.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "sub" / "tiny.yaml")  # a path with a folder is never a recipe name
+
+
+def test_shipped_templates_are_package_data():
+    from genrec.templates.prompts import PROMPTS_DIR, template_path
+
+    assert PROMPTS_DIR.parent == Path(__file__).resolve().parent.parent / "genrec" / "templates"
+    assert template_path("default") == PROMPTS_DIR / "default.jinja"

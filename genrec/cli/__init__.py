@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from genrec.config import RunConfig, apply_overrides, load_config
+from genrec.config import RunConfig, apply_overrides, load_config, recipe_path
 from genrec.errors import GenrecError
 from genrec.run import RunDir
 
@@ -46,7 +46,10 @@ SearchOpt = Annotated[
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Recipe YAML (e.g. genrec/recipes/ml-100k.yaml).")
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="Recipe YAML: a path, or a shipped recipe's name (e.g. ml-100k.yaml)."
+    ),
 ]
 
 
@@ -563,8 +566,7 @@ def quickstart(
 
     started = time.time()
     rd = RunDir(run)
-    default_recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
-    cfg = _config(rd, config or (default_recipe if default_recipe.is_file() else None), set_, fresh=True)
+    cfg = _config(rd, config or recipe_path("tiny.yaml"), set_, fresh=True)
     steps = ["prepare", "build-ids", "train", "evaluate"]
     _keep_models_consistent(rd, "quickstart", force=True)  # it trains anew: an earlier model would be stale
     typer.echo(f"[1/{len(steps)}] prepare")

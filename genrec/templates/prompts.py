@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ from genrec.errors import GenrecError
 from genrec.ids import ItemIds
 from genrec.templates.sandbox import TEMPLATE_FILENAME, BoundedSandbox, RenderLimits, TemplateLimitExceeded
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "builtin"
+# The shipped templates are package data (genrec/templates/builtin/*.jinja), found through the import system so
+# an installed wheel has them too; a wheel installs unpacked, so the folder is a real path.
+PROMPTS_DIR = Path(str(resources.files("genrec.templates") / "builtin"))
 KNOWN_VARIABLES = {"history", "user", "max_history", "title_words", "n_history_total", "query", "item"}
 FRONT_TYPES = {"name": "text", "description": "text", "task": "text", "system": "text", "variables": "list"}
 """What each front-matter key holds: `text` a scalar (or nothing), `list` a sequence of scalars."""
