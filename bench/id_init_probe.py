@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from genrec.data import Interactions, leave_one_out
-from genrec.evaluation import user_metrics
+from genrec.evaluation.metrics import user_metrics
 from genrec.run import RunDir
 
 PAD, START, SEP = 0, 1, 14

@@ -167,8 +167,8 @@ def genrec_sasrec(data: Any, **overrides: Any) -> tuple[dict[str, float], dict[s
     from dataclasses import asdict, replace
 
     from genrec.data.catalog import leave_one_out
-    from genrec.evaluation import user_metrics
     from genrec.evaluation.baselines import SASRecConfig, sasrec_lists
+    from genrec.evaluation.metrics import user_metrics
 
     cfg = replace(SASRecConfig(), **{k: v for k, v in overrides.items() if v is not None})
     examples = leave_one_out(data, "test")

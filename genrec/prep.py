@@ -11,6 +11,8 @@ timed by bench.prep_worker.
 Workers are spawned, not forked: the parent may hold a CUDA context and torch's thread pools, which
 a forked child must not inherit. Each worker loads the run once (a few seconds) and uses one
 torch, faiss and tokenizer thread, so N workers use about N cores.
+
+`model_lists` / `ranked_batches` rank a list of held-out examples this way (evaluation and training's validation).
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from tqdm.auto import tqdm
+
+from genrec.config import RunConfig
+from genrec.data import Example
 from genrec.engines.base import ChatPrompts
-from genrec.recommender import PreparedBatch, RankRequest, Recommender, load_retrieval
+from genrec.recommender import PreparedBatch, RankRequest, Recommender, history_requests, load_retrieval
 
 _REC: Recommender | None = None
 _POLICY: tuple[str, int] | None = None
@@ -183,3 +189,46 @@ def prepared_batches(
         return
     with PrepPool(str(rec.run.path), workers, layouts=getattr(rec.engine, "layout_policy", None)) as pool:
         yield pool.prepared(batches)
+
+
+def model_lists(
+    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True, workers: int = 0
+) -> list[list[int]]:
+    """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
+    batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
+    with tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress) as bar:
+        return [lst for batch in ranked_batches(rec, examples, cfg, bar, workers=workers) for lst in batch]
+
+
+def ranked_batches(
+    rec: Any,
+    examples: Sequence[Example],
+    cfg: RunConfig,
+    bar: Any,
+    *,
+    workers: int = 0,
+    queries: Sequence[str] | None = None,
+) -> Iterator[list[list[int]]]:
+    """`model_lists` batch by batch, in order, each counted on `bar` (a tqdm); `queries`: each example's free
+    text, ranked with its history (the need protocol)."""
+    e = cfg.eval
+    starts = range(0, len(examples), e.batch_size)
+    batches = (
+        (
+            None,
+            history_requests(
+                [ex.history for ex in examples[s : s + e.batch_size]],
+                n_items=e.beam_width,
+                mode=e.candidates,
+                n_candidates=e.n_candidates,
+                beam_width=e.beam_width,
+                users=[ex.user for ex in examples[s : s + e.batch_size]],
+                queries=None if queries is None else queries[s : s + e.batch_size],
+            ),
+        )
+        for s in starts
+    )
+    with prepared_batches(rec, batches, workers) as prepared:
+        for _, reqs, ranked in rec.rank_stream(prepared):
+            bar.update(len(reqs))
+            yield [[r.item for r in lst] for lst in ranked]

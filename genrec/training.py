@@ -416,7 +416,8 @@ def ranking_callback(
     from transformers import TrainerCallback
 
     from genrec.engines.hf import HFEngine
-    from genrec.evaluation import model_lists, user_metrics
+    from genrec.evaluation.metrics import user_metrics
+    from genrec.prep import model_lists
     from genrec.recommender import Recommender
     from genrec.retrieval import Retriever
 

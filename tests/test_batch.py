@@ -532,7 +532,7 @@ def test_evaluation_ranking_with_preparation_workers_is_the_same(rec):
     import dataclasses
 
     from genrec.data import leave_one_out
-    from genrec.evaluation import model_lists
+    from genrec.prep import model_lists
 
     examples = leave_one_out(rec.data, "test")[:40]
     cfg = dataclasses.replace(

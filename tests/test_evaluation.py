@@ -4,15 +4,8 @@ import numpy as np
 import pytest
 
 from genrec.data import Example
-from genrec.evaluation import (
-    ci_half_width,
-    intra_list_diversity,
-    paired_differences,
-    paired_table,
-    popularity_lists,
-    user_metrics,
-    validity,
-)
+from genrec.evaluation import paired_differences, paired_table, popularity_lists
+from genrec.evaluation.metrics import ci_half_width, intra_list_diversity, user_metrics, validity
 
 
 def test_user_metrics_by_hand():

@@ -12,11 +12,10 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +27,11 @@ from genrec.config import RunConfig
 from genrec.data import Example, Interactions, leave_one_out, popularity, without_items
 from genrec.data.needs import derive_need
 from genrec.errors import GenrecError, stopped_by
+from genrec.evaluation.metrics import ci_half_width, intra_list_diversity, user_metrics, validity
+from genrec.prep import ranked_batches
 from genrec.run import RunDir, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-
-def rank_of(ranked: Sequence[int], target: int) -> int | None:
-    """0-based rank of the target in the list, None when absent."""
-    for r, item in enumerate(ranked):
-        if item == target:
-            return r
-    return None
-
-
-def user_metrics(ranked: Sequence[int], target: int, ks: Sequence[int]) -> dict[str, float]:
-    r = rank_of(ranked, target)
-    out = {}
-    for k in ks:
-        hit = r is not None and r < k
-        out[f"recall@{k}"] = float(hit)
-        out[f"ndcg@{k}"] = 1.0 / math.log2(r + 2) if hit and r is not None else 0.0
-    out["mrr"] = 1.0 / (r + 1) if r is not None else 0.0
-    return out
-
-
-def validity(ranked: Sequence[int], history: Sequence[int], n_items: int) -> float:
-    """Fraction of returned items that are catalogue items, not in the history, and not repeated."""
-    if not ranked:
-        return 1.0
-    seen, good, hist = set(), 0, set(history)
-    for i in ranked:
-        if 0 <= i < n_items and i not in hist and i not in seen:
-            good += 1
-        seen.add(i)
-    return good / len(ranked)
 
 
 def summarize(
@@ -116,30 +86,10 @@ def paired_differences(
     return out
 
 
-def ci_half_width(values: np.ndarray | Sequence[float]) -> float:
-    """Half the width of the 95% interval of a mean: 1.96 standard errors (nan for fewer than two values)."""
-    v = np.asarray(values, dtype=np.float64)
-    return 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-
-
 def compared_metrics(ks: Sequence[int]) -> list[str]:
     """The metrics the report compares pairwise: Recall and NDCG at 10 (else the middle cut-off), and MRR."""
     k = 10 if 10 in ks else sorted(ks)[len(ks) // 2]
     return [f"recall@{k}", f"ndcg@{k}", "mrr"]
-
-
-def intra_list_diversity(lists: Sequence[Sequence[int]], embeddings: np.ndarray) -> float:
-    """Mean pairwise cosine distance between the items of each list (0 = identical items)."""
-    vals = []
-    for lst in lists:
-        if len(lst) < 2:
-            continue
-        e = embeddings[list(lst)]
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        sim = e @ e.T
-        n = len(lst)
-        vals.append(1.0 - (sim.sum() - np.trace(sim)) / (n * (n - 1)))
-    return float(np.mean(vals)) if vals else 0.0
 
 
 def popularity_lists(examples: Sequence[Example], counts: np.ndarray, k: int) -> list[list[int]]:
@@ -156,52 +106,6 @@ def popularity_lists(examples: Sequence[Example], counts: np.ndarray, k: int) ->
                     break
         out.append(lst)
     return out
-
-
-def model_lists(
-    rec: Any, examples: Sequence[Example], cfg: RunConfig, *, progress: bool = True, workers: int = 0
-) -> list[list[int]]:
-    """genrec's ranked items per example, in batches of eval.batch_size; `workers` > 0 prepares the
-    batches (prompts, retrieval, tree layouts) in that many processes while this one ranks (genrec.prep)."""
-    with tqdm(total=len(examples), desc="genrec ranking", unit="user", disable=not progress) as bar:
-        return [lst for batch in ranked_batches(rec, examples, cfg, bar, workers=workers) for lst in batch]
-
-
-def ranked_batches(
-    rec: Any,
-    examples: Sequence[Example],
-    cfg: RunConfig,
-    bar: Any,
-    *,
-    workers: int = 0,
-    queries: Sequence[str] | None = None,
-) -> Iterator[list[list[int]]]:
-    """`model_lists` batch by batch, in order, each counted on `bar` (a tqdm); `queries`: each example's free
-    text, ranked with its history (the need protocol)."""
-    from genrec.prep import prepared_batches
-    from genrec.recommender import history_requests
-
-    e = cfg.eval
-    starts = range(0, len(examples), e.batch_size)
-    batches = (
-        (
-            None,
-            history_requests(
-                [ex.history for ex in examples[s : s + e.batch_size]],
-                n_items=e.beam_width,
-                mode=e.candidates,
-                n_candidates=e.n_candidates,
-                beam_width=e.beam_width,
-                users=[ex.user for ex in examples[s : s + e.batch_size]],
-                queries=None if queries is None else queries[s : s + e.batch_size],
-            ),
-        )
-        for s in starts
-    )
-    with prepared_batches(rec, batches, workers) as prepared:
-        for _, reqs, ranked in rec.rank_stream(prepared):
-            bar.update(len(reqs))
-            yield [[r.item for r in lst] for lst in ranked]
 
 
 def baseline_lists(

@@ -275,7 +275,7 @@ def fit_sasrec(
     `checkpoint`: a file where the training state (weights, optimizer, best epoch, random generators) is kept
     after every epoch; a call that finds one with the same `checkpoint_key` goes on from it, and ends with the
     model an uninterrupted call gives."""
-    from genrec.evaluation import user_metrics  # the metric genrec evaluate reports
+    from genrec.evaluation.metrics import user_metrics  # the metric genrec evaluate reports
 
     cfg = cfg or SASRecConfig()
     torch.manual_seed(cfg.seed)

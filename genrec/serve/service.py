@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily
 
 from genrec.cpu_time import StageClock
-from genrec.evaluation import validity
+from genrec.evaluation.metrics import validity
 from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems, history_requests
 from genrec.serve.protocol import APIError, RecommendationOptions, RecommendedItem
 from genrec.templates.prompt_store import TemplateNotFound, TemplateVersion
