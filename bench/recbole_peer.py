@@ -166,8 +166,8 @@ def genrec_sasrec(data: Any, **overrides: Any) -> tuple[dict[str, float], dict[s
     stopping does, scored on the test users."""
     from dataclasses import asdict, replace
 
+    from genrec.baselines import SASRecConfig, sasrec_lists
     from genrec.data.catalog import leave_one_out
-    from genrec.evaluation.baselines import SASRecConfig, sasrec_lists
     from genrec.evaluation.metrics import user_metrics
 
     cfg = replace(SASRecConfig(), **{k: v for k, v in overrides.items() if v is not None})

@@ -179,7 +179,7 @@ class Retriever:
 
 
 class CollaborativeRetriever:
-    """Candidates and their scores from a collaborative model of the sequences (genrec.evaluation.baselines' Markov chain or
+    """Candidates and their scores from a collaborative model of the sequences (genrec.baselines' Markov chain or
     SASRec), trained on the items before each user's test item: what a history's next item is, by who bought
     what after what, where the text retriever knows only what items are like. Subclasses give `scores`; this
     class searches them. Knows nothing of IDs, prompts or the language model."""
@@ -234,7 +234,7 @@ class CollaborativeRetriever:
 
 
 class MarkovRetriever(CollaborativeRetriever):
-    """The Markov chain over the last items (genrec.evaluation.baselines.markov_lists' model)."""
+    """The Markov chain over the last items (genrec.baselines.markov_lists' model)."""
 
     kind, file = "markov", "markov.npz"
 
@@ -244,12 +244,12 @@ class MarkovRetriever(CollaborativeRetriever):
 
     @classmethod
     def fit(cls, data: Interactions) -> MarkovRetriever:
-        from genrec.evaluation.baselines import markov_transitions
+        from genrec.baselines import markov_transitions
 
         return cls(*markov_transitions(data, split="test"))
 
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        from genrec.evaluation.baselines import markov_scores
+        from genrec.baselines import markov_scores
 
         return markov_scores(self.trans, self.tie, histories)
 
@@ -272,7 +272,7 @@ class MarkovRetriever(CollaborativeRetriever):
 
 
 class SASRecRetriever(CollaborativeRetriever):
-    """SASRec (genrec.evaluation.baselines), its logits of the next item over the catalogue."""
+    """SASRec (genrec.baselines), its logits of the next item over the catalogue."""
 
     kind, file = "sasrec", "sasrec.pt"
 
@@ -284,7 +284,7 @@ class SASRecRetriever(CollaborativeRetriever):
     def fit(cls, data: Interactions, *, epochs: int, seed: int, progress: bool = True) -> SASRecRetriever:
         """Trained as the SASRec baseline of a test-split evaluation is (same settings, epoch chosen on the
         validation items), so the baseline can rank with it (genrec.evaluation)."""
-        from genrec.evaluation.baselines import SASRecConfig, fit_sasrec
+        from genrec.baselines import SASRecConfig, fit_sasrec
 
         test_histories = [s[:-1] for s in data.sequences]
         model, window = fit_sasrec(
@@ -297,7 +297,7 @@ class SASRecRetriever(CollaborativeRetriever):
         return cls(model.cpu(), window)
 
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        from genrec.evaluation.baselines import sasrec_scores
+        from genrec.baselines import sasrec_scores
 
         return sasrec_scores(self.model, histories, self.window)
 
@@ -319,7 +319,7 @@ class SASRecRetriever(CollaborativeRetriever):
     def load(cls, folder: Path) -> SASRecRetriever:
         import torch
 
-        from genrec.evaluation.baselines import SASRec, SASRecConfig
+        from genrec.baselines import SASRec, SASRecConfig
 
         saved = torch.load(folder / cls.file, map_location="cpu", weights_only=True)
         model = SASRec(saved["n_items"], SASRecConfig(**saved["cfg"]))

@@ -3,14 +3,14 @@ import re
 import numpy as np
 import pytest
 
-from genrec.data import Catalog, Example, Interactions, leave_one_out
-from genrec.evaluation.baselines import (
+from genrec.baselines import (
     SASRecConfig,
     itemknn_lists,
     markov_lists,
     retriever_lists,
     sasrec_lists,
 )
+from genrec.data import Catalog, Example, Interactions, leave_one_out
 from genrec.retrieval import Retriever
 
 
@@ -40,7 +40,7 @@ def test_sasrec_learns_a_deterministic_sequence():
 def test_sasrec_loss_is_the_padded_cross_entropy_with_logits_only_where_a_target_is():
     import torch
 
-    from genrec.evaluation.baselines import SASRec, _left_pad, sasrec_loss
+    from genrec.baselines import SASRec, _left_pad, sasrec_loss
 
     torch.manual_seed(0)
     model = SASRec(20, SASRecConfig(hidden=16, dropout=0.0))
@@ -63,7 +63,7 @@ def test_sasrec_holds_out_the_validation_item_and_keeps_the_best_epoch(monkeypat
     validation NDCG@10 stops rising and the best epoch's weights rank the test users."""
     import logging
 
-    from genrec.evaluation import baselines
+    from genrec import baselines
 
     data = cyclic()
     test = leave_one_out(data, "test")
@@ -73,7 +73,7 @@ def test_sasrec_holds_out_the_validation_item_and_keeps_the_best_epoch(monkeypat
         baselines, "_left_pad", lambda seqs, n: padded.append(list(seqs)) or left_pad(seqs, n)
     )
     cfg = SASRecConfig(hidden=32, epochs=100, max_len=12, eval_every=2, patience=2)
-    with caplog.at_level(logging.INFO, logger="genrec.evaluation.baselines"):
+    with caplog.at_level(logging.INFO, logger="genrec.baselines"):
         lists = sasrec_lists(data, test, split="test", k=5, cfg=cfg, progress=False)
     assert hit1(lists, test) > 0.9
     targets = padded[1]  # the training targets: each user's sequence minus the test and validation items
@@ -136,8 +136,9 @@ def test_evaluate_trains_sasrec_with_the_runs_seed(monkeypatch):
     """train.seed reaches the SASRec baseline, so runs with other seeds show both methods' spread."""
     from types import SimpleNamespace
 
+    from genrec import baselines
     from genrec.config import RunConfig, apply_overrides
-    from genrec.evaluation import baseline_lists, baselines
+    from genrec.evaluation import baseline_lists
 
     seen = []
     monkeypatch.setattr(baselines, "sasrec_lists", lambda *a, cfg, **kw: seen.append(cfg) or [[0]])
@@ -153,7 +154,7 @@ def test_evaluate_trains_sasrec_with_the_runs_seed(monkeypatch):
 def test_sasrec_pads_batches_to_the_longest_sequence_within_max_len(monkeypatch):
     """Columns no sequence reaches are not padded (the demo data's sequences are at most 30 long, max_len is
     50); sequences longer than max_len still keep their last max_len items."""
-    from genrec.evaluation import baselines
+    from genrec import baselines
 
     data = cyclic(length=12)  # test histories: 11 items, the longest input anywhere
     test = leave_one_out(data, "test")
@@ -176,7 +177,7 @@ def test_sasrec_interrupted_goes_on_from_its_kept_state_to_the_same_lists(tmp_pa
     as one uninterrupted call does. A state that ended training trains nothing; another key's is not used."""
     import logging
 
-    from genrec.evaluation import baselines
+    from genrec import baselines
 
     data = cyclic()
     test = leave_one_out(data, "test")
@@ -212,7 +213,7 @@ def test_sasrec_interrupted_goes_on_from_its_kept_state_to_the_same_lists(tmp_pa
     )
     monkeypatch.setattr(baselines, "sasrec_loss", loss)
     epochs.clear()
-    with caplog.at_level(logging.WARNING, logger="genrec.evaluation.baselines"):
+    with caplog.at_level(logging.WARNING, logger="genrec.baselines"):
         other = sasrec_lists(
             data, test, split="test", k=5, cfg=cfg, progress=False, checkpoint=state, checkpoint_key="b"
         )

@@ -216,7 +216,7 @@ def test_bad_retrieval_settings_are_named(override, message):
 def test_the_sasrec_baseline_ranks_with_the_runs_retriever_only_where_it_is_the_same_training(
     tmp_path, monkeypatch
 ):
-    import genrec.evaluation.baselines as baselines
+    import genrec.baselines as baselines
     from genrec.evaluation import sasrec_from_retriever
     from tests.conftest import make_run
 

@@ -625,8 +625,7 @@ def test_an_interrupted_evaluation_resumes_without_ranking_or_training_again(
     import logging
     import shutil
 
-    from genrec import evaluation
-    from genrec.evaluation import baselines
+    from genrec import baselines, evaluation
     from genrec.run import RunDir
 
     run = RunDir(tmp_path / "run")

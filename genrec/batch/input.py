@@ -4,6 +4,7 @@ hash) that a resumed job checks. Knows nothing of chunks, manifests or ranking.
 """
 
 from __future__ import annotations
+
 import bisect
 import gzip
 import hashlib
@@ -14,7 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from tqdm.auto import tqdm
+
 from genrec.data.loaders import (
     BAD_LINE_KINDS,
     GZIP_ERRORS,

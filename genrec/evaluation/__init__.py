@@ -123,7 +123,7 @@ def baseline_lists(
     """Each baseline of `names` (default eval.baselines), trained on `data` (default the run's); with `parts`,
     each kept there as it finishes (and taken from there when an interrupted evaluation already finished it
     with the same inputs: `key` plus the baseline's own)."""
-    from genrec.evaluation import baselines
+    from genrec import baselines
 
     k, split, out = max(cfg.eval.ks), cfg.eval.split, {}
     data = data if data is not None else rec.data
@@ -174,7 +174,7 @@ def sasrec_from_retriever(
     """The SASRec baseline's lists from the run's SASRec retriever, where that is the model the baseline would
     train (None otherwise): `SASRecRetriever.fit` is the baseline's training for the test split (same data, epochs,
     seed and epoch selection) when the evaluation's histories give it the same window. Saves training it twice."""
-    from genrec.evaluation.baselines import SASRecConfig, sasrec_lists, sasrec_window
+    from genrec.baselines import SASRecConfig, sasrec_lists, sasrec_window
     from genrec.retrieval import SASRecRetriever
 
     if cfg.eval.split != "test" or not isinstance(getattr(rec, "collab", None), SASRecRetriever):
