@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -177,9 +180,6 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
     vocabulary softmax and with each restricted model.id_softmax (vLLM: allowed_token_ids = the group's ID
     tokens and log-probs after that mask). In a child process: this module's engines already hold the CPU
     KV-cache memory vLLM asks for."""
-    import json
-    import subprocess
-    import sys
 
     from genrec.training import train
     from tests.conftest import make_run
@@ -196,6 +196,14 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
     )
     train(run, cfg)
     assert run.trained_id_softmax() == softmax
+    # ids / level: the transformers engine scores over the group's ID tokens (tests/test_decoding.py), which
+    # is strictly above the vocabulary softmax vLLM returns unless its requests mask to the group
+    assert_engines_score_alike(run, tmp_path)
+
+
+def assert_engines_score_alike(run, tmp_path) -> None:
+    """The PARITY script in a child process (vLLM wants a __main__): 8 requests' top-8 scores from the
+    transformers engine and from vLLM, equal within 2e-3."""
     script = tmp_path / "parity.py"
     script.write_text(PARITY)
     proc = subprocess.run(
@@ -206,8 +214,6 @@ def test_vllm_reads_input_tokens_as_transformers_does(tmp_path, softmax):
     hf_scores, vllm_scores = json.loads(line[len("SCORES") :])
     assert len(hf_scores) == 8
     for x, y in zip(hf_scores, vllm_scores, strict=True):
-        # ids / level: the transformers engine scores over the group's ID tokens (tests/test_decoding.py), which
-        # is strictly above the vocabulary softmax vLLM returns unless its requests mask to the group
         assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)
 
 
@@ -283,8 +289,6 @@ def test_vllm_ranks_a_merged_lora_llama_as_transformers_does(tmp_path):
     LoRA and merged into merged/: vLLM serves it and ranks as the transformers engine does. In a child process,
     as above."""
     import json
-    import subprocess
-    import sys
 
     from genrec.training import train
     from tests.conftest import make_run
@@ -296,14 +300,4 @@ def test_vllm_ranks_a_merged_lora_llama_as_transformers_does(tmp_path):
     )
     assert train(run, cfg)["method"] == "lora"
     assert json.loads((run.merged_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    script = tmp_path / "parity.py"
-    script.write_text(PARITY)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(run.path)], capture_output=True, text=True, timeout=500
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("SCORES"))
-    hf_scores, vllm_scores = json.loads(line[len("SCORES") :])
-    assert len(hf_scores) == 8
-    for x, y in zip(hf_scores, vllm_scores, strict=True):
-        assert len(x) == 8 and x == pytest.approx(y, abs=2e-3)
+    assert_engines_score_alike(run, tmp_path)
