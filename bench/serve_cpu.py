@@ -29,22 +29,6 @@ def thread_ms(fn: Any, n: int) -> float:
     return (time.thread_time_ns() - start) / n / 1e6
 
 
-def rank_request(q: Any, opts: Any) -> Any:
-    """The RankRequest RecService.recommend makes of a parsed, rendered query (no explore)."""
-    from genrec.recommender import RankRequest
-
-    return RankRequest(
-        q.history,
-        n_items=opts.n_items,
-        mode=opts.candidates,
-        n_candidates=opts.n_candidates,
-        user=q.user,
-        exclude=q.exclude,
-        messages=q.messages,
-        query=q.text,
-    )
-
-
 def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
     """Each stage's CPU ms per request for `texts` served as chat messages, `batch` at a time."""
     from genrec.serve import encode
@@ -64,7 +48,7 @@ def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
             with rec.clock.stage("render"):
                 service.render(q, None)
             queries.append(q)
-        reqs = [rank_request(q, req) for q, req in zip(queries, chunk, strict=True)]
+        reqs = [service.rank_request(q, req) for q, req in zip(queries, chunk, strict=True)]
         ranked = rec.rank_requests(reqs)
         for q, recs in zip(queries, ranked, strict=True):
             with rec.clock.stage("encode"):
@@ -172,7 +156,7 @@ def main() -> None:
     stages(service, texts[: args.batch], args.batch)  # warm: lazy loads, first calls
     split = stages(service, texts, args.batch)
     outside = round(sum(v for k, v in split.items() if k != "rank"), 4)
-    recs = rec.rank_requests([rank_request(*_query(service, texts[0]))])[0]
+    recs = rec.rank_requests([service.rank_request(*_query(service, texts[0]))])[0]
     out = {
         "run": args.run,
         "requests": len(texts),

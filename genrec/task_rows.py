@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from genrec.data import Example
 from genrec.data.needs import derive_need
@@ -135,7 +136,7 @@ def single_item_rows(
     than `max_length` are left out. Returns (rows, how many were too long)."""
     maker = RowMaker(tokenizer)
     rows, too_long = [], 0
-    for item in items:
+    for item in tqdm(items, desc=f"{task} rows", unit="row", leave=False, disable=len(items) < 10_000):
         prompt = builder.item_messages(item)
         if task == "item_id":
             answer = builder.target(item)

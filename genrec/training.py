@@ -539,7 +539,8 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     ids = run.load_ids()
     builder = prompt_builder(run, cfg, data, ids)
     t = cfg.train
-    valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in set(cold)]
+    held_out = set(cold)
+    valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in held_out]
     valid = valid[: t.valid_users] if t.valid_users else valid
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)

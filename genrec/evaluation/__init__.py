@@ -212,7 +212,8 @@ def evaluate(
     fusion = fusion_weight_for(rec, cfg, progress=progress)
     examples = leave_one_out(data, cfg.eval.split)
     if protocol == "cold":  # the users whose held-out item is the one to find
-        examples = [ex for ex in examples if ex.target in set(cold)]
+        held_out = set(cold)
+        examples = [ex for ex in examples if ex.target in held_out]
         if not examples:
             raise GenrecError(f"eval.protocol=cold: no {cfg.eval.split} user's target is a held-out item")
     if cfg.eval.max_users:
@@ -275,6 +276,7 @@ def evaluate(
     results, per_user = {}, {}
     for name, lst in lists.items():
         results[name], per_user[name] = summarize(name, lst, examples, **common)  # type: ignore[arg-type]
+    shown = rec.builder_for(rec.template_for("need" if queries else None)).template  # what genrec ranked with
     report = {
         "split": cfg.eval.split,
         "stem": stem,
@@ -286,8 +288,8 @@ def evaluate(
         "ranked_by": ranked_by,
         "genrec_seconds": round(seconds, 1),
         "genrec_users_per_s": round(len(examples) / max(seconds, 1e-9), 2),
-        "template": rec.builder_for(rec.template_for("need" if queries else None)).template.name,
-        "template_hash": rec.builder_for(rec.template_for("need" if queries else None)).template.hash,
+        "template": shown.name,
+        "template_hash": shown.hash,
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
         **({"retrieval": fusion} if fusion is not None and cfg.eval.candidates != "all" else {}),

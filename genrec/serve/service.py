@@ -305,17 +305,7 @@ class RecService:
     async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
         if q.messages is None:  # off the event loop: a render may take up to its time limit
             await asyncio.to_thread(self._timed_render, q, opts.template)
-        width = opts.n_items * 2 if opts.explore > 0 else opts.n_items
-        req = RankRequest(
-            q.history,
-            n_items=width,
-            mode=opts.candidates,
-            n_candidates=opts.n_candidates,
-            user=q.user,
-            exclude=q.exclude,
-            messages=q.messages,
-            query=q.text,
-        )
+        req = self.rank_request(q, opts)
         recs = await self._submit(req)
         q.prompt_tokens = req.prompt_tokens
         self.metrics.prompt_tokens.inc(req.prompt_tokens)
@@ -323,6 +313,20 @@ class RecService:
             recs = self.diversify(recs, opts.n_items, opts.explore)
         self._count(recs, q)
         return recs
+
+    @staticmethod
+    def rank_request(q: Query, opts: RecommendationOptions) -> RankRequest:
+        """The RankRequest of a parsed, rendered query (twice the items when `explore` diversifies them)."""
+        return RankRequest(
+            q.history,
+            n_items=opts.n_items * 2 if opts.explore > 0 else opts.n_items,
+            mode=opts.candidates,
+            n_candidates=opts.n_candidates,
+            user=q.user,
+            exclude=q.exclude,
+            messages=q.messages,
+            query=q.text,
+        )
 
     def _timed_render(self, q: Query, template: str | None) -> None:
         with self.rec.clock.stage("render"):
