@@ -39,7 +39,9 @@ MIX = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="Run directory to create (trained anew).")
-    ap.add_argument("-c", "--config", default="genrec/recipes/tiny.yaml", help="Recipe YAML.")
+    ap.add_argument(
+        "-c", "--config", default="tiny.yaml", help="Recipe: a YAML path or a shipped recipe name."
+    )
     ap.add_argument("-s", "--set", action="append", default=[], help="section.field=value overrides.")
     ap.add_argument("--protocols", default="standard,need,cold", help="Comma-separated eval protocols.")
     ap.add_argument("--reuse", action="store_true", help="Evaluate the run as it is (already trained).")
