@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from genrec.config import ID_SOFTMAX
+from genrec.config import ID_SOFTMAX, RankingOptions
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -124,7 +124,7 @@ def with_prep_workers(args: Any, rec: Any, engine: Any, reqs: list[Any], depth: 
     from genrec.prep import PrepPool
 
     def fresh(mode: str | None = None) -> list[Any]:
-        return [dataclasses.replace(r, messages=None, mode=mode or r.mode) for r in reqs]
+        return [dataclasses.replace(r, messages=None, options=r.options.with_(candidates=mode)) for r in reqs]
 
     def batches(rs: list[Any]) -> Any:
         return ((None, rs[s : s + args.batch]) for s in range(0, len(rs), args.batch))
@@ -246,9 +246,7 @@ def main() -> None:
     examples = (examples * (args.users // len(examples) + 1))[: args.users]
     reqs = history_requests(
         [e.history for e in examples],
-        n_items=args.beam,
-        mode=args.candidates,
-        n_candidates=args.n_candidates,
+        RankingOptions(n_items=args.beam, candidates=args.candidates, n_candidates=args.n_candidates),
         users=[e.user for e in examples],
     )
     prompts = engine.encode_many([rec.builder.messages(r.history, r.user) for r in reqs])

@@ -28,6 +28,7 @@ def main() -> None:
     import torch
 
     from bench.common import best_ms_per_user, save
+    from genrec.config import RankingOptions
     from genrec.data import leave_one_out
     from genrec.engines.hf import tree_layouts
     from genrec.prep import prompt_recommender
@@ -41,9 +42,7 @@ def main() -> None:
     def requests() -> list[list[Any]]:  # fresh requests: rendering fills in `messages`
         reqs = history_requests(
             [e.history for e in examples],
-            n_items=args.k,
-            mode="retriever",
-            n_candidates=args.n_candidates,
+            RankingOptions(n_items=args.k, candidates="retriever", n_candidates=args.n_candidates),
             users=[e.user for e in examples],
         )
         return [reqs[s : s + args.batch] for s in range(0, len(reqs), args.batch)]

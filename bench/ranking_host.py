@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import batch_job_parser
-from genrec.config import ID_SOFTMAX
+from genrec.config import ID_SOFTMAX, RankingOptions
 
 
 def main() -> None:
@@ -49,7 +49,8 @@ def main() -> None:
     examples = leave_one_out(rec.data, "test")
     examples = (examples * (args.users // len(examples) + 1))[: args.users]
     reqs = history_requests(
-        [e.history for e in examples], n_items=args.k, mode="retriever", n_candidates=args.n_candidates
+        [e.history for e in examples],
+        options=RankingOptions(n_items=args.k, candidates="retriever", n_candidates=args.n_candidates),
     )
     batches = []  # as the workers send them: prompts, candidates and layouts made
     for s in range(0, len(reqs), args.batch):

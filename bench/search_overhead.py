@@ -38,6 +38,7 @@ def main() -> None:
     args = p.parse_args()
 
     from bench.common import save
+    from genrec.config import RankingOptions
     from genrec.data import leave_one_out
     from genrec.decoding import constrained_beam_search
     from genrec.recommender import RankRequest, Recommender
@@ -46,7 +47,9 @@ def main() -> None:
     rec = Recommender.load(RunDir(args.run), device="cpu")
     examples = leave_one_out(rec.data, "test")[: args.users]
     tries = [
-        rec.candidate_trie(RankRequest(list(e.history), n_items=10, mode="all", user=e.user))
+        rec.candidate_trie(
+            RankRequest(list(e.history), options=RankingOptions(n_items=10, candidates="all"), user=e.user)
+        )
         for e in examples
     ]
     prompts = [[0]] * len(tries)

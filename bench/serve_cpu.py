@@ -48,7 +48,7 @@ def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
             with rec.clock.stage("render"):
                 service.render(q, None)
             queries.append(q)
-        reqs = [service.rank_request(q, req) for q, req in zip(queries, chunk, strict=True)]
+        reqs = [service.rank_request(q) for q in queries]
         ranked = rec.rank_requests(reqs)
         for q, recs in zip(queries, ranked, strict=True):
             with rec.clock.stage("encode"):
@@ -156,7 +156,7 @@ def main() -> None:
     stages(service, texts[: args.batch], args.batch)  # warm: lazy loads, first calls
     split = stages(service, texts, args.batch)
     outside = round(sum(v for k, v in split.items() if k != "rank"), 4)
-    recs = rec.rank_requests([service.rank_request(*_query(service, texts[0]))])[0]
+    recs = rec.rank_requests([service.rank_request(_query(service, texts[0]))])[0]
     out = {
         "run": args.run,
         "requests": len(texts),
@@ -170,7 +170,7 @@ def main() -> None:
     save(args.out, out)
 
 
-def _query(service: Any, text: str) -> tuple[Any, Any]:
+def _query(service: Any, text: str) -> Any:
     from genrec.serve.protocol import ChatCompletionRequest
 
     req = ChatCompletionRequest.model_validate(
@@ -178,7 +178,7 @@ def _query(service: Any, text: str) -> tuple[Any, Any]:
     )
     q = service.parse(req, text=text, user=None)
     service.render(q, None)
-    return q, req
+    return q
 
 
 if __name__ == "__main__":

@@ -13,15 +13,18 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from genrec.errors import ConfigError
+from genrec.errors import ConfigError, GenrecError
 
 IdSoftmaxMode = Literal["full", "ids", "level"]
 """What an item-ID token's log-probability is normalised over (model.id_softmax; genrec.id_softmax)."""
 ID_SOFTMAX: tuple[str, ...] = typing.get_args(IdSoftmaxMode)
+CandidateMode = Literal["all", "retriever"]
+"""What a request ranks: `all`, the catalogue minus seen items; `retriever`, the retrieved candidates."""
+CANDIDATE_MODES: tuple[str, ...] = typing.get_args(CandidateMode)
 SearchMode = Literal["auto", "beam", "exact"]
 """How the transformers engine ranks (eval.search; genrec.engines.hf)."""
 SEARCHES: tuple[str, ...] = typing.get_args(SearchMode)
@@ -251,7 +254,7 @@ class EvalConfig:
     """Beams in constrained beam search; also the number of items returned."""
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     """Cut-offs for Recall@K and NDCG@K."""
-    candidates: Literal["all", "retriever"] = "retriever"
+    candidates: CandidateMode = "retriever"
     """What genrec ranks: `all`, the catalogue minus seen items; `retriever`, the top-N of the retriever of
     retrieval.source. Metrics are over the whole catalogue either way: a target outside the candidates is a miss."""
     n_candidates: int = 100
@@ -320,6 +323,59 @@ class RetrievalConfig:
     """Validation users ranked to choose the fusion weight (the first N; 0: all)."""
 
 
+class RankingOptionError(GenrecError, ValueError):
+    """An invalid ranking option; `field` names it (RankingOptions' name: the server reports it as the
+    request's parameter, the CLI as its flag)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class RankingOptions:
+    """How one request is ranked: the one options type of every front end (the server's request fields, `genrec
+    recommend` and `genrec generate` flags, evaluation). Frozen and checked when made, so a value that reached
+    the recommender is valid. A front end starts from the run's defaults (RunConfig.ranking: the candidates
+    evaluation measured and the fusion weight was tuned on) and applies what the caller set (`with_`)."""
+
+    n_items: int = 10
+    """Items returned."""
+    candidates: CandidateMode = "retriever"
+    """`retriever`: the top n_candidates of the run's retriever (retrieval.source); `all`: the whole catalogue
+    minus the history."""
+    n_candidates: int = 100
+    """Retrieved candidates when candidates=retriever."""
+    beam_width: int | None = None
+    """Beams of the constrained beam search (None: n_items); exact tree scoring ignores it."""
+
+    MAX_ITEMS: ClassVar[int] = 1000
+    MAX_CANDIDATES: ClassVar[int] = 100_000
+
+    def __post_init__(self) -> None:
+        for name, value, most in (
+            ("n_items", self.n_items, self.MAX_ITEMS),
+            ("n_candidates", self.n_candidates, self.MAX_CANDIDATES),
+            ("beam_width", self.beam_width, self.MAX_ITEMS),
+        ):
+            if value is None and name == "beam_width":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise RankingOptionError(name, f"{name} must be an integer from 1 to {most}, got {value!r}")
+        if self.candidates not in CANDIDATE_MODES:
+            raise RankingOptionError(
+                "candidates", f"candidates must be 'retriever' or 'all', got {self.candidates!r}"
+            )
+
+    def with_(self, **changes: Any) -> RankingOptions:
+        """These options with the given fields replaced, checked; a None value keeps the field (a flag or
+        request field left unset)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown ranking option(s): {unknown}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -334,6 +390,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def ranking(self) -> RankingOptions:
+        """The run's default ranking options: what evaluation ranks (eval.candidates, eval.n_candidates) with
+        10 items and the beam width following them; every front end starts from these."""
+        return RankingOptions(candidates=self.eval.candidates, n_candidates=self.eval.n_candidates)
+
+    @property
+    def eval_ranking(self) -> RankingOptions:
+        """What evaluation ranks with: the run's candidates, eval.beam_width items and beams."""
+        e = self.eval
+        return RankingOptions(e.beam_width, e.candidates, e.n_candidates, e.beam_width)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

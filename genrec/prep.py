@@ -218,10 +218,7 @@ def ranked_batches(
             None,
             history_requests(
                 [ex.history for ex in examples[s : s + e.batch_size]],
-                n_items=e.beam_width,
-                mode=e.candidates,
-                n_candidates=e.n_candidates,
-                beam_width=e.beam_width,
+                cfg.eval_ranking,
                 users=[ex.user for ex in examples[s : s + e.batch_size]],
                 queries=None if queries is None else queries[s : s + e.batch_size],
             ),

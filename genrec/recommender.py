@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from genrec.config import SEARCHES, RunConfig
+from genrec.config import SEARCHES, CandidateMode, RankingOptions, RunConfig
 from genrec.cpu_time import StageClock
 from genrec.data import Interactions
 from genrec.decoding import Ranked, Trie
@@ -31,7 +31,6 @@ from genrec.templates.prompts import PromptBuilder, PromptTemplate
 
 logger = logging.getLogger(__name__)
 
-CandidateMode = Literal["all", "retriever"]
 T = TypeVar("T")
 
 
@@ -48,10 +47,8 @@ class RankRequest:
     """One ranking request: a history (catalogue rows, oldest first) and its options."""
 
     history: list[int]
-    n_items: int = 10
-    mode: CandidateMode = "retriever"
-    n_candidates: int = 200
-    beam_width: int | None = None
+    options: RankingOptions = field(default_factory=RankingOptions)
+    """How it is ranked (items, candidates, beams): checked when the options were made."""
     user: str | None = None
     exclude: list[int] = field(default_factory=list)
     template: str | None = None
@@ -67,6 +64,22 @@ class RankRequest:
     """Free text from the user (a need: 'something for rainy days'), with or without a history. It is rendered
     into the prompt by prompt.need_template (unless `template` names another) and retrieves candidates of its
     own: with a history, the union of both queries' candidates."""
+
+    @property
+    def n_items(self) -> int:
+        return self.options.n_items
+
+    @property
+    def candidates(self) -> CandidateMode:
+        return self.options.candidates
+
+    @property
+    def n_candidates(self) -> int:
+        return self.options.n_candidates
+
+    @property
+    def beam_width(self) -> int | None:
+        return self.options.beam_width
 
 
 @dataclass
@@ -87,11 +100,8 @@ class PreparedBatch:
 
 def history_requests(
     histories: Sequence[Sequence[int]],
+    options: RankingOptions,
     *,
-    n_items: int,
-    mode: CandidateMode = "retriever",
-    n_candidates: int = 200,
-    beam_width: int | None = None,
     users: Sequence[str | None] | None = None,
     exclude: Sequence[Sequence[int]] | None = None,
     queries: Sequence[str | None] | None = None,
@@ -103,10 +113,7 @@ def history_requests(
     return [
         RankRequest(
             list(h),
-            n_items=n_items,
-            mode=mode,
-            n_candidates=n_candidates,
-            beam_width=beam_width,
+            options,
             user=u,
             exclude=list(exclude[k]) if exclude else [],
             query=queries[k] or None,
@@ -119,6 +126,25 @@ class UnknownItems(GenrecError):
     def __init__(self, unknown: Sequence[str]) -> None:
         self.unknown = list(unknown)
         super().__init__(f"unknown item(s): {', '.join(map(repr, self.unknown[:10]))}")
+
+
+@dataclass
+class UserQuery:
+    """Whom and what a request ranks for, resolved against the run: a history (catalogue rows, oldest first),
+    free text, or both; `user` labels it (a known user, or a caller's own id)."""
+
+    history: list[int]
+    text: str | None = None
+    user: str | None = None
+
+
+class QueryProblem(GenrecError):
+    """Why a request's user, history or text cannot be ranked: `field` names the input (`user`, `history`,
+    `text`), `code` the kind (the server's error code; with `_` read as a space, a batch job's reject kind)."""
+
+    def __init__(self, field: str, code: str, message: str) -> None:
+        self.field, self.code = field, code
+        super().__init__(message)
 
 
 class Recommender:
@@ -244,6 +270,64 @@ class Recommender:
             raise UnknownItems(unknown)
         return rows
 
+    def resolve_query(
+        self,
+        *,
+        user: str | None = None,
+        history: Sequence[str] | str | None = None,
+        text: object = None,
+        split: str = "full",
+        strict_user: bool = True,
+        max_history: int | None = None,
+    ) -> UserQuery:
+        """The one resolution of a request's inputs, for every front end (server, batch rows, template preview,
+        `genrec recommend`): `history` (item ids, ID strings or exact titles, oldest first; a string is split
+        on commas) wins; else a known `user`'s history as of `split`; else `text` alone is a new user's
+        request in words. Text beside a history is the user's stated need. `strict_user`: a user given beside a
+        history must be one of the run's (the server and the CLI: a typo is not silently ignored); False, it
+        only labels the query (a batch job's output key). Raises QueryProblem naming the input at fault."""
+        if text is not None and not isinstance(text, str):
+            raise QueryProblem("text", "text_not_a_string", "field 'text': expected a string")
+        need = text.strip() or None if text else None
+        if history is not None:
+            refs = [h for h in history.split(",") if h.strip()] if isinstance(history, str) else history
+            if not isinstance(refs, list | tuple):
+                raise QueryProblem(
+                    "history", "history_not_a_list", "field 'history': expected a list of items"
+                )
+            try:
+                items = self.resolve_items([str(h) for h in refs])
+            except UnknownItems as e:
+                raise QueryProblem("history", "unknown_items", f"field 'history': {e}") from None
+            if user is not None and strict_user and not self.knows_user(user):
+                raise QueryProblem(
+                    "user",
+                    "unknown_user",
+                    f"unknown user {user!r}: send a user of the run's data beside a history, or leave it out",
+                )
+            if not items and need is None:
+                raise QueryProblem("history", "empty_history", "field 'history': empty")
+        elif user is not None and self.knows_user(user):
+            items = self.user_history(user, split=split)
+        elif need is not None:  # a new user's request in words alone
+            items = []
+        elif user is not None:
+            raise QueryProblem("user", "unknown_user", f"field 'user': unknown user {user!r} and no history")
+        else:
+            raise QueryProblem(
+                "history",
+                "no_user_or_history",
+                "no user, history or text: give items (ids, ID strings or titles), a known user, or what the user "
+                "wants in words",
+            )
+        if max_history is not None and len(items) > max_history:
+            raise QueryProblem(
+                "history",
+                "history_too_long",
+                f"history has {len(items)} items; the limit is {max_history}",
+            )
+        return UserQuery(items, need, user)
+
     def knows_user(self, user: str) -> bool:
         return user in self._users
 
@@ -288,7 +372,7 @@ class Recommender:
         """Each retriever-mode request's candidates (one index search per kind of query), None for mode `all`:
         the history's top n_candidates, the free text's (RankRequest.query), or the union of both (history's
         first). A request with text alone, on a run without text embeddings, ranks the whole catalogue."""
-        retrieve = [r for r in requests if r.mode != "all"]
+        retrieve = [r for r in requests if r.candidates != "all"]
         if any(not r.history and not r.query for r in retrieve):
             raise GenrecError("candidates=retriever needs a history or free text")
         by_history = [r for r in retrieve if r.history]
@@ -306,7 +390,7 @@ class Recommender:
         cands: dict[int, list[int]] = {}
         for r, found in [*zip(by_history, found_h, strict=True), *zip(by_text, found_t, strict=True)]:
             cands[id(r)] = list(dict.fromkeys([*cands.get(id(r), []), *found]))
-        return [None if r.mode == "all" or id(r) not in cands else cands[id(r)] for r in requests]
+        return [None if r.candidates == "all" or id(r) not in cands else cands[id(r)] for r in requests]
 
     def template_for(self, query: str | None) -> str:
         """The template a request renders with by default: prompt.need_template when it carries free text."""
@@ -542,27 +626,15 @@ class Recommender:
             yield pending[0], pending[1], pending[2]()
 
     def rank_histories(
-        self, histories: Sequence[Sequence[int]], **options: Any
-    ) -> list[list[Recommendation]]:
-        """Top `n_items` per history (`options`: history_requests' keywords); every item is in its candidate
-        set, none repeats or was seen."""
-        return self.rank_requests(history_requests(histories, **options))
-
-    def recommend_text(
         self,
-        text: str,
-        *,
-        n_items: int,
-        exclude: Sequence[int] = (),
-        mode: CandidateMode = "retriever",
-        n_candidates: int = 200,
-    ) -> list[Recommendation]:
-        """A new user's free text alone: the model ranks the candidates retrieved on the text (or the whole
-        catalogue), reading the text in prompt.need_template."""
-        request = RankRequest(
-            [], n_items=n_items, mode=mode, n_candidates=n_candidates, exclude=list(exclude), query=text
-        )
-        return self.rank_requests([request])[0]
+        histories: Sequence[Sequence[int]],
+        options: RankingOptions | None = None,
+        **per_history: Any,
+    ) -> list[list[Recommendation]]:
+        """Top `options.n_items` per history (None: the run's defaults, RunConfig.ranking; `per_history`:
+        history_requests' users, exclude, queries); every item is in its candidate set, none repeats or was
+        seen."""
+        return self.rank_requests(history_requests(histories, options or self.cfg.ranking, **per_history))
 
     def retrieve_text(self, text: str, *, n_items: int, exclude: Sequence[int] = ()) -> list[Recommendation]:
         """The retriever alone on a free text's embedding (no model): the cold-start baseline."""

@@ -17,6 +17,7 @@ import pytest
 
 from genrec.batch import generate
 from genrec.batch.input import REJECT_KINDS, parse_row
+from genrec.config import RankingOptions
 from genrec.errors import GenrecError
 from genrec.recommender import Recommender
 
@@ -70,7 +71,12 @@ def write_input(rec, path, n=90):
 def test_generate_writes_rows_and_rejects(rec, tmp_path):
     good = write_input(rec, tmp_path / "users.jsonl")
     summary = generate(
-        rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", chunk_size=16, n_items=5, progress=False
+        rec,
+        tmp_path / "users.jsonl",
+        tmp_path / "recs.jsonl",
+        chunk_size=16,
+        ranking=rec.cfg.ranking.with_(n_items=5),
+        progress=False,
     )
     rows = [json.loads(x) for x in (tmp_path / "recs.jsonl").read_text().splitlines()]
     rejects = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
@@ -104,7 +110,7 @@ def test_shards_partition_the_input_and_parquet_output(rec, tmp_path):
             tmp_path / f"s{k}.parquet",
             shard=(k, 3),
             chunk_size=7,
-            n_items=3,
+            ranking=rec.cfg.ranking.with_(n_items=3),
             progress=False,
         )
         seen += pd.read_parquet(tmp_path / f"s{k}.parquet")["line"].tolist()
@@ -124,7 +130,12 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
         }
     ).to_parquet(tmp_path / "users.parquet")
     summary = generate(
-        rec, tmp_path / "users.parquet", tmp_path / "recs.parquet", chunk_size=4, n_items=3, progress=False
+        rec,
+        tmp_path / "users.parquet",
+        tmp_path / "recs.parquet",
+        chunk_size=4,
+        ranking=rec.cfg.ranking.with_(n_items=3),
+        progress=False,
     )
     out = pd.read_parquet(tmp_path / "recs.parquet")
     assert summary["rows"] == n - 1 and out["line"].tolist() == list(range(1, n))
@@ -155,11 +166,8 @@ def test_parquet_output_keeps_its_columns_across_chunks_without_users(rec, tmp_p
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"n_items": 0}, "-n must be >= 1, got 0"),
         ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
         ({"chunk_size": -1}, "--chunk-size must be >= 1, got -1"),
-        ({"mode": "retriever", "n_candidates": 0}, "--n-candidates must be >= 1, got 0"),
-        ({"mode": "some"}, "--candidates must be 'all' or 'retriever', got 'some'"),
     ],
 )
 def test_bad_options_are_named_before_any_input_is_read(rec, tmp_path, options, message):
@@ -261,7 +269,13 @@ def test_a_line_that_is_not_utf8_is_rejected_and_a_broken_parquet_input_is_named
     (tmp_path / "users.jsonl").write_bytes(
         f'{{"user": "{user}"}}\n{{"user": "caf\xe9"}}\n{{"user": "{user}"}}\n'.encode("latin-1")
     )
-    summary = generate(rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", n_items=3, progress=False)
+    summary = generate(
+        rec,
+        tmp_path / "users.jsonl",
+        tmp_path / "recs.jsonl",
+        ranking=rec.cfg.ranking.with_(n_items=3),
+        progress=False,
+    )
     assert summary["rows"] == 2 and summary["rejects"] == 1
     [reject] = [json.loads(x) for x in (tmp_path / "recs.rejects.jsonl").read_text().splitlines()]
     assert (
@@ -327,7 +341,7 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_user(trained_run, rec, tmp
             resume=True,
             chunk_size=10,
             batch_size=4,
-            n_items=5,
+            ranking=rec.cfg.ranking.with_(n_items=5),
             progress=False,
         )
 
@@ -422,7 +436,12 @@ def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, t
     monkeypatch.setattr(Manifest, "commit", crash_after_first)
     with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="genrec.batch"):
         generate(
-            rec, tmp_path / "users.jsonl", tmp_path / "recs.jsonl", chunk_size=12, n_items=3, progress=False
+            rec,
+            tmp_path / "users.jsonl",
+            tmp_path / "recs.jsonl",
+            chunk_size=12,
+            ranking=rec.cfg.ranking.with_(n_items=3),
+            progress=False,
         )
     monkeypatch.undo()
     assert (
@@ -437,7 +456,7 @@ def test_a_resumed_job_keeps_the_template_version_it_started_with(trained_run, t
         tmp_path / "users.jsonl",
         tmp_path / "recs.jsonl",
         chunk_size=12,
-        n_items=3,
+        ranking=rec.cfg.ranking.with_(n_items=3),
         resume=True,
         progress=False,
     )
@@ -456,7 +475,13 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
 
     good = write_input(rec, tmp_path / "users.jsonl", n=180)
     args = (trained_run[0].path, tmp_path / "users.jsonl", tmp_path / "recs.jsonl")
-    opts = {"workers": 2, "chunk_size": 8, "n_items": 3, "engine": "hf", "device": "cpu"}
+    opts = {
+        "workers": 2,
+        "chunk_size": 8,
+        "ranking": rec.cfg.ranking.with_(n_items=3),
+        "engine": "hf",
+        "device": "cpu",
+    }
 
     def ctrl_c_once_chunks_are_committed(ray, refs, outs, *, total, progress):
         deadline = time.time() + 180
@@ -478,7 +503,12 @@ def test_ray_backend_in_local_mode_gives_one_row_per_user_in_input_order(
     assert [r["line"] for r in rejects] == sorted(set(range(1, 181)) - good) == [r["line"] for r in rejects]
     assert not (tmp_path / "recs.jsonl.shards").exists()
     single = generate(
-        rec, tmp_path / "users.jsonl", tmp_path / "one.jsonl", chunk_size=8, n_items=3, progress=False
+        rec,
+        tmp_path / "users.jsonl",
+        tmp_path / "one.jsonl",
+        chunk_size=8,
+        ranking=rec.cfg.ranking.with_(n_items=3),
+        progress=False,
     )
     one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
     assert [[i["item_id"] for i in r["items"]] for r in rows] == [
@@ -506,9 +536,7 @@ def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
                 out,
                 chunk_size=7,
                 batch_size=3,
-                n_items=4,
-                mode=mode,
-                n_candidates=20,
+                ranking=RankingOptions(n_items=4, candidates=mode, n_candidates=20),
                 progress=False,
                 workers=workers,
             )
@@ -518,7 +546,7 @@ def test_preparation_workers_give_the_same_output(trained_run, rec, tmp_path):
         bad = pool.submit([RankRequest([0, 1], template="no-such-template")])
         with pytest.raises(TemplateNotFound, match="no-such-template"):
             bad.result()
-        good = pool.submit([RankRequest([0, 1], mode="all")]).result()
+        good = pool.submit([RankRequest([0, 1], options=RankingOptions(candidates="all"))]).result()
         assert good.prompts == [rec.engine.encode_many([rec.builder.messages([0, 1], None)])[0]]
         assert good.retrieved == [None] and good.layouts is None  # no layout policy given
         if importlib.util.find_spec("faiss"):  # one search thread per worker, as torch's
@@ -554,7 +582,10 @@ def test_rank_stream_launches_the_next_batch_before_reading_one(rec, monkeypatch
 
     examples = leave_one_out(rec.data, "test")[:12]
     batches = [
-        history_requests([e.history for e in examples[s : s + 4]], n_items=5, mode=mode, n_candidates=25)
+        history_requests(
+            [e.history for e in examples[s : s + 4]],
+            options=RankingOptions(n_items=5, candidates=mode, n_candidates=25),
+        )
         for s, mode in ((0, "retriever"), (4, "all"), (8, "retriever"))
     ]
     prepared = [rec.prepare(reqs) for reqs in batches]
@@ -620,7 +651,7 @@ def test_a_folder_of_part_files_is_one_input(rec, tmp_path, monkeypatch, fmt):
         joined.write_text("".join(p.read_text() for p in sorted(folder.glob("part-*"))))
     else:
         pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*"))]).to_parquet(joined)
-    opts = {"chunk_size": 8, "n_items": 3, "progress": False}
+    opts = {"chunk_size": 8, "ranking": rec.cfg.ranking.with_(n_items=3), "progress": False}
     one = generate(rec, joined, tmp_path / "one.jsonl", **opts)
     interrupted_after_two_chunks(monkeypatch, rec, folder, tmp_path / "recs.jsonl", **opts)
     assert generate(rec, folder, tmp_path / "recs.jsonl", resume=True, **opts) == {
@@ -663,7 +694,7 @@ def test_a_gzipped_jsonl_input_is_read_as_it_decompresses(rec, tmp_path, monkeyp
     cut = data.index(b"\n", len(data) // 2) + 1
     gz = tmp_path / "users.jsonl.gz"
     gz.write_bytes(gzip.compress(data[:cut]) + gzip.compress(data[cut:]))
-    opts = {"chunk_size": 8, "n_items": 3, "progress": False}
+    opts = {"chunk_size": 8, "ranking": rec.cfg.ranking.with_(n_items=3), "progress": False}
     plain = generate(rec, tmp_path / "users.jsonl", tmp_path / "plain.jsonl", **opts)
     interrupted_after_two_chunks(monkeypatch, rec, gz, tmp_path / "recs.jsonl", **opts)
     stamp = json.loads((tmp_path / "recs.jsonl.parts" / "manifest.json").read_text())["settings"]
@@ -715,7 +746,13 @@ def test_generate_rows_with_text_put_it_in_the_prompt(rec, tmp_path, monkeypatch
     sent: list = []
     encode = rec.engine.encode_many
     monkeypatch.setattr(rec.engine, "encode_many", lambda msgs: sent.extend(msgs) or encode(msgs))
-    summary = generate(rec, tmp_path / "in.jsonl", tmp_path / "out.jsonl", n_items=3, progress=False)
+    summary = generate(
+        rec,
+        tmp_path / "in.jsonl",
+        tmp_path / "out.jsonl",
+        ranking=rec.cfg.ranking.with_(n_items=3),
+        progress=False,
+    )
     assert summary["rows"] == 3 and summary["reject_kinds"] == {"text not a string": 1}
     prompts = ["\n".join(m["content"] for m in msgs) for msgs in sent]
     for text in (

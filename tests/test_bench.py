@@ -124,13 +124,16 @@ def test_recbole_peer_trains_genrec_sasrec_with_recboles_stopping_rule(small_dat
 def test_search_overhead_free_model_keeps_the_search_exact(trained_run):
     """The benchmark's zero-cost model still drives a real search: valid, distinct, within the tries."""
     import bench.search_overhead as so
+    from genrec.config import RankingOptions
     from genrec.decoding import constrained_beam_search
     from genrec.recommender import RankRequest, Recommender
 
     run, _, _ = trained_run
     rec = Recommender.load(run, device="cpu")
     hist = [rec.user_history(u) for u in rec.data.users[:5]]
-    tries = [rec.candidate_trie(RankRequest(h, n_items=5, mode="all")) for h in hist]
+    tries = [
+        rec.candidate_trie(RankRequest(h, options=RankingOptions(n_items=5, candidates="all"))) for h in hist
+    ]
     out = constrained_beam_search(so.FreeModel(), [[0]] * 5, tries, beam_width=5)
     for ranked, h in zip(out, hist, strict=True):
         assert len(ranked.items) == 5 == len(set(ranked.items)) and not set(ranked.items) & set(h)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from genrec.config import apply_overrides
+from genrec.config import RankingOptions, apply_overrides
 from genrec.data import leave_one_out
 from genrec.errors import ConfigError, GenrecError
 from genrec.evaluation import choose_fusion_weight, evaluate, fused_order, lm_candidate_scores
@@ -89,7 +89,7 @@ def test_collaborative_search_skips_seen_and_excluded_items_and_saves(trained, t
 def test_candidates_come_from_the_collaborative_retriever(base_rec, markov):
     rec = with_collab(base_rec, markov, 0.0)
     hist = [s[:-1] for s in rec.data.sequences[:8]]
-    ranked = rec.rank_histories(hist, n_items=5, n_candidates=12)
+    ranked = rec.rank_histories(hist, options=RankingOptions(n_items=5, n_candidates=12))
     want, _ = markov.search(hist, 12, exclude=hist)
     for recs, cands in zip(ranked, want, strict=True):
         assert {r.item for r in recs} <= set(cands.tolist())
@@ -117,7 +117,9 @@ def test_fused_ranking_reorders_every_candidate_not_the_lms_top_few(base_rec, ma
     coll = markov.scores_of([ex.history for ex in examples], items)
     fused_rec = with_collab(base_rec, markov, 50.0)
     got = fused_rec.rank_requests(
-        history_requests([ex.history for ex in examples], n_items=3, n_candidates=12, beam_width=3)
+        history_requests(
+            [ex.history for ex in examples], options=RankingOptions(n_items=3, n_candidates=12, beam_width=3)
+        )
     )
     differs = 0
     for recs, its, s, c in zip(got, items, lm, coll, strict=True):
@@ -131,8 +133,10 @@ def test_fused_ranking_reorders_every_candidate_not_the_lms_top_few(base_rec, ma
 def test_an_auto_weight_not_yet_chosen_names_the_command(base_rec, markov):
     rec = with_collab(base_rec, markov, None)
     with pytest.raises(GenrecError, match="genrec train"):
-        rec.rank_histories([rec.data.sequences[0][:-1]], n_items=3)
-    assert rec.rank_histories([rec.data.sequences[0][:-1]], n_items=3, mode="all")  # the LM alone needs none
+        rec.rank_histories([rec.data.sequences[0][:-1]], options=RankingOptions(n_items=3))
+    assert rec.rank_histories(
+        [rec.data.sequences[0][:-1]], options=RankingOptions(n_items=3, candidates="all")
+    )  # the LM alone needs none
 
 
 def test_the_weight_is_the_grids_best_on_validation_and_recorded(trained, base_rec, markov):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.config import apply_overrides
+from genrec.config import RankingOptions, apply_overrides
 from genrec.evaluation import evaluate
 from genrec.recommender import RankRequest, Recommender, UnknownItems
 from genrec.training import train
@@ -78,7 +78,9 @@ def test_recommendations_are_valid_catalogue_items(trained):
     user = rec.data.users[3]
     hist = rec.user_history(user)
     for mode in ("retriever", "all"):
-        out = rec.rank_histories([hist, hist[:2]], n_items=7, mode=mode, n_candidates=30)
+        out = rec.rank_histories(
+            [hist, hist[:2]], options=RankingOptions(n_items=7, candidates=mode, n_candidates=30)
+        )
         for recs, h in zip(out, [hist, hist[:2]], strict=True):
             items = [r.item for r in recs]
             assert len(items) == 7 and len(set(items)) == 7 and not set(items) & set(h)
@@ -86,18 +88,22 @@ def test_recommendations_are_valid_catalogue_items(trained):
             assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
     # retriever mode: results are inside the retriever's candidate set
     cands = set(rec.retrieved(hist, n=30))
-    assert {r.item for r in rec.rank_histories([hist], n_items=10, n_candidates=30)[0]} <= cands
+    assert {
+        r.item for r in rec.rank_histories([hist], options=RankingOptions(n_items=10, n_candidates=30))[0]
+    } <= cands
     # a batch's retriever-mode requests share one index search; each keeps its own n and exclusions
     reqs = [
-        RankRequest(hist, mode="retriever", n_candidates=30),
-        RankRequest(hist[:2], mode="retriever", n_candidates=12, exclude=[hist[5]]),
-        RankRequest(hist, mode="all"),
-        RankRequest(hist[1:], mode="retriever", n_candidates=40),
+        RankRequest(hist, options=RankingOptions(candidates="retriever", n_candidates=30)),
+        RankRequest(
+            hist[:2], options=RankingOptions(candidates="retriever", n_candidates=12), exclude=[hist[5]]
+        ),
+        RankRequest(hist, options=RankingOptions(candidates="all")),
+        RankRequest(hist[1:], options=RankingOptions(candidates="retriever", n_candidates=40)),
     ]
     tries = rec.candidate_tries(reqs)
     for r, trie in zip(reqs, tries, strict=True):
         items = {item for _, item in trie}
-        if r.mode == "all":
+        if r.candidates == "all":
             assert items == set(range(len(rec.catalog))) - set(r.history)
             continue
         q = rec.retriever.history_query(r.history)[None]
@@ -422,7 +428,9 @@ def test_run_config_chooses_how_the_transformers_engine_ranks(trained, monkeypat
     rec = Recommender.load(run, device="cpu")
     assert rec.engine.search == search and rec.engine.max_tree_tokens == 64
     history = [int(i) for i in rec.data.sequences[0][:3]]
-    (recs,) = rec.rank_histories([history], n_items=5, mode="retriever", n_candidates=30)
+    (recs,) = rec.rank_histories(
+        [history], options=RankingOptions(n_items=5, candidates="retriever", n_candidates=30)
+    )
     assert len({r.item for r in recs}) == 5 and not {r.item for r in recs} & set(history)
 
 
@@ -588,7 +596,9 @@ def test_input_tokens_are_read_from_the_prompt_and_answers_stay_codes(tmp_path):
     assert set(ids.vocabulary()) <= set(rec.engine.tokenizer.get_vocab())
     hist = rec.user_history(rec.data.users[3])
     for mode in ("all", "retriever"):
-        recs = rec.rank_histories([hist], n_items=5, mode=mode, n_candidates=30)[0]
+        recs = rec.rank_histories(
+            [hist], options=RankingOptions(n_items=5, candidates=mode, n_candidates=30)
+        )[0]
         assert len({r.item for r in recs}) == 5 and not {r.item for r in recs} & set(hist)
     # a template that does not show the input tokens would train rows that are never read: refused
     with pytest.raises(GenrecError, match="does not render the history items' input tokens"):

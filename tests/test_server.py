@@ -170,13 +170,13 @@ def test_explore_diversifies_but_stays_valid(client, rec):
     [
         ({"model": "other"}, "unknown model 'other'"),
         ({"extra_body": {"history": ["nope-1", "nope-2"]}}, "unknown item.*'nope-1', 'nope-2'"),
-        ({"extra_body": {"history": []}}, "history is empty"),
+        ({"extra_body": {"history": []}, "messages": [{"role": "user", "content": " "}]}, "'history': empty"),
         ({"extra_body": {"history": ["I00001"] * 51}}, "limit is 50"),
         ({"n": 2}, "only n=1"),
         ({"extra_body": {"n_items": 0}}, "n_items"),
         ({"extra_body": {"template": "../../etc/passwd", "history": ["I00001"]}}, "invalid template name"),
         ({"extra_body": {"candidates": "some"}}, "candidates"),
-        ({"messages": [{"role": "user", "content": ""}]}, "no history and no text"),
+        ({"messages": [{"role": "user", "content": ""}]}, "no user, history or text"),
     ],
 )
 def test_client_errors_are_400(client, kwargs, match):
@@ -394,7 +394,7 @@ def test_warm_up_ranks_the_runs_users_before_the_server_accepts_requests(rec, mo
         assert service.warmed["cuda_graphs"] is None  # a CPU engine has no graphs
         warm = [r for b in batches for r in b]
         assert [r.user for r in warm] == rec.data.users[:11]
-        assert all(r.n_items == 10 and r.mode == "retriever" and r.n_candidates == 200 for r in warm)
+        assert all(r.options == rec.cfg.ranking for r in warm)  # the defaults a request gets
         r = httpx.post(
             s.url + "/v1/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}]},

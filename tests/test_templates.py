@@ -325,7 +325,6 @@ def test_a_request_admitted_before_a_save_keeps_its_version(api):
     """The prompt is rendered when a request is admitted; a later save changes the next request only."""
     import asyncio
 
-    from genrec.serve.protocol import RecommendationOptions
     from genrec.serve.service import Query
 
     _, rec = api
@@ -335,16 +334,16 @@ def test_a_request_admitted_before_a_save_keeps_its_version(api):
     async def scenario():
         await service.start()
         try:
-            q = Query(history=list(hist))
+            options = rec.cfg.ranking.with_(n_items=3)
+            q = Query(history=list(hist), options=options)
             service.render(q, None)
             admitted = q.template
             store = rec.templates
             text = store.text("default").replace("Next item ID", "Next item ID (in-flight test)")
             store.save("default", text, author="t", base_version=admitted.version)
-            opts = RecommendationOptions.model_validate({"n_items": 3})
-            recs = await service.recommend(q, opts)
-            later = Query(history=list(hist))
-            await service.recommend(later, opts)
+            recs = await service.recommend(q)
+            later = Query(history=list(hist), options=options)
+            await service.recommend(later)
             store.rollback("default", by="t")
             return admitted, q, later, recs
         finally:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from genrec.config import apply_overrides
+from genrec.config import RankingOptions, apply_overrides
 from genrec.data import Catalog, Interactions, cold_item_rows, history_windows, leave_one_out, without_items
 from genrec.data.loaders import load_unisrec
 from genrec.data.needs import derive_need, title_hint
@@ -189,15 +189,15 @@ def test_free_text_beside_a_history_reaches_the_prompt_and_retrieves_candidates(
     rec = Recommender.load(run, device="cpu")
     hist = rec.user_history(rec.data.users[0])[-3:]
     need = "looking for something like: " + " ".join(rec.catalog.titles[0].split()[:2])
-    with_text = RankRequest(list(hist), n_items=5, n_candidates=10, query=need)
-    alone = RankRequest(list(hist), n_items=5, n_candidates=10)
+    with_text = RankRequest(list(hist), options=RankingOptions(n_items=5, n_candidates=10), query=need)
+    alone = RankRequest(list(hist), options=RankingOptions(n_items=5, n_candidates=10))
     prepared = rec.prepare([with_text, alone])
     assert need in with_text.messages[-1]["content"] and need not in alone.messages[-1]["content"]
     text_only = set(rec.text_retrieved_many([need], n=[10], exclude=[hist])[0])
     assert text_only <= set(prepared.retrieved[0]) and set(prepared.retrieved[1]) <= set(
         prepared.retrieved[0]
     )
-    recs = rec.recommend_text(need, n_items=5)
+    (recs,) = rec.rank_histories([[]], RankingOptions(n_items=5), queries=[need])
     assert len(recs) == 5 and len({r.item for r in recs}) == 5
 
 

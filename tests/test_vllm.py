@@ -14,6 +14,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-proces
 
 import openai
 
+from genrec.config import RankingOptions
 from genrec.engines.vllm import VLLMEngine
 from genrec.id_softmax import softmax_groups
 from genrec.recommender import Recommender
@@ -43,8 +44,12 @@ def test_vllm_matches_transformers(recs):
     hf, vl = recs
     histories = [hf.user_history(u) for u in hf.data.users[:12]]
     for mode in ("all", "retriever"):
-        a = hf.rank_histories(histories, n_items=8, beam_width=8, mode=mode, n_candidates=40)
-        b = vl.rank_histories(histories, n_items=8, beam_width=8, mode=mode, n_candidates=40)
+        a = hf.rank_histories(
+            histories, options=RankingOptions(n_items=8, beam_width=8, candidates=mode, n_candidates=40)
+        )
+        b = vl.rank_histories(
+            histories, options=RankingOptions(n_items=8, beam_width=8, candidates=mode, n_candidates=40)
+        )
         for x, y in zip(a, b, strict=True):
             assert [r.score for r in x] == pytest.approx([r.score for r in y], abs=2e-3)
             # same items; order may differ only between (near-)tied scores
@@ -53,8 +58,10 @@ def test_vllm_matches_transformers(recs):
             )
     # Exact tree scoring can only find better items than any beam search: rank by rank, its scores are higher.
     exact = Recommender.load(hf.run, device="cpu", search="exact")
-    b = vl.rank_histories(histories, n_items=8, beam_width=8, mode="all")
-    for x, y in zip(exact.rank_histories(histories, n_items=8, mode="all"), b, strict=True):
+    b = vl.rank_histories(histories, options=RankingOptions(n_items=8, beam_width=8, candidates="all"))
+    for x, y in zip(
+        exact.rank_histories(histories, options=RankingOptions(n_items=8, candidates="all")), b, strict=True
+    ):
         assert all(p.score >= q.score - 2e-3 for p, q in zip(x, y, strict=True))
 
 
@@ -113,12 +120,15 @@ def test_async_engine_matches_offline_engine_also_from_concurrent_threads(recs, 
 
     _, vl = recs
     histories = [vl.user_history(u) for u in vl.data.users[:8]]
-    want = vl.rank_histories(histories, n_items=6, beam_width=6, mode="retriever", n_candidates=40)
+    want = vl.rank_histories(
+        histories, options=RankingOptions(n_items=6, beam_width=6, candidates="retriever", n_candidates=40)
+    )
     with ThreadPoolExecutor(4) as pool:  # four beam searches in flight on one AsyncLLM
         got = list(
             pool.map(
                 lambda h: async_rec.rank_histories(
-                    [h], n_items=6, beam_width=6, mode="retriever", n_candidates=40
+                    [h],
+                    options=RankingOptions(n_items=6, beam_width=6, candidates="retriever", n_candidates=40),
                 )[0],
                 histories,
             )
@@ -158,6 +168,7 @@ def test_server_on_vllm_backend(async_rec):
 PARITY = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from genrec.config import RankingOptions
 from genrec.engines.vllm import VLLMEngine
 from genrec.id_softmax import softmax_groups
 from genrec.recommender import Recommender
@@ -169,7 +180,7 @@ if __name__ == "__main__":
     engine = VLLMEngine(run.model_dir(), dtype="float32", max_model_len=512, softmax_groups=groups)
     vl = Recommender(run, hf.cfg, hf.data, hf.ids, engine, hf.retriever)
     hs = [hf.user_history(u) for u in hf.data.users[:8]]
-    out = [[[r.score for r in x] for x in rec.rank_histories(hs, n_items=8, beam_width=8, mode="all")] for rec in (hf, vl)]
+    out = [[[r.score for r in x] for x in rec.rank_histories(hs, options=RankingOptions(n_items=8, beam_width=8, candidates="all"))] for rec in (hf, vl)]
     print("SCORES" + json.dumps(out))
 """
 
@@ -227,7 +238,12 @@ def test_batch_job_on_the_vllm_engine(recs, tmp_path):
 
     hf, vl = recs
     good = write_input(hf, tmp_path / "users.jsonl", n=27)
-    opts = {"n_items": 6, "chunk_size": 10, "batch_size": 4, "progress": False}
+    opts = {
+        "ranking": RankingOptions(n_items=6, candidates="all"),
+        "chunk_size": 10,
+        "batch_size": 4,
+        "progress": False,
+    }
     outs = {}
     for name, rec, workers in (("hf", hf, 0), ("vllm", vl, 0), ("vllm_prep", vl, 2)):
         summary = generate(rec, tmp_path / "users.jsonl", tmp_path / f"{name}.jsonl", workers=workers, **opts)

@@ -1,7 +1,8 @@
 """Offline batch generation: stream users in, write ranked items out in chunks that survive a crash.
 
 Input rows (JSONL, gzip-compressed or not, or Parquet, or a folder of such part files read as one input;
-streamed, never loaded whole): `user` and/or `history` (item ids, ID strings or titles, oldest first).
+streamed, never loaded whole): `user` and/or `history` (item ids, ID strings or titles, oldest first), and/or
+`text` (the user's need in words; alone: a new user).
 Output: one row per accepted input row with the ranked items, the template hash and the model. Work is
 committed chunk by chunk: each chunk's rows and rejects are written to `<output>.parts/` by temp file +
 rename, then recorded in `manifest.json` (also atomic). `resume=True` skips committed chunks, so a job
@@ -30,21 +31,12 @@ from tqdm.auto import tqdm
 
 from genrec.batch.input import Reject, Row, locator, parse_row, read_input, scan_input
 from genrec.batch.manifest import Manifest, describe_rejects, reject_counts, rejects_path, writing
+from genrec.config import RankingOptions
 from genrec.errors import GenrecError, stopped_by
 from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender
 from genrec.run import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-
-"""A reject's `kind`: a line that is not a row (BAD_LINE_KINDS), or a row that cannot be ranked."""
-
-
-"""The fields of an input row a batch job reads (a Parquet input's other columns are not read)."""
-
-
-"""What a manifest records of the input file, so that a resumed job refuses an input that changed."""
-"""Stamps of earlier versions (a hash of the first and last MiB only), dropped when such a job resumes."""
 
 
 def _log_stopped(manifest: Manifest, parts: Path, error: BaseException) -> None:
@@ -63,25 +55,10 @@ def _log_stopped(manifest: Manifest, parts: Path, error: BaseException) -> None:
     )
 
 
-def check_options(
-    *,
-    n_items: int = 10,
-    mode: str = "all",
-    n_candidates: int = 200,
-    chunk_size: int = 1000,
-    batch_size: int = 32,
-    **_: Any,
-) -> None:
-    """A batch job's options, checked before any input is read (named by their `genrec generate` flags);
-    `generate`'s other keywords pass unchecked."""
-    if mode not in ("all", "retriever"):
-        raise GenrecError(f"--candidates must be 'all' or 'retriever', got {mode!r}")
-    for flag, value in (
-        ("-n", n_items),
-        ("--n-candidates", n_candidates),
-        ("--chunk-size", chunk_size),
-        ("--batch-size", batch_size),
-    ):
+def check_options(*, chunk_size: int = 1000, batch_size: int = 32, **_: Any) -> None:
+    """A batch job's own options, checked before any input is read (named by their `genrec generate` flags);
+    the ranking options are checked when their RankingOptions is made, `generate`'s other keywords pass."""
+    for flag, value in (("--chunk-size", chunk_size), ("--batch-size", batch_size)):
         if value < 1:
             raise GenrecError(f"{flag} must be >= 1, got {value}")
 
@@ -94,19 +71,17 @@ def generate(
     resume: bool = False,
     shard: tuple[int, int] = (0, 1),
     chunk_size: int = 1000,
-    n_items: int = 10,
-    mode: str = "all",
-    n_candidates: int = 200,
+    ranking: RankingOptions | None = None,
     batch_size: int = 32,
     progress: bool = True,
     workers: int = 0,
 ) -> dict[str, Any]:
     """Rank every input row of this shard; see the module docstring for the crash-safety contract.
-    `workers` > 0 renders prompts and retrieves candidates in that many processes (genrec.prep)
-    while this one ranks; the output is the same."""
-    check_options(
-        n_items=n_items, mode=mode, n_candidates=n_candidates, chunk_size=chunk_size, batch_size=batch_size
-    )
+    `ranking`: every row's options (None: the run's defaults, RunConfig.ranking). `workers` > 0 renders
+    prompts and retrieves candidates in that many processes (genrec.prep) while this one ranks; the output is
+    the same."""
+    check_options(chunk_size=chunk_size, batch_size=batch_size)
+    ranking = ranking or rec.cfg.ranking
     input_path, output = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise GenrecError(f"input {input_path} does not exist")
@@ -134,9 +109,10 @@ def generate(
             "input": str(input_path.resolve()),
             **stamp,
             "shard": f"{k}/{n}",
-            "n_items": n_items,
-            "mode": mode,
-            "n_candidates": n_candidates,
+            # `mode`: the name jobs started before RankingOptions recorded, so that they still resume
+            "n_items": ranking.n_items,
+            "mode": ranking.candidates,
+            "n_candidates": ranking.n_candidates,
             "chunk_size": chunk_size,
             "template": pinned.name,
             "template_version": pinned.version,
@@ -158,9 +134,7 @@ def generate(
                     workers=workers,
                     row_fields={"template_hash": pinned.hash, "model": model_id},
                     options={
-                        "n_items": n_items,
-                        "mode": mode,
-                        "n_candidates": n_candidates,
+                        "ranking": ranking,
                         "template": pinned.name,
                         "template_version": pinned.version,
                         "need_template": rec.need_template,
@@ -271,9 +245,7 @@ def _batches(chunk: _Chunk, batch_size: int, options: dict[str, Any]) -> list[li
         [
             RankRequest(
                 r.history,
-                n_items=options["n_items"],
-                mode=options["mode"],
-                n_candidates=options["n_candidates"],
+                options["ranking"],
                 user=r.user,
                 # a row with text renders with the need template (its active version), the rest with the pinned one
                 template=options["need_template"] if r.query else options["template"],

@@ -30,7 +30,7 @@ from genrec.data.loaders import (
     unreadable,
 )
 from genrec.errors import GenrecError
-from genrec.recommender import Recommender, UnknownItems
+from genrec.recommender import QueryProblem, Recommender
 
 
 @dataclass
@@ -200,34 +200,15 @@ def parse_row(
 
 
 def _parse(rec: Recommender, line: int, obj: dict[str, Any]) -> Row | tuple[str, str]:
-    """The row, or (kind, why) it cannot be ranked."""
+    """The row, or (kind, why) it cannot be ranked (Recommender.resolve_query, as every front end; a row's
+    user beside its history only labels the output)."""
     user = obj.get("user", obj.get("user_id"))
     user = str(user) if user is not None else None
-    hist = obj.get("history")
-    text = obj.get("text")
-    if text is not None and not isinstance(text, str):
-        return "text not a string", "field 'text': expected a string"
-    query = text.strip() if text and text.strip() else None
-    if hist is None and user is None and query is not None:  # a new user's request in words alone
-        return Row(line, None, [], query)
-    if hist is not None:
-        if isinstance(hist, str):
-            hist = [h for h in hist.split(",") if h.strip()]
-        if not isinstance(hist, list):
-            return "history not a list", "field 'history': expected a list of items"
-        try:
-            items = rec.resolve_items([str(h) for h in hist])
-        except UnknownItems as e:
-            return "unknown items", f"field 'history': {e}"
-    elif user is not None and rec.knows_user(user):
-        items = rec.user_history(user, split="full")
-    elif user is not None:
-        return "unknown user", f"field 'user': unknown user {user!r} and no history"
-    else:
-        return "no user or history", "neither 'user' nor 'history' given"
-    if not items and query is None:
-        return "empty history", "field 'history': empty"
-    return Row(line, user, items, query)
+    try:
+        q = rec.resolve_query(user=user, history=obj.get("history"), text=obj.get("text"), strict_user=False)
+    except QueryProblem as e:
+        return e.code.replace("_", " "), str(e)
+    return Row(line, user, q.history, q.text)
 
 
 INPUT_STAMP = ("input_size", "input_sha256")

@@ -11,7 +11,14 @@ from typing import Annotated, Any
 
 import typer
 
-from genrec.config import RunConfig, apply_overrides, load_config, recipe_path
+from genrec.config import (
+    RankingOptionError,
+    RankingOptions,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    recipe_path,
+)
 from genrec.errors import GenrecError
 from genrec.run import RunDir
 
@@ -45,6 +52,34 @@ SearchOpt = Annotated[
         "Default: the run's eval.search."
     ),
 ]
+NItemsOpt = Annotated[int | None, typer.Option("--n", "-n", help="Items per user (default 10).")]
+CandidatesOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="`retriever`: the top --n-candidates of the run's retriever (retrieval.source); `all`: the whole "
+        "catalogue. Default: the run's eval.candidates, what its evaluation ranked."
+    ),
+]
+NCandidatesOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Retrieved candidates with --candidates retriever (default: the run's eval.n_candidates)."
+    ),
+]
+RANKING_FLAGS = {"n_items": "-n", "candidates": "--candidates", "n_candidates": "--n-candidates"}
+"""The flag of each RankingOptions field (--beam-width: beam_width)."""
+
+
+def _ranking(run: Path, **flags: Any) -> RankingOptions:
+    """The run's default ranking options with the flags given applied: checked before any model loads, a bad
+    value named by its flag."""
+    try:
+        return RunDir(run).load_config().ranking.with_(**flags)
+    except RankingOptionError as e:
+        flag = RANKING_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+        raise GenrecError(f"{flag}: {e}") from None
+
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -209,13 +244,9 @@ def recommend(
             "reads it in prompt.need_template; candidates are retrieved on it too (with a history: the union)."
         ),
     ] = None,
-    n: Annotated[int, typer.Option("--n", "-n", help="Items to return.")] = 10,
-    candidates: Annotated[
-        str, typer.Option(help="`retriever` (top --n-candidates by embedding) or `all` (whole catalogue).")
-    ] = "retriever",
-    n_candidates: Annotated[
-        int, typer.Option(help="Retriever candidates when --candidates retriever.")
-    ] = 200,
+    n: NItemsOpt = None,
+    candidates: CandidatesOpt = None,
+    n_candidates: NCandidatesOpt = None,
     beam_width: Annotated[int | None, typer.Option(help="Beams (default: --n).")] = None,
     search: SearchOpt = None,
 ) -> None:
@@ -225,40 +256,18 @@ def recommend(
 
     if user is not None and history is not None:
         raise GenrecError("give --user or --history, not both (add --text to either)")
-    if user is None and history is None and text is None:
-        raise GenrecError("give --user, --history or --text")
-    if candidates not in ("retriever", "all"):
-        raise GenrecError(f"--candidates must be 'retriever' or 'all', got {candidates!r}")
-    if n < 1:
-        raise GenrecError("--n must be >= 1")
+    ranking = _ranking(
+        run, n_items=n, candidates=candidates, n_candidates=n_candidates, beam_width=beam_width
+    )
     rec = Recommender.load(RunDir(run), search=search)
-    if user is None and history is None:
-        assert text is not None
-        _print_recs(
-            rec.recommend_text(text, n_items=n, mode=candidates, n_candidates=n_candidates)  # type: ignore[arg-type]
+    # a known user as of the test split: what they did next is held out, as evaluation sees them
+    q = rec.resolve_query(user=user, history=history, text=text, split="test")
+    if q.history:
+        typer.echo(
+            "history (most recent last): "
+            + " | ".join(rec.catalog.titles[i] or rec.catalog.item_ids[i] for i in q.history[-5:])
         )
-        return
-    hist = (
-        rec.user_history(user)
-        if user is not None
-        else rec.resolve_items([h for h in (history or "").split(",") if h.strip()])
-    )
-    if not hist:
-        raise GenrecError("--history is empty")
-    typer.echo(
-        "history (most recent last): "
-        + " | ".join(rec.catalog.titles[i] or rec.catalog.item_ids[i] for i in hist[-5:])
-    )
-    recs = rec.rank_histories(
-        [hist],
-        n_items=n,
-        beam_width=beam_width,
-        mode=candidates,  # type: ignore[arg-type]
-        n_candidates=n_candidates,
-        users=[user],
-        queries=[text],
-    )[0]
-    _print_recs(recs)
+    _print_recs(rec.rank_histories([q.history], ranking, users=[user], queries=[q.text])[0])
 
 
 @app.command()
@@ -362,13 +371,9 @@ def generate(
     shard: Annotated[
         str, typer.Option(help="i/n: take every n-th input row starting at row i (manual fan-out).")
     ] = "0/1",
-    n: Annotated[int, typer.Option("--n", "-n", help="Items per user.")] = 10,
-    candidates: Annotated[
-        str, typer.Option(help="`all` (whole catalogue minus seen) or `retriever`.")
-    ] = "all",
-    n_candidates: Annotated[
-        int, typer.Option(help="Retriever candidates when --candidates retriever.")
-    ] = 200,
+    n: NItemsOpt = None,
+    candidates: CandidatesOpt = None,
+    n_candidates: NCandidatesOpt = None,
     chunk_size: Annotated[
         int, typer.Option(help="Rows per committed chunk (the most a crash can redo).")
     ] = 1000,
@@ -407,21 +412,19 @@ def generate(
         k, m = (int(x) for x in shard.split("/"))
     except ValueError:
         raise GenrecError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
-    rd = RunDir(run)
-    opts: dict[str, Any] = {
-        "chunk_size": chunk_size,
-        "n_items": n,
-        "mode": candidates,
-        "n_candidates": n_candidates,
-        "batch_size": batch_size,
-    }
-    check_options(**opts)  # before the model loads
     if prep_workers < 0:
         raise GenrecError(f"--prep-workers must be >= 0, got {prep_workers}")
     if backend == "ray" and prep_workers:
         raise GenrecError(
             "--prep-workers is for --backend hf/vllm; with --backend ray, --workers sets the tasks"
         )
+    rd = RunDir(run)
+    opts: dict[str, Any] = {
+        "chunk_size": chunk_size,
+        "ranking": _ranking(run, n_items=n, candidates=candidates, n_candidates=n_candidates),
+        "batch_size": batch_size,
+    }
+    check_options(**opts)  # before the model loads
     if backend == "ray":
         from genrec.batch.ray_backend import generate_ray
 
@@ -582,7 +585,9 @@ def quickstart(
     _print_report(report)
     user = data.users[0]
     typer.echo(f"\nrecommendations for user {user} (`genrec recommend --run {rd} --user {user}`):")
-    _print_recs(rec.rank_histories([rec.user_history(user)], n_items=5, users=[user])[0])
+    _print_recs(
+        rec.rank_histories([rec.user_history(user)], rec.cfg.ranking.with_(n_items=5), users=[user])[0]
+    )
     rd.update_meta(quickstart_seconds=round(time.time() - started, 1))
     typer.echo(
         f"\nquickstart finished in {time.time() - started:.0f} s; everything is in {rd}/ "

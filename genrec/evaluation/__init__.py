@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from genrec.config import RunConfig
+from genrec.config import RankingOptions, RunConfig
 from genrec.data import Example, Interactions, leave_one_out, popularity, without_items
 from genrec.data.needs import derive_need
 from genrec.errors import GenrecError, stopped_by
@@ -453,10 +453,7 @@ def history_requests_for(examples: Sequence[Example], n: int) -> list[Any]:
 
     return history_requests(
         [ex.history for ex in examples],
-        n_items=n,
-        mode="retriever",
-        n_candidates=n,
-        beam_width=n,
+        RankingOptions(n_items=n, candidates="retriever", n_candidates=n, beam_width=n),
         users=[ex.user for ex in examples],
     )
 

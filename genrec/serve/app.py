@@ -161,7 +161,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": service.model_name, "queue": service._pending}
+        return {"status": "ok", "model": service.model_name, "queue": service.queue_depth}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -179,7 +179,7 @@ def create_app(
             text = user_msgs[-1].text() if user_msgs else ""
             with clock.stage("parse"):
                 q = service.parse(req, text=text, user=req.user)
-            recs = await service.recommend(q, req)
+            recs = await service.recommend(q, req.template)
         except APIError as e:
             return error(e)
         with clock.stage("encode"):
@@ -226,7 +226,7 @@ def create_app(
                 raise APIError(400, "stream=true is supported on /v1/chat/completions only", param="stream")
             with clock.stage("parse"):
                 q = service.parse(req, text=prompt, user=req.user)
-            recs = await service.recommend(q, req)
+            recs = await service.recommend(q, req.template)
         except APIError as e:
             return error(e)
         with clock.stage("encode"):

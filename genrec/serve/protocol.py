@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from genrec.config import CandidateMode, RankingOptions
+
 
 class ErrorInfo(BaseModel):
     message: str
@@ -102,16 +104,28 @@ class Request(BaseModel):
         return data
 
 
+MAX_ITEMS = 200
+"""The most items one response carries (a request's n_items)."""
+
+
 class RecommendationOptions(Request):
-    """genrec's extra request fields (all optional)."""
+    """genrec's extra request fields (all optional). The ranking fields left out take the run's defaults
+    (RunConfig.ranking: the candidates its evaluation ranked); RecService.ranking makes them RankingOptions."""
 
     model_config = ConfigDict(extra="ignore")
 
-    n_items: int = Field(10, ge=1, le=200, description="Items to return.")
-    candidates: Literal["retriever", "all"] = Field(
-        "retriever", description="`retriever`: top n_candidates by embedding; `all`: the whole catalogue."
+    n_items: int | None = Field(None, ge=1, le=MAX_ITEMS, description="Items to return (default 10).")
+    candidates: CandidateMode | None = Field(
+        None,
+        description="`retriever`: the top n_candidates of the run's retriever; `all`: the whole catalogue "
+        "(default: the run's eval.candidates).",
     )
-    n_candidates: int = Field(200, ge=1, le=100_000, description="Retriever candidates per request.")
+    n_candidates: int | None = Field(
+        None,
+        ge=1,
+        le=RankingOptions.MAX_CANDIDATES,
+        description="Retrieved candidates per request (default: the run's eval.n_candidates).",
+    )
     exclude: list[str] = Field(default_factory=list, description="Item ids/titles never to return.")
     explore: float = Field(
         0.0, ge=0.0, le=1.0, description="0 = pure model ranking; >0 trades score for diversity (MMR)."

@@ -24,9 +24,18 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
 
+from genrec.config import RankingOptionError, RankingOptions
 from genrec.cpu_time import StageClock
 from genrec.evaluation.metrics import validity
-from genrec.recommender import RankRequest, Recommendation, Recommender, UnknownItems, history_requests
+from genrec.recommender import (
+    QueryProblem,
+    RankRequest,
+    Recommendation,
+    Recommender,
+    UnknownItems,
+    UserQuery,
+    history_requests,
+)
 from genrec.serve.protocol import APIError, RecommendationOptions, RecommendedItem
 from genrec.templates.prompt_store import TemplateNotFound, TemplateVersion
 from genrec.templates.prompt_worker import shared_worker
@@ -78,6 +87,10 @@ class Query:
     template: TemplateVersion | None = None
     """The template version the prompt was rendered with (pinned at admission)."""
     messages: list[dict[str, str]] | None = None
+    options: RankingOptions = field(default_factory=RankingOptions)
+    """How it is ranked: the run's defaults with the request's fields applied (RecService.ranking)."""
+    explore: float = 0.0
+    """> 0: rank twice options.n_items and diversify them (RecService.diversify)."""
 
 
 class _RankedBy:
@@ -168,6 +181,11 @@ class RecService:
         self.warmed: dict[str, Any] | None = None
         """What the start-up warm-up did (ServeLimits.warmup_requests), once it ran."""
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and not answered yet (queued or being ranked)."""
+        return self._pending
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if self.limits.warmup_requests > 0:
@@ -179,12 +197,9 @@ class RecService:
     def warm_up(self, n: int) -> dict[str, Any]:
         """Rank `n` of the run's users (their whole histories, the request defaults) in batches of 1, 2, 4
         and 8, in turn; what it did (and the CUDA graphs captured by then, on a GPU) is logged and returned."""
-        opts = RecommendationOptions.model_validate({})  # the defaults a request gets
         users = list(itertools.islice(itertools.cycle(self.rec.data.users), n))
         histories = [self.rec.user_history(u, split="full")[-self.limits.max_history :] for u in users]
-        requests = history_requests(
-            histories, n_items=opts.n_items, mode=opts.candidates, n_candidates=opts.n_candidates, users=users
-        )
+        requests = history_requests(histories, self.rec.cfg.ranking, users=users)  # a request's defaults
         sizes: list[int] = []
         started = time.perf_counter()
         for size in itertools.cycle((1, 2, 4, 8)):
@@ -226,45 +241,63 @@ class RecService:
             ) from None
 
     def parse(self, opts: RecommendationOptions, *, text: str, user: str | None) -> Query:
-        """History from `history`, else a known `user`, else the message text. Free text in the message beside
-        a history (given by `history` or `user`) is the user's request and goes into the prompt with it; free
-        text alone is a new user's request."""
-        q = Query(user=user, exclude=self.resolve(opts.exclude, param="exclude") if opts.exclude else [])
-        if opts.history is not None:
-            q.history = self.resolve(opts.history, param="history")
-            if not q.history:
-                raise APIError(400, "history is empty", param="history", code="empty_history")
-            if user is not None and not self.rec.knows_user(user):  # not silently ignored
-                raise APIError(
-                    400,
-                    f"unknown user {user!r}: send a user of the run's data beside a history, or leave it out",
-                    param="user",
-                    code="unknown_user",
-                )
-            q.text = text.strip() or None
-        elif user is not None and self.rec.knows_user(user):
-            q.history = self.rec.user_history(user, split="full")
-            q.text = text.strip() or None
-        else:
-            q.history, q.text = self.parse_text(text)
-        if not q.history and not (q.text and q.text.strip()):
-            raise APIError(
-                400,
-                "no history and no text: send item ids/titles, a known user, or a description",
-                param="messages",
-                code="empty_history",
-            )
-        if len(q.history) > self.limits.max_history:
-            raise APIError(
-                400,
-                f"history has {len(q.history)} items; the limit is {self.limits.max_history}",
-                param="history",
-                code="history_too_long",
-            )
-        return q
+        """History from `history`, else a known `user`, else the message text (item ids or titles, or a new
+        user's request in words); free text beside a history is the user's need and goes into the prompt with
+        it (Recommender.resolve_query, the resolution every front end shares). The ranking options are the
+        run's defaults with the request's fields applied."""
+        given = opts.history is not None
+        history: Sequence[str] | None = opts.history
+        need: str | None = text
+        if not given and not (user is not None and self.rec.knows_user(user)):
+            history, need = self.parse_text(text)
+        resolved = self.resolve_query(
+            user=user, history=history, text=need, strict_user=given, from_messages=not given
+        )
+        return Query(
+            history=resolved.history,
+            text=resolved.text,
+            user=user,
+            exclude=self.resolve(opts.exclude, param="exclude") if opts.exclude else [],
+            options=self.ranking(opts),
+            explore=opts.explore,
+        )
 
-    def parse_text(self, text: str) -> tuple[list[int], str | None]:
-        """ID strings, or lines/commas that are all item ids or titles -> history; none -> free text."""
+    def resolve_query(
+        self,
+        *,
+        user: str | None,
+        history: Sequence[str] | None,
+        text: str | None = None,
+        strict_user: bool = True,
+        from_messages: bool = False,
+    ) -> UserQuery:
+        """Recommender.resolve_query within this server's history limit, its problems as 400s naming the
+        request's parameter (`messages` for what came from the message text)."""
+        try:
+            return self.rec.resolve_query(
+                user=user,
+                history=history,
+                text=text,
+                strict_user=strict_user,
+                max_history=self.limits.max_history,
+            )
+        except QueryProblem as e:
+            param = "messages" if from_messages and e.field in ("history", "text") else e.field
+            raise APIError(400, str(e), param=param, code=e.code) from None
+
+    def ranking(self, opts: RecommendationOptions) -> RankingOptions:
+        """The run's default ranking options with the request's fields applied."""
+        try:
+            ranking = self.rec.cfg.ranking.with_(
+                n_items=opts.n_items, candidates=opts.candidates, n_candidates=opts.n_candidates
+            )
+        except RankingOptionError as e:
+            raise APIError(400, str(e), param=e.field) from None
+        return ranking
+
+    def parse_text(self, text: str) -> tuple[list[str] | None, str | None]:
+        """ID strings, or lines/commas that are all item ids or titles -> (those items, None); none -> (None,
+        the text as a new user's request)."""
         body = re.sub(r"^\s*(history|items)\s*:\s*", "", text.strip(), flags=re.I)
         tokens = ID_TOKEN.findall(body)
         if tokens:  # item ID strings, possibly back to back: one item per `depth` tokens
@@ -276,21 +309,22 @@ class RecService:
                     param="messages",
                     code="unknown_items",
                 )
-            return self.resolve(
-                ["".join(tokens[k : k + d]) for k in range(0, len(tokens), d)], param="messages"
-            ), None
+            refs = ["".join(tokens[k : k + d]) for k in range(0, len(tokens), d)]
+            self.resolve(refs, param="messages")  # names the unknown ones
+            return refs, None
         parts = [p.strip() for p in SPLIT.split(body) if p.strip()]
-        known = []
+        known = 0
         for p in parts:
             with contextlib.suppress(UnknownItems):
-                known.append(self.rec.resolve_items([p])[0])
-        if parts and len(known) == len(parts):
-            return known, None
+                self.rec.resolve_items([p])
+                known += 1
+        if parts and known == len(parts):
+            return parts, None
         if known or all(self.looks_like_item_id(p) for p in parts):
             # some parts are items, others are not, or every part is shaped like this catalogue's ids
             # (`I99999`): name the unknown ones rather than take them for a description
             self.resolve(parts, param="messages")
-        return [], text
+        return None, text
 
     def looks_like_item_id(self, text: str) -> bool:
         """Shaped like one of this catalogue's item ids: the same letters and punctuation, with digits
@@ -302,30 +336,26 @@ class RecService:
         return frozenset(_id_shape(i) for i in self.rec.catalog.item_ids if any(c.isdigit() for c in i))
 
     # -- ranking ---------------------------------------------------------------------------------
-    async def recommend(self, q: Query, opts: RecommendationOptions) -> list[Recommendation]:
-        if q.messages is None:  # off the event loop: a render may take up to its time limit
-            await asyncio.to_thread(self._timed_render, q, opts.template)
-        req = self.rank_request(q, opts)
+    async def recommend(self, q: Query, template: str | None = None) -> list[Recommendation]:
+        """Rank a parsed query: rendered off the event loop (a render may take up to its time limit) with
+        `template` (None: the run's), then queued for the engine."""
+        if q.messages is None:
+            await asyncio.to_thread(self._timed_render, q, template)
+        req = self.rank_request(q)
         recs = await self._submit(req)
         q.prompt_tokens = req.prompt_tokens
         self.metrics.prompt_tokens.inc(req.prompt_tokens)
-        if opts.explore > 0:
-            recs = self.diversify(recs, opts.n_items, opts.explore)
+        if q.explore > 0:
+            recs = self.diversify(recs, q.options.n_items, q.explore)
         self._count(recs, q)
         return recs
 
     @staticmethod
-    def rank_request(q: Query, opts: RecommendationOptions) -> RankRequest:
+    def rank_request(q: Query) -> RankRequest:
         """The RankRequest of a parsed, rendered query (twice the items when `explore` diversifies them)."""
+        options = q.options.with_(n_items=2 * q.options.n_items) if q.explore > 0 else q.options
         return RankRequest(
-            q.history,
-            n_items=opts.n_items * 2 if opts.explore > 0 else opts.n_items,
-            mode=opts.candidates,
-            n_candidates=opts.n_candidates,
-            user=q.user,
-            exclude=q.exclude,
-            messages=q.messages,
-            query=q.text,
+            q.history, options, user=q.user, exclude=q.exclude, messages=q.messages, query=q.text
         )
 
     def _timed_render(self, q: Query, template: str | None) -> None:

@@ -20,7 +20,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from genrec.serve.protocol import (
     APIError,
-    RecommendationOptions,
     TemplateActivateRequest,
     TemplateDetail,
     TemplateDiff,
@@ -52,21 +51,24 @@ def bearer(request: Request) -> str | None:
     return auth[7:].strip() if auth.startswith("Bearer ") else None
 
 
-def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRouter:
-    """Routes for templates; `admin_keys` maps key -> label (the author recorded on writes)."""
-    store = service.rec.templates
-    r = service.rec
-    checker = TemplateChecker(r.data, r.builder_with)
-    router = APIRouter()
+class TemplateService:
+    """What the template routes do, as values or APIError: the store's reads and writes with their errors mapped
+    to statuses, version preconditions, admin checks and previews. Knows nothing of routing."""
 
-    def info(v: TemplateVersion, cls: Callable[..., Any] = TemplateVersionInfo, **extra: Any) -> Any:
+    def __init__(self, service: RecService, *, admin_keys: dict[str, str]) -> None:
+        self.service, self.rec, self.store = service, service.rec, service.rec.templates
+        self.checker = TemplateChecker(self.rec.data, self.rec.builder_with)
+        self.admin_keys = admin_keys
+
+    def info(self, v: TemplateVersion, cls: Callable[..., Any] = TemplateVersionInfo, **extra: Any) -> Any:
         fields = {k: val for k, val in v.to_dict().items() if k != "source"}
-        active = store.active(v.name).version
-        trained = r.trained_template.get("hash")
+        active = self.store.active(v.name).version
+        trained = self.rec.trained_template.get("hash")
         return cls(**fields, active=v.version == active, matches_training=v.hash == trained, **extra)
 
-    def admin(request: Request) -> str:
-        if not admin_keys:
+    def admin(self, request: Request) -> str:
+        """The label of the request's admin key, or the 401/403 that says why it may not edit."""
+        if not self.admin_keys:
             raise APIError(
                 403,
                 "template editing is disabled on this server: start it with --admin-key LABEL=KEY",
@@ -78,18 +80,19 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             raise APIError(
                 401, "an admin API key is required", type="authentication_error", code="invalid_api_key"
             )
-        if key not in admin_keys:
+        if key not in self.admin_keys:
             raise APIError(
                 403, "this API key may not edit templates", type="permission_error", code="not_admin"
             )
-        return admin_keys[key]
+        return self.admin_keys[key]
 
-    def valid(name: str) -> str:
+    def valid(self, name: str) -> str:
         """The name from the URL, checked before anything reads or locks with it."""
-        return read(lambda: check_name(name))  # type: ignore[no-any-return]
+        return self.read(lambda: check_name(name))  # type: ignore[no-any-return]
 
-    def base_version(name: str, if_match: str | None, body_version: int | None) -> int | None:
+    def base_version(self, name: str, if_match: str | None, body_version: int | None) -> int | None:
         """The version an edit is based on: from If-Match (an ETag we issued) or the body."""
+        store = self.store
         if if_match is None:
             return body_version
         if if_match.strip() == "*":
@@ -105,6 +108,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             headers={"ETag": current.etag} if current else None,
         )
 
+    @staticmethod
     async def write(fn: Callable[[], TemplateVersion]) -> TemplateVersion:
         try:
             return await asyncio.to_thread(fn)
@@ -117,6 +121,7 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
                 422, str(e), param="text", code="template_error", line=e.line, column=e.column
             ) from None
 
+    @staticmethod
     def read(fn: Callable[[], Any]) -> Any:
         try:
             return fn()
@@ -125,108 +130,93 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
         except TemplateProblem as e:  # an invalid name
             raise APIError(400, str(e), param="name", code="invalid_name") from None
 
-    def with_etag(model: Any, v: TemplateVersion, status: int = 200) -> JSONResponse:
-        return JSONResponse(model.model_dump(by_alias=True), status_code=status, headers={"ETag": v.etag})
-
-    @router.get("/v1/templates")
-    async def list_templates() -> TemplateList:
+    # -- reads -----------------------------------------------------------------------------------
+    def list(self) -> TemplateList:
         out = []
-        for name in store.names():
-            v, t = store.template(name)
+        for name in self.store.names():
+            v, t = self.store.template(name)
             out.append(
-                info(v, TemplateSummary, description=t.description, is_default=name == r.template_name)
+                self.info(
+                    v, TemplateSummary, description=t.description, is_default=name == self.rec.template_name
+                )
             )
-        return TemplateList(data=out, trained=r.trained_template)
+        return TemplateList(data=out, trained=self.rec.trained_template)
 
-    @router.get("/v1/templates/{name}")
-    async def get_template(name: str, version: int | None = Query(None, ge=1)) -> JSONResponse:
+    def detail(self, name: str, version: int | None) -> tuple[TemplateVersion, TemplateDetail]:
         def load() -> tuple[TemplateVersion, TemplateDetail]:
-            v, t = store.template(name, version)
-            detail = info(
-                v, TemplateDetail, description=t.description, is_default=name == r.template_name, text=t.text
+            v, t = self.store.template(name, version)
+            is_default = name == self.rec.template_name
+            return v, self.info(
+                v, TemplateDetail, description=t.description, is_default=is_default, text=t.text
             )
-            return v, detail
 
-        v, detail = read(load)
-        return with_etag(detail, v)
+        return self.read(load)  # type: ignore[no-any-return]
 
-    @router.get("/v1/templates/{name}/versions")
-    async def history(name: str) -> TemplateHistory:
-        def load() -> TemplateHistory:
-            versions = store.versions(name)
-            return TemplateHistory(
+    def history(self, name: str) -> TemplateHistory:
+        store = self.store
+        return self.read(  # type: ignore[no-any-return]
+            lambda: TemplateHistory(
                 name=name,
                 active=store.active(name).version,
-                versions=[info(v) for v in versions],
+                versions=[self.info(v) for v in store.versions(name)],
                 activations=store.activations(name),
             )
+        )
 
-        return read(load)  # type: ignore[no-any-return]
-
-    @router.get("/v1/templates/{name}/diff")
-    async def diff(
-        name: str, a: int = Query(alias="from", ge=1), b: int | None = Query(None, alias="to", ge=1)
-    ) -> TemplateDiff:
+    def diff(self, name: str, a: int, b: int | None) -> TemplateDiff:
         def load() -> TemplateDiff:
-            to = b or store.active(name).version
+            to = b or self.store.active(name).version
             return TemplateDiff(
-                **{"from": f"{name}@v{a}", "to": f"{name}@v{to}"}, diff=store.diff((name, a), (name, to))
+                **{"from": f"{name}@v{a}", "to": f"{name}@v{to}"}, diff=self.store.diff((name, a), (name, to))
             )
 
-        return read(load)  # type: ignore[no-any-return]
+        return self.read(load)  # type: ignore[no-any-return]
 
-    @router.put("/v1/templates/{name}")
+    # -- writes ----------------------------------------------------------------------------------
     async def save(
-        name: str, body: TemplateSaveRequest, request: Request, if_match: str | None = Header(None)
-    ) -> JSONResponse:
-        author = admin(request)
-        valid(name)
-        exists = read(lambda: store.exists(name))
-        base = base_version(name, if_match, body.base_version)
+        self, name: str, body: TemplateSaveRequest, *, author: str, if_match: str | None
+    ) -> tuple[TemplateVersion, bool]:
+        """The saved version and whether the template existed before (a new one: 201)."""
+        self.valid(name)
+        exists = self.read(lambda: self.store.exists(name))
+        base = self.base_version(name, if_match, body.base_version)
         if exists and base is None:
             raise APIError(
                 428,
                 f"template {name!r} exists: send If-Match with the ETag you edited (or base_version)",
                 code="precondition_required",
             )
-        v = await write(
-            lambda: store.save(
+        v = await self.write(
+            lambda: self.store.save(
                 name,
                 body.text,
                 author=author,
                 message=body.message,
                 base_version=base,
                 activate=body.activate,
-                check=checker,
+                check=self.checker,
             )
         )
-        return with_etag(info(v), v, 200 if exists else 201)
+        return v, exists
 
-    @router.post("/v1/templates/{name}/activate")
     async def activate(
-        name: str, body: TemplateActivateRequest, request: Request, if_match: str | None = Header(None)
-    ) -> JSONResponse:
-        author = admin(request)
-        valid(name)
-        base = base_version(name, if_match, None) if if_match else None
-        v = await write(lambda: store.activate(name, body.version, by=author, base_version=base))
-        return with_etag(info(v), v)
+        self, name: str, version: int, *, author: str, if_match: str | None
+    ) -> TemplateVersion:
+        self.valid(name)
+        base = self.base_version(name, if_match, None) if if_match else None
+        return await self.write(lambda: self.store.activate(name, version, by=author, base_version=base))
 
-    @router.post("/v1/templates/{name}/rollback")
-    async def rollback(name: str, request: Request, if_match: str | None = Header(None)) -> JSONResponse:
-        author = admin(request)
-        valid(name)
-        base = base_version(name, if_match, None) if if_match else None
-        v = await write(lambda: store.rollback(name, by=author, base_version=base))
-        return with_etag(info(v), v)
+    async def rollback(self, name: str, *, author: str, if_match: str | None) -> TemplateVersion:
+        self.valid(name)
+        base = self.base_version(name, if_match, None) if if_match else None
+        return await self.write(lambda: self.store.rollback(name, by=author, base_version=base))
 
-    @router.post("/v1/templates/{name}/preview")
-    async def preview(name: str, body: TemplatePreviewRequest, request: Request) -> TemplatePreview:
+    async def preview(self, name: str, body: TemplatePreviewRequest) -> TemplatePreview:
         """Render for a user (or history) and rank with that prompt; unsaved `text` is validated like a save.
-        Runs template code, so it needs an admin key, and renders in the worker process (off the event
+        Runs template code, so the route needs an admin key; renders in the worker process (off the event
         loop, stopped when it overruns)."""
-        admin(request)
-        valid(name)
+        service, r = self.service, self.rec
+        self.valid(name)
         draft = None
         if body.text is not None:
             text = body.text
@@ -237,34 +227,24 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
                     422, str(e), param="text", code="template_error", line=e.line, column=e.column
                 ) from None
         user = body.user
-        if body.history is not None:
-            history = service.resolve(body.history, param="history")
-        else:
-            if user is None:
-                user = r.data.users[checker.samples[0]]
-            if not r.knows_user(user):
-                raise APIError(400, f"unknown user {user!r}", param="user", code="unknown_user")
-            history = r.user_history(user, split="full")
-        if not history:
-            raise APIError(
-                400, "the preview needs a non-empty history", param="history", code="empty_history"
-            )
-        if draft is None and not read(lambda: store.exists(name)):
+        if user is None and body.history is None:
+            user = r.data.users[self.checker.samples[0]]
+        resolved = service.resolve_query(user=user, history=body.history)
+        if draft is None and not self.read(lambda: self.store.exists(name)):
             raise APIError(
                 404, f"template {name!r} not found", type="not_found_error", code="template_not_found"
             )
-        q = RecQuery(history=history, user=user)
+        q = RecQuery(history=resolved.history, user=user)
         await asyncio.to_thread(service.render, q, name, version=body.version, draft=draft, isolated=True)
         if draft is not None:
             meta = service.template_info(name, draft.hash)
         else:
             assert q.template is not None  # render pinned the saved version
             meta = service.template_info(name, q.template.hash, q.template.version)
-        recs = (
-            await service.recommend(q, RecommendationOptions.model_validate({"n_items": body.n_items}))
-            if body.n_items
-            else []
-        )
+        recs = []
+        if body.n_items:
+            q.options = r.cfg.ranking.with_(n_items=body.n_items)
+            recs = await service.recommend(q)
         if not recs:
             q.prompt_tokens = len(await asyncio.to_thread(r.engine.encode_messages, q.messages or []))
         return TemplatePreview(
@@ -274,6 +254,59 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
             prompt_tokens=q.prompt_tokens,
             recommendations=recommended_items(recs),
         )
+
+
+def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRouter:
+    """Routes for templates over a TemplateService; `admin_keys` maps key -> label (the author recorded on
+    writes)."""
+    t = TemplateService(service, admin_keys=admin_keys)
+    router = APIRouter()
+
+    def with_etag(model: Any, v: TemplateVersion, status: int = 200) -> JSONResponse:
+        return JSONResponse(model.model_dump(by_alias=True), status_code=status, headers={"ETag": v.etag})
+
+    @router.get("/v1/templates")
+    async def list_templates() -> TemplateList:
+        return t.list()
+
+    @router.get("/v1/templates/{name}")
+    async def get_template(name: str, version: int | None = Query(None, ge=1)) -> JSONResponse:
+        v, detail = t.detail(name, version)
+        return with_etag(detail, v)
+
+    @router.get("/v1/templates/{name}/versions")
+    async def history(name: str) -> TemplateHistory:
+        return t.history(name)
+
+    @router.get("/v1/templates/{name}/diff")
+    async def diff(
+        name: str, a: int = Query(alias="from", ge=1), b: int | None = Query(None, alias="to", ge=1)
+    ) -> TemplateDiff:
+        return t.diff(name, a, b)
+
+    @router.put("/v1/templates/{name}")
+    async def save(
+        name: str, body: TemplateSaveRequest, request: Request, if_match: str | None = Header(None)
+    ) -> JSONResponse:
+        v, existed = await t.save(name, body, author=t.admin(request), if_match=if_match)
+        return with_etag(t.info(v), v, 200 if existed else 201)
+
+    @router.post("/v1/templates/{name}/activate")
+    async def activate(
+        name: str, body: TemplateActivateRequest, request: Request, if_match: str | None = Header(None)
+    ) -> JSONResponse:
+        v = await t.activate(name, body.version, author=t.admin(request), if_match=if_match)
+        return with_etag(t.info(v), v)
+
+    @router.post("/v1/templates/{name}/rollback")
+    async def rollback(name: str, request: Request, if_match: str | None = Header(None)) -> JSONResponse:
+        v = await t.rollback(name, author=t.admin(request), if_match=if_match)
+        return with_etag(t.info(v), v)
+
+    @router.post("/v1/templates/{name}/preview")
+    async def preview(name: str, body: TemplatePreviewRequest, request: Request) -> TemplatePreview:
+        t.admin(request)
+        return await t.preview(name, body)
 
     @router.get("/editor", response_class=HTMLResponse)
     async def editor() -> HTMLResponse:
