@@ -77,7 +77,7 @@ def frontend_main(index: int, sock: socket.socket, conn: Connection, spec: Front
     from genrec.prep import prompt_recommender
     from genrec.serve.app import create_app
     from genrec.serve.engine_core import CoreClient, RemoteService
-    from genrec.serve.main import uvicorn_options
+    from genrec.serve.http import uvicorn_options
 
     logging.basicConfig(
         level=spec.log_level.upper(), format=f"%(asctime)s frontend {index} %(name)s: %(message)s"

@@ -5,20 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from genrec.run import RunDir
-from genrec.serve.http import HTTPLimits, deadline_protocol
+from genrec.serve.http import KEEP_ALIVE_S, HTTPLimits, uvicorn_options
 from genrec.serve.service import ServeLimits
 
-KEEP_ALIVE_S = 75
-"""Seconds an idle keep-alive connection stays open. Longer than clients keep theirs: httpx, and with it
-the `openai` client, keeps 5 s, which was also uvicorn's default, and when both sides use the same expiry
-a client can send on a connection the server is closing; that request fails with no response. A
-10,000-request soak on the H100 had 2 client-side failures and no server error (BENCHMARKS.md); this is
-the likely cause, not a proven one. Load balancers' idle timeouts (often 60 s) need the same margin."""
-
 logger = logging.getLogger(__name__)
+__all__ = ["KEEP_ALIVE_S", "ServeArgs", "build_app", "serve", "uvicorn_options"]
 
 
 @dataclass
@@ -77,16 +70,6 @@ def parse_admin_keys(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--admin-key {spec!r}: expected LABEL=KEY")
         out[key] = label
     return out
-
-
-def uvicorn_options(http: HTTPLimits | None = None) -> dict[str, Any]:
-    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too): the
-    httptools protocol with header deadlines (genrec.serve.http)."""
-    return {
-        "timeout_graceful_shutdown": 30,
-        "timeout_keep_alive": KEEP_ALIVE_S,
-        "http": deadline_protocol(http or HTTPLimits()),
-    }
 
 
 def serve(args: ServeArgs) -> None:
