@@ -19,7 +19,7 @@ import pytest
 from genrec.recommender import PreparedBatch, Recommender
 from genrec.run import RunDir
 from genrec.serve.app import create_app
-from genrec.serve.engine_core import CoreClient, EngineCore, RemoteService, merge_prepared
+from genrec.serve.engine_core import CoreClient, EngineCore, RemoteService, merge_prepared, split_prepared
 from genrec.serve.frontends import FrontendServer, FrontendSpec
 from genrec.serve.service import RecService, ServeLimits
 from tests.test_server import LiveServer, free_port
@@ -222,6 +222,7 @@ def test_merged_prepared_batches_keep_each_requests_parts():
     assert m.prompts == [[1, 2], [3]] and m.retrieved == [[5, 6], None]
     assert m.layouts == [None, "lay"] and m.retrieved_scores == [[0.5, 0.1], None]
     assert merge_prepared([a]).layouts is None
+    assert merge_prepared(split_prepared(m)) == m and [len(p.prompts) for p in split_prepared(m)] == [1, 1]
 
 
 def test_sigterm_drains_in_flight_requests(fe_run, rec):

@@ -14,8 +14,8 @@ Owns the wire protocol between the two sides (plain tuples of picklable values o
 Knows nothing of HTTP beyond the APIError values `RemoteService` raises; process management lives in
 genrec.serve.frontends.
 
-Messages, front-end -> core: ("rank", rid, RankRequest, PreparedBatch, stage seconds, process CPU s) and
-("stats", rid). Core -> front-end: ("done", rid, recommendations), ("failed", rid, message),
+Messages, front-end -> core: ("rank", 0, [(rid, RankRequest, PreparedBatch of one), ...], stage seconds, process
+CPU s) and ("stats", rid). Core -> front-end: ("done", rid, recommendations), ("failed", rid, message),
 ("full", rid, queue depth) and ("stats", rid, snapshot).
 """
 
@@ -48,6 +48,24 @@ logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 """genrec_batch_size's buckets (as the single-process server's Metrics)."""
+
+
+def split_prepared(batch: PreparedBatch) -> list[PreparedBatch]:
+    """A PreparedBatch of n requests as n batches of one (each ranked in whatever batch the core makes)."""
+    n = len(batch.prompts)
+
+    def at(values: list[Any] | None, i: int) -> list[Any] | None:
+        return None if values is None else [values[i]]
+
+    return [
+        PreparedBatch(
+            prompts=[batch.prompts[i]],
+            retrieved=[batch.retrieved[i]],
+            layouts=at(batch.layouts, i),
+            retrieved_scores=at(batch.retrieved_scores, i),
+        )
+        for i in range(n)
+    ]
 
 
 def merge_prepared(parts: Sequence[PreparedBatch]) -> PreparedBatch:
@@ -155,22 +173,26 @@ class EngineCore:
         elif kind == "stats":
             self._send(index, ("stats", rid, self.snapshot()))
         elif kind == "rank":
-            _, _, request, prepared, stages, cpu = msg
+            _, _, jobs, stages, cpu = msg
             self._frontend[index].update(stages=stages, cpu=cpu)
-            with self._depth_lock:
-                full = self._depth >= self.limits.max_queue
-                if not full:
-                    self._depth += 1
-            if full:
-                self._send(index, ("full", rid, self._depth))
-                return
-            now = time.monotonic()
-            if self._last_arrival is not None:
-                self._gaps_ms.append(1000 * (now - self._last_arrival))
-            self._last_arrival = now
-            self._jobs.put(_Job(index, rid, request, prepared))
+            for rid, request, prepared in jobs:
+                self._admit(_Job(index, rid, request, prepared))
         else:
             raise AssertionError(f"unknown message {kind!r} from front-end {index}")
+
+    def _admit(self, job: _Job) -> None:
+        with self._depth_lock:
+            full = self._depth >= self.limits.max_queue
+            if not full:
+                self._depth += 1
+        if full:
+            self._send(job.frontend, ("full", job.rid, self._depth))
+            return
+        now = time.monotonic()
+        if self._last_arrival is not None:
+            self._gaps_ms.append(1000 * (now - self._last_arrival))
+        self._last_arrival = now
+        self._jobs.put(job)
 
     def _send(self, index: int, msg: tuple[Any, ...]) -> None:
         try:
@@ -289,12 +311,12 @@ class CoreClient:
         self._waiting[rid] = fut
         return rid, fut
 
-    def send_rank(
-        self, rid: int, request: RankRequest, prepared: PreparedBatch, stages: dict[str, float]
-    ) -> None:
+    def send_rank(self, jobs: list[tuple[int, RankRequest, PreparedBatch]], stages: dict[str, float]) -> None:
+        """Prepared requests (id, request, its PreparedBatch of one) in one message, with this process's stage
+        seconds and CPU so far (the core sums every process's on /metrics)."""
         if self.gone:
             raise CoreGone("the engine core is gone")
-        self._send(("rank", rid, request, prepared, stages, time.process_time()))
+        self._send(("rank", 0, jobs, stages, time.process_time()))
 
     def forget(self, rid: int) -> None:
         self._waiting.pop(rid, None)
@@ -448,6 +470,10 @@ class RemoteService(RecService):
         for local in (self.metrics.engine_busy, self.metrics.queue_depth, self.metrics.batch_size):
             self.metrics.registry.unregister(local)  # the core's, below
         self.metrics.registry.register(_CoreCounters(client, index))
+        self._outbox: list[tuple[int, RankRequest, asyncio.Future[Any]]] = []
+        """Admitted requests not yet prepared (RemoteService._flush)."""
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.client.start()
@@ -460,8 +486,11 @@ class RemoteService(RecService):
     async def _submit(self, req: RankRequest) -> list[Recommendation]:
         rid, fut = self.client.expect()
         self._pending += 1
+        self._outbox.append((rid, req, fut))
+        if not self._flushing:  # else the running flush takes it with the next group
+            self._flushing = True
+            self._flusher = asyncio.create_task(self._flush())
         try:
-            await asyncio.to_thread(self._prepare_and_send, rid, req)
             return await asyncio.wait_for(fut, self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(
@@ -477,11 +506,41 @@ class RemoteService(RecService):
             self._pending -= 1
             self.client.forget(rid)
 
-    def _prepare_and_send(self, rid: int, req: RankRequest) -> None:
+    async def _flush(self) -> None:
+        """Prepare and send the requests admitted so far, as one group (one tokenizer call, one index search),
+        in a thread; the requests admitted meanwhile make the next group. Nothing waits to fill a group: a
+        lone request goes at once."""
+        try:
+            while self._outbox:
+                group = self._outbox[: self.limits.max_batch]
+                del self._outbox[: len(group)]
+                await asyncio.to_thread(self._prepare_and_send, group)
+        finally:
+            self._flushing = False
+
+    def _prepare_and_send(self, group: list[tuple[int, RankRequest, asyncio.Future[Any]]]) -> None:
         """Tokenise, retrieve and lay out (genrec.prep.prepare_with_layouts), then send: the prompt's messages
-        stay here, the core needs only ids."""
-        prepared = prepare_with_layouts(self.rec, [req], self.layout_policy)
-        req.prompt_tokens = len(prepared.prompts[0])
-        self.client.send_rank(
-            rid, dataclasses.replace(req, messages=None), prepared, self.rec.clock.seconds()
-        )
+        stay here, the core needs only ids. A group that fails is prepared again request by request, so that
+        only the request at fault gets its error (a 400, as in one process)."""
+        requests = [req for _, req, _ in group]
+        try:
+            parts = split_prepared(prepare_with_layouts(self.rec, requests, self.layout_policy))
+        except Exception as e:  # handed to the request, whose handler maps it to a status (as in one process)
+            if len(group) == 1:
+                fut = group[0][2]
+                fut.get_loop().call_soon_threadsafe(_settle, fut, e)
+                return
+            for one in group:
+                self._prepare_and_send([one])
+            return
+        for req, part in zip(requests, parts, strict=True):
+            req.prompt_tokens = len(part.prompts[0])
+        jobs = [
+            (rid, dataclasses.replace(req, messages=None), part)
+            for (rid, req, _), part in zip(group, parts, strict=True)
+        ]
+        try:
+            self.client.send_rank(jobs, self.rec.clock.seconds())
+        except (CoreGone, OSError):
+            for _, _, fut in group:
+                fut.get_loop().call_soon_threadsafe(_settle, fut, CoreGone("the engine core is gone"))

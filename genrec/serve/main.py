@@ -102,6 +102,13 @@ def serve_with_frontends(args: ServeArgs) -> None:
     run = RunDir(args.run)
     rec = Recommender.load(run, backend="hf", device=args.device, search=args.search)
     model_name = args.model_name or run.path.name
+    if str(getattr(rec.engine, "device", "cpu")).startswith("cpu"):
+        # leave the front-ends their cores: torch's threads spin while they wait for each other
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.frontends)))
     if args.limits.warmup_requests > 0:  # the core warms the engine before any front-end accepts
         RecService(rec, model_name=model_name, limits=args.limits).warm_up(args.limits.warmup_requests)
     spec = FrontendSpec(
