@@ -280,3 +280,12 @@ def test_a_frontend_that_dies_stops_the_server(rec):
         assert server.wait(timeout=20) == 1
     finally:
         server.close()
+
+
+def test_frontends_need_the_transformers_backend(fe_run):
+    """The engine core ranks prepared requests with the transformers engine; vLLM serves from one process."""
+    from genrec.errors import GenrecError
+    from genrec.serve.main import ServeArgs, serve
+
+    with pytest.raises(GenrecError, match="--backend hf"):
+        serve(ServeArgs(run=fe_run.path, backend="vllm", frontends=2))
