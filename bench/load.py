@@ -17,6 +17,13 @@ Three modes on one run:
     vllm serve runs/demo/merged --port 8001 --served-model-name demo &
     python -m bench.load --run runs/demo --url http://127.0.0.1:8001 --mode greedy
 
+With `--serve-frontends 1,2` the benchmark starts `genrec serve --frontends N` itself on the --url's port, for each
+N in turn (`--serve-args` adds flags), loads it at every level, stops it with SIGTERM, and reports the servers
+side by side; the server's CPU is then read from /proc for its process and every child (the front-ends).
+
+    python -m bench.load --run runs/demo --serve-frontends 1,2 --serve-args "--max-batch 64" \
+        --concurrency 8,32,64 --requests 1000 --processes 2
+
 A level's clients are split over the processes (each runs concurrency / processes of them, at least one)
 and start together; a process stops sending once its share of requests is sent or the level's time limit
 has passed, so a level ends within about max-seconds plus the slowest response. Validity in greedy/beam
@@ -177,14 +184,33 @@ METRIC = re.compile(
 
 
 def process_cpu(pid: int | None) -> dict[str, float]:
-    """A local process's CPU seconds so far (user + system, from /proc), for a server without the counter."""
+    """A local process's CPU seconds so far (user + system, from /proc) with its live descendants' (the
+    front-end processes of `genrec serve --frontends N`), for a server without the counter or with several
+    processes."""
     if pid is None:
         return {}
     import os
     from pathlib import Path
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return {"process_cpu_seconds_total": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+    def tree(p: int) -> list[int]:
+        try:
+            kids = [
+                int(c)
+                for t in Path(f"/proc/{p}/task").iterdir()
+                for c in (t / "children").read_text().split()
+            ]
+        except OSError:
+            return [p]
+        return [p, *(q for k in kids for q in tree(k))]
+
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return {"process_cpu_seconds_total": total / os.sysconf("SC_CLK_TCK")}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -284,6 +310,36 @@ def make_jobs(run: Any, mode: str, n_items: int) -> tuple[list[Job], Target]:
     return [Job([ids[i] for i in s], encode_chat(tok, builder.messages(s))) for s in seqs], tg
 
 
+def start_server(run: str, url: str, frontends: int, extra: list[str]) -> Any:
+    """`genrec serve --frontends N` on the url's port (queue large enough for every level, no warm-up), up."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    cmd = [sys.executable, "-m", "genrec", "serve", "--run", run, "--port", port, "--frontends", str(frontends),
+           "--max-queue", "4096", "--warmup", "0", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{' '.join(cmd)} did not come up (status {proc.poll()})")
+        time.sleep(0.5)
+
+
+def stop_server(proc: Any) -> None:
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+
+
 def check_loopback(url: str) -> None:
     host = url.split("//")[-1].split("/")[0].rsplit(":", 1)[0]
     if not (host.startswith("127.") or host in ("localhost", "[::1]")):
@@ -302,9 +358,17 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=60.0, help="a level stops sending after this")
     p.add_argument("--n-items", type=int, default=10)
     p.add_argument("--server-pid", type=int, default=None, help="read the server's CPU from /proc (local)")
+    p.add_argument(
+        "--serve-frontends",
+        default=None,
+        help="start `genrec serve --frontends N` on the url's port for each N of this list in turn (e.g. 1,2)",
+    )
+    p.add_argument("--serve-args", default="", help="more `genrec serve` flags with --serve-frontends")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     check_loopback(args.url)
+
+    import shlex
 
     from bench.common import save
     from genrec.run import RunDir
@@ -312,31 +376,37 @@ def main() -> None:
     run = RunDir(args.run)
     jobs, tg = make_jobs(run, args.mode, args.n_items)
     tg.model = args.model or tg.model
-    levels = []
-    for c in args.concurrency.split(","):
-        levels.append(
-            level(
-                args.url,
-                tg,
-                jobs,
-                clients=int(c),
-                requests=args.requests,
-                processes=args.processes,
-                max_s=args.max_seconds,
-                server_pid=args.server_pid,
+
+    def levels(server_pid: int | None) -> list[dict[str, Any]]:
+        out = []
+        for c in args.concurrency.split(","):
+            out.append(
+                level(
+                    args.url,
+                    tg,
+                    jobs,
+                    clients=int(c),
+                    requests=args.requests,
+                    processes=args.processes,
+                    max_s=args.max_seconds,
+                    server_pid=server_pid,
+                )
             )
-        )
-        print(levels[-1], flush=True)
-    save(
-        args.out,
-        {
-            "url": args.url,
-            "mode": args.mode,
-            "n_items": args.n_items,
-            "processes": args.processes,
-            "levels": levels,
-        },
-    )
+            print(out[-1], flush=True)
+        return out
+
+    common = {"url": args.url, "mode": args.mode, "n_items": args.n_items, "processes": args.processes}
+    if not args.serve_frontends:
+        save(args.out, {**common, "levels": levels(args.server_pid)})
+        return
+    servers = []
+    for n in [int(x) for x in args.serve_frontends.split(",")]:
+        proc = start_server(args.run, args.url, n, shlex.split(args.serve_args))
+        try:
+            servers.append({"frontends": n, "levels": levels(proc.pid)})
+        finally:
+            stop_server(proc)
+    save(args.out, {**common, "serve_args": args.serve_args, "servers": servers})
 
 
 if __name__ == "__main__":

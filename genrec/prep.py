@@ -109,11 +109,21 @@ def _exit_with(parent: int) -> None:
 
 def _prepare(requests: list[RankRequest]) -> PreparedBatch:
     assert _REC is not None, "worker not initialised"
-    prepared = _REC.prepare(requests)
-    if _POLICY is not None:  # the ranking engine's tree layouts too: sent as numpy arrays
+    return prepare_with_layouts(_REC, requests, _POLICY)
+
+
+def prepare_with_layouts(
+    rec: Recommender, requests: Sequence[RankRequest], policy: tuple[str, int] | None
+) -> PreparedBatch:
+    """`rec.prepare(requests)` and, under the ranking engine's `layout_policy` (None: none), the tree layouts it
+    will score exactly (numpy arrays, cheap to send): the work a process without the model does for one that
+    has it (these workers; the server's front-ends, genrec.serve.engine_core)."""
+    prepared = rec.prepare(requests)
+    if policy is not None:
         from genrec.engines.hf import tree_layouts
 
-        found = tree_layouts(_REC.prepared_tries(requests, prepared), *_POLICY)
+        with rec.clock.stage("layout"):
+            found = tree_layouts(rec.prepared_tries(requests, prepared), *policy)
         prepared.layouts = [found.get(i) for i in range(len(requests))]
     return prepared
 

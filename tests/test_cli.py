@@ -138,6 +138,9 @@ def test_serve_options_reach_the_server_limits(tmp_path, monkeypatch):
     assert (
         runner.invoke(app, [*argv, "--warmup", "0"]).exit_code == 0 and seen[-1].limits.warmup_requests == 0
     )
+    assert args.frontends == 1  # one process unless asked
+    assert runner.invoke(app, [*argv, "--frontends", "3"]).exit_code == 0 and seen[-1].frontends == 3
+    assert runner.invoke(app, [*argv, "--frontends", "0"]).exit_code != 0
     assert runner.invoke(app, [*argv, "--warmup", "-1"]).exit_code != 0
 
 

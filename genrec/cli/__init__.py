@@ -517,6 +517,15 @@ def serve(
             "--api-key is set (by default they need one, like /v1). Repeatable.",
         ),
     ] = None,
+    frontends: Annotated[
+        int,
+        typer.Option(
+            help="Front-end processes serving HTTP (parsing, prompt rendering, tokenising, retrieval, tree "
+            "layouts, responses) on one port, feeding one engine process that only ranks; 1: one process "
+            "does everything. More than 1: --backend hf only.",
+            min=1,
+        ),
+    ] = 1,
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     the template API (/v1/templates) and the template editor page (/editor)."""
@@ -549,6 +558,7 @@ def serve(
                 max_body_bytes=max_body, body_timeout_s=body_timeout, header_timeout_s=header_timeout
             ),
             public=public or [],
+            frontends=frontends,
         )
     )
 

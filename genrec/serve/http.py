@@ -11,7 +11,8 @@ Two layers, because the ASGI app only sees a request once its headers are in:
   that says more) and within `body_timeout_s` (408: a stalled body is cut off), and hands the app the body
   it read. Both replies close the connection.
 
-Knows nothing of recommendation; genrec.serve.app installs it and genrec.serve.main passes the protocol to uvicorn.
+Knows nothing of recommendation; genrec.serve.app installs BodyLimit, and `uvicorn_options` (the settings every
+`genrec serve` process runs uvicorn with) passes the protocol to uvicorn.
 """
 
 from __future__ import annotations
@@ -182,3 +183,21 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None  # the server's parser refuses it before the app runs
     return None
+
+
+KEEP_ALIVE_S = 75
+"""Seconds an idle keep-alive connection stays open. Longer than clients keep theirs: httpx, and with it
+the `openai` client, keeps 5 s, which was also uvicorn's default, and when both sides use the same expiry
+a client can send on a connection the server is closing; that request fails with no response. A
+10,000-request soak on the H100 had 2 client-side failures and no server error (BENCHMARKS.md); this is
+the likely cause, not a proven one. Load balancers' idle timeouts (often 60 s) need the same margin."""
+
+
+def uvicorn_options(http: HTTPLimits | None = None) -> dict[str, Any]:
+    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too): the
+    httptools protocol with header deadlines (genrec.serve.http)."""
+    return {
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "http": deadline_protocol(http or HTTPLimits()),
+    }

@@ -5,20 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from genrec.run import RunDir
-from genrec.serve.http import HTTPLimits, deadline_protocol
+from genrec.serve.http import KEEP_ALIVE_S, HTTPLimits, uvicorn_options
 from genrec.serve.service import ServeLimits
 
-KEEP_ALIVE_S = 75
-"""Seconds an idle keep-alive connection stays open. Longer than clients keep theirs: httpx, and with it
-the `openai` client, keeps 5 s, which was also uvicorn's default, and when both sides use the same expiry
-a client can send on a connection the server is closing; that request fails with no response. A
-10,000-request soak on the H100 had 2 client-side failures and no server error (BENCHMARKS.md); this is
-the likely cause, not a proven one. Load balancers' idle timeouts (often 60 s) need the same margin."""
-
 logger = logging.getLogger(__name__)
+__all__ = ["KEEP_ALIVE_S", "ServeArgs", "build_app", "serve", "uvicorn_options"]
 
 
 @dataclass
@@ -40,6 +33,9 @@ class ServeArgs:
     """Request body size and header/body read deadlines (genrec.serve.http.HTTPLimits)."""
     public: list[str] = field(default_factory=list)
     """`metrics` and/or `docs`: served without an API key when keys are configured (genrec.serve.app.PUBLIC_CHOICES)."""
+    frontends: int = 1
+    """Processes serving HTTP (parsing, rendering, tokenising, retrieval, tree layouts, encoding) beside the one
+    that ranks (genrec.serve.frontends); 1: one process does everything. More than 1 needs the hf backend."""
 
 
 def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
@@ -76,19 +72,60 @@ def parse_admin_keys(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def uvicorn_options(http: HTTPLimits | None = None) -> dict[str, Any]:
-    """The uvicorn settings `genrec serve` runs with (the tests' live servers use them too): the
-    httptools protocol with header deadlines (genrec.serve.http)."""
-    return {
-        "timeout_graceful_shutdown": 30,
-        "timeout_keep_alive": KEEP_ALIVE_S,
-        "http": deadline_protocol(http or HTTPLimits()),
-    }
-
-
 def serve(args: ServeArgs) -> None:
     import uvicorn
 
+    if args.frontends > 1:
+        serve_with_frontends(args)
+        return
     app = build_app(args)
     logger.info("serving %s on http://%s:%d/v1 (backend %s)", args.run, args.host, args.port, args.backend)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_options(args.http))
+
+
+def serve_with_frontends(args: ServeArgs) -> None:
+    """`genrec serve --frontends N`: this process loads the model, warms it up and runs the engine core; N
+    front-end processes serve HTTP (genrec.serve.frontends)."""
+    import dataclasses
+
+    from genrec.errors import GenrecError
+    from genrec.recommender import Recommender
+    from genrec.serve.frontends import FrontendSpec, serve_frontends
+    from genrec.serve.service import RecService
+
+    if args.backend != "hf":
+        raise GenrecError(
+            f"--frontends {args.frontends} needs --backend hf: the engine core ranks prepared requests "
+            "(prompt ids, tree layouts) with the transformers engine; the vLLM backend serves from one process "
+            "(--frontends 1), where AsyncLLM runs its own engine core"
+        )
+    run = RunDir(args.run)
+    rec = Recommender.load(run, backend="hf", device=args.device, search=args.search)
+    model_name = args.model_name or run.path.name
+    if str(getattr(rec.engine, "device", "cpu")).startswith("cpu"):
+        # leave the front-ends their cores: torch's threads spin while they wait for each other
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.frontends)))
+    if args.limits.warmup_requests > 0:  # the core warms the engine before any front-end accepts
+        RecService(rec, model_name=model_name, limits=args.limits).warm_up(args.limits.warmup_requests)
+    spec = FrontendSpec(
+        run=str(run.path),
+        model_name=model_name,
+        limits=dataclasses.replace(args.limits, warmup_requests=0),
+        api_keys=list(args.api_keys),
+        admin_keys=parse_admin_keys(args.admin_keys),
+        http=args.http,
+        public=list(args.public),
+        layout_policy=getattr(rec.engine, "layout_policy", None),
+    )
+    logger.info(
+        "serving %s on http://%s:%d/v1 (backend hf, %d front-end processes)",
+        args.run,
+        args.host,
+        args.port,
+        args.frontends,
+    )
+    serve_frontends(rec, spec, frontends=args.frontends, host=args.host, port=args.port)

@@ -429,12 +429,7 @@ class RecService:
         self._last_arrival = now
 
     def _should_wait(self) -> bool:
-        """Hold a batch open for more requests? Adaptive: only while the median of the last 8 gaps between
-        arrivals is under the window (a burst after a pause counts after a few arrivals; one slow gap
-        in a busy stream does not stop the waiting)."""
-        if not self.limits.adaptive_wait:
-            return True
-        return bool(self._gaps_ms) and statistics.median(self._gaps_ms) < self.limits.batch_wait_ms
+        return hold_batch_open(self._gaps_ms, self.limits)
 
     async def _work(self) -> None:
         assert self._queue is not None
@@ -502,6 +497,16 @@ class RecService:
             "trained_hash": trained,
             "matches_training": hash == trained,
         }
+
+
+def hold_batch_open(gaps_ms: Sequence[float], limits: ServeLimits) -> bool:
+    """Hold a batch open for more requests? Adaptive: only while the median of the last 8 gaps between
+    arrivals (`gaps_ms`) is under the window (a burst after a pause counts after a few arrivals; one slow gap
+    in a busy stream does not stop the waiting). The engine core of `genrec serve --frontends N` batches by
+    the same rule (genrec.serve.engine_core)."""
+    if not limits.adaptive_wait:
+        return True
+    return bool(gaps_ms) and statistics.median(gaps_ms) < limits.batch_wait_ms
 
 
 def _id_shape(text: str) -> str:
