@@ -223,7 +223,9 @@ def test_the_core_ranks_requests_of_several_frontends_in_one_batch(rec):
     core.start()
 
     def requests():
-        return history_requests([rec.user_history(u)[-3:] for u in rec.data.users[:2]], n_items=5)
+        return history_requests(
+            [rec.user_history(u)[-3:] for u in rec.data.users[:2]], rec.cfg.ranking.with_(n_items=5)
+        )
 
     try:
         for k, ((_, theirs), req) in enumerate(zip(pipes, requests(), strict=True)):
