@@ -113,6 +113,9 @@ class PromptTemplate:
     """The whole file as read; hashed for provenance."""
 
     limits: RenderLimits = field(default_factory=RenderLimits)
+    checked: bool = False
+    """Passed the check against the run's sample users when saved or activated (TemplateStore sets it): renders
+    in-process timed by the sandbox's ticks alone. False: under the line trace as well (genrec.templates.sandbox)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variables) - KNOWN_VARIABLES)
@@ -171,7 +174,10 @@ class PromptTemplate:
 
     def _render(self, compiled: Any, variables: dict[str, Any], in_system: bool) -> str:
         try:
-            return self._env.render_bounded(lambda: compiled.generate(**variables)).strip()
+            rendered = self._env.render_bounded(
+                lambda: compiled.generate(**variables), traced=not self.checked
+            )
+            return rendered.strip()
         except (UndefinedError, SecurityError, TemplateLimitExceeded) as e:
             raise self._problem(str(e.message or e), _template_line(e), in_system=in_system) from None
         except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
