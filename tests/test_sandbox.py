@@ -98,6 +98,44 @@ RESOURCE_BOMBS = {
 HOSTILE.update(RESOURCE_BOMBS)
 
 
+def _shared(kind: str = "[]", depth: int = 40) -> str:
+    """`a` and `b`: two equal values built alike, each level a list (or tuple) holding the level below twice: 80
+    small statements, 2**40 elements reached by a comparison or a hash."""
+    wrap = "({0}, {0})" if kind == "()" else "[{0}, {0}]"
+    levels = "".join(
+        f"{{% set a{k} = {wrap.format(f'a{k - 1}')} %}}{{% set b{k} = {wrap.format(f'b{k - 1}')} %}}"
+        for k in range(1, depth + 1)
+    )
+    first = (
+        "{% set a0 = (1,) %}{% set b0 = (1,) %}" if kind == "()" else "{% set a0 = [1] %}{% set b0 = [1] %}"
+    )
+    return first + levels
+
+
+def _shared_pair(kind: str = "[]") -> str:
+    return _shared(kind) + "{% set a = a40 %}{% set b = b40 %}"
+
+
+SHARED_REFERENCES = {
+    # a comparison or a hash walks every path through shared references, in C, with the GIL held: no clock
+    # (trace or ticks) can stop it, so it must be refused before it starts (sandbox.reach)
+    "shared_equal": _shared_pair() + "{{ a == b }}",
+    "shared_less": _shared_pair() + "{{ a < b }}",
+    "shared_in": _shared_pair() + "{{ a in [b] }}",
+    "shared_dict_key": _shared_pair("()") + "{{ {a: 1} | length }}",
+    "shared_dict_in": _shared_pair("()") + "{{ a in {b: 1} }}",
+    "shared_unique": _shared_pair("()") + "{{ [a, b] | unique | list | length }}",
+    "shared_sort": _shared_pair() + "{{ [a, b] | sort | length }}",
+    "shared_sort_generator": _shared_pair() + "{{ [a, b] | map('list') | sort | length }}",
+    "shared_max": _shared_pair() + "{{ [a, b] | max | length }}",
+    "shared_select": _shared_pair() + "{{ [a] | select('in', [b]) | list | length }}",
+    "shared_test": _shared_pair() + "{{ a is in [b] }}",
+    "shared_method": _shared_pair() + "{{ [a].count(b) }}",
+    "shared_loop_changed": _shared_pair() + "{% for x in [a, b] %}{{ loop.changed(x) }}{% endfor %}",
+}
+HOSTILE.update(SHARED_REFERENCES)
+
+
 @pytest.fixture(scope="module")
 def ids(small_data):
     return atomic_ids(len(small_data.catalog))
@@ -153,6 +191,8 @@ def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_da
         "{% set ns = namespace(n=0) %}{% for it in history | recent(2) %}{% set ns.n = ns.n + 1 %}"
         "{{ it | format_item(1) }}{{ '|' ~ loop.index }}\n{% endfor %}{{ ns.n }} {{ '%05d' % 7 }} "
         "{{ '{:>4}'.format(user) }} {{ range(3) | join(',') }} {{ 'ab'.replace('a', 'c') }}"
+        "\n{{ history[0] in history }} {{ history | sort(attribute='title') | length }} {{ 2 < 3 <= 3 }} "
+        "{{ {(1, 2): 'x'}[(1, 2)] }} {{ history | map(attribute='sid') | unique | list | length }}"
     )
     b = PromptBuilder(parse_template(text), small_data.catalog, ids, max_history=5, title_words=2)
     out = b.messages([0, 1, 2], "u1")[-1]["content"]
@@ -160,6 +200,7 @@ def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_da
     assert lines[0].startswith("<item_1> ") and lines[0].endswith("|1")
     assert lines[1].startswith("<item_2> ")
     assert lines[2] == "2 00007   u1 0,1,2 cb"
+    assert lines[3] == "True 3 True x 3"
 
 
 def test_time_limit_applies_per_render_and_releases_the_trace_hook(small_data, ids):

@@ -7,7 +7,8 @@ adds what the sandbox leaves to the embedder: **time** and **size**.
 
 - Size: every operator that can amplify (`*`, `**`, `+`, `%`, `~`), every method call and
   every filter is checked *before* it allocates (estimated result size, integer arguments)
-  and its result after; the rendered output is capped while it streams.
+  and its result after; the rendered output is capped while it streams; what a comparison or a
+  hash would walk is checked before it runs (`reach`).
 - Filters and string methods are allow-lists: those whose cost cannot be bounded from their
   arguments (`indent`, `wordwrap`, `center`, `expandtabs`, ...) are simply not there.
 - Time: a render has a CPU budget (`RenderLimits.max_seconds`): the rendering thread's CPU time less
@@ -35,8 +36,11 @@ check cannot be the guard: a template can branch on the user, the history's leng
 so every limit above (output size, range size, values built, CPU budget) holds at request time for every
 render, checked or not, and a breach is the request's `TemplateLimitExceeded` (a 4xx), never a hang or a
 5xx. What neither clock can stop is one C-level operation that runs long by itself (the trace cannot
-either: it fires between Python lines); the size limits are what bound those, and the worker's wall-clock
-kill is what backs them up for templates that were never checked.
+either: it fires between Python lines, and the GIL is held throughout, so the whole server stalls). The
+size limits bound those that build (`*`, `join`, `format`, ...); comparisons and hashes are bounded by
+`reach` (every operand of `==`, `<`, `in`, dict-literal keys, the comparing filters and tests, methods of
+lists and dicts): a value that shares references, `[a, a]` nested forty deep, is forty small lists and
+2**40 steps to compare. The worker's wall-clock kill backs all of it up for templates never checked.
 
 Knows nothing of recommendation; `genrec.templates.prompts` builds its templates on this environment.
 """
@@ -57,8 +61,8 @@ from types import FrameType
 from typing import Any
 
 from jinja2 import nodes
-from jinja2.compiler import CodeGenerator, Frame
-from jinja2.runtime import Context
+from jinja2.compiler import CodeGenerator, Frame, operators
+from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, _PassArg
 
@@ -145,6 +149,36 @@ def weight(value: Any, budget: int) -> int:
     return total
 
 
+def reach(value: Any, budget: int) -> int:
+    """Steps a comparison or a hash of `value` may take (`==`, `<`, `in`, a dict key, `sort`, `unique`): one per
+    element reached, a container's elements counted once per path to them, a string one per 4 KiB; counted
+    only until past `budget`.
+
+    Size and weight are not enough here: `[a, a]` nested forty deep (a statement per level) is forty small
+    lists, and compared with a copy built alike, or hashed as a tuple, it is 2**40 steps of C that no clock
+    can interrupt, while the GIL is held. The check costs at most O(budget) steps, and nothing for scalars."""
+    stack, total = [value], 0
+    while stack and total <= budget:
+        v = stack.pop()
+        total += 1
+        if isinstance(v, str):
+            total += len(v) >> 12
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+    return total
+
+
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+COMPARING_FILTERS = {
+    "dictsort", "groupby", "max", "min", "reject", "rejectattr", "select", "selectattr", "sort", "unique",
+}  # fmt: skip
+"""Filters that compare or hash their input's elements (with each other, or with an argument): reach-checked."""
+
+
 _PERCENT_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])")
 """One conversion of printf-style formatting: (mapping key, width, precision, type)."""
 
@@ -176,6 +210,29 @@ class _Codegen(CodeGenerator):
             self.write("environment.tick()")  # not through the sandbox's call(): it is not the template's
             return
         super().visit_Call(node, frame, forward_caller=forward_caller)
+
+    def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
+        """Every operand of `==`, `<`, `in`, ... through `environment.comparable` (see `reach`)."""
+        self.write("(environment.comparable(")
+        self.visit(node.expr, frame)
+        self.write(")")
+        for op in node.ops:
+            self.write(f" {operators[op.op]} environment.comparable(")
+            self.visit(op.expr, frame)
+            self.write(")")
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        """A dict literal's keys are hashed: through `environment.comparable` too."""
+        self.write("{")
+        for idx, item in enumerate(node.items):
+            if idx:
+                self.write(", ")
+            self.write("environment.comparable(")
+            self.visit(item.key, frame)
+            self.write("): ")
+            self.visit(item.value, frame)
+        self.write("}")
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.bounded_concat((")
@@ -230,6 +287,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(finalize=self._finalize_output, **kwargs)
         self.limits = limits or RenderLimits()
         self.filters = {name: self._guard(f) for name, f in self.filters.items() if name in SAFE_FILTERS}
+        self.tests = {name: self._guard_test(f) for name, f in self.tests.items()}
         self.globals["range"] = self._range
         self.globals.pop("lipsum", None)  # generates text from integer arguments
         ns = type("namespace", (_BoundedNamespace,), {"limit": self.limits.max_chars})
@@ -240,6 +298,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def check_size(self, value: Any, what: str) -> Any:
         if _size(value) > self.limits.max_chars:
             raise TemplateLimitExceeded(f"{what} would exceed {self.limits.max_chars} items/characters")
+        return value
+
+    def comparable(self, value: Any) -> Any:
+        """`value`, once it is known that comparing or hashing it is bounded (`reach`); scalars pass at once."""
+        if isinstance(value, _CONTAINERS) and reach(value, self.limits.max_chars) > self.limits.max_chars:
+            raise TemplateLimitExceeded(
+                f"comparing or hashing a value of more than {self.limits.max_chars} elements"
+            )
         return value
 
     def check_weight(self, value: Any, what: str) -> Any:
@@ -350,6 +416,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
         if isinstance(owner, str):
             __self._precheck_str_method(owner, name, args, kwargs)
+        elif isinstance(
+            owner, (*_CONTAINERS, LoopContext)
+        ):  # `count`, `index`, `get`, `loop.changed` compare
+            for a in (owner, *args, *kwargs.values()):
+                __self.comparable(a)
         return __self.check_size(__context.call(__obj, *args, **kwargs), f"{name}()")
 
     def _precheck_str_method(self, s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -377,6 +448,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         name = getattr(f, "__name__", "filter")
         first_param = 2 if _PassArg.from_obj(f) is not None else 1  # skip (context,) and the input value
         serialises = name.removeprefix("do_") in SERIALISING_FILTERS
+        compares = name.removeprefix("do_") in COMPARING_FILTERS
 
         @wraps(f)
         def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -384,6 +456,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self._check_args(f"filter {name}", args[first_param:], kwargs)
             if serialises and len(args) >= first_param:
                 self.check_weight(args[first_param - 1], f"filter {name}")
+            if compares and len(args) >= first_param:
+                value = args[first_param - 1]
+                if not isinstance(value, (str, *_CONTAINERS)):  # a generator (`map`, `select`): its elements
+                    value = list(value)
+                    args = (*args[: first_param - 1], value, *args[first_param:])
+                for a in (value, *args[first_param:], *kwargs.values()):
+                    self.comparable(a)
             if name == "do_replace" and len(args) >= 4:  # (eval_ctx, s, old, new)
                 self._precheck_replace(args[1], args[2], args[3])
             if name == "do_join" and len(args) >= 2:  # (eval_ctx, value, d='', attribute=None)
@@ -394,6 +473,18 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                     raise TemplateLimitExceeded(f"join would exceed {self.limits.max_chars} characters")
                 args = (args[0], items, *args[2:])
             return self.check_size(f(*args, **kwargs), f"filter {name}")
+
+        return guarded
+
+    def _guard_test(self, f: Any) -> Callable[..., bool]:
+        """Wrap a test (`is in`, `is eq`, ...): its container arguments reach-checked, as a comparison's."""
+
+        @wraps(f)
+        def guarded(*args: Any, **kwargs: Any) -> bool:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, _CONTAINERS):
+                    self.comparable(a)
+            return f(*args, **kwargs)
 
         return guarded
 
