@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.datastructures import Headers
 
 from genrec.serve.protocol import (
     APIError,
@@ -48,7 +49,12 @@ EDITOR_FILES = {"editor.js": "text/javascript", "editor.css": "text/css"}
 
 
 def bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+    return bearer_token(request.headers)
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (None without one)."""
+    auth = headers.get("authorization", "")
     return auth[7:].strip() if auth.startswith("Bearer ") else None
 
 
@@ -209,7 +215,9 @@ def template_router(service: RecService, *, admin_keys: dict[str, str]) -> APIRo
         author = admin(request)
         valid(name)
         base = base_version(name, if_match, None) if if_match else None
-        v = await write(lambda: store.activate(name, body.version, by=author, base_version=base))
+        v = await write(
+            lambda: store.activate(name, body.version, by=author, base_version=base, check=checker)
+        )
         return with_etag(info(v), v)
 
     @router.post("/v1/templates/{name}/rollback")
