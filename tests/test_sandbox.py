@@ -132,6 +132,14 @@ SHARED_REFERENCES = {
     "shared_test": _shared_pair() + "{{ a is in [b] }}",
     "shared_method": _shared_pair() + "{{ [a].count(b) }}",
     "shared_loop_changed": _shared_pair() + "{% for x in [a, b] %}{{ loop.changed(x) }}{% endfor %}",
+    # an index or a name: hashed, and written out (repr) into the error when it is not found
+    "shared_index_missing": _shared_pair() + "{{ [][a] }}",
+    "shared_index_hashed": _shared_pair("()") + "{{ {}[a] }}",
+    "shared_slice": _shared_pair() + "{{ [][a:] }}",
+    "shared_filter_name": _shared_pair("()") + "{{ [1] | map(a) | list }}",
+    "shared_test_name": _shared_pair("()") + "{{ [1] | select(a) | list }}",
+    "shared_attr_name": _shared_pair("()") + "{{ 1 | attr(a) }}",
+    "shared_method_missing": _shared_pair() + "{{ [1].index(a) }}",
 }
 HOSTILE.update(SHARED_REFERENCES)
 

@@ -38,9 +38,11 @@ render, checked or not, and a breach is the request's `TemplateLimitExceeded` (a
 5xx. What neither clock can stop is one C-level operation that runs long by itself (the trace cannot
 either: it fires between Python lines, and the GIL is held throughout, so the whole server stalls). The
 size limits bound those that build (`*`, `join`, `format`, ...); comparisons and hashes are bounded by
-`reach` (every operand of `==`, `<`, `in`, dict-literal keys, the comparing filters and tests, methods of
-lists and dicts): a value that shares references, `[a, a]` nested forty deep, is forty small lists and
-2**40 steps to compare. The worker's wall-clock kill backs all of it up for templates never checked.
+`reach` (every operand of `==`, `<`, `in`, dict-literal keys, the comparing filters and tests, filter
+arguments, methods of lists and dicts): a value that shares references, `[a, a]` nested forty deep, is
+forty small lists and 2**40 steps to compare. Values that may be written into an error message (an index
+not found, a filter or test name, a method's argument) are weighed like output. The worker's wall-clock
+kill backs all of it up for templates never checked.
 
 Knows nothing of recommendation; `genrec.templates.prompts` builds its templates on this environment.
 """
@@ -173,6 +175,9 @@ def reach(value: Any, budget: int) -> int:
 
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 
+NAMING_FILTERS = {"attr", "map", "reject", "rejectattr", "select", "selectattr"}
+"""Filters whose first argument names a filter, test or attribute: it is hashed and, when unknown, written into the
+error message, so it is weighed."""
 COMPARING_FILTERS = {
     "dictsort", "groupby", "max", "min", "reject", "rejectattr", "select", "selectattr", "sort", "unique",
 }  # fmt: skip
@@ -300,6 +305,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             raise TemplateLimitExceeded(f"{what} would exceed {self.limits.max_chars} items/characters")
         return value
 
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        """`obj[argument]`: a container or slice index is weighed first, since it is hashed and, when missing,
+        written into the undefined value's message (`{}[key]`, `[][a:]`)."""
+        if isinstance(argument, slice):
+            self.check_weight((argument.start, argument.stop, argument.step), "an index")
+        elif isinstance(argument, _CONTAINERS):
+            self.check_weight(argument, "an index")
+        return super().getitem(obj, argument)
+
     def comparable(self, value: Any) -> Any:
         """`value`, once it is known that comparing or hashing it is bounded (`reach`); scalars pass at once."""
         if isinstance(value, _CONTAINERS) and reach(value, self.limits.max_chars) > self.limits.max_chars:
@@ -416,11 +430,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
         if isinstance(owner, str):
             __self._precheck_str_method(owner, name, args, kwargs)
-        elif isinstance(
-            owner, (*_CONTAINERS, LoopContext)
-        ):  # `count`, `index`, `get`, `loop.changed` compare
-            for a in (owner, *args, *kwargs.values()):
-                __self.comparable(a)
+        elif isinstance(owner, (*_CONTAINERS, LoopContext)):  # `count`, `index`, `get`, `loop.changed`
+            __self.comparable(owner)  # compare what they hold with the arguments
+            for a in (*args, *kwargs.values()):  # and write what they did not find into the error
+                if isinstance(a, _CONTAINERS):
+                    __self.check_weight(a, f"{name}()")
         return __self.check_size(__context.call(__obj, *args, **kwargs), f"{name}()")
 
     def _precheck_str_method(self, s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -449,6 +463,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         first_param = 2 if _PassArg.from_obj(f) is not None else 1  # skip (context,) and the input value
         serialises = name.removeprefix("do_") in SERIALISING_FILTERS
         compares = name.removeprefix("do_") in COMPARING_FILTERS
+        names = name.removeprefix("do_") in NAMING_FILTERS
 
         @wraps(f)
         def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -456,6 +471,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self._check_args(f"filter {name}", args[first_param:], kwargs)
             if serialises and len(args) >= first_param:
                 self.check_weight(args[first_param - 1], f"filter {name}")
+            for a in (*args[first_param:], *kwargs.values()):  # an argument may be hashed (a lookup, a set)
+                if isinstance(a, _CONTAINERS):
+                    self.comparable(a)
+            if names and len(args) > first_param:
+                self.check_weight(args[first_param], f"filter {name}")
             if compares and len(args) >= first_param:
                 value = args[first_param - 1]
                 if not isinstance(value, (str, *_CONTAINERS)):  # a generator (`map`, `select`): its elements
