@@ -5,7 +5,8 @@ little. Also, side by side in the same process: the response encoded as FastAPI 
 pydantic ChatCompletionResponse walked by `jsonable_encoder`, then `json.dumps`) against genrec.serve.encode (dicts
 through orjson), and the template lookups a request makes at admission (pin_template, builder_for) with the
 file-system calls they make, checking the disk every time (before) and with
-ServeLimits.template_recheck_s (after).
+ServeLimits.template_recheck_s (after); and the CPU of the app's ASGI stack alone (body limit, the auth and metrics
+middleware, routing, a route with no engine work, its response), called in-process with no sockets.
 
     python -m bench.serve_cpu --run runs/demo --requests 512 --batch 32
 """
@@ -133,6 +134,44 @@ def lookups_before_after(rec: Any, n: int) -> dict[str, Any]:
     return out
 
 
+def asgi_stack(app: Any, n: int, key: str) -> dict[str, float]:
+    """CPU ms per request through `app`'s whole ASGI stack with no sockets and no engine work: GET /v1/models with
+    a key (auth, routing, the route, metrics) and without one (the middleware's 401)."""
+    import asyncio
+
+    async def one(headers: list[tuple[bytes, bytes]]) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+            "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b"", "root_path": "",
+            "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        await app(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async def run() -> dict[str, float]:
+        out = {}
+        for name, headers, status in (
+            ("models", [(b"authorization", f"Bearer {key}".encode())], 200),
+            ("unauthenticated", [], 401),
+        ):
+            assert await one(headers) == status
+            start = time.thread_time_ns()
+            for _ in range(n):
+                await one(headers)
+            out[f"{name}_ms"] = round((time.thread_time_ns() - start) / n / 1e6, 4)
+        return out
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True)
@@ -145,6 +184,7 @@ def main() -> None:
 
     from genrec.recommender import Recommender
     from genrec.run import RunDir
+    from genrec.serve.app import create_app
     from genrec.serve.service import RecService
 
     rec = Recommender.load(RunDir(args.run), device="cpu")
@@ -165,6 +205,7 @@ def main() -> None:
         "outside_rank_cpu_ms_per_request": outside,
         "encode_10_items": encode_before_after(recs, 2000),
         "template_lookups": lookups_before_after(rec, 2000),
+        "asgi_stack": asgi_stack(create_app(service, api_keys=["k"]), 2000, "k"),
     }
     print(json.dumps(out, indent=1))
     save(args.out, out)

@@ -1,6 +1,8 @@
-"""Cost of building prompts: render the run's template for one user, bounded vs plain Jinja sandbox; then
-turn rendered conversations into token ids, one tokenizer call each vs one call per batch (what
-`Recommender.rank_requests` does), checking that both give the same ids.
+"""Cost of building prompts: render the run's template for one user three ways, side by side (alternated, median
+of five rounds): in Jinja's plain sandbox (no limits), in genrec's bounded sandbox under its line trace (what
+every render paid before issue 26, and unchecked templates still pay) and on its hot path (a checked version:
+the same size limits, timed by ticks alone); then turn rendered conversations into token ids, one tokenizer
+call each vs one call per batch (what `Recommender.rank_requests` does), checking that both give the same ids.
 
 python -m bench.template_render --run runs/demo
 """
@@ -37,6 +39,7 @@ def main() -> None:
     from genrec.engines import encode_chat, encode_chats
     from genrec.run import RunDir
     from genrec.templates.prompt_store import TemplateChecker, TemplateStore
+    from genrec.templates.prompts import parse_template
 
     run = RunDir(args.run)
     checker = TemplateChecker.for_run(run, n=1)
@@ -45,8 +48,15 @@ def main() -> None:
     env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["words"] = lambda text, k: " ".join(str(text).split()[:k])
     body, system = env.from_string(t.body), env.from_string(t.system or "")
-    bounded = per_call(lambda: t.render(v), args.n)
-    plain = per_call(lambda: (system.render(**v), body.render(**v)), args.n)
+    traced_t = parse_template(t.text, source=t.source)  # checked=False: renders under the line trace
+    if t.checked is not True or traced_t.render(v) != t.render(v):
+        raise SystemExit("the hot path and the traced render disagree (or the template is not checked)")
+    rounds: dict[str, list[float]] = {"plain": [], "traced": [], "hot": []}
+    for _ in range(5):  # alternated, median of five: these two cores are noisy
+        rounds["plain"].append(per_call(lambda: (system.render(**v), body.render(**v)), args.n // 5))
+        rounds["traced"].append(per_call(lambda: traced_t.render(v), args.n // 5))
+        rounds["hot"].append(per_call(lambda: t.render(v), args.n // 5))
+    plain, traced, hot = (statistics.median(rounds[k]) for k in ("plain", "traced", "hot"))
 
     tok = AutoTokenizer.from_pretrained(run.model_dir())
     builder = checker.builder(t)
@@ -74,8 +84,11 @@ def main() -> None:
         {
             "template": t.name,
             "history_items": len(v["history"]),
-            "bounded_us": round(bounded, 1),
             "plain_sandbox_us": round(plain, 1),
+            "bounded_traced_us": round(traced, 1),
+            "bounded_hot_path_us": round(hot, 1),
+            "traced_over_hot": round(traced / hot, 2),
+            "hot_over_plain": round(hot / plain, 2),
             "conversations": len(convs),
             "encode_one_call_each_us": round(single, 1),
             f"encode_batched_{args.batch}_us": round(batched, 1),

@@ -233,7 +233,7 @@ def test_template_render_bench_times_rendering_and_both_encodings(trained_run, t
     tr.main()
     res = json.loads(out.read_text())
     assert res["conversations"] == 9 and res["encode_one_call_each_us"] > 0 and res["encode_batched_4_us"] > 0
-    assert res["bounded_us"] > 0 and res["plain_sandbox_us"] > 0
+    assert res["plain_sandbox_us"] > 0 and res["bounded_traced_us"] > 0 and res["bounded_hot_path_us"] > 0
 
 
 def test_ranking_host_bench_times_each_step_of_the_ranking_process(trained_run, tmp_path, monkeypatch):

@@ -81,3 +81,23 @@ def test_template_names_cannot_traverse():
         load_template("../../etc/passwd")
     with pytest.raises(TemplateProblem, match="not found"):
         load_template("missing_template")
+
+
+def test_a_plain_system_message_is_kept_as_text_and_reads_as_its_render():
+    """A system message without Jinja syntax is not rendered per prompt (constant text); what it gives is what the
+    render gives, for the shipped templates and for odd whitespace. One with syntax still renders."""
+    import json
+
+    from genrec.templates.prompts import PROMPTS_DIR
+
+    systems = [parse_template(f.read_text()).system for f in sorted(PROMPTS_DIR.glob("*.jinja"))]
+    odd = ["  a\n\n", "a\tb ", "x\n", "tabs\t\tand  spaces", "unicode — ü"]
+    for system in [s for s in systems if s] + odd:
+        t = parse_template(f"---\nsystem: {json.dumps(system)}\n---\nbody")  # YAML reads JSON's escapes
+        assert (
+            t.system == system
+            and t._system_text is not None
+            and t._system_text == t._render(t._system, {}, True)
+        ), system
+    t = parse_template("---\nsystem: 'hi {{ user }}'\n---\nbody")
+    assert t._system_text is None and t.render({"user": "u"})[0]["content"] == "hi u"

@@ -98,24 +98,83 @@ RESOURCE_BOMBS = {
 HOSTILE.update(RESOURCE_BOMBS)
 
 
+def _shared(kind: str = "[]", depth: int = 40) -> str:
+    """`a` and `b`: two equal values built alike, each level a list (or tuple) holding the level below twice: 80
+    small statements, 2**40 elements reached by a comparison or a hash."""
+    wrap = "({0}, {0})" if kind == "()" else "[{0}, {0}]"
+    levels = "".join(
+        f"{{% set a{k} = {wrap.format(f'a{k - 1}')} %}}{{% set b{k} = {wrap.format(f'b{k - 1}')} %}}"
+        for k in range(1, depth + 1)
+    )
+    first = (
+        "{% set a0 = (1,) %}{% set b0 = (1,) %}" if kind == "()" else "{% set a0 = [1] %}{% set b0 = [1] %}"
+    )
+    return first + levels
+
+
+def _shared_pair(kind: str = "[]") -> str:
+    return _shared(kind) + "{% set a = a40 %}{% set b = b40 %}"
+
+
+SHARED_REFERENCES = {
+    # a comparison or a hash walks every path through shared references, in C, with the GIL held: no clock
+    # (trace or ticks) can stop it, so it must be refused before it starts (sandbox.reach)
+    "shared_equal": _shared_pair() + "{{ a == b }}",
+    "shared_less": _shared_pair() + "{{ a < b }}",
+    "shared_in": _shared_pair() + "{{ a in [b] }}",
+    "shared_dict_key": _shared_pair("()") + "{{ {a: 1} | length }}",
+    "shared_dict_in": _shared_pair("()") + "{{ a in {b: 1} }}",
+    "shared_unique": _shared_pair("()") + "{{ [a, b] | unique | list | length }}",
+    "shared_sort": _shared_pair() + "{{ [a, b] | sort | length }}",
+    "shared_sort_generator": _shared_pair() + "{{ [a, b] | map('list') | sort | length }}",
+    "shared_max": _shared_pair() + "{{ [a, b] | max | length }}",
+    "shared_select": _shared_pair() + "{{ [a] | select('in', [b]) | list | length }}",
+    "shared_test": _shared_pair() + "{{ a is in [b] }}",
+    "shared_method": _shared_pair() + "{{ [a].count(b) }}",
+    "shared_loop_changed": _shared_pair() + "{% for x in [a, b] %}{{ loop.changed(x) }}{% endfor %}",
+    # an index or a name: hashed, and written out (repr) into the error when it is not found
+    "shared_index_missing": _shared_pair() + "{{ [][a] }}",
+    "shared_index_hashed": _shared_pair("()") + "{{ {}[a] }}",
+    "shared_slice": _shared_pair() + "{{ [][a:] }}",
+    "shared_filter_name": _shared_pair("()") + "{{ [1] | map(a) | list }}",
+    "shared_test_name": _shared_pair("()") + "{{ [1] | select(a) | list }}",
+    "shared_attr_name": _shared_pair("()") + "{{ 1 | attr(a) }}",
+    "shared_method_missing": _shared_pair() + "{{ [1].index(a) }}",
+}
+HOSTILE.update(SHARED_REFERENCES)
+
+
 @pytest.fixture(scope="module")
 def ids(small_data):
     return atomic_ids(len(small_data.catalog))
 
 
+CHECKED = pytest.mark.parametrize("checked", [False, True], ids=["traced", "checked"])
+"""Both ways a render is timed: under the line trace, and by ticks alone (a checked template, the hot path): a
+template that passed the save check can still meet a user it was not checked on, so every bound must hold there."""
+
+
+def parse(text: str, *, checked: bool, **kwargs):  # type: ignore[no-untyped-def]
+    t = parse_template(text, **kwargs)
+    t.checked = checked
+    return t
+
+
+@CHECKED
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_template_is_refused_quickly(small_data, ids, name):
+def test_hostile_template_is_refused_quickly(small_data, ids, name, checked):
     limits = RenderLimits(max_seconds=0.5, max_chars=65_536)
     start = time.monotonic()
     with pytest.raises(TemplateProblem) as err:
-        t = parse_template(HOSTILE[name], source=f"{name}.jinja", limits=limits)
+        t = parse(HOSTILE[name], source=f"{name}.jinja", limits=limits, checked=checked)
         PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
     assert time.monotonic() - start < 5.0, f"{name} was not stopped in time"
     assert f"{name}.jinja" in str(err.value)  # names the file
 
 
+@CHECKED
 @pytest.mark.parametrize("name", sorted(RESOURCE_BOMBS))
-def test_resource_bombs_are_refused_before_they_allocate(small_data, ids, name):
+def test_resource_bombs_are_refused_before_they_allocate(small_data, ids, name, checked):
     """Each family the outside probe found (issue 29) is refused within 1 s having allocated under 64 MiB:
     the checks run before the allocation, not after it."""
     import tracemalloc
@@ -124,7 +183,7 @@ def test_resource_bombs_are_refused_before_they_allocate(small_data, ids, name):
     try:
         start = time.monotonic()
         with pytest.raises(TemplateProblem) as err:
-            t = parse_template(RESOURCE_BOMBS[name], source=f"{name}.jinja")
+            t = parse(RESOURCE_BOMBS[name], source=f"{name}.jinja", checked=checked)
             PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2).messages([0, 1, 2])
         took = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
@@ -140,6 +199,8 @@ def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_da
         "{% set ns = namespace(n=0) %}{% for it in history | recent(2) %}{% set ns.n = ns.n + 1 %}"
         "{{ it | format_item(1) }}{{ '|' ~ loop.index }}\n{% endfor %}{{ ns.n }} {{ '%05d' % 7 }} "
         "{{ '{:>4}'.format(user) }} {{ range(3) | join(',') }} {{ 'ab'.replace('a', 'c') }}"
+        "\n{{ history[0] in history }} {{ history | sort(attribute='title') | length }} {{ 2 < 3 <= 3 }} "
+        "{{ {(1, 2): 'x'}[(1, 2)] }} {{ history | map(attribute='sid') | unique | list | length }}"
     )
     b = PromptBuilder(parse_template(text), small_data.catalog, ids, max_history=5, title_words=2)
     out = b.messages([0, 1, 2], "u1")[-1]["content"]
@@ -147,6 +208,7 @@ def test_history_is_not_mutated_and_limits_leave_normal_templates_alone(small_da
     assert lines[0].startswith("<item_1> ") and lines[0].endswith("|1")
     assert lines[1].startswith("<item_2> ")
     assert lines[2] == "2 00007   u1 0,1,2 cb"
+    assert lines[3] == "True 3 True x 3"
 
 
 def test_time_limit_applies_per_render_and_releases_the_trace_hook(small_data, ids):
@@ -184,20 +246,22 @@ def _sandbox(budget: float, **helpers):
     return env
 
 
-def test_time_limit_counts_the_renders_cpu_not_waiting():
+@pytest.mark.parametrize("traced", [True, False])
+def test_time_limit_counts_the_renders_cpu_not_waiting(traced):
     """A render that waits (descheduled, GIL held elsewhere: here a sleep in a helper) without spending CPU
     is not cut off; one that spends the CPU still is."""
     env = _sandbox(0.05, nap=lambda: time.sleep(0.3) or "")
     t = env.from_string("{{ nap() }}{% for i in range(300) %}{{ i }}{% endfor %}")
     start = time.monotonic()
-    out = env.render_bounded(lambda: t.generate())
+    out = env.render_bounded(lambda: t.generate(), traced=traced)
     assert time.monotonic() - start >= 0.3 and out.endswith("299")
     spin = env.from_string("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}")
     with pytest.raises(Exception, match="longer than 0.05 s of CPU time"):
-        env.render_bounded(lambda: spin.generate())
+        env.render_bounded(lambda: spin.generate(), traced=traced)
 
 
-def test_time_limit_leaves_out_garbage_collection():
+@pytest.mark.parametrize("traced", [True, False])
+def test_time_limit_leaves_out_garbage_collection(traced):
     """A collection of a big heap that happens to run inside a render is not the template's cost."""
     import gc
 
@@ -208,8 +272,64 @@ def test_time_limit_leaves_out_garbage_collection():
     assert pause > 0.01, "the heap is too small to test with"
     env = _sandbox(pause / 4, collect=lambda: [gc.collect() for _ in range(2)] and "")
     t = env.from_string("{{ collect() }}{% for i in range(300) %}{{ i }}{% endfor %}")
-    assert env.render_bounded(lambda: t.generate()).endswith("299")
+    assert env.render_bounded(lambda: t.generate(), traced=traced).endswith("299")
     del heap
+
+
+def test_a_checked_template_renders_without_the_line_trace(small_data, ids, monkeypatch):
+    """The hot path's cost: a checked template renders with no trace hook installed (a helper called from the
+    template sees none) and never enters the trace's context; an unchecked one still does."""
+    import sys
+
+    from genrec.templates import sandbox
+
+    env = _sandbox(0.5, probe=lambda: "traced" if sys.gettrace() is not None else "untraced")
+    t = env.from_string("{{ probe() }}")
+    assert env.render_bounded(lambda: t.generate(), traced=False) == "untraced"
+    assert env.render_bounded(lambda: t.generate(), traced=True) == "traced"
+
+    traces = []
+    real = sandbox._line_trace
+    monkeypatch.setattr(sandbox, "_line_trace", lambda budget: traces.append(budget) or real(budget))
+    text = "{% for it in history %}{{ it | format_item(2) }}\n{% endfor %}{{ user }}"
+    fast = parse(text, checked=True)
+    slow = parse(text, checked=False)
+    b_fast, b_slow = (
+        PromptBuilder(t, small_data.catalog, ids, max_history=5, title_words=2) for t in (fast, slow)
+    )
+    assert b_fast.messages([0, 1, 2], "u") == b_slow.messages([0, 1, 2], "u")
+    assert len(traces) == 1  # the unchecked template's render only
+
+
+@CHECKED
+def test_a_template_fine_on_short_histories_is_bounded_on_long_ones_and_huge_titles(small_data, ids, checked):
+    """What the save check cannot see: the same template, harmless for the sample users' short histories and
+    short titles, meets a long history (nested loops over it) or a huge title (its output): still refused,
+    quickly, at render time."""
+    nested = parse(
+        "{% for a in history %}{% for b in history %}{% for c in history %}{% for d in history %}"
+        "{% endfor %}{% endfor %}{% endfor %}{% endfor %}{{ history | length }}",
+        source="nested.jinja",
+        limits=RenderLimits(max_seconds=0.2),
+        checked=checked,
+    )
+    builder = PromptBuilder(nested, small_data.catalog, ids, max_history=500, title_words=2)
+    assert builder.messages([0, 1, 2])[-1]["content"] == "3"
+    n_items = len(small_data.catalog)
+    start = time.monotonic()
+    with pytest.raises(TemplateProblem, match=r"nested.jinja: line 1.*longer than 0.2 s"):
+        builder.messages([k % n_items for k in range(500)])  # 500**4 iterations
+    assert time.monotonic() - start < 2.0
+
+    titles = parse(
+        "{% for it in history %}{{ it.title }}\n{% endfor %}", source="titles.jinja", checked=checked
+    )
+    variables = builder.variables([0, 1])
+    assert titles.render(variables)[-1]["content"].count("\n") == 1
+    for it in variables["history"]:
+        it["title"] = "t" * 40_000  # a catalogue whose titles are larger than the prompt may be
+    with pytest.raises(TemplateProblem, match="titles.jinja: output exceeds 65536"):
+        titles.render(variables)
 
 
 # -- the render worker: the backstop for whatever the sandbox's checks miss ------------------------

@@ -562,3 +562,49 @@ def test_metrics_are_labelled_by_route_not_by_the_path_sent(server):
     assert 'endpoint="/v1/templates/{name}"' in text and 'endpoint="unmatched"' in text
     assert 'endpoint="unauthenticated"' in text
     assert "probe-name" not in text and "no-such-route" not in text and "unauthenticated-" not in text
+
+
+def _counted(metrics: str, endpoint: str, status: str) -> float:
+    line = f'genrec_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    found = [x for x in metrics.splitlines() if x.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_middleware_maps_what_escapes_a_route_and_counts_every_v1_response(rec, monkeypatch, caplog):
+    """The middleware (pure ASGI since issue 26, no BaseHTTPMiddleware left) does what it did: 401 before routing,
+    an exception a route lets through becomes a logged 500 error body, an APIError raised (not returned) out of a
+    route keeps its status, and every /v1 response, streamed or not, is counted by route and status and timed."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    service = RecService(rec, model_name="tiny-run")
+    app = create_app(service, api_keys=[KEY])
+    assert not any(
+        isinstance(m.cls, type) and issubclass(m.cls, BaseHTTPMiddleware) for m in app.user_middleware
+    )
+    chat = {"model": "tiny-run", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}]}
+    with LiveServer(app) as s:
+        assert httpx.post(s.url + "/v1/chat/completions", json=chat).status_code == 401
+        with monkeypatch.context() as m:
+            m.setattr(service, "parse", lambda *a, **k: 1 / 0)
+            r = httpx.post(s.url + "/v1/chat/completions", json=chat, headers=AUTH)
+        assert r.status_code == 500 and r.json()["error"] == {
+            "message": "internal error",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        assert "unhandled error on /v1/chat/completions" in caplog.text
+        r = httpx.put(s.url + "/v1/templates/default", json={"text": "x"}, headers=AUTH)  # no admin keys
+        assert r.status_code == 403 and r.json()["error"]["code"] == "editing_disabled"
+        with httpx.stream(
+            "POST", s.url + "/v1/chat/completions", json={**chat, "stream": True}, headers=AUTH
+        ) as r:
+            assert r.status_code == 200 and "data: [DONE]" in r.read().decode()
+        assert httpx.post(s.url + "/v1/chat/completions", json=chat, headers=AUTH).status_code == 200
+        metrics = httpx.get(s.url + "/metrics", headers=AUTH).text
+    assert _counted(metrics, "unauthenticated", "401") == 1
+    assert _counted(metrics, "/v1/chat/completions", "500") == 1
+    assert _counted(metrics, "/v1/templates/{name}", "403") == 1
+    assert _counted(metrics, "/v1/chat/completions", "200") == 2
+    assert 'genrec_request_latency_seconds_count{endpoint="/v1/chat/completions"} 3.0' in metrics
+    assert 'endpoint="/metrics"' not in metrics and 'endpoint="/health"' not in metrics  # only /v1 is counted

@@ -498,3 +498,82 @@ def test_schemathesis_probe_over_every_route_with_and_without_keys_finds_no_5xx(
         )
     assert out["cases"] > 100 and out["5xx"] == 0, out["failures"]
     assert {"401", "400", "200"} <= set(out["statuses"])
+
+
+# -- the hot path: checked versions render without the line trace (issue 26) ----------------------
+def chat(api, template: str, history: list[str]) -> httpx.Response:
+    return http(api, READER).post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny-run",
+            "messages": [{"role": "user", "content": ""}],
+            "history": history,
+            "template": template,
+            "n_items": 3,
+        },
+    )
+
+
+@pytest.fixture()
+def line_traces(monkeypatch):
+    """Counts the renders that ran under the sandbox's line trace (the server runs in this process)."""
+    from genrec.templates import sandbox
+
+    traces: list[object] = []
+    real = sandbox._line_trace
+    monkeypatch.setattr(sandbox, "_line_trace", lambda budget: traces.append(budget) or real(budget))
+    return traces
+
+
+def test_checked_versions_are_served_without_the_line_trace(api, line_traces):
+    """A version saved through the API passed the sample-user check and says so; requests render it with ticks
+    alone. One saved without a check (a script's own store.save) renders under the trace until an activation,
+    which checks it first, and is then served as checked too."""
+    _, rec = api
+    c = http(api)
+    listing = {t["name"]: t for t in c.get("/v1/templates").json()["data"]}
+    assert listing["default"]["checked"] is True  # a shipped file: the operators'
+    text = DEFAULT.replace("name: default", "name: hotpath")
+    saved = c.put("/v1/templates/hotpath", json={"text": text})
+    assert saved.status_code == 201 and saved.json()["checked"] is True
+    hist = [rec.catalog.item_ids[i] for i in rec.user_history(rec.data.users[4])[-3:]]
+    r = chat(api, "hotpath", hist)
+    assert r.status_code == 200 and r.json()["template"]["version"] == 1, r.text
+    assert line_traces == []
+
+    unchecked = rec.templates.save("hotpath", text + "\n", author="script", base_version=1)
+    assert unchecked.checked is False
+    assert chat(api, "hotpath", hist).json()["template"]["version"] == 2
+    assert line_traces  # its system and user messages, each under the trace
+    c.post("/v1/templates/hotpath/activate", json={"version": 1})
+    activated = c.post("/v1/templates/hotpath/activate", json={"version": 2})
+    assert activated.status_code == 200 and activated.json()["checked"] is False  # as saved; checked now
+    line_traces.clear()
+    assert chat(api, "hotpath", hist).json()["template"]["version"] == 2
+    assert line_traces == []
+
+
+@pytest.mark.parametrize(
+    ("name", "bomb"),
+    [
+        ("longloop", "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"),
+        ("longflood", "{% for i in range(10000) %}{{ 'x' * 1000 }}{% endfor %}"),
+    ],
+)
+def test_a_template_checked_on_the_sample_users_is_still_bounded_on_a_longer_history(api, name, bomb):
+    """A template that is harmless for every sample user (the save check passes) and turns into a CPU or output
+    bomb for a history longer than any of theirs: a request with such a history gets its 400 quickly, on the
+    fast path, and the server goes on answering."""
+    _, rec = api
+    longest = max(len(s) for s in rec.data.sequences)
+    text = f"---\nname: {name}\n---\n{{% if n_history_total > {longest} %}}{bomb}{{% endif %}}{{{{ user }}}}x"
+    saved = http(api).put(f"/v1/templates/{name}", json={"text": text})
+    assert saved.status_code == 201 and saved.json()["checked"] is True, saved.text
+    ids = rec.catalog.item_ids
+    assert chat(api, name, list(ids[:3])).status_code == 200
+    start = time.monotonic()
+    r = chat(api, name, [ids[k % len(ids)] for k in range(longest + 1)])
+    took = time.monotonic() - start
+    assert r.status_code == 400 and r.json()["error"]["code"] == "template_error", r.text
+    assert took < 5.0, f"{took:.2f} s"
+    assert httpx.get(api[0].url + "/health", timeout=5).status_code == 200

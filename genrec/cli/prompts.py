@@ -250,8 +250,9 @@ def save(
 
 @prompts_app.command()
 def activate(run: RunOpt, name: str, version: int, author: AuthorOpt = _whoami()) -> None:
-    """Make a saved version the active one (serving picks it up on the next request)."""
-    v = _store(run).activate(name, version, by=author)
+    """Make a saved version the active one, once it renders for sample users (serving picks it up on the next
+    request)."""
+    v = _store(run).activate(name, version, by=author, check=TemplateChecker.for_run(RunDir(run)))
     typer.echo(f"{name}: v{v.version} is active")
 
 

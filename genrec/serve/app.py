@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,12 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec.errors import GenrecError
 from genrec.recommender import Recommendation
 from genrec.serve import encode
-from genrec.serve.http import BodyLimit, HTTPLimits
+from genrec.serve.http import ASGIApp, BodyLimit, HTTPLimits, Message, Receive, Scope, Send
 from genrec.serve.protocol import (
     APIError,
     AssistantMessage,
@@ -38,8 +39,8 @@ from genrec.serve.protocol import (
     ModelList,
     Usage,
 )
-from genrec.serve.service import RecService, recommended_items
-from genrec.serve.templates_api import bearer, template_router
+from genrec.serve.service import Metrics, RecService, recommended_items
+from genrec.serve.templates_api import bearer_token, template_router
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,66 @@ PUBLIC_CHOICES = {
     "docs": ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
 }
 """What `public` may open to clients without a key when keys are configured (`/health` always is)."""
+
+
+def error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class Observe:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it adds a task and a copy of the response per request)
+    around the routes: a protected path (`protected_paths`) without a valid API key gets 401 before routing;
+    an APIError or other exception a route lets through becomes its OpenAI-style error (500 for the others,
+    logged); each /v1 request is counted and timed by route and status (`Metrics.requests`, `latency`), as
+    the response starts."""
+
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, keys: set[str], exact: set[str], prefixes: tuple[str, ...]
+    ) -> None:
+        self.app, self.metrics = app, metrics
+        self.keys, self.exact, self.prefixes = keys, exact, prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope["path"]
+        protected = self.keys and (path in self.exact or path.startswith(self.prefixes))
+        if protected and bearer_token(Headers(scope=scope)) not in self.keys:
+            self.metrics.requests.labels("unauthenticated", "401").inc()  # before routing: no route yet
+            await error(
+                APIError(
+                    401,
+                    "missing or invalid API key (Authorization: Bearer …)",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
+            )(scope, receive, send)
+            return
+        counted = path.startswith(self.prefixes)
+        responded = False
+
+        async def observed(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.start" and not responded:
+                responded = True
+                if counted:
+                    # labelled by route, not by the path a client sent: one series per route, however many names
+                    endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+                    self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+                    self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        except Exception as e:
+            if responded:  # too late for an error body: the server closes the connection
+                raise
+            if not isinstance(e, APIError):
+                logger.exception("unhandled error on %s", path)
+                e = APIError(500, "internal error", type="server_error")
+            await error(e)(scope, receive, observed)
 
 
 def protected_paths(public: Collection[str]) -> tuple[set[str], tuple[str, ...]]:
@@ -96,9 +157,6 @@ def create_app(
 
     app = FastAPI(title="genrec", lifespan=lifespan)
 
-    def error(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -118,35 +176,6 @@ def create_app(
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error(APIError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        path = request.url.path
-        if keys and (path in exact or path.startswith(prefixes)) and bearer(request) not in keys:
-            response: Response = error(
-                APIError(
-                    401,
-                    "missing or invalid API key (Authorization: Bearer …)",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                )
-            )
-            service.metrics.requests.labels("unauthenticated", "401").inc()  # before routing: no route yet
-            return response
-        try:
-            response = await call_next(request)
-        except APIError as e:
-            response = error(e)
-        except Exception:
-            logger.exception("unhandled error on %s", path)
-            response = error(APIError(500, "internal error", type="server_error"))
-        if path.startswith(prefixes):
-            # labelled by route, not by the path a client sent: one series per route, however many names
-            endpoint = getattr(request.scope.get("route"), "path", None) or "unmatched"
-            service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-            service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
 
     def check_model(model: str, n: int) -> None:
         if model != service.model_name:
@@ -240,6 +269,7 @@ def create_app(
             return Response(body, media_type=encode.JSON)
 
     app.include_router(template_router(service, admin_keys=admins))
+    app.add_middleware(Observe, metrics=service.metrics, keys=keys, exact=exact, prefixes=prefixes)
     app.add_middleware(BodyLimit, limits=http or HTTPLimits())  # added last: the outermost layer
     return app
 

@@ -293,6 +293,11 @@ class TemplateVersionInfo(BaseModel):
     parent: int | None = None
     active: bool = False
     matches_training: bool = Field(description="Same text (hash) as the template the model was trained with.")
+    checked: bool = Field(
+        False,
+        description="Passed the render check against the run's sample users when saved (or is a shipped file): "
+        "served on the sandbox's fast path.",
+    )
 
 
 class TemplateSummary(TemplateVersionInfo):

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.datastructures import Headers
 
 from genrec.serve.protocol import (
     APIError,
@@ -47,7 +48,12 @@ EDITOR_FILES = {"editor.js": "text/javascript", "editor.css": "text/css"}
 
 
 def bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+    return bearer_token(request.headers)
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (None without one)."""
+    auth = headers.get("authorization", "")
     return auth[7:].strip() if auth.startswith("Bearer ") else None
 
 
@@ -204,7 +210,9 @@ class TemplateService:
     ) -> TemplateVersion:
         self.valid(name)
         base = self.base_version(name, if_match, None) if if_match else None
-        return await self.write(lambda: self.store.activate(name, version, by=author, base_version=base))
+        return await self.write(
+            lambda: self.store.activate(name, version, by=author, base_version=base, check=self.checker)
+        )
 
     async def rollback(self, name: str, *, author: str, if_match: str | None) -> TemplateVersion:
         self.valid(name)

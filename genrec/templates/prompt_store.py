@@ -78,6 +78,10 @@ class TemplateVersion:
     parent: int | None = None
     source: str = "store"
     """'store' for saved versions, or the path of the shipped file it was read from."""
+    checked: bool = False
+    """Rendered for the run's sample users when it was saved (the `check` of `save`), or a file the operators
+    put there (shipped, imported): served on the sandbox's fast path (PromptTemplate.checked). Versions saved
+    before the flag existed, or saved without a check, render under the line trace until activated with one."""
 
     @property
     def etag(self) -> str:
@@ -111,6 +115,8 @@ class TemplateStore:
         self._files = _FileCache(recheck_s)
         """state.json and shipped files, re-read only when they change on disk (another process saved)."""
         self._mutex = threading.Lock()
+        self._checked: set[str] = set()
+        """Hashes of texts that passed an activation's check in this process (see `activate`)."""
 
     @classmethod
     def for_run(cls, run_path: Path) -> TemplateStore:
@@ -148,7 +154,7 @@ class TemplateStore:
 
         def parse(text: str) -> tuple[TemplateVersion, str]:
             meta = TemplateVersion(
-                name, 1, _hash(text), "genrec", "", f"shipped file {path.name}", None, str(path)
+                name, 1, _hash(text), "genrec", "", f"shipped file {path.name}", None, str(path), checked=True
             )
             return meta, text
 
@@ -199,7 +205,8 @@ class TemplateStore:
         return (self.root / name / f"v{v.version:04d}.jinja").read_text(encoding="utf-8")
 
     def template(self, name: str, version: int | None = None) -> tuple[TemplateVersion, PromptTemplate]:
-        """A compiled template (cached: versions are immutable)."""
+        """A compiled template, compiled once per version (versions are immutable), `checked` when the version
+        passed a check (TemplateVersion.checked, or an activation's check in this process)."""
         v = self.active(name) if version is None else self.version(name, version)
         key = (name, v.version)
         with self._mutex:
@@ -208,6 +215,7 @@ class TemplateStore:
             t = parse_template(self.text(name, v.version), source=f"{name}@v{v.version}")
             with self._mutex:
                 self._cache[key] = t
+        t.checked = v.checked or v.hash in self._checked
         return v, t
 
     def diff(self, a: tuple[str, int | None], b: tuple[str, int | None]) -> str:
@@ -277,7 +285,14 @@ class TemplateStore:
             if check is not None:
                 check(parsed)
             v = TemplateVersion(
-                name, number, _hash(text), author, _now(), message, current.version if current else None
+                name,
+                number,
+                _hash(text),
+                author,
+                _now(),
+                message,
+                current.version if current else None,
+                checked=check is not None,
             )
             folder = self.root / name
             atomic_write_text(folder / f"v{number:04d}.jinja", text)
@@ -296,7 +311,9 @@ class TemplateStore:
         if shipped is not None:
             meta, text = shipped
             shipped_as = f"{Path(meta.source).parent.name}/{Path(meta.source).name}"
-            v1 = TemplateVersion(name, 1, meta.hash, "genrec", _now(), f"imported from {shipped_as}")
+            v1 = TemplateVersion(
+                name, 1, meta.hash, "genrec", _now(), f"imported from {shipped_as}", checked=True
+            )
             atomic_write_text(self.root / name / "v0001.jinja", text)
             atomic_write_text(self.root / name / "v0001.json", json.dumps(asdict(v1)))
             state = {
@@ -315,15 +332,26 @@ class TemplateStore:
         self._files.forget(self.root / name / "state.json")
 
     def activate(
-        self, name: str, version: int, *, by: str, base_version: int | None = None
+        self,
+        name: str,
+        version: int,
+        *,
+        by: str,
+        base_version: int | None = None,
+        check: Callable[[PromptTemplate], object] | None = None,
     ) -> TemplateVersion:
-        """Make `version` the one serving uses (`base_version`, when given, must be the active one)."""
+        """Make `version` the one serving uses (`base_version`, when given, must be the active one). `check`, as
+        for `save`, runs first, whatever the version passed when it was saved (the sandbox or the run's data may
+        have changed since); nothing changes when it fails, and when it passes the version is served as checked."""
         with self._locked():
             self._files.forget(self.root / name / "state.json")
             current = self.active(name)
             if base_version is not None and base_version != current.version:
                 raise VersionConflict(name, base_version, current)
             target = self.version(name, version)
+            if check is not None:  # parsed here: template() takes the mutex this lock holds
+                check(parse_template(self.text(name, version), source=f"{name}@v{version}"))
+                self._checked.add(target.hash)
             state = self._state(name)
             if state is None:  # a shipped template has only v1, which is already active
                 return target

@@ -200,7 +200,8 @@ def _render_all(task: dict[str, Any], variable_sets: list[dict[str, Any]], memor
     out: list[list[dict[str, str]]] = []
     index = None  # the variable set being rendered when it failed (None: the template did not compile)
     try:
-        template = PromptTemplate(**{**task, "limits": RenderLimits(**task["limits"])})
+        # traced whatever the parent thought of it: the worker is for templates not to be trusted yet
+        template = PromptTemplate(**{**task, "limits": RenderLimits(**task["limits"]), "checked": False})
         for variables in variable_sets:
             index = len(out)
             out.append(template.render(variables))

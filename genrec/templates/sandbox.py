@@ -5,16 +5,44 @@ template is untrusted code. Jinja's `ImmutableSandboxedEnvironment` already refu
 (`__class__`, `__globals__`, ...), unsafe callables and mutation of lists and dicts. This module
 adds what the sandbox leaves to the embedder: **time** and **size**.
 
-- Time: while a template renders, a per-thread trace hook watches the template's own frames
-  and aborts once the render has used its CPU budget, so nested loops, recursion and
-  `loop.cycle` tricks end. The clock is the thread's CPU time less the garbage collector's
-  pauses: a busy machine, another thread holding the GIL or a collection of a big heap must not
-  fail a render that costs a millisecond (it once stopped a GPU training run, BENCHMARKS.md).
 - Size: every operator that can amplify (`*`, `**`, `+`, `%`, `~`), every method call and
   every filter is checked *before* it allocates (estimated result size, integer arguments)
-  and its result after; the rendered output is capped while it streams.
+  and its result after; the rendered output is capped while it streams; what a comparison or a
+  hash would walk is checked before it runs (`reach`).
 - Filters and string methods are allow-lists: those whose cost cannot be bounded from their
   arguments (`indent`, `wordwrap`, `center`, `expandtabs`, ...) are simply not there.
+- Time: a render has a CPU budget (`RenderLimits.max_seconds`): the rendering thread's CPU time less
+  the garbage collector's pauses, so that a busy machine, another thread holding the GIL or a
+  collection of a big heap does not fail a render that costs a millisecond (it once stopped a GPU
+  training run, BENCHMARKS.md). It is enforced two ways (`BoundedSandbox.render_bounded(traced=...)`):
+  - *ticks* (always on, the hot path's only clock): the code generator puts a tick at the top of every
+    loop body, and every call (macros, recursive `loop(...)`, methods, globals), intercepted operator and
+    filter ticks too; every `TICKS_PER_CHECK` ticks the budget is read. That costs O(iterations + calls),
+    not O(lines), and it is enough, because a template can only repeat work through loops and calls:
+    between two ticks runs straight-line template code, at most as long as the template (64 KiB), whose
+    every step is bounded by the size limits.
+  - *a line trace* (`traced=True`): a per-thread `sys.settrace` hook also checks the budget every 64 lines
+    of the template's own frames. It costs about four times the render itself; templates nobody has
+    checked (editor drafts, a save's own check, files) keep it, and render in the killable worker
+    process (genrec.templates.prompt_worker) besides.
+
+Threat model. The adversary holds an admin key and writes any template text; the server's operators,
+the run's catalogue and the request's history (items of that catalogue, up to `ServeLimits.max_history`)
+are trusted as data but not as small: a history can be longer, and a title larger, than any the template
+was checked on. Saving or activating a version renders it in the worker for sample users of the run
+(genrec.templates.prompt_store.TemplateChecker), which refuses templates that fail, blow up or overrun
+*there*; a checked version then renders in-process with ticks only (PromptTemplate.checked). The save
+check cannot be the guard: a template can branch on the user, the history's length or an item's text,
+so every limit above (output size, range size, values built, CPU budget) holds at request time for every
+render, checked or not, and a breach is the request's `TemplateLimitExceeded` (a 4xx), never a hang or a
+5xx. What neither clock can stop is one C-level operation that runs long by itself (the trace cannot
+either: it fires between Python lines, and the GIL is held throughout, so the whole server stalls). The
+size limits bound those that build (`*`, `join`, `format`, ...); comparisons and hashes are bounded by
+`reach` (every operand of `==`, `<`, `in`, dict-literal keys, the comparing filters and tests, filter
+arguments, methods of lists and dicts): a value that shares references, `[a, a]` nested forty deep, is
+forty small lists and 2**40 steps to compare. Values that may be written into an error message (an index
+not found, a filter or test name, a method's argument) are weighed like output. The worker's wall-clock
+kill backs all of it up for templates never checked.
 
 Knows nothing of recommendation; `genrec.templates.prompts` builds its templates on this environment.
 """
@@ -34,14 +62,17 @@ from functools import wraps
 from types import FrameType
 from typing import Any
 
-from jinja2.compiler import CodeGenerator, Frame
-from jinja2.nodes import Concat
-from jinja2.runtime import Context
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame, operators
+from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, _PassArg
 
 TEMPLATE_FILENAME = "<template>"
 """The filename Jinja gives code compiled from strings; the trace hook watches only these frames."""
+TICKS_PER_CHECK = 64
+"""Ticks (loop iterations, calls, intercepted operators, filters) between two readings of the CPU clock: a
+reading costs about 0.6 µs, a tick about 0.1 µs."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,39 @@ def weight(value: Any, budget: int) -> int:
     return total
 
 
+def reach(value: Any, budget: int) -> int:
+    """Steps a comparison or a hash of `value` may take (`==`, `<`, `in`, a dict key, `sort`, `unique`): one per
+    element reached, a container's elements counted once per path to them, a string one per 4 KiB; counted
+    only until past `budget`.
+
+    Size and weight are not enough here: `[a, a]` nested forty deep (a statement per level) is forty small
+    lists, and compared with a copy built alike, or hashed as a tuple, it is 2**40 steps of C that no clock
+    can interrupt, while the GIL is held. The check costs at most O(budget) steps, and nothing for scalars."""
+    stack, total = [value], 0
+    while stack and total <= budget:
+        v = stack.pop()
+        total += 1
+        if isinstance(v, str):
+            total += len(v) >> 12
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+    return total
+
+
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+NAMING_FILTERS = {"attr", "map", "reject", "rejectattr", "select", "selectattr"}
+"""Filters whose first argument names a filter, test or attribute: it is hashed and, when unknown, written into the
+error message, so it is weighed."""
+COMPARING_FILTERS = {
+    "dictsort", "groupby", "max", "min", "reject", "rejectattr", "select", "selectattr", "sort", "unique",
+}  # fmt: skip
+"""Filters that compare or hash their input's elements (with each other, or with an argument): reach-checked."""
+
+
 _PERCENT_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])")
 """One conversion of printf-style formatting: (mapping key, width, precision, type)."""
 
@@ -131,11 +195,51 @@ SERIALISING_FILTERS = {
 """Filters that write their input out as text (or, `sum`, concatenate its items): checked by weight first."""
 
 
+def _tick_statement(lineno: int) -> nodes.ExprStmt:
+    """`environment.tick()`, the statement the code generator puts first in every loop body. Jinja allows
+    no new node types; the template parser never makes an EnvironmentAttribute, so this call is ours."""
+    return nodes.ExprStmt(nodes.Call(nodes.EnvironmentAttribute("tick"), [], [], None, None), lineno=lineno)
+
+
 class _Codegen(CodeGenerator):
     """Routes `~` and the buffers of macros, `{% set %}` blocks and `{% filter %}` blocks through the
-    environment, so that their sizes are checked as they grow (the output cap sees only the top level)."""
+    environment, so that their sizes are checked as they grow (the output cap sees only the top level), and
+    ticks once per loop iteration (recursive loops included: each level's body is the same body)."""
 
-    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        node.body = [_tick_statement(node.lineno), *node.body]
+        super().visit_For(node, frame)
+
+    def visit_Call(self, node: nodes.Call, frame: Frame, forward_caller: bool = False) -> None:
+        if isinstance(node.node, nodes.EnvironmentAttribute) and node.node.name == "tick":
+            self.write("environment.tick()")  # not through the sandbox's call(): it is not the template's
+            return
+        super().visit_Call(node, frame, forward_caller=forward_caller)
+
+    def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
+        """Every operand of `==`, `<`, `in`, ... through `environment.comparable` (see `reach`)."""
+        self.write("(environment.comparable(")
+        self.visit(node.expr, frame)
+        self.write(")")
+        for op in node.ops:
+            self.write(f" {operators[op.op]} environment.comparable(")
+            self.visit(op.expr, frame)
+            self.write(")")
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        """A dict literal's keys are hashed: through `environment.comparable` too."""
+        self.write("{")
+        for idx, item in enumerate(node.items):
+            if idx:
+                self.write(", ")
+            self.write("environment.comparable(")
+            self.visit(item.key, frame)
+            self.write("): ")
+            self.visit(item.value, frame)
+        self.write("}")
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.bounded_concat((")
         for arg in node.nodes:
             self.visit(arg, frame)
@@ -188,6 +292,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(finalize=self._finalize_output, **kwargs)
         self.limits = limits or RenderLimits()
         self.filters = {name: self._guard(f) for name, f in self.filters.items() if name in SAFE_FILTERS}
+        self.tests = {name: self._guard_test(f) for name, f in self.tests.items()}
         self.globals["range"] = self._range
         self.globals.pop("lipsum", None)  # generates text from integer arguments
         ns = type("namespace", (_BoundedNamespace,), {"limit": self.limits.max_chars})
@@ -198,6 +303,23 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def check_size(self, value: Any, what: str) -> Any:
         if _size(value) > self.limits.max_chars:
             raise TemplateLimitExceeded(f"{what} would exceed {self.limits.max_chars} items/characters")
+        return value
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        """`obj[argument]`: a container or slice index is weighed first, since it is hashed and, when missing,
+        written into the undefined value's message (`{}[key]`, `[][a:]`)."""
+        if isinstance(argument, slice):
+            self.check_weight((argument.start, argument.stop, argument.step), "an index")
+        elif isinstance(argument, _CONTAINERS):
+            self.check_weight(argument, "an index")
+        return super().getitem(obj, argument)
+
+    def comparable(self, value: Any) -> Any:
+        """`value`, once it is known that comparing or hashing it is bounded (`reach`); scalars pass at once."""
+        if isinstance(value, _CONTAINERS) and reach(value, self.limits.max_chars) > self.limits.max_chars:
+            raise TemplateLimitExceeded(
+                f"comparing or hashing a value of more than {self.limits.max_chars} elements"
+            )
         return value
 
     def check_weight(self, value: Any, what: str) -> Any:
@@ -231,6 +353,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return rng
 
     def call_binop(self, context: Context, operator_: str, left: Any, right: Any) -> Any:
+        self.tick()
         lim, bits = self.limits.max_chars, self.limits.max_int_bits
         ints = _is_int(left) and _is_int(right)
         if operator_ == "*" and ints:
@@ -298,6 +421,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return True
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        __self.tick()
         name = getattr(__obj, "__name__", "callable")
         if not __self.is_safe_callable(__obj):
             raise SecurityError(f"calling {name!r} is not allowed in templates")
@@ -306,6 +430,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
         if isinstance(owner, str):
             __self._precheck_str_method(owner, name, args, kwargs)
+        elif isinstance(owner, (*_CONTAINERS, LoopContext)):  # `count`, `index`, `get`, `loop.changed`
+            __self.comparable(owner)  # compare what they hold with the arguments
+            for a in (*args, *kwargs.values()):  # and write what they did not find into the error
+                if isinstance(a, _CONTAINERS):
+                    __self.check_weight(a, f"{name}()")
         return __self.check_size(__context.call(__obj, *args, **kwargs), f"{name}()")
 
     def _precheck_str_method(self, s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -333,12 +462,27 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         name = getattr(f, "__name__", "filter")
         first_param = 2 if _PassArg.from_obj(f) is not None else 1  # skip (context,) and the input value
         serialises = name.removeprefix("do_") in SERIALISING_FILTERS
+        compares = name.removeprefix("do_") in COMPARING_FILTERS
+        names = name.removeprefix("do_") in NAMING_FILTERS
 
         @wraps(f)
         def guarded(*args: Any, **kwargs: Any) -> Any:
+            self.tick()
             self._check_args(f"filter {name}", args[first_param:], kwargs)
             if serialises and len(args) >= first_param:
                 self.check_weight(args[first_param - 1], f"filter {name}")
+            for a in (*args[first_param:], *kwargs.values()):  # an argument may be hashed (a lookup, a set)
+                if isinstance(a, _CONTAINERS):
+                    self.comparable(a)
+            if names and len(args) > first_param:
+                self.check_weight(args[first_param], f"filter {name}")
+            if compares and len(args) >= first_param:
+                value = args[first_param - 1]
+                if not isinstance(value, (str, *_CONTAINERS)):  # a generator (`map`, `select`): its elements
+                    value = list(value)
+                    args = (*args[: first_param - 1], value, *args[first_param:])
+                for a in (value, *args[first_param:], *kwargs.values()):
+                    self.comparable(a)
             if name == "do_replace" and len(args) >= 4:  # (eval_ctx, s, old, new)
                 self._precheck_replace(args[1], args[2], args[3])
             if name == "do_join" and len(args) >= 2:  # (eval_ctx, value, d='', attribute=None)
@@ -352,56 +496,131 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
         return guarded
 
+    def _guard_test(self, f: Any) -> Callable[..., bool]:
+        """Wrap a test (`is in`, `is eq`, ...): its container arguments reach-checked, as a comparison's."""
+
+        @wraps(f)
+        def guarded(*args: Any, **kwargs: Any) -> bool:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, _CONTAINERS):
+                    self.comparable(a)
+            return f(*args, **kwargs)
+
+        return guarded
+
     # -- rendering -------------------------------------------------------------------------------
-    def render_bounded(self, chunks: Callable[[], Iterator[str]]) -> str:
-        """Join a template's output stream under the time and size limits."""
+    @staticmethod
+    def tick() -> None:
+        """One step of a render (a loop iteration, a call, an operator, a filter): every TICKS_PER_CHECK
+        steps, stop the render once it is past its CPU budget. Outside a bounded render, nothing."""
+        budget: _Budget | None = getattr(_render, "budget", None)
+        if budget is not None:
+            budget.left -= 1
+            if budget.left <= 0:
+                budget.check()
+
+    def render_bounded(self, chunks: Callable[[], Iterator[str]], *, traced: bool = True) -> str:
+        """Join a template's output stream under the time and size limits. `traced`: check the time at
+        every 64 lines of the template's frames too (a `sys.settrace` hook, about 4x the render's cost),
+        for templates not checked yet; False: by ticks alone, for checked templates (the module's docstring)."""
+        budget = _Budget(self.limits.max_seconds)
+        outer = getattr(_render, "budget", None)  # a render inside a helper of another render
+        _render.budget = budget
+        try:
+            if not traced:
+                return self._join(chunks)
+            with _line_trace(budget):
+                return self._join(chunks)
+        finally:
+            _render.budget = outer
+
+    def _join(self, chunks: Callable[[], Iterator[str]]) -> str:
         out: list[str] = []
         size = 0
-        with _cpu_budget(self.limits.max_seconds):
-            for chunk in chunks():
-                size += len(chunk)
-                if size > self.limits.max_chars:
-                    raise TemplateLimitExceeded(f"output exceeds {self.limits.max_chars} characters")
-                out.append(chunk)
+        for chunk in chunks():
+            size += len(chunk)
+            if size > self.limits.max_chars:
+                raise TemplateLimitExceeded(f"output exceeds {self.limits.max_chars} characters")
+            out.append(chunk)
         return "".join(out)
 
 
+_render = threading.local()
+"""`budget`: the _Budget of the render running in this thread (None: none)."""
+
+
+class _Budget:
+    """One render's CPU budget: this thread's CPU time since the render started, less the garbage
+    collector's share of it (_gc_seconds)."""
+
+    __slots__ = ("gc_start", "left", "seconds", "start")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.gc_start = _gc_seconds()
+        self.start = time.thread_time()
+        self.left = TICKS_PER_CHECK  # ticks until the clock is read again
+
+    def spent(self) -> float:
+        return time.thread_time() - self.start - (_gc_seconds() - self.gc_start)
+
+    def check(self) -> None:
+        self.left = TICKS_PER_CHECK
+        if self.spent() > self.seconds:
+            raise TemplateLimitExceeded(f"rendering took longer than {self.seconds:g} s of CPU time")
+
+
+_gc_clock = threading.local()
+"""`spent`: CPU seconds the garbage collector has taken in this thread; `began`: when the running one began."""
+_gc_installed = False
+_gc_install_lock = threading.Lock()
+
+
+def _on_gc(
+    phase: str, info: dict[str, int], _clock: Callable[[], float] = time.thread_time, _at: Any = _gc_clock
+) -> None:
+    # bound as defaults: a collection during interpreter shutdown may run after module globals are cleared
+    if phase == "start":
+        _at.began = _clock()
+        return
+    began = getattr(_at, "began", None)
+    if began is not None:
+        _at.spent = getattr(_at, "spent", 0.0) + _clock() - began
+        _at.began = None
+
+
+def _gc_seconds() -> float:
+    """CPU seconds the collector has taken in this thread since the first bounded render: a callback in
+    `gc.callbacks` from then on (two clock readings per collection), rather than one added and removed
+    around every render."""
+    global _gc_installed
+    if not _gc_installed:
+        with _gc_install_lock:
+            if not _gc_installed:
+                gc.callbacks.append(_on_gc)
+                _gc_installed = True
+    spent: float = getattr(_gc_clock, "spent", 0.0)
+    return spent
+
+
 @contextmanager
-def _cpu_budget(budget: float) -> Iterator[None]:
-    """Abort the template's own frames (loops, macros, recursion) once this thread has spent `budget`
-    seconds of CPU on the render, not counting the garbage collector's runs inside it."""
-    me = threading.get_ident()
-    start = time.thread_time()
-    collected = 0.0  # CPU seconds the collector took in this thread during the render
-    gc_from: float | None = None
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        nonlocal collected, gc_from
-        if threading.get_ident() != me:
-            return
-        if phase == "start":
-            gc_from = time.thread_time()
-        elif gc_from is not None:
-            collected += time.thread_time() - gc_from
-            gc_from = None
-
-    ticks = 0
+def _line_trace(budget: _Budget) -> Iterator[None]:
+    """Check `budget` every 64 lines run in the template's own frames (loops, macros, recursion)."""
+    lines = 0
 
     def local(frame: FrameType, event: str, arg: Any) -> Any:
-        nonlocal ticks
-        ticks += 1
-        if ticks % 64 == 0 and time.thread_time() - start - collected > budget:
-            raise TemplateLimitExceeded(f"rendering took longer than {budget:g} s of CPU time")
+        nonlocal lines
+        lines += 1
+        if lines % 64 == 0:
+            budget.check()
         return local
 
     def global_(frame: FrameType, event: str, arg: Any) -> Any:
         return local if frame.f_code.co_filename == TEMPLATE_FILENAME else None
 
     previous = sys.gettrace()
-    gc.callbacks.append(on_gc)
     sys.settrace(global_)
     try:
         yield
     finally:
         sys.settrace(previous)
-        gc.callbacks.remove(on_gc)
