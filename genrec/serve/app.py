@@ -1,4 +1,5 @@
-"""The HTTP surface: OpenAI-compatible routes over RecService, one place mapping errors to statuses.
+"""The HTTP surface: thin OpenAI-compatible routes over OpenAIServing and RecService, one place mapping errors to
+statuses.
 
 Routes: GET /v1/models, POST /v1/chat/completions (JSON or SSE stream), POST /v1/completions,
 GET /health, GET /metrics (Prometheus), the template API and /editor (genrec.serve.templates_api). Bearer API keys when configured. Every client input error
@@ -7,7 +8,6 @@ is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -22,35 +22,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec.errors import GenrecError
-from genrec.recommender import Recommendation
 from genrec.serve import encode
 from genrec.serve.http import ASGIApp, BodyLimit, HTTPLimits, Message, Receive, Scope, Send
-from genrec.serve.protocol import (
-    APIError,
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChunkChoice,
-    CompletionRequest,
-    Delta,
-    ModelCard,
-    ModelList,
-    Usage,
-)
-from genrec.serve.service import Metrics, RecService, recommended_items
+from genrec.serve.openai_api import OpenAIServing
+from genrec.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from genrec.serve.service import Metrics, RecService
 from genrec.serve.templates_api import bearer_token, template_router
 
 logger = logging.getLogger(__name__)
-
-
-def format_text(recs: list[Recommendation]) -> str:
-    if not recs:
-        return "No items to recommend."
-    return "\n".join(
-        f"{k}. {r.title or r.item_id} (item {r.item_id}, score {r.score:.4f})" for k, r in enumerate(recs, 1)
-    )
 
 
 PUBLIC_CHOICES = {
@@ -143,7 +122,7 @@ def create_app(
     size and read deadline; `public`: `metrics` and/or `docs` served without a key when keys are configured
     (by default they need one, like /v1)."""
     admins = dict(admin_keys or {})
-    clock = service.rec.clock  # CPU time by stage; the worker thread's stages are timed by the recommender
+    serving = OpenAIServing(service)
     keys = set(api_keys or []) | (set(admins) if api_keys else set())
     exact, prefixes = protected_paths(public)
 
@@ -177,17 +156,6 @@ def create_app(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error(APIError(exc.status_code, str(exc.detail), type=kind))
 
-    def check_model(model: str, n: int) -> None:
-        if model != service.model_name:
-            raise APIError(
-                400,
-                f"unknown model {model!r}; this server serves {service.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        if n != 1:
-            raise APIError(400, f"n={n}: only n=1 is supported (use n_items for more items)", param="n")
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": service.model_name, "queue": service.queue_depth}
@@ -201,97 +169,23 @@ def create_app(
         return ModelList(data=[ModelCard(id=service.model_name)])
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatCompletionRequest) -> Any:
+    async def chat(req: ChatCompletionRequest) -> Response:
         try:
-            check_model(req.model, req.n)
-            user_msgs = [m for m in req.messages if m.role == "user"]
-            text = user_msgs[-1].text() if user_msgs else ""
-            with clock.stage("parse"):
-                q = service.parse(req, text=text, user=req.user)
-            recs = await service.recommend(q, req.template)
+            out = await serving.chat(req)
         except APIError as e:
             return error(e)
-        with clock.stage("encode"):
-            fmt = req.response_format.type if req.response_format else "text"
-            content = json.dumps({"items": encode.recommended(recs)}) if fmt != "text" else format_text(recs)
-            template = (
-                service.template_info(q.template.name, q.template.hash, q.template.version)
-                if q.template
-                else None
-            )
-            if not req.stream:
-                return Response(
-                    encode.chat_completion(
-                        model=req.model,
-                        content=content,
-                        recs=recs,
-                        prompt_tokens=q.prompt_tokens,
-                        completion_tokens=len(recs) * service.rec.ids.depth,
-                        template=template,
-                    ),
-                    media_type=encode.JSON,
-                )
-        usage = Usage(
-            prompt_tokens=q.prompt_tokens,
-            completion_tokens=len(recs) * service.rec.ids.depth,
-        )
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        resp = ChatCompletionResponse(
-            model=req.model,
-            choices=[ChatChoice(message=AssistantMessage(content=content))],
-            usage=usage,
-            recommendations=recommended_items(recs),
-            template=template,
-        )
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(sse_chunks(resp, content, include_usage), media_type="text/event-stream")
+        if isinstance(out, bytes):
+            return Response(out, media_type=encode.JSON)
+        return StreamingResponse(out, media_type="text/event-stream")
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest) -> Response:
         try:
-            check_model(req.model, req.n)
-            prompt = req.prompt if isinstance(req.prompt, str) else "\n".join(req.prompt)
-            if req.stream:
-                raise APIError(400, "stream=true is supported on /v1/chat/completions only", param="stream")
-            with clock.stage("parse"):
-                q = service.parse(req, text=prompt, user=req.user)
-            recs = await service.recommend(q, req.template)
+            return Response(await serving.completion(req), media_type=encode.JSON)
         except APIError as e:
             return error(e)
-        with clock.stage("encode"):
-            body = encode.completion(
-                model=req.model,
-                text=format_text(recs),
-                recs=recs,
-                prompt_tokens=q.prompt_tokens,
-                completion_tokens=len(recs) * service.rec.ids.depth,
-            )
-            return Response(body, media_type=encode.JSON)
 
     app.include_router(template_router(service, admin_keys=admins))
     app.add_middleware(Observe, metrics=service.metrics, keys=keys, exact=exact, prefixes=prefixes)
     app.add_middleware(BodyLimit, limits=http or HTTPLimits())  # added last: the outermost layer
     return app
-
-
-async def sse_chunks(resp: ChatCompletionResponse, content: str, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI chunk stream: role, one chunk per line of the reply, finish, optional usage, [DONE]."""
-
-    def chunk(delta: Delta, finish: Any = None, usage: Usage | None = None, choices: bool = True) -> str:
-        c = ChatCompletionChunk(
-            id=resp.id,
-            created=resp.created,
-            model=resp.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [],
-            usage=usage,
-        )
-        return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
-
-    yield chunk(Delta(role="assistant", content=""))
-    lines = content.split("\n")
-    for k, line in enumerate(lines):
-        yield chunk(Delta(content=line + ("\n" if k + 1 < len(lines) else "")))
-    yield chunk(Delta(), finish="stop")
-    if include_usage:
-        yield chunk(Delta(), usage=resp.usage, choices=False)
-    yield "data: [DONE]\n\n"
