@@ -179,18 +179,19 @@ def sasrec_from_retriever(
 
     if cfg.eval.split != "test":
         return None
-    info = rec.run.meta().get("retrieval", {})
-    if (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed):
-        return None
     model = getattr(rec, "collab", None)
     if not isinstance(model, SASRecRetriever):  # retrieval.source=auto fits it and may choose another
-        if "sasrec" not in info.get("fitted", ()):
+        run = getattr(rec, "run", None)
+        if run is None or "sasrec" not in run.meta().get("retrieval", {}).get("fitted", ()):
             return None
         try:
-            model = load_collaborative(rec.run.retriever_dir, "sasrec")
+            model = load_collaborative(run.retriever_dir, "sasrec")
         except FileNotFoundError:
             return None
     assert isinstance(model, SASRecRetriever)
+    info = rec.run.meta().get("retrieval", {})
+    if (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed):
+        return None
     sas = SASRecConfig()
     held = [s[:-2] for s in rec.data.sequences if len(s) >= 3][: sas.valid_users or None]  # as fit_sasrec's
     window = sasrec_window(sas.max_len, held, [ex.history for ex in examples])
