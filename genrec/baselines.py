@@ -48,7 +48,16 @@ def itemknn_lists(
     neighbours: int = 100,
     shrink: float = 10.0,
 ) -> list[list[int]]:
-    """Item-based kNN: cosine similarity of item columns of the user-item matrix, top neighbours kept."""
+    """Item-based kNN: cosine similarity of item columns of the user-item matrix, top neighbours kept; a user's
+    score for an item sums its similarities to the history's items."""
+    sim = itemknn_similarity(data, split=split, neighbours=neighbours, shrink=shrink)
+    return [_top_k_unseen(itemknn_scores(sim, [ex.history])[0], ex.history, k) for ex in examples]
+
+
+def itemknn_similarity(data: Interactions, *, split: str, neighbours: int = 100, shrink: float = 10.0) -> Any:
+    """Item-kNN's model: the [n_items, n_items] sparse item-item cosine similarity (shrunk by `shrink`) of the
+    user-item matrix of the sequences visible before `split`'s targets, each item row keeping its top
+    `neighbours` similarities."""
     from scipy import sparse
 
     seqs = visible_sequences(data, split)
@@ -74,13 +83,17 @@ def itemknn_lists(
         kept_rows.append(np.full(len(idx), i))
         kept_cols.append(idx)
         kept_vals.append(vals)
-    s = sparse.csr_matrix(
+    return sparse.csr_matrix(
         (np.concatenate(kept_vals), (np.concatenate(kept_rows), np.concatenate(kept_cols))), shape=(n, n)
     )
-    out = []
-    for ex in examples:
-        scores = np.asarray(s[list(ex.history)].sum(axis=0)).ravel()
-        out.append(_top_k_unseen(scores, ex.history, k))
+
+
+def itemknn_scores(sim: Any, histories: Sequence[Sequence[int]]) -> np.ndarray:
+    """[len(histories), n_items] item-kNN scores: per history, the sum of its items' similarity rows (an item
+    seen twice counts twice)."""
+    out = np.zeros((len(histories), sim.shape[1]), dtype=np.float32)
+    for r, h in enumerate(histories):
+        out[r] = np.asarray(sim[list(h)].sum(axis=0)).ravel()
     return out
 
 

@@ -294,24 +294,33 @@ class EvalConfig:
     catalogue; baselines that cannot rank items unseen in training are listed as such."""
 
 
-RetrievalSource = Literal["text", "markov", "sasrec", "union"]
+RetrievalSource = Literal["text", "markov", "itemknn", "sasrec", "union", "auto"]
 """Where retrieved candidates come from (retrieval.source; genrec.retrieval)."""
 RETRIEVAL_SOURCES: tuple[str, ...] = typing.get_args(RetrievalSource)
-COLLABORATIVE = ("markov", "sasrec")
-"""The collaborative retrievers (retrieval.collaborative)."""
+CollaborativeKind = Literal["markov", "itemknn", "sasrec"]
+COLLABORATIVE: tuple[str, ...] = typing.get_args(CollaborativeKind)
+"""The collaborative retrievers (retrieval.collaborative, retrieval.auto_models)."""
 
 
 @dataclass
 class RetrievalConfig:
     source: RetrievalSource = "sasrec"
     """Candidates of a request ranked with candidates=retriever (eval.candidates, `recommend`, the server, batch
-    jobs): `text`, the item-embedding retriever; `markov`, the Markov chain over the last items; `sasrec`, the
-    SASRec model (its scores over the catalogue); `union`, half from retrieval.collaborative and the rest from the
-    text retriever. A collaborative model is trained by `genrec train` on the items before each user's test item
+    jobs): `text`, the item-embedding retriever; `markov`, the Markov chain over the last items; `itemknn`,
+    item-based kNN (the sum of the history items' cosine-similarity rows); `sasrec`, the SASRec model (its scores
+    over the catalogue); `union`, half from retrieval.collaborative and the rest from the text retriever; `auto`,
+    the model of retrieval.auto_models with the best validation NDCG@10 on its own (chosen by `genrec train`,
+    recorded in run.json and the eval report), so a recipe need not know which one wins on a dataset. A
+    collaborative model is trained by `genrec train` on the items before each user's test item
     (runs/<name>/retriever/) and its score is fused with the LM's (retrieval.fusion_weight)."""
-    collaborative: Literal["markov", "sasrec"] = "sasrec"
+    collaborative: CollaborativeKind = "sasrec"
     """`union` only: the collaborative model whose candidates join the text retriever's and whose score is fused
-    (for `markov` and `sasrec` the source is the model)."""
+    (for `markov`, `itemknn` and `sasrec` the source is the model)."""
+    auto_models: list[str] = field(default_factory=lambda: ["markov", "itemknn", "sasrec"])
+    """`auto` only: the collaborative models fitted and compared (each on its own: validation NDCG@10 over the
+    whole catalogue minus the user's items, the first retrieval.tune_users validation users; ties: the earlier
+    one). Markov and item-kNN take seconds; SASRec trains as the SASRec baseline does (eval.sasrec_epochs), and
+    the baseline then reuses it."""
     fusion_weight: Literal["auto"] | float = "auto"
     """Final score of a candidate = the LM's log P(item | prompt) + weight x the log-softmax of the collaborative
     model's scores over the request's candidates (0: the LM alone; no effect for source=text). `auto`: the weight
@@ -320,7 +329,8 @@ class RetrievalConfig:
     fusion_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     """Weights `auto` chooses from."""
     tune_users: int = 1000
-    """Validation users ranked to choose the fusion weight (the first N; 0: all)."""
+    """Validation users ranked to choose the fusion weight and, for `auto`, the collaborative model (the first N;
+    0: all)."""
 
 
 class RankingOptionError(GenrecError, ValueError):
@@ -626,3 +636,8 @@ def validate_retrieval(r: RetrievalConfig) -> None:
         raise ConfigError(f"retrieval.fusion_grid: one or more weights >= 0, got {r.fusion_grid}")
     if r.tune_users < 0:
         raise ConfigError("retrieval.tune_users must be >= 0 (0: all validation users)")
+    unknown = [m for m in r.auto_models if m not in COLLABORATIVE]
+    if unknown or not r.auto_models or len(set(r.auto_models)) != len(r.auto_models):
+        raise ConfigError(
+            f"retrieval.auto_models: one or more distinct of {list(COLLABORATIVE)}, got {r.auto_models}"
+        )

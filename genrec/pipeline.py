@@ -7,15 +7,24 @@ Each step reads and writes only the run directory, so any step can be re-run on 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 import numpy as np
 
 from genrec.config import RunConfig
-from genrec.data import Interactions, load_dataset, without_items
+from genrec.data import Interactions, leave_one_out, load_dataset, without_items
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds, atomic_ids, semantic_ids, with_cold_items
-from genrec.retrieval import TextEncoder, collaborative_embeddings, collaborative_kind, fit_collaborative
+from genrec.retrieval import (
+    COLLABORATIVE_RETRIEVERS,
+    VALIDATION_DIR,
+    CollaborativeRetriever,
+    TextEncoder,
+    collaborative_embeddings,
+    collaborative_kind,
+    fit_collaborative,
+)
 from genrec.run import RunDir
 
 logger = logging.getLogger(__name__)
@@ -105,30 +114,84 @@ def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
 
 
 def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> dict[str, object] | None:
-    """Fit the collaborative retriever retrieval.source needs (None for `text`) on the items before each user's
-    test item, save it in runs/<name>/retriever/ and record it in run.json (`retrieval`)."""
-    kind = collaborative_kind(cfg.retrieval.source, cfg.retrieval.collaborative)
-    if kind is None:
+    """Fit the collaborative retriever retrieval.source needs (None for `text`; for `auto`, each of
+    retrieval.auto_models, keeping the best on validation: `select_collaborative`) on the items before each user's
+    test item, save it in runs/<name>/retriever/ (and the Markov chain and item-kNN fitted without the validation
+    targets in retriever/valid/, for the choices made on validation) and record it in run.json (`retrieval`)."""
+    r = cfg.retrieval
+    if r.source == "text":
         return None
+    kinds = list(r.auto_models) if r.source == "auto" else [collaborative_kind(r.source, r.collaborative)]
     started = time.time()
-    model = fit_collaborative(
-        without_items(run.load_data(), run.cold_items(cfg)),
-        kind,
-        sasrec_epochs=cfg.eval.sasrec_epochs,
-        seed=cfg.train.seed,
-        progress=progress,
+    data = without_items(run.load_data(), run.cold_items(cfg))
+    if run.retriever_dir.exists():  # models of an earlier training would be taken for this one's
+        shutil.rmtree(run.retriever_dir)
+    on_valid: dict[str, CollaborativeRetriever] = {}
+    seconds: dict[str, float] = {}
+    for kind in kinds:
+        assert kind is not None
+        t0 = time.time()
+        model = fit_collaborative(
+            data, kind, sasrec_epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed, progress=progress
+        )
+        model.save(run.retriever_dir)
+        on_valid[kind] = model
+        if kind != "sasrec":  # SASRec never trains on the validation items: its test model serves both
+            on_valid[kind] = fit_collaborative(
+                data, kind, split="valid", sasrec_epochs=0, seed=cfg.train.seed
+            )
+            on_valid[kind].save(run.retriever_dir / VALIDATION_DIR)
+        seconds[kind] = round(time.time() - t0, 1)
+        logger.info("collaborative retriever %s trained in %.1f s", kind, seconds[kind])
+    info: dict[str, object] = {"source": r.source, "fitted": kinds}
+    if r.source == "auto":
+        selection = select_collaborative(data, on_valid, users=r.tune_users)
+        info["selection"] = {**selection, "fit_seconds": seconds}
+        kind = str(selection["chosen"])
+    else:
+        kind = str(kinds[0])
+    info.update(
+        collaborative=kind,
+        file=str((run.retriever_dir / COLLABORATIVE_RETRIEVERS[kind].file).relative_to(run.path)),
+        seconds=round(time.time() - started, 1),
     )
-    path = model.save(run.retriever_dir)
-    info: dict[str, object] = {
-        "source": cfg.retrieval.source,
-        "collaborative": kind,
-        "file": str(path.relative_to(run.path)),
-        "seconds": round(time.time() - started, 1),
-    }
-    if kind == "sasrec":
+    if "sasrec" in kinds:
         info.update(
-            sasrec_epochs=cfg.eval.sasrec_epochs, seed=cfg.train.seed, window=getattr(model, "window", None)
+            sasrec_epochs=cfg.eval.sasrec_epochs,
+            seed=cfg.train.seed,
+            window=getattr(on_valid["sasrec"], "window", None),
         )
     run.update_meta(retrieval=info)  # a fusion weight chosen for an earlier retriever no longer holds
-    logger.info("collaborative retriever %s trained in %.1f s: %s", kind, time.time() - started, path)
     return info
+
+
+def select_collaborative(
+    data: Interactions, models: dict[str, CollaborativeRetriever], *, users: int
+) -> dict[str, object]:
+    """retrieval.source=auto: each model alone (fitted without the validation targets) ranks the whole catalogue
+    minus each of the first `users` validation users' items (0: all); the best NDCG@10 wins, ties to the earlier
+    model. What it returns is recorded in run.json and the eval report."""
+    from genrec.evaluation.metrics import user_metrics
+
+    valid = leave_one_out(data, "valid")
+    valid = valid[:users] if users else valid
+    histories = [list(ex.history) for ex in valid]
+    ndcg: dict[str, float] = {}
+    for kind, model in models.items():
+        items, _ = model.search(histories, 10)
+        ndcg[kind] = float(
+            np.mean(
+                [
+                    user_metrics(row.tolist(), ex.target, [10])["ndcg@10"]
+                    for row, ex in zip(items, valid, strict=True)
+                ]
+            )
+        )
+    chosen = max(models, key=lambda k: ndcg[k])  # max keeps the first of equals
+    logger.info("retrieval.source=auto: %s (validation NDCG@10 alone: %s)", chosen, ndcg)
+    return {
+        "chosen": chosen,
+        "chosen_by": "validation ndcg@10, each model alone",
+        "users": len(valid),
+        "valid_ndcg@10": ndcg,
+    }

@@ -648,8 +648,12 @@ class Recommender:
 
 def load_retrieval(run: RunDir, cfg: RunConfig) -> tuple[CollaborativeRetriever | None, float | None]:
     """The run's collaborative retriever (retrieval.source; None for `text`) and its fusion weight: the
-    configured number, or for `auto` the one recorded in run.json for this retriever (None: not chosen yet)."""
-    kind = collaborative_kind(cfg.retrieval.source, cfg.retrieval.collaborative)
+    configured number, or for `auto` the one recorded in run.json for this retriever (None: not chosen yet).
+    retrieval.source=auto loads the model `genrec train` chose (run.json's `retrieval.collaborative`)."""
+    recorded = run.meta().get("retrieval", {})
+    kind = collaborative_kind(
+        cfg.retrieval.source, cfg.retrieval.collaborative, chosen=recorded.get("collaborative")
+    )
     if kind is None:
         return None, 0.0
     try:
@@ -662,5 +666,5 @@ def load_retrieval(run: RunDir, cfg: RunConfig) -> tuple[CollaborativeRetriever 
     weight = cfg.retrieval.fusion_weight
     if weight != "auto":
         return collab, float(weight)
-    chosen = run.meta().get("retrieval", {}).get("fusion")
+    chosen = recorded.get("fusion")
     return collab, float(chosen["weight"]) if chosen else None

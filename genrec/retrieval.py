@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from genrec.data import Interactions
+from genrec.errors import GenrecError
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,8 @@ class Retriever:
 
 
 class CollaborativeRetriever:
-    """Candidates and their scores from a collaborative model of the sequences (genrec.baselines' Markov chain or
-    SASRec), trained on the items before each user's test item: what a history's next item is, by who bought
+    """Candidates and their scores from a collaborative model of the sequences (genrec.baselines' Markov chain,
+    item-kNN or SASRec), trained on the items before each user's test item: what a history's next item is, by who bought
     what after what, where the text retriever knows only what items are like. Subclasses give `scores`; this
     class searches them. Knows nothing of IDs, prompts or the language model."""
 
@@ -243,10 +244,11 @@ class MarkovRetriever(CollaborativeRetriever):
         self.trans, self.tie = trans.tocsr(), np.asarray(tie, dtype=np.float64)
 
     @classmethod
-    def fit(cls, data: Interactions) -> MarkovRetriever:
+    def fit(cls, data: Interactions, *, split: str = "test") -> MarkovRetriever:
+        """From the consecutive pairs of the items before each user's `split` target."""
         from genrec.baselines import markov_transitions
 
-        return cls(*markov_transitions(data, split="test"))
+        return cls(*markov_transitions(data, split=split))
 
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         from genrec.baselines import markov_scores
@@ -254,21 +256,65 @@ class MarkovRetriever(CollaborativeRetriever):
         return markov_scores(self.trans, self.tie, histories)
 
     def save(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.file
-        t = self.trans
-        np.savez(
-            path, data=t.data, indices=t.indices, indptr=t.indptr, shape=np.asarray(t.shape), tie=self.tie
-        )
-        return path
+        return _save_csr(folder / self.file, self.trans, tie=self.tie)
 
     @classmethod
     def load(cls, folder: Path) -> MarkovRetriever:
-        from scipy import sparse
+        trans, extra = _load_csr(folder / cls.file)
+        return cls(trans, extra["tie"])
 
-        with np.load(folder / cls.file) as z:
-            trans = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-            return cls(trans, z["tie"])
+
+class ItemKNNRetriever(CollaborativeRetriever):
+    """Item-kNN (genrec.baselines.itemknn_lists' model): the sum of the history items' cosine-similarity rows."""
+
+    kind, file = "itemknn", "itemknn.npz"
+
+    def __init__(self, sim: Any) -> None:
+        super().__init__(int(sim.shape[0]))
+        self.sim = sim.tocsr()
+
+    @classmethod
+    def fit(cls, data: Interactions, *, split: str = "test") -> ItemKNNRetriever:
+        """From the user-item matrix of the items before each user's `split` target."""
+        from genrec.baselines import itemknn_similarity
+
+        return cls(itemknn_similarity(data, split=split))
+
+    def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        from genrec.baselines import itemknn_scores
+
+        return itemknn_scores(self.sim, histories)
+
+    def save(self, folder: Path) -> Path:
+        return _save_csr(folder / self.file, self.sim)
+
+    @classmethod
+    def load(cls, folder: Path) -> ItemKNNRetriever:
+        return cls(_load_csr(folder / cls.file)[0])
+
+
+def _save_csr(path: Path, matrix: Any, **extra: np.ndarray) -> Path:
+    """A sparse CSR matrix (and named arrays beside it) in one .npz file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = matrix.tocsr()
+    arrays: dict[str, Any] = {
+        "data": m.data,
+        "indices": m.indices,
+        "indptr": m.indptr,
+        "shape": np.asarray(m.shape),
+        **extra,
+    }
+    np.savez(path, **arrays)
+    return path
+
+
+def _load_csr(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """What `_save_csr` wrote: the matrix and the named arrays."""
+    from scipy import sparse
+
+    with np.load(path) as z:
+        matrix = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+        return matrix, {k: z[k] for k in z.files if k not in ("data", "indices", "indptr", "shape")}
 
 
 class SASRecRetriever(CollaborativeRetriever):
@@ -327,26 +373,53 @@ class SASRecRetriever(CollaborativeRetriever):
         return cls(model, int(saved["window"]))
 
 
-COLLABORATIVE_RETRIEVERS: dict[str, type[MarkovRetriever] | type[SASRecRetriever]] = {
+COLLABORATIVE_RETRIEVERS: dict[
+    str, type[MarkovRetriever] | type[ItemKNNRetriever] | type[SASRecRetriever]
+] = {
     "markov": MarkovRetriever,
+    "itemknn": ItemKNNRetriever,
     "sasrec": SASRecRetriever,
 }
 
+VALIDATION_DIR = "valid"
+"""Subfolder of runs/<name>/retriever/ with the models fitted without the validation targets (see
+`fit_collaborative`), which the choices made on the validation split use."""
 
-def collaborative_kind(source: str, collaborative: str) -> str | None:
-    """The collaborative model a retrieval.source needs: itself, the union's, or None for `text`."""
+
+def collaborative_kind(source: str, collaborative: str, *, chosen: str | None = None) -> str | None:
+    """The collaborative model a retrieval.source needs: itself, the union's, the one `auto` chose (`chosen`,
+    recorded in run.json by `genrec train`), or None for `text`."""
+    if source == "auto":
+        if chosen is None:
+            raise GenrecError("retrieval.source=auto: no collaborative model chosen yet; run `genrec train`")
+        return chosen
     return None if source == "text" else collaborative if source == "union" else source
 
 
 def fit_collaborative(
-    data: Interactions, kind: str, *, sasrec_epochs: int, seed: int, progress: bool = True
+    data: Interactions,
+    kind: str,
+    *,
+    split: str = "test",
+    sasrec_epochs: int,
+    seed: int,
+    progress: bool = True,
 ) -> CollaborativeRetriever:
-    """Train the `kind` collaborative retriever on the items before each user's test item."""
+    """Train the `kind` collaborative retriever on the items before each user's `split` target. `valid`: the
+    model the validation split's choices are made with (a model that saw the validation targets would score them
+    from memory). SASRec is only fitted for `test`: it never trains on the validation items (they choose its
+    epoch), so the test model serves both."""
     if kind == "markov":
-        return MarkovRetriever.fit(data)
+        return MarkovRetriever.fit(data, split=split)
+    if kind == "itemknn":
+        return ItemKNNRetriever.fit(data, split=split)
     if kind == "sasrec":
+        if split != "test":
+            raise ValueError(
+                "the SASRec retriever is fitted for the test split only (it holds validation out)"
+            )
         return SASRecRetriever.fit(data, epochs=sasrec_epochs, seed=seed, progress=progress)
-    raise ValueError(f"unknown collaborative retriever {kind!r}; use markov or sasrec")
+    raise ValueError(f"unknown collaborative retriever {kind!r}; use markov, itemknn or sasrec")
 
 
 def load_collaborative(folder: Path, kind: str) -> CollaborativeRetriever:

@@ -14,6 +14,7 @@ from genrec.evaluation import choose_fusion_weight, evaluate, fused_order, lm_ca
 from genrec.pipeline import train_retriever
 from genrec.recommender import Recommender, history_requests, load_retrieval
 from genrec.retrieval import (
+    ItemKNNRetriever,
     MarkovRetriever,
     SASRecRetriever,
     fuse,
@@ -60,15 +61,15 @@ def test_log_softmax_and_fuse():
     assert fused_order([7, 8, 9], lm, s, 100.0) == [7, 8, 9]  # the retriever's order
 
 
-@pytest.mark.parametrize("kind", ["markov", "sasrec"])
+@pytest.mark.parametrize("kind", ["markov", "itemknn", "sasrec"])
 def test_collaborative_search_skips_seen_and_excluded_items_and_saves(trained, tmp_path, kind):
     run, _, _ = trained
     data = run.load_data()
-    model = (
-        MarkovRetriever.fit(data)
-        if kind == "markov"
-        else SASRecRetriever.fit(data, epochs=2, seed=0, progress=False)
-    )
+    model = {
+        "markov": lambda: MarkovRetriever.fit(data),
+        "itemknn": lambda: ItemKNNRetriever.fit(data),
+        "sasrec": lambda: SASRecRetriever.fit(data, epochs=2, seed=0, progress=False),
+    }[kind]()
     histories = [s[:-1] for s in data.sequences[:20]]
     exclude = [[s[-1]] for s in data.sequences[:20]]
     items, scores = model.search(histories, 15, exclude=exclude)
@@ -208,6 +209,10 @@ def test_a_target_outside_the_candidates_counts_as_not_ranked(trained, base_rec,
         ("retrieval.fusion_grid=[]", "retrieval.fusion_grid"),
         ("retrieval.tune_users=-2", "retrieval.tune_users"),
         ("retrieval.source=knn", "retrieval.source"),
+        ("retrieval.collaborative=text", "retrieval.collaborative"),
+        ("retrieval.auto_models=[markov,knn]", "retrieval.auto_models"),
+        ("retrieval.auto_models=[]", "retrieval.auto_models"),
+        ("retrieval.auto_models=[markov,markov]", "retrieval.auto_models"),
     ],
 )
 def test_bad_retrieval_settings_are_named(override, message):
@@ -239,3 +244,114 @@ def test_the_sasrec_baseline_ranks_with_the_runs_retriever_only_where_it_is_the_
     assert sasrec_from_retriever(rec, examples, apply_overrides(cfg, ["eval.sasrec_epochs=5"]), k=10) is None
     assert sasrec_from_retriever(rec, examples, apply_overrides(cfg, ["train.seed=1"]), k=10) is None
     assert sasrec_from_retriever(rec, examples, apply_overrides(cfg, ["eval.split=valid"]), k=10) is None
+
+
+def test_the_itemknn_retriever_is_the_itemknn_baselines_model(trained):
+    """The retriever ranks as the item-kNN baseline does (the same similarity and scores; ties may be listed in
+    another order, so the lists' scores are compared)."""
+    import genrec.baselines as baselines
+
+    run, _, _ = trained
+    data = run.load_data()
+    examples = leave_one_out(data, "test")[:40]
+    model = ItemKNNRetriever.fit(data)
+    items, scores = model.search([ex.history for ex in examples], 10)
+    want = baselines.itemknn_lists(data, examples, split="test", k=10)
+    full = model.scores([ex.history for ex in examples])
+    for srow, lst, sc in zip(scores, want, full, strict=True):
+        assert np.allclose(srow, sc[lst]) and len(lst) == 10
+    assert np.mean([ex.target in row for ex, row in zip(examples, items.tolist(), strict=True)]) > 0
+
+
+@pytest.mark.parametrize("kind", ["markov", "itemknn"])
+def test_choices_on_validation_use_a_model_fitted_without_the_validation_targets(tmp_path, kind):
+    """A Markov chain or item-kNN fitted on the items before each test item has seen every validation target
+    after its history, and would score it from memory: retriever/valid/ holds the one fitted without them, and
+    the fusion weight's choice loads it."""
+    from genrec.evaluation import validation_collab
+    from tests.conftest import make_run
+
+    run, cfg = make_run(tmp_path, "valid", [f"retrieval.source={kind}"])
+    train_retriever(run, cfg, progress=False)
+    data = run.load_data()
+    collab, _ = load_retrieval(run, cfg)
+    on_valid = validation_collab(type("Rec", (), {"run": run, "collab": collab})())
+    fitted = {"markov": MarkovRetriever, "itemknn": ItemKNNRetriever}[kind].fit(data, split="valid")
+    histories = [list(ex.history) for ex in leave_one_out(data, "valid")[:30]]
+    assert np.allclose(on_valid.scores(histories), fitted.scores(histories))
+    assert not np.allclose(collab.scores(histories), on_valid.scores(histories))  # the test model differs
+
+
+def test_auto_keeps_the_best_model_on_validation_and_says_so(trained, tmp_path):
+    """retrieval.source=auto: every model of retrieval.auto_models is fitted and scored alone on validation; the
+    best is loaded, recorded in run.json, and named in the eval report with the fusion weight chosen for it."""
+    import shutil
+
+    from genrec.evaluation.metrics import user_metrics
+
+    run, cfg, _ = trained
+    copy = type(run)(tmp_path / "auto")
+    shutil.copytree(run.path, copy.path)
+    cfg = apply_overrides(
+        cfg,
+        [
+            "retrieval.source=auto",
+            "retrieval.auto_models=[markov,itemknn]",
+            "retrieval.fusion_weight=auto",
+            "retrieval.fusion_grid=[0,1,8]",
+            "retrieval.tune_users=40",
+            "eval.candidates=retriever",
+            "eval.n_candidates=8",
+            "eval.baselines=[popularity]",
+        ],
+    )
+    copy.save_config(cfg)
+    info = train_retriever(copy, cfg, progress=False)
+    assert info is not None
+    sel = info["selection"]
+    assert set(sel["valid_ndcg@10"]) == {"markov", "itemknn"} and sel["users"] == 40
+    assert sel["valid_ndcg@10"][sel["chosen"]] == max(sel["valid_ndcg@10"].values())
+    data = copy.load_data()
+    valid = leave_one_out(data, "valid")[:40]
+    fitted = ItemKNNRetriever.fit(data, split="valid")
+    lists, _ = fitted.search([list(ex.history) for ex in valid], 10)
+    want = np.mean(
+        [user_metrics(r.tolist(), ex.target, [10])["ndcg@10"] for r, ex in zip(lists, valid, strict=True)]
+    )
+    assert sel["valid_ndcg@10"]["itemknn"] == pytest.approx(want)
+    assert copy.meta()["retrieval"]["collaborative"] == sel["chosen"]
+    rec = Recommender.load(copy)
+    assert rec.collab is not None and rec.collab.kind == sel["chosen"]
+    report = evaluate(copy, cfg, rec=rec, progress=False)
+    assert report["retrieval"]["selection"]["chosen"] == sel["chosen"]
+    assert report["retrieval"]["weight"] in (0.0, 1.0, 8.0)
+    assert f"{sel['chosen']} (retrieval.source=auto)" in report["protocol"]
+    assert "chosen by retrieval.source=auto" in (copy.path / "report_test.md").read_text()
+
+
+def test_auto_without_a_choice_names_the_command(tmp_path):
+    from tests.conftest import make_run
+
+    run, cfg = make_run(tmp_path, "nochoice", ["retrieval.source=auto"])
+    with pytest.raises(GenrecError, match="genrec train"):
+        load_retrieval(run, cfg)
+
+
+def test_the_sasrec_baseline_reuses_the_sasrec_that_auto_fitted_and_did_not_choose(tmp_path):
+    from genrec.evaluation import sasrec_from_retriever
+    from tests.conftest import make_run
+
+    run, cfg = make_run(
+        tmp_path,
+        "autosas",
+        ["retrieval.source=auto", "retrieval.auto_models=[markov,sasrec]", "eval.sasrec_epochs=2"],
+    )
+    train_retriever(run, cfg, progress=False)
+    collab, _ = load_retrieval(run, cfg)
+    saved = load_collaborative(run.retriever_dir, "sasrec")
+    rec = type("Rec", (), {"run": run, "collab": collab, "data": run.load_data()})()
+    examples = leave_one_out(rec.data, "test")[:20]
+    kept = sasrec_from_retriever(rec, examples, cfg, k=10)
+    assert kept is not None
+    items, _ = saved.search([list(ex.history) for ex in examples], 10)
+    assert [set(k) for k in kept] == [set(r.tolist()) for r in items]

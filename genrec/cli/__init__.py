@@ -205,6 +205,13 @@ def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
 
     rec = rec or Recommender.load(rd)
     info = fusion_weight_for(rec, cfg)
+    if info is not None and info.get("selection"):
+        sel = info["selection"]
+        typer.echo(
+            f"retrieval.source=auto chose {sel['chosen']} (validation NDCG@10 alone, {sel['users']} users: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sel["valid_ndcg@10"].items())
+            + ")"
+        )
     if info is not None:
         grid = info.get("valid_ndcg@10")
         typer.echo(

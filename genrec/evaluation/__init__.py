@@ -175,22 +175,32 @@ def sasrec_from_retriever(
     train (None otherwise): `SASRecRetriever.fit` is the baseline's training for the test split (same data, epochs,
     seed and epoch selection) when the evaluation's histories give it the same window. Saves training it twice."""
     from genrec.baselines import SASRecConfig, sasrec_lists, sasrec_window
-    from genrec.retrieval import SASRecRetriever
+    from genrec.retrieval import SASRecRetriever, load_collaborative
 
-    if cfg.eval.split != "test" or not isinstance(getattr(rec, "collab", None), SASRecRetriever):
+    if cfg.eval.split != "test":
         return None
+    model = getattr(rec, "collab", None)
+    if not isinstance(model, SASRecRetriever):  # retrieval.source=auto fits it and may choose another
+        run = getattr(rec, "run", None)
+        if run is None or "sasrec" not in run.meta().get("retrieval", {}).get("fitted", ()):
+            return None
+        try:
+            model = load_collaborative(run.retriever_dir, "sasrec")
+        except FileNotFoundError:
+            return None
+    assert isinstance(model, SASRecRetriever)
     info = rec.run.meta().get("retrieval", {})
     if (info.get("sasrec_epochs"), info.get("seed")) != (cfg.eval.sasrec_epochs, cfg.train.seed):
         return None
     sas = SASRecConfig()
     held = [s[:-2] for s in rec.data.sequences if len(s) >= 3][: sas.valid_users or None]  # as fit_sasrec's
     window = sasrec_window(sas.max_len, held, [ex.history for ex in examples])
-    if window != rec.collab.window:
+    if window != model.window:
         return None
     logger.info(
         "baseline sasrec: ranked by the run's SASRec retriever (%s), the same training", rec.run.retriever_dir
     )
-    return sasrec_lists(rec.data, examples, split="test", k=k, trained=(rec.collab.model, rec.collab.window))
+    return sasrec_lists(rec.data, examples, split="test", k=k, trained=(model.model, model.window))
 
 
 def evaluate(
@@ -359,7 +369,9 @@ def protocol_text(cfg: RunConfig, rec: Any) -> str:
     base = "chronological leave-one-out; full ranking over the catalogue minus the user's seen items"
     if cfg.eval.candidates == "all":
         return base
-    source = cfg.retrieval.source if rec.collab is not None else "text"
+    source: str = cfg.retrieval.source if rec.collab is not None else "text"
+    if source == "auto":
+        source = f"{rec.collab.kind} (retrieval.source=auto)"
     fused = (
         f", fused with the {rec.collab.kind} score" if rec.collab is not None and rec.fusion_weight else ""
     )
@@ -376,10 +388,12 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
         return None
     if cfg.retrieval.fusion_weight != "auto":
         rec.fusion_weight = float(cfg.retrieval.fusion_weight)
+        selection = rec.run.meta().get("retrieval", {}).get("selection")
         return {
             "weight": rec.fusion_weight,
             "chosen_by": "retrieval.fusion_weight",
             "source": rec.collab.kind,
+            **({"selection": selection} if selection else {}),
         }
     if rec.fusion_weight is None:
         return choose_fusion_weight(rec, cfg, progress=progress)
@@ -398,8 +412,13 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     valid = leave_one_out(rec.data, "valid")
     valid = valid[: r.tune_users] if r.tune_users else valid
     started = time.time()
-    items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
-    collab = rec.collab.scores_of([ex.history for ex in valid], items)
+    serving = rec.collab
+    rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
+    try:
+        items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
+        collab = rec.collab.scores_of([ex.history for ex in valid], items)
+    finally:
+        rec.collab = serving
     grid: dict[str, float] = {}
     for w in r.fusion_grid:
         lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
@@ -419,10 +438,25 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
         "candidate_recall": float(np.mean([ex.target in set(i) for i, ex in zip(items, valid, strict=True)])),
         "seconds": round(time.time() - started, 1),
     }
+    if "selection" in rec.run.meta().get("retrieval", {}):
+        info["selection"] = rec.run.meta()["retrieval"]["selection"]  # retrieval.source=auto's choice
     logger.info("fusion weight %g (validation NDCG@10 by weight: %s)", best, grid)
     rec.fusion_weight = float(best)
     rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})
     return info
+
+
+def validation_collab(rec: Any) -> Any:
+    """The collaborative model the validation split's choices use: the run's one fitted without the validation
+    targets (retriever/valid/: the Markov chain and item-kNN), else the run's own (SASRec, which never trains on
+    them; or a retriever set on `rec` by its caller)."""
+    from genrec.retrieval import VALIDATION_DIR, load_collaborative
+
+    folder = rec.run.retriever_dir / VALIDATION_DIR
+    try:
+        return load_collaborative(folder, rec.collab.kind)
+    except FileNotFoundError:
+        return rec.collab
 
 
 def lm_candidate_scores(
@@ -758,6 +792,7 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
             if report.get("resumed")
             else []
         ),
+        *retrieval_text(report.get("retrieval")),
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -768,6 +803,33 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
     lines += paired_table(report.get("genrec_vs") or {}, report["users"])
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
+    """The report's lines on the collaborative retriever: what retrieval.source=auto chose and on what, and the
+    fusion weight and how it was chosen (nothing without one)."""
+    if not fusion:
+        return []
+    lines = []
+    sel = fusion.get("selection")
+    if sel:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in sel["valid_ndcg@10"].items())
+        lines.append(
+            f"Collaborative retriever chosen by retrieval.source=auto: **{sel['chosen']}** ({sel['chosen_by']}, "
+            f"{sel['users']} validation users: {scores})."
+        )
+    grid = fusion.get("valid_ndcg@10")
+    lines.append(
+        f"Fusion weight {fusion['weight']:g} for the {fusion['source']} score ({fusion.get('chosen_by', 'set')}"
+        + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
+        + (
+            f"; the candidates held {fusion['candidate_recall']:.1%} of the validation items"
+            if "candidate_recall" in fusion
+            else ""
+        )
+        + ")."
+    )
+    return lines
 
 
 def paired_table(vs: dict[str, dict[str, dict[str, float]]], users: int) -> list[str]:
