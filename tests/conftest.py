@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,6 +52,14 @@ TINY = [
     "eval.beam_width=10", "eval.ks=[5,10]", "eval.max_users=40", "eval.batch_size=16", "eval.sasrec_epochs=3",
     "eval.candidates=all", "retrieval.source=text",
 ]  # fmt: skip
+
+
+def copy_run(run: RunDir, tmp_path_factory, prefix: str) -> RunDir:
+    """A copy of a trained run, for tests that change it (activate templates) where the session's other tests
+    must not see it."""
+    path = tmp_path_factory.mktemp(prefix) / "run"
+    shutil.copytree(run.path, path)
+    return RunDir(path)
 
 
 def make_run(tmp_path, name, extra=()):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +17,12 @@ import pytest
 
 from genrec.prep import prepare_with_layouts
 from genrec.recommender import PreparedBatch, Recommender, history_requests
-from genrec.run import RunDir
 from genrec.serve.app import create_app
 from genrec.serve.engine_core import CoreClient, EngineCore, RemoteService, merge_prepared, split_prepared
 from genrec.serve.frontends import FrontendServer, FrontendSpec
 from genrec.serve.service import RecService, ServeLimits
-from tests.test_server import LiveServer, free_port
+from tests.conftest import copy_run
+from tests.test_server import LiveServer, assert_queue_full_gives_429, free_port
 
 KEY, ADMIN = "test-key", "admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,10 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def fe_run(trained_run, tmp_path_factory):
-    """A copy of the trained run: these tests activate templates, which the session's other tests must not see."""
-    path = tmp_path_factory.mktemp("frontends") / "run"
-    shutil.copytree(trained_run[0].path, path)
-    return RunDir(path)
+    return copy_run(trained_run[0], tmp_path_factory, "frontends")
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +199,7 @@ def test_a_full_engine_core_queue_gives_429_with_retry_after(rec):
     core.start()
     service = RemoteService(rec, CoreClient(theirs), model_name="m", layout_policy=rec.engine.layout_policy)
     try:
-        with LiveServer(create_app(service)) as s:
-            r = httpx.post(
-                s.url + "/v1/chat/completions",
-                json={"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}]},
-            )
-            assert r.status_code == 429 and r.headers["retry-after"] == "1"
-            assert r.json()["error"]["type"] == "rate_limit_error"
+        assert_queue_full_gives_429(create_app(service), rec)
     finally:
         core.stop()
 

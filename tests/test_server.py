@@ -319,15 +319,21 @@ def test_metrics_exposed(server, client, rec):
         assert name in text, name
 
 
-def test_queue_full_gives_429_with_retry_after(rec):
-    service = RecService(rec, model_name="m", limits=ServeLimits(max_queue=0))
-    with LiveServer(create_app(service)) as s:
+def assert_queue_full_gives_429(app, rec):
+    """A request to `app`, whose queue takes none, gets 429 with Retry-After (also run on --frontends)."""
+    with LiveServer(app) as s:
         r = httpx.post(
             s.url + "/v1/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": rec.catalog.item_ids[0]}]},
         )
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_queue_full_gives_429_with_retry_after(rec):
+    assert_queue_full_gives_429(
+        create_app(RecService(rec, model_name="m", limits=ServeLimits(max_queue=0))), rec
+    )
 
 
 def test_concurrent_requests_are_batched_and_valid(server, rec):

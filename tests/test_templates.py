@@ -17,6 +17,7 @@ from genrec.serve.app import create_app
 from genrec.serve.service import RecService
 from genrec.templates.prompt_store import TemplateChecker, TemplateNotFound, TemplateStore, VersionConflict
 from genrec.templates.prompts import PROMPTS_DIR, PromptBuilder, TemplateProblem
+from tests.conftest import copy_run
 from tests.test_server import LiveServer
 
 ADMIN, READER = "admin-secret", "reader-key"
@@ -147,10 +148,7 @@ def test_a_crash_mid_save_leaves_the_previous_state(tmp_path, monkeypatch):
 # -- API -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_copy(trained_run, tmp_path_factory):
-    """The trained run copied, so template edits here never change other modules' run."""
-    dst = tmp_path_factory.mktemp("tpl") / "run"
-    shutil.copytree(trained_run[0].path, dst)
-    return RunDir(dst)
+    return copy_run(trained_run[0], tmp_path_factory, "tpl")
 
 
 @pytest.fixture(scope="module")

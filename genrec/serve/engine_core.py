@@ -42,7 +42,7 @@ from genrec.cpu_time import STAGES
 from genrec.prep import prepare_with_layouts
 from genrec.recommender import PreparedBatch, RankRequest, Recommendation, Recommender
 from genrec.serve.protocol import APIError
-from genrec.serve.service import Metrics, RecService, ServeLimits, hold_batch_open
+from genrec.serve.service import Metrics, RecService, ServeLimits, hold_batch_open, timed_out
 
 logger = logging.getLogger(__name__)
 
@@ -494,13 +494,7 @@ class RemoteService(RecService):
         try:
             return await asyncio.wait_for(fut, self.limits.request_timeout_s)
         except asyncio.TimeoutError:
-            raise APIError(
-                503,
-                f"timed out after {self.limits.request_timeout_s:.0f} s",
-                type="timeout",
-                code="timeout",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise timed_out(self.limits) from None
         except CoreGone:
             raise APIError(503, "the engine is stopping", type="server_error", code="engine_gone") from None
         finally:

@@ -74,6 +74,17 @@ class ServeLimits:
     the transformers engine captures a CUDA graph per batch shape at its first use). `genrec serve`: 32."""
 
 
+def timed_out(limits: ServeLimits) -> APIError:
+    """The 503 of a request still waiting for the engine after limits.request_timeout_s."""
+    return APIError(
+        503,
+        f"timed out after {limits.request_timeout_s:.0f} s",
+        type="timeout",
+        code="timeout",
+        headers={"Retry-After": "5"},
+    )
+
+
 @dataclass
 class Query:
     """What a request asks for, after parsing: a history, or free text for cold start."""
@@ -415,13 +426,7 @@ class RecService:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.limits.request_timeout_s)
         except asyncio.TimeoutError:
-            raise APIError(
-                503,
-                f"timed out after {self.limits.request_timeout_s:.0f} s",
-                type="timeout",
-                code="timeout",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise timed_out(self.limits) from None
 
     def _note_arrival(self, now: float) -> None:
         if self._last_arrival is not None:
