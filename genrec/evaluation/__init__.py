@@ -438,8 +438,9 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
         "candidate_recall": float(np.mean([ex.target in set(i) for i, ex in zip(items, valid, strict=True)])),
         "seconds": round(time.time() - started, 1),
     }
-    if "selection" in rec.run.meta().get("retrieval", {}):
-        info["selection"] = rec.run.meta()["retrieval"]["selection"]  # retrieval.source=auto's choice
+    selection = rec.run.meta().get("retrieval", {}).get("selection")
+    if selection:
+        info["selection"] = selection  # retrieval.source=auto's choice
     logger.info("fusion weight %g (validation NDCG@10 by weight: %s)", best, grid)
     rec.fusion_weight = float(best)
     rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})

@@ -299,12 +299,11 @@ class RecService:
     def ranking(self, opts: RecommendationOptions) -> RankingOptions:
         """The run's default ranking options with the request's fields applied."""
         try:
-            ranking = self.rec.cfg.ranking.with_(
+            return self.rec.cfg.ranking.with_(
                 n_items=opts.n_items, candidates=opts.candidates, n_candidates=opts.n_candidates
             )
         except RankingOptionError as e:
             raise APIError(400, str(e), param=e.field) from None
-        return ranking
 
     def parse_text(self, text: str) -> tuple[list[str] | None, str | None]:
         """ID strings, or lines/commas that are all item ids or titles -> (those items, None); none -> (None,
