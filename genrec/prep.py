@@ -85,7 +85,7 @@ def _init(run_path: str, parent: int, policy: tuple[str, int] | None) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the job stops the pool (and says how to resume);
     # a worker interrupted on its queue would only print a traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with, args=(parent,), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     import torch
 
@@ -99,12 +99,13 @@ def _init(run_path: str, parent: int, policy: tuple[str, int] | None) -> None:
     _REC = prompt_recommender(run_path)
 
 
-def _exit_with(parent: int) -> None:
-    """A worker blocks on its task queue forever if the job is killed (`kill -9` leaves the queue's pipe
-    open in the other workers): leave when the parent is gone."""
+def exit_with(parent: int, code: int = 0) -> None:
+    """Leave with `code` when the parent process is gone, however it went (run in a daemon thread): a worker
+    blocks on its task queue forever if the job is killed (`kill -9` leaves the queue's pipe open in the other
+    workers), and the server's front-ends (genrec.serve.frontends) must not outlive their engine core."""
     while os.getppid() == parent:
         time.sleep(0.5)
-    os._exit(0)
+    os._exit(code)
 
 
 def _prepare(requests: list[RankRequest]) -> PreparedBatch:

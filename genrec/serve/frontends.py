@@ -74,7 +74,7 @@ def frontend_main(index: int, sock: socket.socket, conn: Connection, spec: Front
     """A front-end process: the app over a RemoteService, served by uvicorn on the parent's socket."""
     import uvicorn
 
-    from genrec.prep import prompt_recommender
+    from genrec.prep import exit_with, prompt_recommender
     from genrec.serve.app import create_app
     from genrec.serve.engine_core import CoreClient, RemoteService
     from genrec.serve.http import uvicorn_options
@@ -82,7 +82,7 @@ def frontend_main(index: int, sock: socket.socket, conn: Connection, spec: Front
     logging.basicConfig(
         level=spec.log_level.upper(), format=f"%(asctime)s frontend {index} %(name)s: %(message)s"
     )
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with, args=(parent, 1), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the front-ends are the parallelism
     import torch
 
@@ -109,13 +109,6 @@ def frontend_main(index: int, sock: socket.socket, conn: Connection, spec: Front
         FrontendHeader(app, f"{index}/{os.getpid()}"), log_level=spec.log_level, **uvicorn_options(spec.http)
     )
     uvicorn.Server(config).run(sockets=[sock])
-
-
-def _exit_with(parent: int) -> None:
-    """Leave when the parent (the engine core) is gone, however it went."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def bind(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
