@@ -287,15 +287,93 @@ def wait_for_depth(url: str, depth: int, timeout: float = 30.0) -> bool:
     return False
 
 
-def test_a_frontend_that_dies_stops_the_server(rec):
-    server = FrontendServer(rec, spec_for(rec), frontends=1, host="127.0.0.1", port=0)
+def test_a_frontend_that_dies_is_started_again_and_the_others_keep_serving(rec):
+    """SIGKILL one of two front-ends: the other answers meanwhile, the dead one comes back with a new pid on
+    the same index, requests reach it, and /metrics counts the restart with monotonic CPU counters."""
+    server = FrontendServer(rec, spec_for(rec), frontends=2, host="127.0.0.1", port=0)
+    server.start()
+    waiter = concurrent.futures.ThreadPoolExecutor(1).submit(server.wait)
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        wait_healthy(url)
+        first = [p.pid for p in server.procs]
+        for _ in range(8):  # both front-ends have reported CPU to the core
+            assert chat(url, content=rec.catalog.item_ids[0], n_items=3).http_response.status_code == 200
+        cpu_before = metric(url, "genrec_server_cpu_seconds_total")
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.time() + 120
+        while server.procs[0].pid == first[0] or not server.core.snapshot()["frontends"].get(0):
+            assert not waiter.done(), "the server stopped instead of restarting the front-end"
+            assert time.time() < deadline, "the dead front-end was not started again"
+            chat(url, content=rec.catalog.item_ids[0], n_items=3)  # the survivor answers meanwhile
+            time.sleep(0.2)
+        assert server.procs[0].pid != first[0] and server.procs[1].pid == first[1]
+        answered = set()
+        for _ in range(40):
+            raw = chat(url, content=rec.catalog.item_ids[1], n_items=3)
+            assert raw.http_response.status_code == 200 and len(raw.parse().choices) == 1
+            answered.add(raw.http_response.headers["x-genrec-frontend"])
+            if len(answered) == 2:
+                break
+        assert answered == {f"0/{server.procs[0].pid}", f"1/{first[1]}"}
+        assert metric(url, "genrec_frontend_restarts_total") == 1.0
+        assert metric(url, "genrec_server_cpu_seconds_total") >= cpu_before
+        assert not waiter.done()
+    finally:
+        server.close()
+    assert waiter.result(timeout=60) == 0
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
+    return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[-1])
+
+
+def test_front_ends_that_keep_dying_stop_the_server(rec):
+    """A crash loop (more deaths than max_restarts within the window) stops the server with status 1;
+    max_restarts=0 stops it at the first death."""
+    server = FrontendServer(rec, spec_for(rec), frontends=1, host="127.0.0.1", port=0, max_restarts=1)
     server.start()
     try:
+        wait_healthy(f"http://127.0.0.1:{server.port}")
+        os.kill(server.procs[0].pid, signal.SIGKILL)
+        assert server.wait(timeout=2) is None  # restarted: still serving
         wait_healthy(f"http://127.0.0.1:{server.port}")
         os.kill(server.procs[0].pid, signal.SIGKILL)
         assert server.wait(timeout=20) == 1
     finally:
         server.close()
+    assert server.core.restarts == 1
+
+
+def test_the_core_drops_replies_to_a_replaced_frontend(rec):
+    """A request queued by a front-end that is then replaced is ranked, but its reply never reaches the new
+    front-end on that index (whose request ids start over)."""
+    core = EngineCore(rec, ServeLimits(batch_wait_ms=300, adaptive_wait=False))
+    old_ours, old_theirs = Pipe()
+    core.attach(old_ours)
+    core.start()
+    req = history_requests([rec.user_history(rec.data.users[0])[-3:]], rec.cfg.ranking.with_(n_items=3))
+    try:
+        old_theirs.send(
+            ("rank", 0, [(0, req[0], prepare_with_layouts(rec, req, rec.engine.layout_policy))], {}, 1.5)
+        )
+        deadline = time.time() + 30
+        while core.depth == 0:  # admitted: in the core's 300 ms batch window
+            assert time.time() < deadline
+            time.sleep(0.01)
+        new_ours, new_theirs = Pipe()
+        core.replace(0, new_ours)
+        new_theirs.send(("stats", 0))
+        kind, rid, snap = new_theirs.recv()
+        assert (kind, rid) == ("stats", 0) and snap["restarts"] == 1 and snap["cpu_s"] >= 1.5
+        deadline = time.time() + 30
+        while core.batch_count == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert core.batch_count == 1
+        assert not new_theirs.poll(0.5), "the dead front-end's reply went to its replacement"
+    finally:
+        core.stop()
 
 
 def test_frontends_need_the_transformers_backend(fe_run):

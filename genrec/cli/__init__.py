@@ -533,6 +533,14 @@ def serve(
             min=1,
         ),
     ] = 1,
+    frontend_restarts: Annotated[
+        int,
+        typer.Option(
+            help="With --frontends > 1: a front-end process that dies is started again; more deaths than "
+            "this within 60 s (a crash loop) stop the server with status 1. 0: the first death stops it.",
+            min=0,
+        ),
+    ] = 5,
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     the template API (/v1/templates) and the template editor page (/editor)."""
@@ -566,6 +574,7 @@ def serve(
             ),
             public=public or [],
             frontends=frontends,
+            frontend_restarts=frontend_restarts,
         )
     )
 

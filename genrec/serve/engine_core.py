@@ -92,8 +92,22 @@ def merge_prepared(parts: Sequence[PreparedBatch]) -> PreparedBatch:
 
 
 @dataclass
+class _Frontend:
+    """One attached front-end: its pipe, the lock its replies are sent under, and what it last reported.
+    A restarted front-end gets a new record at the same index; jobs of the dead one keep the old record, so
+    their replies go to its closed pipe (dropped), never to the new process, whose request ids start over."""
+
+    conn: Connection
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    pid: int | None = None
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    cpu: float = 0.0
+    gone: bool = False
+
+
+@dataclass
 class _Job:
-    frontend: int
+    frontend: _Frontend
     rid: int
     request: RankRequest
     prepared: PreparedBatch
@@ -108,8 +122,7 @@ class EngineCore:
     def __init__(self, rec: Recommender, limits: ServeLimits) -> None:
         self.rec = rec
         self.limits = limits
-        self._conns: dict[int, Connection] = {}
-        self._send_locks: dict[int, threading.Lock] = {}
+        self._fronts: dict[int, _Frontend] = {}
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._depth = 0
         self._depth_lock = threading.Lock()
@@ -121,16 +134,31 @@ class EngineCore:
         self.batches = [0] * len(BATCH_BUCKETS)
         self.batch_count = 0
         self.batch_sum = 0
-        self._frontend: dict[int, dict[str, Any]] = {}
-        """Each front-end's pid and its last reported stage seconds and process CPU."""
+        self.restarts = 0
+        self._retired_stages: dict[str, float] = {}
+        self._retired_cpu = 0.0
+        self._retire_lock = threading.Lock()
+        """What replaced front-ends had reported: the server's CPU counters stay monotonic across restarts."""
 
     def attach(self, conn: Connection) -> int:
-        """Serve the front-end at the other end of `conn` (before start()); its index."""
-        index = len(self._conns)
-        self._conns[index] = conn
-        self._send_locks[index] = threading.Lock()
-        self._frontend[index] = {"pid": None, "stages": {}, "cpu": 0.0}
+        """Serve the front-end at the other end of `conn`; its index."""
+        index = len(self._fronts)
+        self._fronts[index] = _Frontend(conn)
         return index
+
+    def replace(self, index: int, conn: Connection) -> None:
+        """A restarted front-end at `index`, at the other end of `conn` (the old one is gone: its queued
+        requests are still ranked, their replies dropped). Its CPU and stage counters are kept in the totals."""
+        old = self._fronts[index]
+        with old.lock, self._retire_lock:
+            old.gone = True
+            for k, v in old.stages.items():
+                self._retired_stages[k] = self._retired_stages.get(k, 0.0) + v
+            self._retired_cpu += old.cpu
+            old.stages, old.cpu = {}, 0.0
+            old.conn.close()
+        self._fronts[index] = _Frontend(conn)
+        self.restarts += 1
 
     def start(self) -> None:
         self._threads = [
@@ -146,8 +174,8 @@ class EngineCore:
         self._jobs.put(None)
         for t in self._threads:
             t.join(timeout=60)
-        for conn in self._conns.values():
-            conn.close()
+        for front in self._fronts.values():
+            front.conn.close()
 
     @property
     def depth(self) -> int:
@@ -155,30 +183,39 @@ class EngineCore:
 
     # -- receiving -------------------------------------------------------------------------------
     def _receive(self) -> None:
-        live = dict(self._conns)
-        while live and not self._stop.is_set():
-            for ready in wait(list(live.values()), timeout=0.2):
-                index = next(i for i, c in live.items() if c is ready)
+        """Every live front-end's pipe in one `wait`; the set is read again each round, so a restarted
+        front-end's new pipe is picked up within 0.2 s."""
+        while not self._stop.is_set():
+            live = {id(f.conn): f for f in list(self._fronts.values()) if not f.gone}
+            if not live:
+                time.sleep(0.2)
+                continue
+            try:
+                ready = wait([f.conn for f in live.values()], timeout=0.2)
+            except OSError:  # a pipe closed by replace() between reading the set and waiting on it
+                continue
+            for conn in ready:
+                front = live[id(conn)]
                 try:
-                    msg = live[index].recv()
+                    msg = front.conn.recv()
                 except (EOFError, OSError):  # the front-end is gone; the supervisor decides what that means
-                    del live[index]
+                    front.gone = True
                     continue
-                self._handle(index, msg)
+                self._handle(front, msg)
 
-    def _handle(self, index: int, msg: tuple[Any, ...]) -> None:
+    def _handle(self, front: _Frontend, msg: tuple[Any, ...]) -> None:
         kind, rid = msg[0], msg[1]
         if kind == "hello":
-            self._frontend[index]["pid"] = msg[2]
+            front.pid = msg[2]
         elif kind == "stats":
-            self._send(index, ("stats", rid, self.snapshot()))
+            self._send(front, ("stats", rid, self.snapshot()))
         elif kind == "rank":
             _, _, jobs, stages, cpu = msg
-            self._frontend[index].update(stages=stages, cpu=cpu)
+            front.stages, front.cpu = stages, cpu
             for rid, request, prepared in jobs:
-                self._admit(_Job(index, rid, request, prepared))
+                self._admit(_Job(front, rid, request, prepared))
         else:
-            raise AssertionError(f"unknown message {kind!r} from front-end {index}")
+            raise AssertionError(f"unknown message {kind!r} from front-end {front.pid}")
 
     def _admit(self, job: _Job) -> None:
         with self._depth_lock:
@@ -194,12 +231,14 @@ class EngineCore:
         self._last_arrival = now
         self._jobs.put(job)
 
-    def _send(self, index: int, msg: tuple[Any, ...]) -> None:
+    def _send(self, front: _Frontend, msg: tuple[Any, ...]) -> None:
         try:
-            with self._send_locks[index]:
-                self._conns[index].send(msg)
+            with front.lock:
+                if front.gone:
+                    raise OSError("replaced")
+                front.conn.send(msg)
         except (OSError, ValueError):  # a front-end that died cannot be answered; its requests die with it
-            logger.warning("front-end %d is gone: dropped a reply", index)
+            logger.warning("front-end pid %s is gone: dropped a reply", front.pid)
 
     # -- batching --------------------------------------------------------------------------------
     def _batch(self) -> None:
@@ -261,8 +300,13 @@ class EngineCore:
     def snapshot(self) -> dict[str, Any]:
         """The core's counters, and the server's CPU (this process's and each front-end's last report)."""
         stages = dict(self.rec.clock.seconds())
-        for fe in self._frontend.values():
-            for k, v in fe["stages"].items():
+        with self._retire_lock:
+            fronts = list(self._fronts.items())
+            retired_cpu = self._retired_cpu
+            for k, v in self._retired_stages.items():
+                stages[k] = stages.get(k, 0.0) + v
+        for _, fe in fronts:
+            for k, v in fe.stages.items():
                 stages[k] = stages.get(k, 0.0) + v
         return {
             "busy_s": self.busy_s,
@@ -272,8 +316,9 @@ class EngineCore:
             "batch_sum": self.batch_sum,
             "ranked_by": dict(getattr(self.rec.engine, "ranked_by", {})),
             "stages": stages,
-            "cpu_s": time.process_time() + sum(fe["cpu"] for fe in self._frontend.values()),
-            "frontends": {i: fe["pid"] for i, fe in self._frontend.items()},
+            "cpu_s": time.process_time() + retired_cpu + sum(fe.cpu for _, fe in fronts),
+            "frontends": {i: fe.pid for i, fe in fronts},
+            "restarts": self.restarts,
         }
 
 
@@ -402,6 +447,11 @@ class _CoreCounters:
             return
         yield GaugeMetricFamily(
             "genrec_frontends", "Front-end processes attached to the engine core", value=len(s["frontends"])
+        )
+        yield CounterMetricFamily(
+            "genrec_frontend_restarts",
+            "Front-end processes that died and were started again",
+            value=s.get("restarts", 0),
         )
         yield CounterMetricFamily(
             "genrec_engine_busy_seconds",

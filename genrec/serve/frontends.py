@@ -9,7 +9,10 @@ template store is on disk and each process rechecks it every ServeLimits.templat
 
 Stopping: SIGTERM or SIGINT to the parent is forwarded to every front-end; each stops accepting, finishes
 the requests it holds (the core keeps ranking meanwhile) and exits; then the core stops. A front-end that
-exits on its own stops the whole server loudly (exit status 1): a half-served port is worse than none.
+exits on its own (a crash, the OOM killer) is started again at the same index on a new pipe, as gunicorn
+restarts a worker: the requests it held are lost with their connections, the others never notice. More than
+`max_restarts` deaths within `restart_window_s` is a crash loop, not bad luck: the whole server stops loudly
+(exit status 1), since a port that half works is worse than none.
 Each response carries `x-genrec-frontend: <index>/<pid>`, so a client can see which process answered.
 """
 
@@ -129,15 +132,30 @@ class FrontendServer:
     start(), then wait() (returns when every front-end has exited: 0 after shutdown(), 1 when one exited on
     its own), then close(). shutdown() is what SIGTERM does: it may be called from a signal handler."""
 
-    def __init__(self, rec: Recommender, spec: FrontendSpec, *, frontends: int, host: str, port: int) -> None:
+    def __init__(
+        self,
+        rec: Recommender,
+        spec: FrontendSpec,
+        *,
+        frontends: int,
+        host: str,
+        port: int,
+        max_restarts: int = 5,
+        restart_window_s: float = 60.0,
+    ) -> None:
         if frontends < 1:
             raise ValueError(f"--frontends must be >= 1, got {frontends}")
+        if max_restarts < 0:
+            raise ValueError(f"--frontend-restarts must be >= 0, got {max_restarts}")
         self.rec, self.spec, self.frontends = rec, spec, frontends
         self.host, self.requested_port = host, port
+        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self.core = EngineCore(rec, spec.limits)
         self.procs: list[Any] = []
         self.sock: socket.socket | None = None
         self.stopping = False
+        self._deaths: list[float] = []
+        """When front-ends died on their own (monotonic), for the crash-loop rule."""
 
     @property
     def port(self) -> int:
@@ -146,18 +164,8 @@ class FrontendServer:
 
     def start(self) -> None:
         self.sock = bind(self.host, self.requested_port)
-        ctx = multiprocessing.get_context("spawn")
         for index in range(self.frontends):
-            ours, theirs = ctx.Pipe()
-            self.core.attach(ours)
-            proc = ctx.Process(
-                target=frontend_main,
-                args=(index, self.sock, theirs, self.spec, os.getpid()),
-                name=f"genrec-frontend-{index}",
-            )
-            proc.start()
-            theirs.close()
-            self.procs.append(proc)
+            self.procs.append(self._spawn(index))
         self.core.start()
         logger.info(
             "engine core pid %d; front-ends %s on %s:%d",
@@ -166,6 +174,28 @@ class FrontendServer:
             self.host,
             self.port,
         )
+
+    def _spawn(self, index: int) -> Any:
+        """Front-end `index` in a new process on a new pipe (attached, or replacing the dead one's)."""
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        if index < len(self.procs):
+            self.core.replace(index, ours)
+        else:
+            self.core.attach(ours)
+        proc = ctx.Process(
+            target=frontend_main,
+            args=(index, self.sock, theirs, self.spec, os.getpid()),
+            name=f"genrec-frontend-{index}",
+        )
+        proc.start()
+        theirs.close()
+        return proc
+
+    def _restart_allowed(self, now: float) -> bool:
+        self._deaths = [t for t in self._deaths if now - t < self.restart_window_s]
+        self._deaths.append(now)
+        return len(self._deaths) <= self.max_restarts
 
     def shutdown(self) -> None:
         """Forward SIGTERM to every front-end: each drains its requests and exits."""
@@ -176,24 +206,40 @@ class FrontendServer:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Until every front-end has exited (None: `timeout` passed first). A front-end that exits while the
-        server is not stopping stops the others and makes this 1."""
+        server is not stopping is started again; past the crash-loop limit it stops the others instead and
+        makes this 1."""
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = False
         while any(p.is_alive() for p in self.procs):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             wait([p.sentinel for p in self.procs if p.is_alive()], timeout=0.5)
-            dead = [p for p in self.procs if not p.is_alive()]
-            if dead and not self.stopping:
-                for p in dead:
+            if self.stopping:
+                continue
+            for index, p in enumerate(self.procs):
+                if p.is_alive() or self.stopping:
+                    continue
+                if self._restart_allowed(time.monotonic()):
                     logger.error(
-                        "front-end %s (pid %d) exited with status %s: stopping the server",
+                        "front-end %s (pid %d) exited with status %s: starting it again",
                         p.name,
                         p.pid,
                         p.exitcode,
                     )
-                failed = True
-                self.shutdown()
+                    self.procs[index] = self._spawn(index)
+                else:
+                    logger.error(
+                        "front-end %s (pid %d) exited with status %s: %d deaths within %g s, more than "
+                        "--frontend-restarts %d: stopping the server",
+                        p.name,
+                        p.pid,
+                        p.exitcode,
+                        len(self._deaths),
+                        self.restart_window_s,
+                        self.max_restarts,
+                    )
+                    failed = True
+                    self.shutdown()
         return 1 if failed else 0
 
     def close(self) -> None:
@@ -210,9 +256,11 @@ class FrontendServer:
             self.sock.close()
 
 
-def serve_frontends(rec: Recommender, spec: FrontendSpec, *, frontends: int, host: str, port: int) -> None:
-    """Run the server until SIGTERM / SIGINT (drained, then return) or a front-end dies (SystemExit(1))."""
-    server = FrontendServer(rec, spec, frontends=frontends, host=host, port=port)
+def serve_frontends(
+    rec: Recommender, spec: FrontendSpec, *, frontends: int, host: str, port: int, max_restarts: int = 5
+) -> None:
+    """Run the server until SIGTERM / SIGINT (drained, then return) or front-ends crash-loop (SystemExit(1))."""
+    server = FrontendServer(rec, spec, frontends=frontends, host=host, port=port, max_restarts=max_restarts)
 
     def on_signal(signum: int, frame: Any) -> None:
         logger.info("signal %d: draining %d front-ends", signum, frontends)

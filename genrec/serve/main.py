@@ -36,6 +36,8 @@ class ServeArgs:
     frontends: int = 1
     """Processes serving HTTP (parsing, rendering, tokenising, retrieval, tree layouts, encoding) beside the one
     that ranks (genrec.serve.frontends); 1: one process does everything. More than 1 needs the hf backend."""
+    frontend_restarts: int = 5
+    """Front-ends that die are started again; more deaths than this within a minute stop the server."""
 
 
 def build_app(args: ServeArgs):  # type: ignore[no-untyped-def]
@@ -128,4 +130,11 @@ def serve_with_frontends(args: ServeArgs) -> None:
         args.port,
         args.frontends,
     )
-    serve_frontends(rec, spec, frontends=args.frontends, host=args.host, port=args.port)
+    serve_frontends(
+        rec,
+        spec,
+        frontends=args.frontends,
+        host=args.host,
+        port=args.port,
+        max_restarts=args.frontend_restarts,
+    )
