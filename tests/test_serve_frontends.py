@@ -231,6 +231,62 @@ def test_the_core_ranks_requests_of_several_frontends_in_one_batch(rec):
         assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
 
 
+def test_the_core_launches_the_next_batch_before_reading_one_back(rec, monkeypatch):
+    """Requests that queue while a batch ranks are launched as the next batch before the first is read back
+    (the device is never idle while the core replies), answered in order as in one process; a batch that
+    fails to launch answers its requests "failed" and the core goes on."""
+    events: list[tuple[str, int]] = []
+    real = rec.launch_prepared
+
+    def launch(requests, prepared):
+        n = len(events)
+        events.append(("launch", len(requests)))
+        if n == 0:
+            time.sleep(0.5)  # the first batch is slow to launch: the next requests queue meanwhile
+        if len(requests) == 1 and n > 0:
+            raise RuntimeError("bad batch")
+        finish = real(requests, prepared)
+
+        def done():
+            events.append(("finish", len(requests)))
+            return finish()
+
+        return done
+
+    monkeypatch.setattr(rec, "launch_prepared", launch)
+    core = EngineCore(rec, ServeLimits(batch_wait_ms=0, adaptive_wait=False))
+    ours, theirs = Pipe()
+    core.attach(ours)
+    core.start()
+    reqs = history_requests(
+        [rec.user_history(u)[-3:] for u in rec.data.users[:4]], rec.cfg.ranking.with_(n_items=5)
+    )
+
+    def send(rid):
+        prepared = prepare_with_layouts(rec, [reqs[rid]], rec.engine.layout_policy)
+        theirs.send(("rank", 0, [(rid, reqs[rid], prepared)], {}, 0.0))
+
+    try:
+        send(0)
+        time.sleep(0.2)  # batch 0 is launching
+        send(1)
+        send(2)
+        replies = [theirs.recv() for _ in range(3)]
+        send(3)  # alone: its launch fails
+        failed = theirs.recv()
+    finally:
+        core.stop()
+    assert events[:4] == [("launch", 1), ("launch", 2), ("finish", 1), ("finish", 2)]
+    assert [(kind, rid) for kind, rid, _ in replies] == [("done", 0), ("done", 1), ("done", 2)]
+    for (_, _, got), want in zip(replies, real_ranking(rec, reqs[:3]), strict=True):
+        assert [r.item for r in got] == want
+    assert failed[:2] == ("failed", 3) and "bad batch" in failed[2]
+
+
+def real_ranking(rec, reqs):
+    return [[r.item for r in recs] for recs in rec.rank_requests(reqs)]
+
+
 def test_merged_prepared_batches_keep_each_requests_parts():
     a = PreparedBatch([[1, 2]], [[5, 6]], layouts=None, retrieved_scores=[[0.5, 0.1]])
     b = PreparedBatch([[3]], [None], layouts=["lay"], retrieved_scores=None)  # type: ignore[list-item]

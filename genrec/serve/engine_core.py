@@ -25,13 +25,14 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -242,14 +243,28 @@ class EngineCore:
 
     # -- batching --------------------------------------------------------------------------------
     def _batch(self) -> None:
+        """Batches one ahead, as the batch job's `rank_stream`: while batch i ranks on the device, whatever
+        has queued meanwhile is packed and launched as batch i + 1 before i is read back, so the device is not
+        idle while the core packs and replies. With nothing queued, batch i is read back at once (no added
+        latency at low load); only the first batch after an idle spell waits out the batch window."""
+        pending: tuple[list[_Job], Callable[[], list[list[Recommendation]]]] | None = None
+        stop = False
         while True:
-            first = self._jobs.get()
-            if first is None:
-                return
-            jobs, stop = self._fill([first])
-            self._rank(jobs)
-            if stop:
-                return
+            if pending is None:
+                if stop:
+                    return
+                first = self._jobs.get()
+                if first is None:
+                    return
+                jobs, stop = self._fill([first])
+            elif stop:  # the stop mark was read: finish what is launched, take nothing more
+                jobs = []
+            else:
+                jobs, stop = self._take_queued()
+            launched = self._launch(jobs) if jobs else None
+            if pending is not None:
+                self._finish(*pending)
+            pending = launched
 
     def _fill(self, jobs: list[_Job]) -> tuple[list[_Job], bool]:
         """The batch `RecService._work` would make: whatever is queued now, then wait out the window."""
@@ -273,11 +288,37 @@ class EngineCore:
             jobs.append(job)
         return jobs, False
 
-    def _rank(self, jobs: list[_Job]) -> None:
+    def _take_queued(self) -> tuple[list[_Job], bool]:
+        """What is queued now, up to max_batch, without waiting (the next batch while one ranks)."""
+        jobs: list[_Job] = []
+        while len(jobs) < self.limits.max_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _launch(self, jobs: list[_Job]) -> tuple[list[_Job], Callable[[], list[list[Recommendation]]]]:
+        """Start ranking `jobs` (Recommender.launch_prepared). A batch that fails to launch fails when it is
+        finished, so that its requests are answered in order with the error."""
         busy = time.perf_counter()
         try:
-            requests = [j.request for j in jobs]
-            results = self.rec.rank_prepared(requests, merge_prepared([j.prepared for j in jobs]))
+            finish = self.rec.launch_prepared(
+                [j.request for j in jobs], merge_prepared([j.prepared for j in jobs])
+            )
+        except Exception as e:
+            finish = functools.partial(_reraise, e)
+        self.busy_s += time.perf_counter() - busy
+        return jobs, finish
+
+    def _finish(self, jobs: list[_Job], finish: Callable[[], list[list[Recommendation]]]) -> None:
+        """Read a launched batch back and answer each of its requests."""
+        busy = time.perf_counter()
+        try:
+            results = finish()
         except Exception as e:  # one bad batch must not kill the core; each waiter gets the error
             logger.exception("engine batch failed")
             replies: list[tuple[Any, ...]] = [("failed", j.rid, f"{type(e).__name__}: {e}") for j in jobs]
@@ -320,6 +361,10 @@ class EngineCore:
             "frontends": {i: fe.pid for i, fe in fronts},
             "restarts": self.restarts,
         }
+
+
+def _reraise(error: BaseException) -> Any:
+    raise error
 
 
 class CoreGone(RuntimeError):
