@@ -204,6 +204,23 @@ def test_a_full_engine_core_queue_gives_429_with_retry_after(rec):
         core.stop()
 
 
+def test_a_scrape_waiting_for_the_core_does_not_hold_up_other_requests(rec):
+    """/metrics asks the engine core for its counters over the pipe; while the core does not answer (here:
+    nobody reads the pipe, so the scrape waits its 2 s), /health is answered before the scrape returns."""
+    _, theirs = Pipe()
+    service = RemoteService(rec, CoreClient(theirs), model_name="m", layout_policy=rec.engine.layout_policy)
+    with LiveServer(create_app(service)) as s:
+        order: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            scrape = pool.submit(
+                lambda: order.append(f"metrics {httpx.get(s.url + '/metrics', timeout=30).status_code}")
+            )
+            time.sleep(0.5)  # the scrape is waiting for the core
+            order.append(f"health {httpx.get(s.url + '/health', timeout=30).status_code}")
+            scrape.result()
+    assert order == ["health 200", "metrics 200"]
+
+
 def test_the_core_ranks_requests_of_several_frontends_in_one_batch(rec):
     """Two front-ends' requests inside one batch window are one engine batch, ranked as in one process."""
     core = EngineCore(rec, ServeLimits(batch_wait_ms=500, adaptive_wait=False))

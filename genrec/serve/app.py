@@ -8,6 +8,7 @@ is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -162,7 +163,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # in a thread: a front-end's collectors ask the engine core over a pipe (up to 2 s when it is busy)
+        body = await asyncio.to_thread(generate_latest, service.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -473,7 +473,7 @@ class _CoreCounters:
     (genrec_engine_busy_seconds, genrec_queue_depth, genrec_batch_size, genrec_ranked_requests,
     genrec_stage_cpu_seconds: every process's), plus genrec_server_cpu_seconds (every process's CPU) and
     genrec_frontend_info (which front-end answered: its index and pid). A scrape asks the core for its counters
-    (one pipe round trip, on the event loop; its last ones if it does not answer within 2 s)."""
+    (one pipe round trip, in a worker thread, not on the event loop; its last ones if it does not answer within 2 s)."""
 
     def __init__(self, client: CoreClient, index: int) -> None:
         self.client = client
