@@ -537,7 +537,7 @@ class Recommender:
             tries, lays = self._tries_and_layouts(requests, prepared)
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         if prepared.retrieved_scores is not None:  # every candidate's LM score, to fuse (`fused`)
-            width = max(width, *(len(c) for c in prepared.retrieved if c is not None))
+            width = max([width, *(len(c) for c in prepared.retrieved if c is not None)])
         with self.clock.stage("rank"):
             ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
 

@@ -36,4 +36,26 @@ done
 "${genrec[@]}" prepare --run runs/named -c tiny.yaml -s data.synthetic_items=240 -s data.synthetic_users=150 \
   -s data.kcore=2 -s ids.embedding=collaborative >/dev/null  # a shipped recipe by name, from a directory without it
 test -f runs/named/config.yaml
+# the server from the installed package: its HTTP stack (httptools, uvloop) must come with the wheel's dependencies
+port=$("$work/venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"${genrec[@]}" serve --run runs/wheel --port "$port" --warmup 0 --model-name wheel >serve.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
+answer=""
+for _ in $(seq 120); do
+  answer=$("$work/venv/bin/python" - "$port" <<'PY' 2>/dev/null
+import json, sys, urllib.request
+body = json.dumps({"model": "wheel", "messages": [{"role": "user", "content": "something new"}], "n_items": 3})
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/chat/completions", body.encode(),
+                             {"Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(req, timeout=30))
+print(len(out["recommendations"]))
+PY
+) && break
+  kill -0 $server 2>/dev/null || { cat serve.log >&2; echo "wheel test: genrec serve exited" >&2; exit 1; }
+  sleep 1
+done
+[[ "$answer" == 3 ]] || { cat serve.log >&2; echo "wheel test: no chat answer from genrec serve" >&2; exit 1; }
+kill $server
+echo "wheel test: genrec serve answered a chat completion with 3 items"
 echo "wheel test passed in $((SECONDS - started)) s"

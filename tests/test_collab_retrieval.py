@@ -131,6 +131,20 @@ def test_fused_ranking_reorders_every_candidate_not_the_lms_top_few(base_rec, ma
     assert differs > 0  # the case the test is for occurs
 
 
+@pytest.mark.parametrize("candidates", ["all", "retriever"])
+def test_a_fused_run_ranks_whole_catalogue_and_text_only_requests(base_rec, markov, candidates):
+    """A run with a fused collaborative score still ranks requests that have nothing to fuse: the whole
+    catalogue (no candidate list) and free text alone (no history to score), alone in a batch or together."""
+    rec = with_collab(base_rec, markov, 4.0)
+    hist = leave_one_out(rec.data, "test")[0].history
+    opts = RankingOptions(n_items=3, candidates=candidates, n_candidates=12)
+    alone = rec.rank_histories([[]], opts, queries=["something new"])
+    both = rec.rank_histories([[], hist], opts, queries=["something new", None])
+    for recs in (*alone, *both):
+        assert len(recs) == 3 and len({r.item for r in recs}) == 3
+    assert [r.item for r in both[0]] == [r.item for r in alone[0]]
+
+
 def test_an_auto_weight_not_yet_chosen_names_the_command(base_rec, markov):
     rec = with_collab(base_rec, markov, None)
     with pytest.raises(GenrecError, match="genrec train"):
