@@ -154,6 +154,8 @@ class FrontendServer:
         self.procs: list[Any] = []
         self.sock: socket.socket | None = None
         self.stopping = False
+        self.failed = False
+        """Front-ends crash-looped: the server stopped itself (exit status 1)."""
         self._deaths: list[float] = []
         """When front-ends died on their own (monotonic), for the crash-loop rule."""
 
@@ -209,13 +211,7 @@ class FrontendServer:
         server is not stopping is started again; past the crash-loop limit it stops the others instead and
         makes this 1."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        failed = False
-        while any(p.is_alive() for p in self.procs):
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            wait([p.sentinel for p in self.procs if p.is_alive()], timeout=0.5)
-            if self.stopping:
-                continue
+        while True:
             for index, p in enumerate(self.procs):
                 if p.is_alive() or self.stopping:
                     continue
@@ -238,9 +234,14 @@ class FrontendServer:
                         self.restart_window_s,
                         self.max_restarts,
                     )
-                    failed = True
+                    self.failed = True
                     self.shutdown()
-        return 1 if failed else 0
+            alive = [p.sentinel for p in self.procs if p.is_alive()]
+            if not alive:
+                return 1 if self.failed else 0
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            wait(alive, timeout=0.5)
 
     def close(self) -> None:
         """Stop everything still running (front-ends first, then the core) and release the socket."""
