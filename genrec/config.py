@@ -294,7 +294,7 @@ class EvalConfig:
     catalogue; baselines that cannot rank items unseen in training are listed as such."""
 
 
-RetrievalSource = Literal["text", "markov", "itemknn", "sasrec", "union", "auto"]
+RetrievalSource = Literal["text", "markov", "itemknn", "sasrec", "union", "auto", "pool"]
 """Where retrieved candidates come from (retrieval.source; genrec.retrieval)."""
 RETRIEVAL_SOURCES: tuple[str, ...] = typing.get_args(RetrievalSource)
 CollaborativeKind = Literal["markov", "itemknn", "sasrec"]
@@ -310,17 +310,25 @@ class RetrievalConfig:
     item-based kNN (the sum of the history items' cosine-similarity rows); `sasrec`, the SASRec model (its scores
     over the catalogue); `union`, half from retrieval.collaborative and the rest from the text retriever; `auto`,
     the model of retrieval.auto_models with the best validation NDCG@10 on its own (chosen by `genrec train`,
-    recorded in run.json and the eval report), so a recipe need not know which one wins on a dataset. A
+    recorded in run.json and the eval report), so a recipe need not know which one wins on a dataset; `pool`,
+    candidates pooled from every model of retrieval.auto_models (and the text retriever, retrieval.pool_text) by
+    reciprocal rank fusion, so that where one model knows nothing (item-kNN scores most items 0 on sparse data)
+    the others fill the slots, with the score of the model `auto` would choose fused with the LM's. A
     collaborative model is trained by `genrec train` on the items before each user's test item
-    (runs/<name>/retriever/) and its score is fused with the LM's (retrieval.fusion_weight)."""
+    (runs/<name>/retriever/) and its score is fused with the LM's (retrieval.fusion_weight). Each model's
+    validation recall of eval.n_candidates candidates (and the pool's) is recorded in run.json
+    (`retrieval.candidate_recall`) and the eval report: it bounds genrec's."""
     collaborative: CollaborativeKind = "sasrec"
     """`union` only: the collaborative model whose candidates join the text retriever's and whose score is fused
     (for `markov`, `itemknn` and `sasrec` the source is the model)."""
     auto_models: list[str] = field(default_factory=lambda: ["markov", "itemknn", "sasrec"])
-    """`auto` only: the collaborative models fitted and compared (each on its own: validation NDCG@10 over the
-    whole catalogue minus the user's items, the first retrieval.tune_users validation users; ties: the earlier
-    one). Markov and item-kNN take seconds; SASRec trains as the SASRec baseline does (eval.sasrec_epochs), and
-    the baseline then reuses it."""
+    """`auto` and `pool`: the collaborative models fitted and compared (each on its own: validation NDCG@10 over
+    the whole catalogue minus the user's items, the first retrieval.tune_users validation users; ties: the earlier
+    one); `pool` pools their candidates. Markov and item-kNN take seconds; SASRec trains as the SASRec baseline
+    does (eval.sasrec_epochs), and the baseline then reuses it."""
+    pool_text: bool = True
+    """`pool` only: the text retriever (the run's item embeddings: text, or collaborative on data without text)
+    joins the pool; its score is never the fused one."""
     fusion_weight: Literal["auto"] | float = "auto"
     """Final score of a candidate = the LM's log P(item | prompt) + weight x the log-softmax of the collaborative
     model's scores over the request's candidates (0: the LM alone; no effect for source=text). `auto`: the weight
@@ -640,4 +648,9 @@ def validate_retrieval(r: RetrievalConfig) -> None:
     if unknown or not r.auto_models or len(set(r.auto_models)) != len(r.auto_models):
         raise ConfigError(
             f"retrieval.auto_models: one or more distinct of {list(COLLABORATIVE)}, got {r.auto_models}"
+        )
+    if r.source == "pool" and len(r.auto_models) + r.pool_text < 2:
+        raise ConfigError(
+            f"retrieval.source=pool pools two or more models: retrieval.auto_models={r.auto_models} and "
+            "retrieval.pool_text=false leave one (use retrieval.source=auto for one model)"
         )

@@ -66,14 +66,15 @@ def prompt_recommender(run_path: str) -> Recommender:
     run = RunDir(run_path)
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir())
     cfg = run.load_config()
-    collab, weight = load_retrieval(run, cfg)
+    retriever = Retriever(run.load_embeddings())
+    collab, weight = load_retrieval(run, cfg, text=retriever)
     return Recommender(
         run,
         cfg,
         run.load_data(),
         run.load_ids(),
         PromptEngine(tokenizer),
-        Retriever(run.load_embeddings()),
+        retriever,
         collab=collab,
         fusion_weight=weight,
     )

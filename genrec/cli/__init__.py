@@ -208,9 +208,16 @@ def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
     if info is not None and info.get("selection"):
         sel = info["selection"]
         typer.echo(
-            f"retrieval.source=auto chose {sel['chosen']} (validation NDCG@10 alone, {sel['users']} users: "
+            f"retrieval.source={cfg.retrieval.source} chose {sel['chosen']} (validation NDCG@10 alone, "
+            f"{sel['users']} users: "
             + ", ".join(f"{k} {v:.4f}" for k, v in sel["valid_ndcg@10"].items())
             + ")"
+        )
+    if info is not None and info.get("candidate_recall_by_model"):
+        by = info["candidate_recall_by_model"]
+        typer.echo(
+            f"validation recall of {by['n_candidates']} candidates ({info['candidates']}): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in by["recall"].items())
         )
     if info is not None:
         grid = info.get("valid_ndcg@10")

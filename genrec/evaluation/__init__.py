@@ -372,8 +372,12 @@ def protocol_text(cfg: RunConfig, rec: Any) -> str:
     source: str = cfg.retrieval.source if rec.collab is not None else "text"
     if source == "auto":
         source = f"{rec.collab.kind} (retrieval.source=auto)"
+    elif source == "pool":
+        source = f"{rec.collab.label} (retrieval.source=pool)"
     fused = (
-        f", fused with the {rec.collab.kind} score" if rec.collab is not None and rec.fusion_weight else ""
+        f", fused with the {rec.collab.score_kind} score"
+        if rec.collab is not None and rec.fusion_weight
+        else ""
     )
     return (
         f"{base}; genrec ranks the {source} retriever's top-{cfg.eval.n_candidates} candidates{fused} (a target "
@@ -392,7 +396,7 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
         return {
             "weight": rec.fusion_weight,
             "chosen_by": "retrieval.fusion_weight",
-            "source": rec.collab.kind,
+            **retrieval_record(rec),
             **({"selection": selection} if selection else {}),
         }
     if rec.fusion_weight is None:
@@ -400,7 +404,19 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
     recorded = rec.run.meta().get("retrieval", {}).get("fusion") or {}
     if recorded.get("weight") == rec.fusion_weight:
         return dict(recorded)
-    return {"weight": rec.fusion_weight, "source": rec.collab.kind}  # set on this Recommender, not recorded
+    return {"weight": rec.fusion_weight, **retrieval_record(rec)}  # set on this Recommender, not recorded
+
+
+def retrieval_record(rec: Any) -> dict[str, Any]:
+    """What the report and run.json say of the run's candidates: the model whose score is fused (`source`), what
+    proposes the candidates (`candidates`: the same model, or a pool's members) and every model's validation
+    recall of them (`candidate_recall_by_model`, recorded by `genrec train`)."""
+    by_model = rec.run.meta().get("retrieval", {}).get("candidate_recall")
+    return {
+        "source": rec.collab.score_kind,
+        "candidates": rec.collab.label,
+        **({"candidate_recall_by_model": by_model} if by_model else {}),
+    }
 
 
 def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -431,7 +447,7 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     info = {
         "weight": float(best),
         "chosen_by": "validation ndcg@10",
-        "source": rec.collab.kind,
+        **retrieval_record(rec),
         "users": len(valid),
         "n_candidates": e.n_candidates,
         "valid_ndcg@10": grid,
@@ -449,15 +465,11 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
 
 def validation_collab(rec: Any) -> Any:
     """The collaborative model the validation split's choices use: the run's one fitted without the validation
-    targets (retriever/valid/: the Markov chain and item-kNN), else the run's own (SASRec, which never trains on
-    them; or a retriever set on `rec` by its caller)."""
-    from genrec.retrieval import VALIDATION_DIR, load_collaborative
+    targets (retriever/valid/: the Markov chain and item-kNN; for a pool, each member), else the run's own
+    (SASRec, which never trains on them; the text retriever; or a retriever set on `rec` by its caller)."""
+    from genrec.retrieval import VALIDATION_DIR, for_validation
 
-    folder = rec.run.retriever_dir / VALIDATION_DIR
-    try:
-        return load_collaborative(folder, rec.collab.kind)
-    except FileNotFoundError:
-        return rec.collab
+    return for_validation(rec.collab, rec.run.retriever_dir / VALIDATION_DIR)
 
 
 def lm_candidate_scores(
@@ -818,6 +830,16 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"Collaborative retriever chosen by retrieval.source=auto: **{sel['chosen']}** ({sel['chosen_by']}, "
             f"{sel['users']} validation users: {scores})."
+        )
+    if fusion.get("candidates", fusion["source"]) != fusion["source"]:
+        lines.append(f"Candidates: {fusion['candidates']}, by reciprocal rank fusion.")
+    by_model = fusion.get("candidate_recall_by_model")
+    if by_model:
+        lines.append(
+            f"Validation recall of {by_model['n_candidates']} candidates ({by_model['users']} users; the ceiling "
+            "of genrec's recall with them): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in by_model["recall"].items())
+            + "."
         )
     grid = fusion.get("valid_ndcg@10")
     lines.append(
