@@ -336,6 +336,12 @@ class RetrievalConfig:
     `genrec evaluate` when none is recorded) and recorded in run.json and the eval report."""
     fusion_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     """Weights `auto` chooses from."""
+    n_candidates_grid: list[int] = field(default_factory=list)
+    """Numbers of candidates eval.n_candidates is chosen from together with the fusion weight (fusion_weight=auto),
+    on validation NDCG@10 (ties: fewer), recorded in run.json and used by every command; empty: eval.n_candidates
+    as set. Costs one LM scoring of the largest number's candidates: the first n of a collaborative retriever's
+    (or a pool's) order are those of a larger number, and exact tree scoring gives each candidate the same
+    log-probability whatever the others (beam search only approximates that)."""
     tune_users: int = 1000
     """Validation users ranked to choose the fusion weight and, for `auto`, the collaborative model (the first N;
     0: all)."""
@@ -648,6 +654,16 @@ def validate_retrieval(r: RetrievalConfig) -> None:
     if unknown or not r.auto_models or len(set(r.auto_models)) != len(r.auto_models):
         raise ConfigError(
             f"retrieval.auto_models: one or more distinct of {list(COLLABORATIVE)}, got {r.auto_models}"
+        )
+    if r.n_candidates_grid and (
+        r.fusion_weight != "auto"
+        or r.source in ("text", "union")
+        or any(not 1 <= n <= RankingOptions.MAX_CANDIDATES for n in r.n_candidates_grid)
+    ):
+        raise ConfigError(
+            f"retrieval.n_candidates_grid {r.n_candidates_grid}: numbers from 1 to {RankingOptions.MAX_CANDIDATES}, "
+            "chosen with retrieval.fusion_weight=auto for a collaborative source (not text or union, whose "
+            "first n candidates are not those of a larger number)"
         )
     if r.source == "pool" and len(r.auto_models) + r.pool_text < 2:
         raise ConfigError(

@@ -33,7 +33,7 @@ from genrec.retrieval import (
     fuse,
     load_collaborative,
 )
-from genrec.run import RunDir
+from genrec.run import RunDir, with_chosen_candidates
 from genrec.templates.prompt_store import TemplateStore, TemplateVersion
 from genrec.templates.prompts import PromptBuilder, PromptTemplate
 
@@ -238,6 +238,7 @@ class Recommender:
             raise GenrecError(f"backend must be 'hf', 'vllm' or 'vllm-async', got {backend!r}")
         retriever = Retriever(run.load_embeddings())
         collab, weight = load_retrieval(run, cfg, text=retriever)
+        cfg = with_chosen_candidates(run, cfg)
         return cls(run, cfg, run.load_data(), ids, engine, retriever, collab=collab, fusion_weight=weight)
 
     def _item_token_ids(self) -> np.ndarray:

@@ -572,3 +572,38 @@ def test_checkpoint_selection_ranks_the_runs_candidates_from_models_that_never_s
     histories = [list(ex.history) for ex in leave_one_out(data, "valid")[:20]]
     assert np.allclose(collab.scores(histories), MarkovRetriever.fit(data, split="valid").scores(histories))
     assert not np.allclose(collab.scores(histories), load_retrieval(run, cfg)[0].scores(histories))
+
+
+def test_n_candidates_is_chosen_with_the_weight_on_validation_from_one_ranking(trained, base_rec, markov):
+    """retrieval.n_candidates_grid: the LM scores the largest number's candidates once; each smaller number's
+    figures are what ranking that many candidates gives (checked against choosing with that number alone), and
+    the best (number, weight) is kept, recorded and used as eval.n_candidates from then on."""
+    run, _, _ = trained
+    rec = with_collab(
+        base_rec, markov, None, fusion_grid=[0.0, 1.0, 30.0], tune_users=60, n_candidates_grid=[12, 4]
+    )
+    info = choose_fusion_weight(rec, rec.cfg, progress=False)
+    assert run.meta()["retrieval"]["fusion"]["n_candidates"] == info["n_candidates"]
+    by_n = info["valid_ndcg@10_by_n_candidates"]
+    assert set(by_n) == {"4", "12"}
+    for n in (4, 12):
+        alone = with_collab(base_rec, markov, None, fusion_grid=[0.0, 1.0, 30.0], tune_users=60)
+        cfg = dataclasses.replace(alone.cfg, eval=dataclasses.replace(alone.cfg.eval, n_candidates=n))
+        want = choose_fusion_weight(alone, cfg, progress=False)
+        assert by_n[str(n)] == pytest.approx(want["valid_ndcg@10"], abs=1e-9)
+    best = max(v for g in by_n.values() for v in g.values())
+    assert by_n[str(info["n_candidates"])][f"{info['weight']:g}"] == best
+    assert rec.cfg.eval.n_candidates == info["n_candidates"] and rec.fusion_weight == info["weight"]
+    assert by_n["4"] != by_n["12"]  # the numbers rank differently: the case the choice is for
+
+
+def test_n_candidates_grid_settings_are_named():
+    from genrec.config import RunConfig
+
+    for bad in (
+        ["retrieval.n_candidates_grid=[50,100]", "retrieval.fusion_weight=1"],
+        ["retrieval.n_candidates_grid=[50,100]", "retrieval.source=union"],
+        ["retrieval.n_candidates_grid=[0,100]"],
+    ):
+        with pytest.raises(ConfigError, match="retrieval.n_candidates_grid"):
+            apply_overrides(RunConfig(), bad)

@@ -29,7 +29,7 @@ from genrec.data.needs import derive_need
 from genrec.errors import GenrecError, stopped_by
 from genrec.evaluation.metrics import ci_half_width, intra_list_diversity, user_metrics, validity
 from genrec.prep import ranked_batches
-from genrec.run import RunDir, atomic_write_text
+from genrec.run import RunDir, atomic_write_text, with_chosen_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ def evaluate(
     protocol = cfg.eval.protocol
     cold = run.cold_items(cfg)
     fusion = fusion_weight_for(rec, cfg, progress=progress)
+    cfg = with_chosen_candidates(run, cfg)  # as many candidates as the fusion weight was chosen for
     examples = leave_one_out(data, cfg.eval.split)
     if protocol == "cold":  # the users whose held-out item is the one to find
         held_out = set(cold)
@@ -423,44 +424,91 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     """Choose retrieval.fusion_weight on the validation split: rank the first retrieval.tune_users validation
     users' retrieved candidates once with the LM alone (every candidate's log-probability), fuse them with the
     collaborative scores at each weight of retrieval.fusion_grid, and keep the weight with the best NDCG@10
-    (ties: the smaller weight). Sets it on `rec` and records it in run.json (`retrieval.fusion`)."""
-    r, e = cfg.retrieval, cfg.eval
+    (ties: the smaller weight). With retrieval.n_candidates_grid, eval.n_candidates is chosen with it: the LM
+    scores the largest number's candidates and each smaller number keeps the first ones of the retriever's order
+    (`candidate_prefixes`); ties go to fewer candidates. Sets both on `rec` and records them in run.json
+    (`retrieval.fusion`)."""
+    r = cfg.retrieval
     valid = leave_one_out(rec.data, "valid")
     valid = valid[: r.tune_users] if r.tune_users else valid
     started = time.time()
+    ns = sorted(set(r.n_candidates_grid)) or [cfg.eval.n_candidates]
+    widest = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=max(ns)))
     serving = rec.collab
     rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
     try:
-        items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
-        collab = rec.collab.scores_of([ex.history for ex in valid], items)
+        items, lm = lm_candidate_scores(rec, valid, widest, progress=progress)
+        histories = [list(ex.history) for ex in valid]
+        collab = rec.collab.scores_of(histories, items)
+        prefixes = candidate_prefixes(rec.collab, histories, items, ns)
     finally:
         rec.collab = serving
-    grid: dict[str, float] = {}
-    for w in r.fusion_grid:
-        lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
-        grid[f"{w:g}"] = float(
-            np.mean(
-                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
+    by_n: dict[str, dict[str, float]] = {}
+    for n in ns:
+        by_n[str(n)] = {}
+        for w in r.fusion_grid:
+            lists = [
+                fused_order([its[j] for j in keep], s[keep], c[keep], w)[:10]
+                for its, s, c, keep in zip(items, lm, collab, prefixes[n], strict=True)
+            ]
+            by_n[str(n)][f"{w:g}"] = float(
+                np.mean(
+                    [
+                        user_metrics(lst, ex.target, [10])["ndcg@10"]
+                        for lst, ex in zip(lists, valid, strict=True)
+                    ]
+                )
             )
-        )
-    best = max(r.fusion_grid, key=lambda w: (grid[f"{w:g}"], -w))
+    n, best = max(
+        ((n, w) for n in ns for w in r.fusion_grid),
+        key=lambda p: (by_n[str(p[0])][f"{p[1]:g}"], -p[0], -p[1]),
+    )
     info = {
         "weight": float(best),
         "chosen_by": "validation ndcg@10",
         **retrieval_record(rec),
         "users": len(valid),
-        "n_candidates": e.n_candidates,
-        "valid_ndcg@10": grid,
-        "candidate_recall": float(np.mean([ex.target in set(i) for i, ex in zip(items, valid, strict=True)])),
+        "n_candidates": n,
+        "valid_ndcg@10": by_n[str(n)],
+        **(
+            {"valid_ndcg@10_by_n_candidates": by_n, "n_candidates_chosen_by": "validation ndcg@10"}
+            if len(ns) > 1
+            else {}
+        ),
+        "candidate_recall": float(
+            np.mean(
+                [
+                    ex.target in {its[j] for j in keep}
+                    for its, keep, ex in zip(items, prefixes[n], valid, strict=True)
+                ]
+            )
+        ),
         "seconds": round(time.time() - started, 1),
     }
     selection = rec.run.meta().get("retrieval", {}).get("selection")
     if selection:
         info["selection"] = selection  # retrieval.source=auto's choice
-    logger.info("fusion weight %g (validation NDCG@10 by weight: %s)", best, grid)
+    logger.info(
+        "fusion weight %g, %d candidates (validation NDCG@10 by candidates and weight: %s)", best, n, by_n
+    )
     rec.fusion_weight = float(best)
     rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})
+    rec.cfg = with_chosen_candidates(rec.run, rec.cfg)
     return info
+
+
+def candidate_prefixes(
+    collab: Any, histories: Sequence[Sequence[int]], items: Sequence[Sequence[int]], ns: Sequence[int]
+) -> dict[int, list[np.ndarray]]:
+    """For each n of `ns`, the positions in each user's `items` (the first max(ns) candidates, in the LM's order)
+    of the retriever's first n: a single model's and a pool's order do not depend on how many are asked for, so
+    the first n of the first N are what n would retrieve. One n: every position."""
+    if len(ns) == 1:
+        return {ns[0]: [np.arange(len(its)) for its in items]}
+    order, _ = collab.search(histories, max(ns), exclude=histories)
+    rank = [{int(i): k for k, i in enumerate(row) if i >= 0} for row in order]
+    at = [np.asarray([rk.get(i, len(rk)) for i in its]) for rk, its in zip(rank, items, strict=True)]
+    return {n: [np.flatnonzero(a < n) for a in at] for n in ns}
 
 
 def validation_collab(rec: Any) -> Any:
@@ -840,6 +888,12 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
             "of genrec's recall with them): "
             + ", ".join(f"{k} {v:.1%}" for k, v in by_model["recall"].items())
             + "."
+        )
+    by_n = fusion.get("valid_ndcg@10_by_n_candidates")
+    if by_n:
+        lines.append(
+            f"{fusion['n_candidates']} candidates, chosen with the weight on validation NDCG@10 (best weight per "
+            "number: " + ", ".join(f"{n} -> {max(g.values()):.4f}" for n, g in by_n.items()) + ")."
         )
     grid = fusion.get("valid_ndcg@10")
     lines.append(
