@@ -207,9 +207,9 @@ def candidate_recall(
 def select_collaborative(
     data: Interactions, models: dict[str, CollaborativeRetriever], *, users: int
 ) -> dict[str, object]:
-    """retrieval.source=auto: each model alone (fitted without the validation targets) ranks the whole catalogue
-    minus each of the first `users` validation users' items (0: all); the best NDCG@10 wins, ties to the earlier
-    model. What it returns is recorded in run.json and the eval report."""
+    """retrieval.source=auto (and pool, for the score it fuses): each model alone (fitted without the validation
+    targets) ranks the whole catalogue minus each of the first `users` validation users' items (0: all); the best
+    NDCG@10 wins, ties to the earlier model. What it returns is recorded in run.json and the eval report."""
     from genrec.evaluation.metrics import user_metrics
 
     valid = leave_one_out(data, "valid")
@@ -227,7 +227,7 @@ def select_collaborative(
             )
         )
     chosen = max(models, key=lambda k: ndcg[k])  # max keeps the first of equals
-    logger.info("retrieval.source=auto: %s (validation NDCG@10 alone: %s)", chosen, ndcg)
+    logger.info("collaborative model chosen on validation: %s (NDCG@10 alone: %s)", chosen, ndcg)
     return {
         "chosen": chosen,
         "chosen_by": "validation ndcg@10, each model alone",

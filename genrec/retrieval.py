@@ -475,10 +475,9 @@ class PooledRetriever(CollaborativeRetriever):
     its least-scored ones (item-kNN scores most of a sparse catalogue 0: those ties are no ranking), so where one
     model knows nothing the others fill the slots; and 1 more from each member that has the item among its first
     POOL_SEED, so that every member's best items get in even where the others agree on theirs (the fusion favours
-    consensus).
-    Items no member informs come last, in the scorer's order. Ranks are over the whole catalogue, so a top n is a
-    prefix of a top N. `scores` (what the fusion adds to the LM's) are the scorer's: one model's score, on the
-    scale its fusion weight is chosen for."""
+    consensus). Items no member informs come last, in the scorer's order. Ranks are over the whole catalogue, so a
+    top n is a prefix of a top N. `scores` (what the fusion adds to the LM's) are the scorer's: one model's score,
+    on the scale its fusion weight is chosen for."""
 
     kind = "pool"
 

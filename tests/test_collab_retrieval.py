@@ -521,7 +521,8 @@ def test_pool_is_trained_loaded_served_and_its_recall_recorded(trained, tmp_path
     assert report["retrieval"]["candidates"] == "pool of markov+itemknn+text"
     assert report["retrieval"]["candidate_recall_by_model"]["recall"]["pool"] == recall["recall"]["pool"]
     assert "pool of markov+itemknn+text (retrieval.source=pool)" in report["protocol"]
-    assert "Validation recall of 12 candidates" in (copy.path / "report_test.md").read_text()
+    shown = (copy.path / "report_test.md").read_text()
+    assert "Validation recall of 12 candidates" in shown and "fused with the pool's candidates" in shown
     test = leave_one_out(data, "test")[:8]
     hist = [list(ex.history) for ex in test]
     want, _ = rec.collab.search(hist, 12, exclude=hist)

@@ -875,9 +875,13 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
     sel = fusion.get("selection")
     if sel:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in sel["valid_ndcg@10"].items())
+        what = (
+            "Model whose score is fused with the pool's candidates, chosen as retrieval.source=auto chooses"
+            if str(fusion.get("candidates", "")).startswith("pool")
+            else "Collaborative retriever chosen by retrieval.source=auto"
+        )
         lines.append(
-            f"Collaborative retriever chosen by retrieval.source=auto: **{sel['chosen']}** ({sel['chosen_by']}, "
-            f"{sel['users']} validation users: {scores})."
+            f"{what}: **{sel['chosen']}** ({sel['chosen_by']}, {sel['users']} validation users: {scores})."
         )
     if fusion.get("candidates", fusion["source"]) != fusion["source"]:
         lines.append(f"Candidates: {fusion['candidates']}, by reciprocal rank fusion.")
