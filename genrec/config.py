@@ -294,7 +294,7 @@ class EvalConfig:
     catalogue; baselines that cannot rank items unseen in training are listed as such."""
 
 
-RetrievalSource = Literal["text", "markov", "itemknn", "sasrec", "union", "auto"]
+RetrievalSource = Literal["text", "markov", "itemknn", "sasrec", "union", "auto", "pool"]
 """Where retrieved candidates come from (retrieval.source; genrec.retrieval)."""
 RETRIEVAL_SOURCES: tuple[str, ...] = typing.get_args(RetrievalSource)
 CollaborativeKind = Literal["markov", "itemknn", "sasrec"]
@@ -310,17 +310,25 @@ class RetrievalConfig:
     item-based kNN (the sum of the history items' cosine-similarity rows); `sasrec`, the SASRec model (its scores
     over the catalogue); `union`, half from retrieval.collaborative and the rest from the text retriever; `auto`,
     the model of retrieval.auto_models with the best validation NDCG@10 on its own (chosen by `genrec train`,
-    recorded in run.json and the eval report), so a recipe need not know which one wins on a dataset. A
+    recorded in run.json and the eval report), so a recipe need not know which one wins on a dataset; `pool`,
+    candidates pooled from every model of retrieval.auto_models (and the text retriever, retrieval.pool_text) by
+    reciprocal rank fusion, so that where one model knows nothing (item-kNN scores most items 0 on sparse data)
+    the others fill the slots, with the score of the model `auto` would choose fused with the LM's. A
     collaborative model is trained by `genrec train` on the items before each user's test item
-    (runs/<name>/retriever/) and its score is fused with the LM's (retrieval.fusion_weight)."""
+    (runs/<name>/retriever/) and its score is fused with the LM's (retrieval.fusion_weight). Each model's
+    validation recall of eval.n_candidates candidates (and the pool's) is recorded in run.json
+    (`retrieval.candidate_recall`) and the eval report: it bounds genrec's."""
     collaborative: CollaborativeKind = "sasrec"
     """`union` only: the collaborative model whose candidates join the text retriever's and whose score is fused
     (for `markov`, `itemknn` and `sasrec` the source is the model)."""
     auto_models: list[str] = field(default_factory=lambda: ["markov", "itemknn", "sasrec"])
-    """`auto` only: the collaborative models fitted and compared (each on its own: validation NDCG@10 over the
-    whole catalogue minus the user's items, the first retrieval.tune_users validation users; ties: the earlier
-    one). Markov and item-kNN take seconds; SASRec trains as the SASRec baseline does (eval.sasrec_epochs), and
-    the baseline then reuses it."""
+    """`auto` and `pool`: the collaborative models fitted and compared (each on its own: validation NDCG@10 over
+    the whole catalogue minus the user's items, the first retrieval.tune_users validation users; ties: the earlier
+    one); `pool` pools their candidates. Markov and item-kNN take seconds; SASRec trains as the SASRec baseline
+    does (eval.sasrec_epochs), and the baseline then reuses it."""
+    pool_text: bool = True
+    """`pool` only: the text retriever (the run's item embeddings: text, or collaborative on data without text)
+    joins the pool; its score is never the fused one."""
     fusion_weight: Literal["auto"] | float = "auto"
     """Final score of a candidate = the LM's log P(item | prompt) + weight x the log-softmax of the collaborative
     model's scores over the request's candidates (0: the LM alone; no effect for source=text). `auto`: the weight
@@ -328,6 +336,12 @@ class RetrievalConfig:
     `genrec evaluate` when none is recorded) and recorded in run.json and the eval report."""
     fusion_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     """Weights `auto` chooses from."""
+    n_candidates_grid: list[int] = field(default_factory=list)
+    """Numbers of candidates eval.n_candidates is chosen from together with the fusion weight (fusion_weight=auto),
+    on validation NDCG@10 (ties: fewer), recorded in run.json and used by every command; empty: eval.n_candidates
+    as set. Costs one LM scoring of the largest number's candidates: the first n of a collaborative retriever's
+    (or a pool's) order are those of a larger number, and exact tree scoring gives each candidate the same
+    log-probability whatever the others (beam search only approximates that)."""
     tune_users: int = 1000
     """Validation users ranked to choose the fusion weight and, for `auto`, the collaborative model (the first N;
     0: all)."""
@@ -640,4 +654,19 @@ def validate_retrieval(r: RetrievalConfig) -> None:
     if unknown or not r.auto_models or len(set(r.auto_models)) != len(r.auto_models):
         raise ConfigError(
             f"retrieval.auto_models: one or more distinct of {list(COLLABORATIVE)}, got {r.auto_models}"
+        )
+    if r.n_candidates_grid and (
+        r.fusion_weight != "auto"
+        or r.source in ("text", "union")
+        or any(not 1 <= n <= RankingOptions.MAX_CANDIDATES for n in r.n_candidates_grid)
+    ):
+        raise ConfigError(
+            f"retrieval.n_candidates_grid {r.n_candidates_grid}: numbers from 1 to {RankingOptions.MAX_CANDIDATES}, "
+            "chosen with retrieval.fusion_weight=auto for a collaborative source (not text or union, whose "
+            "first n candidates are not those of a larger number)"
+        )
+    if r.source == "pool" and len(r.auto_models) + r.pool_text < 2:
+        raise ConfigError(
+            f"retrieval.source=pool pools two or more models: retrieval.auto_models={r.auto_models} and "
+            "retrieval.pool_text=false leave one (use retrieval.source=auto for one model)"
         )

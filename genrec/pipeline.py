@@ -20,7 +20,10 @@ from genrec.retrieval import (
     COLLABORATIVE_RETRIEVERS,
     VALIDATION_DIR,
     CollaborativeRetriever,
+    PooledRetriever,
+    Retriever,
     TextEncoder,
+    TextScores,
     collaborative_embeddings,
     collaborative_kind,
     fit_collaborative,
@@ -114,14 +117,17 @@ def build_ids(run: RunDir, cfg: RunConfig) -> ItemIds:
 
 
 def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> dict[str, object] | None:
-    """Fit the collaborative retriever retrieval.source needs (None for `text`; for `auto`, each of
-    retrieval.auto_models, keeping the best on validation: `select_collaborative`) on the items before each user's
-    test item, save it in runs/<name>/retriever/ (and the Markov chain and item-kNN fitted without the validation
-    targets in retriever/valid/, for the choices made on validation) and record it in run.json (`retrieval`)."""
+    """Fit the collaborative retriever retrieval.source needs (None for `text`; for `auto` and `pool`, each of
+    retrieval.auto_models, keeping the best on validation: `select_collaborative`; `pool` pools them all and fuses
+    that one's score) on the items before each user's test item, save it in runs/<name>/retriever/ (and the Markov
+    chain and item-kNN fitted without the validation targets in retriever/valid/, for the choices made on
+    validation) and record it in run.json (`retrieval`), with the validation recall of the candidates of each
+    model and of the pool (`candidate_recall`)."""
     r = cfg.retrieval
     if r.source == "text":
         return None
-    kinds = list(r.auto_models) if r.source == "auto" else [collaborative_kind(r.source, r.collaborative)]
+    several = r.source in ("auto", "pool")
+    kinds = list(r.auto_models) if several else [collaborative_kind(r.source, r.collaborative)]
     started = time.time()
     data = without_items(run.load_data(), run.cold_items(cfg))
     if run.retriever_dir.exists():  # models of an earlier training would be taken for this one's
@@ -144,7 +150,7 @@ def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> di
         seconds[kind] = round(time.time() - t0, 1)
         logger.info("collaborative retriever %s trained in %.1f s", kind, seconds[kind])
     info: dict[str, object] = {"source": r.source, "fitted": kinds}
-    if r.source == "auto":
+    if several:
         selection = select_collaborative(data, on_valid, users=r.tune_users)
         info["selection"] = {**selection, "fit_seconds": seconds}
         kind = str(selection["chosen"])
@@ -161,16 +167,49 @@ def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> di
             seed=cfg.train.seed,
             window=getattr(on_valid["sasrec"], "window", None),
         )
+    info["candidate_recall"] = candidate_recall(run, cfg, data, on_valid, scorer=kind)
     run.update_meta(retrieval=info)  # a fusion weight chosen for an earlier retriever no longer holds
     return info
+
+
+def candidate_recall(
+    run: RunDir,
+    cfg: RunConfig,
+    data: Interactions,
+    on_valid: dict[str, CollaborativeRetriever],
+    *,
+    scorer: str,
+) -> dict[str, object]:
+    """The share of validation users whose item is among the eval.n_candidates candidates of each model alone
+    (fitted without the validation targets), of the text retriever, and of the pool (retrieval.source=pool): the
+    ceiling of genrec's recall with those candidates, recorded in run.json and the eval report for every choice,
+    not only the one made. All validation users."""
+    n = cfg.eval.n_candidates
+    models: dict[str, CollaborativeRetriever] = dict(on_valid)
+    if run.embeddings_file.is_file():
+        models["text"] = TextScores(Retriever(run.load_embeddings()))
+    if cfg.retrieval.source == "pool":
+        members = [on_valid[k] for k in cfg.retrieval.auto_models]
+        if cfg.retrieval.pool_text and "text" in models:
+            members.append(models["text"])
+        models["pool"] = PooledRetriever(members, scorer=on_valid[scorer])
+    valid = leave_one_out(data, "valid")
+    histories = [list(ex.history) for ex in valid]
+    targets = np.asarray([ex.target for ex in valid])
+    recall: dict[str, float] = {}
+    for kind, model in models.items():
+        items, _ = model.search(histories, n)
+        recall[kind] = float(np.mean((items == targets[:, None]).any(axis=1)))
+    logger.info("validation recall of %d candidates: %s", n, recall)
+    return {"n_candidates": n, "users": len(valid), "recall": recall}
 
 
 def select_collaborative(
     data: Interactions, models: dict[str, CollaborativeRetriever], *, users: int
 ) -> dict[str, object]:
-    """retrieval.source=auto: each model alone (fitted without the validation targets) ranks the whole catalogue
-    minus each of the first `users` validation users' items (0: all); the best NDCG@10 wins, ties to the earlier
-    model. What it returns is recorded in run.json and the eval report."""
+    """retrieval.source=auto (and pool, for the score it fuses): each model alone (fitted without the validation
+    targets) ranks the whole catalogue minus each of the first `users` validation users' items (0: all); the best
+    NDCG@10 wins, ties to the earlier model. What it returns is recorded in run.json and the eval report."""
     from genrec.evaluation.metrics import user_metrics
 
     valid = leave_one_out(data, "valid")
@@ -188,7 +227,7 @@ def select_collaborative(
             )
         )
     chosen = max(models, key=lambda k: ndcg[k])  # max keeps the first of equals
-    logger.info("retrieval.source=auto: %s (validation NDCG@10 alone: %s)", chosen, ndcg)
+    logger.info("collaborative model chosen on validation: %s (NDCG@10 alone: %s)", chosen, ndcg)
     return {
         "chosen": chosen,
         "chosen_by": "validation ndcg@10, each model alone",

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from genrec.config import RunConfig
 from genrec.data import Example
 from genrec.engines.base import ChatPrompts
-from genrec.recommender import PreparedBatch, RankRequest, Recommender, history_requests, load_retrieval
+from genrec.recommender import (
+    PreparedBatch,
+    RankRequest,
+    Recommender,
+    history_requests,
+    load_retrieval,
+)
+from genrec.run import with_chosen_candidates
 
 _REC: Recommender | None = None
 _POLICY: tuple[str, int] | None = None
@@ -65,15 +72,16 @@ def prompt_recommender(run_path: str) -> Recommender:
 
     run = RunDir(run_path)
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir())
-    cfg = run.load_config()
-    collab, weight = load_retrieval(run, cfg)
+    cfg = with_chosen_candidates(run, run.load_config())
+    retriever = Retriever(run.load_embeddings())
+    collab, weight = load_retrieval(run, cfg, text=retriever)
     return Recommender(
         run,
         cfg,
         run.load_data(),
         run.load_ids(),
         PromptEngine(tokenizer),
-        Retriever(run.load_embeddings()),
+        retriever,
         collab=collab,
         fusion_weight=weight,
     )

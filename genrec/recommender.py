@@ -24,8 +24,16 @@ from genrec.errors import GenrecError
 from genrec.id_softmax import softmax_groups
 from genrec.ids import ItemIds
 from genrec.modeling import load_trained
-from genrec.retrieval import CollaborativeRetriever, Retriever, collaborative_kind, fuse, load_collaborative
-from genrec.run import RunDir
+from genrec.retrieval import (
+    CollaborativeRetriever,
+    PooledRetriever,
+    Retriever,
+    TextScores,
+    collaborative_kind,
+    fuse,
+    load_collaborative,
+)
+from genrec.run import RunDir, with_chosen_candidates
 from genrec.templates.prompt_store import TemplateStore, TemplateVersion
 from genrec.templates.prompts import PromptBuilder, PromptTemplate
 
@@ -228,17 +236,10 @@ class Recommender:
             engine = AsyncVLLMEngine(run.model_dir(), softmax_groups=groups)
         else:
             raise GenrecError(f"backend must be 'hf', 'vllm' or 'vllm-async', got {backend!r}")
-        collab, weight = load_retrieval(run, cfg)
-        return cls(
-            run,
-            cfg,
-            run.load_data(),
-            ids,
-            engine,
-            Retriever(run.load_embeddings()),
-            collab=collab,
-            fusion_weight=weight,
-        )
+        retriever = Retriever(run.load_embeddings())
+        collab, weight = load_retrieval(run, cfg, text=retriever)
+        cfg = with_chosen_candidates(run, cfg)
+        return cls(run, cfg, run.load_data(), ids, engine, retriever, collab=collab, fusion_weight=weight)
 
     def _item_token_ids(self) -> np.ndarray:
         tok = self.engine.tokenizer
@@ -418,8 +419,9 @@ class Recommender:
     def collaborative_candidates(
         self, histories: Sequence[Sequence[int]], *, n: Sequence[int], exclude: Sequence[Sequence[int]]
     ) -> list[list[int]]:
-        """`retrieved_many` from the collaborative retriever (retrieval.source markov or sasrec), or for `union`
-        its top half of each n and then the text retriever's items up to n."""
+        """`retrieved_many` from the collaborative retriever (retrieval.source markov, itemknn, sasrec, auto, or
+        pool: the pooled candidates), or for `union` its top half of each n and then the text retriever's items up
+        to n."""
         assert self.collab is not None
         if not all(histories):
             raise GenrecError("candidates=retriever needs a history (or use free text)")
@@ -646,25 +648,39 @@ class Recommender:
         ]
 
 
-def load_retrieval(run: RunDir, cfg: RunConfig) -> tuple[CollaborativeRetriever | None, float | None]:
+def load_retrieval(
+    run: RunDir, cfg: RunConfig, *, text: Retriever | None = None
+) -> tuple[CollaborativeRetriever | None, float | None]:
     """The run's collaborative retriever (retrieval.source; None for `text`) and its fusion weight: the
     configured number, or for `auto` the one recorded in run.json for this retriever (None: not chosen yet).
-    retrieval.source=auto loads the model `genrec train` chose (run.json's `retrieval.collaborative`)."""
+    retrieval.source=auto loads the model `genrec train` chose (run.json's `retrieval.collaborative`); `pool`
+    loads every model of retrieval.auto_models (and `text`, the run's text retriever, loaded here when None, for
+    retrieval.pool_text) around that one, whose score is fused."""
+    r = cfg.retrieval
     recorded = run.meta().get("retrieval", {})
-    kind = collaborative_kind(
-        cfg.retrieval.source, cfg.retrieval.collaborative, chosen=recorded.get("collaborative")
-    )
+    kind = collaborative_kind(r.source, r.collaborative, chosen=recorded.get("collaborative"))
     if kind is None:
         return None, 0.0
     try:
-        collab = load_collaborative(run.retriever_dir, kind)
+        models = {k: load_collaborative(run.retriever_dir, k) for k in dict.fromkeys([kind, *pooled(cfg)])}
     except FileNotFoundError as e:
         raise GenrecError(
-            f"{e.args[0]} is missing: retrieval.source={cfg.retrieval.source} needs the {kind} retriever, which "
+            f"{e.args[0]} is missing: retrieval.source={r.source} needs the {kind} retriever, which "
             f"`genrec train --run {run.path}` trains (or set retrieval.source=text)"
         ) from None
-    weight = cfg.retrieval.fusion_weight
+    collab = models[kind]
+    if r.source == "pool":
+        members = [models[k] for k in r.auto_models]
+        if r.pool_text:
+            members.append(TextScores(text or Retriever(run.load_embeddings())))
+        collab = PooledRetriever(members, scorer=models[kind])
+    weight = r.fusion_weight
     if weight != "auto":
         return collab, float(weight)
     chosen = recorded.get("fusion")
     return collab, float(chosen["weight"]) if chosen else None
+
+
+def pooled(cfg: RunConfig) -> list[str]:
+    """The collaborative models retrieval.source=pool pools (none for another source)."""
+    return list(cfg.retrieval.auto_models) if cfg.retrieval.source == "pool" else []

@@ -194,6 +194,16 @@ class CollaborativeRetriever:
     def __len__(self) -> int:
         return self.n_items
 
+    @property
+    def score_kind(self) -> str:
+        """The model whose score is fused with the LM's (a pool's scorer; otherwise this model)."""
+        return self.kind
+
+    @property
+    def label(self) -> str:
+        """What proposes the candidates, for reports: the model's kind, or a pool's members."""
+        return self.kind
+
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """[len(histories), n_items] the model's score of every catalogue item as each history's next."""
         raise NotImplementedError
@@ -387,11 +397,14 @@ VALIDATION_DIR = "valid"
 
 
 def collaborative_kind(source: str, collaborative: str, *, chosen: str | None = None) -> str | None:
-    """The collaborative model a retrieval.source needs: itself, the union's, the one `auto` chose (`chosen`,
-    recorded in run.json by `genrec train`), or None for `text`."""
-    if source == "auto":
+    """The collaborative model a retrieval.source needs (for `pool`: the one whose score is fused): itself, the
+    union's, the one `auto` or `pool` chose (`chosen`, recorded in run.json by `genrec train`), or None for
+    `text`."""
+    if source in ("auto", "pool"):
         if chosen is None:
-            raise GenrecError("retrieval.source=auto: no collaborative model chosen yet; run `genrec train`")
+            raise GenrecError(
+                f"retrieval.source={source}: no collaborative model chosen yet; run `genrec train`"
+            )
         return chosen
     return None if source == "text" else collaborative if source == "union" else source
 
@@ -428,6 +441,135 @@ def load_collaborative(folder: Path, kind: str) -> CollaborativeRetriever:
     if not (folder / cls.file).is_file():
         raise FileNotFoundError(folder / cls.file)
     return cls.load(folder)
+
+
+class TextScores(CollaborativeRetriever):
+    """The text (item-embedding) retriever as a pool member: each item's cosine with the history's
+    recency-weighted embedding (Retriever.history_query), over the whole catalogue. Nothing to fit or save: the
+    run's item_embeddings.npy is the model."""
+
+    kind = "text"
+
+    def __init__(self, retriever: Retriever) -> None:
+        super().__init__(len(retriever))
+        self.retriever = retriever
+
+    def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        q = np.stack([self.retriever.history_query(h) for h in histories])
+        return q @ self.retriever.embeddings.T
+
+
+POOL_RRF_K = 60
+"""Reciprocal rank fusion's constant (Cormack, Clarke and Buettcher, SIGIR 2009: 1 / (60 + rank)): it damps the
+difference between a model's first few ranks, so an item two models both rank well beats one model's top item."""
+POOL_SEED = 10
+"""Each pool member's first this many items (that it tells apart) come before the rest of the pool: with n
+candidates from M members, n >= M x POOL_SEED holds every member's top POOL_SEED. Measured on the validation
+splits of amazon-scientific and ml-100k (BENCHMARKS.md): neutral at 100-400 candidates, a little above the plain
+fusion at 50."""
+
+
+class PooledRetriever(CollaborativeRetriever):
+    """Candidates pooled from several models (retrieval.source=pool) by reciprocal rank fusion: each item's score
+    is the sum over the members of 1 / (POOL_RRF_K + its rank), counting only the items a member tells apart from
+    its least-scored ones (item-kNN scores most of a sparse catalogue 0: those ties are no ranking), so where one
+    model knows nothing the others fill the slots; and 1 more from each member that has the item among its first
+    POOL_SEED, so that every member's best items get in even where the others agree on theirs (the fusion favours
+    consensus). Items no member informs come last, in the scorer's order. Ranks are over the whole catalogue, so a
+    top n is a prefix of a top N. `scores` (what the fusion adds to the LM's) are the scorer's: one model's score,
+    on the scale its fusion weight is chosen for."""
+
+    kind = "pool"
+
+    def __init__(self, members: Sequence[CollaborativeRetriever], *, scorer: CollaborativeRetriever) -> None:
+        if not members or len({m.n_items for m in [*members, scorer]}) != 1:
+            raise ValueError("a pool needs one or more members over the same catalogue as its scorer")
+        super().__init__(scorer.n_items)
+        self.members, self.scorer = list(members), scorer
+
+    @property
+    def score_kind(self) -> str:
+        return self.scorer.kind
+
+    @property
+    def label(self) -> str:
+        return "pool of " + "+".join(m.kind for m in self.members)
+
+    def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.scorer.scores(histories)
+
+    def search(
+        self, histories: Sequence[Sequence[int]], k: int, *, exclude: Sequence[Sequence[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k pooled items per history, skipping the history and its `exclude` items. Returns (items, their
+        pooled scores), -1 and -inf where fewer than k remain."""
+        out_i = np.full((len(histories), k), -1, dtype=np.int64)
+        out_s = np.full((len(histories), k), -np.inf, dtype=np.float64)
+        kk = min(k, self.n_items)
+        for start in range(0, len(histories), 256):
+            batch = histories[start : start + 256]
+            rows, cols = _banned(batch, exclude[start : start + 256] if exclude else None, self.n_items)
+            pooled, tie = np.zeros((len(batch), self.n_items)), None
+            for m in self.members:
+                s = m.scores(batch).astype(np.float64)
+                s[rows, cols] = -np.inf
+                pooled += _rrf(s)
+                tie = s if m is self.scorer else tie
+            if tie is None:
+                tie = self.scorer.scores(batch).astype(np.float64)
+                tie[rows, cols] = -np.inf
+            pooled[rows, cols] = -np.inf
+            order = np.lexsort((-tie, -pooled), axis=1)[:, :kk]  # pooled score, then the scorer's
+            top_s = np.take_along_axis(pooled, order, axis=1)
+            order[~np.isfinite(top_s)] = -1
+            out_i[start : start + len(batch), :kk], out_s[start : start + len(batch), :kk] = order, top_s
+        return out_i, out_s
+
+
+def _banned(
+    histories: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]] | None, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, items) of each history's own and excluded items, as index arrays for a [len(histories), n_items]
+    score matrix (ids outside the catalogue dropped)."""
+    pairs = [
+        (r, i)
+        for r, h in enumerate(histories)
+        for i in (*h, *(exclude[r] if exclude else ()))
+        if 0 <= i < n_items
+    ]
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    rows, cols = np.asarray(pairs, dtype=np.int64).T
+    return rows, cols
+
+
+def _rrf(scores: np.ndarray) -> np.ndarray:
+    """Each item's 1 / (POOL_RRF_K + rank) in its row (rank 1: the best), plus 1 within the first POOL_SEED; 0 for
+    the items tied at the row's lowest finite score (the model cannot tell them apart: no ranking) and for -inf
+    ones (banned)."""
+    finite = np.isfinite(scores)
+    floor = np.min(np.where(finite, scores, np.inf), axis=1, keepdims=True)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(1, scores.shape[1] + 1)[None, :], axis=1)
+    return np.where(finite & (scores > floor), 1.0 / (POOL_RRF_K + rank) + (rank <= POOL_SEED), 0.0)
+
+
+def for_validation(model: CollaborativeRetriever, folder: Path) -> CollaborativeRetriever:
+    """The counterpart of a run's retriever that the validation split's choices use: each model loaded from
+    `folder` (runs/<name>/retriever/valid/, fitted without the validation targets) where it is there; SASRec (which
+    never trains on them), the text retriever and a model no run saved stay as they are. A pool maps its members
+    and its scorer alike."""
+    if isinstance(model, PooledRetriever):
+        mapped = {id(m): for_validation(m, folder) for m in model.members}
+        scorer = mapped.get(id(model.scorer)) or for_validation(model.scorer, folder)
+        return PooledRetriever([mapped[id(m)] for m in model.members], scorer=scorer)
+    if model.kind not in COLLABORATIVE_RETRIEVERS:
+        return model
+    try:
+        return load_collaborative(folder, model.kind)
+    except FileNotFoundError:
+        return model
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ run.json (provenance: template hash used in training, timings), eval.json, repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -164,3 +165,13 @@ class RunDir:
         meta = self.meta()
         meta.update(fields)
         atomic_write_text(self.meta_file, json.dumps(meta, indent=2))
+
+
+def with_chosen_candidates(run: RunDir, cfg: RunConfig) -> RunConfig:
+    """The config with eval.n_candidates as chosen on validation (retrieval.n_candidates_grid, recorded in
+    run.json by `choose_fusion_weight`), so evaluation, `recommend`, batch jobs and the server rank as many
+    candidates as the fusion weight was chosen for; unchanged without a grid or a choice."""
+    chosen = run.meta().get("retrieval", {}).get("fusion", {}).get("n_candidates")
+    if not cfg.retrieval.n_candidates_grid or chosen is None or chosen == cfg.eval.n_candidates:
+        return cfg
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=int(chosen)))

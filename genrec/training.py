@@ -412,7 +412,9 @@ def ranking_callback(
 ) -> Any:
     """A TrainerCallback that ranks the validation users with the model being trained at every evaluation
     and adds `eval_<train.select_metric>` to the metrics, before early stopping and checkpoint selection
-    read them. Ranking is `genrec evaluate`'s: full catalogue minus seen items, constrained search."""
+    read them. Ranking is `genrec evaluate`'s (eval.candidates): the catalogue minus seen items, or the candidates
+    the LM will be given, those of retrieval.source, from the run's retriever as fitted without the validation
+    targets (`validation_retrieval`), by the LM's score alone (the fusion weight is chosen after training)."""
     from transformers import TrainerCallback
 
     from genrec.engines.hf import HFEngine
@@ -427,6 +429,7 @@ def ranking_callback(
         cfg, eval=dataclasses.replace(cfg.eval, beam_width=max(k, cfg.eval.beam_width))
     )
     retriever = Retriever(run.load_embeddings())
+    collab = validation_retrieval(run, cfg, retriever) if cfg.eval.candidates == "retriever" else None
 
     class ValidationRanking(TrainerCallback):
         model: Any = None
@@ -447,7 +450,10 @@ def ranking_callback(
                     max_tree_tokens=cfg.eval.max_tree_tokens,
                     softmax_groups=softmax_groups(ids.level_tokens(), cfg.model.id_softmax),
                 )
-                self.rec, self.model = Recommender(run, ranking, data, ids, engine, retriever), model
+                self.rec = Recommender(
+                    run, ranking, data, ids, engine, retriever, collab=collab, fusion_weight=0.0
+                )
+                self.model = model
             rec = self.rec
             model.eval()  # dropout off while ranking; restored below
             with torch.no_grad():
@@ -469,6 +475,18 @@ def ranking_callback(
                     )
 
     return ValidationRanking()
+
+
+def validation_retrieval(run: RunDir, cfg: RunConfig, text: Any) -> Any:
+    """The collaborative retriever (retrieval.source; None for `text`) that ranking the validation users during
+    training proposes candidates with: the run's, trained by `genrec train` before the LM, with the Markov chain
+    and item-kNN fitted without the validation targets (retriever/valid/; SASRec's test model never saw them), so
+    the checkpoint is chosen over the candidates the LM is finally given, without their answers leaking in."""
+    from genrec.recommender import load_retrieval
+    from genrec.retrieval import VALIDATION_DIR, for_validation
+
+    collab, _ = load_retrieval(run, cfg, text=text)
+    return None if collab is None else for_validation(collab, run.retriever_dir / VALIDATION_DIR)
 
 
 def time_budget_callback(minutes: float) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -369,3 +370,255 @@ def test_the_sasrec_baseline_reuses_the_sasrec_that_auto_fitted_and_did_not_choo
     assert kept is not None
     items, _ = saved.search([list(ex.history) for ex in examples], 10)
     assert [set(k) for k in kept] == [set(r.tolist()) for r in items]
+
+
+# -- pooled candidates (retrieval.source=pool) ----------------------------------------------------------------
+
+
+class _Constant(MarkovRetriever):
+    """A model that scores every item alike: it tells no item apart, so it must not take a pool's slots."""
+
+    kind = "constant"
+
+    def scores(self, histories):
+        return np.ones((len(histories), self.n_items))
+
+
+def _rrf_by_hand(members, history, banned):
+    """Reciprocal rank fusion written out: per member, the items it scores above its lowest allowed score get
+    1 / (60 + their rank among the allowed items), and 1 more within its first 10."""
+    pooled: dict[int, float] = {}
+    firsts: dict[str, list[int]] = {}
+    for m in members:
+        s = m.scores([history])[0].astype(float)
+        allowed = [i for i in range(len(s)) if i not in banned]
+        floor = min(s[i] for i in allowed)
+        ranked = sorted(allowed, key=lambda i: -s[i])  # stable: equal scores keep item order
+        firsts[m.kind] = [i for i in ranked[:10] if s[i] > floor]
+        for rank, i in enumerate(ranked, 1):
+            if s[i] > floor:
+                pooled[i] = pooled.get(i, 0.0) + 1 / (60 + rank) + (rank <= 10)
+    return pooled, firsts
+
+
+@pytest.fixture(scope="module")
+def members(trained):
+    from genrec.retrieval import Retriever, TextScores
+
+    run, _, _ = trained
+    data = run.load_data()
+    return [
+        MarkovRetriever.fit(data),
+        ItemKNNRetriever.fit(data),
+        TextScores(Retriever(run.load_embeddings())),
+    ]
+
+
+def test_pooled_candidates_are_distinct_valid_n_long_and_fused_by_rank(trained, members):
+    from genrec.retrieval import PooledRetriever
+
+    run, _, _ = trained
+    data = run.load_data()
+    pool = PooledRetriever(members, scorer=members[1])
+    histories = [s[:-1] for s in data.sequences[:30]]
+    exclude = [[s[-1]] for s in data.sequences[:30]]
+    items, scores = pool.search(histories, 30, exclude=exclude)  # 3 members x their first 10
+    assert items.shape == (30, 30)
+    for h, ex, row, srow in zip(histories, exclude, items.tolist(), scores, strict=True):
+        assert len(set(row)) == 30 and all(0 <= i < len(data.catalog) for i in row)
+        assert not set(row) & (set(h) | set(ex))
+        want, firsts = _rrf_by_hand(members, h, set(h) | set(ex))
+        assert np.allclose(srow, [want.get(i, 0.0) for i in row])
+        assert np.all(np.diff(srow) <= 1e-12)  # best first
+        assert sorted(want.values(), reverse=True)[:30] == pytest.approx(
+            list(srow)
+        )  # no better item left out
+        for kind, first in firsts.items():  # every member's first items get in, not the consensus alone
+            assert set(first) <= set(row) and (kind == "itemknn" or len(first) == 10), kind
+    assert np.allclose(pool.scores(histories), members[1].scores(histories))  # the fused score: the scorer's
+    assert pool.score_kind == "itemknn" and pool.label == "pool of markov+itemknn+text"
+
+
+def test_a_member_that_tells_no_items_apart_leaves_the_slots_to_the_others(trained, members):
+    """Ties at a model's lowest score are no ranking: the pool of item-kNN and a model that scores every item
+    alike lists item-kNN's informed items first, then the scorer's order; a top n is the prefix of a top N."""
+    from genrec.retrieval import PooledRetriever
+
+    run, _, _ = trained
+    data = run.load_data()
+    knn, markov = members[1], members[0]
+    constant = _Constant(knn.sim * 0, np.zeros(knn.n_items))
+    pool = PooledRetriever([constant, knn], scorer=markov)
+    histories = [s[:-1] for s in data.sequences[:20]]
+    items, _ = pool.search(histories, 60)
+    knn_s, markov_s = knn.scores(histories), markov.scores(histories)
+    for h, row, ks, ms in zip(histories, items.tolist(), knn_s, markov_s, strict=True):
+        allowed = np.setdiff1d(np.arange(len(ks)), h)
+        informed = set(allowed[ks[allowed] > ks[allowed].min()].tolist())
+        n_inf = min(len(informed), 60)
+        assert set(row[:n_inf]) <= informed and len(informed) > 0
+        rest = [i for i in row[n_inf:]]
+        assert all(ms[a] >= ms[b] for a, b in itertools.pairwise(rest))  # the scorer fills the rest
+    shorter, _ = pool.search(histories, 17)
+    assert np.array_equal(shorter, items[:, :17])
+
+
+def test_pool_settings_are_checked_and_named():
+    from genrec.config import RunConfig
+
+    with pytest.raises(ConfigError, match="retrieval.source=pool"):
+        apply_overrides(
+            RunConfig(),
+            ["retrieval.source=pool", "retrieval.auto_models=[markov]", "retrieval.pool_text=false"],
+        )
+    with pytest.raises(ConfigError, match="retrieval.pool_text"):
+        apply_overrides(RunConfig(), ["retrieval.pool_text=maybe"])
+    cfg = apply_overrides(RunConfig(), ["retrieval.source=pool", "retrieval.auto_models=[markov]"])
+    assert cfg.retrieval.pool_text  # one model and the text retriever: a pool of two
+
+
+def test_pool_is_trained_loaded_served_and_its_recall_recorded(trained, tmp_path):
+    """genrec train's retriever stage for retrieval.source=pool: every model fitted, the scorer chosen on
+    validation; run.json records each model's and the pool's validation recall of eval.n_candidates candidates
+    (the models fitted without the validation targets); the Recommender ranks the pooled candidates, fuses the
+    scorer's score, and validation choices use the members fitted without the validation targets."""
+    import shutil
+
+    from genrec.evaluation import validation_collab
+    from genrec.retrieval import PooledRetriever, Retriever, TextScores
+
+    run, cfg, _ = trained
+    copy = type(run)(tmp_path / "pool")
+    shutil.copytree(run.path, copy.path)
+    cfg = apply_overrides(
+        cfg,
+        [
+            "retrieval.source=pool",
+            "retrieval.auto_models=[markov,itemknn]",
+            "retrieval.fusion_weight=auto",
+            "retrieval.fusion_grid=[0,1,8]",
+            "retrieval.tune_users=40",
+            "eval.candidates=retriever",
+            "eval.n_candidates=12",
+            "eval.baselines=[popularity]",
+        ],
+    )
+    copy.save_config(cfg)
+    info = train_retriever(copy, cfg, progress=False)
+    assert info is not None and set(info["selection"]["valid_ndcg@10"]) == {"markov", "itemknn"}
+    recall = info["candidate_recall"]
+    assert recall["n_candidates"] == 12 and set(recall["recall"]) == {"markov", "itemknn", "text", "pool"}
+    data = copy.load_data()
+    valid = leave_one_out(data, "valid")
+    on_valid = {
+        "markov": MarkovRetriever.fit(data, split="valid"),
+        "itemknn": ItemKNNRetriever.fit(data, split="valid"),
+        "text": TextScores(Retriever(copy.load_embeddings())),
+    }
+    chosen = info["selection"]["chosen"]
+    on_valid_pool = PooledRetriever(list(on_valid.values()), scorer=on_valid[chosen])
+    histories = [list(ex.history) for ex in valid]
+    for kind, model in [*on_valid.items(), ("pool", on_valid_pool)]:
+        items, _ = model.search(histories, 12)
+        inside = np.mean([ex.target in row for ex, row in zip(valid, items.tolist(), strict=True)])
+        assert recall["recall"][kind] == pytest.approx(inside), kind
+    assert recall["recall"]["pool"] < 1.0  # no validation target leaked into the recall
+
+    rec = Recommender.load(copy)
+    assert isinstance(rec.collab, PooledRetriever) and rec.collab.score_kind == chosen
+    assert [m.kind for m in rec.collab.members] == ["markov", "itemknn", "text"]
+    on_val = validation_collab(rec)
+    assert np.allclose(on_val.scores(histories[:20]), on_valid[chosen].scores(histories[:20]))
+    for m, want in zip(on_val.members, on_valid.values(), strict=True):
+        assert np.allclose(m.scores(histories[:20]), want.scores(histories[:20]))
+    report = evaluate(copy, cfg, rec=rec, progress=False)
+    assert report["retrieval"]["candidates"] == "pool of markov+itemknn+text"
+    assert report["retrieval"]["candidate_recall_by_model"]["recall"]["pool"] == recall["recall"]["pool"]
+    assert "pool of markov+itemknn+text (retrieval.source=pool)" in report["protocol"]
+    shown = (copy.path / "report_test.md").read_text()
+    assert "Validation recall of 12 candidates" in shown and "fused with the pool's candidates" in shown
+    test = leave_one_out(data, "test")[:8]
+    hist = [list(ex.history) for ex in test]
+    want, _ = rec.collab.search(hist, 12, exclude=hist)
+    got = rec.rank_histories(hist, options=RankingOptions(n_items=5, n_candidates=12))
+    for recs, cands in zip(got, want.tolist(), strict=True):
+        assert {r.item for r in recs} <= set(cands)
+
+
+@pytest.mark.slow
+def test_checkpoint_selection_ranks_the_runs_candidates_from_models_that_never_saw_the_validation_items(
+    tmp_path, monkeypatch
+):
+    """train.select_metric ranks the validation users over the candidates the LM is finally given (the run's
+    collaborative retriever, trained first), from the Markov chain fitted without the validation targets (the
+    test-time chain has seen each of them right after its history), by the LM's score alone."""
+    from genrec import recommender
+    from genrec.training import train
+    from tests.conftest import make_run
+
+    made = []
+    init = recommender.Recommender.__init__
+    monkeypatch.setattr(
+        recommender.Recommender, "__init__", lambda self, *a, **kw: made.append(kw) or init(self, *a, **kw)
+    )
+    run, cfg = make_run(
+        tmp_path,
+        "select",
+        [
+            "retrieval.source=markov",
+            "eval.candidates=retriever",
+            "eval.n_candidates=12",
+            "train.max_steps=10",
+            "train.save_steps=5",
+            "train.early_stopping_patience=2",
+            "train.select_metric=ndcg@10",
+            "train.valid_users=20",
+        ],
+    )
+    with pytest.raises(GenrecError, match="genrec train"):  # the retriever is trained before the LM
+        train(run, cfg)
+    train_retriever(run, cfg, progress=False)
+    made.clear()
+    summary = train(run, cfg)
+    assert summary["eval_ndcg@10"] is not None and len(made) == 1
+    collab, weight = made[0]["collab"], made[0]["fusion_weight"]
+    assert isinstance(collab, MarkovRetriever) and weight == 0.0
+    data = run.load_data()
+    histories = [list(ex.history) for ex in leave_one_out(data, "valid")[:20]]
+    assert np.allclose(collab.scores(histories), MarkovRetriever.fit(data, split="valid").scores(histories))
+    assert not np.allclose(collab.scores(histories), load_retrieval(run, cfg)[0].scores(histories))
+
+
+def test_n_candidates_is_chosen_with_the_weight_on_validation_from_one_ranking(trained, base_rec, markov):
+    """retrieval.n_candidates_grid: the LM scores the largest number's candidates once; each smaller number's
+    figures are what ranking that many candidates gives (checked against choosing with that number alone), and
+    the best (number, weight) is kept, recorded and used as eval.n_candidates from then on."""
+    run, _, _ = trained
+    rec = with_collab(
+        base_rec, markov, None, fusion_grid=[0.0, 1.0, 30.0], tune_users=60, n_candidates_grid=[12, 4]
+    )
+    info = choose_fusion_weight(rec, rec.cfg, progress=False)
+    assert run.meta()["retrieval"]["fusion"]["n_candidates"] == info["n_candidates"]
+    by_n = info["valid_ndcg@10_by_n_candidates"]
+    assert set(by_n) == {"4", "12"}
+    for n in (4, 12):
+        alone = with_collab(base_rec, markov, None, fusion_grid=[0.0, 1.0, 30.0], tune_users=60)
+        cfg = dataclasses.replace(alone.cfg, eval=dataclasses.replace(alone.cfg.eval, n_candidates=n))
+        want = choose_fusion_weight(alone, cfg, progress=False)
+        assert by_n[str(n)] == pytest.approx(want["valid_ndcg@10"], abs=1e-9)
+    best = max(v for g in by_n.values() for v in g.values())
+    assert by_n[str(info["n_candidates"])][f"{info['weight']:g}"] == best
+    assert rec.cfg.eval.n_candidates == info["n_candidates"] and rec.fusion_weight == info["weight"]
+    assert by_n["4"] != by_n["12"]  # the numbers rank differently: the case the choice is for
+
+
+def test_n_candidates_grid_settings_are_named():
+    from genrec.config import RunConfig
+
+    for bad in (
+        ["retrieval.n_candidates_grid=[50,100]", "retrieval.fusion_weight=1"],
+        ["retrieval.n_candidates_grid=[50,100]", "retrieval.source=union"],
+        ["retrieval.n_candidates_grid=[0,100]"],
+    ):
+        with pytest.raises(ConfigError, match="retrieval.n_candidates_grid"):
+            apply_overrides(RunConfig(), bad)

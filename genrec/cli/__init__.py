@@ -20,7 +20,7 @@ from genrec.config import (
     recipe_path,
 )
 from genrec.errors import GenrecError
-from genrec.run import RunDir
+from genrec.run import RunDir, with_chosen_candidates
 
 app = typer.Typer(
     help="genrec: generative recommendation. A causal LM writes the ID of the next item; decoding is "
@@ -74,7 +74,8 @@ def _ranking(run: Path, **flags: Any) -> RankingOptions:
     """The run's default ranking options with the flags given applied: checked before any model loads, a bad
     value named by its flag."""
     try:
-        return RunDir(run).load_config().ranking.with_(**flags)
+        rd = RunDir(run)
+        return with_chosen_candidates(rd, rd.load_config()).ranking.with_(**flags)
     except RankingOptionError as e:
         flag = RANKING_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
         raise GenrecError(f"{flag}: {e}") from None
@@ -208,8 +209,23 @@ def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
     if info is not None and info.get("selection"):
         sel = info["selection"]
         typer.echo(
-            f"retrieval.source=auto chose {sel['chosen']} (validation NDCG@10 alone, {sel['users']} users: "
+            f"retrieval.source={cfg.retrieval.source} chose {sel['chosen']} (validation NDCG@10 alone, "
+            f"{sel['users']} users: "
             + ", ".join(f"{k} {v:.4f}" for k, v in sel["valid_ndcg@10"].items())
+            + ")"
+        )
+    if info is not None and info.get("candidate_recall_by_model"):
+        by = info["candidate_recall_by_model"]
+        typer.echo(
+            f"validation recall of {by['n_candidates']} candidates ({info['candidates']}): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in by["recall"].items())
+        )
+    if info is not None and info.get("valid_ndcg@10_by_n_candidates"):
+        typer.echo(
+            f"{info['n_candidates']} candidates chosen on validation NDCG@10 (best weight per number: "
+            + ", ".join(
+                f"{n} -> {max(g.values()):.4f}" for n, g in info["valid_ndcg@10_by_n_candidates"].items()
+            )
             + ")"
         )
     if info is not None:

@@ -29,7 +29,7 @@ from genrec.data.needs import derive_need
 from genrec.errors import GenrecError, stopped_by
 from genrec.evaluation.metrics import ci_half_width, intra_list_diversity, user_metrics, validity
 from genrec.prep import ranked_batches
-from genrec.run import RunDir, atomic_write_text
+from genrec.run import RunDir, atomic_write_text, with_chosen_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ def evaluate(
     protocol = cfg.eval.protocol
     cold = run.cold_items(cfg)
     fusion = fusion_weight_for(rec, cfg, progress=progress)
+    cfg = with_chosen_candidates(run, cfg)  # as many candidates as the fusion weight was chosen for
     examples = leave_one_out(data, cfg.eval.split)
     if protocol == "cold":  # the users whose held-out item is the one to find
         held_out = set(cold)
@@ -372,8 +373,12 @@ def protocol_text(cfg: RunConfig, rec: Any) -> str:
     source: str = cfg.retrieval.source if rec.collab is not None else "text"
     if source == "auto":
         source = f"{rec.collab.kind} (retrieval.source=auto)"
+    elif source == "pool":
+        source = f"{rec.collab.label} (retrieval.source=pool)"
     fused = (
-        f", fused with the {rec.collab.kind} score" if rec.collab is not None and rec.fusion_weight else ""
+        f", fused with the {rec.collab.score_kind} score"
+        if rec.collab is not None and rec.fusion_weight
+        else ""
     )
     return (
         f"{base}; genrec ranks the {source} retriever's top-{cfg.eval.n_candidates} candidates{fused} (a target "
@@ -392,7 +397,7 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
         return {
             "weight": rec.fusion_weight,
             "chosen_by": "retrieval.fusion_weight",
-            "source": rec.collab.kind,
+            **retrieval_record(rec),
             **({"selection": selection} if selection else {}),
         }
     if rec.fusion_weight is None:
@@ -400,64 +405,119 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
     recorded = rec.run.meta().get("retrieval", {}).get("fusion") or {}
     if recorded.get("weight") == rec.fusion_weight:
         return dict(recorded)
-    return {"weight": rec.fusion_weight, "source": rec.collab.kind}  # set on this Recommender, not recorded
+    return {"weight": rec.fusion_weight, **retrieval_record(rec)}  # set on this Recommender, not recorded
+
+
+def retrieval_record(rec: Any) -> dict[str, Any]:
+    """What the report and run.json say of the run's candidates: the model whose score is fused (`source`), what
+    proposes the candidates (`candidates`: the same model, or a pool's members) and every model's validation
+    recall of them (`candidate_recall_by_model`, recorded by `genrec train`)."""
+    by_model = rec.run.meta().get("retrieval", {}).get("candidate_recall")
+    return {
+        "source": rec.collab.score_kind,
+        "candidates": rec.collab.label,
+        **({"candidate_recall_by_model": by_model} if by_model else {}),
+    }
 
 
 def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Choose retrieval.fusion_weight on the validation split: rank the first retrieval.tune_users validation
     users' retrieved candidates once with the LM alone (every candidate's log-probability), fuse them with the
     collaborative scores at each weight of retrieval.fusion_grid, and keep the weight with the best NDCG@10
-    (ties: the smaller weight). Sets it on `rec` and records it in run.json (`retrieval.fusion`)."""
-    r, e = cfg.retrieval, cfg.eval
+    (ties: the smaller weight). With retrieval.n_candidates_grid, eval.n_candidates is chosen with it: the LM
+    scores the largest number's candidates and each smaller number keeps the first ones of the retriever's order
+    (`candidate_prefixes`); ties go to fewer candidates. Sets both on `rec` and records them in run.json
+    (`retrieval.fusion`)."""
+    r = cfg.retrieval
     valid = leave_one_out(rec.data, "valid")
     valid = valid[: r.tune_users] if r.tune_users else valid
     started = time.time()
+    ns = sorted(set(r.n_candidates_grid)) or [cfg.eval.n_candidates]
+    widest = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=max(ns)))
     serving = rec.collab
     rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
     try:
-        items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
-        collab = rec.collab.scores_of([ex.history for ex in valid], items)
+        items, lm = lm_candidate_scores(rec, valid, widest, progress=progress)
+        histories = [list(ex.history) for ex in valid]
+        collab = rec.collab.scores_of(histories, items)
+        prefixes = candidate_prefixes(rec.collab, histories, items, ns)
     finally:
         rec.collab = serving
-    grid: dict[str, float] = {}
-    for w in r.fusion_grid:
-        lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
-        grid[f"{w:g}"] = float(
-            np.mean(
-                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
+    by_n: dict[str, dict[str, float]] = {}
+    for n in ns:
+        by_n[str(n)] = {}
+        for w in r.fusion_grid:
+            lists = [
+                fused_order([its[j] for j in keep], s[keep], c[keep], w)[:10]
+                for its, s, c, keep in zip(items, lm, collab, prefixes[n], strict=True)
+            ]
+            by_n[str(n)][f"{w:g}"] = float(
+                np.mean(
+                    [
+                        user_metrics(lst, ex.target, [10])["ndcg@10"]
+                        for lst, ex in zip(lists, valid, strict=True)
+                    ]
+                )
             )
-        )
-    best = max(r.fusion_grid, key=lambda w: (grid[f"{w:g}"], -w))
+    n, best = max(
+        ((n, w) for n in ns for w in r.fusion_grid),
+        key=lambda p: (by_n[str(p[0])][f"{p[1]:g}"], -p[0], -p[1]),
+    )
     info = {
         "weight": float(best),
         "chosen_by": "validation ndcg@10",
-        "source": rec.collab.kind,
+        **retrieval_record(rec),
         "users": len(valid),
-        "n_candidates": e.n_candidates,
-        "valid_ndcg@10": grid,
-        "candidate_recall": float(np.mean([ex.target in set(i) for i, ex in zip(items, valid, strict=True)])),
+        "n_candidates": n,
+        "valid_ndcg@10": by_n[str(n)],
+        **(
+            {"valid_ndcg@10_by_n_candidates": by_n, "n_candidates_chosen_by": "validation ndcg@10"}
+            if len(ns) > 1
+            else {}
+        ),
+        "candidate_recall": float(
+            np.mean(
+                [
+                    ex.target in {its[j] for j in keep}
+                    for its, keep, ex in zip(items, prefixes[n], valid, strict=True)
+                ]
+            )
+        ),
         "seconds": round(time.time() - started, 1),
     }
     selection = rec.run.meta().get("retrieval", {}).get("selection")
     if selection:
         info["selection"] = selection  # retrieval.source=auto's choice
-    logger.info("fusion weight %g (validation NDCG@10 by weight: %s)", best, grid)
+    logger.info(
+        "fusion weight %g, %d candidates (validation NDCG@10 by candidates and weight: %s)", best, n, by_n
+    )
     rec.fusion_weight = float(best)
     rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})
+    rec.cfg = with_chosen_candidates(rec.run, rec.cfg)
     return info
+
+
+def candidate_prefixes(
+    collab: Any, histories: Sequence[Sequence[int]], items: Sequence[Sequence[int]], ns: Sequence[int]
+) -> dict[int, list[np.ndarray]]:
+    """For each n of `ns`, the positions in each user's `items` (the first max(ns) candidates, in the LM's order)
+    of the retriever's first n: a single model's and a pool's order do not depend on how many are asked for, so
+    the first n of the first N are what n would retrieve. One n: every position."""
+    if len(ns) == 1:
+        return {ns[0]: [np.arange(len(its)) for its in items]}
+    order, _ = collab.search(histories, max(ns), exclude=histories)
+    rank = [{int(i): k for k, i in enumerate(row) if i >= 0} for row in order]
+    at = [np.asarray([rk.get(i, len(rk)) for i in its]) for rk, its in zip(rank, items, strict=True)]
+    return {n: [np.flatnonzero(a < n) for a in at] for n in ns}
 
 
 def validation_collab(rec: Any) -> Any:
     """The collaborative model the validation split's choices use: the run's one fitted without the validation
-    targets (retriever/valid/: the Markov chain and item-kNN), else the run's own (SASRec, which never trains on
-    them; or a retriever set on `rec` by its caller)."""
-    from genrec.retrieval import VALIDATION_DIR, load_collaborative
+    targets (retriever/valid/: the Markov chain and item-kNN; for a pool, each member), else the run's own
+    (SASRec, which never trains on them; the text retriever; or a retriever set on `rec` by its caller)."""
+    from genrec.retrieval import VALIDATION_DIR, for_validation
 
-    folder = rec.run.retriever_dir / VALIDATION_DIR
-    try:
-        return load_collaborative(folder, rec.collab.kind)
-    except FileNotFoundError:
-        return rec.collab
+    return for_validation(rec.collab, rec.run.retriever_dir / VALIDATION_DIR)
 
 
 def lm_candidate_scores(
@@ -815,9 +875,29 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
     sel = fusion.get("selection")
     if sel:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in sel["valid_ndcg@10"].items())
+        what = (
+            "Model whose score is fused with the pool's candidates, chosen as retrieval.source=auto chooses"
+            if str(fusion.get("candidates", "")).startswith("pool")
+            else "Collaborative retriever chosen by retrieval.source=auto"
+        )
         lines.append(
-            f"Collaborative retriever chosen by retrieval.source=auto: **{sel['chosen']}** ({sel['chosen_by']}, "
-            f"{sel['users']} validation users: {scores})."
+            f"{what}: **{sel['chosen']}** ({sel['chosen_by']}, {sel['users']} validation users: {scores})."
+        )
+    if fusion.get("candidates", fusion["source"]) != fusion["source"]:
+        lines.append(f"Candidates: {fusion['candidates']}, by reciprocal rank fusion.")
+    by_model = fusion.get("candidate_recall_by_model")
+    if by_model:
+        lines.append(
+            f"Validation recall of {by_model['n_candidates']} candidates ({by_model['users']} users; the ceiling "
+            "of genrec's recall with them): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in by_model["recall"].items())
+            + "."
+        )
+    by_n = fusion.get("valid_ndcg@10_by_n_candidates")
+    if by_n:
+        lines.append(
+            f"{fusion['n_candidates']} candidates, chosen with the weight on validation NDCG@10 (best weight per "
+            "number: " + ", ".join(f"{n} -> {max(g.values()):.4f}" for n, g in by_n.items()) + ")."
         )
     grid = fusion.get("valid_ndcg@10")
     lines.append(
