@@ -8,6 +8,8 @@ their NDCG@10 at every weight (0: the LM alone). Test figures come from `genrec 
 
     genrec quickstart ... or: genrec prepare --run B -c tiny.yaml && genrec build-ids --run B && genrec train --run B
     python -m bench.augment --base B --run B-crop --set train.augment=[crop] --out bench/results/x.json
+    genrec evaluate --run B && genrec evaluate --run B-crop
+    python -m bench.augment --base B --run B-crop --paired-test     # test: B-crop minus B, user by user
 """
 
 from __future__ import annotations
@@ -39,13 +41,42 @@ def copy_base(base: Path, run: Path) -> None:
     (run / "run.json").write_text(json.dumps(meta, indent=2))
 
 
+def paired_test(base: Path, run: Path) -> dict[str, object]:
+    """genrec's test figures of `run` minus those of `base`, user by user (both evaluated by `genrec evaluate`
+    on the same split and users), with 95% intervals: the eval report's paired comparison, between two runs."""
+    import pandas as pd
+
+    from genrec.evaluation import paired_differences
+
+    metrics = ["recall@10", "ndcg@10", "mrr"]
+    per_user = {}
+    for name, path in (("run", run), ("base", base)):
+        df = pd.read_parquet(path / "eval_test_users.parquet")
+        df = df[df["method"] == "genrec"].sort_values("user")
+        per_user[name] = df[metrics].to_dict("records")
+    means = {
+        name: {m: float(pd.DataFrame(rows)[m].mean()) for m in metrics} for name, rows in per_user.items()
+    }
+    return {
+        "users": len(per_user["run"]),
+        **means,
+        "run_minus_base": paired_differences(per_user, metrics, reference="run")["base"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, type=Path, help="a trained run (prepare, build-ids, train)")
     p.add_argument("--run", required=True, type=Path, help="the variant's run directory (replaced)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value")
     p.add_argument("--out", default=None)
+    p.add_argument("--paired-test", action="store_true", help="compare the two runs' test evaluations only")
     args = p.parse_args()
+    if args.paired_test:
+        save(
+            args.out, {"base": str(args.base), "run": str(args.run), "test": paired_test(args.base, args.run)}
+        )
+        return
 
     from genrec.cli import _setup_logging
     from genrec.config import apply_overrides
