@@ -15,7 +15,7 @@ from genrec.data import Example, augment_examples, history_windows, train_exampl
 from genrec.data.catalog import augment_sequence, cold_item_rows
 from genrec.errors import ConfigError
 from genrec.modeling import add_id_tokens, train_tokenizer
-from genrec.training import history_loss_rows, prompt_builder, tokenizer_corpus, training_examples
+from genrec.training import history_loss_rows, prompt_builder, tokenizer_corpus, train, training_examples
 from tests.conftest import make_run
 
 sequences = st.lists(st.integers(0, 10_000), min_size=2, max_size=30, unique=True).map(tuple)
@@ -148,6 +148,17 @@ def test_augmented_rows_label_their_own_shown_items(tmp_path):
             for tok in tokenizer.convert_tokens_to_ids(ids.item_tokens(item))
         ]
         assert labelled == expected
+
+
+def test_training_adds_the_rows_and_records_them(tmp_path):
+    """`genrec train` trains on the augmented rows too and says how many in run.json's train summary."""
+    run, cfg = make_run(
+        tmp_path, "aug", ["train.augment=[crop,reorder]", "train.augment_copies=2", "train.max_steps=2"]
+    )
+    summary = train(run, cfg)
+    assert summary["augmented_rows"] == 2 * summary["examples"] > 0
+    assert run.meta()["train"]["augment"] == ["crop", "reorder"]
+    assert run.meta()["train"]["augmented_rows"] == summary["augmented_rows"]
 
 
 @pytest.mark.parametrize(
