@@ -217,8 +217,8 @@ class TrainConfig:
     `mask` (items dropped from the shown history: genrec shows items as their IDs, so there is no [mask] item to
     show), `reorder` (a contiguous span shuffled); each augmented row uses one, drawn at random. Only the
     training part of a user's sequence is augmented: no row ever shows a validation or test item. [] (the
-    default): off; on the demo data neither all three nor mask alone beat it on validation, at twice the training
-    steps (BENCHMARKS.md, "Sequence augmentation")."""
+    default): off; on the demo data no variant (all three, mask, crop) beat it on validation, at twice the
+    training steps (BENCHMARKS.md, "Sequence augmentation")."""
     augment_copies: int = 1
     """Augmented rows per training row (train.augment), drawn once with train.seed before training: every epoch
     sees the same ones."""
