@@ -21,7 +21,15 @@ import torch
 from tqdm import tqdm
 
 from genrec.config import RunConfig
-from genrec.data import Example, Interactions, history_windows, leave_one_out, train_examples, without_items
+from genrec.data import (
+    Example,
+    Interactions,
+    augment_examples,
+    history_windows,
+    leave_one_out,
+    train_examples,
+    without_items,
+)
 from genrec.errors import GenrecError, stopped_by
 from genrec.id_softmax import IdSoftmax, group_softmax, softmax_groups
 from genrec.ids import ItemIds
@@ -565,20 +573,15 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
     tasks = multitask(cfg)
     if t.history_loss or softmax is not None or tasks:  # tokenized rows, labelled here
-        # history_loss: one row per window, the loss also on the history items' IDs; else one row per target
-        examples = (
-            history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
-            if t.history_loss
-            else train_examples(data, per_user=t.examples_per_user)
-        )
+        examples, augmented = training_examples(data, cfg)
         rows, too_long = history_loss_rows(
-            builder, tokenizer, examples, max_length=t.max_length, history=t.history_loss
+            builder, tokenizer, examples + augmented, max_length=t.max_length, history=t.history_loss
         )
         if too_long:
             logger.warning(
                 "%d of %d rows are longer than train.max_length=%d tokens: left out",
                 too_long,
-                len(examples),
+                len(examples) + len(augmented),
                 t.max_length,
             )
         if tasks:
@@ -589,8 +592,8 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         train_ds = Dataset.from_list(rows)
         valid_ds = Dataset.from_list(history_loss_rows(builder, tokenizer, valid, history=False)[0])
     else:
-        examples = train_examples(data, per_user=t.examples_per_user)
-        train_ds = Dataset.from_list(sft_rows(builder, examples))
+        examples, augmented = training_examples(data, cfg)
+        train_ds = Dataset.from_list(sft_rows(builder, examples + augmented))
         valid_ds = Dataset.from_list(sft_rows(builder, valid))
     logger.info(
         "training %s: %d (validation users: %d)",
@@ -671,6 +674,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         "stopped_by_time_budget": bool(budget is not None and budget.hit),
         **stopped,
         "examples": len(examples),
+        **({"augment": list(t.augment), "augmented_rows": len(augmented)} if t.augment else {}),
         "history_loss": t.history_loss,
         "id_softmax": cfg.model.id_softmax,  # what every engine must score with (RunDir.trained_id_softmax)
         "seconds": round(seconds, 1),
@@ -686,6 +690,32 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         },
     )
     return summary
+
+
+def training_examples(data: Interactions, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
+    """The next-item examples of the training parts, and their augmented copies (train.augment; [] when off).
+
+    train.history_loss: one example per window of prompt.max_history + 1 items (the loss on every shown ID);
+    else one per target. `data` is what training may see (held-out items already removed), so augmented rows,
+    which only select and reorder an example's items, never hold a validation, test or held-out item."""
+    t = cfg.train
+    examples = (
+        history_windows(data, window=cfg.prompt.max_history, per_user=t.examples_per_user)
+        if t.history_loss
+        else train_examples(data, per_user=t.examples_per_user)
+    )
+    augmented = augment_examples(
+        examples, list(t.augment), ratio=t.augment_ratio, copies=t.augment_copies, seed=t.seed
+    )
+    if augmented:
+        logger.info(
+            "augmentation %s (ratio %g): %d rows added to %d",
+            "+".join(t.augment),
+            t.augment_ratio,
+            len(augmented),
+            len(examples),
+        )
+    return examples, augmented
 
 
 def multitask(cfg: RunConfig) -> bool:

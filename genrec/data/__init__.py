@@ -6,9 +6,11 @@ import logging
 
 from genrec.config import DataConfig
 from genrec.data.catalog import (
+    AUGMENT_KINDS,
     Catalog,
     Example,
     Interactions,
+    augment_examples,
     clean,
     cold_item_rows,
     history_windows,
@@ -22,9 +24,11 @@ from genrec.data.loaders import load_movielens, load_sequences, load_table, load
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AUGMENT_KINDS",
     "Catalog",
     "Example",
     "Interactions",
+    "augment_examples",
     "clean",
     "cold_item_rows",
     "history_windows",

@@ -240,6 +240,71 @@ def history_windows(data: Interactions, *, window: int, per_user: int = 0) -> li
     return out
 
 
+AUGMENT_KINDS = ("crop", "mask", "reorder")
+"""The sequence augmentations of train.augment (CL4SRec's three; see augment_sequence)."""
+
+
+def augment_sequence(
+    seq: tuple[int, ...], kind: str, ratio: float, rng: np.random.Generator
+) -> tuple[int, ...]:
+    """One augmented copy of an item sequence: a transformation that adds no item and keeps at least two.
+
+    `ratio` is the share of the sequence the operator touches, as CL4SRec's eta / gamma / beta:
+    - `crop` keeps a contiguous sub-sequence of max(2, floor((1 - ratio) * n)) items: the same transitions
+      seen with less context before them.
+    - `mask` drops max(1, floor(ratio * n)) items at random positions and keeps the rest in order. CL4SRec
+      replaces them with a [mask] item, but genrec shows a history as rendered item IDs and trains on each shown
+      ID: a placeholder would be text the model never meets at inference and must not be a label, while a
+      dropped item is what a real history looks like when some interactions went unlogged.
+    - `reorder` shuffles a contiguous span of max(2, floor(ratio * n)) items: nearby interactions whose order
+      carries little signal.
+    Sequences of two items are returned unchanged by `mask` (one item would leave no transition).
+    """
+    n = len(seq)
+    if n < 2:
+        return seq
+    if kind == "crop":
+        keep = min(n, max(2, int(np.floor((1 - ratio) * n))))
+        start = int(rng.integers(0, n - keep + 1))
+        return seq[start : start + keep]
+    if kind == "mask":
+        drop = min(n - 2, max(1, int(np.floor(ratio * n))))
+        gone = set(rng.choice(n, size=drop, replace=False).tolist()) if drop > 0 else set()
+        return tuple(item for k, item in enumerate(seq) if k not in gone)
+    if kind == "reorder":
+        span = min(n, max(2, int(np.floor(ratio * n))))
+        start = int(rng.integers(0, n - span + 1))
+        mid = [seq[start + k] for k in rng.permutation(span)]
+        return seq[:start] + tuple(mid) + seq[start + span :]
+    raise ValueError(f"unknown augmentation {kind!r}; choose from {list(AUGMENT_KINDS)}")
+
+
+def augment_examples(
+    examples: list[Example], kinds: list[str], *, ratio: float, copies: int, seed: int = 0
+) -> list[Example]:
+    """`copies` augmented rows per example (train.augment; none when `kinds` is empty), each made by one of
+    `kinds` drawn at random, seeded by `seed`; returned in the examples' order, without the originals.
+
+    An operator transforms the example's whole sequence, history and answer: the augmented row's answer is its
+    last item. With train.history_loss every shown item of a row is a label, so a row is one sequence and its
+    labels are its own shown items; without it the answer is the only label. Operators only select and reorder
+    the example's own items, so a row holds nothing the example did not (the training part of one user: never
+    a validation or test target, nor an item held out by data.cold_items)."""
+    if not kinds or copies <= 0:
+        return []
+    unknown = sorted(set(kinds) - set(AUGMENT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {list(AUGMENT_KINDS)}")
+    rng = np.random.default_rng([seed, 0xA06])
+    out: list[Example] = []
+    for ex in examples:
+        seq = (*ex.history, ex.target)
+        for _ in range(copies):
+            aug = augment_sequence(seq, kinds[int(rng.integers(len(kinds)))], ratio, rng)
+            out.append(Example(ex.user, aug[:-1], aug[-1]))
+    return out
+
+
 def cold_item_rows(n_items: int, share: float, *, seed: int = 0) -> list[int]:
     """The catalogue rows held out of training (data.cold_items): a seeded `share` of the items, sorted."""
     if share <= 0:
