@@ -412,21 +412,7 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     valid = leave_one_out(rec.data, "valid")
     valid = valid[: r.tune_users] if r.tune_users else valid
     started = time.time()
-    serving = rec.collab
-    rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
-    try:
-        items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
-        collab = rec.collab.scores_of([ex.history for ex in valid], items)
-    finally:
-        rec.collab = serving
-    grid: dict[str, float] = {}
-    for w in r.fusion_grid:
-        lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
-        grid[f"{w:g}"] = float(
-            np.mean(
-                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
-            )
-        )
+    grid, items = fused_validation_ndcg(rec, valid, cfg, r.fusion_grid, progress=progress)
     best = max(r.fusion_grid, key=lambda w: (grid[f"{w:g}"], -w))
     info = {
         "weight": float(best),
@@ -445,6 +431,31 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     rec.fusion_weight = float(best)
     rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "fusion": info})
     return info
+
+
+def fused_validation_ndcg(
+    rec: Any, valid: Sequence[Example], cfg: RunConfig, weights: Sequence[float], *, progress: bool = True
+) -> tuple[dict[str, float], list[list[int]]]:
+    """NDCG@10 of validation examples at each fusion weight (keyed `f"{w:g}"`) and each example's retrieved
+    candidates: the candidates are ranked once with the LM alone (every candidate's log-probability) and fused
+    with the scores of `validation_collab` (a model that never saw these targets) at each weight. What
+    retrieval.fusion_weight=auto chooses from, and how the RL stage (genrec.rl) compares models."""
+    serving = rec.collab
+    rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
+    try:
+        items, lm = lm_candidate_scores(rec, valid, cfg, progress=progress)
+        collab = rec.collab.scores_of([ex.history for ex in valid], items)
+    finally:
+        rec.collab = serving
+    grid: dict[str, float] = {}
+    for w in weights:
+        lists = [fused_order(i, s, c, w)[:10] for i, s, c in zip(items, lm, collab, strict=True)]
+        grid[f"{w:g}"] = float(
+            np.mean(
+                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
+            )
+        )
+    return grid, items
 
 
 def validation_collab(rec: Any) -> Any:
