@@ -149,6 +149,11 @@ def test_rl_through_genrec_train_records_and_keeps(trained_run, tmp_path_factory
     logged = [json.loads(line) for line in run.rl_log_file.read_text().splitlines()]
     assert any("reward" in row for row in logged)
     assert not (run.path / "rl_checkpoints").exists()
+    shown = runner.invoke(app, ["evaluate", "--run", str(run.path), "-s", "eval.baselines=[popularity]"])
+    assert shown.exit_code == 0, shown.output
+    line = "RL after SFT (rank reward, 2 steps of 2 users x 4 items"
+    assert line in shown.output and "the RL model is the one evaluated" in shown.output
+    assert line in (run.path / "report_test.md").read_text()
 
 
 def test_keep_auto_keeps_the_sft_model_when_validation_does_not_improve(

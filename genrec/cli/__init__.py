@@ -372,6 +372,10 @@ def _print_report(report: dict[str, Any]) -> None:
     typer.echo(f"{'method':<12}" + "".join(f"{c:>11}" for c in cols))
     for name, r in res.items():
         typer.echo(f"{name:<12}" + "".join(f"{r[c]:>11.4f}" for c in cols))
+    if report.get("rl"):
+        from genrec.evaluation import rl_text
+
+        typer.echo(rl_text(report["rl"])[0])
     vs = report.get("genrec_vs") or {}
     if vs:  # the strongest baseline, user by user (the report has every baseline)
         metric = next(m for m in next(iter(vs.values())) if m.startswith("ndcg@"))

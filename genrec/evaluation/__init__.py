@@ -303,6 +303,7 @@ def evaluate(
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
         **({"retrieval": fusion} if fusion is not None and cfg.eval.candidates != "all" else {}),
+        **({"rl": run.meta()["rl"]} if "rl" in run.meta() else {}),
         **({"resumed": parts.reused} if parts.reused else {}),
     }
     save_outputs(run, report, examples, lists, per_user)
@@ -805,6 +806,7 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
             else []
         ),
         *retrieval_text(report.get("retrieval")),
+        *rl_text(report.get("rl")),
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -842,6 +844,23 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
         + ")."
     )
     return lines
+
+
+def rl_text(info: dict[str, Any] | None) -> list[str]:
+    """The report's line on the RL stage after SFT (genrec.rl): what it did and whether its model is the one
+    evaluated (nothing when the run had none)."""
+    if not info:
+        return []
+    which = (
+        "the RL model is the one evaluated (the SFT model is in merged-sft/)"
+        if info["kept"]
+        else "the SFT model is the one evaluated"
+    )
+    return [
+        f"RL after SFT ({info['reward']} reward, {info['steps']} steps of {info['users_per_step']} users x "
+        f"{info['group']} items, {info['seconds']} s): validation NDCG@10 {info['valid_ndcg@10_sft']:.4f} (SFT) -> "
+        f"{info['valid_ndcg@10_rl']:.4f} on {info['valid_users']} users; rl.keep={info['keep']}: {which}."
+    ]
 
 
 def paired_table(vs: dict[str, dict[str, dict[str, float]]], users: int) -> list[str]:
