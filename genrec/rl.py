@@ -329,62 +329,30 @@ def sft_model_dir(run: RunDir) -> Path:
 def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     """The RL stage on the run's SFT model: rl.steps GRPO steps, then validation NDCG@10 before and after on the
     first train.valid_users validation users; keeps the RL model per rl.keep and records `rl` in run.json."""
-    from datasets import Dataset
-    from trl import GRPOTrainer
-
     from genrec.modeling import load_trained
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16: pinned
     r = cfg.rl
     cold = run.cold_items(cfg)
     data = without_items(run.load_data(), cold)
     ids = run.load_ids()
-    builder = prompt_builder(run, cfg, data, ids)
     held_out = set(cold)
     valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in held_out]
     valid = valid[: cfg.train.valid_users] if cfg.train.valid_users else valid
-    sft_dir = sft_model_dir(run).resolve()
-    model, tokenizer = load_trained(sft_dir)
+    model, tokenizer = load_trained(sft_model_dir(run).resolve())
     collab, weight = load_retrieval(run, cfg)
     retriever = Retriever(run.load_embeddings())
-    before = validation_ndcg(
-        in_memory_recommender(run, cfg, data, ids, model, tokenizer, retriever=retriever, collab=collab),
-        valid,
-        cfg,
-    )
-    logger.info("RL: SFT model's validation NDCG@10 %.4f (%d users)", before["ndcg@10"], len(valid))
 
-    examples: dict[str, Example] = {}
-    rows = []
-    for ex in rl_examples(data, cfg, cold=cold):
-        messages = builder.messages(ex.history, ex.user)
-        key = prompt_key(messages)
-        if key not in examples:  # an identical prompt would be ranked for one history only
-            examples[key] = ex
-            rows.append({"prompt": messages, "target": ex.target})
+    def judged(m: Any) -> dict[str, Any]:
+        rec = in_memory_recommender(run, cfg, data, ids, m, tokenizer, retriever=retriever, collab=collab)
+        return validation_ndcg(rec, valid, cfg)
+
+    before = judged(model)
+    logger.info("RL: SFT model's validation NDCG@10 %.4f (%d users)", before["ndcg@10"], len(valid))
+    rows, examples = rl_dataset(prompt_builder(run, cfg, data, ids), rl_examples(data, cfg, cold=cold))
     stats = RewardStats()
     rollout_weight = 0.0 if weight is None else weight  # auto: chosen after this stage; the LM's own order
     rollouts = Rollouts(run, cfg, data, ids, examples, collab=collab, fusion_weight=rollout_weight)
-    if run.rl_log_file.exists():
-        run.rl_log_file.unlink()
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=[reward_function(r.group, r.reward, stats)],
-        args=grpo_config(run, cfg, completion_length=ids.depth + 1),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=(
-            lora_config(cfg, model=model, tokenizer=tokenizer, id_tokens=ids.vocabulary())
-            if use_lora(cfg)
-            else None
-        ),
-        rollout_func=rollouts,
-        callbacks=[loss_log_callback(run.rl_log_file)],
-    )
-    softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
-    labelled_positions_head(policy_model(trainer), softmax)
-    if trainer.ref_model is not None:  # the KL term must compare log-probs normalised alike
-        labelled_positions_head(trainer.ref_model, softmax)
+    trainer = grpo_trainer(run, cfg, model, tokenizer, rows, rollouts=rollouts, stats=stats)
     logger.info(
         "RL: %d steps of %d prompts x %d completions from %d training examples (reward %s)",
         r.steps,
@@ -398,19 +366,15 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         trainer.train()
     except BaseException as e:  # Ctrl-C, out of memory: nothing of the run was changed yet
         logger.warning(
-            "RL stage %s at step %d; merged/ still holds the SFT model",
+            "RL stage %s at step %d; the run's models are as they were",
             stopped_by(e),
             trainer.state.global_step,
         )
         raise
+    finally:
+        shutil.rmtree(run.path / RL_OUTPUT, ignore_errors=True)  # save_strategy=no: at most an empty folder
     seconds = time.time() - started
-    shutil.rmtree(run.path / RL_OUTPUT, ignore_errors=True)  # save_strategy=no: at most an empty folder
-    trained = policy_model(trainer)
-    after = validation_ndcg(
-        in_memory_recommender(run, cfg, data, ids, trained, tokenizer, retriever=retriever, collab=collab),
-        valid,
-        cfg,
-    )
+    after = judged(policy_model(trainer))
     kept = r.keep == "always" or after["ndcg@10"] > before["ndcg@10"]
     logger.info(
         "RL: validation NDCG@10 %.4f -> %.4f: %s",
@@ -423,6 +387,9 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         keep_rl_model(
             run, final.merge_and_unload() if hasattr(final, "merge_and_unload") else final, tokenizer
         )
+        meta = run.meta().get("retrieval")
+        if meta and "fusion" in meta:  # a weight chosen for the SFT model; `train` chooses again for this one
+            run.update_meta(retrieval={k: v for k, v in meta.items() if k != "fusion"})
     else:
         restore_sft_model(run)
     summary = {
@@ -445,11 +412,62 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         "kept": kept,
         "method": "lora" if use_lora(cfg) else "full",
     }
-    meta = run.meta().get("retrieval")
-    if kept and meta and "fusion" in meta:  # a weight chosen for the SFT model; choose again for this one
-        run.update_meta(retrieval={k: v for k, v in meta.items() if k != "fusion"})
     run.update_meta(rl=summary)
     return summary
+
+
+def rl_dataset(builder: Any, exs: Sequence[Example]) -> tuple[list[dict[str, Any]], dict[str, Example]]:
+    """GRPO's rows (the rendered prompt, the target) and each prompt's example by `prompt_key`. A prompt rendered
+    the same for two examples is kept once: the rollout could rank only one of their histories."""
+    examples: dict[str, Example] = {}
+    rows = []
+    for ex in exs:
+        messages = builder.messages(ex.history, ex.user)
+        key = prompt_key(messages)
+        if key not in examples:
+            examples[key] = ex
+            rows.append({"prompt": messages, "target": ex.target})
+    return rows, examples
+
+
+def grpo_trainer(
+    run: RunDir,
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    rollouts: Rollouts,
+    stats: RewardStats,
+) -> Any:
+    """TRL's GRPOTrainer over the SFT model (a new LoRA adapter for pretrained bases, as SFT trains), its LM head
+    (and the reference model's) scoring ID tokens under model.id_softmax, as genrec ranks."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16: pinned
+    ids = rollouts.ids
+    if run.rl_log_file.exists():
+        run.rl_log_file.unlink()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward_function(cfg.rl.group, cfg.rl.reward, stats)],
+        args=grpo_config(run, cfg, completion_length=ids.depth + 1),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=(
+            lora_config(cfg, model=model, tokenizer=tokenizer, id_tokens=ids.vocabulary())
+            if use_lora(cfg)
+            else None
+        ),
+        rollout_func=rollouts,
+        callbacks=[loss_log_callback(run.rl_log_file)],
+    )
+    softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
+    labelled_positions_head(policy_model(trainer), softmax)
+    if trainer.ref_model is not None:  # the KL term must compare log-probs normalised alike
+        labelled_positions_head(trainer.ref_model, softmax)
+    return trainer
 
 
 def keep_rl_model(run: RunDir, model: Any, tokenizer: Any) -> None:
