@@ -350,7 +350,8 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     logger.info("RL: SFT model's validation NDCG@10 %.4f (%d users)", before["ndcg@10"], len(valid))
     rows, examples = rl_dataset(prompt_builder(run, cfg, data, ids), rl_examples(data, cfg, cold=cold))
     stats = RewardStats()
-    rollout_weight = 0.0 if weight is None else weight  # auto: chosen after this stage; the LM's own order
+    # auto: the weight is chosen after this stage (one recorded was chosen for the SFT model): the LM's own order
+    rollout_weight = 0.0 if cfg.retrieval.fusion_weight == "auto" or weight is None else weight
     rollouts = Rollouts(run, cfg, data, ids, examples, collab=collab, fusion_weight=rollout_weight)
     trainer = grpo_trainer(run, cfg, model, tokenizer, rows, rollouts=rollouts, stats=stats)
     logger.info(
