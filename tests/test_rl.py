@@ -204,3 +204,18 @@ def test_rl_prompts_are_training_examples_only(trained_run):
         train_part = sequences[ex.user][:-2]
         assert list(ex.history) == train_part[: len(ex.history)] and train_part[len(ex.history)] == ex.target
     assert max(sum(ex.user == u for ex in exs) for u in sequences) == 2
+
+
+def test_lora_rl_trains_an_adapter_and_merges(tmp_path):
+    """A LoRA-trained run (as pretrained bases are) gets a new adapter in the RL stage, merged into merged/."""
+    from genrec.training import train
+    from tests.conftest import make_run
+
+    run, cfg = make_run(tmp_path, "lora", ["train.method=lora", "train.max_steps=10"])
+    train(run, cfg)
+    sft = weights_digest(run.merged_dir)
+    info = rl.train_rl(run, apply_overrides(cfg, [*SHORT, "rl.keep=always", "rl.learning_rate=0.01"]))
+    assert info["method"] == "lora" and info["kept"] and info["steps"] == 2
+    assert weights_digest(run.merged_sft_dir) == sft and weights_digest(run.merged_dir) != sft
+    model, _ = load_trained(run.merged_dir)
+    assert not hasattr(model, "peft_config")  # a plain model: what every engine loads
