@@ -14,7 +14,8 @@ token is masked out of the loss (as SFT's history-loss rows leave it untrained; 
 
 The stage (`train_rl`) starts from the SFT model, compares it with the RL model on the validation users and keeps
 the RL model in merged/ only where rl.keep says so (the SFT model then moves to merged-sft/). Until the stage
-ends nothing in the run changes, so a crash or Ctrl-C leaves the SFT model as it was. Knows nothing of the CLI.
+ends no model of the run changes (only rl_log.jsonl is written), so a crash or Ctrl-C leaves the SFT model as it
+was. Knows nothing of the CLI.
 """
 
 from __future__ import annotations
