@@ -360,6 +360,47 @@ class RetrievalConfig:
     0: all)."""
 
 
+RlReward = Literal["rank", "hit"]
+"""How a ranked completion is rewarded in the RL stage (rl.reward; genrec.rl.group_rewards)."""
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning after SFT (genrec.rl): GRPO (TRL's GRPOTrainer) whose completions are the items
+    genrec's own constrained ranking puts first, so the model is trained on the lists it will serve, not on
+    free samples (which could name items outside the catalogue or the candidates). Off by default: on the
+    demo data no setting tried beat SFT on validation by more than noise (BENCHMARKS.md, "RL after SFT")."""
+
+    steps: int = 0
+    """Optimizer steps of the RL stage after SFT in `genrec train` (0: no RL stage)."""
+    group: int = 8
+    """Completions per prompt (GRPO's num_generations): the top-`group` items of the constrained ranking of one
+    training example, whose rewards are compared with each other (the group's mean is the baseline)."""
+    users: int = 16
+    """Prompts (training examples) per optimizer step; a step trains on users x group completions."""
+    examples_per_user: int = 1
+    """Training examples per user the prompts are drawn from: the last N next-item positions of each user's
+    training part (the ones nearest in time to the validation item); never a validation or test target."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (linear decay to 0 over rl.steps). Far below SFT's: RL only re-orders what SFT
+    learned. On the demo data 1e-4 left validation NDCG@10 where SFT had it; 3e-4 and 1e-3 lowered it
+    (BENCHMARKS.md, "RL after SFT")."""
+    beta: float = 0.04
+    """KL penalty towards the SFT model (GRPO's beta; 0: no reference model, cheaper, nothing holds the
+    policy near SFT but the small learning rate)."""
+    reward: RlReward = "rank"
+    """`rank`: MiniOneRec's rule + ranking reward: 1 for the target; each other item of the group a penalty
+    -1/log2(rank + 2) (rank from 0), scaled so the wrong items' penalties sum to -1, so wrong items
+    ranked high are pushed down hardest. `hit`: 1 for the target, 0 otherwise (a group without the target
+    teaches nothing)."""
+    keep: Literal["auto", "always"] = "auto"
+    """`auto`: keep the RL model only if its validation NDCG@10 (the first train.valid_users validation
+    users, ranked as `genrec evaluate` ranks) is higher than the SFT model's; else merged/ stays the SFT
+    model. `always`: keep it (the SFT model is kept in merged-sft/ either way)."""
+    seed: int = 0
+    """Seed of the prompt order."""
+
+
 class RankingOptionError(GenrecError, ValueError):
     """An invalid ranking option; `field` names it (RankingOptions' name: the server reports it as the
     request's parameter, the CLI as its flag)."""
@@ -424,6 +465,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -650,6 +692,12 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     )
     need(max(e.ks) <= e.beam_width, f"eval.ks max {max(e.ks)} exceeds eval.beam_width {e.beam_width}")
     validate_retrieval(cfg.retrieval)
+    validate_rl(cfg.rl)
+    need(
+        cfg.rl.steps == 0 or e.candidates == "all" or cfg.rl.group <= e.n_candidates,
+        f"rl.group={cfg.rl.group} exceeds eval.n_candidates={e.n_candidates}: a group is the top items of the "
+        "retrieved candidates",
+    )
     need(
         cfg.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
         f"name {cfg.name!r}: use letters, digits, -_.",
@@ -686,3 +734,20 @@ def validate_retrieval(r: RetrievalConfig) -> None:
             f"retrieval.source=pool pools two or more models: retrieval.auto_models={r.auto_models} and "
             "retrieval.pool_text=false leave one (use retrieval.source=auto for one model)"
         )
+
+
+def validate_rl(r: RLConfig) -> None:
+    """rl.* checks that types alone cannot express."""
+    for name, value, low in (
+        ("steps", r.steps, 0),
+        ("group", r.group, 2),
+        ("users", r.users, 1),
+        ("examples_per_user", r.examples_per_user, 1),
+    ):
+        if value < low:
+            why = " (GRPO compares the completions of one prompt)" if name == "group" else ""
+            raise ConfigError(f"rl.{name} must be >= {low}{why}, got {value}")
+    if not r.learning_rate > 0:
+        raise ConfigError(f"rl.learning_rate must be positive, got {r.learning_rate}")
+    if not r.beta >= 0:
+        raise ConfigError(f"rl.beta must be >= 0 (0: no KL penalty), got {r.beta}")

@@ -2,7 +2,8 @@
 
 `runs/<name>/` holds config.yaml (resolved config), catalog.parquet, interactions.parquet,
 item_embeddings.npy, item_ids.json (+ codebooks.npz), base/ (tiny base + tokenizer),
-checkpoints/, adapter/ (LoRA), merged/ (servable model + tokenizer), retriever/ (the collaborative
+checkpoints/, adapter/ (LoRA), merged/ (servable model + tokenizer), merged-sft/ (the SFT model, where the RL
+stage's model replaced it in merged/: genrec.rl), retriever/ (the collaborative
 retriever, retrieval.source), train_log.jsonl,
 run.json (provenance: template hash used in training, timings), eval.json, report.md, plots.
 """
@@ -87,13 +88,16 @@ class RunDir:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
     merged_dir = property(lambda self: self.path / "merged")
+    merged_sft_dir = property(lambda self: self.path / "merged-sft")
+    """The SFT model, present only while merged/ holds the RL stage's model instead (genrec.rl)."""
+    rl_log_file = property(lambda self: self.path / "rl_log.jsonl")
     train_log_file = property(lambda self: self.path / "train_log.jsonl")
     meta_file = property(lambda self: self.path / "run.json")
     retriever_dir = property(lambda self: self.path / "retriever")
 
     def trained_outputs(self) -> list[Path]:
-        """What training wrote (base/, checkpoints/, adapter/, merged/, retriever/): models made for this run's data
-        and IDs."""
+        """What training wrote (base/, checkpoints/, adapter/, merged/, merged-sft/, retriever/): models made for this
+        run's data and IDs."""
         return [
             p
             for p in (
@@ -101,6 +105,7 @@ class RunDir:
                 self.checkpoints_dir,
                 self.adapter_dir,
                 self.merged_dir,
+                self.merged_sft_dir,
                 self.retriever_dir,
             )
             if p.exists()

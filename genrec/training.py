@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 import time
 import types
 from collections.abc import Sequence
@@ -652,6 +653,8 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
             trainer.state.epoch or 0.0,
             cfg.train.epochs,
         )
+    if run.merged_sft_dir.exists():  # an earlier RL stage's SFT model: merged/ is about to hold this one
+        shutil.rmtree(run.merged_sft_dir)
     if peft_cfg is not None:
         trained: Any = trainer.model
         trained.save_pretrained(run.adapter_dir)

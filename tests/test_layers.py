@@ -34,8 +34,13 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (7, "eval", ("genrec.evaluation",)),
     (7, "batch", ("genrec.batch",)),
     (7, "serve", ("genrec.serve",)),
-    (8, "cli", ("genrec.cli", "genrec.__main__")),
-    (9, "public", ("genrec",)),  # genrec/__init__.py: the lazy public surface
+    (
+        8,
+        "rl",
+        ("genrec.rl",),
+    ),  # the RL stage after SFT: training's helpers and evaluation's validation ranking
+    (9, "cli", ("genrec.cli", "genrec.__main__")),
+    (10, "public", ("genrec",)),  # genrec/__init__.py: the lazy public surface
 ]
 
 

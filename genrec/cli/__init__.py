@@ -41,7 +41,7 @@ SetOpt = Annotated[
         "--set",
         "-s",
         help="Override a config field: section.field=value (repeatable), "
-        "e.g. -s train.epochs=2 -s eval.beam_width=10. Sections: data ids prompt model train eval.",
+        "e.g. -s train.epochs=2 -s eval.beam_width=10. Sections: data ids prompt model train eval retrieval rl.",
     ),
 ]
 SearchOpt = Annotated[
@@ -194,7 +194,40 @@ def train(
         f"train loss {summary['train_loss']:.4f}, validation loss {summary['eval_loss']:.4f}; "
         f"model in {rd.merged_dir}"
     )
+    if cfg.rl.steps > 0:
+        _rl_stage(rd, cfg)
     if retriever is not None:
+        _choose_fusion(rd, cfg)
+
+
+def _rl_stage(rd: RunDir, cfg: RunConfig) -> None:
+    """The RL stage after SFT (rl.steps > 0), said on the terminal."""
+    from genrec.rl import train_rl
+
+    s = train_rl(rd, cfg)
+    typer.echo(
+        f"RL ({s['reward']} reward, {s['steps']} steps, {s['seconds']} s): validation NDCG@10 "
+        f"{s['valid_ndcg@10_sft']:.4f} (SFT) -> {s['valid_ndcg@10_rl']:.4f} ({s['valid_users']} users); "
+        + (
+            "RL model kept in " + str(rd.merged_dir) + ", SFT model in " + str(rd.merged_sft_dir)
+            if s["kept"]
+            else f"SFT model kept in {rd.merged_dir} (rl.keep={s['keep']})"
+        )
+    )
+
+
+@app.command()
+def rl(run: RunOpt, set_: SetOpt = None) -> None:
+    """Only the RL stage (rl.*, GRPO with a ranking reward under the constrained search) on a trained run: it starts
+    from the SFT model, keeps the RL model per rl.keep, then chooses the fusion weight again as `train` does."""
+    rd = RunDir(run)
+    cfg = _config(rd, None, set_)
+    if cfg.rl.steps <= 0:
+        raise GenrecError("rl.steps is 0: set it, e.g. -s rl.steps=100")
+    rd.model_dir()  # a trained run, else say what to run first
+    rd.save_config(cfg)
+    _rl_stage(rd, cfg)
+    if cfg.retrieval.source != "text":
         _choose_fusion(rd, cfg)
 
 
@@ -355,6 +388,10 @@ def _print_report(report: dict[str, Any]) -> None:
     typer.echo(f"{'method':<12}" + "".join(f"{c:>11}" for c in cols))
     for name, r in res.items():
         typer.echo(f"{name:<12}" + "".join(f"{r[c]:>11.4f}" for c in cols))
+    if report.get("rl"):
+        from genrec.evaluation import rl_text
+
+        typer.echo(rl_text(report["rl"])[0])
     vs = report.get("genrec_vs") or {}
     if vs:  # the strongest baseline, user by user (the report has every baseline)
         metric = next(m for m in next(iter(vs.values())) if m.startswith("ndcg@"))
@@ -621,6 +658,8 @@ def quickstart(
     typer.echo(f"[3/{len(steps)}] train")
     retriever = train_retriever(rd, cfg)
     do_train(rd, cfg)
+    if cfg.rl.steps > 0:
+        _rl_stage(rd, cfg)
     rec = _choose_fusion(rd, cfg) if retriever is not None else Recommender.load(rd)
     typer.echo(f"[4/{len(steps)}] evaluate")
     report = do_eval(rd, cfg, rec=rec)

@@ -304,6 +304,7 @@ def evaluate(
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
         **({"retrieval": fusion} if fusion is not None and cfg.eval.candidates != "all" else {}),
+        **({"rl": run.meta()["rl"]} if "rl" in run.meta() else {}),
         **({"resumed": parts.reused} if parts.reused else {}),
     }
     save_outputs(run, report, examples, lists, per_user)
@@ -433,32 +434,7 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     valid = valid[: r.tune_users] if r.tune_users else valid
     started = time.time()
     ns = sorted(set(r.n_candidates_grid)) or [cfg.eval.n_candidates]
-    widest = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=max(ns)))
-    serving = rec.collab
-    rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
-    try:
-        items, lm = lm_candidate_scores(rec, valid, widest, progress=progress)
-        histories = [list(ex.history) for ex in valid]
-        collab = rec.collab.scores_of(histories, items)
-        prefixes = candidate_prefixes(rec.collab, histories, items, ns)
-    finally:
-        rec.collab = serving
-    by_n: dict[str, dict[str, float]] = {}
-    for n in ns:
-        by_n[str(n)] = {}
-        for w in r.fusion_grid:
-            lists = [
-                fused_order([its[j] for j in keep], s[keep], c[keep], w)[:10]
-                for its, s, c, keep in zip(items, lm, collab, prefixes[n], strict=True)
-            ]
-            by_n[str(n)][f"{w:g}"] = float(
-                np.mean(
-                    [
-                        user_metrics(lst, ex.target, [10])["ndcg@10"]
-                        for lst, ex in zip(lists, valid, strict=True)
-                    ]
-                )
-            )
+    by_n, items, prefixes = fused_validation_ndcg(rec, valid, cfg, r.fusion_grid, ns=ns, progress=progress)
     n, best = max(
         ((n, w) for n in ns for w in r.fusion_grid),
         key=lambda p: (by_n[str(p[0])][f"{p[1]:g}"], -p[0], -p[1]),
@@ -509,6 +485,51 @@ def candidate_prefixes(
     rank = [{int(i): k for k, i in enumerate(row) if i >= 0} for row in order]
     at = [np.asarray([rk.get(i, len(rk)) for i in its]) for rk, its in zip(rank, items, strict=True)]
     return {n: [np.flatnonzero(a < n) for a in at] for n in ns}
+
+
+def fused_validation_ndcg(
+    rec: Any,
+    valid: Sequence[Example],
+    cfg: RunConfig,
+    weights: Sequence[float],
+    *,
+    ns: Sequence[int] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, float]], list[list[int]], dict[int, list[np.ndarray]]]:
+    """NDCG@10 of validation examples for each number of candidates n of `ns` (None: eval.n_candidates) and each
+    fusion weight (keyed `str(n)`, then `f"{w:g}"`), each example's candidates and, per n, the positions of the
+    first n among them (`candidate_prefixes`). The largest number's candidates are ranked once with the LM alone
+    (every candidate's log-probability) and fused with the scores of `validation_collab` (a model that never saw
+    these targets) at each weight. What retrieval.fusion_weight=auto chooses from, and how the RL stage
+    (genrec.rl) compares models."""
+    ns = list(ns or [cfg.eval.n_candidates])
+    widest = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=max(ns)))
+    serving = rec.collab
+    rec.collab = validation_collab(rec)  # candidates and scores from a model that never saw these targets
+    try:
+        items, lm = lm_candidate_scores(rec, valid, widest, progress=progress)
+        histories = [list(ex.history) for ex in valid]
+        collab = rec.collab.scores_of(histories, items)
+        prefixes = candidate_prefixes(rec.collab, histories, items, ns)
+    finally:
+        rec.collab = serving
+    by_n: dict[str, dict[str, float]] = {}
+    for n in ns:
+        by_n[str(n)] = {}
+        for w in weights:
+            lists = [
+                fused_order([its[j] for j in keep], s[keep], c[keep], w)[:10]
+                for its, s, c, keep in zip(items, lm, collab, prefixes[n], strict=True)
+            ]
+            by_n[str(n)][f"{w:g}"] = float(
+                np.mean(
+                    [
+                        user_metrics(lst, ex.target, [10])["ndcg@10"]
+                        for lst, ex in zip(lists, valid, strict=True)
+                    ]
+                )
+            )
+    return by_n, items, prefixes
 
 
 def validation_collab(rec: Any) -> Any:
@@ -854,6 +875,7 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
             else []
         ),
         *retrieval_text(report.get("retrieval")),
+        *rl_text(report.get("rl")),
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -911,6 +933,23 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
         + ")."
     )
     return lines
+
+
+def rl_text(info: dict[str, Any] | None) -> list[str]:
+    """The report's line on the RL stage after SFT (genrec.rl): what it did and whether its model is the one
+    evaluated (nothing when the run had none)."""
+    if not info:
+        return []
+    which = (
+        "the RL model is the one evaluated (the SFT model is in merged-sft/)"
+        if info["kept"]
+        else "the SFT model is the one evaluated"
+    )
+    return [
+        f"RL after SFT ({info['reward']} reward, {info['steps']} steps of {info['users_per_step']} users x "
+        f"{info['group']} items, {info['seconds']} s): validation NDCG@10 {info['valid_ndcg@10_sft']:.4f} (SFT) -> "
+        f"{info['valid_ndcg@10_rl']:.4f} on {info['valid_users']} users; rl.keep={info['keep']}: {which}."
+    ]
 
 
 def paired_table(vs: dict[str, dict[str, dict[str, float]]], users: int) -> list[str]:
