@@ -46,6 +46,7 @@ from genrec.recommender import Recommender, history_requests, load_retrieval
 from genrec.retrieval import Retriever
 from genrec.run import RunDir
 from genrec.training import (
+    in_memory_recommender,
     labelled_positions_head,
     lora_config,
     loss_log_callback,
@@ -233,32 +234,6 @@ def completion_log_probs(model: Any, prompt: list[int], completions: list[list[i
     labels[:, : len(prompt)] = -100
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
     return [row.tolist() for row in out.log_probs[:, len(prompt) - 1 :].float().cpu()]
-
-
-def in_memory_recommender(
-    run: RunDir,
-    cfg: RunConfig,
-    data: Interactions,
-    ids: ItemIds,
-    model: Any,
-    tokenizer: Any,
-    *,
-    retriever: Retriever,
-    collab: Any = None,
-    fusion_weight: float | None = 0.0,
-) -> Recommender:
-    """A Recommender over a model in memory (as training's ranking_callback builds one): the run's search and
-    model.id_softmax, no CUDA graphs (the weights change)."""
-    from genrec.engines.hf import HFEngine
-
-    engine = HFEngine(
-        model,
-        tokenizer,
-        search=cfg.eval.search,
-        max_tree_tokens=cfg.eval.max_tree_tokens,
-        softmax_groups=softmax_groups(ids.level_tokens(), cfg.model.id_softmax),
-    )
-    return Recommender(run, cfg, data, ids, engine, retriever, collab=collab, fusion_weight=fusion_weight)
 
 
 def validation_ndcg(rec: Recommender, valid: Sequence[Example], cfg: RunConfig) -> dict[str, Any]:

@@ -426,10 +426,8 @@ def ranking_callback(
     targets (`validation_retrieval`), by the LM's score alone (the fusion weight is chosen after training)."""
     from transformers import TrainerCallback
 
-    from genrec.engines.hf import HFEngine
     from genrec.evaluation.metrics import user_metrics
     from genrec.prep import model_lists
-    from genrec.recommender import Recommender
     from genrec.retrieval import Retriever
 
     metric = cfg.train.select_metric
@@ -442,7 +440,7 @@ def ranking_callback(
 
     class ValidationRanking(TrainerCallback):
         model: Any = None
-        rec: Recommender | None = None
+        rec: Any = None
         """Built at the first evaluation and kept: the catalogue trie, user index and the trie layouts
         cached for it are the same at every evaluation; only the model's weights change."""
 
@@ -452,15 +450,8 @@ def ranking_callback(
             model, tokenizer = kw["model"], kw["processing_class"]
             was_training = model.training
             if self.rec is None or self.model is not model:
-                engine = HFEngine(
-                    model,
-                    tokenizer,
-                    search=cfg.eval.search,
-                    max_tree_tokens=cfg.eval.max_tree_tokens,
-                    softmax_groups=softmax_groups(ids.level_tokens(), cfg.model.id_softmax),
-                )
-                self.rec = Recommender(
-                    run, ranking, data, ids, engine, retriever, collab=collab, fusion_weight=0.0
+                self.rec = in_memory_recommender(
+                    run, ranking, data, ids, model, tokenizer, retriever=retriever, collab=collab
                 )
                 self.model = model
             rec = self.rec
@@ -496,6 +487,33 @@ def validation_retrieval(run: RunDir, cfg: RunConfig, text: Any) -> Any:
 
     collab, _ = load_retrieval(run, cfg, text=text)
     return None if collab is None else for_validation(collab, run.retriever_dir / VALIDATION_DIR)
+
+
+def in_memory_recommender(
+    run: RunDir,
+    cfg: RunConfig,
+    data: Interactions,
+    ids: ItemIds,
+    model: Any,
+    tokenizer: Any,
+    *,
+    retriever: Any,
+    collab: Any = None,
+    fusion_weight: float | None = 0.0,
+) -> Any:
+    """A Recommender over a model in memory (what ranking_callback and the RL stage rank with): the run's search
+    and model.id_softmax, no CUDA graphs (the weights change)."""
+    from genrec.engines.hf import HFEngine
+    from genrec.recommender import Recommender
+
+    engine = HFEngine(
+        model,
+        tokenizer,
+        search=cfg.eval.search,
+        max_tree_tokens=cfg.eval.max_tree_tokens,
+        softmax_groups=softmax_groups(ids.level_tokens(), cfg.model.id_softmax),
+    )
+    return Recommender(run, cfg, data, ids, engine, retriever, collab=collab, fusion_weight=fusion_weight)
 
 
 def time_budget_callback(minutes: float) -> Any:

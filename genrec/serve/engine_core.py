@@ -260,17 +260,18 @@ class EngineCore:
             elif stop:  # the stop mark was read: finish what is launched, take nothing more
                 jobs = []
             else:
-                jobs, stop = self._take_queued()
+                jobs, stop = self._fill([], wait=False)  # what queued while the last batch ranked
             launched = self._launch(jobs) if jobs else None
             if pending is not None:
                 self._finish(*pending)
             pending = launched
 
-    def _fill(self, jobs: list[_Job]) -> tuple[list[_Job], bool]:
-        """The batch `RecService._work` would make: whatever is queued now, then wait out the window."""
+    def _fill(self, jobs: list[_Job], *, wait: bool = True) -> tuple[list[_Job], bool]:
+        """The batch `RecService._work` would make: whatever is queued now, then (`wait`) wait out the window;
+        and whether the stop mark was read."""
         limits = self.limits
         deadline = time.monotonic() + (
-            limits.batch_wait_ms / 1000 if hold_batch_open(self._gaps_ms, limits) else 0
+            limits.batch_wait_ms / 1000 if wait and hold_batch_open(self._gaps_ms, limits) else 0
         )
         while len(jobs) < limits.max_batch:
             try:
@@ -283,19 +284,6 @@ class EngineCore:
                     job = self._jobs.get(timeout=remaining)
                 except queue.Empty:
                     break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-        return jobs, False
-
-    def _take_queued(self) -> tuple[list[_Job], bool]:
-        """What is queued now, up to max_batch, without waiting (the next batch while one ranks)."""
-        jobs: list[_Job] = []
-        while len(jobs) < self.limits.max_batch:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
             if job is None:
                 return jobs, True
             jobs.append(job)
