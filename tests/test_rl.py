@@ -132,8 +132,15 @@ def ids_of(tokenizer, tokens):
 
 
 def test_rl_through_genrec_train_records_and_keeps(trained_run, tmp_path_factory):
+    # SFT alone, trained here (not the fixture's weights: another test may have changed torch's thread count,
+    # and with it the sums' rounding), then SFT + RL from the same copy and seed
+    alone = copy_run(trained_run[0], tmp_path_factory, "sft_only")
+    done = runner.invoke(
+        app, ["train", "--run", str(alone.path), *[a for s in SHORT for a in ("-s", s)], "-s", "rl.steps=0"]
+    )
+    assert done.exit_code == 0, done.output
+    sft = weights_digest(alone.merged_dir)
     run = copy_run(trained_run[0], tmp_path_factory, "rl_train")
-    sft = weights_digest(run.merged_dir)
     result = runner.invoke(
         app, ["train", "--run", str(run.path), *[a for s in [*SHORT, "rl.keep=always"] for a in ("-s", s)]]
     )
