@@ -171,6 +171,14 @@ class RunDir:
         meta.update(fields)
         atomic_write_text(self.meta_file, json.dumps(meta, indent=2))
 
+    def drop_meta(self, *keys: str) -> None:
+        """Remove records that no longer describe the run (no write when none is there)."""
+        meta = self.meta()
+        if any(k in meta for k in keys):
+            atomic_write_text(
+                self.meta_file, json.dumps({k: v for k, v in meta.items() if k not in keys}, indent=2)
+            )
+
 
 def with_chosen_candidates(run: RunDir, cfg: RunConfig) -> RunConfig:
     """The config with eval.n_candidates as chosen on validation (retrieval.n_candidates_grid, recorded in

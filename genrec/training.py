@@ -673,6 +673,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         )
     if run.merged_sft_dir.exists():  # an earlier RL stage's SFT model: merged/ is about to hold this one
         shutil.rmtree(run.merged_sft_dir)
+    run.drop_meta("rl")  # an earlier RL stage's record describes a model this one replaces
     if peft_cfg is not None:
         trained: Any = trainer.model
         trained.save_pretrained(run.adapter_dir)
@@ -799,6 +800,12 @@ def merge(run: RunDir, *, model: Any = None, tokenizer: Any = None) -> str:
         from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer
 
+        if (run.meta().get("rl") or {}).get("kept"):
+            raise GenrecError(
+                f"{run.merged_dir} holds the RL model (run.json: rl.kept); adapter/ is the SFT adapter, and merging "
+                f"it would replace the RL model with the SFT one (which is in {run.merged_sft_dir}). To serve SFT, "
+                "copy that folder over merged/; to redo RL, run `genrec rl`"
+            )
         adapter = run.require(run.adapter_dir, "train with train.method=lora first")
         model = AutoPeftModelForCausalLM.from_pretrained(adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter)

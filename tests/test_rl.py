@@ -226,3 +226,17 @@ def test_lora_rl_trains_an_adapter_and_merges(tmp_path):
     assert weights_digest(run.merged_sft_dir) == sft and weights_digest(run.merged_dir) != sft
     model, _ = load_trained(run.merged_dir)
     assert not hasattr(model, "peft_config")  # a plain model: what every engine loads
+
+
+def test_merge_refuses_to_replace_a_kept_rl_model_with_the_sft_adapter(tmp_path):
+    from genrec.errors import GenrecError
+    from genrec.run import RunDir
+    from genrec.training import merge
+
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir(parents=True)
+    run.update_meta(rl={"kept": True}, train={"steps": 1})
+    with pytest.raises(GenrecError, match="holds the RL model"):
+        merge(run)
+    run.drop_meta("rl")  # what a new SFT does: the RL record no longer describes merged/
+    assert run.meta() == {"train": {"steps": 1}}
