@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from genrec.config import RunConfig
-from genrec.data import Interactions, leave_one_out, load_dataset, without_items
+from genrec.data import Example, Interactions, leave_one_out, load_dataset, without_items
 from genrec.errors import GenrecError
 from genrec.ids import ItemIds, atomic_ids, semantic_ids, with_cold_items
 from genrec.retrieval import (
@@ -150,8 +152,11 @@ def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> di
         seconds[kind] = round(time.time() - t0, 1)
         logger.info("collaborative retriever %s trained in %.1f s", kind, seconds[kind])
     info: dict[str, object] = {"source": r.source, "fitted": kinds}
+    valid = leave_one_out(data, "valid")
+    # each model ranks the validation users once: its first 10 choose the model, its first n give its recall
+    ranked = validation_rankings(on_valid, valid, max(10, cfg.eval.n_candidates), progress=progress)
     if several:
-        selection = select_collaborative(data, on_valid, users=r.tune_users)
+        selection = select_collaborative(valid, ranked, users=r.tune_users)
         info["selection"] = {**selection, "fit_seconds": seconds}
         kind = str(selection["chosen"])
     else:
@@ -167,66 +172,79 @@ def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> di
             seed=cfg.train.seed,
             window=getattr(on_valid["sasrec"], "window", None),
         )
-    info["candidate_recall"] = candidate_recall(run, cfg, data, on_valid, scorer=kind)
+    info["candidate_recall"] = candidate_recall(run, cfg, valid, on_valid, ranked, scorer=kind)
     run.update_meta(retrieval=info)  # a fusion weight chosen for an earlier retriever no longer holds
     return info
+
+
+def validation_rankings(
+    models: dict[str, CollaborativeRetriever], valid: Sequence[Example], k: int, *, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Each model's first `k` items for every validation user (a model's first n of them are what it retrieves
+    for n <= k)."""
+    histories = [list(ex.history) for ex in valid]
+    return {
+        kind: model.search(histories, k)[0]
+        for kind, model in tqdm(
+            models.items(), desc="validation rankings", unit="model", disable=not progress
+        )
+    }
 
 
 def candidate_recall(
     run: RunDir,
     cfg: RunConfig,
-    data: Interactions,
+    valid: Sequence[Example],
     on_valid: dict[str, CollaborativeRetriever],
+    ranked: dict[str, np.ndarray],
     *,
     scorer: str,
 ) -> dict[str, object]:
     """The share of validation users whose item is among the eval.n_candidates candidates of each model alone
-    (fitted without the validation targets), of the text retriever, and of the pool (retrieval.source=pool): the
-    ceiling of genrec's recall with those candidates, recorded in run.json and the eval report for every choice,
-    not only the one made. All validation users."""
+    (fitted without the validation targets; `ranked`, `validation_rankings`), of the text retriever, and of the
+    pool (retrieval.source=pool): the ceiling of genrec's recall with those candidates, recorded in run.json and
+    the eval report for every choice, not only the one made. All validation users."""
     n = cfg.eval.n_candidates
-    models: dict[str, CollaborativeRetriever] = dict(on_valid)
+    more: dict[str, CollaborativeRetriever] = {}
     if run.embeddings_file.is_file():
-        models["text"] = TextScores(Retriever(run.load_embeddings()))
+        more["text"] = TextScores(Retriever(run.load_embeddings()))
     if cfg.retrieval.source == "pool":
         members = [on_valid[k] for k in cfg.retrieval.auto_models]
-        if cfg.retrieval.pool_text and "text" in models:
-            members.append(models["text"])
-        models["pool"] = PooledRetriever(members, scorer=on_valid[scorer])
-    valid = leave_one_out(data, "valid")
-    histories = [list(ex.history) for ex in valid]
+        if cfg.retrieval.pool_text and "text" in more:
+            members.append(more["text"])
+        more["pool"] = PooledRetriever(members, scorer=on_valid[scorer])
+    ranked = {
+        **{k: v[:, :n] for k, v in ranked.items()},
+        **validation_rankings(more, valid, n, progress=False),
+    }
     targets = np.asarray([ex.target for ex in valid])
-    recall: dict[str, float] = {}
-    for kind, model in models.items():
-        items, _ = model.search(histories, n)
-        recall[kind] = float(np.mean((items == targets[:, None]).any(axis=1)))
+    recall = {kind: float(np.mean((items == targets[:, None]).any(axis=1))) for kind, items in ranked.items()}
     logger.info("validation recall of %d candidates: %s", n, recall)
     return {"n_candidates": n, "users": len(valid), "recall": recall}
 
 
 def select_collaborative(
-    data: Interactions, models: dict[str, CollaborativeRetriever], *, users: int
+    valid: Sequence[Example], ranked: dict[str, np.ndarray], *, users: int
 ) -> dict[str, object]:
     """retrieval.source=auto (and pool, for the score it fuses): each model alone (fitted without the validation
-    targets) ranks the whole catalogue minus each of the first `users` validation users' items (0: all); the best
-    NDCG@10 wins, ties to the earlier model. What it returns is recorded in run.json and the eval report."""
+    targets; `ranked`, `validation_rankings`) ranks the whole catalogue minus each of the first `users` validation
+    users' items (0: all); the best NDCG@10 wins, ties to the earlier model. What it returns is recorded in
+    run.json and the eval report."""
     from genrec.evaluation.metrics import user_metrics
 
-    valid = leave_one_out(data, "valid")
     valid = valid[:users] if users else valid
-    histories = [list(ex.history) for ex in valid]
-    ndcg: dict[str, float] = {}
-    for kind, model in models.items():
-        items, _ = model.search(histories, 10)
-        ndcg[kind] = float(
+    ndcg = {
+        kind: float(
             np.mean(
                 [
-                    user_metrics(row.tolist(), ex.target, [10])["ndcg@10"]
-                    for row, ex in zip(items, valid, strict=True)
+                    user_metrics(row[:10].tolist(), ex.target, [10])["ndcg@10"]
+                    for row, ex in zip(items[: len(valid)], valid, strict=True)
                 ]
             )
         )
-    chosen = max(models, key=lambda k: ndcg[k])  # max keeps the first of equals
+        for kind, items in ranked.items()
+    }
+    chosen = max(ranked, key=lambda k: ndcg[k])  # max keeps the first of equals
     logger.info("collaborative model chosen on validation: %s (NDCG@10 alone: %s)", chosen, ndcg)
     return {
         "chosen": chosen,

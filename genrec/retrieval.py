@@ -218,9 +218,7 @@ class CollaborativeRetriever:
         for start in range(0, len(histories), 256):  # dense score rows, a batch at a time
             batch = histories[start : start + 256]
             scores = self.scores(batch).astype(np.float32, copy=False)
-            for r, h in enumerate(batch):
-                banned = [i for i in (*h, *(exclude[start + r] if exclude else ())) if 0 <= i < self.n_items]
-                scores[r, banned] = -np.inf
+            scores[_banned(batch, exclude[start : start + 256] if exclude else None, self.n_items)] = -np.inf
             kk = min(k, self.n_items)
             top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
             top_s = np.take_along_axis(scores, top, axis=1)
