@@ -172,7 +172,9 @@ def train_retriever(run: RunDir, cfg: RunConfig, *, progress: bool = True) -> di
             seed=cfg.train.seed,
             window=getattr(on_valid["sasrec"], "window", None),
         )
-    info["candidate_recall"] = candidate_recall(run, cfg, valid, on_valid, ranked, scorer=kind)
+    info["candidate_recall"] = candidate_recall(
+        run, cfg, valid, on_valid, ranked, scorer=kind, progress=progress
+    )
     run.update_meta(retrieval=info)  # a fusion weight chosen for an earlier retriever no longer holds
     return info
 
@@ -199,6 +201,7 @@ def candidate_recall(
     ranked: dict[str, np.ndarray],
     *,
     scorer: str,
+    progress: bool = True,
 ) -> dict[str, object]:
     """The share of validation users whose item is among the eval.n_candidates candidates of each model alone
     (fitted without the validation targets; `ranked`, `validation_rankings`), of the text retriever, and of the

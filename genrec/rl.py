@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from genrec.config import RankingOptions, RunConfig
-from genrec.data import Example, Interactions, leave_one_out, train_examples, without_items
+from genrec.data import Example, Interactions, train_examples, without_items
 from genrec.errors import GenrecError, stopped_by
 from genrec.evaluation import fused_validation_ndcg
 from genrec.evaluation.metrics import user_metrics
@@ -52,6 +52,7 @@ from genrec.training import (
     loss_log_callback,
     prompt_builder,
     use_lora,
+    validation_users,
 )
 
 logger = logging.getLogger(__name__)
@@ -312,9 +313,7 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     cold = run.cold_items(cfg)
     data = without_items(run.load_data(), cold)
     ids = run.load_ids()
-    held_out = set(cold)
-    valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in held_out]
-    valid = valid[: cfg.train.valid_users] if cfg.train.valid_users else valid
+    valid = validation_users(data, cfg, cold)
     model, tokenizer = load_trained(sft_model_dir(run).resolve())
     collab, weight = load_retrieval(run, cfg)
     retriever = Retriever(run.load_embeddings())

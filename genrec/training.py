@@ -574,6 +574,14 @@ def _log_stopped(run: RunDir, step: int, save_steps: int, error: BaseException) 
         )
 
 
+def validation_users(data: Interactions, cfg: RunConfig, cold: Sequence[int] = ()) -> list[Example]:
+    """The validation examples training judges by (checkpoint selection, the RL stage's keep rule): the first
+    train.valid_users (0: all), none whose item is held out of training."""
+    held_out = set(cold)
+    valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in held_out]
+    return valid[: cfg.train.valid_users] if cfg.train.valid_users else valid
+
+
 def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train on every next-item position of the training sequences; write merged/ (and adapter/)."""
     from datasets import Dataset
@@ -584,9 +592,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     ids = run.load_ids()
     builder = prompt_builder(run, cfg, data, ids)
     t = cfg.train
-    held_out = set(cold)
-    valid = [ex for ex in leave_one_out(data, "valid") if ex.target not in held_out]
-    valid = valid[: t.valid_users] if t.valid_users else valid
+    valid = validation_users(data, cfg, cold)
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
     softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)

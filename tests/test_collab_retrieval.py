@@ -297,31 +297,37 @@ def test_choices_on_validation_use_a_model_fitted_without_the_validation_targets
     assert not np.allclose(collab.scores(histories), on_valid.scores(histories))  # the test model differs
 
 
-def test_auto_keeps_the_best_model_on_validation_and_says_so(trained, tmp_path):
-    """retrieval.source=auto: every model of retrieval.auto_models is fitted and scored alone on validation; the
-    best is loaded, recorded in run.json, and named in the eval report with the fusion weight chosen for it."""
+def retriever_run(trained, tmp_path, source, *, n_candidates):
+    """A copy of the trained run whose retriever stage ran with retrieval.source=`source` over the Markov chain
+    and item-kNN (weight and model chosen on 40 validation users): (run, config, the stage's record)."""
     import shutil
 
-    from genrec.evaluation.metrics import user_metrics
-
     run, cfg, _ = trained
-    copy = type(run)(tmp_path / "auto")
+    copy = type(run)(tmp_path / source)
     shutil.copytree(run.path, copy.path)
     cfg = apply_overrides(
         cfg,
         [
-            "retrieval.source=auto",
+            f"retrieval.source={source}",
             "retrieval.auto_models=[markov,itemknn]",
             "retrieval.fusion_weight=auto",
             "retrieval.fusion_grid=[0,1,8]",
             "retrieval.tune_users=40",
             "eval.candidates=retriever",
-            "eval.n_candidates=8",
+            f"eval.n_candidates={n_candidates}",
             "eval.baselines=[popularity]",
         ],
     )
     copy.save_config(cfg)
-    info = train_retriever(copy, cfg, progress=False)
+    return copy, cfg, train_retriever(copy, cfg, progress=False)
+
+
+def test_auto_keeps_the_best_model_on_validation_and_says_so(trained, tmp_path):
+    """retrieval.source=auto: every model of retrieval.auto_models is fitted and scored alone on validation; the
+    best is loaded, recorded in run.json, and named in the eval report with the fusion weight chosen for it."""
+    from genrec.evaluation.metrics import user_metrics
+
+    copy, cfg, info = retriever_run(trained, tmp_path, "auto", n_candidates=8)
     assert info is not None
     sel = info["selection"]
     assert set(sel["valid_ndcg@10"]) == {"markov", "itemknn"} and sel["users"] == 40
@@ -482,29 +488,10 @@ def test_pool_is_trained_loaded_served_and_its_recall_recorded(trained, tmp_path
     validation; run.json records each model's and the pool's validation recall of eval.n_candidates candidates
     (the models fitted without the validation targets); the Recommender ranks the pooled candidates, fuses the
     scorer's score, and validation choices use the members fitted without the validation targets."""
-    import shutil
-
     from genrec.evaluation import validation_collab
     from genrec.retrieval import PooledRetriever, Retriever, TextScores
 
-    run, cfg, _ = trained
-    copy = type(run)(tmp_path / "pool")
-    shutil.copytree(run.path, copy.path)
-    cfg = apply_overrides(
-        cfg,
-        [
-            "retrieval.source=pool",
-            "retrieval.auto_models=[markov,itemknn]",
-            "retrieval.fusion_weight=auto",
-            "retrieval.fusion_grid=[0,1,8]",
-            "retrieval.tune_users=40",
-            "eval.candidates=retriever",
-            "eval.n_candidates=12",
-            "eval.baselines=[popularity]",
-        ],
-    )
-    copy.save_config(cfg)
-    info = train_retriever(copy, cfg, progress=False)
+    copy, cfg, info = retriever_run(trained, tmp_path, "pool", n_candidates=12)
     assert info is not None and set(info["selection"]["valid_ndcg@10"]) == {"markov", "itemknn"}
     recall = info["candidate_recall"]
     assert recall["n_candidates"] == 12 and set(recall["recall"]) == {"markov", "itemknn", "text", "pool"}
