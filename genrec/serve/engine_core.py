@@ -233,13 +233,15 @@ class EngineCore:
         self._jobs.put(job)
 
     def _send(self, front: _Frontend, msg: tuple[Any, ...]) -> None:
-        try:
-            with front.lock:
-                if front.gone:
-                    raise OSError("replaced")
-                front.conn.send(msg)
-        except (OSError, ValueError):  # a front-end that died cannot be answered; its requests die with it
-            logger.warning("front-end pid %s is gone: dropped a reply", front.pid)
+        with front.lock:
+            try:
+                if not front.gone:
+                    front.conn.send(msg)
+                    return
+            except (OSError, ValueError):  # it died before the supervisor noticed
+                pass
+        # a front-end that died cannot be answered; its requests die with it
+        logger.warning("front-end pid %s is gone: dropped a reply", front.pid)
 
     # -- batching --------------------------------------------------------------------------------
     def _batch(self) -> None:
