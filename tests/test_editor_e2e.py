@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -52,6 +53,15 @@ def test_editor_edit_preview_save_then_chat_uses_new_version(e2e_ready, trained_
     rec = Recommender.load(run, device="cpu")
     app = create_app(RecService(rec, model_name="tiny-run"), admin_keys={ADMIN: "e2e"})
     with LiveServer(app) as server:
+        # One preview first, from here: it starts the render worker process (an interpreter that imports
+        # genrec), which on a loaded CI machine can take longer than the browser's per-step wait.
+        warm = httpx.post(
+            server.url + "/v1/templates/default/preview",
+            json={"n_items": 10},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=180,
+        )
+        assert warm.status_code == 200, warm.text
         proc = subprocess.run(
             ["node", str(E2E / "editor.e2e.mjs"), server.url, ADMIN],
             capture_output=True,

@@ -12,6 +12,7 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic"],
 });
+let state = null;
 try {
   const page = await browser.newPage();
   const pageErrors = [];
@@ -20,6 +21,15 @@ try {
   // Chromium as "Failed to load resource"; anything else on the console is a script error.
   page.on("console", (m) => {
     if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) pageErrors.push(m.text());
+  });
+  // HTTP errors seen by the page, reported with its state if a step times out
+  const httpErrors = [];
+  page.on("response", (r) => { if (r.status() >= 400) httpErrors.push(`${r.status()} ${r.request().method()} ${r.url()}`); });
+  state = async () => JSON.stringify({
+    status: await page.textContent("#status").catch(String),
+    problem: await page.textContent("#problem").catch(String),
+    previewMeta: await page.textContent("#preview-meta").catch(String),
+    httpErrors, pageErrors,
   });
   page.setDefaultTimeout(60000);  // one preview renders and ranks on a CPU the rest of the suite may share
 
@@ -66,6 +76,9 @@ try {
   if (process.env.E2E_SCREENSHOT) await page.screenshot({ path: process.env.E2E_SCREENSHOT, fullPage: true });
   if (pageErrors.length) fail("page errors: " + pageErrors.join("; "));
   console.log(JSON.stringify({ version, hash }));
+} catch (e) {
+  if (state) console.error("page state when it failed: " + await state().catch(String));
+  throw e;
 } finally {
   await browser.close();
 }
