@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import save
+from bench.common import paired_runs, save
 
 SHARED = ("catalog.parquet", "interactions.parquet", "item_embeddings.npy", "item_ids.json", "codebooks.npz")
 
@@ -41,29 +41,6 @@ def copy_base(base: Path, run: Path) -> None:
     (run / "run.json").write_text(json.dumps(meta, indent=2))
 
 
-def paired_test(base: Path, run: Path) -> dict[str, object]:
-    """genrec's test figures of `run` minus those of `base`, user by user (both evaluated by `genrec evaluate`
-    on the same split and users), with 95% intervals: the eval report's paired comparison, between two runs."""
-    import pandas as pd
-
-    from genrec.evaluation import paired_differences
-
-    metrics = ["recall@10", "ndcg@10", "mrr"]
-    per_user = {}
-    for name, path in (("run", run), ("base", base)):
-        df = pd.read_parquet(path / "eval_test_users.parquet")
-        df = df[df["method"] == "genrec"].sort_values("user")
-        per_user[name] = df[metrics].to_dict("records")
-    means = {
-        name: {m: float(pd.DataFrame(rows)[m].mean()) for m in metrics} for name, rows in per_user.items()
-    }
-    return {
-        "users": len(per_user["run"]),
-        **means,
-        "run_minus_base": paired_differences(per_user, metrics, reference="run")["base"],
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, type=Path, help="a trained run (prepare, build-ids, train)")
@@ -74,7 +51,7 @@ def main() -> None:
     args = p.parse_args()
     if args.paired_test:
         save(
-            args.out, {"base": str(args.base), "run": str(args.run), "test": paired_test(args.base, args.run)}
+            args.out, {"base": str(args.base), "run": str(args.run), "test": paired_runs(args.run, args.base)}
         )
         return
 

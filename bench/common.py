@@ -74,3 +74,27 @@ def best_of(repeats: int, fn: Callable[..., Any], *args: Any) -> tuple[float, An
 def best_ms_per_user(fn: Callable[[], Any], users: int, repeats: int) -> float:
     """Milliseconds per user of the fastest of `repeats` calls of `fn` (each handling `users` users)."""
     return round(best_of(repeats, fn)[0] / users * 1000, 4)
+
+
+def paired_runs(run: Path, base: Path, *, stem: str = "test", method: str = "genrec") -> dict[str, Any]:
+    """`method`'s figures in `run` minus those in `base`, user by user, from the per-user files `genrec evaluate`
+    wrote (eval_<stem>_users.parquet: `test`, `test_need`, `test_cold`...), with 95% intervals: the eval report's
+    paired comparison, between two runs evaluated on the same split and users (a mismatch is an error)."""
+    import pandas as pd
+
+    from genrec.evaluation import paired_differences
+
+    metrics = ["recall@10", "ndcg@10", "mrr"]
+    frames = {}
+    for name, path in (("run", run), ("base", base)):
+        df = pd.read_parquet(Path(path) / f"eval_{stem}_users.parquet")
+        frames[name] = df[df["method"] == method].sort_values("user")
+    users = [list(f["user"]) for f in frames.values()]
+    if users[0] != users[1]:
+        raise ValueError(f"eval_{stem}: {run} and {base} were evaluated on different users")
+    per_user = {name: f[metrics].to_dict("records") for name, f in frames.items()}
+    return {
+        "users": len(users[0]),
+        **{name: {m: float(f[m].mean()) for m in metrics} for name, f in frames.items()},
+        "run_minus_base": paired_differences(per_user, metrics, reference="run")["base"],
+    }

@@ -10,6 +10,11 @@ whole catalogue, against the retriever alone). Writes one JSON with each protoco
         -s train.epochs=3 -s eval.max_users=600
 
 Any recipe: `-c smollm2-demo.yaml`. Real datasets need their recipe's data.path (../shared/data).
+
+Two runs on the same split (same data section and seed: the same held-out items and test users), e.g. a pretrained
+base against the tiny model, compared user by user per protocol (genrec in --run minus genrec in --compare):
+
+    python -m bench.text_protocols --run runs/sm --out sm.json --compare runs/tiny --compare-only
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import paired_runs
 from genrec.config import apply_overrides, load_config
 from genrec.evaluation import evaluate
 from genrec.pipeline import build_ids, prepare
@@ -46,7 +52,24 @@ def main() -> None:
     ap.add_argument("--protocols", default="standard,need,cold", help="Comma-separated eval protocols.")
     ap.add_argument("--reuse", action="store_true", help="Evaluate the run as it is (already trained).")
     ap.add_argument("--out", required=True, help="JSON file to write.")
+    ap.add_argument(
+        "--compare",
+        default=None,
+        help="Another run evaluated on the same split: paired differences per protocol.",
+    )
+    ap.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="Neither train nor evaluate: add --compare's differences to --out from the runs' existing evaluations.",
+    )
     args = ap.parse_args()
+    protocols = [p for p in args.protocols.split(",") if p]
+    if args.compare_only:
+        if not args.compare:
+            ap.error("--compare-only needs --compare")
+        earlier = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        compare(earlier, Path(args.out), Path(args.run), Path(args.compare), protocols)
+        return
     run = RunDir(args.run)
     cfg = apply_overrides(load_config(args.config), [*MIX, *args.set])
     out: dict[str, Any] = {"command": vars(args), "mix": MIX + args.set}
@@ -57,7 +80,7 @@ def main() -> None:
         out["train"] = train(run, cfg)
         out["pipeline_seconds"] = round(time.time() - started, 1)
     rec = Recommender.load(run)
-    for protocol in args.protocols.split(","):
+    for protocol in protocols:
         c = apply_overrides(cfg, [f"eval.protocol={protocol}"])
         report = evaluate(run, c, rec=rec, progress=True)
         out[protocol] = {k: report[k] for k in ("users", "results", "genrec_vs") if k in report}
@@ -65,13 +88,24 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(out, indent=1))
     print(
         json.dumps(
-            {
-                p: {m: round(r["ndcg@10"], 4) for m, r in out[p]["results"].items()}
-                for p in args.protocols.split(",")
-            },
+            {p: {m: round(r["ndcg@10"], 4) for m, r in out[p]["results"].items()} for p in protocols},
             indent=1,
         )
     )
+    if args.compare:
+        compare(out, Path(args.out), run.path, Path(args.compare), protocols)
+
+
+def compare(out: dict[str, Any], path: Path, run: Path, other: Path, protocols: list[str]) -> None:
+    """genrec in `run` minus genrec in `other`, user by user, for each protocol both evaluated; written into
+    `out` (under `compare`), written to `path` and printed."""
+    diffs = {}
+    for protocol in protocols:
+        stem = "test" if protocol == "standard" else f"test_{protocol}"
+        diffs[protocol] = paired_runs(run, other, stem=stem)
+    out["compare"] = {"other": str(other), **diffs}
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["compare"], indent=1))
 
 
 if __name__ == "__main__":

@@ -429,3 +429,30 @@ def test_quality_reuse_evaluates_a_trained_run_without_training_it_again(
     assert "reusing the trained model" in capsys.readouterr().out
     assert out is not None and out["results"]["genrec"]["validity"] == 1.0
     assert (runs / "tiny" / "eval_test.json").is_file() and not (runs / "tiny" / "eval_test.parts").exists()
+
+
+def test_paired_runs_compares_two_runs_user_by_user_and_refuses_different_users(tmp_path):
+    import pandas as pd
+
+    from bench.common import paired_runs
+
+    def write(run: Path, ndcg: list[float], users: list[str]) -> None:
+        run.mkdir()
+        rows = [
+            {"method": m, "user": u, "recall@10": float(x > 0), "ndcg@10": x, "mrr": x / 2}
+            for m in ("genrec", "popularity")
+            for u, x in zip(users, ndcg if m == "genrec" else [0.0] * len(users), strict=True)
+        ]
+        pd.DataFrame(rows).to_parquet(run / "eval_test_cold_users.parquet", index=False)
+
+    write(tmp_path / "a", [1.0, 0.5, 0.0, 0.5], ["u3", "u1", "u2", "u4"])
+    write(tmp_path / "b", [0.5, 0.5, 0.0, 0.0], ["u1", "u3", "u4", "u2"])
+    out = paired_runs(tmp_path / "a", tmp_path / "b", stem="test_cold")
+    # by user: a = {u3: 1, u1: .5, u2: 0, u4: .5}, b = {u1: .5, u3: .5, u4: 0, u2: 0} -> differences .5, 0, 0, .5
+    assert out["users"] == 4
+    assert out["run"]["ndcg@10"] == 0.5 and out["base"]["ndcg@10"] == 0.25
+    d = out["run_minus_base"]["ndcg@10"]
+    assert d["diff"] == 0.25 and d["low"] < 0.25 < d["high"]
+    write(tmp_path / "c", [0.0, 0.0, 0.0, 0.0], ["u1", "u2", "u3", "u9"])
+    with pytest.raises(ValueError, match="different users"):
+        paired_runs(tmp_path / "a", tmp_path / "c", stem="test_cold")
