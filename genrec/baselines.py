@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from genrec.data import Example, Interactions
+from genrec.topk import top_k_rows
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,8 @@ def visible_sequences(data: Interactions, split: str) -> list[list[int]]:
 def _top_k_unseen(scores: np.ndarray, history: Sequence[int], k: int) -> list[int]:
     scores = scores.astype(np.float64, copy=True)
     scores[list(history)] = -np.inf
-    top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [int(i) for i in top if np.isfinite(scores[i])]
+    top, vals = top_k_rows(scores[None, :], k)
+    return [int(i) for i, v in zip(top[0], vals[0], strict=True) if np.isfinite(v)]
 
 
 def itemknn_lists(

@@ -17,6 +17,7 @@ import numpy as np
 
 from genrec.data import Interactions
 from genrec.errors import GenrecError
+from genrec.topk import top_k_rows
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +109,8 @@ class _NumpyFlatIP:
         self.embeddings = embeddings
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = queries @ self.embeddings.T
-        top = (
-            np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            if k < scores.shape[1]
-            else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
-        )
-        top_s = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_s, axis=1, kind="stable")
-        return np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1)
+        top, top_s = top_k_rows(queries @ self.embeddings.T, k)
+        return top_s, top
 
 
 class Retriever:
@@ -220,10 +214,7 @@ class CollaborativeRetriever:
             scores = self.scores(batch).astype(np.float32, copy=False)
             scores[_banned(batch, exclude[start : start + 256] if exclude else None, self.n_items)] = -np.inf
             kk = min(k, self.n_items)
-            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-            top_s = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_s, axis=1, kind="stable")
-            top, top_s = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_s, order, axis=1)
+            top, top_s = top_k_rows(scores, kk)  # equal scores in item order: top n is a prefix of top N
             top[~np.isfinite(top_s)] = -1
             out_i[start : start + len(batch), :kk], out_s[start : start + len(batch), :kk] = top, top_s
         return out_i, out_s

@@ -15,6 +15,7 @@ from genrec.evaluation import choose_fusion_weight, evaluate, fused_order, lm_ca
 from genrec.pipeline import train_retriever
 from genrec.recommender import Recommender, history_requests, load_retrieval
 from genrec.retrieval import (
+    CollaborativeRetriever,
     ItemKNNRetriever,
     MarkovRetriever,
     SASRecRetriever,
@@ -22,6 +23,7 @@ from genrec.retrieval import (
     load_collaborative,
     log_softmax,
 )
+from genrec.topk import top_k_rows
 
 
 @pytest.fixture(scope="module")
@@ -609,3 +611,41 @@ def test_n_candidates_grid_settings_are_named():
     ):
         with pytest.raises(ConfigError, match="retrieval.n_candidates_grid"):
             apply_overrides(RunConfig(), bad)
+
+
+# -- the top-k cut: equal scores in item order ------------------------------------------------------------------
+
+
+def test_top_k_rows_orders_ties_by_item_so_a_shorter_list_is_a_prefix():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(50, 40)).astype(np.float32)  # many ties, at every cut
+    scores[rng.random(scores.shape) < 0.2] = -np.inf
+    reference = np.argsort(-scores, axis=1, kind="stable")  # best first, ties in item order
+    for k in (1, 5, 13, 40, 60):
+        items, vals = top_k_rows(scores, k)
+        assert items.shape == (50, min(k, 40))
+        assert (items == reference[:, : min(k, 40)]).all()
+        assert (vals == np.take_along_axis(scores, items, axis=1)).all()
+    assert top_k_rows(scores, 0)[0].shape == (50, 0)
+
+
+class _Tied(CollaborativeRetriever):
+    """Scores in 10 levels over 1,000 items, fixed per history: ties at every cut, as a Markov chain's zeros."""
+
+    kind = "tied"
+
+    def scores(self, histories):
+        return np.stack([np.random.default_rng(sum(h)).integers(0, 10, self.n_items) for h in histories])
+
+
+def test_collaborative_search_top_n_is_the_first_n_of_a_longer_search():
+    """The choices made on the first n of a longer search (auto's first 10, retrieval.n_candidates_grid) rely on
+    the prefix; argpartition alone breaks it where the cut falls inside a tie."""
+    model = _Tied(1000)
+    histories = [[i, i + 7, i + 11] for i in range(32)]
+    long_items, long_scores = model.search(histories, 200, exclude=[[i + 1] for i in range(32)])
+    for n in (3, 10, 25, 100):
+        items, scores = model.search(histories, n, exclude=[[i + 1] for i in range(32)])
+        assert (items == long_items[:, :n]).all() and np.array_equal(scores, long_scores[:, :n])
+    for row, h in zip(long_items, histories, strict=True):  # the history and the excluded item are skipped
+        assert not {*h, h[0] + 1} & set(row.tolist())

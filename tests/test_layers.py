@@ -20,7 +20,7 @@ PACKAGE = ROOT / "genrec"
 # layer, group, module prefixes (the longest matching prefix places a module). Imports go to lower layers or
 # stay inside their group; groups on one layer are peers that do not import each other.
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
-    (0, "base", ("genrec.errors", "genrec.config", "genrec.cpu_time")),
+    (0, "base", ("genrec.errors", "genrec.config", "genrec.cpu_time", "genrec.topk")),
     (0, "metrics", ("genrec.evaluation.metrics",)),  # a leaf: harness, training and server import it
     # baselines.py: the sequence models (SASRec, Markov chain, item-kNN) behind both the baselines and the
     # collaborative retrievers
