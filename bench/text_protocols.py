@@ -1,7 +1,8 @@
 """What text brings: one run trained with the multi-task text rows and items held out, evaluated three ways.
 
 Trains a recipe (default: the quickstart's, genrec/recipes/tiny.yaml) with `data.cold_items` held out and the
-multi-task mix (`train.need_rows`, `train.item_text_rows`, `train.title_rows`), then evaluates on the test split:
+multi-task mix (`train.need_rows`, `train.item_text_rows`, `train.title_rows`: the recipe's own where it sets them,
+MIX's otherwise), then evaluates on the test split:
 `standard` (history -> next item), `need` (the test item's derived need given with the history, against the same
 model on the history alone, user by user) and `cold` (the users whose test item was held out of training, over the
 whole catalogue, against the retriever alone). Writes one JSON with each protocol's figures and paired differences.
@@ -39,7 +40,18 @@ MIX = [
     "train.item_text_rows=1.0",
     "train.title_rows=0.25",
 ]
-"""The defaults of this benchmark's mix (each can be overridden with -s)."""
+"""The defaults of this benchmark's mix, each applied where the recipe leaves it at 0 (a recipe's own mix wins;
+-s overrides either)."""
+
+
+def mix_for(cfg: Any) -> list[str]:
+    """The entries of MIX the recipe `cfg` does not set itself (its value 0)."""
+    out = []
+    for entry in MIX:
+        section, field = entry.split("=")[0].split(".")
+        if getattr(getattr(cfg, section), field) == 0:
+            out.append(entry)
+    return out
 
 
 def main() -> None:
@@ -71,8 +83,10 @@ def main() -> None:
         compare(earlier, Path(args.out), Path(args.run), Path(args.compare), protocols)
         return
     run = RunDir(args.run)
-    cfg = apply_overrides(load_config(args.config), [*MIX, *args.set])
-    out: dict[str, Any] = {"command": vars(args), "mix": MIX + args.set}
+    recipe = load_config(args.config)
+    mix = mix_for(recipe)
+    cfg = apply_overrides(recipe, [*mix, *args.set])
+    out: dict[str, Any] = {"command": vars(args), "mix": mix + args.set}
     if not args.reuse:
         started = time.time()
         prepare(run, cfg)

@@ -456,3 +456,12 @@ def test_paired_runs_compares_two_runs_user_by_user_and_refuses_different_users(
     write(tmp_path / "c", [0.0, 0.0, 0.0, 0.0], ["u1", "u2", "u3", "u9"])
     with pytest.raises(ValueError, match="different users"):
         paired_runs(tmp_path / "a", tmp_path / "c", stem="test_cold")
+
+
+def test_text_protocols_mix_fills_only_what_the_recipe_leaves_off():
+    from bench.text_protocols import MIX, mix_for
+    from genrec.config import apply_overrides, load_config
+
+    assert mix_for(load_config("tiny.yaml")) == MIX  # no mix of its own: the benchmark's
+    own = apply_overrides(load_config("tiny.yaml"), ["train.need_rows=0.25", "train.title_rows=0.1"])
+    assert mix_for(own) == ["data.cold_items=0.1", "train.item_text_rows=1.0"]
