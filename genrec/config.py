@@ -120,7 +120,7 @@ class PromptConfig:
     item_title_template: str = "item_title"
     """Template of the ID -> title training rows (train.title_rows)."""
     need_title_words: int = 2
-    """Words of the item's title a derived need may give (genrec.data.needs; never the whole title)."""
+    """Most words of the item's title a derived need may give (genrec.data.needs; fewer than half of its words)."""
 
 
 @dataclass

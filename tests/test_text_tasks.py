@@ -40,12 +40,23 @@ def test_a_derived_need_never_holds_its_items_whole_title():
     assert derive_need(catalog, 0, user="u", seed=1) == need  # deterministic
 
 
-def test_a_title_hint_is_always_shorter_than_the_title():
+def test_a_title_hint_gives_fewer_than_half_of_the_titles_words():
+    """A short title's words name the item ("Toy Story (1995)": two words and a year), so it gives no hint."""
     rng = np.random.default_rng(0)
-    for title in ["One", "Two Words", "Gorilla Original Gorilla Glue, Waterproof", "a b c"]:
+    for title in [
+        "One",
+        "Two Words",
+        "Toy Story (1995)",
+        "Gorilla Original Gorilla Glue, Waterproof",
+        "a b c",
+    ]:
         for words in range(6):
             hint = title_hint(title, words=words, rng=rng)
-            assert len(hint.split()) < max(len(title.split()), 1) or not hint
+            longer = [w for w in title.replace(",", " ").split() if len(w) >= 3 and w.isalpha()]
+            assert 2 * len(hint.split()) < len(longer) or not hint, (title, hint)
+    assert title_hint("Toy Story (1995)", words=2, rng=rng) == ""
+    assert title_hint("Raiders of the Lost Ark (1981)", words=2, rng=rng) in {"Raiders", "the", "Lost", "Ark"}
+    assert len(title_hint("Gorilla Original Glue, Waterproof Outdoor Formula", words=2, rng=rng).split()) == 2
 
 
 def test_unisrec_text_gives_category_and_brand_attributes(tmp_path):

@@ -1,7 +1,7 @@
 """Needs: the short free text a user might type when asking for an item, derived from the item itself.
 
 A need names what kind of item is wanted (its category or genres), sometimes its brand, and a few words
-of its title — never the whole title, so a need describes the item without naming it. Needs are what the
+of its title — fewer than half of them, so a need describes the item without naming it. Needs are what the
 multi-task training rows (`train.need_rows`) pair with a history, and what the need evaluation
 (`genrec evaluate --protocol need`) gives with each test user's history. Deterministic for a seed, an
 item and a user. Knows catalogues only: nothing of prompts, models or metrics.
@@ -46,11 +46,12 @@ def _kind(attributes: dict[str, str]) -> str:
 
 def title_hint(title: str, *, words: int, rng: np.random.Generator, avoid: str = "") -> str:
     """Up to `words` words of `title` (in title order, skipping short words and those in `avoid`), always
-    fewer than the title has: a hint, never the title."""
+    fewer than half of the title's words (of three letters or more; a year, a number or "a" does not count):
+    a hint, never a name. "Toy Story (1995)" gives none, where its two words would name the movie."""
     found = _WORD.findall(title)
     avoid_words = {w.lower() for w in _WORD.findall(avoid)}
     pool = [w for w in dict.fromkeys(found) if w.lower() not in avoid_words]
-    k = min(words, len(pool), max(len(title.split()) - 1, 0))
+    k = min(words, len(pool), (len(found) - 1) // 2)
     if k <= 0:
         return ""
     picked = sorted(rng.choice(len(pool), size=k, replace=False).tolist())
@@ -60,7 +61,7 @@ def title_hint(title: str, *, words: int, rng: np.random.Generator, avoid: str =
 def derive_need(catalog: Catalog, item: int, *, user: str = "", seed: int = 0, title_words: int = 2) -> str:
     """A short request for `item` in words ('looking for skincare by Lumiere, something like: Hydra'),
     built from its category or genres, its brand (half of the time) and `title_words` words of its title.
-    Never contains the item's whole title."""
+    Never names the item: fewer than half of its title's words, never the whole title."""
     rng = _rng(seed, item, user)
     attrs = catalog.attributes[item]
     title = catalog.titles[item] or ""

@@ -359,7 +359,7 @@ def protocol_fields(cfg: RunConfig, cold: Sequence[int], examples: Sequence[Exam
     if protocol == "need":
         out["need"] = (
             f"each user's test item's need (its category or genres, sometimes its brand, {cfg.prompt.need_title_words} "
-            f"words of its title, never the whole title) given with the history; {HISTORY_ALONE}: the same model on "
+            f"words of its title at most, fewer than half of them) given with the history; {HISTORY_ALONE}: the same model on "
             "the history alone; retriever_need: the retriever on the need's text alone"
         )
     return out
