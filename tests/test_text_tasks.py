@@ -193,6 +193,47 @@ def test_cold_and_need_protocols_report_what_they_compare(text_run):
     assert saved["eval_protocol"] == "need"
 
 
+def test_held_out_atomic_rows_are_placed_by_the_map_the_warm_items_trained_along(text_run):
+    """Warm rows made an exact linear function of their start vectors: the held-out rows land on the same function
+    of theirs (model.cold_rows=mapped), and stay as they are with model.cold_rows=start."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genrec.training import id_init_vectors, place_cold_rows
+
+    run, cfg = text_run
+    if not run.merged_dir.is_dir():
+        train(run, cfg)
+    model = AutoModelForCausalLM.from_pretrained(run.merged_dir)
+    tok = AutoTokenizer.from_pretrained(run.merged_dir)
+    cfg = apply_overrides(cfg, ["model.id_init=items"])
+    ids = run.load_ids()
+    vectors = id_init_vectors(run, cfg, ids, model, tok, titles=None)
+    names = sorted(vectors)
+    x = torch.tensor(np.stack([vectors[n] for n in names]), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(x.shape[1], x.shape[1], generator=gen), torch.randn(x.shape[1], generator=gen)
+    rows = tok.convert_tokens_to_ids(names)
+    cold_tokens = {ids.item_string(i) for i in run.cold_items()}
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[rows] = x @ a + b
+        for n in cold_tokens:
+            emb[tok.convert_tokens_to_ids(n)] = 0.0
+    before = emb.detach().clone()
+    assert place_cold_rows(run, apply_overrides(cfg, ["model.cold_rows=start"]), model, tok) is None
+    assert torch.equal(emb.detach(), before)
+    record = place_cold_rows(run, cfg, model, tok)
+    assert record is not None and record["items"] == len(cold_tokens) > 0
+    assert record["input"]["held_out_cosine"] > 0.99 and "output" not in record  # tied rows: one map
+    for n in cold_tokens:
+        want = x[names.index(n)] @ a + b
+        got = emb[tok.convert_tokens_to_ids(n)].detach()
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99
+    warm = [r for n, r in zip(names, rows, strict=True) if n not in cold_tokens]
+    assert torch.equal(emb.detach()[warm], before[warm])  # warm rows untouched
+
+
 def test_free_text_beside_a_history_reaches_the_prompt_and_retrieves_candidates(text_run):
     run, cfg = text_run
     if not run.merged_dir.is_dir():
