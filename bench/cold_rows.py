@@ -1,6 +1,6 @@
 """Place the held-out items' atomic ID rows of a trained run (genrec.training.place_cold_rows) after the fact.
 
-For measuring `model.cold_rows`: train a run with `-s model.cold_rows=start` (held-out rows stay where model.id_init
+For measuring `model.cold_rows`: train a run with `model.cold_rows=start` (the default: held-out rows stay where model.id_init
 started them), evaluate the cold protocol, then run this on the run and evaluate again: the same trained model,
 with and without the map. Rewrites merged/ (the placed rows only) and records `cold_rows` in run.json.
 

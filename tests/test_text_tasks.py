@@ -206,7 +206,7 @@ def test_held_out_atomic_rows_are_placed_by_the_map_the_warm_items_trained_along
         train(run, cfg)
     model = AutoModelForCausalLM.from_pretrained(run.merged_dir)
     tok = AutoTokenizer.from_pretrained(run.merged_dir)
-    cfg = apply_overrides(cfg, ["model.id_init=items"])
+    cfg = apply_overrides(cfg, ["model.id_init=items", "model.cold_rows=mapped"])
     ids = run.load_ids()
     vectors = id_init_vectors(run, cfg, ids, model, tok, titles=None)
     names = sorted(vectors)
