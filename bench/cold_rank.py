@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file to write.")
     args = ap.parse_args()
     import torch
+    from tqdm.auto import tqdm
 
     from genrec.data import leave_one_out
     from genrec.modeling import set_id_rows
@@ -43,9 +44,9 @@ def main() -> None:
     warm_users = [ex for ex in test if ex.target not in set(cold)][: len(cold_users)]
     model = rec.engine.model  # type: ignore[attr-defined]  # the transformers engine's
 
-    def ranks(examples: list[Any]) -> list[int]:
+    def ranks(examples: list[Any], what: str) -> list[int]:
         out = []
-        for ex in examples:
+        for ex in tqdm(examples, desc=f"ranking {what}", unit="user"):
             ids = rec.engine.encode_messages(rec.builder.messages(list(ex.history), ex.user))
             with torch.no_grad():
                 scores = model(torch.tensor([ids])).logits[0, -1][token_of_item].double().numpy()
@@ -62,8 +63,8 @@ def main() -> None:
         "items": len(rec.ids),
         "cold_users": len(cold_users),
         "cold_rows": run.meta().get("cold_rows", "start"),
-        "cold_targets": summary(ranks(cold_users)),
-        "warm_targets": summary(ranks(warm_users)),
+        "cold_targets": summary(ranks(cold_users, "held-out targets")),
+        "warm_targets": summary(ranks(warm_users, "warm targets")),
     }
     # Mapped rows: rank again with them where id_init started them (text: the title vectors as they are;
     # `items` rescales its vectors, not redone here).
@@ -73,7 +74,7 @@ def main() -> None:
         )
         held = {rec.ids.item_string(i) for i in cold}
         set_id_rows(model, rec.engine.tokenizer, {t: v for t, v in vectors.items() if t in held})
-        result["cold_targets_start_rows"] = summary(ranks(cold_users))
+        result["cold_targets_start_rows"] = summary(ranks(cold_users, "held-out targets, start rows"))
     save(args.out, result)
     print(result)
 

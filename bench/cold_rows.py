@@ -34,8 +34,7 @@ def main() -> None:
         raise SystemExit(
             f"{run.path}: no held-out atomic rows to place (data.cold_items, ids.scheme, model.id_init)"
         )
-    model.save_pretrained(run.merged_dir)
-    run.update_meta(cold_rows=placed)
+    model.save_pretrained(run.merged_dir)  # run.json's cold_rows: recorded by place_cold_rows
     run.save_config(cfg)
     print(json.dumps(placed, indent=1))
 

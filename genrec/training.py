@@ -250,7 +250,15 @@ COLD_RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Ridge penalties tried for place_cold_rows, as multiples of the mean eigenvalue of the warm vectors' Gram matrix."""
 
 
-def place_cold_rows(run: RunDir, cfg: RunConfig, model: Any, tokenizer: Any) -> dict[str, Any] | None:
+def place_cold_rows(
+    run: RunDir,
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    *,
+    ids: ItemIds | None = None,
+    titles: list[str] | None = None,
+) -> dict[str, Any] | None:
     """Rows for the held-out items' atomic ID tokens (data.cold_items) where training would have put them.
 
     Training moves every warm item's row away from where model.id_init started it; a held-out item's row never
@@ -260,17 +268,17 @@ def place_cold_rows(run: RunDir, cfg: RunConfig, model: Any, tokenizer: Any) -> 
     seeded tenth of the warm items held out of the fit, by the mean cosine of predicted and trained rows) and
     places each held-out item's row at the map of its own start vector: its text, read the way training has
     taught the model to read the other items'. Untied output rows get their own map. Semantic IDs need none of
-    this (a held-out item's codes are trained tokens). Returns what it did (None: nothing to do)."""
-    cold = run.cold_items(cfg)
-    ids = run.load_ids()
-    if (
-        not cold
-        or ids.scheme != "atomic"
-        or cfg.model.id_init == "default"
-        or cfg.model.cold_rows != "mapped"
-    ):
+    this (a held-out item's codes are trained tokens). `ids` and `titles` (catalogue order): the run's, read
+    from it where not given. Returns what it did, also recorded in run.json as `cold_rows` (None: nothing to do)."""
+    m = cfg.model
+    if m.cold_rows != "mapped" or m.id_init == "default" or cfg.data.cold_items <= 0:  # no I/O by default
         return None
-    titles = run.load_data().catalog.titles
+    cold = run.cold_items(cfg)
+    ids = ids if ids is not None else run.load_ids()
+    if not cold or ids.scheme != "atomic":
+        return None
+    if titles is None and m.id_init == "text":
+        titles = run.load_data().catalog.titles
     vectors = id_init_vectors(run, cfg, ids, model, tokenizer, titles=titles)
     cold_tokens = {ids.token(0, int(ids.codes[i, 0])) for i in cold}
     warm = sorted(t for t in vectors if t not in cold_tokens)
@@ -298,6 +306,7 @@ def place_cold_rows(run: RunDir, cfg: RunConfig, model: Any, tokenizer: Any) -> 
         len(warm),
         record["input"]["held_out_cosine"],
     )
+    run.update_meta(cold_rows=record)
     return record
 
 
@@ -774,9 +783,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         merge(run, model=trained, tokenizer=tokenizer, cfg=cfg)
     else:
         final: Any = trainer.model
-        placed = place_cold_rows(run, cfg, final, tokenizer)
-        if placed is not None:
-            run.update_meta(cold_rows=placed)
+        place_cold_rows(run, cfg, final, tokenizer, ids=ids, titles=data.catalog.titles)
         final.save_pretrained(run.merged_dir)
         tokenizer.save_pretrained(run.merged_dir)
     summary = {
@@ -907,9 +914,7 @@ def merge(run: RunDir, *, model: Any = None, tokenizer: Any = None, cfg: RunConf
         model = AutoPeftModelForCausalLM.from_pretrained(adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter)
     merged = model.merge_and_unload()
-    placed = place_cold_rows(run, cfg or run.load_config(), merged, tokenizer)
-    if placed is not None:
-        run.update_meta(cold_rows=placed)
+    place_cold_rows(run, cfg or run.load_config(), merged, tokenizer)
     merged.save_pretrained(run.merged_dir)
     tokenizer.save_pretrained(run.merged_dir)
     logger.info("merged model written to %s", run.merged_dir)

@@ -226,6 +226,7 @@ def test_held_out_atomic_rows_are_placed_by_the_map_the_warm_items_trained_along
     record = place_cold_rows(run, cfg, model, tok)
     assert record is not None and record["items"] == len(cold_tokens) > 0
     assert record["input"]["held_out_cosine"] > 0.99 and "output" not in record  # tied rows: one map
+    assert run.meta()["cold_rows"] == record
     for n in cold_tokens:
         want = x[names.index(n)] @ a + b
         got = emb[tok.convert_tokens_to_ids(n)].detach()
