@@ -456,3 +456,25 @@ def test_frontends_need_the_transformers_backend(fe_run):
 
     with pytest.raises(GenrecError, match="--backend hf"):
         serve(ServeArgs(run=fe_run.path, backend="vllm", frontends=2))
+
+
+class _Proc:
+    """A front-end process stand-in: alive for its first `alive_checks` is_alive() calls, then dead."""
+
+    def __init__(self, alive_checks: int) -> None:
+        self.alive_checks, self.name, self.pid, self.exitcode, self.sentinel = alive_checks, "fe", 1, -9, None
+
+    def is_alive(self) -> bool:
+        self.alive_checks -= 1
+        return self.alive_checks >= 0
+
+
+def test_a_front_end_dying_between_the_checks_is_still_counted():
+    """The death is seen by the final liveness check and not by the loop before it: wait() must not take that for
+    a clean exit (it returned 0 under load); past the limit it stops the server with 1."""
+    server = object.__new__(FrontendServer)
+    server.procs = [_Proc(alive_checks=1)]
+    server.stopping = server.failed = False
+    server.max_restarts, server.restart_window_s, server._deaths = 0, 60.0, []
+    server.shutdown = lambda: setattr(server, "stopping", True)
+    assert server.wait(timeout=5) == 1

@@ -238,7 +238,9 @@ class FrontendServer:
                     self.shutdown()
             alive = [p.sentinel for p in self.procs if p.is_alive()]
             if not alive:
-                return 1 if self.failed else 0
+                if self.stopping or self.failed:
+                    return 1 if self.failed else 0
+                continue  # one died after the loop above looked at it: restart it, or stop, on the next pass
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             wait(alive, timeout=0.5)
