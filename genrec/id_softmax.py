@@ -14,7 +14,7 @@ leave the head entirely. Knows token ids and tensors, nothing of tries, prompts 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,22 +24,35 @@ import torch
 from genrec.config import ID_SOFTMAX
 
 
-def softmax_groups(level_tokens: Sequence[Sequence[str]], mode: str) -> list[list[str]] | None:
+def softmax_groups(
+    level_tokens: Sequence[Sequence[str]], mode: str, *, leave_out: Collection[str] = ()
+) -> list[list[str]] | None:
     """The groups of ID tokens that model.id_softmax=`mode` normalises over, from each level's tokens
     (ItemIds.level_tokens): None for `full` (the whole vocabulary), one group of every ID token for `ids`,
-    each level on its own for `level`."""
+    each level on its own for `level`.
+
+    `leave_out`: tokens in no group. Training passes the tokens of the items held out of it (data.cold_items;
+    ItemIds.tokens_only_of): an item that does not exist yet is not a wrong answer to push down at every step."""
     if mode not in ID_SOFTMAX:
         raise ValueError(f"model.id_softmax must be one of {ID_SOFTMAX}, got {mode!r}")
     if mode == "full":
         return None
+    gone = set(leave_out)
     if mode == "ids":
-        return [[t for level in level_tokens for t in level]]
-    return [list(t) for t in level_tokens]
+        return [[t for level in level_tokens for t in level if t not in gone]]
+    return [[t for t in level if t not in gone] for level in level_tokens]
 
 
-def group_softmax(groups: Sequence[Sequence[str]] | None, tokenizer: Any) -> IdSoftmax | None:
-    """The IdSoftmax over `groups` (`softmax_groups`) in `tokenizer`'s ids; None for the vocabulary softmax."""
-    return None if groups is None else IdSoftmax.from_tokens(groups, tokenizer)
+def group_softmax(
+    groups: Sequence[Sequence[str]] | None, tokenizer: Any, *, masked: Collection[str] = ()
+) -> IdSoftmax | None:
+    """The IdSoftmax over `groups` (`softmax_groups`) in `tokenizer`'s ids; None for the vocabulary softmax.
+    `masked`: tokens that text labels are not scored against either (IdSoftmax.masked)."""
+    if groups is None:
+        return None
+    out = IdSoftmax.from_tokens(groups, tokenizer)
+    out.masked = np.asarray(sorted(tokenizer.convert_tokens_to_ids(sorted(masked))), dtype=np.int64)
+    return out
 
 
 @dataclass
@@ -81,6 +94,9 @@ class IdSoftmax:
             self.column[toks] = np.arange(len(toks))
         self._rows: dict[tuple[torch.device, int], torch.Tensor | slice] = {}
         self._lists: list[list[int]] | None = None
+        self.masked = np.zeros(0, dtype=np.int64)
+        """Token ids left out of the vocabulary softmax of text labels (`label_fields`): the tokens of items held
+        out of training, which are in no group either, so that no position's loss involves their rows."""
 
     @classmethod
     def from_tokens(cls, groups: Sequence[Sequence[str]], tokenizer: Any) -> IdSoftmax:
@@ -176,11 +192,14 @@ class IdSoftmax:
         is_id = self.group_of[label_ids] >= 0
         if not is_id.all():
             at = torch.from_numpy(np.flatnonzero(~is_id)).to(device)
-            logp = head(states[at]).float().log_softmax(-1)
+            logits = head(states[at]).float()
+            if len(self.masked):
+                logits = logits.index_fill(1, torch.from_numpy(self.masked).to(device), float("-inf"))
+            logp = logits.log_softmax(-1)
             picked = labels[at]
             token_lp = token_lp.index_put((at,), logp.gather(1, picked[:, None]).squeeze(1))
             with torch.no_grad():
-                entropy[at] = -(logp.exp() * logp).sum(-1)
+                entropy[at] = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)  # 0 log 0 = 0 (masked)
                 top1[at] = (logp.argmax(-1) == picked).float()
         ids_at = np.flatnonzero(is_id)
         for g in self.by_group(ids_at, label_ids[ids_at]):

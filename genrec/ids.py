@@ -11,7 +11,7 @@ import json
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,18 @@ class ItemIds:
     def level_tokens(self) -> list[list[str]]:
         """Each level's ID tokens: what the model may write at that level (input tokens are never written)."""
         return [[self.token(lv, c) for c in range(n)] for lv, n in enumerate(self.level_sizes)]
+
+    def tokens_only_of(self, items: Collection[int]) -> set[str]:
+        """The ID tokens that `items` use and no other item does, level by level: every token of a held-out
+        item under atomic IDs; under semantic IDs only the codes no other item shares (its shared prefixes are
+        other items' too)."""
+        rows = np.zeros(len(self.codes), dtype=bool)
+        rows[list(items)] = True
+        out = set()
+        for lv in range(self.depth):
+            theirs = set(self.codes[rows, lv].tolist()) - set(self.codes[~rows, lv].tolist())
+            out |= {self.token(lv, c) for c in theirs}
+        return out
 
     def vocabulary(self) -> list[str]:
         """Every ID token, level by level, then the input tokens: the tokens to add to a tokenizer."""

@@ -8,7 +8,7 @@ sequences, and calling an engine. Front ends (CLI, batch, server) use only this 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -167,6 +167,7 @@ class Recommender:
         *,
         collab: CollaborativeRetriever | None = None,
         fusion_weight: float | None = 0.0,
+        held_out: Collection[int] = (),
     ) -> None:
         self.run, self.cfg, self.data, self.ids, self.engine, self.retriever = (
             run,
@@ -181,6 +182,9 @@ class Recommender:
         self.fusion_weight = fusion_weight
         """Weight of the collaborative score in the fused one (retrieval.fusion_weight); None: `auto` and not yet
         chosen (genrec.evaluation.choose_fusion_weight)."""
+        self.held_out = frozenset(held_out)
+        """Items never ranked, for any request: those held out of training (data.cold_items) while the model
+        being trained is ranked (training's validation, the RL stage), since they do not exist for it yet."""
         self.catalog = data.catalog
         self.templates = TemplateStore.for_run(run.path)
         self.template_name = cfg.prompt.template
@@ -380,13 +384,13 @@ class Recommender:
         found_h = (self.retrieved_many if self.collab is None else self.collaborative_candidates)(
             [r.history for r in by_history],
             n=[r.n_candidates for r in by_history],
-            exclude=[r.exclude for r in by_history],
+            exclude=[[*r.exclude, *self.held_out] if self.held_out else r.exclude for r in by_history],
         )
         by_text = [r for r in retrieve if r.query] if self.text_embeddings else []
         found_t = self.text_retrieved_many(
             [r.query or "" for r in by_text],
             n=[r.n_candidates for r in by_text],
-            exclude=[sorted(set(r.history) | set(r.exclude)) for r in by_text],
+            exclude=[sorted(set(r.history) | set(r.exclude) | self.held_out) for r in by_text],
         )
         cands: dict[int, list[int]] = {}
         for r, found in [*zip(by_history, found_h, strict=True), *zip(by_text, found_t, strict=True)]:
@@ -462,7 +466,7 @@ class Recommender:
         out = []
         for r, cands in zip(requests, retrieved, strict=True):
             if cands is None:  # mode `all`: shares every untouched subtree with the catalogue trie
-                banned = sorted(set(r.history) | set(r.exclude))
+                banned = sorted(set(r.history) | set(r.exclude) | self.held_out)
                 out.append(self._all.without(self.item_tokens[banned].tolist()))
             else:  # catalogue items have distinct ID sequences (checked when the catalogue trie was built)
                 out.append(Trie.from_array(self.item_tokens[cands], cands, distinct=True))

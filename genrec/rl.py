@@ -39,7 +39,7 @@ from genrec.data import Example, Interactions, train_examples, without_items
 from genrec.errors import GenrecError, stopped_by
 from genrec.evaluation import fused_validation_ndcg
 from genrec.evaluation.metrics import user_metrics
-from genrec.id_softmax import group_softmax, softmax_groups
+from genrec.id_softmax import group_softmax
 from genrec.ids import ItemIds
 from genrec.prep import model_lists
 from genrec.recommender import Recommender, history_requests, load_retrieval
@@ -51,6 +51,7 @@ from genrec.training import (
     lora_config,
     loss_log_callback,
     prompt_builder,
+    training_softmax_groups,
     use_lora,
     validation_users,
 )
@@ -143,9 +144,12 @@ class Rollouts:
         *,
         collab: Any = None,
         fusion_weight: float = 0.0,
+        held_out: Sequence[int] = (),
     ) -> None:
         self.run, self.cfg, self.data, self.ids, self.examples = run, cfg, data, ids, examples
         self.collab, self.fusion_weight = collab, fusion_weight
+        self.held_out = list(held_out)
+        """Items held out of training (data.cold_items): never rolled out, their tokens outside the softmax."""
         self.group = cfg.rl.group
         e = cfg.eval
         self.options = RankingOptions(
@@ -171,6 +175,7 @@ class Rollouts:
                 retriever=self.retriever,
                 collab=self.collab,
                 fusion_weight=self.fusion_weight,
+                held_out=self.held_out,
             )
             self._model = model
         return self.rec
@@ -319,7 +324,9 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     retriever = Retriever(run.load_embeddings())
 
     def judged(m: Any) -> dict[str, Any]:
-        rec = in_memory_recommender(run, cfg, data, ids, m, tokenizer, retriever=retriever, collab=collab)
+        rec = in_memory_recommender(
+            run, cfg, data, ids, m, tokenizer, retriever=retriever, collab=collab, held_out=cold
+        )
         return validation_ndcg(rec, valid, cfg)
 
     before = judged(model)
@@ -328,7 +335,9 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     stats = RewardStats()
     # auto: the weight is chosen after this stage (one recorded was chosen for the SFT model): the LM's own order
     rollout_weight = 0.0 if cfg.retrieval.fusion_weight == "auto" or weight is None else weight
-    rollouts = Rollouts(run, cfg, data, ids, examples, collab=collab, fusion_weight=rollout_weight)
+    rollouts = Rollouts(
+        run, cfg, data, ids, examples, collab=collab, fusion_weight=rollout_weight, held_out=cold
+    )
     trainer = grpo_trainer(run, cfg, model, tokenizer, rows, rollouts=rollouts, stats=stats)
     logger.info(
         "RL: %d steps of %d prompts x %d completions from %d training examples (reward %s)",
@@ -440,7 +449,11 @@ def grpo_trainer(
         rollout_func=rollouts,
         callbacks=[loss_log_callback(run.rl_log_file)],
     )
-    softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
+    softmax = group_softmax(
+        training_softmax_groups(cfg, ids, rollouts.held_out),
+        tokenizer,
+        masked=ids.tokens_only_of(rollouts.held_out),
+    )
     labelled_positions_head(policy_model(trainer), softmax)
     if trainer.ref_model is not None:  # the KL term must compare log-probs normalised alike
         labelled_positions_head(trainer.ref_model, softmax)

@@ -513,7 +513,12 @@ def loss_log_callback(path: Any) -> Any:
 
 
 def ranking_callback(
-    run: RunDir, cfg: RunConfig, data: Interactions, ids: ItemIds, valid: list[Example]
+    run: RunDir,
+    cfg: RunConfig,
+    data: Interactions,
+    ids: ItemIds,
+    valid: list[Example],
+    held_out: Sequence[int] = (),
 ) -> Any:
     """A TrainerCallback that ranks the validation users with the model being trained at every evaluation
     and adds `eval_<train.select_metric>` to the metrics, before early stopping and checkpoint selection
@@ -547,7 +552,15 @@ def ranking_callback(
             was_training = model.training
             if self.rec is None or self.model is not model:
                 self.rec = in_memory_recommender(
-                    run, ranking, data, ids, model, tokenizer, retriever=retriever, collab=collab
+                    run,
+                    ranking,
+                    data,
+                    ids,
+                    model,
+                    tokenizer,
+                    retriever=retriever,
+                    collab=collab,
+                    held_out=held_out,
                 )
                 self.model = model
             rec = self.rec
@@ -596,9 +609,11 @@ def in_memory_recommender(
     retriever: Any,
     collab: Any = None,
     fusion_weight: float | None = 0.0,
+    held_out: Sequence[int] = (),
 ) -> Any:
     """A Recommender over a model in memory (what ranking_callback and the RL stage rank with): the run's search
-    and model.id_softmax, no CUDA graphs (the weights change)."""
+    and model.id_softmax, no CUDA graphs (the weights change). `held_out` (data.cold_items): items it never ranks,
+    their tokens outside the softmax, as training scores them (`training_softmax`)."""
     from genrec.engines.hf import HFEngine
     from genrec.recommender import Recommender
 
@@ -607,9 +622,19 @@ def in_memory_recommender(
         tokenizer,
         search=cfg.eval.search,
         max_tree_tokens=cfg.eval.max_tree_tokens,
-        softmax_groups=softmax_groups(ids.level_tokens(), cfg.model.id_softmax),
+        softmax_groups=training_softmax_groups(cfg, ids, held_out),
     )
-    return Recommender(run, cfg, data, ids, engine, retriever, collab=collab, fusion_weight=fusion_weight)
+    return Recommender(
+        run, cfg, data, ids, engine, retriever, collab=collab, fusion_weight=fusion_weight, held_out=held_out
+    )
+
+
+def training_softmax_groups(cfg: RunConfig, ids: ItemIds, held_out: Sequence[int]) -> list[list[str]] | None:
+    """The ID-token groups training normalises over (model.id_softmax): the tokens only held-out items use
+    (data.cold_items) are left out, so that the items absent from training are not pushed down as a wrong answer
+    at every step. At evaluation and serving they rejoin their groups. Under `full` (the vocabulary softmax,
+    which TRL's head computes) they stay in it."""
+    return softmax_groups(ids.level_tokens(), cfg.model.id_softmax, leave_out=ids.tokens_only_of(held_out))
 
 
 def time_budget_callback(minutes: float) -> Any:
@@ -691,7 +716,15 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     valid = validation_users(data, cfg, cold)
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
-    softmax = group_softmax(softmax_groups(ids.level_tokens(), cfg.model.id_softmax), tokenizer)
+    softmax = group_softmax(
+        training_softmax_groups(cfg, ids, cold), tokenizer, masked=ids.tokens_only_of(cold)
+    )
+    if cold and softmax is None:
+        logger.warning(
+            "model.id_softmax=full: the %d held-out items' tokens stay in the vocabulary softmax, so training "
+            "lowers their scores as wrong answers; ids or level leave them out",
+            len(cold),
+        )
     tasks = multitask(cfg)
     if t.history_loss or softmax is not None or tasks:  # tokenized rows, labelled here
         examples, augmented = training_examples(data, cfg)
@@ -738,7 +771,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         from transformers import EarlyStoppingCallback
 
         if t.select_metric != "loss":  # before the stopper: it reads the metric this adds
-            callbacks.append(ranking_callback(run, cfg, data, ids, valid))
+            callbacks.append(ranking_callback(run, cfg, data, ids, valid, cold))
 
         stopper = EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)
         callbacks.append(stopper)

@@ -174,6 +174,109 @@ def test_no_held_out_item_in_any_training_row(text_run, monkeypatch):
     assert any(warm_tokens & set(r["input_ids"]) for r in rows)
 
 
+def test_held_out_items_rows_are_not_trained_at_all(tmp_path, monkeypatch):
+    """A held-out item does not exist yet for training: no loss term involves its ID token, neither as a wrong
+    answer in the ID softmax nor in the vocabulary softmax of the title rows' text, so its rows end as they began
+    (no weight decay here), while the warm items' output rows move. The validation ranking during training never
+    ranks it."""
+    import torch
+
+    import genrec.training as training
+
+    run, cfg = make_run(
+        tmp_path,
+        "coldrows",
+        [
+            "ids.embedding=text",
+            "ids.scheme=atomic",
+            "data.cold_items=0.15",
+            "train.title_rows=0.5",
+            "train.item_text_rows=0.5",
+            "train.weight_decay=0",
+            "train.max_steps=8",
+            "train.save_steps=4",
+            "train.select_metric=ndcg@10",
+            "train.early_stopping_patience=5",
+        ],
+    )
+    start: dict[str, torch.Tensor] = {}
+    prepare, in_memory = training.prepare_model, training.in_memory_recommender
+    ranked_with: list = []
+
+    def recording_prepare(*a, **kw):
+        model, tok = prepare(*a, **kw)
+        start["in"] = model.get_input_embeddings().weight.detach().clone()
+        start["out"] = model.get_output_embeddings().weight.detach().clone()
+        return model, tok
+
+    def recording_recommender(*a, **kw):
+        rec = in_memory(*a, **kw)
+        ranked_with.append(rec)
+        return rec
+
+    monkeypatch.setattr(training, "prepare_model", recording_prepare)
+    monkeypatch.setattr(training, "in_memory_recommender", recording_recommender)
+    train(run, cfg)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run.merged_dir)
+    tok = AutoTokenizer.from_pretrained(run.merged_dir)
+    ids, cold = run.load_ids(), run.cold_items()
+    cold_rows = tok.convert_tokens_to_ids([ids.item_string(i) for i in cold])
+    warm_rows = tok.convert_tokens_to_ids([ids.item_string(i) for i in range(len(ids)) if i not in set(cold)])
+    out = model.get_output_embeddings().weight.detach()
+    assert torch.equal(out[cold_rows], start["out"][cold_rows])
+    assert torch.equal(model.get_input_embeddings().weight.detach()[cold_rows], start["in"][cold_rows])
+    assert not torch.equal(out[warm_rows], start["out"][warm_rows])
+    assert ranked_with and all(rec.held_out == set(cold) for rec in ranked_with)
+    warm_user = next(ex for ex in leave_one_out(run.load_data(), "valid") if ex.target not in set(cold))
+    trie = ranked_with[0].candidate_trie(RankRequest(warm_user.history, cfg.ranking))
+    ranked = {item for _, item in trie}
+    assert ranked and not ranked & set(cold)
+
+
+def test_the_training_softmax_leaves_out_the_tokens_only_held_out_items_use(tiny_lm):
+    import torch
+
+    from genrec.id_softmax import group_softmax, softmax_groups
+    from genrec.ids import ItemIds
+
+    atomic = ItemIds("atomic", np.arange(6)[:, None], [6])
+    assert atomic.tokens_only_of([1, 4]) == {"<item_1>", "<item_4>"} and atomic.tokens_only_of([]) == set()
+    semantic = ItemIds("semantic", [[0, 0], [0, 1], [1, 0], [2, 0]], [3, 2])
+    assert semantic.tokens_only_of([3]) == {"<a_2>"}  # its <b_0> is other items' too
+    assert semantic.tokens_only_of([2, 3]) == {"<a_1>", "<a_2>"}
+    assert softmax_groups(semantic.level_tokens(), "ids", leave_out={"<a_2>"}) == [
+        ["<a_0>", "<a_1>", "<b_0>", "<b_1>"]
+    ]
+    assert softmax_groups(semantic.level_tokens(), "level", leave_out={"<a_2>"}) == [
+        ["<a_0>", "<a_1>"],
+        ["<b_0>", "<b_1>"],
+    ]
+    assert softmax_groups(semantic.level_tokens(), "full", leave_out={"<a_2>"}) is None
+    model, tok, _ = tiny_lm
+    ids = ItemIds("semantic", [[c] * 4 for c in range(4)], [4, 4, 4, 4])  # the fixture's ID tokens
+    gone = ids.tokens_only_of([0])
+    assert gone == {"<a_0>", "<b_0>", "<c_0>", "<d_0>"}
+    groups = softmax_groups(ids.level_tokens(), "ids", leave_out=gone)
+    softmax = group_softmax(groups, tok, masked=gone)
+    head = model.get_output_embeddings()
+    states = torch.randn(3, head.weight.shape[1])
+    warm = tok.convert_tokens_to_ids(ids.item_tokens(1)[0])
+    text = tok.convert_tokens_to_ids(tok.tokenize("hello")[0])
+    model.zero_grad()
+    lp, entropy, _ = softmax.label_fields(states, head, torch.tensor([warm, text, warm]))
+    lp.sum().backward()
+    rows = tok.convert_tokens_to_ids(sorted(gone))
+    assert torch.isfinite(entropy).all() and torch.isfinite(lp).all()
+    assert head.weight.grad[rows].abs().sum() == 0 and head.weight.grad[warm].abs().sum() > 0
+    model.zero_grad()
+    unmasked = group_softmax(softmax_groups(ids.level_tokens(), "ids"), tok)
+    unmasked.label_fields(states, head, torch.tensor([warm, text, warm]))[0].sum().backward()
+    assert head.weight.grad[rows].abs().sum() > 0  # what training did before: every step lowered them
+    model.zero_grad()
+
+
 def test_cold_and_need_protocols_report_what_they_compare(text_run):
     run, cfg = text_run
     if not run.merged_dir.is_dir():
