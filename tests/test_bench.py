@@ -465,3 +465,33 @@ def test_text_protocols_mix_fills_only_what_the_recipe_leaves_off():
     assert mix_for(load_config("tiny.yaml")) == MIX  # no mix of its own: the benchmark's
     own = apply_overrides(load_config("tiny.yaml"), ["train.need_rows=0.25", "train.title_rows=0.1"])
     assert mix_for(own) == ["data.cold_items=0.1", "train.item_text_rows=1.0"]
+
+
+def test_http_floor_answers_as_the_chat_endpoint_does_without_a_model(small_data):
+    """The floor server's replies pass bench.load's validity check: n distinct catalogue items, none in the
+    history; a body over the limit is refused as genrec's server refuses it."""
+    import asyncio
+
+    import httpx
+
+    from bench.http_floor import floor_app
+    from bench.load import Job, Target, body, validity
+
+    ids = list(small_data.catalog.item_ids)
+    tg = Target(mode="genrec", model="m", n_items=5, catalog=set(ids))
+    app = floor_app(ids, model="m")
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://floor") as client:
+            out = []
+            for job in (Job(ids[:3]), Job(ids[3:10])):
+                path, payload = body(tg, job)
+                out.append(await client.post(path, json=payload))
+            out.append(await client.post("/v1/chat/completions", content=b"x" * (2 << 20)))
+            return out
+
+    first, second, big = asyncio.run(go())
+    assert validity(tg, Job(ids[:3]), first.json()) == 1.0
+    assert validity(tg, Job(ids[3:10]), second.json()) == 1.0
+    assert big.status_code == 413
