@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import MutableMapping
 from typing import Any
 
 
@@ -31,7 +32,7 @@ def floor_app(item_ids: list[str], *, model: str) -> Any:
     rotation = itertools.count()
     json_headers = [(b"content-type", b"application/json")]
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
