@@ -22,6 +22,11 @@ import itertools
 from collections.abc import MutableMapping
 from typing import Any
 
+from fastapi.responses import Response
+
+# at module level: FastAPI resolves the route's (string) annotations in this module's globals
+from genrec.serve.protocol import ChatCompletionRequest
+
 
 def floor_app(item_ids: list[str], *, model: str) -> Any:
     """A pure ASGI app: POST (any path) -> a chat-completion-shaped reply with `n_items` items; GET -> 200."""
@@ -77,6 +82,45 @@ def floor_app(item_ids: list[str], *, model: str) -> Any:
     return BodyLimit(app, limits=HTTPLimits())
 
 
+def fastapi_floor_app(item_ids: list[str], *, model: str) -> Any:
+    """The same answers through the layers genrec's app adds before and after a route: FastAPI's routing and its
+    validation of the body into genrec's ChatCompletionRequest (pydantic), the Observe middleware (per-request
+    Prometheus counters) and BodyLimit outermost, as genrec.serve.app.create_app stacks them."""
+    import orjson
+    from fastapi import FastAPI
+
+    from genrec.serve.app import Observe, protected_paths
+    from genrec.serve.http import BodyLimit, HTTPLimits
+    from genrec.serve.service import Metrics
+
+    rotation = itertools.count()
+    app = FastAPI(title="floor")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest) -> Response:
+        history = set(req.messages[-1].text().split(", "))
+        start = next(rotation) % len(item_ids)
+        items = [i for i in item_ids[start:] + item_ids[:start] if i not in history][: req.n_items or 10]
+        recs = [{"item_id": i, "rank": r + 1, "score": 0.0} for r, i in enumerate(items)]
+        payload = {
+            "id": "floor",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ", ".join(items)}}],
+            "recommendations": recs,
+        }
+        return Response(orjson.dumps(payload), media_type="application/json")
+
+    exact, prefixes = protected_paths(())
+    app.add_middleware(Observe, metrics=Metrics(), keys=set(), exact=exact, prefixes=prefixes)
+    app.add_middleware(BodyLimit, limits=HTTPLimits())
+    return app
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="A run whose catalogue the replies draw items from.")
@@ -87,6 +131,11 @@ def main() -> None:
         default="info",
         help="uvicorn's; info (what `genrec serve` runs with) writes an access-log line per request, warning none",
     )
+    ap.add_argument(
+        "--fastapi",
+        action="store_true",
+        help="route through FastAPI with genrec's request model and middleware (fastapi_floor_app)",
+    )
     args = ap.parse_args()
     import uvicorn
 
@@ -94,7 +143,8 @@ def main() -> None:
     from genrec.serve.http import uvicorn_options
 
     run = RunDir(args.run)
-    app = floor_app(list(run.load_data().catalog.item_ids), model=run.path.name)
+    make = fastapi_floor_app if args.fastapi else floor_app
+    app = make(list(run.load_data().catalog.item_ids), model=run.path.name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options())
 
 

@@ -470,16 +470,21 @@ def test_text_protocols_mix_fills_only_what_the_recipe_leaves_off():
 def test_http_floor_answers_as_the_chat_endpoint_does_without_a_model(small_data):
     """The floor server's replies pass bench.load's validity check: n distinct catalogue items, none in the
     history; a body over the limit is refused as genrec's server refuses it."""
+    from bench.http_floor import fastapi_floor_app, floor_app
+    from bench.load import Target
+
+    ids = list(small_data.catalog.item_ids)
+    tg = Target(mode="genrec", model="m", n_items=5, catalog=set(ids))
+    for make in (floor_app, fastapi_floor_app):
+        check_floor(make(ids, model="m"), ids, tg)
+
+
+def check_floor(app, ids, tg):
     import asyncio
 
     import httpx
 
-    from bench.http_floor import floor_app
-    from bench.load import Job, Target, body, validity
-
-    ids = list(small_data.catalog.item_ids)
-    tg = Target(mode="genrec", model="m", n_items=5, catalog=set(ids))
-    app = floor_app(ids, model="m")
+    from bench.load import Job, body, validity
 
     async def go() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
