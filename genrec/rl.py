@@ -39,7 +39,6 @@ from genrec.data import Example, Interactions, train_examples, without_items
 from genrec.errors import GenrecError, stopped_by
 from genrec.evaluation import fused_validation_ndcg
 from genrec.evaluation.metrics import user_metrics
-from genrec.id_softmax import group_softmax
 from genrec.ids import ItemIds
 from genrec.prep import model_lists
 from genrec.recommender import Recommender, history_requests, load_retrieval
@@ -51,7 +50,7 @@ from genrec.training import (
     lora_config,
     loss_log_callback,
     prompt_builder,
-    training_softmax_groups,
+    training_softmax,
     use_lora,
     validation_users,
 )
@@ -449,11 +448,7 @@ def grpo_trainer(
         rollout_func=rollouts,
         callbacks=[loss_log_callback(run.rl_log_file)],
     )
-    softmax = group_softmax(
-        training_softmax_groups(cfg, ids, rollouts.held_out),
-        tokenizer,
-        masked=ids.tokens_only_of(rollouts.held_out),
-    )
+    softmax = training_softmax(cfg, ids, rollouts.held_out, tokenizer)
     labelled_positions_head(policy_model(trainer), softmax)
     if trainer.ref_model is not None:  # the KL term must compare log-probs normalised alike
         labelled_positions_head(trainer.ref_model, softmax)

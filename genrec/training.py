@@ -637,6 +637,16 @@ def training_softmax_groups(cfg: RunConfig, ids: ItemIds, held_out: Sequence[int
     return softmax_groups(ids.level_tokens(), cfg.model.id_softmax, leave_out=ids.tokens_only_of(held_out))
 
 
+def training_softmax(
+    cfg: RunConfig, ids: ItemIds, held_out: Sequence[int], tokenizer: Any
+) -> IdSoftmax | None:
+    """The IdSoftmax training's loss uses (SFT and the RL stage): `training_softmax_groups`, with the held-out
+    items' tokens also masked out of the vocabulary softmax of text labels."""
+    gone = ids.tokens_only_of(held_out)
+    groups = softmax_groups(ids.level_tokens(), cfg.model.id_softmax, leave_out=gone)
+    return group_softmax(groups, tokenizer, masked=gone)
+
+
 def time_budget_callback(minutes: float) -> Any:
     """A TrainerCallback that ends training (model still saved) after `minutes` of training wall clock."""
     from transformers import TrainerCallback
@@ -716,9 +726,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
     valid = validation_users(data, cfg, cold)
     check_input_tokens(builder, data)
     model, tokenizer = prepare_model(run, cfg, builder, data, resume=resume)
-    softmax = group_softmax(
-        training_softmax_groups(cfg, ids, cold), tokenizer, masked=ids.tokens_only_of(cold)
-    )
+    softmax = training_softmax(cfg, ids, cold, tokenizer)
     if cold and softmax is None:
         logger.warning(
             "model.id_softmax=full: the %d held-out items' tokens stay in the vocabulary softmax, so training "
