@@ -1,6 +1,6 @@
 """CPU a served request costs by stage, without HTTP: the run's users as chat requests through RecService's own
-steps (parse, render at admission, the engine worker's rank_requests in batches, the response encoded), each
-timed on its thread's CPU clock (genrec.cpu_time), so other processes on a shared machine change the figures
+steps (parse and the template pinned at admission, the engine worker's batch: render, then rank_requests; the
+response encoded), each timed on its thread's CPU clock (genrec.cpu_time), so other processes on a shared machine change the figures
 little. Also, side by side in the same process: the response encoded as FastAPI did it before issue 26 (a
 pydantic ChatCompletionResponse walked by `jsonable_encoder`, then `json.dumps`) against genrec.serve.encode (dicts
 through orjson), and the template lookups a request makes at admission (pin_template, builder_for) with the
@@ -44,14 +44,14 @@ def stages(service: Any, texts: list[str], batch: int) -> dict[str, float]:
         ]
         queries = []
         for req in chunk:
-            with rec.clock.stage("parse"):
+            with rec.clock.stage("parse"):  # parsed, its template version pinned at admission
                 q = service.parse(req, text=req.messages[-1].text(), user=None)
-            with rec.clock.stage("render"):
-                service.render(q, None)
+                service.pin(q, None)
             queries.append(q)
         reqs = [service.rank_request(q) for q in queries]
-        ranked = rec.rank_requests(reqs)
+        ranked = service._rank_batch(reqs)  # the engine worker's call: renders, then ranks
         for q, recs in zip(queries, ranked, strict=True):
+            assert not isinstance(recs, Exception), recs
             with rec.clock.stage("encode"):
                 encode.chat_completion(
                     model="m",

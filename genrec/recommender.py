@@ -64,8 +64,9 @@ class RankRequest:
     """Pinned when the request is admitted (Recommender.pin_template), so a template activated
     while it waits does not change the prompt it was accepted with; None: the active version."""
     messages: list[dict[str, str]] | None = None
-    """Already rendered prompt (the server renders at admission, so a template error is that
-    request's 4xx and never fails a batch); None: rendered here with the pinned template."""
+    """Already rendered prompt; None: rendered here with the pinned template (the server renders each request
+    of its engine batch on its own first, so that a template error is that request's 4xx and never fails the
+    batch: RecService._rank_batch)."""
     prompt_tokens: int = 0
     """Filled in by Recommender.rank_requests: the prompt's length in tokens (for usage reporting)."""
     query: str | None = None

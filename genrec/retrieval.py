@@ -184,9 +184,25 @@ class CollaborativeRetriever:
 
     def __init__(self, n_items: int) -> None:
         self.n_items = n_items
+        self._last: tuple[tuple[tuple[int, ...], ...], np.ndarray] | None = None
+        """The histories of the last `batch_scores` call and their score rows."""
 
     def __len__(self) -> int:
         return self.n_items
+
+    def batch_scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """`scores`, remembered for the last batch of histories: ranking a batch searches the model's candidates
+        and then fuses its scores of them (Recommender.prepare), and a pool ranks with its scorer and fuses the
+        same scorer's scores, so each batch needs one forward pass of the model, not two. Read-only: copy
+        before writing into it."""
+        key = tuple(tuple(h) for h in histories)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        rows = self.scores(histories)
+        rows.setflags(write=False)
+        self._last = (key, rows)
+        return rows
 
     @property
     def score_kind(self) -> str:
@@ -211,7 +227,9 @@ class CollaborativeRetriever:
         out_s = np.full((len(histories), k), -np.inf, dtype=np.float32)
         for start in range(0, len(histories), 256):  # dense score rows, a batch at a time
             batch = histories[start : start + 256]
-            scores = self.scores(batch).astype(np.float32, copy=False)
+            scores = np.array(
+                self.batch_scores(batch), dtype=np.float32
+            )  # a copy: banned items are set below
             scores[_banned(batch, exclude[start : start + 256] if exclude else None, self.n_items)] = -np.inf
             kk = min(k, self.n_items)
             top, top_s = top_k_rows(scores, kk)  # equal scores in item order: top n is a prefix of top N
@@ -225,7 +243,7 @@ class CollaborativeRetriever:
         """The model's scores of each history's `items` (its candidates)."""
         out: list[np.ndarray] = []
         for start in range(0, len(histories), 256):
-            scores = self.scores(histories[start : start + 256])
+            scores = self.batch_scores(histories[start : start + 256])
             out.extend(row[list(its)] for row, its in zip(scores, items[start : start + 256], strict=True))
         return out
 
@@ -487,6 +505,9 @@ class PooledRetriever(CollaborativeRetriever):
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         return self.scorer.scores(histories)
 
+    def batch_scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.scorer.batch_scores(histories)  # the scorer's memory: it ranked this batch in `search`
+
     def search(
         self, histories: Sequence[Sequence[int]], k: int, *, exclude: Sequence[Sequence[int]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -500,12 +521,12 @@ class PooledRetriever(CollaborativeRetriever):
             rows, cols = _banned(batch, exclude[start : start + 256] if exclude else None, self.n_items)
             pooled, tie = np.zeros((len(batch), self.n_items)), None
             for m in self.members:
-                s = m.scores(batch).astype(np.float64)
+                s = m.batch_scores(batch).astype(np.float64)
                 s[rows, cols] = -np.inf
                 pooled += _rrf(s)
                 tie = s if m is self.scorer else tie
             if tie is None:
-                tie = self.scorer.scores(batch).astype(np.float64)
+                tie = self.scorer.batch_scores(batch).astype(np.float64)
                 tie[rows, cols] = -np.inf
             pooled[rows, cols] = -np.inf
             order = np.lexsort((-tie, -pooled), axis=1)[:, :kk]  # pooled score, then the scorer's

@@ -134,6 +134,35 @@ def test_fused_ranking_reorders_every_candidate_not_the_lms_top_few(base_rec, ma
     assert differs > 0  # the case the test is for occurs
 
 
+def test_a_fused_batch_runs_the_collaborative_model_once(base_rec, markov):
+    """Ranking a fused batch searches the model's candidates and fuses its scores of them: one pass of the model
+    over the batch's histories (Markov here; the same for SASRec, whose pass costs a forward), with the same
+    candidates and scores as two passes gave, and a new batch is scored afresh."""
+    rec = with_collab(base_rec, markov, 4.0)
+    histories = [ex.history for ex in leave_one_out(rec.data, "test")[:8]]
+    opts = RankingOptions(n_items=3, n_candidates=12)
+    want = [
+        (list(items[items >= 0]), markov.scores(histories)[k, items[items >= 0]])
+        for k, items in enumerate(markov.search(histories, 12, exclude=histories)[0])
+    ]
+    calls: list[int] = []
+    scores = markov.scores
+    markov.scores = lambda hs: calls.append(len(hs)) or scores(hs)  # type: ignore[method-assign]
+    try:
+        markov._last = None
+        prepared = rec.prepare(history_requests(histories, options=opts))
+        assert calls == [8]
+        rec.prepare(history_requests(histories[:4], options=opts))
+        assert calls == [8, 4]
+    finally:
+        del markov.scores
+    assert prepared.retrieved_scores is not None
+    for (items, s), got, got_s in zip(want, prepared.retrieved, prepared.retrieved_scores, strict=True):
+        assert got == items and np.allclose(got_s, s)
+    with pytest.raises(ValueError, match="read-only"):
+        markov.batch_scores(histories)[0, 0] = 1.0
+
+
 @pytest.mark.parametrize("candidates", ["all", "retriever"])
 def test_a_fused_run_ranks_whole_catalogue_and_text_only_requests(base_rec, markov, candidates):
     """A run with a fused collaborative score still ranks requests that have nothing to fuse: the whole

@@ -191,6 +191,35 @@ def test_invalid_input_gets_the_same_4xx(single, multi, rec):
     assert huge.status_code == 413
 
 
+def test_a_template_that_fails_to_render_fails_its_own_request_in_both_servers(single, multi, rec):
+    """Prompts are rendered where the batch is prepared (the engine's batch in one process, a front-end's group
+    with --frontends): a request whose template fails there gets its 400 with the line, in both servers alike,
+    and requests beside it are answered."""
+    longest = max(len(s) for s in rec.data.sequences)
+    text = (
+        f"---\nname: failing\n---\n{{% if n_history_total > {longest} %}}{{{{ nosuch.field }}}}{{% endif %}}x"
+    )
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    saved = httpx.put(multi + "/v1/templates/failing", json={"text": text}, headers=admin, timeout=60)
+    assert saved.status_code == 201, saved.text
+    ids = rec.catalog.item_ids
+    too_long = [ids[k % len(ids)] for k in range(longest + 1)]
+
+    def ask(url: str, history: list[str]) -> httpx.Response:
+        body = {"model": "tiny-run", "messages": [{"role": "user", "content": ""}], "history": history}
+        return httpx.post(
+            url + "/v1/chat/completions", json={**body, "template": "failing"}, headers=AUTH, timeout=60
+        )
+
+    for url in (single, multi):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            histories = [list(ids[:3]), too_long, list(ids[3:6]), too_long]
+            replies = list(pool.map(ask, [url] * 4, histories))
+        assert [r.status_code for r in replies] == [200, 400, 200, 400], [r.text for r in replies]
+        err = replies[1].json()["error"]
+        assert (err["code"], err["param"], err["line"]) == ("template_error", "template", 4), err
+
+
 def test_a_full_engine_core_queue_gives_429_with_retry_after(rec):
     """The core's depth decides, whichever front-end asks (here one in this process, over a pipe)."""
     ours, theirs = Pipe()

@@ -14,6 +14,7 @@ import pytest
 from genrec.recommender import Recommender
 from genrec.run import RunDir
 from genrec.serve.app import create_app
+from genrec.serve.protocol import APIError
 from genrec.serve.service import RecService
 from genrec.templates.prompt_store import TemplateChecker, TemplateNotFound, TemplateStore, VersionConflict
 from genrec.templates.prompts import PROMPTS_DIR, PromptBuilder, TemplateProblem
@@ -320,7 +321,8 @@ def test_prompts_cli_new_render_validate_save_diff_rollback(tmp_path, run_copy):
 
 
 def test_a_request_admitted_before_a_save_keeps_its_version(api):
-    """The prompt is rendered when a request is admitted; a later save changes the next request only."""
+    """A request's template version is pinned when it is admitted: saved while the request waits for the engine
+    (which renders it in its batch), a new version changes the next request only."""
     import asyncio
 
     from genrec.serve.service import Query
@@ -328,23 +330,36 @@ def test_a_request_admitted_before_a_save_keeps_its_version(api):
     _, rec = api
     service = RecService(rec, model_name="tiny-run")
     hist = rec.user_history(rec.data.users[2])[-3:]
+    engine_free = threading.Event()
+    rank_batch = service._rank_batch
+
+    def held(requests):  # the engine is busy until the save below is done
+        engine_free.wait(10)
+        return rank_batch(requests)
+
+    service._rank_batch = held
 
     async def scenario():
         await service.start()
         try:
             options = rec.cfg.ranking.with_(n_items=3)
-            q = Query(history=list(hist), options=options)
-            service.render(q, None)
-            admitted = q.template
             store = rec.templates
+            admitted = store.active("default")
+            q = Query(history=list(hist), options=options)
+            waiting = asyncio.create_task(service.recommend(q))
+            while service.queue_depth == 0:  # admitted and queued, not rendered yet
+                await asyncio.sleep(0.005)
+            assert q.messages is None and q.template.version == admitted.version
             text = store.text("default").replace("Next item ID", "Next item ID (in-flight test)")
             store.save("default", text, author="t", base_version=admitted.version)
-            recs = await service.recommend(q)
+            engine_free.set()
+            recs = await waiting
             later = Query(history=list(hist), options=options)
             await service.recommend(later)
             store.rollback("default", by="t")
             return admitted, q, later, recs
         finally:
+            engine_free.set()
             await service.stop()
 
     admitted, q, later, recs = asyncio.run(scenario())
@@ -575,3 +590,30 @@ def test_a_template_checked_on_the_sample_users_is_still_bounded_on_a_longer_his
     assert r.status_code == 400 and r.json()["error"]["code"] == "template_error", r.text
     assert took < 5.0, f"{took:.2f} s"
     assert httpx.get(api[0].url + "/health", timeout=5).status_code == 200
+
+
+def test_a_template_that_fails_in_the_engine_batch_fails_its_own_request_only(api):
+    """The engine's batch renders the prompts of the requests it ranks (with the versions pinned at admission): a
+    request whose template fails to render gets its 400 (with the line), the others in the batch are ranked as
+    if it had not been there."""
+    from genrec.serve.service import Query
+
+    _, rec = api
+    longest = max(len(s) for s in rec.data.sequences)
+    text = f"---\nname: failsome\n---\n{{% if n_history_total > {longest} %}}{{{{ nosuch.field }}}}{{% endif %}}x"
+    assert http(api).put("/v1/templates/failsome", json={"text": text}).json()["checked"] is True
+    service = RecService(rec, model_name="tiny-run")
+    options = rec.cfg.ranking.with_(n_items=3)
+    short = [rec.user_history(u)[-3:] for u in rec.data.users[:2]]
+    too_long = [k % len(rec.catalog) for k in range(longest + 1)]
+    queries = [Query(history=h, options=options) for h in (short[0], too_long, short[1])]
+    for q in queries:
+        service.pin(q, "failsome")
+    out = service._rank_batch([service.rank_request(q) for q in queries])
+    bad = out[1]
+    assert isinstance(bad, APIError) and bad.status == 400 and bad.code == "template_error" and bad.line == 4
+    alone = RecService(rec, model_name="tiny-run")
+    for q, got in zip([queries[0], queries[2]], [out[0], out[2]], strict=True):
+        again = Query(history=q.history, options=options)
+        alone.pin(again, "failsome")
+        assert [r.item for r in got] == [r.item for r in alone._rank_batch([alone.rank_request(again)])[0]]

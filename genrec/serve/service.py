@@ -347,13 +347,20 @@ class RecService:
 
     # -- ranking ---------------------------------------------------------------------------------
     async def recommend(self, q: Query, template: str | None = None) -> list[Recommendation]:
-        """Rank a parsed query: rendered off the event loop (a render may take up to its time limit) with
-        `template` (None: the run's), then queued for the engine."""
+        """Rank a parsed query: its template version pinned now, at admission (`template`, None: the run's), then
+        queued for the engine, whose batch renders it off the event loop (a render may take up to its time limit;
+        `_rank_batch`), so that a request costs no thread hand-off of its own."""
         if q.messages is None:
-            await asyncio.to_thread(self._timed_render, q, template)
+            self.pin(q, template)
         req = self.rank_request(q)
-        recs = await self._submit(req)
-        q.prompt_tokens = req.prompt_tokens
+        try:
+            recs = await self._submit(req)
+        except (
+            TemplateNotFound,
+            TemplateProblem,
+        ) as e:  # a front-end's engine core renders in its own thread
+            raise template_error(e) from None
+        q.prompt_tokens, q.messages = req.prompt_tokens, req.messages
         self.metrics.prompt_tokens.inc(req.prompt_tokens)
         if q.explore > 0:
             recs = self.diversify(recs, q.options.n_items, q.explore)
@@ -364,13 +371,26 @@ class RecService:
     def rank_request(q: Query) -> RankRequest:
         """The RankRequest of a parsed, rendered query (twice the items when `explore` diversifies them)."""
         options = q.options.with_(n_items=2 * q.options.n_items) if q.explore > 0 else q.options
+        pinned = q.template if q.messages is None else None
         return RankRequest(
-            q.history, options, user=q.user, exclude=q.exclude, messages=q.messages, query=q.text
+            q.history,
+            options,
+            user=q.user,
+            exclude=q.exclude,
+            messages=q.messages,
+            query=q.text,
+            template=pinned.name if pinned else None,
+            template_version=pinned.version if pinned else None,
         )
 
-    def _timed_render(self, q: Query, template: str | None) -> None:
-        with self.rec.clock.stage("render"):
-            self.render(q, template)
+    def pin(self, q: Query, template: str | None) -> None:
+        """Pin the version of `template` (None: the one for the query) active now: the request renders with it
+        even if another version is activated before the engine reaches it. No file-system call within
+        ServeLimits.template_recheck_s."""
+        try:
+            q.template = self.rec.pin_template(template or self.rec.template_for(q.text))
+        except TemplateNotFound as e:
+            raise template_error(e) from None
 
     def render(
         self,
@@ -395,17 +415,8 @@ class RecService:
                 q.messages = shared_worker().render(builder.template, [variables])[0]
             else:
                 q.messages = builder.messages(q.history, q.user, query=q.text)
-        except TemplateNotFound as e:
-            raise APIError(400, str(e), param="template", code="template_not_found") from None
-        except TemplateProblem as e:
-            raise APIError(
-                422 if draft is not None else 400,
-                str(e),
-                param="template",
-                code="template_error",
-                line=e.line,
-                column=e.column,
-            ) from None
+        except (TemplateNotFound, TemplateProblem) as e:
+            raise template_error(e, status=422 if draft is not None else 400) from None
 
     async def _submit(self, req: RankRequest) -> list[Recommendation]:
         assert self._queue is not None, "start() first"
@@ -453,7 +464,7 @@ class RecService:
             self.metrics.batch_size.observe(len(jobs))
             busy = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.rec.rank_requests, [j.request for j in jobs])
+                results = await asyncio.to_thread(self._rank_batch, [j.request for j in jobs])
             except Exception as e:  # one bad batch must not kill the worker; each waiter gets the error
                 logger.exception("engine batch failed")
                 for j in jobs:
@@ -461,12 +472,36 @@ class RecService:
                         j.future.set_exception(e)
             else:
                 for j, r in zip(jobs, results, strict=True):
-                    if not j.future.done():
+                    if j.future.done():
+                        continue
+                    if isinstance(r, APIError):
+                        j.future.set_exception(r)
+                    else:
                         j.future.set_result(r)
             finally:
                 self.metrics.engine_busy.inc(time.perf_counter() - busy)
                 self._pending -= len(jobs)
                 self.metrics.queue_depth.set(self._pending)
+
+    def _rank_batch(self, requests: list[RankRequest]) -> list[list[Recommendation] | APIError]:
+        """In the engine's thread: render the prompts of the requests admitted without one (each with the template
+        version pinned at admission), then rank those that rendered in one call. A template that fails to render
+        fails its own request (a 400), never the batch."""
+        out: list[list[Recommendation] | APIError] = []
+        ready: list[RankRequest] = []
+        with self.rec.clock.stage("render"):
+            for r in requests:
+                try:
+                    if r.messages is None:
+                        builder = self.rec.builder_for(r.template, r.template_version)
+                        r.messages = builder.messages(r.history, r.user, query=r.query)
+                except (TemplateNotFound, TemplateProblem) as e:
+                    out.append(template_error(e))
+                else:
+                    out.append([])
+                    ready.append(r)
+        ranked = iter(self.rec.rank_requests(ready) if ready else [])
+        return [r if isinstance(r, APIError) else next(ranked) for r in out]
 
     def diversify(self, recs: list[Recommendation], n: int, explore: float) -> list[Recommendation]:
         """Maximal marginal relevance: relevance (softmax of scores) vs similarity to items already picked."""
@@ -501,6 +536,13 @@ class RecService:
             "trained_hash": trained,
             "matches_training": hash == trained,
         }
+
+
+def template_error(e: TemplateNotFound | TemplateProblem, *, status: int = 400) -> APIError:
+    """The API error of a template that is not there (400) or fails to render (`status`, with its line)."""
+    if isinstance(e, TemplateNotFound):
+        return APIError(400, str(e), param="template", code="template_not_found")
+    return APIError(status, str(e), param="template", code="template_error", line=e.line, column=e.column)
 
 
 def hold_batch_open(gaps_ms: Sequence[float], limits: ServeLimits) -> bool:
