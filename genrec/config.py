@@ -399,10 +399,13 @@ class RLConfig:
     -1/log2(rank + 2) (rank from 0), scaled so the wrong items' penalties sum to -1, so wrong items
     ranked high are pushed down hardest. `hit`: 1 for the target, 0 otherwise (a group without the target
     teaches nothing)."""
-    keep: Literal["auto", "always"] = "auto"
-    """`auto`: keep the RL model only if its validation NDCG@10 (the first train.valid_users validation
-    users, ranked as `genrec evaluate` ranks) is higher than the SFT model's; else merged/ stays the SFT
-    model. `always`: keep it (the SFT model is kept in merged-sft/ either way)."""
+    keep: Literal["auto", "significant", "always"] = "auto"
+    """Which model merged/ holds after the stage, judged on the first train.valid_users validation users ranked
+    as `genrec evaluate` ranks, user by user (run.json records the paired difference and its 95% interval as
+    rl.valid_ndcg@10_gain). `auto`: the RL model if its mean validation NDCG@10 is higher than the SFT model's.
+    `significant`: only if the whole 95% interval of the paired difference is above zero (fewer, surer changes;
+    with few validation users it rarely is). `always`: the RL model. Else merged/ stays the SFT model (kept in
+    merged-sft/ either way)."""
     seed: int = 0
     """Seed of the prompt order."""
 

@@ -37,8 +37,8 @@ import torch
 from genrec.config import RankingOptions, RunConfig
 from genrec.data import Example, Interactions, train_examples, without_items
 from genrec.errors import GenrecError, stopped_by
-from genrec.evaluation import fused_validation_ndcg
-from genrec.evaluation.metrics import user_metrics
+from genrec.evaluation import fused_validation_users
+from genrec.evaluation.metrics import ci_half_width, user_metrics
 from genrec.ids import ItemIds
 from genrec.prep import model_lists
 from genrec.recommender import Recommender, history_requests, load_retrieval
@@ -242,10 +242,10 @@ def completion_log_probs(model: Any, prompt: list[int], completions: list[list[i
 
 
 def validation_ndcg(rec: Recommender, valid: Sequence[Example], cfg: RunConfig) -> dict[str, Any]:
-    """Validation NDCG@10 of the model behind `rec`, ranked as the run will rank: with a collaborative retriever,
-    its candidates fused at the configured weight, or for retrieval.fusion_weight=auto at the best weight of
-    retrieval.fusion_grid (the weight is chosen after this stage, so each model is judged at its own best);
-    else the LM alone over the run's candidates."""
+    """Validation NDCG@10 of the model behind `rec` (`ndcg@10`) and each user's (`per_user`, in `valid`'s order),
+    ranked as the run will rank: with a collaborative retriever, its candidates fused at the configured weight,
+    or for retrieval.fusion_weight=auto at the best weight of retrieval.fusion_grid (the weight is chosen after
+    this stage, so each model is judged at its own best); else the LM alone over the run's candidates."""
     model = rec.engine.model  # type: ignore[attr-defined]
     was_training = model.training
     model.eval()
@@ -254,17 +254,35 @@ def validation_ndcg(rec: Recommender, valid: Sequence[Example], cfg: RunConfig) 
             if rec.collab is not None and cfg.eval.candidates == "retriever":
                 w = cfg.retrieval.fusion_weight
                 weights = cfg.retrieval.fusion_grid if w == "auto" else [float(w)]
-                by_n, _, _ = fused_validation_ndcg(rec, valid, cfg, weights)
+                by_n, _, _ = fused_validation_users(rec, valid, cfg, weights)
                 grid = by_n[str(cfg.eval.n_candidates)]
-                best = max(weights, key=lambda x: (grid[f"{x:g}"], -x))
-                return {"ndcg@10": grid[f"{best:g}"], "fusion_weight": float(best)}
+                best = max(weights, key=lambda x: (float(grid[f"{x:g}"].mean()), -x))
+                users = grid[f"{best:g}"]
+                return {"ndcg@10": float(users.mean()), "per_user": users, "fusion_weight": float(best)}
             lists = model_lists(rec, valid, cfg)
     finally:
         model.train(was_training)
-    value = float(
-        np.mean([user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)])
+    users = np.array(
+        [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
     )
-    return {"ndcg@10": value}
+    return {"ndcg@10": float(users.mean()), "per_user": users}
+
+
+def rl_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """The RL model's validation NDCG@10 minus the SFT model's, user by user: the mean of the differences and its
+    95% interval (mean ± 1.96 standard errors of the paired differences)."""
+    d = np.asarray(after["per_user"], dtype=np.float64) - np.asarray(before["per_user"], dtype=np.float64)
+    mean, half = float(d.mean()), ci_half_width(d)
+    return {"diff": round(mean, 4), "low": round(mean - half, 4), "high": round(mean + half, 4)}
+
+
+def keeps_rl_model(keep: str, gain: dict[str, float]) -> bool:
+    """rl.keep's rule on the paired validation gain (`rl_gain`)."""
+    if keep == "always":
+        return True
+    if keep == "significant":
+        return gain["low"] > 0  # nan (a single validation user) is no evidence
+    return gain["diff"] > 0
 
 
 def grpo_config(run: RunDir, cfg: RunConfig, *, completion_length: int) -> Any:
@@ -360,12 +378,18 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         shutil.rmtree(run.path / RL_OUTPUT, ignore_errors=True)  # save_strategy=no: at most an empty folder
     seconds = time.time() - started
     after = judged(policy_model(trainer))
-    kept = r.keep == "always" or after["ndcg@10"] > before["ndcg@10"]
+    gain = rl_gain(before, after)
+    kept = keeps_rl_model(r.keep, gain)
     logger.info(
-        "RL: validation NDCG@10 %.4f -> %.4f: %s",
+        "RL: validation NDCG@10 %.4f -> %.4f (paired difference %+.4f [%+.4f, %+.4f], %d users): %s (rl.keep=%s)",
         before["ndcg@10"],
         after["ndcg@10"],
+        gain["diff"],
+        gain["low"],
+        gain["high"],
+        len(valid),
         "kept" if kept else "SFT model kept",
+        r.keep,
     )
     final: Any = trainer.model
     if kept:
@@ -391,6 +415,7 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         "valid_users": len(valid),
         "valid_ndcg@10_sft": round(before["ndcg@10"], 4),
         "valid_ndcg@10_rl": round(after["ndcg@10"], 4),
+        "valid_ndcg@10_gain": gain,
         **({"valid_fusion_weight_sft": before["fusion_weight"]} if "fusion_weight" in before else {}),
         **({"valid_fusion_weight_rl": after["fusion_weight"]} if "fusion_weight" in after else {}),
         "keep": r.keep,

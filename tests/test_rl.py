@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -149,6 +150,9 @@ def test_rl_through_genrec_train_records_and_keeps(trained_run, tmp_path_factory
     info = run.meta()["rl"]
     assert info["steps"] == 2 and info["kept"] is True and info["valid_users"] == 24
     assert {"valid_ndcg@10_sft", "valid_ndcg@10_rl", "seconds", "reward_mean", "target_in_group"} <= set(info)
+    gain = info["valid_ndcg@10_gain"]
+    assert gain["low"] <= gain["diff"] <= gain["high"]
+    assert gain["diff"] == pytest.approx(info["valid_ndcg@10_rl"] - info["valid_ndcg@10_sft"], abs=2e-4)
     assert run.merged_sft_dir.is_dir() and weights_digest(run.merged_dir) != weights_digest(
         run.merged_sft_dir
     )
@@ -160,6 +164,7 @@ def test_rl_through_genrec_train_records_and_keeps(trained_run, tmp_path_factory
     assert shown.exit_code == 0, shown.output
     line = "RL after SFT (rank reward, 2 steps of 2 users x 4 items"
     assert line in shown.output and "the RL model is the one evaluated" in shown.output
+    assert f"paired difference {gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" in shown.output
     assert line in (run.path / "report_test.md").read_text()
 
 
@@ -171,12 +176,46 @@ def test_keep_auto_keeps_the_sft_model_when_validation_does_not_improve(
     sft = weights_digest(run.merged_dir)
     rl.train_rl(run, cfg)  # an earlier stage kept its model: merged/ is RL, merged-sft/ the SFT model
     assert weights_digest(run.merged_sft_dir) == sft and weights_digest(run.merged_dir) != sft
-    scores = iter([0.5, 0.4])  # the SFT model, then the RL model: RL did worse
-    monkeypatch.setattr(rl, "validation_ndcg", lambda *a, **k: {"ndcg@10": next(scores)})
+    users = iter([[1.0, 0.0] * 5, [1.0, 0.0, 1.0, 0.0, 0.0] * 2])  # SFT's, then RL's: RL did worse
+    monkeypatch.setattr(rl, "validation_ndcg", lambda *a, **k: judged_as(next(users)))
     info = rl.train_rl(run, with_rl(cfg, keep="auto"))
     assert info["kept"] is False and info["valid_ndcg@10_sft"] == 0.5 and info["valid_ndcg@10_rl"] == 0.4
+    assert info["valid_ndcg@10_gain"]["diff"] == -0.1
     assert weights_digest(run.merged_dir) == sft and not run.merged_sft_dir.exists()
     assert run.meta()["rl"]["kept"] is False
+
+
+def judged_as(per_user: list[float]) -> dict:
+    """What rl.validation_ndcg returns for these per-user NDCG@10 values."""
+    return {"ndcg@10": float(np.mean(per_user)), "per_user": np.array(per_user)}
+
+
+def test_keep_decides_on_the_paired_validation_difference():
+    """The gain is the mean of the per-user differences with its 95% interval; `auto` keeps a higher mean,
+    `significant` only an interval above zero, `always` anything."""
+    sft = judged_as([0.0, 0.5, 1.0, 0.2] * 10)
+    small = judged_as([0.0, 0.5, 1.0, 0.3] * 9 + [1.0, 0.5, 1.0, 0.2])  # one user much better, one a little
+    broad = judged_as([0.5, 0.6, 1.0, 0.3] * 10)  # every fourth user better by 0.1, the first by 0.5
+    worse = judged_as([0.0, 0.5, 0.9, 0.2] * 10)
+    g = rl.rl_gain(sft, small)
+    d = np.array(small["per_user"]) - np.array(sft["per_user"])
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    assert g == {
+        "diff": round(d.mean(), 4),
+        "low": round(d.mean() - half, 4),
+        "high": round(d.mean() + half, 4),
+    }
+    assert g["diff"] > 0 > g["low"]
+    assert rl.rl_gain(sft, broad)["low"] > 0
+    decisions = {
+        keep: [rl.keeps_rl_model(keep, rl.rl_gain(sft, after)) for after in (small, broad, worse)]
+        for keep in ("auto", "significant", "always")
+    }
+    assert decisions == {
+        "auto": [True, True, False],
+        "significant": [False, True, False],
+        "always": [True, True, True],
+    }
 
 
 def with_rl(cfg: RunConfig, **changes) -> RunConfig:

@@ -498,10 +498,28 @@ def fused_validation_ndcg(
 ) -> tuple[dict[str, dict[str, float]], list[list[int]], dict[int, list[np.ndarray]]]:
     """NDCG@10 of validation examples for each number of candidates n of `ns` (None: eval.n_candidates) and each
     fusion weight (keyed `str(n)`, then `f"{w:g}"`), each example's candidates and, per n, the positions of the
-    first n among them (`candidate_prefixes`). The largest number's candidates are ranked once with the LM alone
-    (every candidate's log-probability) and fused with the scores of `validation_collab` (a model that never saw
-    these targets) at each weight. What retrieval.fusion_weight=auto chooses from, and how the RL stage
-    (genrec.rl) compares models."""
+    first n among them (`candidate_prefixes`): `fused_validation_users`' means. What retrieval.fusion_weight=auto
+    chooses from."""
+    per_user, items, prefixes = fused_validation_users(rec, valid, cfg, weights, ns=ns, progress=progress)
+    means = {n: {w: float(v.mean()) for w, v in by_w.items()} for n, by_w in per_user.items()}
+    return means, items, prefixes
+
+
+def fused_validation_users(
+    rec: Any,
+    valid: Sequence[Example],
+    cfg: RunConfig,
+    weights: Sequence[float],
+    *,
+    ns: Sequence[int] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, np.ndarray]], list[list[int]], dict[int, list[np.ndarray]]]:
+    """Each validation example's NDCG@10 (in `valid`'s order) for each number of candidates n of `ns` (None:
+    eval.n_candidates) and each fusion weight (keyed `str(n)`, then `f"{w:g}"`), each example's candidates and, per
+    n, the positions of the first n among them (`candidate_prefixes`). The largest number's candidates are ranked
+    once with the LM alone (every candidate's log-probability) and fused with the scores of `validation_collab` (a
+    model that never saw these targets) at each weight. How the RL stage (genrec.rl) compares models, user by
+    user."""
     ns = list(ns or [cfg.eval.n_candidates])
     widest = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=max(ns)))
     serving = rec.collab
@@ -513,7 +531,7 @@ def fused_validation_ndcg(
         prefixes = candidate_prefixes(rec.collab, histories, items, ns)
     finally:
         rec.collab = serving
-    by_n: dict[str, dict[str, float]] = {}
+    by_n: dict[str, dict[str, np.ndarray]] = {}
     for n in ns:
         by_n[str(n)] = {}
         for w in weights:
@@ -521,13 +539,8 @@ def fused_validation_ndcg(
                 fused_order([its[j] for j in keep], s[keep], c[keep], w)[:10]
                 for its, s, c, keep in zip(items, lm, collab, prefixes[n], strict=True)
             ]
-            by_n[str(n)][f"{w:g}"] = float(
-                np.mean(
-                    [
-                        user_metrics(lst, ex.target, [10])["ndcg@10"]
-                        for lst, ex in zip(lists, valid, strict=True)
-                    ]
-                )
+            by_n[str(n)][f"{w:g}"] = np.array(
+                [user_metrics(lst, ex.target, [10])["ndcg@10"] for lst, ex in zip(lists, valid, strict=True)]
             )
     return by_n, items, prefixes
 
@@ -948,8 +961,16 @@ def rl_text(info: dict[str, Any] | None) -> list[str]:
     return [
         f"RL after SFT ({info['reward']} reward, {info['steps']} steps of {info['users_per_step']} users x "
         f"{info['group']} items, {info['seconds']} s): validation NDCG@10 {info['valid_ndcg@10_sft']:.4f} (SFT) -> "
-        f"{info['valid_ndcg@10_rl']:.4f} on {info['valid_users']} users; rl.keep={info['keep']}: {which}."
+        f"{info['valid_ndcg@10_rl']:.4f} on {info['valid_users']} users{_gain_text(info.get('valid_ndcg@10_gain'))}; "
+        f"rl.keep={info['keep']}: {which}."
     ]
+
+
+def _gain_text(gain: dict[str, float] | None) -> str:
+    """`, paired difference +0.0123 [-0.0040, +0.0286]` (runs made before the interval was recorded: nothing)."""
+    if not gain:
+        return ""
+    return f", paired difference {gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
 
 
 def paired_table(vs: dict[str, dict[str, dict[str, float]]], users: int) -> list[str]:
