@@ -434,7 +434,10 @@ def choose_fusion_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> 
     valid = valid[: r.tune_users] if r.tune_users else valid
     started = time.time()
     ns = sorted(set(r.n_candidates_grid)) or [cfg.eval.n_candidates]
-    by_n, items, prefixes = fused_validation_ndcg(rec, valid, cfg, r.fusion_grid, ns=ns, progress=progress)
+    per_user, items, prefixes = fused_validation_users(
+        rec, valid, cfg, r.fusion_grid, ns=ns, progress=progress
+    )
+    by_n = {n: {w: float(v.mean()) for w, v in by_w.items()} for n, by_w in per_user.items()}
     n, best = max(
         ((n, w) for n in ns for w in r.fusion_grid),
         key=lambda p: (by_n[str(p[0])][f"{p[1]:g}"], -p[0], -p[1]),
@@ -487,24 +490,6 @@ def candidate_prefixes(
     return {n: [np.flatnonzero(a < n) for a in at] for n in ns}
 
 
-def fused_validation_ndcg(
-    rec: Any,
-    valid: Sequence[Example],
-    cfg: RunConfig,
-    weights: Sequence[float],
-    *,
-    ns: Sequence[int] | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, dict[str, float]], list[list[int]], dict[int, list[np.ndarray]]]:
-    """NDCG@10 of validation examples for each number of candidates n of `ns` (None: eval.n_candidates) and each
-    fusion weight (keyed `str(n)`, then `f"{w:g}"`), each example's candidates and, per n, the positions of the
-    first n among them (`candidate_prefixes`): `fused_validation_users`' means. What retrieval.fusion_weight=auto
-    chooses from."""
-    per_user, items, prefixes = fused_validation_users(rec, valid, cfg, weights, ns=ns, progress=progress)
-    means = {n: {w: float(v.mean()) for w, v in by_w.items()} for n, by_w in per_user.items()}
-    return means, items, prefixes
-
-
 def fused_validation_users(
     rec: Any,
     valid: Sequence[Example],
@@ -518,8 +503,8 @@ def fused_validation_users(
     eval.n_candidates) and each fusion weight (keyed `str(n)`, then `f"{w:g}"`), each example's candidates and, per
     n, the positions of the first n among them (`candidate_prefixes`). The largest number's candidates are ranked
     once with the LM alone (every candidate's log-probability) and fused with the scores of `validation_collab` (a
-    model that never saw these targets) at each weight. How the RL stage (genrec.rl) compares models, user by
-    user."""
+    model that never saw these targets) at each weight. What retrieval.fusion_weight=auto chooses from (by the
+    means), and how the RL stage (genrec.rl) compares models, user by user."""
     ns = list(ns or [cfg.eval.n_candidates])
     widest = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_candidates=max(ns)))
     serving = rec.collab
