@@ -360,3 +360,34 @@ def test_free_text_beside_a_history_reaches_the_prompt_and_retrieves_candidates(
 def test_without_items_leaves_data_alone_when_nothing_is_held_out(small_data):
     assert without_items(small_data, []) is small_data
     assert isinstance(without_items(small_data, [0]), Interactions)
+
+
+def test_need_fusion_probe_at_weight_zero_is_the_lm_and_names_the_retriever_alone(text_run):
+    """bench.need_fusion: at weight 0 each user's NDCG@10 is the LM's own top 10 given history + need, and its
+    `retriever_need` is the retriever alone on the need over the unseen items, as `evaluate --protocol need` ranks
+    them."""
+    from bench.need_fusion import GRID, ndcg_by_weight
+    from genrec.evaluation import need_queries, need_retriever_lists
+    from genrec.evaluation.metrics import user_metrics
+
+    run, cfg = text_run
+    if not run.merged_dir.is_dir():
+        train(run, cfg)
+    rec = Recommender.load(run, device="cpu")
+    got = ndcg_by_weight(rec, "test", 12)
+    assert set(got) == {f"{w:g}" for w in GRID} | {"retriever_need"}
+    examples = leave_one_out(rec.data, "test")[:12]
+    needs = need_queries(rec.data, examples, rec.cfg)
+    top = rec.rank_histories(
+        [ex.history for ex in examples], rec.cfg.ranking.with_(n_items=10, candidates="all"), queries=needs
+    )
+    lm = [
+        user_metrics([r.item for r in recs], ex.target, [10])["ndcg@10"]
+        for recs, ex in zip(top, examples, strict=True)
+    ]
+    assert np.allclose(got["0"], lm)
+    alone = need_retriever_lists(rec, examples, needs, k=10)
+    assert np.allclose(
+        got["retriever_need"],
+        [user_metrics(a, ex.target, [10])["ndcg@10"] for a, ex in zip(alone, examples, strict=True)],
+    )
