@@ -36,6 +36,7 @@ def ndcg_by_weight(rec: Recommender, split: str, users: int) -> dict[str, np.nda
     examples = leave_one_out(rec.data, split)[:users]
     needs = need_queries(rec.data, examples, cfg)
     options = cfg.ranking.with_(n_items=min(TOP, len(rec.catalog)), candidates="all")
+    rec.text_weight = 0.0  # the LM's own order; the probe fuses the text itself
     ranked = []
     for lo in range(0, len(examples), 16):
         part = examples[lo : lo + 16]

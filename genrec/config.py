@@ -365,6 +365,21 @@ class RetrievalConfig:
     tune_users: int = 1000
     """Validation users ranked to choose the fusion weight and, for `auto`, the collaborative model (the first N;
     0: all)."""
+    text_weight: Literal["auto"] | float = "auto"
+    """A request that carries free text (a need beside a history, a new user's words; runs whose item embeddings
+    come from a text encoder): its candidates' final score gains weight x the log-softmax, over its candidates, of
+    the text's cosine with each item's embedding, so that what the words ask for counts beside what the history
+    implies. The candidates are the retrieved ones (the history's and the text's), or with candidates=all the LM's
+    first 1,000 items (RankingOptions.MAX_ITEMS) where the engine scores exactly (else the beam's). 0: the text
+    reaches the LM alone. `auto`: the weight of
+    retrieval.text_grid with the best validation NDCG@10 of the need protocol (the first retrieval.tune_users
+    validation users, each given its validation item's derived need beside the history; ties: the smaller
+    weight), chosen after training (`genrec train`, or `genrec evaluate --protocol need` when none is recorded)
+    and recorded in run.json (`retrieval.text_fusion`) and the eval report; until then a text request is ranked
+    with 0."""
+    text_grid: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
+    """Weights text_weight=auto chooses from (the cosines span at most 2, so useful weights are larger than the
+    collaborative score's)."""
 
 
 RlReward = Literal["rank", "hit"]
@@ -722,6 +737,12 @@ def validate_retrieval(r: RetrievalConfig) -> None:
         raise ConfigError(f"retrieval.fusion_weight must be >= 0 (or auto), got {r.fusion_weight}")
     if not r.fusion_grid or any(not w >= 0 for w in r.fusion_grid):
         raise ConfigError(f"retrieval.fusion_grid: one or more weights >= 0, got {r.fusion_grid}")
+    if isinstance(r.text_weight, str) and r.text_weight != "auto":
+        raise ConfigError(f"retrieval.text_weight: {r.text_weight!r}; use auto or a number >= 0")
+    if not isinstance(r.text_weight, str) and not r.text_weight >= 0:
+        raise ConfigError(f"retrieval.text_weight must be >= 0 (or auto), got {r.text_weight}")
+    if not r.text_grid or any(not w >= 0 for w in r.text_grid):
+        raise ConfigError(f"retrieval.text_grid: one or more weights >= 0, got {r.text_grid}")
     if r.tune_users < 0:
         raise ConfigError("retrieval.tune_users must be >= 0 (0: all validation users)")
     unknown = [m for m in r.auto_models if m not in COLLABORATIVE]

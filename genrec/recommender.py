@@ -105,6 +105,9 @@ class PreparedBatch:
     retrieved_scores: list[list[float] | None] | None = None
     """The collaborative retriever's score of each retrieved candidate, fused with the LM's (retrieval.source);
     None where no fusion applies."""
+    text_vectors: list[np.ndarray | None] | None = None
+    """Each request's free text embedded by the run's text encoder (None: no text, or item embeddings that are
+    not text), whose cosine with the ranked items is fused (retrieval.text_weight)."""
 
 
 def history_requests(
@@ -183,6 +186,10 @@ class Recommender:
         self.fusion_weight = fusion_weight
         """Weight of the collaborative score in the fused one (retrieval.fusion_weight); None: `auto` and not yet
         chosen (genrec.evaluation.choose_fusion_weight)."""
+        self.text_weight = text_weight_of(run, cfg)
+        """Weight of a request's free-text score in the fused one (retrieval.text_weight); None: `auto` and not yet
+        chosen (genrec.evaluation.choose_text_weight): such requests are ranked with 0 until it is."""
+        self._said_text_weight = False
         self.held_out = frozenset(held_out)
         """Items never ranked, for any request: those held out of training (data.cold_items) while the model
         being trained is ranked (training's validation, the RL stage), since they do not exist for it yet."""
@@ -374,10 +381,13 @@ class Recommender:
         """The candidate tries of a prepared batch (from its retrieved candidates; no index search)."""
         return self._tries(requests, prepared.retrieved)
 
-    def _retrieve(self, requests: Sequence[RankRequest]) -> list[list[int] | None]:
+    def _retrieve(
+        self, requests: Sequence[RankRequest], vectors: Sequence[np.ndarray | None] | None = None
+    ) -> list[list[int] | None]:
         """Each retriever-mode request's candidates (one index search per kind of query), None for mode `all`:
-        the history's top n_candidates, the free text's (RankRequest.query), or the union of both (history's
-        first). A request with text alone, on a run without text embeddings, ranks the whole catalogue."""
+        the history's top n_candidates, the free text's (RankRequest.query; `vectors`: the texts already
+        embedded), or the union of both (history's first). A request with text alone, on a run without text
+        embeddings, ranks the whole catalogue."""
         retrieve = [r for r in requests if r.candidates != "all"]
         if any(not r.history and not r.query for r in retrieve):
             raise GenrecError("candidates=retriever needs a history or free text")
@@ -388,10 +398,12 @@ class Recommender:
             exclude=[[*r.exclude, *self.held_out] if self.held_out else r.exclude for r in by_history],
         )
         by_text = [r for r in retrieve if r.query] if self.text_embeddings else []
+        embedded = {id(r): v for r, v in zip(requests, vectors or [None] * len(requests), strict=True)}
         found_t = self.text_retrieved_many(
             [r.query or "" for r in by_text],
             n=[r.n_candidates for r in by_text],
             exclude=[sorted(set(r.history) | set(r.exclude) | self.held_out) for r in by_text],
+            vectors=[embedded.get(id(r)) for r in by_text] if vectors is not None else None,
         )
         cands: dict[int, list[int]] = {}
         for r, found in [*zip(by_history, found_h, strict=True), *zip(by_text, found_t, strict=True)]:
@@ -413,12 +425,20 @@ class Recommender:
         return np.asarray(self._encoder.encode(list(texts)))
 
     def text_retrieved_many(
-        self, texts: Sequence[str], *, n: Sequence[int], exclude: Sequence[Sequence[int]]
+        self,
+        texts: Sequence[str],
+        *,
+        n: Sequence[int],
+        exclude: Sequence[Sequence[int]],
+        vectors: Sequence[np.ndarray | None] | None = None,
     ) -> list[list[int]]:
-        """The retriever's top-n items for each free text (each with its own n and exclusions)."""
+        """The retriever's top-n items for each free text (each with its own n and exclusions; `vectors`: the
+        texts already embedded, else embedded here)."""
         if not texts:
             return []
-        items, _ = self.retriever.search(self.encode_text(texts), max(n), exclude=[list(e) for e in exclude])
+        given = [v for v in vectors or [] if v is not None]
+        queries = np.stack(given) if given and len(given) == len(texts) else self.encode_text(texts)
+        items, _ = self.retriever.search(queries, max(n), exclude=[list(e) for e in exclude])
         return [row[:k][row[:k] >= 0].tolist() for row, k in zip(items, n, strict=True)]
 
     def collaborative_candidates(
@@ -519,10 +539,20 @@ class Recommender:
         with self.clock.stage("tokenise"):
             prompts = self.engine.encode_many([r.messages or [] for r in requests])
         with self.clock.stage("retrieve"):
-            retrieved = self._retrieve(requests)
+            vectors = self._text_vectors(requests)
+            retrieved = self._retrieve(requests, vectors)
             self._check_fusion(retrieved)
             scores = self._retrieved_scores(requests, retrieved)
-        return PreparedBatch(prompts, retrieved, retrieved_scores=scores)
+        return PreparedBatch(prompts, retrieved, retrieved_scores=scores, text_vectors=vectors)
+
+    def _text_vectors(self, requests: Sequence[RankRequest]) -> list[np.ndarray | None] | None:
+        """Each request's free text embedded (one encoder call for the batch); None when none carries text or
+        the run's item embeddings are not text."""
+        at = [i for i, r in enumerate(requests) if r.query] if self.text_embeddings else []
+        if not at:
+            return None
+        found = dict(zip(at, self.encode_text([requests[i].query or "" for i in at]), strict=True))
+        return [found.get(i) for i in range(len(requests))]
 
     def rank_prepared(
         self, requests: Sequence[RankRequest], prepared: PreparedBatch
@@ -545,6 +575,7 @@ class Recommender:
         width = max(max(r.beam_width or r.n_items, r.n_items) for r in requests)
         if prepared.retrieved_scores is not None:  # every candidate's LM score, to fuse (`fused`)
             width = max([width, *(len(c) for c in prepared.retrieved if c is not None)])
+        width = max(width, self._text_width(prepared))
         with self.clock.stage("rank"):
             ranked = self.engine.launch(prompts, tries, beam_width=width, layouts=lays)
 
@@ -564,22 +595,58 @@ class Recommender:
                 "or set retrieval.fusion_weight to a number"
             )
 
+    def _text_width(self, prepared: PreparedBatch) -> int:
+        """How many items the engine returns so that a request's free text can reorder them (`fused`): every
+        retrieved candidate, or with candidates=all the first RankingOptions.MAX_ITEMS where the engine can score
+        exactly (tree scoring; a beam search keeps its own width); 0 without text. Set by the text alone, not by
+        its weight, so that a weight chosen later reorders the same items."""
+        if prepared.text_vectors is None:
+            return 0
+        policy = getattr(self.engine, "layout_policy", None)
+        whole = RankingOptions.MAX_ITEMS if policy is not None else 0
+        return max(
+            len(c) if c is not None else whole
+            for c, v in zip(prepared.retrieved, prepared.text_vectors, strict=True)
+            if v is not None
+        )
+
     def fused(self, ranked: Sequence[Ranked], prepared: PreparedBatch) -> list[Ranked]:
-        """Each request's candidates reordered by the fused score (retrieval.fusion_weight): the LM's
-        log-probability + the weight x log-softmax of the collaborative scores over its candidates. Requests
-        without collaborative scores keep the LM's order."""
-        if prepared.retrieved_scores is None or self.fusion_weight is None:
+        """Each request's candidates reordered by the fused score: the LM's log-probability + the
+        retrieval.fusion_weight x log-softmax of the collaborative scores over its candidates + for a request
+        with free text the retrieval.text_weight x log-softmax of the text's cosine with each candidate's
+        embedding. Requests with neither keep the LM's order."""
+        coll_w, text_w = self.fusion_weight or 0.0, self.text_weight or 0.0
+        if self.text_weight is None and prepared.text_vectors is not None and not self._said_text_weight:
+            self._said_text_weight = True
+            logger.warning(
+                "%s: retrieval.text_weight is auto and no weight has been chosen yet, so free text reaches the LM "
+                "alone: `genrec train` or `genrec evaluate --protocol need` chooses one on the validation split",
+                self.run.path,
+            )
+        colls = prepared.retrieved_scores if coll_w else None
+        texts = prepared.text_vectors if text_w else None
+        if colls is None and texts is None:
             return list(ranked)
         out = []
-        for r, cands, coll in zip(ranked, prepared.retrieved, prepared.retrieved_scores, strict=True):
-            if cands is None or coll is None:
+        for k, (r, cands) in enumerate(zip(ranked, prepared.retrieved, strict=True)):
+            coll = colls[k] if colls is not None and cands is not None else None
+            vec = texts[k] if texts is not None else None
+            if coll is None and vec is None:
                 out.append(r)
                 continue
-            by_item = dict(zip(cands, coll, strict=True))
-            scores = fuse(np.asarray(r.scores), np.asarray([by_item[i] for i in r.items]), self.fusion_weight)
+            scores = np.asarray(r.scores, dtype=np.float64)
+            if coll is not None and cands is not None:
+                by_item = dict(zip(cands, coll, strict=True))
+                scores = fuse(scores, np.asarray([by_item[i] for i in r.items]), coll_w)
+            if vec is not None:
+                scores = fuse(scores, self.text_cosines(vec, r.items), text_w)
             order = np.argsort(-scores, kind="stable")
             out.append(Ranked([r.items[j] for j in order], [float(scores[j]) for j in order]))
         return out
+
+    def text_cosines(self, vector: np.ndarray, items: Sequence[int]) -> np.ndarray:
+        """An embedded free text's cosine with each item's (normalised) embedding."""
+        return np.asarray(self.retriever.embeddings[list(items)] @ np.asarray(vector, dtype=np.float32))
 
     def _tries_and_layouts(
         self, requests: Sequence[RankRequest], prepared: PreparedBatch
@@ -684,6 +751,16 @@ def load_retrieval(
         return collab, float(weight)
     chosen = recorded.get("fusion")
     return collab, float(chosen["weight"]) if chosen else None
+
+
+def text_weight_of(run: RunDir, cfg: RunConfig) -> float | None:
+    """The weight of a request's free-text score (retrieval.text_weight): the configured number, or for `auto` the
+    one recorded in run.json (`retrieval.text_fusion`; None: not chosen yet)."""
+    w = cfg.retrieval.text_weight
+    if w != "auto":
+        return float(w)
+    chosen = run.meta().get("retrieval", {}).get("text_fusion")
+    return float(chosen["weight"]) if chosen else None
 
 
 def pooled(cfg: RunConfig) -> list[str]:

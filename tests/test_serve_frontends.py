@@ -341,6 +341,9 @@ def test_merged_prepared_batches_keep_each_requests_parts():
     assert m.layouts == [None, "lay"] and m.retrieved_scores == [[0.5, 0.1], None]
     assert merge_prepared([a]).layouts is None
     assert merge_prepared(split_prepared(m)) == m and [len(p.prompts) for p in split_prepared(m)] == [1, 1]
+    c = PreparedBatch([[4]], [None], text_vectors=["need"])  # type: ignore[list-item]
+    assert merge_prepared([a, c]).text_vectors == [None, "need"]  # a request's free text travels with it
+    assert [p.text_vectors for p in split_prepared(merge_prepared([a, c]))] == [[None], ["need"]]
 
 
 def test_sigterm_drains_in_flight_requests(fe_run, rec):

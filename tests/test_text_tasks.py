@@ -374,7 +374,7 @@ def test_need_fusion_probe_at_weight_zero_is_the_lm_and_names_the_retriever_alon
     if not run.merged_dir.is_dir():
         train(run, cfg)
     rec = Recommender.load(run, device="cpu")
-    got = ndcg_by_weight(rec, "test", 12)
+    got = ndcg_by_weight(rec, "test", 12)  # sets the run's text weight to 0: the LM alone, as below
     assert set(got) == {f"{w:g}" for w in GRID} | {"retriever_need"}
     examples = leave_one_out(rec.data, "test")[:12]
     needs = need_queries(rec.data, examples, rec.cfg)
@@ -391,3 +391,89 @@ def test_need_fusion_probe_at_weight_zero_is_the_lm_and_names_the_retriever_alon
         got["retriever_need"],
         [user_metrics(a, ex.target, [10])["ndcg@10"] for a, ex in zip(alone, examples, strict=True)],
     )
+
+
+def test_free_text_score_is_fused_into_the_ranking_of_a_text_request_only(text_run):
+    """retrieval.text_weight: a request with free text has its ranked items reordered by the LM's log-probability +
+    weight x log-softmax of the text's cosine with each item; weight 0 keeps the LM's order, a very large weight
+    gives the text's own order, and a request without text is untouched by it. With candidates=all the engine
+    returns the LM's first RankingOptions.MAX_ITEMS (here the whole catalogue), whatever the weight."""
+    from genrec.retrieval import fuse
+
+    run, cfg = text_run
+    if not run.merged_dir.is_dir():
+        train(run, cfg)
+    rec = Recommender.load(run, device="cpu")
+    hist = rec.user_history(rec.data.users[1])[-3:]
+    need = "looking for " + " ".join(rec.catalog.titles[3].split()[:2])
+    everything = RankingOptions(n_items=RankingOptions.MAX_ITEMS, candidates="all")
+    rec.text_weight = 0.0
+    (lm,) = rec.rank_histories([hist], everything, queries=[need])
+    unseen = len(rec.catalog) - len(set(hist) | rec.held_out)
+    assert len(lm) == unseen  # every item the fusion may reorder, though this request asks for no fusion
+    items = [r.item for r in lm]
+    (vec,) = rec.encode_text([need])
+    cos = rec.text_cosines(vec, items)
+    for w in (2.0, 1e6):
+        rec.text_weight = w
+        (got,) = rec.rank_histories([hist], everything.with_(n_items=10), queries=[need])
+        want = np.argsort(-fuse(np.array([r.score for r in lm]), cos, w), kind="stable")[:10]
+        assert [r.item for r in got] == [items[j] for j in want]
+    assert [r.item for r in got][:3] == [r.item for r in rec.retrieve_text(need, n_items=3, exclude=hist)]
+    (plain,) = rec.rank_histories([hist], everything.with_(n_items=10))
+    rec.text_weight = 0.0
+    assert [r.item for r in plain] == [
+        r.item for r in rec.rank_histories([hist], everything.with_(n_items=10))[0]
+    ]
+
+
+def test_text_weight_is_chosen_on_the_validation_need_protocol_recorded_and_loaded(text_run, tmp_path):
+    """retrieval.text_weight=auto: `choose_text_weight` ranks the validation users given their validation item's
+    need once, fuses the text at each weight of retrieval.text_grid, keeps the best (ties: the smaller), records it
+    in run.json, and a Recommender loaded afterwards ranks text requests with it; `evaluate --protocol need` reports
+    it. An unchosen weight leaves text requests to the LM (and says so)."""
+    import shutil
+
+    from genrec.evaluation import choose_text_weight, need_queries, text_fused_validation_users
+    from genrec.run import RunDir
+
+    run, cfg = text_run
+    if not run.merged_dir.is_dir():
+        train(run, cfg)
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.path, copy.path)
+    meta = copy.meta()
+    meta.get("retrieval", {}).pop("text_fusion", None)
+    (copy.path / "run.json").write_text(json.dumps(meta))
+    cfg = apply_overrides(cfg, ["retrieval.tune_users=24", "retrieval.text_grid=[0,2,8,64]"])
+    copy.save_config(cfg)
+    rec = Recommender.load(copy, device="cpu")
+    assert rec.text_weight is None
+    info = choose_text_weight(rec, cfg, progress=False)
+    grid = info["valid_ndcg@10"]
+    assert set(grid) == {"0", "2", "8", "64"} and info["users"] == 24
+    best = max(grid.values())
+    assert info["weight"] == min(float(w) for w, v in grid.items() if v == best)
+    assert copy.meta()["retrieval"]["text_fusion"]["weight"] == info["weight"] == rec.text_weight
+    # the chosen weight's validation figure is what the product's ranking gives those users
+    valid = leave_one_out(rec.data, "valid")[:24]
+    needs = need_queries(rec.data, valid, cfg)
+    again = Recommender.load(copy, device="cpu")
+    assert again.text_weight == info["weight"]
+    top = again.rank_histories(
+        [ex.history for ex in valid], again.cfg.ranking.with_(n_items=10), queries=needs
+    )
+    from genrec.evaluation.metrics import user_metrics
+
+    ndcg = [
+        user_metrics([r.item for r in t], ex.target, [10])["ndcg@10"]
+        for t, ex in zip(top, valid, strict=True)
+    ]
+    assert np.isclose(np.mean(ndcg), grid[f"{info['weight']:g}"], atol=1e-4)
+    per_user = text_fused_validation_users(again, valid, cfg, [info["weight"]], progress=False)
+    assert np.allclose(per_user[f"{info['weight']:g}"], ndcg)
+    need = evaluate(
+        copy, apply_overrides(cfg, ["eval.protocol=need", "eval.max_users=8"]), rec=again, progress=False
+    )
+    assert need["text_fusion"]["weight"] == info["weight"]
+    assert "The need's text score" in (copy.path / "report_test_need.md").read_text()

@@ -196,8 +196,8 @@ def train(
     )
     if cfg.rl.steps > 0:
         _rl_stage(rd, cfg)
-    if retriever is not None:
-        _choose_fusion(rd, cfg)
+    rec = _choose_fusion(rd, cfg) if retriever is not None else None
+    _choose_text_weight(rd, cfg, rec)
 
 
 def _rl_stage(rd: RunDir, cfg: RunConfig) -> None:
@@ -227,8 +227,8 @@ def rl(run: RunOpt, set_: SetOpt = None) -> None:
     rd.model_dir()  # a trained run, else say what to run first
     rd.save_config(cfg)
     _rl_stage(rd, cfg)
-    if cfg.retrieval.source != "text":
-        _choose_fusion(rd, cfg)
+    rec = _choose_fusion(rd, cfg) if cfg.retrieval.source != "text" else None
+    _choose_text_weight(rd, cfg, rec)
 
 
 def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
@@ -265,6 +265,25 @@ def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
         grid = info.get("valid_ndcg@10")
         typer.echo(
             f"{info['source']} retriever fused with weight {info['weight']:g} ({info['chosen_by']}"
+            + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
+            + ")"
+        )
+    return rec
+
+
+def _choose_text_weight(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
+    """After training: the weight of a request's free-text score (retrieval.text_weight, chosen on the validation
+    split's need protocol for `auto`), said on the terminal; returns the loaded Recommender. Nothing to choose
+    where the run's item embeddings are not text."""
+    from genrec.evaluation import text_weight_for
+    from genrec.recommender import Recommender
+
+    rec = rec or Recommender.load(rd)
+    info = text_weight_for(rec, cfg)
+    if info is not None:
+        grid = info.get("valid_ndcg@10")
+        typer.echo(
+            f"free text fused with weight {info['weight']:g} ({info['chosen_by']}"
             + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
             + ")"
         )
@@ -661,6 +680,7 @@ def quickstart(
     if cfg.rl.steps > 0:
         _rl_stage(rd, cfg)
     rec = _choose_fusion(rd, cfg) if retriever is not None else Recommender.load(rd)
+    _choose_text_weight(rd, cfg, rec)
     typer.echo(f"[4/{len(steps)}] evaluate")
     report = do_eval(rd, cfg, rec=rec)
     _print_report(report)

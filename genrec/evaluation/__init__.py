@@ -220,6 +220,7 @@ def evaluate(
     protocol = cfg.eval.protocol
     cold = run.cold_items(cfg)
     fusion = fusion_weight_for(rec, cfg, progress=progress)
+    text_fusion = text_weight_for(rec, cfg, progress=progress) if protocol == "need" else None
     cfg = with_chosen_candidates(run, cfg)  # as many candidates as the fusion weight was chosen for
     examples = leave_one_out(data, cfg.eval.split)
     if protocol == "cold":  # the users whose held-out item is the one to find
@@ -304,6 +305,7 @@ def evaluate(
         "results": results,
         "genrec_vs": paired_differences(per_user, compared_metrics(ks)),
         **({"retrieval": fusion} if fusion is not None and cfg.eval.candidates != "all" else {}),
+        **({"text_fusion": text_fusion} if text_fusion is not None else {}),
         **({"rl": run.meta()["rl"]} if "rl" in run.meta() else {}),
         **({"resumed": parts.reused} if parts.reused else {}),
     }
@@ -359,8 +361,9 @@ def protocol_fields(cfg: RunConfig, cold: Sequence[int], examples: Sequence[Exam
     if protocol == "need":
         out["need"] = (
             f"each user's test item's need (its category or genres, sometimes its brand, {cfg.prompt.need_title_words} "
-            f"words of its title at most, fewer than half of them) given with the history; {HISTORY_ALONE}: the same model on "
-            "the history alone; retriever_need: the retriever on the need's text alone"
+            f"words of its title at most, fewer than half of them) given with the history, its text score fused "
+            f"(retrieval.text_weight); {HISTORY_ALONE}: the same model on the history alone; retriever_need: the "
+            "retriever on the need's text alone"
         )
     return out
 
@@ -407,6 +410,98 @@ def fusion_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dic
     if recorded.get("weight") == rec.fusion_weight:
         return dict(recorded)
     return {"weight": rec.fusion_weight, **retrieval_record(rec)}  # set on this Recommender, not recorded
+
+
+def text_weight_for(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any] | None:
+    """The fusion of a request's free text (retrieval.text_weight; None where the run's item embeddings are not
+    text, so no text can be scored): the configured weight, the one recorded in run.json, or, for `auto` with none
+    recorded, one chosen now (`choose_text_weight`)."""
+    if not rec.text_embeddings:
+        return None
+    if cfg.retrieval.text_weight != "auto":
+        rec.text_weight = float(cfg.retrieval.text_weight)
+        return {"weight": rec.text_weight, "chosen_by": "retrieval.text_weight"}
+    if rec.text_weight is None:
+        return choose_text_weight(rec, cfg, progress=progress)
+    recorded = rec.run.meta().get("retrieval", {}).get("text_fusion") or {}
+    if recorded.get("weight") == rec.text_weight:
+        return dict(recorded)
+    return {"weight": rec.text_weight}  # set on this Recommender, not recorded
+
+
+def choose_text_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Choose retrieval.text_weight on the validation split's need protocol: the first retrieval.tune_users
+    validation users, each given its validation item's derived need beside the history, are ranked once with the
+    text's weight at 0 (the LM's scores, fused with the collaborative ones at their weight), and the text's cosines
+    are fused in at each weight of retrieval.text_grid; the weight with the best NDCG@10 is kept (ties: the
+    smaller). Sets it on `rec` and records it in run.json (`retrieval.text_fusion`)."""
+    if (
+        rec.collab is not None and rec.fusion_weight is None
+    ):  # the text's weight is fused over the collaborative
+        fusion_weight_for(rec, cfg, progress=progress)
+    r = cfg.retrieval
+    valid = leave_one_out(rec.data, "valid")
+    valid = valid[: r.tune_users] if r.tune_users else valid
+    started = time.time()
+    per_user = text_fused_validation_users(rec, valid, cfg, r.text_grid, progress=progress)
+    means = {w: float(v.mean()) for w, v in per_user.items()}
+    best = max(r.text_grid, key=lambda w: (means[f"{w:g}"], -w))
+    info = {
+        "weight": float(best),
+        "chosen_by": "validation ndcg@10, need protocol",
+        "users": len(valid),
+        "valid_ndcg@10": {w: round(v, 4) for w, v in means.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    logger.info(
+        "text weight %g (validation NDCG@10 of the need protocol by weight: %s)", best, info["valid_ndcg@10"]
+    )
+    rec.text_weight = float(best)
+    rec.run.update_meta(retrieval={**rec.run.meta().get("retrieval", {}), "text_fusion": info})
+    return info
+
+
+def text_fused_validation_users(
+    rec: Any, valid: Sequence[Example], cfg: RunConfig, weights: Sequence[float], *, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Each validation example's NDCG@10 (in `valid`'s order) given its validation item's derived need beside the
+    history, at each text weight (keyed `f"{w:g}"`). Ranked once, with the text's weight at 0 and the collaborative
+    scores of `validation_collab` (a model that never saw these targets); every ranked item is kept (candidates,
+    or with candidates=all the LM's first RankingOptions.MAX_ITEMS) and the text's cosines fused at each weight."""
+    from genrec.recommender import history_requests
+    from genrec.retrieval import fuse
+
+    needs = need_queries(rec.data, valid, cfg)
+    options = with_chosen_candidates(rec.run, cfg).ranking.with_(n_items=RankingOptions.MAX_ITEMS)
+    serving, saved = rec.collab, rec.text_weight
+    if serving is not None:
+        rec.collab = validation_collab(rec)
+    rec.text_weight = 0.0
+    ranked: list[Any] = []
+    try:
+        with tqdm(total=len(valid), desc="text weight", unit="user", disable=not progress) as bar:
+            for s in range(0, len(valid), cfg.eval.batch_size):
+                chunk = valid[s : s + cfg.eval.batch_size]
+                reqs = history_requests(
+                    [ex.history for ex in chunk],
+                    options,
+                    users=[ex.user for ex in chunk],
+                    queries=needs[s : s + cfg.eval.batch_size],
+                )
+                ranked += rec.rank_requests(reqs)
+                bar.update(len(chunk))
+    finally:
+        rec.collab, rec.text_weight = serving, saved
+    vectors = rec.encode_text(needs)
+    out: dict[str, list[float]] = {f"{w:g}": [] for w in weights}
+    for ex, recs, vec in zip(valid, ranked, vectors, strict=True):
+        items = [x.item for x in recs]
+        scores = np.asarray([x.score for x in recs], dtype=np.float64)
+        cos = rec.text_cosines(vec, items)
+        for w in weights:
+            order = np.argsort(-fuse(scores, cos, w), kind="stable")[:10]
+            out[f"{w:g}"].append(user_metrics([items[j] for j in order], ex.target, [10])["ndcg@10"])
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 def retrieval_record(rec: Any) -> dict[str, Any]:
@@ -603,6 +698,7 @@ def genrec_lists(
         **key,
         "method": name,
         "queries": None if queries is None else texts_digest(queries),
+        **({"text_weight": rec.text_weight} if queries is not None else {}),
         "model": files_stamp(rec.run.model_dir()),
         "ids": files_stamp(rec.run.ids_file),
         "template_hash": rec.builder.template.hash,
@@ -873,6 +969,7 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
             else []
         ),
         *retrieval_text(report.get("retrieval")),
+        *text_fusion_text(report.get("text_fusion")),
         *rl_text(report.get("rl")),
         "",
         "| method | " + " | ".join(cols) + " |",
@@ -931,6 +1028,21 @@ def retrieval_text(fusion: dict[str, Any] | None) -> list[str]:
         + ")."
     )
     return lines
+
+
+def text_fusion_text(info: dict[str, Any] | None) -> list[str]:
+    """The report's line on the need's text score fused into genrec's ranking (retrieval.text_weight; nothing
+    outside the need protocol or without text item embeddings)."""
+    if not info:
+        return []
+    grid = info.get("valid_ndcg@10")
+    return [
+        f"The need's text score (its cosine with each item's embedding) fused with weight {info['weight']:g} "
+        f"({info.get('chosen_by', 'set')}"
+        + (f", {info['users']} users" if "users" in info else "")
+        + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
+        + ")."
+    ]
 
 
 def rl_text(info: dict[str, Any] | None) -> list[str]:

@@ -64,15 +64,16 @@ def split_prepared(batch: PreparedBatch) -> list[PreparedBatch]:
             retrieved=[batch.retrieved[i]],
             layouts=at(batch.layouts, i),
             retrieved_scores=at(batch.retrieved_scores, i),
+            text_vectors=at(batch.text_vectors, i),
         )
         for i in range(n)
     ]
 
 
 def merge_prepared(parts: Sequence[PreparedBatch]) -> PreparedBatch:
-    """One PreparedBatch of several, in order (each front-end prepares its requests on its own). Layouts and
-    collaborative scores stay None only where no part has them; a part without them contributes None
-    entries (its requests get tries made here, or keep the LM's order)."""
+    """One PreparedBatch of several, in order (each front-end prepares its requests on its own). Layouts,
+    collaborative scores and text vectors stay None only where no part has them; a part without them contributes
+    None entries (its requests get tries made here, or keep the LM's order)."""
 
     def joined(field: str) -> list[Any] | None:
         lists = [getattr(p, field) for p in parts]
@@ -89,6 +90,7 @@ def merge_prepared(parts: Sequence[PreparedBatch]) -> PreparedBatch:
         retrieved=[c for p in parts for c in p.retrieved],
         layouts=joined("layouts"),
         retrieved_scores=joined("retrieved_scores"),
+        text_vectors=joined("text_vectors"),
     )
 
 
