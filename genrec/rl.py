@@ -396,9 +396,7 @@ def train_rl(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         keep_rl_model(
             run, final.merge_and_unload() if hasattr(final, "merge_and_unload") else final, tokenizer
         )
-        meta = run.meta().get("retrieval")
-        if meta and "fusion" in meta:  # a weight chosen for the SFT model; `train` chooses again for this one
-            run.update_meta(retrieval={k: v for k, v in meta.items() if k != "fusion"})
+        run.drop_model_choices()  # weights chosen for the SFT model; `train` chooses again for this one
     else:
         restore_sft_model(run)
     summary = {

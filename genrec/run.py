@@ -179,6 +179,15 @@ class RunDir:
                 self.meta_file, json.dumps({k: v for k, v in meta.items() if k not in keys}, indent=2)
             )
 
+    def drop_model_choices(self) -> None:
+        """Remove the weights chosen on validation for the run's model (run.json's `retrieval.fusion` and
+        `retrieval.text_fusion`) when the model is replaced: `genrec train` chooses them again for the new one."""
+        retrieval = self.meta().get("retrieval")
+        if retrieval and {"fusion", "text_fusion"} & set(retrieval):
+            self.update_meta(
+                retrieval={k: v for k, v in retrieval.items() if k not in ("fusion", "text_fusion")}
+            )
+
 
 def with_chosen_candidates(run: RunDir, cfg: RunConfig) -> RunConfig:
     """The config with eval.n_candidates as chosen on validation (retrieval.n_candidates_grid, recorded in

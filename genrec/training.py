@@ -847,6 +847,7 @@ def train(run: RunDir, cfg: RunConfig, *, resume: bool = False) -> dict[str, Any
         "method": "lora" if peft_cfg is not None else "full",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    run.drop_model_choices()  # weights chosen for an earlier model
     run.update_meta(
         train=summary,
         template={

@@ -477,3 +477,8 @@ def test_text_weight_is_chosen_on_the_validation_need_protocol_recorded_and_load
     )
     assert need["text_fusion"]["weight"] == info["weight"]
     assert "The need's text score" in (copy.path / "report_test_need.md").read_text()
+    train(
+        copy, apply_overrides(cfg, ["train.max_steps=2"])
+    )  # a new model: the weight chosen for the old one goes
+    assert "text_fusion" not in copy.meta().get("retrieval", {})
+    assert Recommender.load(copy, device="cpu").text_weight is None
