@@ -98,7 +98,9 @@ def main() -> None:
         c = apply_overrides(cfg, [f"eval.protocol={protocol}"])
         report = evaluate(run, c, rec=rec, progress=True)
         out[protocol] = {k: report[k] for k in ("users", "results", "genrec_vs") if k in report}
-        out[protocol].update({k: report[k] for k in ("not_comparable", "need", "cold_items") if k in report})
+        out[protocol].update(
+            {k: report[k] for k in ("not_comparable", "need", "cold_items", "text_fusion") if k in report}
+        )
         Path(args.out).write_text(json.dumps(out, indent=1))
     print(
         json.dumps(
