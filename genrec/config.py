@@ -377,9 +377,12 @@ class RetrievalConfig:
     weight), chosen after training (`genrec train`, or `genrec evaluate --protocol need` when none is recorded)
     and recorded in run.json (`retrieval.text_fusion`) and the eval report; until then a text request is ranked
     with 0."""
-    text_grid: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
+    text_grid: list[float] = field(
+        default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
+    )
     """Weights text_weight=auto chooses from (the cosines span at most 2, so useful weights are larger than the
-    collaborative score's)."""
+    collaborative score's; the LM ranks once, so a longer grid costs nothing). The quickstart's tiny model, never
+    trained on needs, chose 128, the top of a grid that ended there: hence the wider one."""
 
 
 RlReward = Literal["rank", "hit"]
@@ -729,20 +732,20 @@ def validate(cfg: RunConfig, *, source: str = "config") -> None:
     )
 
 
+def _check_weight(name: str, weight: str | float, grid: list[float]) -> None:
+    """retrieval.<name>_weight is auto or a number >= 0; retrieval.<name>_grid one or more weights >= 0."""
+    if isinstance(weight, str) and weight != "auto":
+        raise ConfigError(f"retrieval.{name}_weight: {weight!r}; use auto or a number >= 0")
+    if not isinstance(weight, str) and not weight >= 0:
+        raise ConfigError(f"retrieval.{name}_weight must be >= 0 (or auto), got {weight}")
+    if not grid or any(not w >= 0 for w in grid):
+        raise ConfigError(f"retrieval.{name}_grid: one or more weights >= 0, got {grid}")
+
+
 def validate_retrieval(r: RetrievalConfig) -> None:
     """retrieval.* checks that types alone cannot express."""
-    if isinstance(r.fusion_weight, str) and r.fusion_weight != "auto":
-        raise ConfigError(f"retrieval.fusion_weight: {r.fusion_weight!r}; use auto or a number >= 0")
-    if not isinstance(r.fusion_weight, str) and not r.fusion_weight >= 0:
-        raise ConfigError(f"retrieval.fusion_weight must be >= 0 (or auto), got {r.fusion_weight}")
-    if not r.fusion_grid or any(not w >= 0 for w in r.fusion_grid):
-        raise ConfigError(f"retrieval.fusion_grid: one or more weights >= 0, got {r.fusion_grid}")
-    if isinstance(r.text_weight, str) and r.text_weight != "auto":
-        raise ConfigError(f"retrieval.text_weight: {r.text_weight!r}; use auto or a number >= 0")
-    if not isinstance(r.text_weight, str) and not r.text_weight >= 0:
-        raise ConfigError(f"retrieval.text_weight must be >= 0 (or auto), got {r.text_weight}")
-    if not r.text_grid or any(not w >= 0 for w in r.text_grid):
-        raise ConfigError(f"retrieval.text_grid: one or more weights >= 0, got {r.text_grid}")
+    _check_weight("fusion", r.fusion_weight, r.fusion_grid)
+    _check_weight("text", r.text_weight, r.text_grid)
     if r.tune_users < 0:
         raise ConfigError("retrieval.tune_users must be >= 0 (0: all validation users)")
     unknown = [m for m in r.auto_models if m not in COLLABORATIVE]

@@ -338,11 +338,16 @@ def test_held_out_atomic_rows_are_placed_by_the_map_the_warm_items_trained_along
     assert torch.equal(emb.detach()[warm], before[warm])  # warm rows untouched
 
 
-def test_free_text_beside_a_history_reaches_the_prompt_and_retrieves_candidates(text_run):
+def trained_recommender(text_run) -> Recommender:
+    """The module's run, trained once (by whichever test needs it first), loaded on the CPU."""
     run, cfg = text_run
     if not run.merged_dir.is_dir():
         train(run, cfg)
-    rec = Recommender.load(run, device="cpu")
+    return Recommender.load(run, device="cpu")
+
+
+def test_free_text_beside_a_history_reaches_the_prompt_and_retrieves_candidates(text_run):
+    rec = trained_recommender(text_run)
     hist = rec.user_history(rec.data.users[0])[-3:]
     need = "looking for something like: " + " ".join(rec.catalog.titles[0].split()[:2])
     with_text = RankRequest(list(hist), options=RankingOptions(n_items=5, n_candidates=10), query=need)
@@ -400,10 +405,7 @@ def test_free_text_score_is_fused_into_the_ranking_of_a_text_request_only(text_r
     returns the LM's first RankingOptions.MAX_ITEMS (here the whole catalogue), whatever the weight."""
     from genrec.retrieval import fuse
 
-    run, cfg = text_run
-    if not run.merged_dir.is_dir():
-        train(run, cfg)
-    rec = Recommender.load(run, device="cpu")
+    rec = trained_recommender(text_run)
     hist = rec.user_history(rec.data.users[1])[-3:]
     need = "looking for " + " ".join(rec.catalog.titles[3].split()[:2])
     everything = RankingOptions(n_items=RankingOptions.MAX_ITEMS, candidates="all")

@@ -262,13 +262,18 @@ def _choose_fusion(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
             + ")"
         )
     if info is not None:
-        grid = info.get("valid_ndcg@10")
-        typer.echo(
-            f"{info['source']} retriever fused with weight {info['weight']:g} ({info['chosen_by']}"
-            + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
-            + ")"
-        )
+        _say_weight(f"{info['source']} retriever", info)
     return rec
+
+
+def _say_weight(what: str, info: dict[str, Any]) -> None:
+    """`<what> fused with weight w (how it was chosen: the validation NDCG@10 at each weight)` on the terminal."""
+    grid = info.get("valid_ndcg@10")
+    typer.echo(
+        f"{what} fused with weight {info['weight']:g} ({info['chosen_by']}"
+        + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
+        + ")"
+    )
 
 
 def _choose_text_weight(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
@@ -281,12 +286,7 @@ def _choose_text_weight(rd: RunDir, cfg: Any, rec: Any = None) -> Any:
     rec = rec or Recommender.load(rd)
     info = text_weight_for(rec, cfg)
     if info is not None:
-        grid = info.get("valid_ndcg@10")
-        typer.echo(
-            f"free text fused with weight {info['weight']:g} ({info['chosen_by']}"
-            + (f": {', '.join(f'{w} -> {v:.4f}' for w, v in grid.items())}" if grid else "")
-            + ")"
-        )
+        _say_weight("free text", info)
     return rec
 
 
