@@ -435,10 +435,10 @@ def choose_text_weight(rec: Any, cfg: RunConfig, *, progress: bool = True) -> di
     text's weight at 0 (the LM's scores, fused with the collaborative ones at their weight), and the text's cosines
     are fused in at each weight of retrieval.text_grid; the weight with the best NDCG@10 is kept (ties: the
     smaller). Sets it on `rec` and records it in run.json (`retrieval.text_fusion`)."""
-    if (
-        rec.collab is not None and rec.fusion_weight is None
-    ):  # the text's weight is fused over the collaborative
-        fusion_weight_for(rec, cfg, progress=progress)
+    if rec.collab is not None and rec.fusion_weight is None:
+        fusion_weight_for(
+            rec, cfg, progress=progress
+        )  # the text's weight is fused over the collaborative one
     r = cfg.retrieval
     valid = leave_one_out(rec.data, "valid")
     valid = valid[: r.tune_users] if r.tune_users else valid
@@ -478,6 +478,7 @@ def text_fused_validation_users(
         rec.collab = validation_collab(rec)
     rec.text_weight = 0.0
     ranked: list[Any] = []
+    vectors: list[Any] = []  # each need as `prepare` embedded it (not embedded a second time)
     try:
         with tqdm(total=len(valid), desc="text weight", unit="user", disable=not progress) as bar:
             for s in range(0, len(valid), cfg.eval.batch_size):
@@ -488,11 +489,12 @@ def text_fused_validation_users(
                     users=[ex.user for ex in chunk],
                     queries=needs[s : s + cfg.eval.batch_size],
                 )
-                ranked += rec.rank_requests(reqs)
+                prepared = rec.prepare(reqs)
+                ranked += rec.rank_prepared(reqs, prepared)
+                vectors += prepared.text_vectors or [None] * len(reqs)
                 bar.update(len(chunk))
     finally:
         rec.collab, rec.text_weight = serving, saved
-    vectors = rec.encode_text(needs)
     out: dict[str, list[float]] = {f"{w:g}": [] for w in weights}
     for ex, recs, vec in zip(valid, ranked, vectors, strict=True):
         items = [x.item for x in recs]
