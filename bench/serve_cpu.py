@@ -6,7 +6,8 @@ pydantic ChatCompletionResponse walked by `jsonable_encoder`, then `json.dumps`)
 through orjson), and the template lookups a request makes at admission (pin_template, builder_for) with the
 file-system calls they make, checking the disk every time (before) and with
 ServeLimits.template_recheck_s (after); and the CPU of the app's ASGI stack alone (body limit, the auth and metrics
-middleware, routing, a route with no engine work, its response), called in-process with no sockets.
+middleware, routing, a route with no engine work, its response), called in-process with no sockets, for a chat
+completion through the fast completion routes and through FastAPI's route.
 
     python -m bench.serve_cpu --run runs/demo --requests 512 --batch 32
 """
@@ -134,42 +135,62 @@ def lookups_before_after(rec: Any, n: int) -> dict[str, Any]:
     return out
 
 
-def asgi_stack(app: Any, n: int, key: str) -> dict[str, float]:
-    """CPU ms per request through `app`'s whole ASGI stack with no sockets and no engine work: GET /v1/models with
-    a key (auth, routing, the route, metrics) and without one (the middleware's 401)."""
+def asgi_stack(service: Any, n: int, key: str, chat_body: bytes) -> dict[str, float]:
+    """CPU ms per request through the app's whole ASGI stack with no sockets and no engine work: GET /v1/models
+    with a key (auth, routing, the route, metrics) and without one (the middleware's 401); and a chat completion
+    (`chat_body`) whose answer is a canned reply (OpenAIServing.chat replaced: no parsing, ranking or encoding),
+    through the fast completion routes (genrec.serve.app.FastRoutes) and through FastAPI's route as before."""
     import asyncio
 
-    async def one(headers: list[tuple[bytes, bytes]]) -> int:
+    from genrec.serve.app import create_app
+    from genrec.serve.openai_api import OpenAIServing
+
+    async def one(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-            "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b"", "root_path": "",
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
         }  # fmt: skip
         await app(scope, receive, send)
         return int(sent[0]["status"])
 
+    auth = [(b"authorization", f"Bearer {key}".encode())]
+    as_json = [*auth, (b"content-type", b"application/json")]
+    fast, slow = (create_app(service, api_keys=[key], fast_routes=f) for f in (True, False))
+    cases: tuple[tuple[str, Any, str, str, list[tuple[bytes, bytes]], bytes, int], ...] = (
+        ("models", fast, "GET", "/v1/models", auth, b"", 200),
+        ("unauthenticated", fast, "GET", "/v1/models", [], b"", 401),
+        ("chat_fast_routes", fast, "POST", "/v1/chat/completions", as_json, chat_body, 200),
+        ("chat_fastapi_route", slow, "POST", "/v1/chat/completions", as_json, chat_body, 200),
+    )
+
+    async def canned(self: Any, req: Any) -> bytes:
+        return b'{"object": "chat.completion"}'
+
     async def run() -> dict[str, float]:
         out = {}
-        for name, headers, status in (
-            ("models", [(b"authorization", f"Bearer {key}".encode())], 200),
-            ("unauthenticated", [], 401),
-        ):
-            assert await one(headers) == status
+        for name, app, method, path, headers, body, status in cases:
+            assert await one(app, method, path, headers, body) == status
             start = time.thread_time_ns()
             for _ in range(n):
-                await one(headers)
+                await one(app, method, path, headers, body)
             out[f"{name}_ms"] = round((time.thread_time_ns() - start) / n / 1e6, 4)
         return out
 
-    return asyncio.run(run())
+    real = OpenAIServing.chat
+    OpenAIServing.chat = canned  # type: ignore[method-assign]
+    try:
+        return asyncio.run(run())
+    finally:
+        OpenAIServing.chat = real  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -184,7 +205,6 @@ def main() -> None:
 
     from genrec.recommender import Recommender
     from genrec.run import RunDir
-    from genrec.serve.app import create_app
     from genrec.serve.service import RecService
 
     rec = Recommender.load(RunDir(args.run), device="cpu")
@@ -205,10 +225,15 @@ def main() -> None:
         "outside_rank_cpu_ms_per_request": outside,
         "encode_10_items": encode_before_after(recs, 2000),
         "template_lookups": lookups_before_after(rec, 2000),
-        "asgi_stack": asgi_stack(create_app(service, api_keys=["k"]), 2000, "k"),
+        "asgi_stack": asgi_stack(service, 2000, "k", _chat_body(texts[0])),
     }
     print(json.dumps(out, indent=1))
     save(args.out, out)
+
+
+def _chat_body(text: str) -> bytes:
+    """A chat completion request's JSON body as the openai client sends it."""
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": text}], "n_items": 10}).encode()
 
 
 def _query(service: Any, text: str) -> Any:

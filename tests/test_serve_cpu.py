@@ -176,8 +176,7 @@ def test_template_lookups_trust_the_disk_for_recheck_s(tmp_path, monkeypatch):
 def test_serve_cpu_bench_reports_every_stage_and_the_lookups_disk_calls(served):
     """bench.serve_cpu on the tiny run: every stage of a chat request gets CPU time; the encoders agree; the
     template lookups stat files when the disk is checked every time and not within template_recheck_s."""
-    from bench.serve_cpu import asgi_stack, encode_before_after, lookups_before_after, stages
-    from genrec.serve.app import create_app
+    from bench.serve_cpu import _chat_body, asgi_stack, encode_before_after, lookups_before_after, stages
 
     _, rec = served
     service = RecService(rec, model_name="m")
@@ -188,5 +187,6 @@ def test_serve_cpu_bench_reports_every_stage_and_the_lookups_disk_calls(served):
     found = lookups_before_after(rec, 3)
     assert found["before"]["fs_calls_per_request"]["stat"] > 0
     assert found["after"]["fs_calls_per_request"] == {"stat": 0, "open": 0}
-    stack = asgi_stack(create_app(service, api_keys=["k"]), 3, "k")
-    assert set(stack) == {"models_ms", "unauthenticated_ms"} and all(v > 0 for v in stack.values())
+    stack = asgi_stack(service, 3, "k", _chat_body(texts[0]))
+    assert set(stack) == {"models_ms", "unauthenticated_ms", "chat_fast_routes_ms", "chat_fastapi_route_ms"}
+    assert all(v > 0 for v in stack.values())

@@ -614,3 +614,56 @@ def test_middleware_maps_what_escapes_a_route_and_counts_every_v1_response(rec, 
     assert _counted(metrics, "/v1/chat/completions", "200") == 2
     assert 'genrec_request_latency_seconds_count{endpoint="/v1/chat/completions"} 3.0' in metrics
     assert 'endpoint="/metrics"' not in metrics and 'endpoint="/health"' not in metrics  # only /v1 is counted
+
+
+def test_the_fast_completion_routes_answer_as_the_fastapi_routes(rec, monkeypatch):
+    """POST /v1/chat/completions and /v1/completions are served by `FastRoutes` (issue 26) without FastAPI's
+    request machinery, and answer every body as the FastAPI routes do: the same status and error body for a
+    malformed, mis-encoded, over-nested, mistyped or refused request, the same recommendations for a valid one,
+    and bodies it does not take as JSON (no or another Content-Type, empty) handed on to FastAPI."""
+    import fastapi.routing
+
+    item = rec.catalog.item_ids[history_of(rec)[-1]]
+    chat = {"model": "tiny-run", "messages": [{"role": "user", "content": item}]}
+    json_type = {**AUTH, "Content-Type": "application/json"}
+    cases = [
+        (b"{not json", json_type),
+        (b'{"model": "\xff\xfe"}', json_type),
+        (b"[" * 100_000 + b"]" * 100_000, json_type),
+        (b"[1, 2]", json_type),
+        (json.dumps({"model": "tiny-run"}).encode(), json_type),
+        (json.dumps({**chat, "messages": []}).encode(), json_type),
+        (json.dumps({**chat, "model": "other"}).encode(), json_type),
+        (json.dumps({**chat, "n": 2}).encode(), json_type),
+        (
+            json.dumps({**chat, "n_items": "many"}).encode(),
+            {**AUTH, "Content-Type": "Application/JSON; charset=utf-8"},
+        ),
+        (json.dumps({**chat, "history": ["no-such-item"]}).encode(), json_type),
+        (json.dumps({**chat, "template": "no-such-template"}).encode(), json_type),
+        (json.dumps(chat).encode(), {**AUTH, "Content-Type": "text/plain"}),
+        (json.dumps(chat).encode(), AUTH),
+        (b"", json_type),
+        (json.dumps({"model": "tiny-run", "prompt": item, "stream": True}).encode(), json_type),
+        (json.dumps({**chat, "response_format": {"type": "json_object"}}).encode(), json_type),
+        (json.dumps(chat).encode(), {**AUTH, "Content-Type": "application/vnd.genrec+json"}),
+    ]
+    answers = []
+    for fast in (True, False):
+        service = RecService(rec, model_name="tiny-run")
+        with LiveServer(create_app(service, api_keys=[KEY], fast_routes=fast)) as s:
+            got = []
+            for body, headers in cases:
+                for path in ("/v1/chat/completions", "/v1/completions"):
+                    r = httpx.post(s.url + path, content=body, headers=headers, timeout=60)
+                    out = r.json()
+                    got.append((r.status_code, out.get("error") or out.get("recommendations")))
+            if fast:  # the fast path never reaches FastAPI's dependency solving
+                with monkeypatch.context() as m:
+                    m.setattr(fastapi.routing, "solve_dependencies", lambda *a, **k: 1 / 0)
+                    r = httpx.post(s.url + "/v1/chat/completions", json=chat, headers=AUTH, timeout=60)
+                    assert r.status_code == 200 and r.json()["recommendations"]
+            answers.append(got)
+    assert answers[0] == answers[1]
+    statuses = {status for status, _ in answers[0]}
+    assert 200 in statuses and 400 in statuses and max(statuses) < 500

@@ -3,22 +3,27 @@ statuses.
 
 Routes: GET /v1/models, POST /v1/chat/completions (JSON or SSE stream), POST /v1/completions,
 GET /health, GET /metrics (Prometheus), the template API and /editor (genrec.serve.templates_api). Bearer API keys when configured. Every client input error
-is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx.
+is a 4xx OpenAI-style error body; nothing a client sends yields a 5xx. The two completion routes, the hot path,
+are served by a pure ASGI layer (`FastRoutes`) that answers as their FastAPI routes do, without FastAPI's
+per-request machinery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,6 +47,102 @@ PUBLIC_CHOICES = {
 
 def error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def invalid_body(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """The 400 of a request body that failed validation, from FastAPI's or pydantic's error list: malformed
+    JSON, or the first error naming its field (`messages.0.role: ...`)."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, "malformed JSON body", code="invalid_json")
+    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """A POST route served by `FastRoutes`: the model its JSON body is validated into, what answers it, and
+    the FastAPI route of the same path (the metrics' label, the OpenAPI schema)."""
+
+    model: type[BaseModel]
+    respond: Callable[[Any], Awaitable[Response]]
+    route: Any
+
+
+class FastRoutes:
+    """Pure ASGI fast path for the completion routes (POST /v1/chat/completions, /v1/completions), the hot path
+    of a server under load: the JSON body parsed and validated into the same pydantic model and answered by the
+    same function as the FastAPI route, without FastAPI's request machinery (its Request object, dependency
+    solving, the route's exception handling), which costs the event loop more than genrec's own work on a
+    request (bench.serve_cpu's `asgi_stack`). Errors are those the FastAPI route gives: a malformed body is a
+    400 `invalid_json`, a failed field the same 400 naming it (`invalid_body`). A request this path does not
+    take as it is — another method or path, an empty body, a Content-Type other than JSON — goes on to the
+    FastAPI app with its body, and is answered exactly as before."""
+
+    def __init__(self, app: ASGIApp, *, routes: Mapping[str, FastRoute]) -> None:
+        self.app, self.routes = app, dict(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = (
+            self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        )
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        body, receive = await read_body(receive)
+        if not body or not is_json(Headers(scope=scope).get("content-type", "")):
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route.route  # what the FastAPI router would set: Observe labels metrics by it
+        response: Response
+        try:
+            data = json.loads(body)  # as FastAPI parses a JSON body (not orjson: the same numbers and errors)
+        except json.JSONDecodeError:
+            response = error(APIError(400, "malformed JSON body", code="invalid_json"))
+        except Exception:  # not UTF-8, nested past the recursion limit: FastAPI's answer to either
+            response = error(APIError(400, "There was an error parsing the body"))
+        else:
+            try:
+                # as FastAPI validates a body (from_attributes: its wording for a body that is not an object)
+                request = route.model.model_validate(data, from_attributes=True)
+            except ValidationError as e:
+                response = error(invalid_body(e.errors()))
+            else:
+                response = await route.respond(request)
+        await response(scope, receive, send)
+
+
+async def read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's whole body (BodyLimit has bounded its size and time), and a `receive` that gives it again
+    to whoever reads the request next, then what the client sends after it (its disconnect)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away before its body was in
+            chunks.clear()
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def is_json(content_type: str) -> bool:
+    """`application/json` or `application/<anything>+json`, parameters and case aside: the Content-Types FastAPI
+    parses a body of as JSON."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class Observe:
@@ -117,11 +218,13 @@ def create_app(
     on_shutdown: Callable[[], None] | None = None,
     http: HTTPLimits | None = None,
     public: Collection[str] = (),
+    fast_routes: bool = True,
 ) -> FastAPI:
     """The app; `admin_keys` (key -> label) may also edit templates, and count as API keys;
     `on_shutdown` runs after in-flight requests drained (the server stops its engine there); `http`: body
     size and read deadline; `public`: `metrics` and/or `docs` served without a key when keys are configured
-    (by default they need one, like /v1)."""
+    (by default they need one, like /v1); `fast_routes`: the completion routes served by `FastRoutes` (False:
+    by FastAPI alone, as before issue 26; the tests and benchmarks compare the two)."""
     admins = dict(admin_keys or {})
     serving = OpenAIServing(service)
     keys = set(api_keys or []) | (set(admins) if api_keys else set())
@@ -139,13 +242,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return error(APIError(400, "malformed JSON body", code="invalid_json"))
-        param = ".".join(loc) or None
-        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        return error(APIError(400, f"{param or 'body'}: {msg}" if param else msg, param=param))
+        return error(invalid_body(exc.errors()))
 
     @app.exception_handler(GenrecError)
     async def on_genrec_error(request: Request, exc: GenrecError) -> JSONResponse:
@@ -175,8 +272,8 @@ def create_app(
     async def chat(req: ChatCompletionRequest) -> Response:
         try:
             out = await serving.chat(req)
-        except APIError as e:
-            return error(e)
+        except (APIError, GenrecError) as e:
+            return error(e if isinstance(e, APIError) else APIError(400, str(e)))
         if isinstance(out, bytes):
             return Response(out, media_type=encode.JSON)
         return StreamingResponse(out, media_type="text/event-stream")
@@ -185,10 +282,17 @@ def create_app(
     async def completions(req: CompletionRequest) -> Response:
         try:
             return Response(await serving.completion(req), media_type=encode.JSON)
-        except APIError as e:
-            return error(e)
+        except (APIError, GenrecError) as e:
+            return error(e if isinstance(e, APIError) else APIError(400, str(e)))
 
     app.include_router(template_router(service, admin_keys=admins))
+    by_path = {getattr(r, "path", None): r for r in app.routes}
+    fast = {
+        "/v1/chat/completions": FastRoute(ChatCompletionRequest, chat, by_path["/v1/chat/completions"]),
+        "/v1/completions": FastRoute(CompletionRequest, completions, by_path["/v1/completions"]),
+    }
+    if fast_routes:  # added first: the innermost layer, behind auth and metrics
+        app.add_middleware(FastRoutes, routes=fast)
     app.add_middleware(Observe, metrics=service.metrics, keys=keys, exact=exact, prefixes=prefixes)
     app.add_middleware(BodyLimit, limits=http or HTTPLimits())  # added last: the outermost layer
     return app

@@ -139,29 +139,30 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _read(self, receive: Receive, send: Send) -> bytes | None:
-        """The whole body, or None when refused (already answered) or the client went away."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.body_timeout_s
+        """The whole body, or None when refused (already answered) or the client went away. One deadline over
+        the whole read (`asyncio.timeout`: a timer, where `wait_for` on each message made a task of it)."""
         chunks: list[bytes] = []
         size = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except TimeoutError:
-                await self._refuse(
-                    send, 408, f"request body not received within {self.limits.body_timeout_s:g} s"
-                )
-                return None
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limits.max_body_bytes:
-                await self._refuse(send, 413, f"request body exceeds {self.limits.max_body_bytes} bytes")
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limits.max_body_bytes:
+                        break
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            await self._refuse(
+                send, 408, f"request body not received within {self.limits.body_timeout_s:g} s"
+            )
+            return None
+        await self._refuse(send, 413, f"request body exceeds {self.limits.max_body_bytes} bytes")
+        return None
 
     async def _refuse(self, send: Send, status: int, message: str) -> None:
         code = "request_too_large" if status == 413 else "request_timeout"

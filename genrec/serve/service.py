@@ -428,15 +428,19 @@ class RecService:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
-        fut: asyncio.Future[list[Recommendation]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Recommendation]] = loop.create_future()
         self._note_arrival(time.monotonic())
         self._pending += 1
         self.metrics.queue_depth.set(self._pending)
-        await self._queue.put(_Job(req, fut))
+        self._queue.put_nowait(_Job(req, fut))  # unbounded: admission is bounded by max_queue above
+        # one timer, not wait_for(shield(...)) (two more futures and a task's wake-ups a request): a request
+        # still waiting when it fires gets the 503; the worker skips a job whose future is done
+        timer = loop.call_later(self.limits.request_timeout_s, _expire, fut, self.limits)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise timed_out(self.limits) from None
+            return await fut
+        finally:
+            timer.cancel()
 
     def _note_arrival(self, now: float) -> None:
         if self._last_arrival is not None:
@@ -536,6 +540,11 @@ class RecService:
             "trained_hash": trained,
             "matches_training": hash == trained,
         }
+
+
+def _expire(fut: asyncio.Future[Any], limits: ServeLimits) -> None:
+    if not fut.done():
+        fut.set_exception(timed_out(limits))
 
 
 def template_error(e: TemplateNotFound | TemplateProblem, *, status: int = 400) -> APIError:
