@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genrec.decoding import Trie, constrained_beam_search
-from genrec.decoding.tree import layout
+from genrec.decoding.tree import layout, layouts
 from genrec.engines import HFEngine
 from genrec.id_softmax import softmax_groups
 
@@ -118,6 +118,31 @@ def test_beam_search_exact_and_valid(seqs, seed, width, build):
                 a == pytest.approx(b, abs=1e-6)
                 for a, b in zip(ranked.scores, sorted(exact.values(), reverse=True), strict=True)
             )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(seqs_strategy, BUILDS), min_size=1, max_size=6), st.integers(0, 12), st.booleans())
+def test_a_batch_of_layouts_equals_each_trie_laid_out_alone(tries, limit, limited):
+    """`layouts` lays a batch's array tries out together (one np.unique per depth over all of them): each layout
+    is the one `layout` gives its trie alone, field by field, the too-large ones None under the same limit, and
+    tries of another kind (made by `without`) or another depth in the batch change nothing."""
+    made = [
+        make_trie(seqs, [7 * k + i for i in range(len(seqs))], build=b) for k, (seqs, b) in enumerate(tries)
+    ]
+    made.append(Trie.from_array(np.array([[1], [4], [2]]), [5, 6, 7]))  # depth 1 beside depth 3
+    made.append(Trie.from_array(np.array([[3, 1, 2]]), [9]))  # one row
+    max_inputs = limit if limited else None
+    for batch in (made, [t for t in made if t.depth == 3 and t.derived is None]):
+        together = layouts(batch, max_inputs=max_inputs)
+        for trie, lay in zip(batch, together, strict=True):
+            alone = layout(trie, max_inputs=max_inputs)
+            assert (lay is None) == (alone is None)
+            if lay is None or alone is None:
+                continue
+            for name in ("token", "parent", "depth", "items"):
+                assert torch.equal(getattr(lay, name), getattr(alone, name)), name
+                assert getattr(lay, name).dtype == getattr(alone, name).dtype
+            assert lay.n_inputs == alone.n_inputs and lay.level_starts == alone.level_starts
 
 
 def test_empty_trie_gives_empty_result():

@@ -215,6 +215,93 @@ def _layout_array(tokens: np.ndarray, items: np.ndarray, *, max_inputs: int | No
     )
 
 
+def layouts(tries: Sequence[Trie], *, max_inputs: int | None = None) -> list[TreeLayout | None]:
+    """`layout` of each trie (None where it would feed more than `max_inputs` tree tokens), for a batch at once:
+    the tries kept as token arrays (a request's retrieved candidates) laid out together, one np.unique per depth
+    over all of them (`_layout_arrays`) instead of one per depth per trie; the others one by one."""
+    out: list[TreeLayout | None] = [None] * len(tries)
+    together = [i for i, t in enumerate(tries) if t.derived is None and t.array is not None and t.depth >= 1]
+    depths = {tries[i].array[0].shape[1] for i in together}  # type: ignore[index]
+    if len(together) < 2 or len(depths) != 1:
+        together = []
+    else:
+        made = _layout_arrays([tries[i].array for i in together], max_inputs=max_inputs)  # type: ignore[misc]
+        for i, lay in zip(together, made, strict=True):
+            out[i] = lay
+    done = set(together)
+    for i, t in enumerate(tries):
+        if i not in done:
+            out[i] = layout(t, max_inputs=max_inputs)
+    return out
+
+
+def _layout_arrays(
+    arrays: Sequence[tuple[np.ndarray, np.ndarray]], *, max_inputs: int | None
+) -> list[TreeLayout | None]:
+    """`_layout_array` of each (tokens, items) pair, all of the same depth and each with at least one row, in one
+    pass: each depth's nodes are the distinct (trie, parent node, token) triples, found by one np.unique over every
+    trie's rows, whose sorted order is each trie's own (parent, token) order, trie after trie. The nodes of every
+    depth are then put in trie order by one stable sort and cut into the tries' layouts."""
+    n_tries = len(arrays)
+    sizes = np.array([len(t) for t, _ in arrays], dtype=np.int64)
+    tokens = np.concatenate([t for t, _ in arrays]).astype(np.int64, copy=False)
+    items = np.concatenate([i for _, i in arrays])
+    depth = tokens.shape[1]
+    owner = np.repeat(np.arange(n_tries, dtype=np.int64), sizes)  # each row's trie
+    at = np.zeros(
+        len(tokens), dtype=np.int64
+    )  # each row's node at the current depth, numbered within its trie
+    size = np.ones(n_tries, dtype=np.int64)  # nodes of each trie so far (the root)
+    node_owner, node_token, node_parent, node_depth = (
+        [np.arange(n_tries, dtype=np.int64)],
+        [np.full(n_tries, -1, dtype=np.int64)],
+        [np.full(n_tries, -1, dtype=np.int64)],
+        [np.zeros(n_tries, dtype=np.int64)],
+    )
+    counts = np.zeros((depth, n_tries), dtype=np.int64)  # nodes per depth per trie
+    first = np.zeros(0, dtype=np.int64)
+    for d in range(depth):
+        col = tokens[:, d]
+        key = (owner * (int(at.max()) + 1) + at) * (int(col.max()) + 1) + col
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        whose = owner[first]
+        counts[d] = np.bincount(whose, minlength=n_tries)
+        local = np.arange(len(first)) - (np.cumsum(counts[d]) - counts[d])[whose]  # order within its trie
+        number = size[whose] + local
+        node_owner.append(whose)
+        node_token.append(col[first])
+        node_parent.append(at[first])
+        node_depth.append(np.full(len(first), d + 1, dtype=np.int64))
+        at = number[inverse.reshape(-1)]
+        size += counts[d]
+    order = np.argsort(np.concatenate(node_owner), kind="stable")  # each trie's nodes, depth by depth
+    cuts = np.cumsum(size)[:-1]
+    per_trie = [np.split(np.concatenate(a)[order], cuts) for a in (node_token, node_parent, node_depth)]
+    leaf_items = np.split(items[first], np.cumsum(counts[-1])[:-1])  # leaves in node order, trie after trie
+    # each trie's level starts after the root's 0: 1 (its first depth-1 node), then 1 + the nodes down to each depth
+    starts = (
+        1 + np.concatenate([np.zeros((1, n_tries), dtype=np.int64), np.cumsum(counts, axis=0)])
+    ).T.tolist()
+    out: list[TreeLayout | None] = []
+    for t in range(n_tries):
+        level_starts = [0, *starts[t]]
+        n_inputs = level_starts[-2] - 1
+        if max_inputs is not None and depth > 1 and n_inputs > max_inputs:
+            out.append(None)
+            continue
+        out.append(
+            TreeLayout(
+                token=torch.from_numpy(per_trie[0][t]),
+                parent=torch.from_numpy(per_trie[1][t]),
+                depth=torch.from_numpy(per_trie[2][t]),
+                n_inputs=n_inputs,
+                items=torch.from_numpy(leaf_items[t]),
+                level_starts=level_starts,
+            )
+        )
+    return out
+
+
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]) without the Python loop."""
     lengths = np.asarray(lengths, dtype=np.int64)

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genrec.config import SEARCHES
 from genrec.decoding import Ranked, Trie, constrained_beam_search
-from genrec.decoding.tree import TopItems, TreeLayout, concat_ranges, layout, to_device
+from genrec.decoding.tree import TopItems, TreeLayout, concat_ranges, layouts, to_device
 from genrec.engines.base import ChatPrompts, RankByLaunch, tries_at
 from genrec.id_softmax import IdSoftmax, group_softmax
 
@@ -492,9 +492,9 @@ def tree_layouts(tries: Sequence[Trie], search: str, max_tree_tokens: int) -> di
     """Layouts of the tries ranked exactly under `search` (`exact`: all; `auto`: those feeding at most
     `max_tree_tokens` tree tokens), by position, with their ancestor pairs ready; the rest get beam search."""
     limit = None if search == "exact" else max_tree_tokens
+    some = [i for i, t in enumerate(tries) if len(t) and t.depth]
     out: dict[int, TreeLayout] = {}
-    for i, t in enumerate(tries):
-        lay = layout(t, max_inputs=limit) if len(t) and t.depth else None
+    for i, lay in zip(some, layouts([tries[i] for i in some], max_inputs=limit), strict=True):
         if lay is not None:
             lay.ancestor_pairs()
             out[i] = lay
