@@ -145,6 +145,19 @@ def test_a_batch_of_layouts_equals_each_trie_laid_out_alone(tries, limit, limite
             assert lay.n_inputs == alone.n_inputs and lay.level_starts == alone.level_starts
 
 
+def test_a_batch_whose_keys_would_overflow_is_laid_out_trie_by_trie():
+    """Token ids so large that the batch's (trie, parent, token) keys would pass int64: the same layouts as alone."""
+    rng = np.random.default_rng(0)
+    rows = [np.unique(rng.integers(2**52, 2**52 + 50, size=(300, 2)), axis=0)[:250] for _ in range(100)]
+    tries = [
+        Trie.from_array(r, np.arange(250 * k, 250 * k + len(r)), distinct=True) for k, r in enumerate(rows)
+    ]
+    for trie, lay in zip(tries, layouts(tries), strict=True):
+        alone = layout(trie)
+        assert torch.equal(lay.token, alone.token) and torch.equal(lay.parent, alone.parent)
+        assert torch.equal(lay.items, alone.items) and lay.level_starts == alone.level_starts
+
+
 def test_empty_trie_gives_empty_result():
     out = constrained_beam_search(TableModel(4, 0), [[1], [2]], [Trie([]), Trie([[1, 2]])], beam_width=3)
     assert out[0].items == [] and out[1].items == [0]

@@ -647,6 +647,8 @@ def test_the_fast_completion_routes_answer_as_the_fastapi_routes(rec, monkeypatc
         (json.dumps({"model": "tiny-run", "prompt": item, "stream": True}).encode(), json_type),
         (json.dumps({**chat, "response_format": {"type": "json_object"}}).encode(), json_type),
         (json.dumps(chat).encode(), {**AUTH, "Content-Type": "application/vnd.genrec+json"}),
+        (b"null", json_type),
+        (json.dumps(chat).encode(), {**AUTH, "Content-Type": "application/a/b+json"}),
     ]
     answers = []
     for fast in (True, False):
@@ -667,3 +669,65 @@ def test_the_fast_completion_routes_answer_as_the_fastapi_routes(rec, monkeypatc
     assert answers[0] == answers[1]
     statuses = {status for status, _ in answers[0]}
     assert 200 in statuses and 400 in statuses and max(statuses) < 500
+
+
+def test_json_content_types_are_read_as_fastapi_reads_them():
+    """`is_json` takes a body for JSON exactly where FastAPI does (its email.message reading of Content-Type)."""
+    import email.message
+
+    from genrec.serve.app import is_json
+
+    def fastapi_reads_json(value: str) -> bool:
+        m = email.message.Message()
+        m["content-type"] = value
+        sub = m.get_content_subtype()
+        return m.get_content_maintype() == "application" and (sub == "json" or sub.endswith("+json"))
+
+    values = [
+        "application/json", "Application/JSON", "application/json; charset=utf-8", "application/json ;x=1",
+        " application/json", "application/vnd.api+json", "application/a/b+json", "application//+json",
+        "application / json", "application", "text/json", "application/jsonx", "application/+json",
+        "application/json+", "", ";", "application/json;", "APPLICATION/X+JSON; q=1", "application/json\t",
+    ]  # fmt: skip
+    for value in values:
+        assert is_json(value) == fastapi_reads_json(value), value
+
+
+def test_the_worker_does_not_rank_requests_already_answered_or_given_up(rec, monkeypatch):
+    """A request whose client gave up (its task cancelled) or that already got its 503 is not ranked when its
+    batch comes round: the engine's time goes to requests still waiting."""
+    import asyncio
+
+    from genrec.serve.service import Query
+
+    service = RecService(
+        rec, model_name="tiny-run", limits=ServeLimits(adaptive_wait=False, batch_wait_ms=300)
+    )
+    ranked: list[int] = []
+    real = service._rank_batch
+
+    def counting(requests):
+        ranked.append(len(requests))
+        return real(requests)
+
+    monkeypatch.setattr(service, "_rank_batch", counting)
+    history = history_of(rec)
+
+    async def run() -> list[object]:
+        await service.start()
+        try:
+            gone = asyncio.create_task(
+                service.recommend(Query(history=list(history), options=rec.cfg.ranking))
+            )
+            kept = asyncio.create_task(
+                service.recommend(Query(history=list(history), options=rec.cfg.ranking))
+            )
+            await asyncio.sleep(0.05)  # both queued; the batch is held open for 300 ms
+            gone.cancel()
+            return await asyncio.gather(gone, kept, return_exceptions=True)
+        finally:
+            await service.stop()
+
+    gone, kept = asyncio.run(run())
+    assert isinstance(gone, asyncio.CancelledError) and isinstance(kept, list) and kept
+    assert ranked == [1] and service.queue_depth == 0

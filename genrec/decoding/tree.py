@@ -222,7 +222,7 @@ def layouts(tries: Sequence[Trie], *, max_inputs: int | None = None) -> list[Tre
     out: list[TreeLayout | None] = [None] * len(tries)
     together = [i for i, t in enumerate(tries) if t.derived is None and t.array is not None and t.depth >= 1]
     depths = {tries[i].array[0].shape[1] for i in together}  # type: ignore[index]
-    if len(together) < 2 or len(depths) != 1:
+    if len(together) < 2 or len(depths) != 1 or not _keys_fit([tries[i].array[0] for i in together]):  # type: ignore[index]
         together = []
     else:
         made = _layout_arrays([tries[i].array for i in together], max_inputs=max_inputs)  # type: ignore[misc]
@@ -233,6 +233,15 @@ def layouts(tries: Sequence[Trie], *, max_inputs: int | None = None) -> list[Tre
         if i not in done:
             out[i] = layout(t, max_inputs=max_inputs)
     return out
+
+
+def _keys_fit(tokens: Sequence[np.ndarray]) -> bool:
+    """Whether `_layout_arrays`'s int64 keys (trie, parent node, token) cannot overflow for these token arrays: below
+    tries x nodes x (largest token + 1), in Python's integers."""
+    rows = sum(len(t) for t in tokens)
+    top = max((int(t.max()) for t in tokens if t.size), default=0)
+    nodes = rows * max((t.shape[1] for t in tokens), default=1) + 1  # bounds a node's number within its trie
+    return len(tokens) * nodes * (top + 1) < 2**62
 
 
 def _layout_arrays(

@@ -435,7 +435,7 @@ class RecService:
         self.metrics.queue_depth.set(self._pending)
         self._queue.put_nowait(_Job(req, fut))  # unbounded: admission is bounded by max_queue above
         # one timer, not wait_for(shield(...)) (two more futures and a task's wake-ups a request): a request
-        # still waiting when it fires gets the 503; the worker skips a job whose future is done
+        # still waiting when it fires gets the 503; the worker does not rank a job whose future is done
         timer = loop.call_later(self.limits.request_timeout_s, _expire, fut, self.limits)
         try:
             return await fut
@@ -467,15 +467,16 @@ class RecService:
                     break
             self.metrics.batch_size.observe(len(jobs))
             busy = time.perf_counter()
+            live = [j for j in jobs if not j.future.done()]  # not those answered 503 or given up: not ranked
             try:
-                results = await asyncio.to_thread(self._rank_batch, [j.request for j in jobs])
+                results = await asyncio.to_thread(self._rank_batch, [j.request for j in live]) if live else []
             except Exception as e:  # one bad batch must not kill the worker; each waiter gets the error
                 logger.exception("engine batch failed")
-                for j in jobs:
+                for j in live:
                     if not j.future.done():
                         j.future.set_exception(e)
             else:
-                for j, r in zip(jobs, results, strict=True):
+                for j, r in zip(live, results, strict=True):
                     if j.future.done():
                         continue
                     if isinstance(r, APIError):
