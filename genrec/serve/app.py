@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec.errors import GenrecError
 from genrec.serve import encode
-from genrec.serve.http import ASGIApp, BodyLimit, HTTPLimits, Message, Receive, Scope, Send
+from genrec.serve.http import ASGIApp, BodyLimit, HTTPLimits, Message, Receive, Scope, Send, replaying
 from genrec.serve.openai_api import OpenAIServing
 from genrec.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from genrec.serve.service import Metrics, RecService
@@ -136,16 +136,7 @@ async def read_body(receive: Receive) -> tuple[bytes, Receive]:
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
+    return body, replaying(body, receive)
 
 
 _MISSING = object()

@@ -127,16 +127,7 @@ class BodyLimit:
         body = await self._read(receive, send)
         if body is None:
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the disconnect (streamed responses wait for it)
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _read(self, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None when refused (already answered) or the client went away. One deadline over
@@ -174,6 +165,21 @@ class BodyLimit:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the `body` already read, as one message, then what the client sends after
+    it (its disconnect: streamed responses wait for it)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _content_length(scope: Scope) -> int | None:
