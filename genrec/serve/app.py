@@ -97,30 +97,25 @@ class FastRoutes:
             await self.app(scope, receive, send)
             return
         scope["route"] = route.route  # what the FastAPI router would set: Observe labels metrics by it
-        response: Response
+        response = await self._answer(route, body)
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _answer(route: FastRoute, body: bytes) -> Response:
         try:
             data = json.loads(body)  # as FastAPI parses a JSON body (not orjson: the same numbers and errors)
         except json.JSONDecodeError:
-            response = error(APIError(400, "malformed JSON body", code="invalid_json"))
+            return error(APIError(400, "malformed JSON body", code="invalid_json"))
         except Exception:  # not UTF-8, nested past the recursion limit: FastAPI's answer to either
-            response = error(APIError(400, "There was an error parsing the body"))
-        else:
-            if data is None:  # a `null` body: FastAPI takes it for a missing one
-                data = _MISSING
-            try:
-                if data is _MISSING:
-                    raise _FieldRequired
-                # as FastAPI validates a body (from_attributes: its wording for a body that is not an object)
-                request = route.model.model_validate(data, from_attributes=True)
-            except ValidationError as e:
-                response = error(invalid_body(e.errors()))
-            except _FieldRequired:
-                response = error(
-                    invalid_body([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
-                )
-            else:
-                response = await route.respond(request)
-        await response(scope, receive, send)
+            return error(APIError(400, "There was an error parsing the body"))
+        if data is None:  # a `null` body: FastAPI takes it for a missing one
+            return error(invalid_body([{"type": "missing", "loc": ("body",), "msg": "Field required"}]))
+        try:
+            # as FastAPI validates a body (from_attributes: its wording for a body that is not an object)
+            request = route.model.model_validate(data, from_attributes=True)
+        except ValidationError as e:
+            return error(invalid_body(e.errors()))
+        return await route.respond(request)
 
 
 async def read_body(receive: Receive) -> tuple[bytes, Receive]:
@@ -137,13 +132,6 @@ async def read_body(receive: Receive) -> tuple[bytes, Receive]:
             break
     body = b"".join(chunks)
     return body, replaying(body, receive)
-
-
-_MISSING = object()
-
-
-class _FieldRequired(Exception):
-    pass
 
 
 _PARAMS = re.compile(r"\s*;\s*")
